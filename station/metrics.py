@@ -1,0 +1,103 @@
+"""Distances between part embeddings and a reference: pure, vectorized numpy.
+
+Every function takes ``x`` of shape (d,) or (n, d) and returns a scalar-shaped
+result per row: shape () for one part, (n,) for n parts (soart3 adds a last
+axis of 3).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+SOART3_EPS = 1e-4
+SOART3_FEATURES = ("log_beta", "eta", "gamma")
+
+
+def _rows(x: np.ndarray) -> np.ndarray:
+    return np.atleast_2d(np.asarray(x, dtype=np.float64))
+
+
+def _shape_like(x, values: np.ndarray) -> np.ndarray:
+    return values[0] if np.ndim(x) == 1 else values
+
+
+def minkowski(x, ref, p: float = 4) -> np.ndarray:
+    """(sum |x - ref|^p)^(1/p); p=4 weighs a few large differences, i.e. partial defects."""
+    diff = np.abs(_rows(x) - np.asarray(ref, dtype=np.float64))
+    return _shape_like(x, np.sum(diff**p, axis=1) ** (1.0 / p))
+
+
+def euclidean(x, ref) -> np.ndarray:
+    return _shape_like(x, np.linalg.norm(_rows(x) - np.asarray(ref, dtype=np.float64), axis=1))
+
+
+def manhattan(x, ref) -> np.ndarray:
+    return _shape_like(x, np.sum(np.abs(_rows(x) - np.asarray(ref, dtype=np.float64)), axis=1))
+
+
+def chebyshev(x, ref) -> np.ndarray:
+    return _shape_like(x, np.max(np.abs(_rows(x) - np.asarray(ref, dtype=np.float64)), axis=1))
+
+
+def cosine(x, ref) -> np.ndarray:
+    """1 - cos(angle) between each row and the reference."""
+    rows = _rows(x)
+    ref = np.asarray(ref, dtype=np.float64)
+    norms = np.linalg.norm(rows, axis=1) * np.linalg.norm(ref)
+    return _shape_like(x, 1.0 - (rows @ ref) / norms)
+
+
+def soart3(x, ref) -> np.ndarray:
+    """SOART3 features (log_beta, eta, gamma) of each row against the reference.
+
+    beta  = (r.y + 1e-4) / (r.r + 1e-4)      sensitivity: how much of r is in y
+    e     = y - beta r                       what r does not explain
+    eta   = ln(1 + ||e||_1)                  spread of the residual
+    gamma = eta - ln(1 + ||e||_4)            high when the residual is spread
+                                             evenly, low when a few dims dominate
+    log_beta = ln(beta), NaN where beta <= 0 (never an exception).
+    """
+    rows = _rows(x)
+    ref = np.asarray(ref, dtype=np.float64)
+    beta = (rows @ ref + SOART3_EPS) / (ref @ ref + SOART3_EPS)
+    residual = rows - beta[:, None] * ref
+    eta = np.log1p(np.sum(np.abs(residual), axis=1))
+    gamma = eta - np.log1p(np.sum(residual**4, axis=1) ** 0.25)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        log_beta = np.where(beta > 0, np.log(np.where(beta > 0, beta, 1.0)), np.nan)
+    return _shape_like(x, np.stack([log_beta, eta, gamma], axis=1))
+
+
+def mahalanobis(x, mean, precision) -> np.ndarray:
+    """sqrt((x - mean)^T P (x - mean)) per row, P the precision (inverse covariance)."""
+    diff = _rows(x) - np.asarray(mean, dtype=np.float64)
+    squared = np.einsum("ij,jk,ik->i", diff, np.asarray(precision, dtype=np.float64), diff)
+    return _shape_like(x, np.sqrt(np.maximum(squared, 0.0)))
+
+
+def oas_covariance(samples) -> tuple[np.ndarray, float]:
+    """Oracle Approximating Shrinkage covariance of (n, d) samples.
+
+    With n of a few dozen parts and d = 128 the sample covariance is singular;
+    shrinking towards a scaled identity keeps Mahalanobis distances usable.
+    Returns (covariance, shrinkage). Same estimator as sklearn's OAS.
+    """
+    samples = _rows(samples)
+    n_samples, n_features = samples.shape
+    if n_samples < 2:
+        raise ValueError(f"a covariance needs at least 2 samples, got {n_samples}")
+    centered = samples - samples.mean(axis=0)
+    empirical = centered.T @ centered / n_samples
+    mu = np.trace(empirical) / n_features
+    alpha = np.mean(empirical**2)
+    numerator = alpha + mu**2
+    denominator = (n_samples + 1.0) * (alpha - mu**2 / n_features)
+    shrinkage = 1.0 if denominator == 0 else float(min(numerator / denominator, 1.0))
+    shrunk = (1.0 - shrinkage) * empirical
+    shrunk.flat[:: n_features + 1] += shrinkage * mu
+    return shrunk, shrinkage
+
+
+def precision_from_covariance(covariance) -> np.ndarray:
+    """Inverse of a shrunk (positive definite) covariance, symmetric by construction."""
+    precision = np.linalg.inv(np.asarray(covariance, dtype=np.float64))
+    return (precision + precision.T) / 2.0

@@ -1,0 +1,64 @@
+import cv2
+import numpy as np
+import pytest
+
+from station.errors import DataError, ImageReadError
+from station.imagefolder import dataset_fingerprint, list_images, read_image, scan_dataset
+
+
+def _write(path, image):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), image)
+
+
+def test_scan_labels_by_folder_recursively_and_in_order(tmp_path):
+    img = np.full((10, 12), 100, np.uint8)
+    _write(tmp_path / "good" / "b.png", img)
+    _write(tmp_path / "good" / "sub" / "a.jpg", img)
+    _write(tmp_path / "crack" / "c.bmp", img)
+    (tmp_path / "good" / "notes.txt").write_text("not an image")
+    items = scan_dataset(tmp_path)
+    assert [(i.path.relative_to(tmp_path).as_posix(), i.defect_class) for i in items] == [
+        ("crack/c.bmp", "crack"),
+        ("good/b.png", "good"),
+        ("good/sub/a.jpg", "good"),
+    ]
+    assert [i.is_defect for i in items] == [True, False, False]
+
+
+def test_missing_good_folder_and_empty_folders_are_named(tmp_path):
+    _write(tmp_path / "crack" / "c.png", np.zeros((4, 4), np.uint8))
+    with pytest.raises(DataError, match="good"):
+        scan_dataset(tmp_path)
+    with pytest.raises(DataError, match="does not exist"):
+        scan_dataset(tmp_path / "nope")
+    with pytest.raises(DataError, match="not a folder"):
+        list_images(tmp_path / "nope")
+
+
+def test_unreadable_images_name_the_file(tmp_path):
+    truncated = tmp_path / "truncated.png"
+    ok, data = cv2.imencode(".png", np.zeros((20, 20), np.uint8))
+    truncated.write_bytes(data.tobytes()[:30])
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    for path, reason in ((truncated, "cannot be decoded"), (empty, "empty"), (tmp_path / "gone.png", "cannot be read")):
+        with pytest.raises(ImageReadError, match=reason) as err:
+            read_image(path)
+        assert str(path) in str(err.value)
+
+
+def test_read_keeps_16_bit_and_colour(tmp_path):
+    sixteen = np.full((5, 6), 40000, np.uint16)
+    _write(tmp_path / "s.png", sixteen)
+    assert read_image(tmp_path / "s.png").dtype == np.uint16
+    _write(tmp_path / "c.png", np.zeros((5, 6, 3), np.uint8))
+    assert read_image(tmp_path / "c.png").shape == (5, 6, 3)
+
+
+def test_fingerprint_changes_with_content(tmp_path):
+    _write(tmp_path / "good" / "a.png", np.zeros((4, 4), np.uint8))
+    before = dataset_fingerprint(scan_dataset(tmp_path), tmp_path)
+    assert before == dataset_fingerprint(scan_dataset(tmp_path), tmp_path)
+    _write(tmp_path / "good" / "a.png", np.ones((4, 4), np.uint8))
+    assert dataset_fingerprint(scan_dataset(tmp_path), tmp_path) != before

@@ -1,0 +1,85 @@
+import csv
+import hashlib
+import subprocess
+import sys
+from collections import Counter
+
+import cv2
+import numpy as np
+
+from station import simulate
+from station.imagefolder import GOOD, scan_dataset
+from station.preprocess import crop
+
+
+def _tree_digest(root):
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_same_seed_writes_byte_identical_datasets_and_another_seed_does_not(tmp_path):
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        subprocess.run(
+            [sys.executable, "-m", "station", "simulate", "--out", str(tmp_path / name), "--count", "60", "--seed", str(seed)],
+            check=True, capture_output=True,
+        )
+    assert _tree_digest(tmp_path / "a") == _tree_digest(tmp_path / "b")
+    assert _tree_digest(tmp_path / "a") != _tree_digest(tmp_path / "c")
+
+
+def test_about_a_third_defective_and_every_class_present():
+    classes = Counter(simulate.part_class(0, i) for i in range(3000))
+    assert 0.30 < 1 - classes[GOOD] / 3000 < 0.37
+    assert set(classes) == {GOOD, *simulate.DEFECT_CLASSES}
+    assert min(classes[c] for c in simulate.DEFECT_CLASSES) > 100
+
+
+def test_every_defect_is_partial():
+    """The same part with and without its defect differs only in a small area."""
+    for defect in simulate.DEFECT_CLASSES:
+        changed_fractions = []
+        for index in range(40):
+            good = simulate.render_part(1, index, defect_class=GOOD).crop.astype(int)
+            bad = simulate.render_part(1, index, defect_class=defect).crop.astype(int)
+            changed_fractions.append(np.mean(np.abs(bad - good) > 25))
+        assert 0.004 < np.mean(changed_fractions), f"{defect} is invisible"
+        assert max(changed_fractions) < 0.12, f"{defect} changes {max(changed_fractions):.0%} of the crop"
+
+
+def test_good_parts_jitter_but_stay_alike():
+    crops = np.array([simulate.render_part(2, i, defect_class=GOOD).crop for i in range(50)], dtype=float)
+    spread = crops.std(axis=0).mean()
+    assert 3 < spread < 40  # position, rotation, lighting and noise vary, the part does not
+    assert crops.shape[1:] == (26, 36)
+
+
+def test_dataset_follows_the_image_folder_convention(tmp_path):
+    counts = simulate.write_dataset(tmp_path, count=90, seed=3)
+    items = scan_dataset(tmp_path)
+    assert len(items) == 90 == sum(counts.values())
+    assert Counter(i.defect_class for i in items) == Counter(counts)
+    assert cv2.imread(str(items[0].path), cv2.IMREAD_UNCHANGED).shape == (26, 36)
+
+
+def test_video_frames_hold_the_part_in_the_roi_and_match_the_ground_truth(tmp_path):
+    video, truth = tmp_path / "line.avi", tmp_path / "line.csv"
+    simulate.write_video(video, truth, count=12, seed=4)
+    rows = list(csv.DictReader(open(truth)))
+    assert [int(r["frame"]) for r in rows] == list(range(12))
+    capture = cv2.VideoCapture(str(video))
+    frames = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        frames.append(frame)
+    assert len(frames) == 12 and frames[0].shape == (240, 320, 3)
+    for row, frame in zip(rows, frames):
+        part = simulate.render_part(4, int(row["frame"]))
+        assert row["defect_class"] == part.defect_class
+        assert row["label"] == ("OK" if part.defect_class == GOOD else "NG")
+        seen = cv2.cvtColor(crop(frame, simulate.FRAME_ROI), cv2.COLOR_BGR2GRAY).astype(int)
+        assert np.mean(np.abs(seen - part.crop)) < 6  # MJPG is lossy, but it is that part
