@@ -1,0 +1,150 @@
+"""The embedder: an onnxruntime session plus what the model says about itself.
+
+A model file carries its own preprocessing settings in ONNX ``metadata_props``
+(written by ``station export``). The runtime reads them here and nowhere else,
+so nothing about the model is hard-coded in the station.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from station.errors import ModelError
+from station.preprocess import InputSpec, Roi, preprocess
+
+# Keys of the model's metadata_props; `station export` writes every one.
+REQUIRED_METADATA = ("input_width", "input_height", "input_layout", "pixel_scale", "embedding_dim", "arch", "quantization")
+OPTIONAL_METADATA = ("data_fingerprint", "created", "station_version")
+INPUT_NAME = "input"
+OUTPUT_NAME = "embedding"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: Path
+    sha256: str
+    input_spec: InputSpec
+    embedding_dim: int
+    arch: str
+    quantization: str
+    extra: dict[str, str]
+
+    @property
+    def short_id(self) -> str:
+        return self.sha256[:12]
+
+
+def _parse_metadata(path: Path, sha256: str, props: dict[str, str]) -> ModelInfo:
+    missing = [key for key in REQUIRED_METADATA if key not in props]
+    if missing:
+        raise ModelError(
+            f"{path}: the model does not describe itself (metadata lacks {', '.join(missing)}); "
+            "export it with `station export`"
+        )
+    try:
+        spec = InputSpec(
+            width=int(props["input_width"]),
+            height=int(props["input_height"]),
+            layout=props["input_layout"],
+            pixel_scale=float(props["pixel_scale"]),
+        )
+        embedding_dim = int(props["embedding_dim"])
+    except (ValueError, Exception) as exc:  # DataError from InputSpec, ValueError from int()
+        raise ModelError(f"{path}: invalid model metadata: {exc}") from exc
+    return ModelInfo(
+        path=path, sha256=sha256, input_spec=spec, embedding_dim=embedding_dim,
+        arch=props["arch"], quantization=props["quantization"],
+        extra={key: props[key] for key in OPTIONAL_METADATA if key in props},
+    )
+
+
+def session_options(threads: int = 1, spinning: bool = False):
+    """Latency-tuned options for a small CPU: a 100k-parameter trunk gains
+    nothing from a thread pool, and spinning threads steal the capture loop's core."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.log_severity_level = 3
+    return options
+
+
+class Embedder:
+    """Loads a self-describing ONNX trunk and turns images into embeddings."""
+
+    def __init__(self, model_path: Path, threads: int = 1, spinning: bool = False, expected_sha256: str | None = None):
+        import onnxruntime as ort
+
+        model_path = Path(model_path)
+        try:
+            model_bytes = model_path.read_bytes()
+        except OSError as exc:
+            raise ModelError(f"{model_path}: cannot read the model ({exc.strerror})") from exc
+        sha256 = hashlib.sha256(model_bytes).hexdigest()
+        if expected_sha256 is not None and sha256 != expected_sha256:
+            raise ModelError(f"{model_path}: sha256 {sha256[:12]} is not the expected {expected_sha256[:12]}")
+        try:
+            # From the bytes already hashed: the file could change between hash and load.
+            self.session = ort.InferenceSession(
+                model_bytes, sess_options=session_options(threads, spinning), providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise ModelError(f"{model_path}: onnxruntime cannot load the model: {exc}") from exc
+        props = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.info = _parse_metadata(model_path, sha256, props)
+        self._check_signature()
+        self._output_names = [OUTPUT_NAME]
+
+    def _check_signature(self):
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:
+            raise ModelError(
+                f"{self.info.path}: expected input {INPUT_NAME!r} and output {OUTPUT_NAME!r}, "
+                f"found {sorted(inputs)} -> {sorted(outputs)}"
+            )
+        declared = inputs[INPUT_NAME].shape[1:]
+        if [d for d in declared if isinstance(d, int)] != [d for d in self.info.input_spec.sample_shape]:
+            raise ModelError(
+                f"{self.info.path}: input shape {inputs[INPUT_NAME].shape} does not match its metadata "
+                f"{self.info.input_spec.sample_shape}"
+            )
+
+    @property
+    def input_spec(self) -> InputSpec:
+        return self.info.input_spec
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        """Preprocessed float32 batch -> (n, embedding_dim) float32 embeddings."""
+        return self.session.run(self._output_names, {INPUT_NAME: batch})[0]
+
+    def embed_images(self, images, roi: Roi | None = None, batch_size: int = 256) -> np.ndarray:
+        """Raw images (any size, gray or colour) -> embeddings, in batches."""
+        chunks = [
+            self.embed(preprocess(images[start : start + batch_size], self.input_spec, roi))
+            for start in range(0, len(images), batch_size)
+        ]
+        if not chunks:
+            return np.empty((0, self.info.embedding_dim), np.float32)
+        return np.concatenate(chunks)
+
+    def warm_up(self, runs: int = 3):
+        """First runs allocate; do them before the station says READY."""
+        dummy = np.zeros((1,) + self.input_spec.sample_shape, np.float32)
+        for _ in range(runs):
+            self.embed(dummy)
