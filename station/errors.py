@@ -42,3 +42,28 @@ class MissingExtraError(StationError):
     """A subcommand needs an optional dependency that is not installed."""
 
     exit_code = 69
+
+
+class ExportGateError(ModelError):
+    """An exported model does not reproduce the trained trunk closely enough
+    (e.g. int8 quantization drifted); nothing was written at --out."""
+
+
+class OutboxError(StationError):
+    """The on-disk outbox cannot take a message; the caller decides what to do."""
+
+    exit_code = 74  # EX_IOERR
+
+
+class OutboxFullError(OutboxError):
+    """The outbox holds its configured maximum of undelivered messages."""
+
+
+class OutboxDiskError(OutboxError):
+    """The disk (or filesystem) holding the outbox is full."""
+
+
+class PublisherError(StationError):
+    """The MQTT side cannot be set up as configured (credentials, TLS files)."""
+
+    exit_code = os.EX_CONFIG if hasattr(os, "EX_CONFIG") else 78

@@ -1,0 +1,358 @@
+"""The station configuration (station.yaml), parsed once into frozen, typed models.
+
+Every problem is reported with its file, line and key path, all at once:
+
+    station.yaml:7: mqtt.port: Input should be a valid integer
+
+Parsing is pure: it resolves relative paths against the file's folder but never
+opens the model, the reference sets or the password file (`station check` does).
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import parse_qs, urlsplit
+
+import yaml
+from pydantic import (
+    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo,
+    field_validator, model_validator,
+)
+
+from station.errors import ConfigError
+
+KeyPath = tuple[str, ...]
+# Keys that would put a secret in the file; the message says where it goes instead.
+SECRET_KEYS = frozenset({"password", "passwd", "secret", "token"})
+DEFAULT_STATE_ROOT = Path("/var/lib/station")
+URL_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://")
+SIM_SCHEME = "sim://"
+
+
+def _resolve(value: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base")
+    return value if value.is_absolute() or base is None else base / value
+
+
+def _safe_name(value: str) -> str:
+    """A product name becomes part of file paths: no separators, no '..'."""
+    if not value or "/" in value or "\\" in value or ".." in value or "\0" in value:
+        raise ValueError(f"{value!r} is not a safe product name (no '/', '\\' or '..')")
+    return value
+
+
+ConfigPath = Annotated[Path, AfterValidator(_resolve)]
+ProductName = Annotated[str, AfterValidator(_safe_name)]
+StationId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$", max_length=64)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def parse_sim_source(source: str) -> tuple[int, int | None]:
+    """(seed, count) of a sim://[?seed=N&count=N] source; count None = endless."""
+    parts = urlsplit(source)
+    if parts.scheme != "sim" or parts.netloc or parts.path not in ("", "/"):
+        raise ValueError(f"{source!r}: a simulated source looks like sim://?seed=N&count=N")
+    params = parse_qs(parts.query, keep_blank_values=True)
+    unknown = set(params) - {"seed", "count"}
+    if unknown:
+        raise ValueError(f"{source!r}: unknown parameter(s) {', '.join(sorted(unknown))} (seed, count)")
+    try:
+        seed = int(params.get("seed", ["0"])[-1])
+        count = int(params["count"][-1]) if "count" in params else None
+    except ValueError:
+        raise ValueError(f"{source!r}: seed and count must be integers") from None
+    if seed < 0 or (count is not None and count < 1):
+        raise ValueError(f"{source!r}: seed must be >= 0 and count >= 1")
+    return seed, count
+
+
+def _camera_source(value: Any, info: ValidationInfo) -> int | str:
+    """Device index, /dev/videoN, URL, sim://, or a file/folder path (made absolute)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError("must be a device index, /dev/videoN, a URL, sim://... or a file or folder path")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a device index must be >= 0")
+        return value
+    if not value.strip():
+        raise ValueError("must not be empty")
+    if value.startswith(SIM_SCHEME):
+        parse_sim_source(value)
+        return value
+    if value.startswith(URL_SCHEMES):
+        return value
+    if "://" in value:
+        raise ValueError(f"{value!r}: unsupported URL scheme (rtsp, http, https or sim)")
+    return str(_resolve(Path(value), info))
+
+
+class CameraConfig(_Model):
+    source: Annotated[int | str, BeforeValidator(_camera_source)]
+    loop: bool = False
+    fps: float = Field(0.0, ge=0)
+
+
+class RoiConfig(_Model):
+    x: int = Field(ge=0)
+    y: int = Field(ge=0)
+    width: int = Field(ge=1)
+    height: int = Field(ge=1)
+
+    def to_roi(self):
+        from station.preprocess import Roi
+
+        return Roi(self.x, self.y, self.width, self.height)
+
+
+class TlsConfig(_Model):
+    ca: ConfigPath | None = None  # None: the system's trusted CAs
+    cert: ConfigPath | None = None
+    key: ConfigPath | None = None
+
+    @model_validator(mode="after")
+    def _cert_and_key_together(self):
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key go together: give both for a client certificate, or neither")
+        return self
+
+
+class MqttConfig(_Model):
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(1883, ge=1, le=65535)
+    topic_prefix: str = Field("inspection", pattern=r"^[^#+/\s]+(/[^#+/\s]+)*$")
+    qos: Literal[0, 1, 2] = 1
+    username: str | None = None
+    password_file: ConfigPath | None = None
+    password_credential: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
+    tls: TlsConfig | None = None
+    keepalive: int = Field(30, ge=5, le=3600)
+
+    @model_validator(mode="after")
+    def _one_password_source(self):
+        if self.password_file is not None and self.password_credential is not None:
+            raise ValueError("give password_file or password_credential, not both")
+        if self.username is None and (self.password_file or self.password_credential):
+            raise ValueError("a password needs a username")
+        return self
+
+
+class OutboxConfig(_Model):
+    max_messages: int = Field(100_000, ge=1)
+
+
+class KeepCropsConfig(_Model):
+    ng: bool = True
+    ok_sample_rate: float = Field(0.0, ge=0.0, le=1.0)
+    max_mb: float = Field(200.0, ge=0)
+
+
+class RuntimeConfig(_Model):
+    threads: int = Field(1, ge=1, le=64)
+
+
+class StationConfig(_Model):
+    station: StationId
+    camera: CameraConfig
+    roi: RoiConfig | None = None
+    model: ConfigPath
+    reference: ConfigPath | None = None
+    products: dict[ProductName, ConfigPath] | None = None
+    product: ProductName | None = None
+    trigger: Literal["continuous", "mqtt"] = "continuous"
+    state_dir: ConfigPath = Field(None, validate_default=True)  # default: $STATE_DIRECTORY or /var/lib/station/<station>
+    mqtt: MqttConfig = MqttConfig()
+    stats_interval: float = Field(10.0, gt=0)
+    outbox: OutboxConfig = OutboxConfig()
+    keep_crops: KeepCropsConfig = KeepCropsConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    @field_validator("state_dir", mode="before")
+    @classmethod
+    def _default_state_dir(cls, value, info: ValidationInfo):
+        if value is not None:
+            return value
+        from_env = (info.context or {}).get("state_dir")
+        return from_env or DEFAULT_STATE_ROOT / str(info.data.get("station", "station"))
+
+    @model_validator(mode="after")
+    def _one_reference(self):
+        if self.products is None:
+            if self.reference is None:
+                raise ValueError("give reference: PATH, or products: {NAME: PATH} with product: NAME")
+            if self.product is not None:
+                raise ValueError("product: needs products: {NAME: PATH}")
+            return self
+        if self.reference is not None:
+            raise ValueError("give reference or products, not both")
+        if not self.products:
+            raise ValueError("products must name at least one product")
+        if self.product not in self.products:
+            known = ", ".join(sorted(self.products))
+            raise ValueError(f"product must be one of the products ({known}), got {self.product!r}")
+        return self
+
+    @property
+    def reference_path(self) -> Path:
+        """The reference set the station scores against (the active product's)."""
+        return self.reference if self.products is None else self.products[self.product]
+
+
+# ---------------------------------------------------------------- YAML with lines
+
+
+def _compose(text: str, name: str) -> tuple[Any, yaml.Node | None]:
+    """The document's data and its node tree (which knows every key's line)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f":{mark.line + 1}" if mark else ""
+        problem = " ".join(str(part) for part in (exc.context, exc.problem) if part)
+        raise ConfigError(f"{name}{line}: invalid YAML: {problem}") from None
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError) as exc:
+        # PyYAML raises plain ValueError for e.g. a timestamp like 2024-13-45.
+        raise ConfigError(f"{name}: invalid YAML: {exc}") from None
+    finally:
+        loader.dispose()
+    return data, node
+
+
+def key_lines(node: yaml.Node | None) -> dict[KeyPath, int]:
+    """{key path: 1-based line} for every mapping key and sequence item."""
+    lines: dict[KeyPath, int] = {}
+    seen: set[int] = set()  # aliases share nodes: visit each once (no billion laughs)
+    stack = [((), node)]
+    while stack:
+        path, current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, yaml.MappingNode):
+            for key, value in current.value:
+                child = path + (str(key.value),)
+                lines.setdefault(child, key.start_mark.line + 1)
+                stack.append((child, value))
+        elif isinstance(current, yaml.SequenceNode):
+            for index, item in enumerate(current.value):
+                lines.setdefault(path + (str(index),), item.start_mark.line + 1)
+                stack.append((path + (str(index),), item))
+    return lines
+
+
+def _secrets(lines: dict[KeyPath, int]) -> list[tuple[KeyPath, str]]:
+    found = []
+    for path in lines:
+        if path[-1].lower() in SECRET_KEYS and path[:1] != ("products",):
+            where = ".".join(path[:-1] + ("password_file",))
+            found.append((path, f"never put a secret in the configuration file: use {where} "
+                                f"or {'.'.join(path[:-1] + ('password_credential',))} (a systemd credential)"))
+    return found
+
+
+# ---------------------------------------------------------------- errors with lines
+
+
+def _line_for(loc: KeyPath, lines: dict[KeyPath, int]) -> int | None:
+    """The line of the deepest part of loc that is in the file."""
+    for end in range(len(loc), 0, -1):
+        if loc[:end] in lines:
+            return lines[loc[:end]]
+    return None
+
+
+def _fields_at(loc: KeyPath) -> list[str]:
+    """The keys the schema allows in the mapping at loc (for 'did you mean')."""
+    model: Any = StationConfig
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = next((arg for arg in (*getattr(field.annotation, "__args__", ()), field.annotation)
+                      if isinstance(arg, type) and issubclass(arg, BaseModel)), None)
+    return list(getattr(model, "model_fields", {}))
+
+
+def _message(error: dict, loc: KeyPath) -> str:
+    if error["type"] == "extra_forbidden":
+        allowed = _fields_at(loc[:-1])
+        close = difflib.get_close_matches(loc[-1], allowed, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else (f" (allowed: {', '.join(allowed)})" if allowed else "")
+        return f"unknown key{hint}"
+    message = error["msg"]
+    return message.removeprefix("Value error, ")
+
+
+def _format(name: str, line: int | None, loc: KeyPath, message: str) -> str:
+    where = f"{name}:{line}" if line else name
+    key = ".".join(loc)
+    return f"{where}: {key}: {message}" if key else f"{where}: {message}"
+
+
+def _problems(error: ValidationError, name: str, lines: dict[KeyPath, int]) -> list[str]:
+    problems = []
+    for item in error.errors(include_url=False):
+        # Dict keys show up as "[key]" in loc; the key itself names the line.
+        loc = tuple(str(part) for part in item["loc"] if part != "[key]")
+        problems.append(_format(name, _line_for(loc, lines), loc, _message(item, loc)))
+    return problems
+
+
+def _state_dir_from_env(env: dict[str, str]) -> Path | None:
+    # systemd's StateDirectory= may list several folders separated by ':'.
+    value = env.get("STATE_DIRECTORY", "").split(":")[0]
+    return Path(value) if value else None
+
+
+def parse_config(text: str, name: str = "station.yaml", base: Path | None = None,
+                 env: dict[str, str] | None = None) -> StationConfig:
+    """Parse configuration text; `base` is the folder relative paths resolve against."""
+    data, node = _compose(text, name)
+    lines = key_lines(node)
+    if data is None:
+        raise ConfigError(f"{name}: the configuration is empty")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name}:1: the configuration must be a mapping of keys (station:, camera:, ...)")
+    problems = [_format(name, lines.get(path), path, message) for path, message in _secrets(lines)]
+    context = {"base": base, "state_dir": _state_dir_from_env(os.environ if env is None else env)}
+    try:
+        config = StationConfig.model_validate(data, context=context)
+    except ValidationError as exc:
+        secret_paths = {".".join(path) for path, _ in _secrets(lines)}
+        problems += [p for p in _problems(exc, name, lines) if not _names_secret(p, secret_paths)]
+        config = None
+    except (RecursionError, ValueError, TypeError) as exc:  # cyclic aliases and the like
+        problems.append(f"{name}: cannot be read as a configuration: {exc}")
+        config = None
+    if problems:
+        raise ConfigError("\n".join(sorted(problems, key=lambda text: _line_of(text, name))))
+    return config
+
+
+def _line_of(problem: str, name: str) -> int:
+    match = re.match(rf"{re.escape(name)}:(\d+):", problem)
+    return int(match.group(1)) if match else 0
+
+
+def _names_secret(problem: str, secret_paths: set[str]) -> bool:
+    """The 'unknown key' error for a secret is already reported, better worded."""
+    return any(re.search(rf": {re.escape(path)}: unknown key", problem) for path in secret_paths)
+
+
+def load_config(path: Path | str, env: dict[str, str] | None = None) -> StationConfig:
+    """Read and parse a station.yaml; ConfigError lists every problem, one per line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: is not UTF-8 text") from None
+    return parse_config(text, name=str(path), base=path.absolute().parent, env=env)
