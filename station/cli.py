@@ -31,6 +31,115 @@ def _simulate(args) -> int:
     return 0
 
 
+def _load_embedder(model_path: Path, threads: int = 1):
+    from station.embedder import Embedder
+
+    return Embedder(model_path, threads=threads)
+
+
+def _calibrate(args) -> int:
+    from calibration import reference_set, workflow
+
+    if args.rollback is not None:
+        version = reference_set.rollback(args.out, args.rollback or None)
+        print(f"{args.out}: v{version:04d} is current again")
+        return 0
+    if args.model is None or args.good is None:
+        raise StationError("calibrate needs --model and --good (or --rollback)")
+    product = args.product or args.out.name
+    embedder = _load_embedder(args.model)
+    saved, calibration = workflow.calibrate_folders(
+        embedder, args.good, args.defects, args.out, product, metric=args.metric,
+        target_false_reject=args.target_false_reject, min_good=args.min_good, progress=sys.stderr.isatty(),
+    )
+    for warning in calibration.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"{saved.path}: product {saved.product}, {saved.n_good} good parts, metric {saved.metric}, "
+          f"threshold {saved.threshold:.6g}")
+    for name, metric_fit in calibration.fits.items():
+        line = f"  {name:12s} threshold {metric_fit.threshold:10.5g}  false-reject (out of fold) {metric_fit.false_reject_rate:.3%}"
+        if metric_fit.auroc is not None:
+            line += f"  AUROC {metric_fit.auroc:.4f}  escape rate {metric_fit.escape_rate:.3%}"
+        print(line + ("   <- chosen" if name == saved.metric else ""))
+    return 0
+
+
+def _evaluate(args) -> int:
+    import json
+
+    from calibration import reference_set, workflow
+
+    embedder = _load_embedder(args.model)
+    evaluation, embedded = workflow.evaluate_folder(
+        embedder, reference_set.load(args.reference), args.data, progress=sys.stderr.isatty() and not args.json
+    )
+    figures = evaluation.figures()
+    if args.report:
+        args.report.mkdir(parents=True, exist_ok=True)
+        for name, content in workflow.evaluation_report(evaluation, embedded).items():
+            (args.report / name).write_bytes(content)
+    if args.json:
+        print(json.dumps(figures))
+        return 0
+    print(f"{figures['n_good']} good, {figures['n_defect']} defective parts; metric {figures['metric']}, "
+          f"threshold {figures['threshold']:.6g}")
+    for key in ("auroc", "accuracy", "false_reject_rate", "escape_rate"):
+        value = figures[key]
+        print(f"  {key:18s} {'n/a' if value is None else f'{value:.4f}'}")
+    print("  confusion          " + ", ".join(f"{k} {v}" for k, v in figures["confusion"].items()))
+    print("  AUROC per metric   " + ", ".join(
+        f"{k} {'n/a' if v is None else f'{v:.4f}'}" for k, v in figures["per_metric_auroc"].items()))
+    if args.report:
+        print(f"  report             {args.report}/ (histogram.png, roc.png, worst_parts.png)")
+    return 0
+
+
+def _require_torch(command: str):
+    """train/export need the engineering extra; the line PC never has torch."""
+    from station.errors import MissingExtraError
+
+    try:
+        import torch  # noqa: F401
+        import onnx  # noqa: F401
+    except ImportError as exc:
+        raise MissingExtraError(f"`station {command}` needs torch and onnx: pip install '.[train]'") from exc
+
+
+def _train(args) -> int:
+    _require_torch("train")
+    from export import train
+
+    config = train.TrainConfig(
+        arch=args.arch or train.DEFAULT_ARCH, loss=args.loss or train.DEFAULT_LOSS,
+        epochs=args.epochs if args.epochs is not None else train.DEFAULT_EPOCHS,
+        seed=args.seed if args.seed is not None else train.DEFAULT_SEED,
+        embedding_dim=args.embedding_dim or train.DEFAULT_EMBEDDING_DIM, allow_flips=args.allow_flips,
+    )
+    print(f"training {config.arch} trunk, {config.loss} loss, {config.epochs} epochs, seed {config.seed}, "
+          f"{config.embedding_dim}-d embedding on {args.data}")
+    result = train.train(args.data, args.out, config, progress=sys.stderr.isatty())
+    print(f"{result.n_train} training / {result.n_val} validation images, {result.parameters} parameters, "
+          f"{result.train_seconds:.1f} s")
+    print(f"validation pair accuracy {result.val_pair_accuracy:.4f} (distance threshold {result.pair_threshold:.4f})")
+    print(f"wrote {result.checkpoint}")
+    return 0
+
+
+def _export(args) -> int:
+    _require_torch("export")
+    from export import onnx_export
+
+    options = onnx_export.ExportOptions(
+        fp32=args.fp32, int8=args.int8 or onnx_export.DEFAULT_INT8,
+        calib_data=args.calib_data, reduce_range=args.reduce_range,
+    )
+    report = onnx_export.export_model(args.checkpoint, args.out, options)
+    for line in onnx_export.summary_lines(report):
+        print(line)
+    print(f"wrote {args.out} and {onnx_export.report_path(args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="station",
@@ -47,6 +156,49 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--pins", type=int, choices=(2, 3), default=3, help="pins of the simulated product")
     sim.add_argument("--video", type=Path, help="also write an MJPG video of full frames (+ ground truth .csv)")
     sim.set_defaults(handler=_simulate)
+    cal = commands.add_parser("calibrate", help="build a product's reference set from known-good parts")
+    cal.add_argument("--model", type=Path, help="the station's ONNX model")
+    cal.add_argument("--good", type=Path, help="folder of known-good parts (read recursively)")
+    cal.add_argument("--defects", type=Path, action="append", default=[],
+                     help="folder of defective parts (repeatable; subfolders name classes)")
+    cal.add_argument("--out", type=Path, required=True, help="reference set folder (a new version is added)")
+    cal.add_argument("--metric", choices=("auto", "minkowski", "soart3", "mahalanobis"), default="auto",
+                     help="score used for verdicts; auto = best AUROC on --defects (default auto)")
+    cal.add_argument("--product", help="product name (default: the --out folder's name)")
+    cal.add_argument("--target-false-reject", type=float, default=0.005,
+                     help="good parts allowed to be rejected (default 0.005)")
+    cal.add_argument("--min-good", type=int, default=30, help="refuse with fewer good parts (default 30)")
+    cal.add_argument("--rollback", type=int, nargs="?", const=0, default=None, metavar="VERSION",
+                     help="make an earlier version current (default: the one before)")
+    cal.set_defaults(handler=_calibrate)
+
+    ev = commands.add_parser("evaluate", help="quality figures of a model and reference set on labelled parts")
+    ev.add_argument("--model", type=Path, required=True)
+    ev.add_argument("--reference", type=Path, required=True, help="reference set folder")
+    ev.add_argument("--data", type=Path, required=True, help="image folder: good/ + one folder per defect class")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.add_argument("--report", type=Path, help="folder for histogram, ROC and contact-sheet PNGs")
+    ev.set_defaults(handler=_evaluate)
+
+    tr = commands.add_parser("train", help="train a Siamese trunk on an image folder (needs the train extra)")
+    tr.add_argument("--data", type=Path, required=True, help="image folder: good/ + one folder per defect class")
+    tr.add_argument("--out", type=Path, required=True, help="checkpoint to write (trunk.pt)")
+    tr.add_argument("--arch", choices=("mlp", "cnn"), help="trunk: mlp (reference) or cnn (default: export/train.py)")
+    tr.add_argument("--loss", choices=("contrastive", "triplet"), help="Siamese loss (default: contrastive)")
+    tr.add_argument("--epochs", type=int, help="training epochs (default: DEFAULT_EPOCHS in export/train.py)")
+    tr.add_argument("--seed", type=int, help="same seed and data, same weights (default 0)")
+    tr.add_argument("--embedding-dim", type=int, help="embedding size (default 128)")
+    tr.add_argument("--allow-flips", action="store_true", help="augment with mirrored crops (only if the part is symmetric)")
+    tr.set_defaults(handler=_train)
+
+    ex = commands.add_parser("export", help="export a trained trunk to a self-describing ONNX model (int8 by default)")
+    ex.add_argument("checkpoint", type=Path, help="checkpoint written by `station train`")
+    ex.add_argument("--out", type=Path, required=True, help="ONNX model to write (report: <name>.export.json beside it)")
+    ex.add_argument("--fp32", action="store_true", help="keep the float model (no int8 quantization)")
+    ex.add_argument("--int8", choices=("dynamic", "static"), help="int8 quantization (default: DEFAULT_INT8 in export/onnx_export.py)")
+    ex.add_argument("--calib-data", type=Path, help="image folder for calibration and the gate (default: the training data)")
+    ex.add_argument("--reduce-range", action="store_true", help="7-bit weights, for CPUs without VNNI that saturate")
+    ex.set_defaults(handler=_export)
     return parser
 
 

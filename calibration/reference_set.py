@@ -1,0 +1,286 @@
+"""Reference sets on disk: load, verify, save atomically, roll back.
+
+A reference set is a folder with one subfolder per version and a CURRENT file
+naming the active one:
+
+    refs/A/CURRENT              "v0003"
+    refs/A/v0003/reference.yaml human-readable summary, thresholds, checksum
+    refs/A/v0003/arrays.npz     reference vector, precision, SOART3 unit space
+    refs/A/v0003/report/        pictures of the calibration, when made
+
+A new version is written to a temporary folder, fsynced and renamed into
+place; only then does CURRENT switch (itself by temp file + rename). A crash
+at any point leaves the previous version active and intact. Arrays are loaded
+with allow_pickle=False: nothing is unpickled.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from station import __version__
+from station.errors import StationError
+from station.scoring import SCORES, ReferenceModel
+
+FORMAT = "station-reference-set/1"
+CURRENT = "CURRENT"
+SUMMARY = "reference.yaml"
+ARRAYS = "arrays.npz"
+_VERSION_DIR = re.compile(r"^v(\d{4,})$")
+_PRODUCT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ReferenceSetError(StationError):
+    """A reference set is missing, corrupt, or does not belong to the model."""
+
+    exit_code = 65
+
+
+@dataclass(frozen=True)
+class ReferenceSet:
+    model: ReferenceModel
+    metric: str
+    thresholds: dict[str, float]
+    product: str
+    model_sha256: str
+    n_good: int
+    statistics: dict = field(default_factory=dict)
+    created: str = ""
+    version: int = 0  # assigned when saved
+    path: Path | None = None
+
+    @property
+    def threshold(self) -> float:
+        return self.thresholds[self.metric]
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.model.embedding_dim
+
+
+def check_product_name(name: str) -> str:
+    """Product names become folder names: no separators, no '..', nothing exotic."""
+    if not isinstance(name, str) or not _PRODUCT_NAME.match(name) or ".." in name:
+        raise ReferenceSetError(
+            f"product name {name!r} is not allowed: use letters, digits, '_', '-', '.', "
+            "no path separators and no '..'"
+        )
+    return name
+
+
+def verify_for_model(reference_set: ReferenceSet, model_sha256: str, embedding_dim: int):
+    """Refuse a reference set calibrated with another model."""
+    where = reference_set.path or reference_set.product
+    if reference_set.embedding_dim != embedding_dim:
+        raise ReferenceSetError(
+            f"{where}: reference set has {reference_set.embedding_dim}-d embeddings, the model gives {embedding_dim}-d"
+        )
+    if reference_set.model_sha256 != model_sha256:
+        raise ReferenceSetError(
+            f"{where}: reference set was calibrated for model {reference_set.model_sha256[:12]}, "
+            f"not for the loaded model {model_sha256[:12]}; recalibrate with `station calibrate`"
+        )
+
+
+# -- reading -----------------------------------------------------------------
+
+
+def versions(root: Path) -> list[int]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in root.iterdir() if p.is_dir() and (m := _VERSION_DIR.match(p.name)))
+
+
+def current_version(root: Path) -> int:
+    pointer = Path(root) / CURRENT
+    try:
+        text = pointer.read_text().strip()
+    except OSError as exc:
+        raise ReferenceSetError(f"{root}: not a reference set (no readable {CURRENT}: {exc.strerror})") from exc
+    match = _VERSION_DIR.match(text)
+    if not match:
+        raise ReferenceSetError(f"{pointer}: names {text!r}, not a version folder")
+    return int(match.group(1))
+
+
+def load(root: Path, version: int | None = None) -> ReferenceSet:
+    """The current (or a given) version of a reference set, verified by checksum."""
+    root = Path(root)
+    version = current_version(root) if version is None else version
+    folder = root / _version_name(version)
+    summary_path = folder / SUMMARY
+    try:
+        summary = yaml.safe_load(summary_path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ReferenceSetError(f"{summary_path}: cannot be read: {exc}") from exc
+    if not isinstance(summary, dict) or summary.get("format") != FORMAT:
+        raise ReferenceSetError(f"{summary_path}: not a {FORMAT} summary")
+    if summary.get("checksum") != _summary_checksum(summary):
+        raise ReferenceSetError(f"{summary_path}: checksum mismatch (edited by hand or corrupted)")
+    arrays_bytes = _read_bytes(folder / ARRAYS)
+    if hashlib.sha256(arrays_bytes).hexdigest() != summary["arrays_sha256"]:
+        raise ReferenceSetError(f"{folder / ARRAYS}: checksum mismatch (corrupted)")
+    model = _model_from_npz(arrays_bytes, folder / ARRAYS, int(summary["embedding_dim"]))
+    return ReferenceSet(
+        model=model,
+        metric=summary["metric"],
+        thresholds={k: float(v) for k, v in summary["thresholds"].items()},
+        product=summary["product"],
+        model_sha256=summary["model_sha256"],
+        n_good=int(summary["n_good"]),
+        statistics=summary.get("statistics", {}),
+        created=summary["created"],
+        version=version,
+        path=folder,
+    )
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ReferenceSetError(f"{path}: cannot be read ({exc.strerror})") from exc
+
+
+def _model_from_npz(data: bytes, where: Path, dim: int) -> ReferenceModel:
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            fields = {name: np.array(arrays[name], dtype=np.float64) for name in _ARRAY_SHAPES}
+    except (KeyError, ValueError, OSError) as exc:
+        raise ReferenceSetError(f"{where}: unusable arrays: {exc}") from exc
+    for name, shape in _ARRAY_SHAPES.items():
+        expected = tuple(dim if s == "d" else s for s in shape)
+        if fields[name].shape != expected or not np.all(np.isfinite(fields[name])):
+            raise ReferenceSetError(f"{where}: {name} has shape {fields[name].shape}, expected finite {expected}")
+    return ReferenceModel(**fields)
+
+
+_ARRAY_SHAPES = {"reference": ("d",), "precision": ("d", "d"), "soart3_mean": (3,), "soart3_precision": (3, 3)}
+
+
+# -- writing -----------------------------------------------------------------
+
+
+def save(root: Path, reference_set: ReferenceSet, report_files: dict[str, bytes] | None = None) -> ReferenceSet:
+    """Write a new version atomically and make it current; returns it as saved."""
+    root = Path(root)
+    check_product_name(reference_set.product)
+    if reference_set.metric not in SCORES:
+        raise ReferenceSetError(f"unknown metric {reference_set.metric!r}")
+    root.mkdir(parents=True, exist_ok=True)
+    version = (versions(root) or [0])[-1] + 1
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
+    try:
+        arrays_bytes = _npz_bytes(reference_set.model)
+        _write_synced(staging / ARRAYS, arrays_bytes)
+        summary = _summary(reference_set, version, created, hashlib.sha256(arrays_bytes).hexdigest())
+        _write_synced(staging / SUMMARY, yaml.safe_dump(summary, sort_keys=False).encode())
+        for name, content in (report_files or {}).items():
+            (staging / "report").mkdir(exist_ok=True)
+            _write_synced(staging / "report" / name, content)
+        _fsync_dir(staging)
+        os.rename(staging, root / _version_name(version))
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _point_current(root, version)
+    return load(root, version)
+
+
+def rollback(root: Path, version: int | None = None) -> int:
+    """Make an earlier version current: the given one, or the one before current."""
+    root = Path(root)
+    available = versions(root)
+    if version is None:
+        earlier = [v for v in available if v < current_version(root)]
+        if not earlier:
+            raise ReferenceSetError(f"{root}: no version before v{current_version(root):04d} to roll back to")
+        version = earlier[-1]
+    if version not in available:
+        raise ReferenceSetError(f"{root}: no version {version}; available: {', '.join(map(str, available))}")
+    load(root, version)  # refuse to switch to a corrupt version
+    _point_current(root, version)
+    return version
+
+
+def _summary(reference_set: ReferenceSet, version: int, created: str, arrays_sha256: str) -> dict:
+    summary = {
+        "format": FORMAT,
+        "product": reference_set.product,
+        "version": version,
+        "created": created,
+        "station_version": __version__,
+        "model_sha256": reference_set.model_sha256,
+        "embedding_dim": reference_set.embedding_dim,
+        "n_good": reference_set.n_good,
+        "metric": reference_set.metric,
+        "threshold": float(reference_set.threshold),
+        "thresholds": {k: float(v) for k, v in reference_set.thresholds.items()},
+        "statistics": _plain(reference_set.statistics),
+        "arrays": ARRAYS,
+        "arrays_sha256": arrays_sha256,
+    }
+    summary["checksum"] = _summary_checksum(summary)
+    return summary
+
+
+def _summary_checksum(summary: dict) -> str:
+    body = {k: v for k, v in summary.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _plain(value):
+    """numpy scalars and tuples -> plain YAML-safe Python values."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _npz_bytes(model: ReferenceModel) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **{name: np.asarray(getattr(model, name), dtype=np.float64) for name in _ARRAY_SHAPES})
+    return buffer.getvalue()
+
+
+def _version_name(version: int) -> str:
+    return f"v{version:04d}"
+
+
+def _write_synced(path: Path, content: bytes):
+    with open(path, "wb") as handle:
+        handle.write(content)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _point_current(root: Path, version: int):
+    temporary = root / f".{CURRENT}.tmp"
+    _write_synced(temporary, f"{_version_name(version)}\n".encode())
+    os.replace(temporary, root / CURRENT)
+    _fsync_dir(root)

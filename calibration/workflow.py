@@ -1,0 +1,169 @@
+"""The calibration and evaluation workflows behind `station calibrate` and `station evaluate`.
+
+Images -> station preprocessing -> embedder -> fit -> reference set (+ report).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from calibration import fit, report
+from calibration.evaluate import Evaluation, evaluate_embeddings
+from calibration.reference_set import ReferenceSet, check_product_name, save, verify_for_model
+from station.errors import DataError, ImageReadError
+from station.imagefolder import LabeledImage, list_images, read_image, scan_dataset
+from station.preprocess import Roi, prepare_crop
+
+MAX_NAMED_FAILURES = 20
+
+
+@dataclass(frozen=True)
+class EmbeddedImages:
+    embeddings: np.ndarray
+    crops: np.ndarray  # uint8 (n, h, w): what the model saw, for contact sheets
+    paths: list[Path]
+    classes: list[str]
+
+
+def embed_items(embedder, items: list[LabeledImage], roi: Roi | None = None, progress: bool = False) -> EmbeddedImages:
+    """Read, preprocess and embed images; every unreadable file is named before failing."""
+    if not items:
+        raise DataError("no images to embed")
+    crops, failures = [], []
+    iterator = items
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(items, desc="reading", unit="img", leave=False)
+    for item in iterator:
+        try:
+            crops.append(prepare_crop(read_image(item.path), embedder.input_spec, roi))
+        except (ImageReadError, DataError) as exc:
+            failures.append(str(exc) if isinstance(exc, ImageReadError) else f"{item.path}: {exc}")
+    if failures:
+        shown = "\n  ".join(failures[:MAX_NAMED_FAILURES])
+        more = f"\n  ... and {len(failures) - MAX_NAMED_FAILURES} more" if len(failures) > MAX_NAMED_FAILURES else ""
+        raise DataError(f"{len(failures)} image(s) cannot be used:\n  {shown}{more}")
+    crops = np.stack(crops)
+    from station.preprocess import to_model_input
+
+    embeddings = np.concatenate([
+        embedder.embed(to_model_input(crops[start : start + 512], embedder.input_spec))
+        for start in range(0, len(crops), 512)
+    ])
+    return EmbeddedImages(embeddings, crops, [i.path for i in items], [i.defect_class for i in items])
+
+
+def folder_items(good: Path, defect_folders: list[Path]) -> tuple[list[LabeledImage], list[LabeledImage]]:
+    """Good parts from one folder; defects from several, each read recursively.
+
+    A defect folder that follows the image-folder convention (has class subfolders)
+    labels by subfolder; otherwise its name is the class.
+    """
+    good_items = [LabeledImage(p, "good") for p in list_images(good)]
+    if not good_items:
+        raise DataError(f"{good}: no images of good parts")
+    defect_items = []
+    for folder in defect_folders:
+        found = [LabeledImage(p, _defect_class(Path(folder), p)) for p in list_images(folder)]
+        if not found:
+            raise DataError(f"{folder}: no images of defective parts")
+        defect_items.extend(found)
+    return good_items, defect_items
+
+
+def _defect_class(folder: Path, path: Path) -> str:
+    relative = path.relative_to(folder).parts
+    return relative[0] if len(relative) > 1 else folder.name
+
+
+def calibrate_folders(
+    embedder, good: Path, defect_folders: list[Path], out: Path, product: str, metric: str = "auto",
+    target_false_reject: float = 0.005, roi: Roi | None = None, min_good: int = fit.MIN_GOOD_PARTS,
+    progress: bool = False,
+) -> tuple[ReferenceSet, fit.Calibration]:
+    check_product_name(product)
+    good_items, defect_items = folder_items(good, defect_folders)
+    good_set = embed_items(embedder, good_items, roi, progress)
+    defect_set = embed_items(embedder, defect_items, roi, progress) if defect_items else None
+    return calibrate_embedded(embedder, good_set, defect_set, out, product, metric, target_false_reject, min_good)
+
+
+def calibrate_embedded(
+    embedder, good_set: EmbeddedImages, defect_set: EmbeddedImages | None, out: Path, product: str,
+    metric: str, target_false_reject: float, min_good: int,
+) -> tuple[ReferenceSet, fit.Calibration]:
+    """Fit, build the reference set and its report, save it as a new version."""
+    calibration = fit.calibrate(
+        good_set.embeddings, None if defect_set is None else defect_set.embeddings,
+        metric=metric, target_false_reject=target_false_reject, min_good=min_good,
+    )
+    statistics = {
+        "n_defect": 0 if defect_set is None else len(defect_set.embeddings),
+        "target_false_reject": target_false_reject,
+        "covariance_shrinkage": round(calibration.covariance_shrinkage, 6),
+        "metrics": {name: metric_fit.summary() for name, metric_fit in calibration.fits.items()},
+        "warnings": calibration.warnings,
+    }
+    reference_set = ReferenceSet(
+        model=calibration.model, metric=calibration.metric,
+        thresholds={name: f.threshold for name, f in calibration.fits.items()},
+        product=product, model_sha256=embedder.info.sha256, n_good=len(good_set.embeddings),
+        statistics=statistics,
+    )
+    saved = save(out, reference_set, _calibration_report(calibration, good_set, defect_set))
+    return saved, calibration
+
+
+def _calibration_report(calibration: fit.Calibration, good_set: EmbeddedImages, defect_set) -> dict[str, bytes]:
+    chosen = calibration.fits[calibration.metric]
+    scores = chosen.good_scores
+    classes = ["good"] * len(scores)
+    if defect_set is not None:
+        scores = np.concatenate([scores, chosen.defect_scores])
+        classes += defect_set.classes
+    files = {
+        "histogram.png": report.score_histogram(
+            scores, classes, chosen.threshold, calibration.metric,
+            title=f"{calibration.metric}: good parts out of fold vs defects",
+        )
+    }
+    if defect_set is not None:
+        files["roc.png"] = report.roc_figure(
+            {n: (f.good_scores, f.defect_scores) for n, f in calibration.fits.items()},
+            {n: f.auroc for n, f in calibration.fits.items()},
+        )
+    return files
+
+
+def evaluate_folder(embedder, reference_set: ReferenceSet, data: Path, roi: Roi | None = None,
+                    progress: bool = False) -> tuple[Evaluation, EmbeddedImages]:
+    verify_for_model(reference_set, embedder.info.sha256, embedder.info.embedding_dim)
+    embedded = embed_items(embedder, scan_dataset(data), roi, progress)
+    return evaluate_embeddings(embedded.embeddings, embedded.classes, reference_set), embedded
+
+
+def evaluation_report(evaluation: Evaluation, embedded: EmbeddedImages, per_sheet: int = 24) -> dict[str, bytes]:
+    """histogram.png, roc.png and worst_parts.png for a report folder."""
+    figures = evaluation.figures()
+    files = {"histogram.png": report.score_histogram(evaluation.scores, evaluation.classes, evaluation.threshold, evaluation.metric)}
+    truth = evaluation.is_defect_truth
+    if truth.any() and (~truth).any():
+        files["roc.png"] = report.roc_figure(
+            {n: (s[~truth], s[truth]) for n, s in evaluation.per_metric_scores.items()}, figures["per_metric_auroc"]
+        )
+    order = np.argsort(np.nan_to_num(evaluation.scores, nan=np.inf, posinf=np.inf))
+    worst_good = [i for i in order[::-1] if not truth[i]][:per_sheet // 2]
+    best_defects = [i for i in order if truth[i]][:per_sheet // 2]
+    picks = worst_good + best_defects
+    captions = [
+        f"{'good' if not truth[i] else evaluation.classes[i]} {evaluation.scores[i]:.3g}\n{embedded.paths[i].name[:18]}"
+        for i in picks
+    ]
+    files["worst_parts.png"] = report.contact_sheet(
+        [embedded.crops[i] for i in picks], captions,
+        f"highest-scoring good parts, then lowest-scoring defects (threshold {evaluation.threshold:.4g})",
+    )
+    return files

@@ -1,0 +1,51 @@
+"""Small real ONNX models for tests that need an embedder but not a trained trunk.
+
+A fixed random projection of the pixels (with a tanh) is a legitimate, if
+weak, embedding: it runs in onnxruntime exactly like an exported trunk and
+carries the same self-describing metadata.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def projection_model(path: Path, seed: int = 0, embedding_dim: int = 32, width: int = 36, height: int = 26,
+                     metadata: dict[str, str] | None = None, layout: str = "flat") -> Path:
+    rng = np.random.default_rng(seed)
+    pixels = width * height
+    weights = (rng.normal(size=(pixels, embedding_dim)) / np.sqrt(pixels) * 4).astype(np.float32)
+    bias = rng.normal(scale=0.1, size=embedding_dim).astype(np.float32)
+    input_shape = ["batch", pixels] if layout == "flat" else ["batch", 1, height, width]
+    nodes = []
+    source = "input"
+    if layout == "nchw":
+        nodes.append(helper.make_node("Flatten", ["input"], ["flat"], axis=1))
+        source = "flat"
+    nodes += [
+        helper.make_node("MatMul", [source, "W"], ["projected"]),
+        helper.make_node("Add", ["projected", "b"], ["shifted"]),
+        helper.make_node("Tanh", ["shifted"], ["embedding"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "projection",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, input_shape)],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", embedding_dim])],
+        initializer=[numpy_helper.from_array(weights, "W"), numpy_helper.from_array(bias, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    props = {
+        "input_width": str(width), "input_height": str(height), "input_layout": layout,
+        "pixel_scale": str(1 / 255), "embedding_dim": str(embedding_dim), "arch": "projection",
+        "quantization": "fp32",
+    }
+    props.update(metadata or {})
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(path))
+    return Path(path)
