@@ -208,8 +208,9 @@ class StationConfig(_Model):
 
 def _compose(text: str, name: str) -> tuple[Any, yaml.Node | None]:
     """The document's data and its node tree (which knows every key's line)."""
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)  # the reader already rejects control characters here
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as exc:
@@ -217,11 +218,14 @@ def _compose(text: str, name: str) -> tuple[Any, yaml.Node | None]:
         line = f":{mark.line + 1}" if mark else ""
         problem = " ".join(str(part) for part in (exc.context, exc.problem) if part)
         raise ConfigError(f"{name}{line}: invalid YAML: {problem}") from None
+    except yaml.reader.ReaderError as exc:
+        raise ConfigError(f"{name}: invalid YAML: {exc.reason} (character #x{exc.character:04x})") from None
     except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError) as exc:
         # PyYAML raises plain ValueError for e.g. a timestamp like 2024-13-45.
         raise ConfigError(f"{name}: invalid YAML: {exc}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return data, node
 
 
