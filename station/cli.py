@@ -140,6 +140,20 @@ def _export(args) -> int:
     return 0
 
 
+def _check(args) -> int:
+    from station.check import check_station
+    from station.config import load_config
+    from station.errors import ConfigError
+
+    result = check_station(load_config(args.config))
+    for line in result.summary:
+        print(f"ok: {line}")
+    if result.problems:
+        raise ConfigError(f"{args.config}: {len(result.problems)} problem(s):\n  " + "\n  ".join(result.problems))
+    print(f"{args.config}: ready to run")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="station",
@@ -199,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--calib-data", type=Path, help="image folder for calibration and the gate (default: the training data)")
     ex.add_argument("--reduce-range", action="store_true", help="7-bit weights, for CPUs without VNNI that saturate")
     ex.set_defaults(handler=_export)
+    chk = commands.add_parser("check", help="validate a station configuration, its model and reference sets")
+    chk.add_argument("-c", "--config", type=Path, required=True, help="station.yaml")
+    chk.set_defaults(handler=_check)
     return parser
 
 

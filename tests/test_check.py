@@ -1,0 +1,68 @@
+import textwrap
+
+import pytest
+
+from station.cli import main
+from tests.onnx_models import projection_model
+
+
+@pytest.fixture(scope="module")
+def station_files(tmp_path_factory, sim_dataset):
+    root = tmp_path_factory.mktemp("station")
+    model = projection_model(root / "model.onnx", embedding_dim=32)
+    assert main(["calibrate", "--model", str(model), "--good", str(sim_dataset / "good"), "--out", str(root / "refs" / "A")]) == 0
+    return root
+
+
+def write_config(folder, body):
+    path = folder / "station.yaml"
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def test_a_ready_station_checks_ok(station_files, tmp_path, capsys):
+    config = write_config(tmp_path, f"""
+        station: line1-st1
+        camera: {{source: "sim://?seed=1"}}
+        model: {station_files / 'model.onnx'}
+        products: {{A: {station_files / 'refs' / 'A'}}}
+        product: A
+        state_dir: {tmp_path / 'state'}
+    """)
+    assert main(["check", "-c", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "product A:" in out and "v0001" in out and "ready to run" in out
+
+
+def test_every_problem_is_reported_at_once_with_exit_78(station_files, tmp_path, capsys):
+    other_model = projection_model(tmp_path / "other.onnx", seed=5, embedding_dim=32)
+    config = write_config(tmp_path, f"""
+        station: line1-st1
+        camera: {{source: "sim://"}}
+        model: {other_model}
+        products: {{A: {station_files / 'refs' / 'A'}, B: {tmp_path / 'missing'}}}
+        product: A
+        state_dir: {tmp_path / 'state'}
+        mqtt: {{username: st1, password_file: {tmp_path / 'nope.txt'}}}
+    """)
+    assert main(["check", "-c", str(config)]) == 78
+    err = capsys.readouterr().err
+    assert "3 problem(s)" in err
+    assert "product A:" in err and "recalibrate" in err
+    assert "product B:" in err and "not a reference set" in err
+    assert "mqtt.password_file" in err
+
+
+def test_a_config_error_names_the_line_and_key(tmp_path, capsys):
+    config = write_config(tmp_path, """
+        station: line1-st1
+        camera:
+          source: 0
+          fsp: 5
+        model: m.onnx
+        reference: refs/A
+    """)
+    assert main(["check", "-c", str(config)]) == 78
+    err = capsys.readouterr().err
+    assert "station.yaml:5: camera.fsp: unknown key (did you mean fps?)" in err
+    assert "Traceback" not in err
