@@ -1,0 +1,119 @@
+"""Training data: crops through station.preprocess, splits, pairs, augmentation.
+
+Everything is numpy with an explicit Generator, in one thread, so the same
+seed draws the same splits, pairs and augmentations.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from station.errors import DataError
+from station.imagefolder import LabeledImage, read_image, scan_dataset
+from station.preprocess import InputSpec, prepare_crop, to_model_input
+
+# Inspection augmentation: the jitter a fixed camera over a fixture really
+# shows. No rotations or flips by default: a mirrored part can be a defect.
+SHIFT_PX = 2
+BRIGHTNESS = 0.10
+CONTRAST = 0.10
+NOISE_SIGMA = 3.0  # grey levels
+LIGHTING_PIVOT = 128.0  # fixed pivot: a defect changes only its own pixels
+
+
+@dataclass
+class CropSet:
+    """Prepared uint8 crops (n, height, width) with their classes."""
+
+    crops: np.ndarray
+    classes: np.ndarray  # str per crop, "good" or the defect folder
+    items: list[LabeledImage]
+
+    @property
+    def is_defect(self) -> np.ndarray:
+        return self.classes != "good"
+
+    def subset(self, indices: np.ndarray) -> "CropSet":
+        return CropSet(self.crops[indices], self.classes[indices], [self.items[i] for i in indices])
+
+
+def load_crops(items: list[LabeledImage], spec: InputSpec, progress: bool = False) -> CropSet:
+    """Read and prepare every image exactly as the station will (prepare_crop)."""
+    crops = np.empty((len(items), spec.height, spec.width), np.uint8)
+    for i, item in enumerate(tqdm(items, desc="reading images", unit="img", disable=not progress)):
+        crops[i] = prepare_crop(read_image(item.path), spec)
+    return CropSet(crops, np.array([item.defect_class for item in items]), list(items))
+
+
+def load_dataset(root: Path, spec: InputSpec, progress: bool = False) -> CropSet:
+    return load_crops(scan_dataset(root), spec, progress)
+
+
+def stratified_split(classes: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) indices; every class keeps about `fraction` of its images for
+    validation, at least one when it has two or more."""
+    train, val = [], []
+    for name in sorted(set(classes.tolist())):
+        members = rng.permutation(np.flatnonzero(classes == name))
+        n_val = int(round(len(members) * fraction))
+        if len(members) >= 2:
+            n_val = min(max(n_val, 1), len(members) - 1)
+        else:
+            n_val = 0
+        val.extend(members[:n_val])
+        train.extend(members[n_val:])
+    return np.sort(np.array(train, int)), np.sort(np.array(val, int))
+
+
+def require_both_kinds(crop_set: CropSet, what: str):
+    n_good = int(np.sum(~crop_set.is_defect))
+    n_defect = int(np.sum(crop_set.is_defect))
+    if n_good < 2 or n_defect < 1:
+        raise DataError(
+            f"{what} needs at least 2 good and 1 defect image, found {n_good} good and {n_defect} defect"
+        )
+
+
+def sample_pairs(is_defect: np.ndarray, count: int, rng: np.random.Generator):
+    """Balanced Siamese pairs: half good-good (similar), half good-defect.
+
+    Returns (first, second, similar) index arrays; `first` is always good.
+    """
+    good = np.flatnonzero(~is_defect)
+    defect = np.flatnonzero(is_defect)
+    similar = np.arange(count) % 2 == 0
+    first = rng.choice(good, count)
+    second = np.where(similar, rng.choice(good, count), rng.choice(defect, count))
+    return first, second, similar.astype(np.float32)
+
+
+def augment(crops: np.ndarray, rng: np.random.Generator, allow_flips: bool = False) -> np.ndarray:
+    """Randomly shifted (+-2 px), relit (+-10 %), noisy copies of uint8 crops."""
+    n, height, width = crops.shape
+    padded = np.pad(crops, ((0, 0), (SHIFT_PX, SHIFT_PX), (SHIFT_PX, SHIFT_PX)), mode="edge")
+    dy, dx = rng.integers(0, 2 * SHIFT_PX + 1, size=(2, n))
+    out = np.stack([padded[i, dy[i] : dy[i] + height, dx[i] : dx[i] + width] for i in range(n)]).astype(np.float32)
+    if allow_flips:
+        flip_h = rng.random(n) < 0.5
+        flip_v = rng.random(n) < 0.5
+        out[flip_h] = out[flip_h, :, ::-1]
+        out[flip_v] = out[flip_v, ::-1, :]
+    contrast = rng.uniform(1 - CONTRAST, 1 + CONTRAST, (n, 1, 1)).astype(np.float32)
+    brightness = rng.uniform(1 - BRIGHTNESS, 1 + BRIGHTNESS, (n, 1, 1)).astype(np.float32)
+    out = ((out - LIGHTING_PIVOT) * contrast + LIGHTING_PIVOT) * brightness
+    out += rng.normal(0.0, NOISE_SIGMA, out.shape).astype(np.float32)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def mean_crop(crops: np.ndarray) -> np.ndarray:
+    """The mean image of crops, rounded back to uint8 like any other crop
+    (so it goes through the same to_model_input)."""
+    return np.clip(np.round(crops.astype(np.float64).mean(axis=0)), 0, 255).astype(np.uint8)
+
+
+def model_batch(crops: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """uint8 crops -> float32 batch, through the station's one preprocessing."""
+    return to_model_input(crops, spec)

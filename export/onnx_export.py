@@ -1,0 +1,359 @@
+"""`station export`: checkpoint -> self-describing ONNX (int8 by default), gated.
+
+    torch trunk --torch.onnx.export--> fp32.onnx --quant_pre_process-->
+    --quantize_dynamic | quantize_static (QDQ)--> int8.onnx --metadata--> gate --> --out
+
+Everything is built in a temporary folder beside --out and moved into place
+only after the gate passes, so a drifting model never reaches a station.
+The figures go to <model>.export.json beside the model, pass or fail.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from station import __version__
+from station.embedder import INPUT_NAME, OUTPUT_NAME, Embedder, session_options
+from station.errors import DataError, ExportGateError
+from station.imagefolder import scan_dataset
+from station.metrics import minkowski
+from station.preprocess import InputSpec
+from export.dataset import CropSet, load_crops, model_batch
+from export.trunk import load_checkpoint
+
+OPSET = 17  # fixed: the version onnxruntime.quantization handles for these ops
+DEFAULT_INT8 = "static"  # measured against "dynamic", see the team's export report
+INT8_MODES = ("dynamic", "static")
+# Gate limits.
+MAX_TORCH_ONNX_DIFF = 1e-4
+MIN_MEAN_COSINE = 0.999
+MIN_VERDICT_AGREEMENT = 0.995
+# The quick reference of the verdict check: Minkowski p=4 to the mean good
+# embedding, threshold at this quantile of the good distances.
+REFERENCE_P = 4
+REFERENCE_QUANTILE = 0.99
+# Sample sizes and timing.
+MAX_GATE_IMAGES = 1000
+MAX_CALIB_IMAGES = 300
+CALIB_BATCH = 32
+LATENCY_WARMUP = 20
+LATENCY_RUNS = 500
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    fp32: bool = False
+    int8: str = DEFAULT_INT8
+    calib_data: Path | None = None
+    reduce_range: bool = False
+
+
+def report_path(model_path: Path) -> Path:
+    """model.onnx -> model.export.json"""
+    return model_path.with_name(model_path.stem + ".export.json")
+
+
+# ---- sample crops ------------------------------------------------------------------------
+
+
+def sample_data_dir(info: dict, options: ExportOptions) -> Path | None:
+    """--calib-data, else the checkpoint's training data if it still exists."""
+    if options.calib_data is not None:
+        return Path(options.calib_data)
+    stored = Path(info.get("data_path", ""))
+    return stored if info.get("data_path") and stored.is_dir() else None
+
+
+def load_sample(data_dir: Path, spec: InputSpec) -> CropSet:
+    """Up to MAX_GATE_IMAGES crops, spread over the sorted list (deterministic)."""
+    items = scan_dataset(data_dir)
+    if len(items) > MAX_GATE_IMAGES:
+        keep = np.random.default_rng(0).choice(len(items), MAX_GATE_IMAGES, replace=False)
+        items = [items[i] for i in sorted(keep)]
+    return load_crops(items, spec)
+
+
+def noise_sample(spec: InputSpec, count: int = 64) -> CropSet:
+    """Without data, an fp32 export is still compared with torch on noise crops."""
+    crops = np.random.default_rng(0).integers(0, 256, (count, spec.height, spec.width), dtype=np.uint8)
+    return CropSet(crops, np.array(["unknown"] * count), [])
+
+
+# ---- build -------------------------------------------------------------------------------
+
+
+def export_fp32(model: torch.nn.Module, spec: InputSpec, path: Path):
+    """torch -> ONNX with a dynamic batch axis, input "input", output "embedding"."""
+    dummy = torch.zeros((1,) + spec.sample_shape, dtype=torch.float32)
+    with warnings.catch_warnings():
+        # The TorchScript exporter (dynamo=False) is deprecated but gives a
+        # plain, fixed-opset graph the quantizers handle; torch is pinned.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (dummy,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=OPSET, dynamo=False, do_constant_folding=True,
+        )
+
+
+class _GoodCropReader:
+    """Feeds good crops to quantize_static's MinMax calibration."""
+
+    def __init__(self, batch: np.ndarray):
+        self._batches = iter([batch[i : i + CALIB_BATCH] for i in range(0, len(batch), CALIB_BATCH)])
+
+    def get_next(self):
+        batch = next(self._batches, None)
+        return None if batch is None else {INPUT_NAME: batch}
+
+    def rewind(self):  # part of the CalibrationDataReader protocol; one pass is enough
+        pass
+
+
+def quantize(fp32_path: Path, int8_path: Path, mode: str, calib_batch: np.ndarray | None, reduce_range: bool):
+    from onnxruntime import quantization as q
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = fp32_path.with_name("prepared.onnx")
+    # Shape inference and graph fusions first, as onnxruntime recommends.
+    quant_pre_process(str(fp32_path), str(prepared))
+    if mode == "dynamic":
+        # Only the matrix products: dynamic ConvInteger runs slower than float
+        # Conv on CPU, and the linear layers hold nearly all the weights.
+        q.quantize_dynamic(
+            str(prepared), str(int8_path), op_types_to_quantize=["MatMul", "Gemm"],
+            weight_type=q.QuantType.QInt8, reduce_range=reduce_range,
+        )
+    else:
+        q.CalibrationDataReader.register(_GoodCropReader)
+        q.quantize_static(
+            str(prepared), str(int8_path), _GoodCropReader(calib_batch), quant_format=q.QuantFormat.QDQ,
+            activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,
+            reduce_range=reduce_range, calibrate_method=q.CalibrationMethod.MinMax,
+        )
+
+
+def write_metadata(path: Path, props: dict[str, str]):
+    """Set metadata_props in place; done LAST, quantizers do not keep them."""
+    model = onnx.load(str(path))
+    kept = [p for p in model.metadata_props if p.key not in props]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in props.items():
+        model.metadata_props.add(key=key, value=str(value))
+    onnx.save(model, str(path))
+
+
+def model_metadata(info: dict, spec: InputSpec, quantization: str) -> dict[str, str]:
+    return {
+        "input_width": str(spec.width),
+        "input_height": str(spec.height),
+        "input_layout": spec.layout,
+        "pixel_scale": repr(float(spec.pixel_scale)),
+        "embedding_dim": str(info["embedding_dim"]),
+        "arch": info["arch"],
+        "quantization": quantization,
+        "data_fingerprint": info.get("data_fingerprint", ""),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "station_version": __version__,
+    }
+
+
+# ---- gate --------------------------------------------------------------------------------
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), sess_options=session_options(1), providers=["CPUExecutionProvider"])
+
+
+def run_onnx(path: Path, batch: np.ndarray) -> np.ndarray:
+    return _session(path).run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+
+
+def batch1_latency_ms(path: Path, sample: np.ndarray) -> float:
+    """Median batch-1 latency, one thread, as the station runs it."""
+    session = _session(path)
+    feed = {INPUT_NAME: sample[:1]}
+    for _ in range(LATENCY_WARMUP):
+        session.run([OUTPUT_NAME], feed)
+    times = []
+    for _ in range(LATENCY_RUNS):
+        start = time.perf_counter()
+        session.run([OUTPUT_NAME], feed)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+
+
+def reference_verdicts(embeddings: np.ndarray, is_good: np.ndarray) -> tuple[np.ndarray, float]:
+    """Defect verdicts of a quick station: each model calibrates its own
+    reference (mean good embedding) and threshold, as a station would."""
+    reference = embeddings[is_good].mean(axis=0)
+    distances = minkowski(embeddings, reference, p=REFERENCE_P)
+    threshold = float(np.quantile(distances[is_good], REFERENCE_QUANTILE))
+    return distances > threshold, threshold
+
+
+def int8_figures(fp32_emb: np.ndarray, int8_emb: np.ndarray, is_good: np.ndarray) -> dict:
+    cosine = row_cosine(fp32_emb, int8_emb)
+    fp32_verdicts, fp32_threshold = reference_verdicts(fp32_emb, is_good)
+    int8_verdicts, int8_threshold = reference_verdicts(int8_emb, is_good)
+    return {
+        "cosine_mean": float(cosine.mean()),
+        "cosine_min": float(cosine.min()),
+        "verdict_agreement": float(np.mean(fp32_verdicts == int8_verdicts)),
+        "reference_threshold_fp32": fp32_threshold,
+        "reference_threshold_int8": int8_threshold,
+        "fp32_defect_recall": float(np.mean(fp32_verdicts[~is_good])) if np.any(~is_good) else None,
+        "int8_defect_recall": float(np.mean(int8_verdicts[~is_good])) if np.any(~is_good) else None,
+    }
+
+
+def gate_failures(figures: dict) -> list[str]:
+    """Why the exported model must not ship; empty when it may."""
+    failures = []
+    if figures["torch_vs_fp32_max_abs_diff"] > MAX_TORCH_ONNX_DIFF:
+        failures.append(
+            f"fp32 ONNX differs from torch by {figures['torch_vs_fp32_max_abs_diff']:.2e} (limit {MAX_TORCH_ONNX_DIFF:.0e})"
+        )
+    int8 = figures.get("int8")
+    if int8 is not None:
+        if int8["cosine_mean"] < MIN_MEAN_COSINE:
+            failures.append(f"int8 mean cosine to fp32 is {int8['cosine_mean']:.5f} (limit {MIN_MEAN_COSINE})")
+        if int8["verdict_agreement"] < MIN_VERDICT_AGREEMENT:
+            failures.append(
+                f"int8 verdicts agree with fp32 on {int8['verdict_agreement']:.2%} of parts "
+                f"(limit {MIN_VERDICT_AGREEMENT:.1%})"
+            )
+    return failures
+
+
+# ---- the command -------------------------------------------------------------------------
+
+
+def export_model(checkpoint: Path, out: Path, options: ExportOptions = ExportOptions()) -> dict:
+    """Export, quantize, describe, gate, move into place; returns the report."""
+    if options.int8 not in INT8_MODES:
+        raise DataError(f"unknown int8 mode {options.int8!r}: choose one of {', '.join(INT8_MODES)}")
+    model, info = load_checkpoint(checkpoint)
+    spec = InputSpec(**info["input_spec"])
+    data_dir = sample_data_dir(info, options)
+    if data_dir is None and not options.fp32:
+        raise DataError(
+            f"int8 calibration needs good crops: the checkpoint's data folder {info.get('data_path')!r} "
+            "no longer exists; pass --calib-data DIR (an image folder with good/), or --fp32"
+        )
+    sample = load_sample(data_dir, spec) if data_dir is not None else noise_sample(spec)
+    batch = model_batch(sample.crops, spec)
+    is_good = sample.classes == "good"
+    quantization = "fp32" if options.fp32 else f"int8-{options.int8}"
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        fp32_path = workdir / "fp32.onnx"
+        export_fp32(model, spec, fp32_path)
+        final_path = fp32_path
+        if not options.fp32:
+            final_path = workdir / "int8.onnx"
+            calib = batch[is_good][:MAX_CALIB_IMAGES]
+            quantize(fp32_path, final_path, options.int8, calib, options.reduce_range)
+            write_metadata(fp32_path, model_metadata(info, spec, "fp32"))
+        write_metadata(final_path, model_metadata(info, spec, quantization))
+        report = measure(model, fp32_path, final_path, batch, is_good, options, info, data_dir, quantization)
+        failures = gate_failures(report["gate"])
+        report["passed"] = not failures
+        report["failures"] = failures
+        report_file = report_path(out)
+        report_file.write_text(json.dumps(report, indent=2) + "\n")
+        if failures:
+            raise ExportGateError(
+                f"{checkpoint}: export refused, nothing written to {out}: " + "; ".join(failures)
+                + f" (figures in {report_file}; try --reduce-range, the other --int8 mode, or --fp32)"
+            )
+        os.replace(final_path, out)
+        return report
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def measure(model, fp32_path, final_path, batch, is_good, options, info, data_dir, quantization) -> dict:
+    with torch.no_grad():
+        torch_emb = model(torch.from_numpy(batch)).numpy()
+    fp32_emb = run_onnx(fp32_path, batch)
+    # Through the station's own loader: proves metadata and signature before shipping.
+    final_emb = Embedder(final_path).embed(batch)
+    gate = {
+        "torch_vs_fp32_max_abs_diff": float(np.max(np.abs(torch_emb - fp32_emb))),
+        "int8": None if options.fp32 else int8_figures(fp32_emb, final_emb, is_good),
+    }
+    fp32_size = fp32_path.stat().st_size
+    fp32_ms = batch1_latency_ms(fp32_path, batch)
+    sizes = {"fp32_bytes": fp32_size}
+    latency = {"fp32_batch1_ms": fp32_ms, "runs": LATENCY_RUNS, "threads": 1}
+    if not options.fp32:
+        int8_size = final_path.stat().st_size
+        int8_ms = batch1_latency_ms(final_path, batch)
+        sizes.update(int8_bytes=int8_size, int8_to_fp32=int8_size / fp32_size)
+        latency.update(int8_batch1_ms=int8_ms, speedup=fp32_ms / int8_ms)
+    return {
+        "quantization": quantization,
+        "reduce_range": options.reduce_range,
+        "metadata": dict(Embedder(final_path).session.get_modelmeta().custom_metadata_map),
+        "checkpoint": {k: v for k, v in info.items() if not isinstance(v, dict)},
+        "sample": {
+            "data": str(data_dir) if data_dir else "noise (no data folder)",
+            "images": int(len(batch)), "good": int(is_good.sum()), "defect": int((~is_good).sum()),
+            "calibration_good_crops": 0 if options.fp32 or options.int8 == "dynamic"
+            else int(min(is_good.sum(), MAX_CALIB_IMAGES)),
+        },
+        "gate": gate,
+        "limits": {
+            "max_torch_vs_fp32_abs_diff": MAX_TORCH_ONNX_DIFF, "min_mean_cosine": MIN_MEAN_COSINE,
+            "min_verdict_agreement": MIN_VERDICT_AGREEMENT,
+            "reference": f"minkowski p={REFERENCE_P} to mean good embedding, threshold q{REFERENCE_QUANTILE}",
+        },
+        "size": sizes,
+        "latency": latency,
+    }
+
+
+def summary_lines(report: dict) -> list[str]:
+    gate, size, latency = report["gate"], report["size"], report["latency"]
+    lines = [
+        f"quantization {report['quantization']}, sample {report['sample']['images']} crops "
+        f"({report['sample']['good']} good) from {report['sample']['data']}",
+        f"torch vs fp32 ONNX max |diff| {gate['torch_vs_fp32_max_abs_diff']:.2e}",
+    ]
+    if gate["int8"] is not None:
+        int8 = gate["int8"]
+        lines += [
+            f"int8 vs fp32 cosine mean {int8['cosine_mean']:.6f} min {int8['cosine_min']:.6f}, "
+            f"verdict agreement {int8['verdict_agreement']:.2%}",
+            f"size fp32 {size['fp32_bytes'] / 1024:.0f} KiB, int8 {size['int8_bytes'] / 1024:.0f} KiB "
+            f"({size['int8_to_fp32']:.0%})",
+            f"batch-1 latency fp32 {latency['fp32_batch1_ms']:.3f} ms, int8 {latency['int8_batch1_ms']:.3f} ms "
+            f"(x{latency['speedup']:.2f})",
+        ]
+    else:
+        lines.append(f"size {size['fp32_bytes'] / 1024:.0f} KiB, batch-1 latency {latency['fp32_batch1_ms']:.3f} ms")
+    return lines

@@ -1,0 +1,181 @@
+"""Train -> export -> onnxruntime, with real torch, real files, real sessions."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the train extra is not installed")
+
+from export import onnx_export  # noqa: E402
+from export.onnx_export import ExportOptions, export_model, report_path  # noqa: E402
+from export.train import TrainConfig, train  # noqa: E402
+from export.trunk import build_trunk, input_spec_for, load_checkpoint, save_checkpoint  # noqa: E402
+from station.cli import main  # noqa: E402
+from station.embedder import OPTIONAL_METADATA, REQUIRED_METADATA, Embedder  # noqa: E402
+from station.errors import DataError, ExportGateError  # noqa: E402
+from station.imagefolder import dataset_fingerprint, read_image, scan_dataset  # noqa: E402
+from station.preprocess import preprocess  # noqa: E402
+
+TINY_EPOCHS = 2
+
+
+@pytest.fixture(scope="module")
+def checkpoints(sim_dataset, tmp_path_factory):
+    """One briefly trained checkpoint per architecture (shared, read only)."""
+    folder = tmp_path_factory.mktemp("checkpoints")
+    return {
+        arch: train(sim_dataset, folder / f"{arch}.pt", TrainConfig(arch=arch, epochs=TINY_EPOCHS), progress=False)
+        for arch in ("mlp", "cnn")
+    }
+
+
+def images_of(dataset, limit=64):
+    items = scan_dataset(dataset)
+    step = max(1, len(items) // limit)
+    return [read_image(item.path) for item in items[::step]]
+
+
+def torch_embeddings(model, images, spec):
+    with torch.no_grad():
+        return model(torch.from_numpy(preprocess(images, spec))).numpy()
+
+
+def test_checkpoint_is_plain_data_that_loads_with_weights_only(checkpoints, sim_dataset):
+    path = checkpoints["cnn"].checkpoint
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["arch"] == "cnn" and checkpoint["embedding_dim"] == 128
+    assert checkpoint["input_spec"] == {"width": 36, "height": 26, "layout": "nchw", "pixel_scale": 1.0 / 255.0}
+    assert checkpoint["loss"] == "contrastive" and checkpoint["epochs"] == TINY_EPOCHS and checkpoint["seed"] == 0
+    assert checkpoint["data_fingerprint"] == dataset_fingerprint(scan_dataset(sim_dataset), sim_dataset)
+    assert checkpoint["data_path"] == str(sim_dataset.resolve())
+    assert 0.0 <= checkpoint["val_pair_accuracy"] <= 1.0
+    assert checkpoint["val_pair_accuracy"] == checkpoints["cnn"].val_pair_accuracy
+    assert isinstance(checkpoint["station_version"], str)
+    assert all(isinstance(v, torch.Tensor) for v in checkpoint["state_dict"].values())
+    # The validation split is stratified: every class keeps some of its images for validation.
+    assert checkpoint["n_val"] >= len({item.defect_class for item in scan_dataset(sim_dataset)})
+
+
+def test_training_is_deterministic_for_a_seed(sim_dataset, tmp_path):
+    def weights(name, seed):
+        train(sim_dataset, tmp_path / name, TrainConfig(arch="mlp", epochs=1, seed=seed), progress=False)
+        return torch.load(tmp_path / name, weights_only=True)["state_dict"]
+
+    first, again, other = weights("a.pt", 5), weights("b.pt", 5), weights("c.pt", 6)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_triplet_training_with_the_mean_image_anchor_learns(sim_dataset, tmp_path):
+    result = train(sim_dataset, tmp_path / "t.pt", TrainConfig(arch="cnn", loss="triplet", epochs=10), progress=False)
+    # Half the validation pairs are good-defect: chance is 0.5.
+    assert result.val_pair_accuracy > 0.6
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_fp32_export_runs_in_the_embedder_like_torch(checkpoints, sim_dataset, tmp_path, arch):
+    out = tmp_path / f"{arch}.onnx"
+    report = export_model(checkpoints[arch].checkpoint, out, ExportOptions(fp32=True))
+    embedder = Embedder(out)
+    model, info = load_checkpoint(checkpoints[arch].checkpoint)
+    assert embedder.input_spec == input_spec_for(arch)
+    assert embedder.info.quantization == "fp32" and embedder.info.arch == arch
+    images = images_of(sim_dataset)
+    onnx_emb = embedder.embed_images(images)
+    assert onnx_emb.shape == (len(images), 128)
+    assert np.max(np.abs(onnx_emb - torch_embeddings(model, images, embedder.input_spec))) <= 1e-4
+    assert report["gate"]["int8"] is None and report["passed"]
+
+
+def test_int8_export_passes_the_gate_and_reports_its_figures(checkpoints, sim_dataset, tmp_path):
+    out = tmp_path / "models" / "trunk.onnx"
+    export_model(checkpoints["mlp"].checkpoint, out)
+    report = json.loads(report_path(out).read_text())
+    assert report_path(out).name == "trunk.export.json"
+    assert report["passed"] and report["failures"] == []
+    assert report["quantization"] == f"int8-{onnx_export.DEFAULT_INT8}"
+    int8 = report["gate"]["int8"]
+    assert int8["cosine_mean"] >= onnx_export.MIN_MEAN_COSINE and int8["cosine_min"] <= int8["cosine_mean"]
+    assert int8["verdict_agreement"] >= onnx_export.MIN_VERDICT_AGREEMENT
+    assert report["gate"]["torch_vs_fp32_max_abs_diff"] <= 1e-4
+    assert report["sample"]["images"] == len(scan_dataset(sim_dataset))
+    assert 0 < report["size"]["int8_bytes"] < report["size"]["fp32_bytes"]
+    assert report["size"]["int8_bytes"] == out.stat().st_size
+    assert report["latency"]["fp32_batch1_ms"] > 0 and report["latency"]["int8_batch1_ms"] > 0
+
+    embedder = Embedder(out)
+    metadata = dict(embedder.session.get_modelmeta().custom_metadata_map)
+    assert set(REQUIRED_METADATA + OPTIONAL_METADATA) <= set(metadata)
+    assert metadata == report["metadata"]
+    assert metadata["quantization"] == report["quantization"] == embedder.info.quantization
+    assert metadata["data_fingerprint"] == dataset_fingerprint(scan_dataset(sim_dataset), sim_dataset)
+    assert metadata["created"].endswith("+00:00")
+    # Only the model and its report beside it: the work folder is gone.
+    assert sorted(p.name for p in out.parent.iterdir()) == ["trunk.export.json", "trunk.onnx"]
+
+
+def drifting_checkpoint(path, data_dir):
+    """An mlp trunk whose first layer holds one hidden unit with huge weights.
+
+    The unit feeds nothing (its outgoing weights are zero), so the float
+    model is unharmed; but the outliers set the int8 scale of the whole
+    weight tensor and of the activations, and int8 rounds everything else away.
+    """
+    torch.manual_seed(0)
+    spec = input_spec_for("mlp")
+    model = build_trunk("mlp", 128, spec)
+    first, second = model.layers[0], model.layers[2]
+    with torch.no_grad():
+        first.weight[0] = 1e4
+        second.weight[:, 0] = 0.0
+    save_checkpoint(path, model, "mlp", 128, spec, data_path=str(data_dir), data_fingerprint="")
+    return path
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_a_drifting_int8_model_is_refused_and_nothing_is_left_at_out(sim_dataset, tmp_path, mode):
+    checkpoint = drifting_checkpoint(tmp_path / "drift.pt", sim_dataset)
+    out = tmp_path / "models" / "drift.onnx"
+    with pytest.raises(ExportGateError, match="int8 mean cosine") as refused:
+        export_model(checkpoint, out, ExportOptions(int8=mode))
+    assert "nothing written" in str(refused.value)
+    assert not out.exists()
+    assert [p.name for p in out.parent.iterdir()] == ["drift.export.json"]
+    report = json.loads(report_path(out).read_text())
+    assert not report["passed"] and report["gate"]["int8"]["cosine_mean"] < onnx_export.MIN_MEAN_COSINE
+    # The same weights in float are fine: the drift is int8's doing.
+    export_model(checkpoint, out, ExportOptions(fp32=True))
+    assert Embedder(out).info.quantization == "fp32"
+
+
+def test_int8_without_calibration_data_says_what_to_pass(tmp_path):
+    spec = input_spec_for("mlp")
+    checkpoint = tmp_path / "moved.pt"
+    save_checkpoint(checkpoint, build_trunk("mlp", 128, spec), "mlp", 128, spec, data_path=str(tmp_path / "gone"))
+    with pytest.raises(DataError, match="--calib-data"):
+        export_model(checkpoint, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_cli_train_then_export_end_to_end(sim_dataset, tmp_path, capsys):
+    checkpoint, model = tmp_path / "trunk.pt", tmp_path / "model.onnx"
+    assert main(["train", "--data", str(sim_dataset), "--out", str(checkpoint), "--arch", "cnn",
+                 "--epochs", "1", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "validation pair accuracy" in out and str(checkpoint) in out
+    assert main(["export", str(checkpoint), "--out", str(model), "--calib-data", str(sim_dataset)]) == 0
+    out = capsys.readouterr().out
+    assert "verdict agreement" in out and "batch-1 latency" in out
+    embedder = Embedder(model)
+    assert embedder.info.arch == "cnn" and embedder.input_spec.layout == "nchw"
+    assert embedder.embed_images(images_of(sim_dataset, 8)).shape == (8, 128)
+
+
+def test_cli_refuses_a_drifting_model_with_a_message(sim_dataset, tmp_path, capsys):
+    checkpoint = drifting_checkpoint(tmp_path / "drift.pt", sim_dataset)
+    model = tmp_path / "model.onnx"
+    assert main(["export", str(checkpoint), "--out", str(model)]) == ExportGateError.exit_code
+    assert "export refused" in capsys.readouterr().err
+    assert not model.exists()
