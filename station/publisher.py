@@ -1,0 +1,347 @@
+"""The station's MQTT side (paho-mqtt 2.x), topics after Frigate's:
+
+    {prefix}/{station}/verdict          verdicts from the Outbox, QoS from the message, in order
+    {prefix}/{station}/status           retained: "online" / will "offline" / "stopped"
+    {prefix}/{station}/state            retained JSON, re-sent after every connect
+    {prefix}/{station}/stats            JSON, not retained, dropped while offline
+    {prefix}/{station}/command          subscribed; retained commands are never acted on
+    {prefix}/{station}/command/result   answers to commands
+
+Delivery: a drain thread sends Outbox messages in id order, at most
+`max_inflight` unacknowledged at once, and acks each in the Outbox only on its
+PUBACK. Each connection gets a fresh paho client: after a reconnect everything
+unacked is sent again from the oldest, so order holds and nothing is lost
+(a message may arrive twice, which QoS 1 allows). paho's own resend of its
+in-flight queue is not used because it races new publishes on reconnect.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import ssl
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+
+from station.backoff import Backoff
+from station.config import MqttConfig
+from station.errors import OutboxError, PublisherError
+from station.outbox import Outbox
+
+log = logging.getLogger(__name__)
+
+Reply = Callable[[dict], None]
+CommandHandler = Callable[[bytes, Reply], None]
+
+# Enough to cover a LAN round trip at line rate; also bounds the duplicates after a reconnect.
+MAX_INFLIGHT = 20
+NOT_AUTHORISED = {"Not authorized", "Bad user name or password"}
+
+
+@dataclass(frozen=True)
+class Topics:
+    verdict: str
+    status: str
+    state: str
+    stats: str
+    command: str
+    command_result: str
+
+    @classmethod
+    def for_station(cls, prefix: str, station: str) -> "Topics":
+        base = f"{prefix}/{station}"
+        return cls(f"{base}/verdict", f"{base}/status", f"{base}/state", f"{base}/stats",
+                   f"{base}/command", f"{base}/command/result")
+
+
+def read_password(config: MqttConfig, env: dict[str, str] | None = None) -> str | None:
+    """The password from password_file or the systemd credential; never from the YAML."""
+    env = os.environ if env is None else env
+    if config.password_file is not None:
+        path = config.password_file
+    elif config.password_credential is not None:
+        folder = env.get("CREDENTIALS_DIRECTORY")
+        if not folder:
+            raise PublisherError(
+                f"mqtt.password_credential {config.password_credential!r}: $CREDENTIALS_DIRECTORY is not set; "
+                f"give the service LoadCredential={config.password_credential}:/path/to/file")
+        path = Path(folder) / config.password_credential
+    else:
+        return None
+    try:
+        password = path.read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PublisherError(f"{path}: cannot read the MQTT password ({getattr(exc, 'strerror', exc)})") from None
+    if not password:
+        raise PublisherError(f"{path}: the MQTT password file is empty")
+    return password
+
+
+def tls_context(config: MqttConfig) -> ssl.SSLContext | None:
+    """Server verification against the CA (or the system's), plus the client certificate."""
+    if config.tls is None:
+        return None
+    try:
+        context = ssl.create_default_context(cafile=str(config.tls.ca) if config.tls.ca else None)
+        if config.tls.cert is not None:
+            context.load_cert_chain(str(config.tls.cert), str(config.tls.key))
+    except (OSError, ssl.SSLError) as exc:
+        raise PublisherError(f"mqtt.tls: cannot load the CA, certificate or key ({exc})") from None
+    return context
+
+
+@dataclass
+class _Connection:
+    """What the callbacks of one paho client need: which connection they belong to."""
+
+    generation: int
+    lost: threading.Event = field(default_factory=threading.Event)
+
+
+class Publisher:
+    """Connects, keeps reconnecting, drains the Outbox, answers commands."""
+
+    def __init__(self, config: MqttConfig, station: str, outbox: Outbox,
+                 on_command: CommandHandler | None = None, *, max_inflight: int = MAX_INFLIGHT,
+                 backoff: Backoff | None = None, env: dict[str, str] | None = None):
+        self.config = config
+        self.station = station
+        self.topics = Topics.for_station(config.topic_prefix, station)
+        self.outbox = outbox
+        self.on_command = on_command
+        self.max_inflight = max_inflight
+        self.backoff = backoff or Backoff(first=1.0, ceiling=60.0)
+        self._env = env
+        self._lock = threading.Lock()
+        self._client: mqtt.Client | None = None
+        self._generation = 0
+        self._connected = False
+        self._state_payload: bytes | None = None
+        self._acks: deque[tuple[int, int]] = deque()  # (generation, mid) from on_publish
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._password: str | None = None
+        self._tls: ssl.SSLContext | None = None
+
+    # -- public interface
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def start(self):
+        """Read credentials and TLS files (PublisherError if unusable), then connect in the background."""
+        self._password = read_password(self.config, self._env)
+        self._tls = tls_context(self.config)
+        for target, name in ((self._supervise, "mqtt-connect"), (self._drain, "mqtt-drain")):
+            thread = threading.Thread(target=target, name=f"{name}-{self.station}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def notify_outbox(self):
+        """New messages are in the Outbox: send them now rather than at the next poll."""
+        self._wake.set()
+
+    def publish_state(self, state: dict):
+        """Retained station state; remembered and sent again after every reconnect."""
+        self._state_payload = json.dumps(state, separators=(",", ":")).encode()
+        self._send(self.topics.state, self._state_payload, qos=1, retain=True)
+
+    def publish_stats(self, stats: dict) -> bool:
+        """Periodic stats; dropped (False) while offline, the next ones supersede them."""
+        return self._send(self.topics.stats, json.dumps(stats, separators=(",", ":")).encode(), qos=0)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until the Outbox is empty (every message acknowledged); False on timeout."""
+        deadline = time.monotonic() + timeout
+        self._wake.set()
+        while self.outbox.depth() > 0:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def stop(self, clean: bool = True, timeout: float = 5.0):
+        """Leave status "stopped" (clean) or "offline" (the daemon failed), then disconnect."""
+        self._stopping.set()
+        self._wake.set()
+        for thread in self._threads:
+            thread.join(timeout)
+        with self._lock:
+            client, connected = self._client, self._connected
+            self._connected = False
+        if client is None:
+            return
+        if connected:
+            info = client.publish(self.topics.status, "stopped" if clean else "offline", qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout=min(timeout, 2.0))
+            except (RuntimeError, ValueError):
+                pass  # the connection went away meanwhile: the will says "offline"
+        client.disconnect()
+        client.loop_stop()
+
+    # -- connection
+
+    def _new_client(self, connection: _Connection) -> mqtt.Client:
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"station-{self.station}",
+                             clean_session=True, userdata=connection, reconnect_on_failure=False)
+        client.max_inflight_messages_set(self.max_inflight)
+        client.will_set(self.topics.status, "offline", qos=1, retain=True)
+        if self.config.username is not None:
+            client.username_pw_set(self.config.username, self._password)
+        if self._tls is not None:
+            client.tls_set_context(self._tls)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        return client
+
+    def _supervise(self):
+        """One paho client per connection; exponential backoff with jitter between attempts."""
+        address = f"{self.config.host}:{self.config.port}"
+        while not self._stopping.is_set():
+            self._generation += 1
+            connection = _Connection(self._generation)
+            client = self._new_client(connection)
+            try:
+                client.connect(self.config.host, self.config.port, self.config.keepalive)
+            except (OSError, ValueError) as exc:  # refused, unreachable, DNS, TLS handshake
+                self._stopping.wait(self._retry_delay(f"MQTT broker {address} unreachable ({exc})"))
+                continue
+            with self._lock:
+                self._client = client
+            client.loop_start()
+            while not connection.lost.wait(0.2) and not self._stopping.is_set():
+                pass
+            if self._stopping.is_set():
+                return  # stop() says goodbye on this client
+            client.loop_stop()
+            with self._lock:
+                self._client, self._connected = None, False
+            self._wake.set()
+            self._stopping.wait(self._retry_delay(f"MQTT connection to {address} lost"))
+
+    def _retry_delay(self, why: str) -> float:
+        delay = self.backoff.next()
+        log.warning("%s; retrying in %.1f s", why, delay)
+        return delay
+
+    def _on_connect(self, client, connection: _Connection, flags, reason_code, properties):
+        address = f"{self.config.host}:{self.config.port}"
+        if reason_code.is_failure:
+            if str(reason_code) in NOT_AUTHORISED:
+                log.error("MQTT broker %s refused user %r: not authorised: check username/password",
+                          address, self.config.username)
+            else:
+                log.error("MQTT broker %s refused the connection: %s", address, reason_code)
+            connection.lost.set()
+            return
+        self.backoff.reset()
+        log.info("connected to MQTT broker %s as %s", address, f"station-{self.station}")
+        client.publish(self.topics.status, "online", qos=1, retain=True)
+        client.subscribe(self.topics.command, qos=1)
+        if self._state_payload is not None:
+            client.publish(self.topics.state, self._state_payload, qos=1, retain=True)
+        with self._lock:
+            self._connected = connection.generation == self._generation
+        self._wake.set()
+
+    def _on_disconnect(self, client, connection: _Connection, flags, reason_code, properties):
+        with self._lock:
+            if connection.generation == self._generation:
+                self._connected = False
+        if not self._stopping.is_set():
+            log.warning("MQTT disconnected: %s", reason_code)
+        connection.lost.set()
+
+    def _on_publish(self, client, connection: _Connection, mid, reason_code, properties):
+        self._acks.append((connection.generation, mid))
+        self._wake.set()
+
+    def _send(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> bool:
+        with self._lock:
+            client = self._client if self._connected else None
+        if client is None:
+            return False
+        return client.publish(topic, payload, qos=qos, retain=retain).rc == mqtt.MQTT_ERR_SUCCESS
+
+    # -- commands
+
+    def _on_message(self, client, connection, message: mqtt.MQTTMessage):
+        if message.topic != self.topics.command:
+            return
+        if message.retain:
+            # A retained command would run again on every reconnect and restart.
+            log.warning("ignoring a retained command on %s (commands must be sent live, not retained)",
+                        message.topic)
+            return
+        if self.on_command is None:
+            self._reply({"ok": False, "error": "this station takes no commands"})
+            return
+        try:
+            self.on_command(bytes(message.payload), self._reply)
+        except Exception as exc:  # a handler bug must not take down the network thread
+            log.exception("command handler failed")
+            self._reply({"ok": False, "error": f"command failed: {exc}"})
+
+    def _reply(self, result: dict):
+        if not self._send(self.topics.command_result, json.dumps(result, separators=(",", ":")).encode(), qos=1):
+            log.warning("command result not sent (not connected): %s", result)
+
+    # -- outbox drain
+
+    def _drain(self):
+        inflight: dict[int, int] = {}  # mid -> outbox id, for the current connection only
+        generation, cursor = None, 0
+        while not self._stopping.is_set():
+            self._wake.wait(1.0)
+            self._wake.clear()
+            try:
+                self._apply_acks(inflight, generation)
+                with self._lock:
+                    client, connected, current = self._client, self._connected, self._generation
+                if current != generation:  # a new connection: resend everything unacked, oldest first
+                    inflight.clear()
+                    generation, cursor = current, 0
+                if connected and client is not None:
+                    cursor = self._fill(client, inflight, cursor)
+            except OutboxError as exc:
+                log.error("%s", exc)
+                self._stopping.wait(1.0)
+
+    def _apply_acks(self, inflight: dict[int, int], generation: int | None):
+        ids = []
+        while self._acks:
+            acked_generation, mid = self._acks.popleft()
+            if acked_generation == generation and mid in inflight:
+                ids.append(inflight.pop(mid))
+        if ids:
+            self.outbox.ack(*ids)
+
+    def _fill(self, client: mqtt.Client, inflight: dict[int, int], cursor: int) -> int:
+        room = self.max_inflight - len(inflight)
+        if room <= 0:
+            return cursor
+        for message in self.outbox.pending(room, after_id=cursor):
+            try:
+                info = client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
+            except ValueError as exc:  # a topic or payload no broker accepts: it would block the queue forever
+                log.error("dropping undeliverable outbox message %d on %r: %s", message.id, message.topic, exc)
+                self.outbox.ack(message.id)
+                cursor = message.id
+                continue
+            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                log.warning("outbox message %d not sent (%s); will retry", message.id, mqtt.error_string(info.rc))
+                break
+            inflight[info.mid] = message.id
+            cursor = message.id
+        return cursor
