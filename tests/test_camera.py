@@ -1,0 +1,165 @@
+import logging
+import shutil
+import threading
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from station.backoff import Backoff
+from station.camera import CaptureSource, FolderSource, LatestFrame, SimSource, open_source
+from station.simulate import FRAME_HEIGHT, FRAME_WIDTH, render_frame, render_part, write_video
+
+
+def take(source, n: int, timeout: float = 10.0):
+    frames = []
+    deadline = time.monotonic() + timeout
+    for frame in source:
+        frames.append(frame)
+        if len(frames) == n or time.monotonic() > deadline:
+            break
+    return frames
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "images"
+    (root / "b").mkdir(parents=True)
+    for name, value in (("a1.png", 10), ("b/c2.png", 20), ("z3.png", 30)):
+        cv2.imwrite(str(root / name), np.full((8, 8), value, np.uint8))
+    return root
+
+
+def test_folder_source_is_sorted_recursive_and_ends(folder):
+    source = open_source(str(folder))
+    assert isinstance(source, FolderSource)
+    frames = list(source)
+    assert [f.source for f in frames] == ["a1.png", "b/c2.png", "z3.png"]
+    assert [int(f.image[0, 0]) for f in frames] == [10, 20, 30]
+    assert [f.frame_no for f in frames] == [0, 1, 2]
+    assert source.state == "ended"
+
+
+def test_folder_source_loops(folder):
+    frames = take(open_source(str(folder), loop=True), 7)
+    assert [f.source for f in frames] == ["a1.png", "b/c2.png", "z3.png"] * 2 + ["a1.png"]
+    assert [f.frame_no for f in frames] == list(range(7))
+
+
+def test_unreadable_image_is_named_and_skipped(folder, caplog):
+    (folder / "b" / "broken.png").write_bytes(b"not a png")
+    with caplog.at_level(logging.WARNING, logger="station.camera"):
+        source = open_source(folder)
+        frames = list(source)
+    assert [f.source for f in frames] == ["a1.png", "b/c2.png", "z3.png"]
+    assert source.skipped == 1
+    assert any("broken.png" in r.getMessage() for r in caplog.records)
+
+
+def test_sim_source_renders_the_simulated_line():
+    source = open_source("sim://?seed=5&count=4")
+    assert isinstance(source, SimSource)
+    frames = list(source)
+    assert len(frames) == 4 and source.state == "ended"
+    assert frames[0].image.shape == (FRAME_HEIGHT, FRAME_WIDTH, 3)
+    assert np.array_equal(frames[2].image, render_frame(render_part(5, 2), 5))
+    assert [f.source for f in frames] == [f"sim:5:{i}" for i in range(4)]
+    assert len(take(open_source("sim://?seed=1"), 30)) == 30  # endless without count
+
+
+def test_fps_cap_holds_the_rate():
+    started = time.monotonic()
+    frames = list(open_source("sim://?count=11", fps=25))
+    elapsed = time.monotonic() - started
+    assert len(frames) == 11
+    assert 0.38 <= elapsed < 1.5  # 10 intervals of 40 ms
+    gaps = np.diff([f.grabbed_at for f in frames])
+    assert gaps.min() >= 0.035
+
+
+@pytest.fixture
+def video(tmp_path):
+    path = tmp_path / "line.avi"
+    write_video(path, tmp_path / "line.csv", count=12, seed=7)
+    return path
+
+
+def test_video_file_frames_are_numbered_and_end(video):
+    source = open_source(str(video))
+    assert isinstance(source, CaptureSource)
+    frames = list(source)
+    assert [f.source for f in frames] == [str(i) for i in range(12)]
+    assert frames[0].image.shape == (FRAME_HEIGHT, FRAME_WIDTH, 3)
+    # MJPG is lossy: compare with the rendered frame loosely.
+    expected = render_frame(render_part(7, 3), 7).astype(np.int16)
+    assert np.abs(frames[3].image.astype(np.int16) - expected).mean() < 6
+    assert source.state == "ended" and source.reconnects == 0
+
+
+def test_video_file_loops(video):
+    frames = take(open_source(str(video), loop=True), 30)
+    assert [f.source for f in frames] == [str(i % 12) for i in range(30)]
+
+
+def test_removed_video_reconnects_when_restored(video, tmp_path):
+    source = CaptureSource(str(video), "file", loop=True, fps=100, backoff=Backoff(first=0.05, ceiling=0.1))
+    frames, states = [], []
+    reader = threading.Thread(target=lambda: [frames.append(f) for f in source], daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 5
+        while len(frames) < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert source.state == "ok" and len(frames) >= 5
+        moved = tmp_path / "away.avi"
+        shutil.move(video, moved)
+        deadline = time.monotonic() + 5
+        while source.state != "reconnecting" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        states.append(source.state)
+        count_while_gone = len(frames)
+        time.sleep(0.3)
+        assert len(frames) == count_while_gone  # nothing delivered while the file is gone
+        shutil.move(moved, video)
+        deadline = time.monotonic() + 5
+        while not (source.state == "ok" and len(frames) > count_while_gone) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        states.append(source.state)
+    finally:
+        source.close()
+        reader.join(5)
+    assert states == ["reconnecting", "ok"]
+    assert source.reconnects == 1
+    assert not reader.is_alive() and source.state == "ended"
+
+
+def test_missing_video_keeps_retrying_without_crashing(tmp_path):
+    source = CaptureSource(str(tmp_path / "absent.avi"), "file", backoff=Backoff(first=0.05, ceiling=0.1))
+    latest = LatestFrame(source)
+    try:
+        assert latest.get(timeout=0.5) is None
+        assert source.state == "reconnecting" and not latest.ended
+    finally:
+        latest.close()
+    assert latest.ended
+
+
+def test_latest_frame_returns_only_fresh_frames():
+    latest = LatestFrame(open_source("sim://?seed=2&count=40", fps=100))
+    try:
+        first = latest.get(timeout=2)
+        time.sleep(0.1)  # frames arrive meanwhile; only the newest is kept
+        second = latest.get(timeout=2)
+        assert second.frame_no > first.frame_no + 1
+        while latest.get(timeout=2) is not None:
+            pass
+        assert latest.ended
+    finally:
+        latest.close()
+
+
+def test_url_credentials_are_not_in_the_description():
+    source = open_source("rtsp://admin:pa55@10.1.2.3/stream1")
+    assert source.description == "rtsp://10.1.2.3/stream1"
+    assert open_source(0).description == "0" and open_source("/dev/video3").kind == "device"
