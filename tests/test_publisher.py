@@ -336,3 +336,47 @@ def test_unreachable_broker_backs_off_without_spinning(outbox, caplog):
     # Delays 0.1-0.2, 0.2-0.4, then 0.2-0.4 each: between 3 and 9 attempts in 1.5 s, never hundreds.
     assert 3 <= len(attempts) <= 9, len(attempts)
     assert not publisher.connected
+
+
+def make_certificates(folder):
+    """A CA, a server certificate for 127.0.0.1 and a client certificate (EC keys: fast)."""
+    def run(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
+
+    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
+        "-subj", "/CN=test-ca", "-keyout", "ca.key", "-out", "ca.pem")
+    for name, extra in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
+        run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-subj", f"/CN={name}",
+            "-keyout", f"{name}.key", "-out", f"{name}.csr")
+        (folder / f"{name}.ext").write_text(extra + "\n")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem")
+    for path in folder.iterdir():
+        path.chmod(0o644)
+
+
+def test_tls_with_ca_and_client_certificate(new_broker, tmp_path, outbox):
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    make_certificates(tls)
+    broker = new_broker(f"cafile {tls}/ca.pem\ncertfile {tls}/server.pem\nkeyfile {tls}/server.key\n"
+                        f"require_certificate true\nuser root\n")
+    with_cert = mqtt_config(broker, tls={"ca": tls / "ca.pem", "cert": tls / "client.pem", "key": tls / "client.key"})
+    publisher = Publisher(with_cert, station_id(), outbox, backoff=Backoff(**FAST))
+    put_verdicts(outbox, publisher.topics.verdict, range(3))
+    publisher.start()
+    try:
+        wait_for(lambda: publisher.connected, timeout=5, what="a TLS connection")
+        assert publisher.flush(5)
+    finally:
+        publisher.stop()
+    without_cert = mqtt_config(broker, tls={"ca": tls / "ca.pem"})
+    refused = Publisher(without_cert, station_id(), outbox, backoff=Backoff(**FAST))
+    refused.start()
+    try:
+        time.sleep(0.8)
+        assert not refused.connected  # the broker requires a client certificate
+    finally:
+        refused.stop()
+    with pytest.raises(PublisherError, match="mqtt.tls"):
+        Publisher(mqtt_config(broker, tls={"ca": tls / "absent.pem"}), station_id(), outbox).start()
