@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 # ---- defaults in one place (tune on real data, never on a test split) ----
 DEFAULT_ARCH = "cnn"
 DEFAULT_LOSS = "contrastive"
-DEFAULT_EPOCHS = 30
+# The mlp needs more (cheaper) epochs: val pair accuracy on 1,000 simulated
+# parts was 0.855 after 30, 0.982 after 100; the cnn reached 0.9985 after 30.
+DEFAULT_EPOCHS = {"mlp": 100, "cnn": 30}
 DEFAULT_SEED = 0
 DEFAULT_EMBEDDING_DIM = 128
 BATCH_SIZE = 64
@@ -51,12 +53,16 @@ LOSSES = ("contrastive", "triplet")
 class TrainConfig:
     arch: str = DEFAULT_ARCH
     loss: str = DEFAULT_LOSS
-    epochs: int = DEFAULT_EPOCHS
+    epochs: int | None = None  # None: DEFAULT_EPOCHS of the arch
     seed: int = DEFAULT_SEED
     embedding_dim: int = DEFAULT_EMBEDDING_DIM
     allow_flips: bool = False
     batch_size: int = BATCH_SIZE
     learning_rate: float = LEARNING_RATE
+
+    def __post_init__(self):
+        if self.epochs is None:
+            object.__setattr__(self, "epochs", DEFAULT_EPOCHS.get(self.arch, 1))
 
     def check(self):
         if self.loss not in LOSSES:

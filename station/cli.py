@@ -111,7 +111,7 @@ def _train(args) -> int:
 
     config = train.TrainConfig(
         arch=args.arch or train.DEFAULT_ARCH, loss=args.loss or train.DEFAULT_LOSS,
-        epochs=args.epochs if args.epochs is not None else train.DEFAULT_EPOCHS,
+        epochs=args.epochs,
         seed=args.seed if args.seed is not None else train.DEFAULT_SEED,
         embedding_dim=args.embedding_dim or train.DEFAULT_EMBEDDING_DIM, allow_flips=args.allow_flips,
     )
@@ -130,8 +130,8 @@ def _export(args) -> int:
     from export import onnx_export
 
     options = onnx_export.ExportOptions(
-        fp32=args.fp32, int8=args.int8 or onnx_export.DEFAULT_INT8,
-        calib_data=args.calib_data, reduce_range=args.reduce_range,
+        fp32=args.fp32, int8=args.int8 or onnx_export.DEFAULT_INT8, calib_data=args.calib_data,
+        reduce_range=onnx_export.DEFAULT_REDUCE_RANGE if args.reduce_range is None else args.reduce_range,
     )
     report = onnx_export.export_model(args.checkpoint, args.out, options)
     for line in onnx_export.summary_lines(report):
@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--fp32", action="store_true", help="keep the float model (no int8 quantization)")
     ex.add_argument("--int8", choices=("dynamic", "static"), help="int8 quantization (default: DEFAULT_INT8 in export/onnx_export.py)")
     ex.add_argument("--calib-data", type=Path, help="image folder for calibration and the gate (default: the training data)")
-    ex.add_argument("--reduce-range", action="store_true", help="7-bit weights, for CPUs without VNNI that saturate")
+    ex.add_argument("--reduce-range", action=argparse.BooleanOptionalAction,
+                    help="7-bit int8 weights: needed on x86 CPUs without VNNI, whose int8 kernels saturate (default on)")
     ex.set_defaults(handler=_export)
     chk = commands.add_parser("check", help="validate a station configuration, its model and reference sets")
     chk.add_argument("-c", "--config", type=Path, required=True, help="station.yaml")
