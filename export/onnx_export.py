@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -23,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from onnxruntime import quantization as q
+from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from station import __version__
 from station.embedder import INPUT_NAME, OUTPUT_NAME, Embedder, session_options
@@ -118,7 +121,7 @@ def export_fp32(model: torch.nn.Module, spec: InputSpec, path: Path):
         )
 
 
-class _GoodCropReader:
+class _GoodCropReader(q.CalibrationDataReader):
     """Feeds good crops to quantize_static's MinMax calibration."""
 
     def __init__(self, batch: np.ndarray):
@@ -128,17 +131,21 @@ class _GoodCropReader:
         batch = next(self._batches, None)
         return None if batch is None else {INPUT_NAME: batch}
 
-    def rewind(self):  # part of the CalibrationDataReader protocol; one pass is enough
-        pass
 
 
 def quantize(fp32_path: Path, int8_path: Path, mode: str, calib_batch: np.ndarray | None, reduce_range: bool):
-    from onnxruntime import quantization as q
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     prepared = fp32_path.with_name("prepared.onnx")
-    # Shape inference and graph fusions first, as onnxruntime recommends.
-    quant_pre_process(str(fp32_path), str(prepared))
+    # onnxruntime's quantizers log every tensor at INFO on the root logger.
+    logging.disable(logging.INFO)
+    try:
+        # Shape inference and graph fusions first, as onnxruntime recommends.
+        quant_pre_process(str(fp32_path), str(prepared))
+        _run_quantizer(prepared, int8_path, mode, calib_batch, reduce_range)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _run_quantizer(prepared: Path, int8_path: Path, mode: str, calib_batch, reduce_range: bool):
     if mode == "dynamic":
         # Only the matrix products: dynamic ConvInteger ran 6x slower than
         # float Conv here, and the linear layers hold most of the weights.
@@ -147,7 +154,6 @@ def quantize(fp32_path: Path, int8_path: Path, mode: str, calib_batch: np.ndarra
             per_channel=PER_CHANNEL, weight_type=q.QuantType.QInt8, reduce_range=reduce_range,
         )
     else:
-        q.CalibrationDataReader.register(_GoodCropReader)
         q.quantize_static(
             str(prepared), str(int8_path), _GoodCropReader(calib_batch), quant_format=q.QuantFormat.QDQ,
             per_channel=PER_CHANNEL, activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,
@@ -322,7 +328,7 @@ def export_model(checkpoint: Path, out: Path, options: ExportOptions = ExportOpt
         if failures:
             raise ExportGateError(
                 f"{checkpoint}: export refused, nothing written to {out}: " + "; ".join(failures)
-                + f" (figures in {report_file}; try --reduce-range, the other --int8 mode, or --fp32)"
+                + f" (figures in {report_file}; try the other --int8 mode, or --fp32)"
             )
         os.replace(final_path, out)
         return report
