@@ -337,3 +337,83 @@ class LatestFrame:
     def close(self, timeout: float = 3.0):
         self.source.close()
         self._thread.join(timeout)
+
+
+class FrameFeed:
+    """For continuous mode: a capture thread hands frames to the processing loop.
+
+    The loop waits at most `timeout` per call, so commands, stats and the
+    watchdog keep running while a camera is away. Finite sources (files,
+    folders, sim with a count) are lossless: capture waits for the loop. Live
+    cameras are not: when the loop falls behind, the oldest frame is dropped
+    and counted, so a verdict is never about a stale part.
+    """
+
+    def __init__(self, source: FrameSource, lossless: bool, depth: int = 256):
+        self.source = source
+        self.lossless = lossless
+        self.dropped = 0
+        self.captured = 0
+        self._queue: queue.Queue = queue.Queue(maxsize=depth if lossless else 4)
+        self._ended = threading.Event()
+        self._thread = threading.Thread(target=self._capture, daemon=True, name="frame-feed")
+        self._thread.start()
+
+    def _capture(self):
+        try:
+            for frame in self.source:
+                self.captured += 1
+                self._put(frame)
+        except Exception:  # a source bug ends the feed; the daemon reports it, never hangs
+            log.exception("frame source %s failed", self.source.description)
+        finally:
+            self._ended.set()
+
+    def _put(self, frame: Frame):
+        while not self.source.closed:
+            try:
+                self._queue.put(frame, timeout=0.2)
+                return
+            except queue.Full:
+                if not self.lossless:
+                    try:
+                        self._queue.get_nowait()
+                        self.dropped += 1
+                    except queue.Empty:
+                        pass
+
+    def get_batch(self, max_frames: int, timeout: float) -> list[Frame]:
+        """Wait up to `timeout` for a frame, then take whatever else is ready (up to max_frames)."""
+        try:
+            batch = [self._queue.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while len(batch) < max_frames:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    @property
+    def ended(self) -> bool:
+        """The source is exhausted and every frame was taken."""
+        return self._ended.is_set() and self._queue.empty()
+
+    def close(self, timeout: float = 3.0):
+        self.source.close()
+        self._thread.join(timeout)
+
+
+def is_finite(source: FrameSource) -> bool:
+    """Files, folders and counted sim sources end; cameras and streams do not."""
+    if isinstance(source, FolderSource):
+        return not source.loop
+    if isinstance(source, SimSource):
+        return source.count is not None and not source.loop
+    return isinstance(source, CaptureSource) and source.kind == "file" and not source.loop
+
+
+def is_lossless(source: FrameSource) -> bool:
+    """Every frame matters (stored media); live cameras only need the freshest."""
+    return not (isinstance(source, CaptureSource) and source.kind in ("device", "url"))

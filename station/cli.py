@@ -154,6 +154,12 @@ def _check(args) -> int:
     return 0
 
 
+def _run(args) -> int:
+    from station.daemon import Daemon
+
+    return Daemon(args.config).run()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="station",
@@ -217,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     chk = commands.add_parser("check", help="validate a station configuration, its model and reference sets")
     chk.add_argument("-c", "--config", type=Path, required=True, help="station.yaml")
     chk.set_defaults(handler=_check)
+    run = commands.add_parser("run", help="run the station: camera -> verdicts over MQTT (the systemd service)")
+    run.add_argument("-c", "--config", type=Path, required=True, help="station.yaml")
+    run.set_defaults(handler=_run)
     return parser
 
 

@@ -13,17 +13,10 @@ class StationStats:
     def __init__(self, latency_window: int = 2048, clock=time.monotonic):
         self._clock = clock
         self._latencies = deque(maxlen=latency_window)
-        self.captured = self.processed = self.dropped = 0
+        self.processed = 0
         self.ok = self.ng = 0
-        self.camera_reconnects = 0
         self._last_report = clock()
         self._last_counts = (0, 0, 0)
-
-    def frame_captured(self, n: int = 1):
-        self.captured += n
-
-    def frame_dropped(self, n: int = 1):
-        self.dropped += n
 
     def part_judged(self, verdict: str, latency_ms: float):
         self.processed += 1
@@ -33,11 +26,14 @@ class StationStats:
             self.ng += 1
         self._latencies.append(latency_ms)
 
-    def report(self, outbox_depth: int, camera_state: str) -> dict:
-        """The stats message; rates are over the time since the previous report."""
+    def report(self, captured: int, dropped: int, outbox_depth: int, camera_state: str, camera_reconnects: int) -> dict:
+        """The stats message; rates are over the time since the previous report.
+
+        Capture counts come from the camera side, which the loop does not own.
+        """
         now = self._clock()
         elapsed = max(now - self._last_report, 1e-9)
-        counts = (self.captured, self.processed, self.dropped)
+        counts = (captured, self.processed, dropped)
         rates = [(c - p) / elapsed for c, p in zip(counts, self._last_counts)]
         self._last_report, self._last_counts = now, counts
         latencies = np.fromiter(self._latencies, float) if self._latencies else None
@@ -46,15 +42,15 @@ class StationStats:
             "fps_captured": round(rates[0], 2),
             "fps_processed": round(rates[1], 2),
             "fps_dropped": round(rates[2], 2),
-            "captured": self.captured,
+            "captured": captured,
             "processed": self.processed,
-            "dropped": self.dropped,
+            "dropped": dropped,
             "ok": self.ok,
             "ng": self.ng,
             "yield": round(self.ok / judged, 5) if judged else None,
             "latency_ms_p50": None if latencies is None else round(float(np.percentile(latencies, 50)), 3),
             "latency_ms_p99": None if latencies is None else round(float(np.percentile(latencies, 99)), 3),
             "camera_state": camera_state,
-            "camera_reconnects": self.camera_reconnects,
+            "camera_reconnects": camera_reconnects,
             "outbox_depth": outbox_depth,
         }

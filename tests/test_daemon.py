@@ -1,0 +1,239 @@
+"""The station daemon as a real process against a real mosquitto, with real signals."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from calibration import workflow
+from station.embedder import Embedder
+from tests.conftest import Broker
+from tests.mqtt_helpers import Recorder
+from tests.onnx_models import projection_model
+
+SCHEMAS = Path(__file__).parent.parent / "station" / "schemas"
+
+
+def schema(name):
+    return json.loads((SCHEMAS / f"{name}.schema.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def station_files(tmp_path_factory, sim_dataset):
+    """A model and two products' reference sets (A and B) for it."""
+    root = tmp_path_factory.mktemp("files")
+    model = projection_model(root / "model.onnx", embedding_dim=32)
+    embedder = Embedder(model)
+    for product, metric in (("A", "mahalanobis"), ("B", "minkowski")):
+        workflow.calibrate_folders(embedder, sim_dataset / "good", [], root / "refs" / product, product, metric=metric)
+    return root
+
+
+def write_config(folder: Path, files: Path, broker: Broker, camera: str, **extra) -> Path:
+    lines = {
+        "station": "st1",
+        "camera": camera,
+        "model": str(files / "model.onnx"),
+        "products": f"{{A: {files / 'refs' / 'A'}, B: {files / 'refs' / 'B'}}}",
+        "product": "A",
+        "state_dir": str(folder / "state"),
+        "mqtt": f"{{host: 127.0.0.1, port: {broker.port}, topic_prefix: plant}}",
+        "stats_interval": "0.5",
+        **extra,
+    }
+    path = folder / "station.yaml"
+    path.write_text("".join(f"{key}: {value}\n" for key, value in lines.items()))
+    return path
+
+
+class NotifySocket:
+    """What systemd would receive: a unix datagram socket for sd_notify."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.05)
+        self.received: list[str] = []
+
+    def drain(self) -> list[str]:
+        while True:
+            try:
+                self.received.extend(self.sock.recv(4096).decode().splitlines())
+            except (socket.timeout, BlockingIOError):
+                return self.received
+
+
+def start_station(config: Path, notify: NotifySocket | None = None, watchdog_usec: int | None = None):
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+    if notify is not None:
+        env["NOTIFY_SOCKET"] = str(notify.path)
+    if watchdog_usec:
+        env["WATCHDOG_USEC"] = str(watchdog_usec)
+    return subprocess.Popen([sys.executable, "-m", "station", "run", "-c", str(config)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process, timeout=30):
+    output, _ = process.communicate(timeout=timeout)
+    return process.returncode, output
+
+
+@pytest.fixture
+def broker(tmp_path):
+    folder = tmp_path / "broker"
+    folder.mkdir()
+    broker = Broker(folder)
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+def test_a_folder_of_parts_gives_one_verdict_each_then_stopped(tmp_path, station_files, sim_dataset, broker):
+    recorder = Recorder(broker.host, broker.port, "plant/#")
+    notify = NotifySocket(tmp_path / "notify.sock")
+    config = write_config(tmp_path, station_files, broker, f"{{source: {sim_dataset}}}")
+    code, output = finish(start_station(config, notify, watchdog_usec=2_000_000))
+    assert code == 0, output
+    n_images = sum(1 for p in sim_dataset.rglob("*.png"))
+    recorder.wait_for(lambda: len(recorder.on("/verdict")) >= n_images, what="all verdicts")
+    verdicts = recorder.json_on("/verdict")
+    assert len(verdicts) == n_images
+    assert [v["seq"] for v in verdicts] == list(range(1, n_images + 1))  # in order, no gaps
+    verdict_schema = schema("verdict")
+    for verdict in verdicts:
+        jsonschema.validate(verdict, verdict_schema)
+    assert sorted(v["source"] for v in verdicts) == sorted(str(p.relative_to(sim_dataset)) for p in sim_dataset.rglob("*.png"))
+    assert {v["product"] for v in verdicts} == {"A"} and {v["metric"] for v in verdicts} == {"mahalanobis"}
+    assert len({v["id"] for v in verdicts}) == n_images
+    recorder.wait_for(lambda: recorder.on("/status") and recorder.on("/status")[-1].payload == b"stopped", what="stopped")
+    state = recorder.json_on("/state")[-1]
+    jsonschema.validate(state, schema("state"))
+    for stats in recorder.json_on("/stats"):
+        jsonschema.validate(stats, schema("stats"))
+    assert recorder.json_on("/stats")[-1]["processed"] == n_images
+    messages = notify.drain()
+    assert "READY=1" in messages and "STOPPING=1" in messages and "WATCHDOG=1" in messages
+    assert any(m.startswith("STATUS=product A") for m in messages)
+    recorder.close()
+
+    # A restart continues the seq where the last run stopped, never reusing one.
+    recorder = Recorder(broker.host, broker.port, "plant/+/verdict")
+    code, output = finish(start_station(config))
+    assert code == 0, output
+    recorder.wait_for(lambda: len(recorder.on("/verdict")) >= n_images, what="second run")
+    assert [v["seq"] for v in recorder.json_on("/verdict")] == list(range(n_images + 1, 2 * n_images + 1))
+    recorder.close()
+
+
+def test_the_broker_killed_mid_run_still_yields_every_verdict_in_order(tmp_path, station_files, broker):
+    count = 1500
+    recorder = Recorder(broker.host, broker.port, "plant/+/verdict")
+    config = write_config(tmp_path, station_files, broker, f'{{source: "sim://?seed=3&count={count}", fps: 400}}')
+    process = start_station(config)
+    recorder.wait_for(lambda: len(recorder.on("/verdict")) > 100, what="first verdicts")
+    broker.stop()  # SIGTERM; the station keeps judging into its outbox
+    time.sleep(1.5)
+    broker.start()
+    code, output = finish(process, timeout=60)
+    assert code == 0, output
+    recorder.wait_for(lambda: {v["seq"] for v in recorder.json_on("/verdict")} >= set(range(1, count + 1)),
+                      timeout=30, what="every seq")
+    seqs = [v["seq"] for v in recorder.json_on("/verdict")]
+    assert set(seqs) == set(range(1, count + 1))  # QoS 1: duplicates are allowed, losses are not
+    first_seen = sorted(set(seqs), key=seqs.index)
+    assert first_seen == sorted(first_seen)  # order kept
+    recorder.close()
+
+
+def test_commands_are_answered_and_a_malformed_one_changes_nothing(tmp_path, station_files, broker):
+    recorder = Recorder(broker.host, broker.port, "plant/#")
+    config = write_config(tmp_path, station_files, broker, '{source: "sim://?seed=5", fps: 50}')
+    command_topic = "plant/st1/command"
+    # A retained command waits on the broker and reaches the station when it subscribes: never act on it.
+    recorder.publish(command_topic, json.dumps({"id": "r1", "cmd": "pause"}), retain=True)
+    process = start_station(config)
+    try:
+        recorder.wait_for(lambda: len(recorder.on("/verdict")) > 5, what="first verdicts")
+        assert recorder.json_on("/state")[-1]["paused"] is False
+        assert not any(a["id"] == "r1" for a in recorder.json_on("/command/result"))
+        recorder.publish(command_topic, b"", retain=True)  # clear it
+        garbage = [b"\xff\xfe", b"[]", b"{}", b'{"id": 5, "cmd": "pause"}', b'{"id": "x1", "cmd": "explode"}',
+                   b'{"id": "x2", "cmd": "product"}', b'{"id": "x3", "cmd": "product", "product": "../etc"}',
+                   b'{"id": "x4", "cmd": "trigger", "part_id": "p1"}', b"{" * 5000, b"x" * 100_000]
+        for payload in garbage:
+            recorder.publish(command_topic, payload)
+        recorder.wait_for(lambda: len(recorder.on("/command/result")) >= len(garbage), what="an answer each")
+        answers = recorder.json_on("/command/result")
+        assert all(a["ok"] is False and a["error"] for a in answers)
+        assert {a["id"] for a in answers} >= {"x1", "x2", "x3", "x4"}
+        assert "unknown product '../etc'" in next(a["error"] for a in answers if a["id"] == "x3")
+        assert recorder.json_on("/state")[-1]["product"] == "A"
+
+        recorder.publish(command_topic, json.dumps({"id": "c1", "cmd": "product", "product": "B"}))
+        recorder.wait_for(lambda: any(a["id"] == "c1" for a in recorder.json_on("/command/result")), what="c1")
+        assert next(a for a in recorder.json_on("/command/result") if a["id"] == "c1")["ok"] is True
+        recorder.wait_for(lambda: recorder.json_on("/state")[-1]["product"] == "B", what="state B")
+        seq_after_changeover = max(v["seq"] for v in recorder.json_on("/verdict"))
+        recorder.wait_for(lambda: any(v["product"] == "B" and v["seq"] > seq_after_changeover
+                                      for v in recorder.json_on("/verdict")), what="verdicts for B")
+        assert recorder.json_on("/verdict")[-1]["metric"] == "minkowski"
+
+        recorder.publish(command_topic, json.dumps({"id": "p1", "cmd": "pause"}))
+        recorder.wait_for(lambda: recorder.json_on("/state")[-1]["paused"] is True, what="paused")
+        time.sleep(0.3)
+        paused_count = len(recorder.on("/verdict"))
+        time.sleep(0.6)
+        assert len(recorder.on("/verdict")) == paused_count
+        recorder.publish(command_topic, json.dumps({"id": "p2", "cmd": "resume"}))
+        recorder.wait_for(lambda: len(recorder.on("/verdict")) > paused_count + 5, what="verdicts after resume")
+    finally:
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        code, output = finish(process, timeout=10)
+    assert code == 0, output
+    assert time.monotonic() - started < 5
+    recorder.wait_for(lambda: recorder.on("/status")[-1].payload == b"stopped", what="stopped")
+    recorder.close()
+
+
+def test_a_corrupt_reference_on_reload_is_refused_and_the_old_one_keeps_running(tmp_path, station_files, broker):
+    import shutil
+
+    files = tmp_path / "files"
+    shutil.copytree(station_files, files)
+    recorder = Recorder(broker.host, broker.port, "plant/#")
+    notify = NotifySocket(tmp_path / "notify.sock")
+    config = write_config(tmp_path, files, broker, '{source: "sim://?seed=6", fps: 100}')
+    process = start_station(config, notify)
+    try:
+        recorder.wait_for(lambda: recorder.on("/verdict"), what="first verdict")
+        arrays = files / "refs" / "A" / "v0001" / "arrays.npz"
+        arrays.write_bytes(arrays.read_bytes()[:-40])
+        for _ in range(20):  # a storm of SIGHUPs
+            process.send_signal(signal.SIGHUP)
+        recorder.publish("plant/st1/command", json.dumps({"id": "r1", "cmd": "reload"}))
+        recorder.wait_for(lambda: any(a["id"] == "r1" for a in recorder.json_on("/command/result")), what="r1")
+        answer = next(a for a in recorder.json_on("/command/result") if a["id"] == "r1")
+        assert answer["ok"] is False and "checksum mismatch" in answer["error"]
+        before = len(recorder.on("/verdict"))
+        recorder.wait_for(lambda: len(recorder.on("/verdict")) > before + 20, what="still judging")
+        assert recorder.json_on("/verdict")[-1]["reference"] == 1
+        messages = notify.drain()
+        assert "RELOADING=1" in messages and messages.count("READY=1") >= 2
+        assert any("refused" in m for m in messages if m.startswith("STATUS="))
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code, output = finish(process, timeout=10)
+    assert code == 0, output
+    assert "reload refused" in output or "command refused" in output
+    recorder.close()
