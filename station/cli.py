@@ -39,7 +39,19 @@ def _load_embedder(model_path: Path, threads: int = 1):
 
 def _calibrate(args) -> int:
     from calibration import reference_set, workflow
+    from station.errors import ConfigError
 
+    if args.config is not None:
+        folder_mode = [flag for flag, value in (("--model", args.model), ("--good", args.good),
+                                                ("--defects", args.defects), ("--out", args.out)) if value]
+        if folder_mode:
+            raise ConfigError(f"-c/--config calibrates from the configured camera; {', '.join(folder_mode)} "
+                              "belong to the folder mode (--model, --good, --out): use one or the other")
+        return _calibrate_camera(args)
+    if args.count is not None or args.min_change is not None:
+        raise ConfigError("--count and --min-change need -c/--config (calibration from the camera)")
+    if args.out is None:
+        raise ConfigError("calibrate needs --out (folder mode) or -c/--config (camera mode)")
     if args.rollback is not None:
         version = reference_set.rollback(args.out, args.rollback or None)
         print(f"{args.out}: v{version:04d} is current again")
@@ -52,7 +64,33 @@ def _calibrate(args) -> int:
         embedder, args.good, args.defects, args.out, product, metric=args.metric,
         target_false_reject=args.target_false_reject, min_good=args.min_good, progress=sys.stderr.isatty(),
     )
-    for warning in calibration.warnings:
+    _print_calibration(saved, calibration, calibration.warnings)
+    return 0
+
+
+def _calibrate_camera(args) -> int:
+    from calibration import live, reference_set
+    from station.config import load_config
+
+    config = load_config(args.config)
+    if args.rollback is not None:
+        product, root = live.product_reference(config, args.product)
+        version = reference_set.rollback(root, args.rollback or None)
+        print(f"{root}: product {product}, v{version:04d} is current again")
+        return 0
+    result = live.calibrate_from_camera(
+        config, args.product, count=100 if args.count is None else args.count, min_good=args.min_good,
+        min_change=live.DEFAULT_MIN_CHANGE if args.min_change is None else args.min_change,
+        metric=args.metric, target_false_reject=args.target_false_reject, progress=sys.stderr.isatty(),
+    )
+    grabbed = result.grabbed
+    print(f"{len(grabbed)} distinct parts from {grabbed.frames_seen} frames ({grabbed.skipped} unchanged skipped)")
+    _print_calibration(result.saved, result.calibration, result.warnings)
+    return 0
+
+
+def _print_calibration(saved, calibration, warnings) -> None:
+    for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"{saved.path}: product {saved.product}, {saved.n_good} good parts, metric {saved.metric}, "
           f"threshold {saved.threshold:.6g}")
@@ -61,7 +99,6 @@ def _calibrate(args) -> int:
         if metric_fit.auroc is not None:
             line += f"  AUROC {metric_fit.auroc:.4f}  escape rate {metric_fit.escape_rate:.3%}"
         print(line + ("   <- chosen" if name == saved.metric else ""))
-    return 0
 
 
 def _evaluate(args) -> int:
@@ -158,6 +195,21 @@ def _run(args) -> int:
     from station.daemon import Daemon
 
     return Daemon(args.config).run()
+
+
+def _bench(args) -> int:
+    from station import bench
+
+    if not args.model:
+        raise StationError("bench needs --model (repeat it to compare int8 with fp32)")
+    broker = None
+    if args.broker:
+        host, _, port = args.broker.rpartition(":")
+        broker = (host or "127.0.0.1", int(port))
+    progress = (lambda text: print(text, file=sys.stderr))
+    figures = bench.run_bench(args.model, args.reference, args.parts, broker, progress=progress)
+    print(bench.to_json(figures) if args.json else bench.format_table(figures))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,296 @@
+"""`station bench`: what the station costs per verdict, stage by stage, and end to end.
+
+Figures, not pass/fail: speed and memory goals are checked by reading these,
+never by timed tests. Every figure comes from the same code the daemon runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+STAGE_RUNS = 2000
+
+
+def _percentiles(samples_ns) -> dict:
+    micros = np.asarray(samples_ns, dtype=np.float64) / 1000.0
+    return {"p50_us": round(float(np.percentile(micros, 50)), 2), "p99_us": round(float(np.percentile(micros, 99)), 2)}
+
+
+def time_calls(function, arguments: list, warmup: int = 50) -> dict:
+    """p50/p99 of function(argument) over the arguments, in microseconds."""
+    for argument in arguments[:warmup]:
+        function(argument)
+    samples = []
+    clock = time.perf_counter_ns
+    for argument in arguments:
+        start = clock()
+        function(argument)
+        samples.append(clock() - start)
+    return _percentiles(samples)
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import onnxruntime
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "onnxruntime": onnxruntime.__version__, "system": platform.platform()}
+
+
+# -- stages ------------------------------------------------------------------
+
+
+def stage_figures(model: Path, reference: Path, parts: Path, broker: tuple[str, int]) -> dict:
+    """Each stage of the daemon's path at batch 1, on real files."""
+    from calibration import reference_set
+    from station.embedder import Embedder
+    from station.imagefolder import list_images, read_image
+    from station.outbox import Outbox
+    from station.preprocess import prepare_crop, to_model_input
+    from station.scoring import distances
+    from station.verdict import encode, judge, verdict_message
+
+    embedder = Embedder(model)
+    references = reference_set.load(reference)
+    spec = embedder.input_spec
+    paths = list_images(parts)[:STAGE_RUNS]
+    images = [read_image(p) for p in paths]
+    inputs = [to_model_input(prepare_crop(image, spec)[None], spec) for image in images]
+    embeddings = [embedder.embed(x) for x in inputs]
+    judgements = [judge(e, references)[0] for e in embeddings]
+    stages = {
+        "grab/decode": time_calls(read_image, paths),
+        "crop+preprocess": time_calls(lambda image: to_model_input(prepare_crop(image, spec)[None], spec), images),
+        "embed": time_calls(embedder.embed, inputs),
+        "metrics (all)": time_calls(lambda e: distances(e, references.model), embeddings),
+        "verdict+json": time_calls(lambda j: encode(_message(verdict_message, j, references)), judgements),
+    }
+    with tempfile.TemporaryDirectory() as folder:
+        outbox = Outbox(Path(folder) / "outbox.sqlite3")
+        payloads = [encode(_message(verdict_message, j, references)) for j in judgements]
+        stages["outbox write (1/commit)"] = time_calls(lambda p: _store(outbox, [p]), payloads[:500], warmup=10)
+        batches = [payloads[i : i + 64] for i in range(0, len(payloads) - 63, 64)]
+        per_batch = time_calls(lambda b: _store(outbox, b), batches, warmup=2)
+        stages["outbox write (64/commit)"] = {k: round(v / 64, 2) for k, v in per_batch.items()}
+        outbox.close()
+    stages["mqtt publish (QoS 1, to PUBACK)"] = publish_round_trips(broker, payloads[:1000])
+    return stages
+
+
+def _message(verdict_message, judgement, references) -> dict:
+    return verdict_message(
+        station="bench", seq=1, source="part_000001.png", part_id=None, product=references.product,
+        judgement=judgement, threshold=references.threshold, metric=references.metric, model_id="0" * 12,
+        reference_version=references.version, latency_ms=0.1, wall_time=time.time(),
+    )
+
+
+def _store(outbox, payloads):
+    with outbox.transaction() as tx:
+        for payload in payloads:
+            tx.next_seq()
+            tx.put("bench/verdict", payload, 1)
+
+
+def publish_round_trips(broker: tuple[str, int], payloads: list[bytes]) -> dict:
+    """One QoS 1 publish at a time, each timed until its PUBACK."""
+    import paho.mqtt.client as mqtt
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-{os.getpid()}")
+    client.connect(*broker)
+    client.loop_start()
+    try:
+        def publish(payload):
+            client.publish("bench/verdict", payload, qos=1).wait_for_publish(5)
+
+        return time_calls(publish, payloads, warmup=20)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+def raw_onnxruntime(model: Path, runs: int = STAGE_RUNS) -> dict:
+    """The model alone: a bare session.run at batch 1, same session options as the station."""
+    import onnxruntime as ort
+
+    from station.embedder import INPUT_NAME, Embedder, session_options
+
+    embedder = Embedder(model)
+    session = ort.InferenceSession(str(model), sess_options=session_options(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).random((1,) + embedder.input_spec.sample_shape, dtype=np.float32)
+    feed = {INPUT_NAME: x}
+    figures = time_calls(lambda _: session.run(None, feed), list(range(runs)), warmup=200)
+    figures.update(quantization=embedder.info.quantization, arch=embedder.info.arch,
+                   size_bytes=model.stat().st_size)
+    return figures
+
+
+# -- end to end --------------------------------------------------------------
+
+
+def end_to_end(model: Path, reference: Path, parts: Path, broker: tuple[str, int], workdir: Path) -> dict:
+    """The real daemon over a folder of parts to the broker at QoS 1 with the durable outbox."""
+    n_parts = sum(1 for _ in parts.rglob("*.png"))
+    config = workdir / "station.yaml"
+    config.write_text(
+        f"station: bench\ncamera: {{source: {parts}}}\nmodel: {model}\nreference: {reference}\n"
+        f"state_dir: {workdir / 'state'}\nmqtt: {{host: {broker[0]}, port: {broker[1]}, qos: 1}}\n"
+    )
+    notify_path = workdir / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    env = dict(os.environ, NOTIFY_SOCKET=str(notify_path))
+    started = time.monotonic()
+    process = subprocess.Popen([sys.executable, "-m", "station", "run", "-c", str(config)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ready = _wait_ready(notify, process)
+    torch_loaded = _maps_mention(process.pid, "torch")
+    _, status, usage = os.wait4(process.pid, 0)
+    finished = time.monotonic()
+    notify.close()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"the daemon failed: {process.stderr.read().decode()[-2000:]}")
+    return {
+        "parts": n_parts,
+        "verdicts_per_s": round(n_parts / (finished - ready), 1),
+        "seconds": round(finished - ready, 3),
+        "ready_s": round(ready - started, 3),
+        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
+        "torch_loaded": torch_loaded,
+    }
+
+
+def _wait_ready(notify: socket.socket, process, timeout: float = 30.0) -> float:
+    notify.settimeout(0.5)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if b"READY=1" in notify.recv(4096).split(b"\n"):
+                return time.monotonic()
+        except socket.timeout:
+            if process.poll() is not None:
+                raise RuntimeError(f"the daemon exited before READY: {process.stderr.read().decode()[-2000:]}")
+    process.kill()
+    raise RuntimeError(f"the daemon did not say READY within {timeout} s")
+
+
+def _maps_mention(pid: int, word: str) -> bool:
+    try:
+        return word in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+# -- the whole bench ---------------------------------------------------------
+
+
+class LocalBroker:
+    """A mosquitto on a free loopback port for the bench, unless one is given."""
+
+    def __init__(self, workdir: Path):
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if not Path(binary).exists():
+            raise RuntimeError("mosquitto is not installed: apt-get install mosquitto, or pass --broker HOST:PORT")
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        conf = workdir / "mosquitto.conf"
+        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        self.process = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("mosquitto did not start")
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(5)
+
+
+def run_bench(models: list[Path], reference: Path | None, n_parts: int, broker: tuple[str, int] | None,
+              progress=print) -> dict:
+    from calibration import workflow
+    from station.embedder import Embedder
+    from station.simulate import write_dataset
+
+    with tempfile.TemporaryDirectory(prefix="station-bench-") as folder:
+        workdir = Path(folder)
+        parts = workdir / "parts"
+        progress(f"writing {n_parts} simulated parts ...")
+        write_dataset(parts, n_parts, seed=2024)
+        if reference is None:
+            progress("calibrating a reference set on the simulated good parts ...")
+            reference = workdir / "refs" / "bench"
+            workflow.calibrate_folders(Embedder(models[0]), parts / "good", [], reference, "bench")
+        local = None
+        if broker is None:
+            local = LocalBroker(workdir)
+            broker = ("127.0.0.1", local.port)
+        try:
+            progress("timing stages ...")
+            stages = stage_figures(models[0], reference, parts, broker)
+            progress("timing raw onnxruntime ...")
+            raw = {str(m): raw_onnxruntime(m) for m in models}
+            progress(f"running the daemon over {n_parts} parts ...")
+            e2e = end_to_end(models[0], reference, parts, broker, workdir)
+        finally:
+            if local:
+                local.stop()
+    raw_p50 = raw[str(models[0])]["p50_us"]
+    per_verdict_us = 1e6 / e2e["verdicts_per_s"]
+    return {
+        "machine": machine(),
+        "model": str(models[0]),
+        "stages": stages,
+        "raw_onnxruntime": raw,
+        "stage_sum_p50_us": round(sum(s["p50_us"] for k, s in stages.items() if "64/commit" not in k), 2),
+        "end_to_end": e2e,
+        "per_verdict_us": round(per_verdict_us, 2),
+        "per_verdict_over_raw": round(per_verdict_us / raw_p50, 2),
+    }
+
+
+def format_table(figures: dict) -> str:
+    lines = [f"machine: {figures['machine']['cpu']}, {figures['machine']['cores']} cores, "
+             f"onnxruntime {figures['machine']['onnxruntime']}", "",
+             f"{'stage (batch 1)':34s} {'p50 µs':>10s} {'p99 µs':>10s}"]
+    for name, stage in figures["stages"].items():
+        lines.append(f"{name:34s} {stage['p50_us']:10.1f} {stage['p99_us']:10.1f}")
+    lines += ["", f"{'raw onnxruntime, batch 1':34s} {'p50 µs':>10s} {'p99 µs':>10s} {'size':>10s}"]
+    for path, raw in figures["raw_onnxruntime"].items():
+        label = f"{raw['arch']} {raw['quantization']}"
+        lines.append(f"{label:34s} {raw['p50_us']:10.1f} {raw['p99_us']:10.1f} {raw['size_bytes'] / 1024:8.0f} KiB")
+    e2e = figures["end_to_end"]
+    lines += [
+        "",
+        f"end to end: {e2e['parts']} parts, {e2e['verdicts_per_s']:.0f} verdicts/s "
+        f"(daemon, folder source, mosquitto QoS 1, durable outbox)",
+        f"per-verdict cost {figures['per_verdict_us']:.1f} µs = {figures['per_verdict_over_raw']:.1f}x raw onnxruntime",
+        f"peak RSS {e2e['peak_rss_mib']:.1f} MiB, READY after {e2e['ready_s']:.2f} s, torch loaded: {e2e['torch_loaded']}",
+    ]
+    return "\n".join(lines)
+
+
+def to_json(figures: dict) -> str:
+    return json.dumps(figures, indent=2)
