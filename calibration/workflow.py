@@ -46,14 +46,20 @@ def embed_items(embedder, items: list[LabeledImage], roi: Roi | None = None, pro
         shown = "\n  ".join(failures[:MAX_NAMED_FAILURES])
         more = f"\n  ... and {len(failures) - MAX_NAMED_FAILURES} more" if len(failures) > MAX_NAMED_FAILURES else ""
         raise DataError(f"{len(failures)} image(s) cannot be used:\n  {shown}{more}")
-    crops = np.stack(crops)
+    return embed_crops(embedder, np.stack(crops), [i.path for i in items], [i.defect_class for i in items])
+
+
+def embed_crops(embedder, crops: np.ndarray, paths: list[Path], classes: list[str]) -> EmbeddedImages:
+    """Embed prepared uint8 crops (n, h, w) in batches (from files or from the camera)."""
     from station.preprocess import to_model_input
 
+    if not len(crops):
+        raise DataError("no images to embed")
     embeddings = np.concatenate([
         embedder.embed(to_model_input(crops[start : start + 512], embedder.input_spec))
         for start in range(0, len(crops), 512)
     ])
-    return EmbeddedImages(embeddings, crops, [i.path for i in items], [i.defect_class for i in items])
+    return EmbeddedImages(embeddings, crops, list(paths), list(classes))
 
 
 def folder_items(good: Path, defect_folders: list[Path]) -> tuple[list[LabeledImage], list[LabeledImage]]:
@@ -93,9 +99,12 @@ def calibrate_folders(
 
 def calibrate_embedded(
     embedder, good_set: EmbeddedImages, defect_set: EmbeddedImages | None, out: Path, product: str,
-    metric: str, target_false_reject: float, min_good: int,
+    metric: str, target_false_reject: float, min_good: int, extra_statistics: dict | None = None,
 ) -> tuple[ReferenceSet, fit.Calibration]:
-    """Fit, build the reference set and its report, save it as a new version."""
+    """Fit, build the reference set and its report, save it as a new version.
+
+    `extra_statistics` (e.g. where the parts came from) is recorded in reference.yaml.
+    """
     calibration = fit.calibrate(
         good_set.embeddings, None if defect_set is None else defect_set.embeddings,
         metric=metric, target_false_reject=target_false_reject, min_good=min_good,
@@ -106,6 +115,7 @@ def calibrate_embedded(
         "covariance_shrinkage": round(calibration.covariance_shrinkage, 6),
         "metrics": {name: metric_fit.summary() for name, metric_fit in calibration.fits.items()},
         "warnings": calibration.warnings,
+        **(extra_statistics or {}),
     }
     reference_set = ReferenceSet(
         model=calibration.model, metric=calibration.metric,

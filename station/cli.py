@@ -228,15 +228,24 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--pins", type=int, choices=(2, 3), default=3, help="pins of the simulated product")
     sim.add_argument("--video", type=Path, help="also write an MJPG video of full frames (+ ground truth .csv)")
     sim.set_defaults(handler=_simulate)
-    cal = commands.add_parser("calibrate", help="build a product's reference set from known-good parts")
+    cal = commands.add_parser(
+        "calibrate", help="build a product's reference set from known-good parts",
+        description="Folder mode: --model, --good [--defects] --out. Camera mode: -c station.yaml "
+                    "[--product NAME] [--count N]: grabs N distinct parts from the configured camera and "
+                    "adds a version to that product's reference set.")
+    cal.add_argument("-c", "--config", type=Path,
+                     help="station.yaml: calibrate from its camera, ROI and model (camera mode)")
+    cal.add_argument("--count", type=int, help="camera mode: distinct parts to grab (default 100)")
+    cal.add_argument("--min-change", type=float,
+                     help="camera mode: mean absolute grey-level change that makes a frame a new part (default 5.0)")
     cal.add_argument("--model", type=Path, help="the station's ONNX model")
     cal.add_argument("--good", type=Path, help="folder of known-good parts (read recursively)")
     cal.add_argument("--defects", type=Path, action="append", default=[],
                      help="folder of defective parts (repeatable; subfolders name classes)")
-    cal.add_argument("--out", type=Path, required=True, help="reference set folder (a new version is added)")
+    cal.add_argument("--out", type=Path, help="folder mode: reference set folder (a new version is added)")
     cal.add_argument("--metric", choices=("auto", "minkowski", "soart3", "mahalanobis"), default="auto",
                      help="score used for verdicts; auto = best AUROC on --defects (default auto)")
-    cal.add_argument("--product", help="product name (default: the --out folder's name)")
+    cal.add_argument("--product", help="product name (default: the --out folder's name; camera mode: the config's product)")
     cal.add_argument("--target-false-reject", type=float, default=0.005,
                      help="good parts allowed to be rejected (default 0.005)")
     cal.add_argument("--min-good", type=int, default=30, help="refuse with fewer good parts (default 30)")
@@ -278,6 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the station: camera -> verdicts over MQTT (the systemd service)")
     run.add_argument("-c", "--config", type=Path, required=True, help="station.yaml")
     run.set_defaults(handler=_run)
+    be = commands.add_parser("bench", help="measure per-stage cost, raw onnxruntime, end-to-end verdicts/s, RSS")
+    be.add_argument("--model", type=Path, action="append", default=[],
+                    help="ONNX model; the first is the station's, others are timed raw (e.g. the fp32 one)")
+    be.add_argument("--reference", type=Path, help="reference set for the first model (default: calibrated on simulated parts)")
+    be.add_argument("--parts", type=int, default=10_000, help="simulated parts for the end-to-end run (default 10000)")
+    be.add_argument("--broker", help="HOST:PORT of a broker (default: a mosquitto started on loopback)")
+    be.add_argument("--json", action="store_true")
+    be.set_defaults(handler=_bench)
     return parser
 
 

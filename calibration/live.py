@@ -1,0 +1,161 @@
+"""Calibration from the station's own camera: grab distinct known-good parts.
+
+A camera delivers the same part in many frames while it sits in the ROI (and
+a stopped line delivers one part forever). Calibration needs different parts,
+so a frame counts only when its prepared crop differs from the last accepted
+one by at least `min_change` grey levels, mean absolute difference.
+
+Why 5.0: two captures of an unchanged scene differ only by sensor noise; with
+sigma 3 grey levels per capture the difference has sigma 3*sqrt(2) and its
+mean absolute value is 3*sqrt(2)*sqrt(2/pi) = 3.39 (3.4 to 3.7 measured over
+a 36x26 crop; resizing a larger ROI down averages it lower still). Two
+consecutive different parts of the simulated line differ by 6.6 or more
+(median 29): pose jitter moves the bright body's edges over the dark belt.
+5.0 sits ~1.5x above noise and below every consecutive pair; a rare near
+twin that falls under it is skipped, which costs one part, not accuracy.
+A darker, noisier camera (sigma 5 -> 5.6) needs `--min-change` raised.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from station.preprocess import InputSpec, Roi, prepare_crop
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MIN_CHANGE = 5.0
+
+
+@dataclass(frozen=True)
+class GrabbedCrops:
+    crops: np.ndarray  # uint8 (n, height, width), as the model will see them
+    sources: list[str]  # where each accepted crop came from (file, frame number)
+    frames_seen: int
+    skipped: int  # frames too similar to the last accepted crop
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+
+def mean_abs_difference(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean(np.abs(a.astype(np.int16) - b.astype(np.int16))))
+
+
+def grab_distinct_crops(frames: Iterable, roi: Roi | None, spec: InputSpec, count: int,
+                        min_change: float = DEFAULT_MIN_CHANGE, progress: bool = False) -> GrabbedCrops:
+    """Up to `count` crops of distinct parts from `frames` (a FrameSource, or Frames, or images).
+
+    Stops as soon as `count` parts are in (a FrameSource is closed then); fewer
+    come back when the frames end first: the caller decides whether that is enough.
+    """
+    if count < 1:
+        raise ValueError(f"count must be at least 1, got {count}")
+    crops: list[np.ndarray] = []
+    sources: list[str] = []
+    seen = skipped = 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=count, desc="distinct parts", unit="part", leave=False)  # stderr by default
+    iterator = iter(frames)
+    try:
+        for item in iterator:
+            image = getattr(item, "image", item)
+            seen += 1
+            crop = prepare_crop(image, spec, roi)
+            if crops and mean_abs_difference(crop, crops[-1]) < min_change:
+                skipped += 1
+                if bar is not None:
+                    bar.set_postfix(skipped=skipped, refresh=False)
+                continue
+            crops.append(crop)
+            sources.append(str(getattr(item, "source", seen - 1)))
+            if bar is not None:
+                bar.update(1)
+            elif len(crops) % 10 == 0:  # no terminal (journal): a line every 10 parts
+                log.info("%d/%d distinct parts (%d frames, %d unchanged skipped)", len(crops), count, seen, skipped)
+            if len(crops) >= count:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+        for stoppable in (iterator, frames):  # the generator's cleanup stops a camera reader thread
+            close = getattr(stoppable, "close", None)
+            if close is not None:
+                close()
+    log.info("grabbed %d distinct parts from %d frames (%d unchanged skipped)", len(crops), seen, skipped)
+    stacked = np.stack(crops) if crops else np.empty((0, spec.height, spec.width), np.uint8)
+    return GrabbedCrops(stacked, sources, seen, skipped)
+
+
+def product_reference(config, product: str | None) -> tuple[str, Path]:
+    """(product, reference set folder) to calibrate: a product the config lists, default the active one."""
+    from station.check import configured_products
+    from station.errors import ConfigError
+
+    products = configured_products(config)
+    if product is None:
+        product = config.product if config.products is not None else next(iter(products))
+    if product not in products:
+        if config.products is None:
+            raise ConfigError(
+                f"product {product!r} is not in the configuration: it has a single reference: "
+                f"{config.reference} (product {next(iter(products))!r}); list several under products:")
+        raise ConfigError(f"product {product!r} is not in the configuration's products: "
+                          f"{', '.join(sorted(products))}; add it under products: first")
+    return product, Path(products[product])
+
+
+@dataclass(frozen=True)
+class LiveCalibration:
+    saved: object  # calibration.reference_set.ReferenceSet
+    calibration: object  # calibration.fit.Calibration
+    grabbed: GrabbedCrops
+    warnings: list[str]
+
+
+def calibrate_from_camera(config, product: str | None, count: int, min_good: int = 30,
+                          min_change: float = DEFAULT_MIN_CHANGE, metric: str = "auto",
+                          target_false_reject: float = 0.005, progress: bool = False) -> LiveCalibration:
+    """Grab `count` distinct parts from the configured camera and save a new reference set version."""
+    from calibration import workflow
+    from calibration.fit import CalibrationError
+    from station.camera import open_source
+    from station.embedder import Embedder
+    from station.errors import ConfigError
+
+    product, out = product_reference(config, product)
+    if min_good < 1:
+        raise ConfigError(f"--min-good must be at least 1, got {min_good}")
+    if count < min_good:
+        raise ConfigError(f"--count {count} is below the minimum of {min_good} good parts (--min-good)")
+    if min_change < 0:
+        raise ConfigError(f"--min-change must be >= 0, got {min_change}")
+    embedder = Embedder(config.model, threads=config.runtime.threads)
+    roi = config.roi.to_roi() if config.roi is not None else None
+    # Never loop for calibration: a replayed folder or video would count the same parts again.
+    source = open_source(config.camera.source, loop=False, fps=config.camera.fps)
+    grabbed = grab_distinct_crops(source, roi, embedder.input_spec, count, min_change, progress)
+    where = f"camera {source.description}"
+    if len(grabbed) < min_good:
+        raise CalibrationError(
+            f"{where} ended after {len(grabbed)} distinct parts ({grabbed.frames_seen} frames, "
+            f"{grabbed.skipped} unchanged); at least {min_good} are needed: nothing was saved")
+    warnings = []
+    if len(grabbed) < count:
+        warnings.append(f"{where} ended after {len(grabbed)} of the {count} parts asked for")
+    good_set = workflow.embed_crops(embedder, grabbed.crops, [Path(s) for s in grabbed.sources],
+                                    ["good"] * len(grabbed))
+    statistics = {"source": {
+        "camera": where.removeprefix("camera "), "frames_seen": grabbed.frames_seen,
+        "skipped_unchanged": grabbed.skipped, "min_change": float(min_change),
+    }}
+    saved, calibration = workflow.calibrate_embedded(
+        embedder, good_set, None, out, product, metric, target_false_reject, min_good, extra_statistics=statistics)
+    return LiveCalibration(saved, calibration, grabbed, warnings + list(calibration.warnings))
