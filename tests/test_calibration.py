@@ -174,15 +174,21 @@ def test_a_writer_killed_at_random_moments_never_leaves_a_broken_current_set(tmp
             i += 1
             reference_set.save({str(root)!r}, make_reference_set(seed=i))
     """)
-    for delay in (0.6, 0.75, 0.9, 1.1):
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        before = len(reference_set.versions(root))
         process = subprocess.Popen([sys.executable, "-c", writer])
-        time.sleep(delay)
+        deadline = time.monotonic() + 30
+        # Kill only once this writer is saving, at a random moment within its next saves.
+        while len(reference_set.versions(root)) == before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.05))
         process.send_signal(signal.SIGKILL)
         process.wait()
         loaded = reference_set.load(root)  # verifies checksums
-        assert loaded.version == max(reference_set.versions(root)) or loaded.version < max(reference_set.versions(root))
+        assert loaded.version in reference_set.versions(root)
         assert loaded.model.reference.shape == (16,)
-    assert len(reference_set.versions(root)) > 1  # the writer did make progress
+    assert len(reference_set.versions(root)) >= 5  # every writer made progress before it was killed
 
 
 def test_a_reference_set_for_another_model_is_refused(tmp_path):
