@@ -191,6 +191,9 @@ def save(root: Path, reference_set: ReferenceSet, report_files: dict[str, bytes]
         for name, content in (report_files or {}).items():
             (staging / "report").mkdir(exist_ok=True)
             _write_synced(staging / "report" / name, content)
+        # mkdtemp makes 0700 folders; a version gets the mode any folder gets here
+        # (the service's UMask=0077 still keeps it private there).
+        os.chmod(staging, 0o777 & ~_umask())
         _fsync_dir(staging)
         os.rename(staging, root / _version_name(version))
         _fsync_dir(root)
@@ -258,6 +261,17 @@ def _npz_bytes(model: ReferenceModel) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, **{name: np.asarray(getattr(model, name), dtype=np.float64) for name in _ARRAY_SHAPES})
     return buffer.getvalue()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (Linux); 022 if unknown."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
 
 
 def _version_name(version: int) -> str:

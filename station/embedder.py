@@ -74,6 +74,8 @@ def session_options(threads: int = 1, spinning: bool = False):
     nothing from a thread pool, and spinning threads steal the capture loop's core."""
     import onnxruntime as ort
 
+    # A line PC must not phone home; under the systemd sandbox the attempt also fails noisily.
+    ort.disable_telemetry_events()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1

@@ -107,6 +107,7 @@ def test_save_load_round_trip_keeps_versions_and_rolls_back(tmp_path):
     first = reference_set.save(root, make_reference_set(seed=1))
     second = reference_set.save(root, make_reference_set(seed=2))
     assert (first.version, second.version) == (1, 2)
+    assert (root / "v0001").stat().st_mode & 0o777 == 0o777 & ~reference_set._umask()  # not mkdtemp's 0700
     loaded = reference_set.load(root)
     assert loaded.version == 2
     np.testing.assert_array_equal(loaded.model.reference, second.model.reference)
