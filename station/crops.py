@@ -1,12 +1,16 @@
 """Keep NG crops (and optionally a sample of OK ones) for review and retraining.
 
 Files are named by verdict id under STATE/crops/{NG,OK}/, and the folder is
-kept under a size bound by deleting the oldest files first.
+kept under a size bound by deleting the oldest files first. A writer thread
+does the disk work: a slow or full disk must never stall inspection, so when
+the writer falls behind, crops are skipped and counted, never verdicts.
 """
 from __future__ import annotations
 
 import logging
+import queue
 import random
+import threading
 from collections import deque
 from pathlib import Path
 
@@ -14,47 +18,69 @@ import cv2
 import numpy as np
 
 log = logging.getLogger(__name__)
+QUEUE_DEPTH = 512
 
 
 class CropKeeper:
     def __init__(self, folder: Path, keep_ng: bool, ok_sample_rate: float, max_bytes: int, seed: int | None = None):
         self.folder = Path(folder)
         self.keep_ng, self.ok_sample_rate, self.max_bytes = keep_ng, ok_sample_rate, max_bytes
+        self.skipped = 0  # crops not kept because the writer was behind
         self._random = random.Random(seed)
         self._files: deque[tuple[Path, int]] = deque()  # oldest first
         self._bytes = 0
+        self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
+        self._thread: threading.Thread | None = None
+
+    def wants(self, verdict: str) -> bool:
+        if self.max_bytes <= 0:
+            return False
+        if verdict == "NG":
+            return self.keep_ng
+        return self.ok_sample_rate > 0 and self._random.random() < self.ok_sample_rate
+
+    def keep(self, crop: np.ndarray, verdict: str, verdict_id: str):
+        """Queue the crop for writing; returns at once."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._write_loop, daemon=True, name="crop-keeper")
+            self._thread.start()
+        try:
+            self._queue.put_nowait((crop.copy(), verdict, verdict_id))
+        except queue.Full:
+            self.skipped += 1
+            if self.skipped % 1000 == 1:
+                log.warning("crop writer is behind (%s): %d crops not kept so far", self.folder, self.skipped)
+
+    def close(self, timeout: float = 2.0):
+        """Write what is queued (within timeout), then stop the writer."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout)
+
+    def _write_loop(self):
         self._load_existing()
+        for verdict in ("NG", "OK"):
+            (self.folder / verdict).mkdir(parents=True, exist_ok=True)
+        while (item := self._queue.get()) is not None:
+            self._write(*item)
 
     def _load_existing(self):
-        existing = sorted(
-            (p for p in self.folder.glob("*/*.png") if p.is_file()), key=lambda p: p.stat().st_mtime
-        ) if self.folder.is_dir() else []
+        existing = sorted((p for p in self.folder.glob("*/*.png") if p.is_file()), key=lambda p: p.stat().st_mtime)
         self._files = deque((p, p.stat().st_size) for p in existing)
         self._bytes = sum(size for _, size in self._files)
 
-    def wants(self, verdict: str) -> bool:
-        if verdict == "NG":
-            return self.keep_ng and self.max_bytes > 0
-        return self.ok_sample_rate > 0 and self.max_bytes > 0 and self._random.random() < self.ok_sample_rate
-
-    def keep(self, crop: np.ndarray, verdict: str, verdict_id: str):
-        """Write the crop; a failure is logged, never allowed to stop inspection."""
+    def _write(self, crop: np.ndarray, verdict: str, verdict_id: str):
         path = self.folder / verdict / f"{verdict_id}.png"
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             ok, encoded = cv2.imencode(".png", crop)
             if not ok:
                 raise OSError("PNG encoding failed")
             path.write_bytes(encoded.tobytes())
-        except OSError as exc:
+        except OSError as exc:  # a full disk loses a review picture, never a verdict
             log.warning("cannot keep crop %s: %s", path, exc)
             return
-        size = path.stat().st_size
-        self._files.append((path, size))
-        self._bytes += size
-        self._trim()
-
-    def _trim(self):
+        self._files.append((path, len(encoded)))
+        self._bytes += len(encoded)
         while self._bytes > self.max_bytes and self._files:
             oldest, size = self._files.popleft()
             oldest.unlink(missing_ok=True)

@@ -16,6 +16,8 @@ import signal
 import time
 from pathlib import Path
 
+import numpy as np
+
 from station import sdnotify
 from station.camera import FrameFeed, LatestFrame, is_finite, is_lossless, open_source
 from station.commands import Command, CommandError, parse_command, result
@@ -30,7 +32,7 @@ from station.verdict import encode, utc_timestamp, verdict_message
 
 log = logging.getLogger(__name__)
 
-BATCH = 64  # frames judged together when a stored source delivers faster than real time
+BATCH = 128  # frames judged together when a stored source delivers faster than real time
 POLL = 0.1  # longest wait of the loop, seconds
 FINAL_FLUSH = 2.0  # seconds to deliver the outbox on SIGTERM; what is left goes out next start
 TRIGGER_FRAME_WAIT = 1.0
@@ -132,6 +134,7 @@ class Daemon:
         else:
             self.publisher.flush(timeout=FINAL_FLUSH)
         self._publish_stats()
+        self.crop_keeper.close()
         self.publisher.stop(clean=True)
         left = self.outbox.depth()
         if left:
@@ -152,8 +155,6 @@ class Daemon:
                 log.warning("frame %s cannot be judged: %s", frame.source, exc)
         if not kept:
             return
-        import numpy as np
-
         crops = np.stack(crops)
         judgements = inspector.judge_crops(crops)
         ready = time.monotonic()
@@ -169,19 +170,19 @@ class Daemon:
         reference = inspector.reference_set
         wall_time = time.time()
         while True:
-            messages = []
             try:
                 with self.outbox.transaction() as tx:
-                    for frame, judgement in zip(frames, judgements):
-                        message = verdict_message(
-                            station=self.config.station, seq=tx.next_seq(), source=frame.source, part_id=part_id,
+                    messages = [
+                        verdict_message(
+                            station=self.config.station, seq=seq, source=frame.source, part_id=part_id,
                             product=inspector.product, judgement=judgement, threshold=reference.threshold,
                             metric=reference.metric, model_id=inspector.embedder.info.short_id,
                             reference_version=reference.version,
                             latency_ms=(ready - frame.grabbed_at) * 1000.0, wall_time=wall_time,
                         )
-                        tx.put(self.publisher.topics.verdict, encode(message), self.config.mqtt.qos)
-                        messages.append(message)
+                        for seq, frame, judgement in zip(tx.next_seqs(len(frames)), frames, judgements)
+                    ]
+                    tx.put_many(self.publisher.topics.verdict, [encode(m) for m in messages], self.config.mqtt.qos)
                 return messages
             except (OutboxFullError, OutboxError) as exc:
                 # Never drop a verdict: hold inspection until there is room (frames
@@ -274,6 +275,7 @@ class Daemon:
         error = self._swap_inspector(config, product, reason)
         if error is None:
             self.config = config.model_copy(update={key: getattr(self.config, key) for key in RESTART_KEYS})
+            self.crop_keeper.close()
             self.crop_keeper = self._crop_keeper(self.config)
         return error
 

@@ -70,7 +70,8 @@ def soart3(x, ref) -> np.ndarray:
 def mahalanobis(x, mean, precision) -> np.ndarray:
     """sqrt((x - mean)^T P (x - mean)) per row, P the precision (inverse covariance)."""
     diff = _rows(x) - np.asarray(mean, dtype=np.float64)
-    squared = np.einsum("ij,jk,ik->i", diff, np.asarray(precision, dtype=np.float64), diff)
+    # (diff @ P) * diff summed per row: a BLAS matmul, several times faster than einsum here.
+    squared = np.sum((diff @ np.asarray(precision, dtype=np.float64)) * diff, axis=1)
     return _shape_like(x, np.sqrt(np.maximum(squared, 0.0)))
 
 

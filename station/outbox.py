@@ -95,6 +95,22 @@ class OutboxTransaction:
         return self._db.execute(
             "UPDATE counters SET value = value + 1 WHERE name = 'seq' RETURNING value").fetchone()[0]
 
+    def next_seqs(self, count: int) -> range:
+        """Reserve `count` consecutive seqs at once (one statement for a whole batch)."""
+        last = self._db.execute(
+            "UPDATE counters SET value = value + ? WHERE name = 'seq' RETURNING value", (count,)).fetchone()[0]
+        return range(last - count + 1, last + 1)
+
+    def put_many(self, topic: str, payloads: list[bytes], qos: int = 1, retain: bool = False):
+        """Insert many messages on one topic with one statement."""
+        if len(payloads) > self._room:
+            raise self._outbox._full()
+        created = time.time()
+        self._db.executemany(
+            "INSERT INTO messages (topic, payload, qos, retain, created) VALUES (?, ?, ?, ?, ?)",
+            [(topic, bytes(p), int(qos), int(bool(retain)), created) for p in payloads])
+        self._room -= len(payloads)
+
     def put(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
         if self._room <= 0:
             raise self._outbox._full()

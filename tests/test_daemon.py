@@ -121,6 +121,9 @@ def test_a_folder_of_parts_gives_one_verdict_each_then_stopped(tmp_path, station
     for stats in recorder.json_on("/stats"):
         jsonschema.validate(stats, schema("stats"))
     assert recorder.json_on("/stats")[-1]["processed"] == n_images
+    ng_ids = {v["id"] for v in verdicts if v["verdict"] == "NG"}
+    kept = {p.stem for p in (tmp_path / "state" / "crops" / "NG").glob("*.png")}
+    assert ng_ids and kept == ng_ids  # every NG crop kept for review, named by its verdict id
     messages = notify.drain()
     assert "READY=1" in messages and "STOPPING=1" in messages and "WATCHDOG=1" in messages
     assert any(m.startswith("STATUS=product A") for m in messages)
