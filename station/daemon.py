@@ -20,10 +20,10 @@ import numpy as np
 
 from station import sdnotify
 from station.camera import FrameFeed, LatestFrame, is_finite, is_lossless, open_source
-from station.commands import Command, CommandError, parse_command, result
+from station.commands import MAX_PAYLOAD, Command, CommandError, parse_command, result
 from station.config import StationConfig, load_config
 from station.crops import CropKeeper
-from station.errors import DataError, OutboxError, OutboxFullError, StationError
+from station.errors import DataError, OutboxDiskError, OutboxError, StationError
 from station.inspector import Inspector
 from station.outbox import Outbox
 from station.publisher import Publisher
@@ -64,6 +64,8 @@ class Daemon:
         self._last_ping = 0.0
         self._camera_state = None
         self._rejected_frames = 0
+        self._live_seq: int | None = None  # last seq published live while the outbox's disk is full
+        self._live_verdicts = 0
 
     # -- lifecycle
 
@@ -166,39 +168,80 @@ class Daemon:
                 self.crop_keeper.keep(crop, message["verdict"], message["id"])
 
     def _store_verdicts(self, inspector: Inspector, frames, judgements, ready: float, part_id) -> list[dict]:
-        """Seq and verdicts commit together; while the outbox is full, wait for the broker."""
+        """Seq and verdicts commit together; while the outbox is full, wait for the broker.
+
+        While the outbox's disk is full, verdicts go out live instead (not durable), with
+        seqs counted on in memory; the persisted seq is advanced past them, in the same
+        transaction, as soon as the outbox stores again, so no seq is used twice.
+        """
         reference = inspector.reference_set
         wall_time = time.time()
+
+        def build(seq, frame, judgement) -> dict:
+            return verdict_message(
+                station=self.config.station, seq=seq, source=frame.source, part_id=part_id,
+                product=inspector.product, judgement=judgement, threshold=reference.threshold,
+                metric=reference.metric, model_id=inspector.embedder.info.short_id,
+                reference_version=reference.version,
+                latency_ms=(ready - frame.grabbed_at) * 1000.0, wall_time=wall_time,
+            )
+
+        done: list[dict] = []
+        pending = list(zip(frames, judgements))
         while True:
             try:
                 with self.outbox.transaction() as tx:
-                    messages = [
-                        verdict_message(
-                            station=self.config.station, seq=seq, source=frame.source, part_id=part_id,
-                            product=inspector.product, judgement=judgement, threshold=reference.threshold,
-                            metric=reference.metric, model_id=inspector.embedder.info.short_id,
-                            reference_version=reference.version,
-                            latency_ms=(ready - frame.grabbed_at) * 1000.0, wall_time=wall_time,
-                        )
-                        for seq, frame, judgement in zip(tx.next_seqs(len(frames)), frames, judgements)
-                    ]
+                    if self._live_seq is not None:
+                        tx.advance_seq(self._live_seq)
+                    messages = [build(seq, frame, judgement)
+                                for seq, (frame, judgement) in zip(tx.next_seqs(len(pending)), pending)]
                     tx.put_many(self.publisher.topics.verdict, [encode(m) for m in messages], self.config.mqtt.qos)
-                return messages
-            except (OutboxFullError, OutboxError) as exc:
+                if self._live_seq is not None:
+                    log.warning("outbox %s stores verdicts again (after seq %d published live)",
+                                self.outbox.path, self._live_seq)
+                    self._live_seq = None
+                return done + messages
+            except OutboxError as exc:
+                if isinstance(exc, OutboxDiskError):
+                    sent = self._publish_live(build, pending)
+                    done, pending = done + sent, pending[len(sent):]
+                    if not pending:
+                        return done
                 # Never drop a verdict: hold inspection until there is room (frames
                 # from live cameras are dropped meanwhile, and counted).
                 if self._stop_requested:
-                    log.error("stopping with %d judged parts not stored: %s", len(frames), exc)
-                    return []
+                    log.error("stopping with %d judged parts not stored: %s", len(pending), exc)
+                    return done
                 sdnotify.notify(f"STATUS=outbox cannot store verdicts: {exc}")
                 self.publisher.flush(timeout=POLL * 5)
                 self._handle_events()
                 self._ping_watchdog()
 
+    def _publish_live(self, build, pending) -> list[dict]:
+        """The outbox's disk is full: publish verdicts live, not durable; those sent, in order."""
+        if not self.publisher.connected:
+            return []
+        if self._live_seq is None:
+            self._live_seq = self.outbox.last_seq()  # reading works on a full disk
+            log.error("outbox %s cannot store verdicts (disk full): publishing them live, not durable, "
+                      "from seq %d until it can", self.outbox.path, self._live_seq + 1)
+        sent = []
+        for frame, judgement in pending:
+            self._live_seq += 1  # used even if the send fails: a gap, never a reuse
+            message = build(self._live_seq, frame, judgement)
+            if not self.publisher.publish_live(self.publisher.topics.verdict, encode(message), self.config.mqtt.qos):
+                break
+            sent.append(message)
+        self._live_verdicts += len(sent)
+        return sent
+
     # -- commands and reloads
 
     def _on_command(self, payload: bytes, reply):
         """From the MQTT thread: queue for the loop (which owns all state)."""
+        if len(payload) > MAX_PAYLOAD:  # answered here: a queue of huge payloads would exhaust memory
+            reply(result(None, f"command of {len(payload)} bytes is larger than {MAX_PAYLOAD}"))
+            return
         try:
             self._commands.put_nowait((payload, reply))
         except queue.Full:
@@ -330,6 +373,7 @@ class Daemon:
             outbox_depth=self.outbox.depth(), camera_state=self.source.state,
             camera_reconnects=self.source.reconnects,
         )
+        stats["verdicts_live"] = self._live_verdicts
         self.publisher.publish_stats({"station": self.config.station, "ts": utc_timestamp(time.time()), **stats})
 
     def _ping_watchdog(self):

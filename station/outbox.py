@@ -95,6 +95,11 @@ class OutboxTransaction:
         return self._db.execute(
             "UPDATE counters SET value = value + 1 WHERE name = 'seq' RETURNING value").fetchone()[0]
 
+    def advance_seq(self, at_least: int) -> int:
+        """Move the persisted seq up to at least `at_least` (seqs used while it could not be stored)."""
+        return self._db.execute(
+            "UPDATE counters SET value = MAX(value, ?) WHERE name = 'seq' RETURNING value", (int(at_least),)).fetchone()[0]
+
     def next_seqs(self, count: int) -> range:
         """Reserve `count` consecutive seqs at once (one statement for a whole batch)."""
         last = self._db.execute(
@@ -133,6 +138,7 @@ class Outbox:
         self.max_messages = max_messages
         self._lock = threading.RLock()  # one connection shared by the daemon and publisher threads
         self._report_full = _RateLimitedError(FULL_LOG_INTERVAL)
+        self._report_disk_full = _RateLimitedError(FULL_LOG_INTERVAL)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._errors("open"):
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
@@ -243,9 +249,10 @@ class Outbox:
             yield
         except sqlite3.OperationalError as exc:
             if "full" in str(exc):  # SQLITE_FULL: 'database or disk is full'
-                raise OutboxDiskError(
-                    f"outbox {self.path}: the disk is full ({exc}); free space on "
-                    f"{self.path.parent} or lower outbox.max_messages") from exc
+                message = (f"outbox {self.path}: the disk is full ({exc}); free space on "
+                           f"{self.path.parent} or lower outbox.max_messages")
+                self._report_disk_full(message)
+                raise OutboxDiskError(message) from exc
             raise OutboxError(f"outbox {self.path}: cannot {action} ({exc})") from exc
         except sqlite3.DatabaseError as exc:
             raise OutboxError(f"outbox {self.path}: cannot {action}, the database is damaged ({exc}); "

@@ -31,7 +31,7 @@ import paho.mqtt.client as mqtt
 
 from station.backoff import Backoff
 from station.config import MqttConfig
-from station.errors import OutboxError, PublisherError
+from station.errors import OutboxDiskError, OutboxError, PublisherError
 from station.outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,7 @@ class Publisher:
         self._connected = False
         self._state_payload: bytes | None = None
         self._acks: deque[tuple[int, int]] = deque()  # (generation, mid) from on_publish
+        self._ack_retry: list[int] = []  # outbox ids acked by the broker whose removal failed
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -157,6 +158,11 @@ class Publisher:
     def publish_stats(self, stats: dict) -> bool:
         """Periodic stats; dropped (False) while offline, the next ones supersede them."""
         return self._send(self.topics.stats, json.dumps(stats, separators=(",", ":")).encode(), qos=0)
+
+    def publish_live(self, topic: str, payload: bytes, qos: int = 1) -> bool:
+        """Send now, bypassing the Outbox (not durable: lost if the connection drops before the
+        broker has it). For verdicts while the Outbox cannot store them; False when offline."""
+        return self._send(topic, payload, qos=qos)
 
     def flush(self, timeout: float) -> bool:
         """Wait until the Outbox is empty (every message acknowledged); False on timeout."""
@@ -314,6 +320,8 @@ class Publisher:
                     generation, cursor = current, 0
                 if connected and client is not None:
                     cursor = self._fill(client, inflight, cursor)
+            except OutboxDiskError:
+                self._stopping.wait(1.0)  # the Outbox logs a full disk itself, rate-limited
             except OutboxError as exc:
                 log.error("%s", exc)
                 self._stopping.wait(1.0)
@@ -324,8 +332,13 @@ class Publisher:
             acked_generation, mid = self._acks.popleft()
             if acked_generation == generation and mid in inflight:
                 ids.append(inflight.pop(mid))
+        ids, self._ack_retry = self._ack_retry + ids, []
         if ids:
-            self.outbox.ack(*ids)
+            try:
+                self.outbox.ack(*ids)
+            except OutboxError:
+                self._ack_retry = ids  # delivered but not yet forgotten (disk full): retried next time
+                raise
 
     def _fill(self, client: mqtt.Client, inflight: dict[int, int], cursor: int) -> int:
         room = self.max_inflight - len(inflight)
