@@ -63,7 +63,7 @@ class Daemon:
         self._commands: queue.Queue = queue.Queue(maxsize=1024)
         self._last_ping = 0.0
         self._camera_state = None
-        self._rejected_frames = 0
+        self._unjudged_frames = 0  # paused, or the frame gave no crop
         self._live_seq: int | None = None  # last seq published live while the outbox's disk is full
         self._live_verdicts = 0
 
@@ -112,7 +112,9 @@ class Daemon:
             self._handle_events()
             if self.feed is not None:
                 frames = self.feed.get_batch(BATCH, POLL)
-                if frames and not self.paused:
+                if frames and self.paused:
+                    self._unjudged_frames += len(frames)  # drained so no frame is stale on resume
+                elif frames:
                     self._inspect(frames)
                 elif not frames and self.feed.ended and self.finite:
                     return True
@@ -153,7 +155,7 @@ class Daemon:
                 crops.append(inspector.crop(frame.image))
                 kept.append(frame)
             except DataError as exc:
-                self._rejected_frames += 1
+                self._unjudged_frames += 1
                 log.warning("frame %s cannot be judged: %s", frame.source, exc)
         if not kept:
             return
@@ -369,7 +371,7 @@ class Daemon:
         capture = self.feed or self.latest
         stats = self.stats.report(
             captured=getattr(capture, "captured", self.stats.processed),
-            dropped=getattr(capture, "dropped", 0) + self._rejected_frames,
+            dropped=getattr(capture, "dropped", 0) + self._unjudged_frames,
             outbox_depth=self.outbox.depth(), camera_state=self.source.state,
             camera_reconnects=self.source.reconnects,
         )
