@@ -46,7 +46,8 @@ class EmbeddedBroker:
         except ImportError:
             raise MissingExtraError(
                 "the embedded broker needs amqtt: pip install '.[demo]' (or pass --broker HOST:PORT)") from None
-        logging.getLogger("amqtt").setLevel(logging.ERROR)
+        for noisy in ("amqtt", "transitions"):  # the broker's internals, not the station's story
+            logging.getLogger(noisy).setLevel(logging.ERROR)
         self.port = free_port()
         self._loop = asyncio.new_event_loop()
         config = {"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
