@@ -240,3 +240,24 @@ def test_a_corrupt_reference_on_reload_is_refused_and_the_old_one_keeps_running(
     assert code == 0, output
     assert "reload refused" in output or "command refused" in output
     recorder.close()
+
+
+def test_the_daemon_with_the_bundled_int8_model_judges_simulated_parts_accurately(tmp_path, broker):
+    """Through the whole path: folder camera -> daemon -> MQTT, against the simulated truth."""
+    from station.demo import DEMO_MODEL, DEMO_REFERENCE
+    from station.simulate import write_dataset
+
+    parts = tmp_path / "parts"
+    write_dataset(parts, count=300, seed=31)  # seeds the bundled model never saw (101, 102)
+    config = tmp_path / "station.yaml"
+    config.write_text(f"station: st1\ncamera: {{source: {parts}}}\nmodel: {DEMO_MODEL}\nreference: {DEMO_REFERENCE}\n"
+                      f"state_dir: {tmp_path / 'state'}\nmqtt: {{host: 127.0.0.1, port: {broker.port}}}\n")
+    recorder = Recorder(broker.host, broker.port, "inspection/st1/verdict")
+    code, output = finish(start_station(config))
+    assert code == 0, output
+    recorder.wait_for(lambda: len(recorder.on("/verdict")) >= 300, what="300 verdicts")
+    verdicts = recorder.json_on("/verdict")
+    truth_ng = [Path(v["source"]).parts[0] != "good" for v in verdicts]
+    accuracy = sum((v["verdict"] == "NG") == ng for v, ng in zip(verdicts, truth_ng)) / len(verdicts)
+    assert accuracy >= 0.97, accuracy
+    recorder.close()
