@@ -11,6 +11,7 @@ import logging
 import queue
 import random
 import threading
+import time
 from collections import deque
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 QUEUE_DEPTH = 512
+FAILURE_LOG_INTERVAL = 60.0  # seconds between "cannot keep crop" warnings
 
 
 class CropKeeper:
@@ -26,6 +28,8 @@ class CropKeeper:
         self.folder = Path(folder)
         self.keep_ng, self.ok_sample_rate, self.max_bytes = keep_ng, ok_sample_rate, max_bytes
         self.skipped = 0  # crops not kept because the writer was behind
+        self.failed = 0  # crops that could not be written (full disk)
+        self._last_failure_log = -float("inf")
         self._random = random.Random(seed)
         self._files: deque[tuple[Path, int]] = deque()  # oldest first
         self._bytes = 0
@@ -77,7 +81,12 @@ class CropKeeper:
                 raise OSError("PNG encoding failed")
             path.write_bytes(encoded.tobytes())
         except OSError as exc:  # a full disk loses a review picture, never a verdict
-            log.warning("cannot keep crop %s: %s", path, exc)
+            path.unlink(missing_ok=True)  # no half-written picture left behind
+            self.failed += 1
+            now = time.monotonic()
+            if now - self._last_failure_log >= FAILURE_LOG_INTERVAL:  # one line a minute, not one per part
+                log.warning("cannot keep crop %s: %s (%d crops not kept so far)", path, exc, self.failed)
+                self._last_failure_log = now
             return
         self._files.append((path, len(encoded)))
         self._bytes += len(encoded)
