@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from station.errors import StationError
+
 STAGE_RUNS = 2000
 
 
@@ -142,12 +144,31 @@ def raw_onnxruntime(model: Path, runs: int = STAGE_RUNS) -> dict:
     return figures
 
 
+def session_tuning(model: Path, runs: int = STAGE_RUNS) -> dict:
+    """Batch-1 latency of the station's session for intra-op threads x spinning."""
+    import onnxruntime as ort
+
+    from station.embedder import INPUT_NAME, Embedder, session_options
+
+    spec = Embedder(model).input_spec
+    feed = {INPUT_NAME: np.random.default_rng(1).random((1,) + spec.sample_shape, dtype=np.float32)}
+    figures = {}
+    for threads in (1, 2):
+        for spinning in (False, True):
+            session = ort.InferenceSession(str(model), sess_options=session_options(threads, spinning),
+                                           providers=["CPUExecutionProvider"])
+            figures[f"threads={threads} spinning={'on' if spinning else 'off'}"] = time_calls(
+                lambda _: session.run(None, feed), list(range(runs)), warmup=200)
+    return figures
+
+
 # -- end to end --------------------------------------------------------------
 
 
 def end_to_end(model: Path, reference: Path, parts: Path, broker: tuple[str, int], workdir: Path) -> dict:
     """The real daemon over a folder of parts to the broker at QoS 1 with the durable outbox."""
     n_parts = sum(1 for _ in parts.rglob("*.png"))
+    model, reference = Path(model).resolve(), Path(reference).resolve()  # the config lives elsewhere
     config = workdir / "station.yaml"
     config.write_text(
         f"station: bench\ncamera: {{source: {parts}}}\nmodel: {model}\nreference: {reference}\n"
@@ -171,7 +192,7 @@ def end_to_end(model: Path, reference: Path, parts: Path, broker: tuple[str, int
     finished = time.monotonic()
     notify.close()
     if process.returncode != 0:
-        raise RuntimeError(f"the daemon failed: {process.stderr.read().decode()[-2000:]}")
+        raise StationError(f"the daemon failed: {process.stderr.read().decode()[-2000:]}")
     return {
         "parts": n_parts,
         "verdicts_per_s": round(n_parts / (finished - ready), 1),
@@ -191,9 +212,9 @@ def _wait_ready(notify: socket.socket, process, timeout: float = 30.0) -> float:
                 return time.monotonic()
         except socket.timeout:
             if process.poll() is not None:
-                raise RuntimeError(f"the daemon exited before READY: {process.stderr.read().decode()[-2000:]}")
+                raise StationError(f"the daemon exited before READY: {process.stderr.read().decode()[-2000:]}")
     process.kill()
-    raise RuntimeError(f"the daemon did not say READY within {timeout} s")
+    raise StationError(f"the daemon did not say READY within {timeout} s")
 
 
 def _peak_rss_kib(pid: int) -> int:
@@ -222,7 +243,7 @@ class LocalBroker:
     def __init__(self, workdir: Path):
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(binary).exists():
-            raise RuntimeError("mosquitto is not installed: apt-get install mosquitto, or pass --broker HOST:PORT")
+            raise StationError("mosquitto is not installed: apt-get install mosquitto, or pass --broker HOST:PORT")
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
@@ -236,7 +257,7 @@ class LocalBroker:
                 return
             except OSError:
                 time.sleep(0.05)
-        raise RuntimeError("mosquitto did not start")
+        raise StationError("mosquitto did not start")
 
     def stop(self):
         self.process.terminate()
@@ -267,6 +288,7 @@ def run_bench(models: list[Path], reference: Path | None, n_parts: int, broker: 
             stages = stage_figures(models[0], reference, parts, broker)
             progress("timing raw onnxruntime ...")
             raw = {str(m): raw_onnxruntime(m) for m in models}
+            tuning = session_tuning(models[0])
             progress(f"running the daemon over {n_parts} parts ...")
             e2e = end_to_end(models[0], reference, parts, broker, workdir)
         finally:
@@ -279,6 +301,7 @@ def run_bench(models: list[Path], reference: Path | None, n_parts: int, broker: 
         "model": str(models[0]),
         "stages": stages,
         "raw_onnxruntime": raw,
+        "session_tuning": tuning,
         "stage_sum_p50_us": round(sum(s["p50_us"] for k, s in stages.items() if "64/commit" not in k), 2),
         "end_to_end": e2e,
         "per_verdict_us": round(per_verdict_us, 2),
@@ -296,6 +319,9 @@ def format_table(figures: dict) -> str:
     for path, raw in figures["raw_onnxruntime"].items():
         label = f"{raw['arch']} {raw['quantization']}"
         lines.append(f"{label:34s} {raw['p50_us']:10.1f} {raw['p99_us']:10.1f} {raw['size_bytes'] / 1024:8.0f} KiB")
+    lines += ["", f"{'session (first model), batch 1':34s} {'p50 µs':>10s} {'p99 µs':>10s}"]
+    for name, tuned in figures["session_tuning"].items():
+        lines.append(f"{name:34s} {tuned['p50_us']:10.1f} {tuned['p99_us']:10.1f}")
     e2e = figures["end_to_end"]
     lines += [
         "",
