@@ -41,6 +41,8 @@ CommandHandler = Callable[[bytes, Reply], None]
 
 # Enough to cover a LAN round trip at line rate; also bounds the duplicates after a reconnect.
 MAX_INFLIGHT = 20
+ACK_BATCH = 200  # delivered messages forgotten per outbox commit at full speed
+ACK_INTERVAL = 0.05  # ...and at least this often, in seconds
 NOT_AUTHORISED = {"Not authorized", "Bad user name or password"}
 
 
@@ -124,7 +126,8 @@ class Publisher:
         self._connected = False
         self._state_payload: bytes | None = None
         self._acks: deque[tuple[int, int]] = deque()  # (generation, mid) from on_publish
-        self._ack_retry: list[int] = []  # outbox ids acked by the broker whose removal failed
+        self._ack_retry: list[int] = []  # outbox ids the broker acknowledged, not yet removed (batched)
+        self._last_forget = time.monotonic()
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -316,6 +319,7 @@ class Publisher:
                 with self._lock:
                     client, connected, current = self._client, self._connected, self._generation
                 if current != generation:  # a new connection: resend everything unacked, oldest first
+                    self._forget_delivered()  # ...but not what the broker already acknowledged
                     inflight.clear()
                     generation, cursor = current, 0
                 if connected and client is not None:
@@ -325,20 +329,30 @@ class Publisher:
             except OutboxError as exc:
                 log.error("%s", exc)
                 self._stopping.wait(1.0)
+        self._forget_delivered()
 
     def _apply_acks(self, inflight: dict[int, int], generation: int | None):
-        ids = []
+        """Free the in-flight window at once; forget delivered messages in batches.
+
+        One outbox commit per PUBACK would cost more than the publish itself, so
+        delivered ids are forgotten per ACK_BATCH, every ACK_INTERVAL, and
+        whenever the window empties (idle, flush, stop).
+        """
         while self._acks:
             acked_generation, mid = self._acks.popleft()
             if acked_generation == generation and mid in inflight:
-                ids.append(inflight.pop(mid))
-        ids, self._ack_retry = self._ack_retry + ids, []
-        if ids:
-            try:
-                self.outbox.ack(*ids)
-            except OutboxError:
-                self._ack_retry = ids  # delivered but not yet forgotten (disk full): retried next time
-                raise
+                self._ack_retry.append(inflight.pop(mid))
+        due = (len(self._ack_retry) >= ACK_BATCH or not inflight
+               or time.monotonic() - self._last_forget >= ACK_INTERVAL)
+        if due:
+            self._forget_delivered()
+
+    def _forget_delivered(self):
+        if not self._ack_retry:
+            return
+        self.outbox.ack(*self._ack_retry)  # OutboxError: kept, retried next time
+        self._ack_retry = []
+        self._last_forget = time.monotonic()
 
     def _fill(self, client: mqtt.Client, inflight: dict[int, int], cursor: int) -> int:
         room = self.max_inflight - len(inflight)
