@@ -171,7 +171,16 @@ def _export(args) -> int:
         fp32=args.fp32, int8=args.int8 or onnx_export.DEFAULT_INT8, calib_data=args.calib_data,
         reduce_range=onnx_export.DEFAULT_REDUCE_RANGE if args.reduce_range is None else args.reduce_range,
     )
-    report = onnx_export.export_model(args.checkpoint, args.out, options)
+    checkpoint = args.checkpoint
+    if checkpoint.suffix == ".keras":  # the source study's Keras 3 model, imported as the mlp trunk
+        import tempfile
+
+        from export.keras_import import keras_checkpoint
+
+        imported = Path(tempfile.mkdtemp(prefix="station-keras-")) / "trunk.pt"
+        checkpoint = keras_checkpoint(args.checkpoint, imported, args.calib_data)
+        print(f"imported {args.checkpoint} as an mlp trunk (Dense 936-512-256-128)")
+    report = onnx_export.export_model(checkpoint, args.out, options)
     for line in onnx_export.summary_lines(report):
         print(line)
     print(f"wrote {args.out} and {onnx_export.report_path(args.out)}")
@@ -280,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(handler=_train)
 
     ex = commands.add_parser("export", help="export a trained trunk to a self-describing ONNX model (int8 by default)")
-    ex.add_argument("checkpoint", type=Path, help="checkpoint written by `station train`")
+    ex.add_argument("checkpoint", type=Path, help="checkpoint written by `station train`, or a Keras 3 model.keras")
     ex.add_argument("--out", type=Path, required=True, help="ONNX model to write (report: <name>.export.json beside it)")
     ex.add_argument("--fp32", action="store_true", help="keep the float model (no int8 quantization)")
     ex.add_argument("--int8", choices=("dynamic", "static"), help="int8 quantization (default: DEFAULT_INT8 in export/onnx_export.py)")
