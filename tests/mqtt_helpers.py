@@ -10,7 +10,8 @@ import paho.mqtt.client as mqtt
 
 
 class Recorder:
-    def __init__(self, host: str, port: int, topic: str = "#"):
+    def __init__(self, host: str, port: int, topic: str = "#", *, username: str | None = None,
+                 password: str | None = None, ca: str | None = None):
         self.messages: list[mqtt.MQTTMessage] = []
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
@@ -19,6 +20,10 @@ class Recorder:
         self.client.on_subscribe = lambda *a: self._subscribed.set()
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(0.1, 0.5)
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        if ca is not None:
+            self.client.tls_set(ca_certs=str(ca))
         self.client.connect(host, port)
         self.client.loop_start()
         assert self._subscribed.wait(5), "recorder could not subscribe"
