@@ -261,3 +261,32 @@ def test_the_daemon_with_the_bundled_int8_model_judges_simulated_parts_accuratel
     accuracy = sum((v["verdict"] == "NG") == ng for v, ng in zip(verdicts, truth_ng)) / len(verdicts)
     assert accuracy >= 0.97, accuracy
     recorder.close()
+
+
+def test_mqtt_trigger_mode_judges_the_freshest_frame_once_per_trigger(tmp_path, station_files, broker):
+    recorder = Recorder(broker.host, broker.port, "plant/#")
+    config = write_config(tmp_path, station_files, broker, '{source: "sim://?seed=8", fps: 40}', trigger="mqtt")
+    process = start_station(config)
+    try:
+        recorder.wait_for(lambda: recorder.json_on("/state") and recorder.json_on("/state")[-1]["trigger"] == "mqtt",
+                          what="state in trigger mode")
+        time.sleep(1.0)
+        assert recorder.on("/verdict") == []  # nothing judged without a trigger, though frames flow
+        for index in range(5):
+            recorder.publish("plant/st1/command", json.dumps({"id": f"t{index}", "cmd": "trigger", "part_id": f"P-{index}"}))
+            time.sleep(0.1)
+        recorder.wait_for(lambda: len(recorder.on("/verdict")) >= 5, what="five verdicts")
+        verdicts = recorder.json_on("/verdict")
+        assert [v["part_id"] for v in verdicts] == [f"P-{i}" for i in range(5)]
+        frames = [int(v["source"].split(":")[-1]) for v in verdicts]
+        assert frames == sorted(set(frames))  # a fresh frame each time, never the same one twice
+        assert all(v["latency_ms"] < 1000 for v in verdicts)  # the freshest frame, not a queued one
+        answers = {a["id"]: a for a in recorder.json_on("/command/result")}
+        assert all(answers[f"t{i}"]["ok"] for i in range(5))
+        time.sleep(0.5)
+        assert len(recorder.on("/verdict")) == 5
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code, output = finish(process, timeout=10)
+    assert code == 0, output
+    recorder.close()
