@@ -19,22 +19,65 @@ ARCHS = ("mlp", "cnn")
 ARCH_LAYOUT = {"mlp": "flat", "cnn": "nchw"}
 
 
-class MlpTrunk(nn.Module):
+# Trunk options stored in every checkpoint ("trunk_options"). Checkpoints
+# written before the options existed load with LEGACY_TRUNK_OPTIONS.
+DEFAULT_TRUNK_OPTIONS = {"batchnorm": True, "standardize": True, "l2_normalize": True}
+LEGACY_TRUNK_OPTIONS = {"batchnorm": False, "standardize": False, "l2_normalize": False}
+STANDARDIZE_EPS = 0.02  # in pixel_scale units (~5 grey levels): a flat crop is not blown up into noise
+
+
+def standardize(x: torch.Tensor) -> torch.Tensor:
+    """Per-crop zero mean, unit spread: the trunk sees the part, not the lamp.
+
+    Part of the exported graph, so the station's preprocessing stays the one
+    in station/preprocess.py.
+    """
+    flat = torch.flatten(x, 1)
+    mean = flat.mean(dim=1)
+    std = torch.sqrt(((flat - mean[:, None]) ** 2).mean(dim=1) + STANDARDIZE_EPS**2)
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    return (x - mean.reshape(shape)) / std.reshape(shape)
+
+
+class _Trunk(nn.Module):
+    standardize_input = False
+    l2_normalize = False
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.standardize_input:
+            x = standardize(x)
+        out = self.embed(x)
+        if self.l2_normalize:
+            # Unit-length embeddings: the margins mean the same for any trunk and data.
+            out = out / torch.sqrt(torch.sum(out * out, dim=1, keepdim=True) + 1e-12)
+        return out
+
+
+class MlpTrunk(_Trunk):
     """The source study's reference: flatten 936 -> 512 ReLU -> 256 ReLU -> 128 linear."""
 
-    def __init__(self, input_size: int, embedding_dim: int = 128):
+    def __init__(self, input_size: int, embedding_dim: int = 128, batchnorm: bool = False,
+                 standardize: bool = False, l2_normalize: bool = False):
         super().__init__()
+        self.standardize_input, self.l2_normalize = standardize, l2_normalize
+
+        def norm(width):
+            return [nn.BatchNorm1d(width)] if batchnorm else []
+
         self.layers = nn.Sequential(
-            nn.Linear(input_size, 512), nn.ReLU(),
-            nn.Linear(512, 256), nn.ReLU(),
+            nn.Linear(input_size, 512), *norm(512), nn.ReLU(),
+            nn.Linear(512, 256), *norm(256), nn.ReLU(),
             nn.Linear(256, embedding_dim),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
 
 
-class CnnTrunk(nn.Module):
+class CnnTrunk(_Trunk):
     """Three 3x3 conv blocks, each halving the crop, then one linear layer.
 
     The linear head keeps where a feature is (no global pooling): defects are
@@ -42,20 +85,24 @@ class CnnTrunk(nn.Module):
     parameters for a 36x26 crop, most of them in the head.
     """
 
-    def __init__(self, height: int, width: int, embedding_dim: int = 128):
+    def __init__(self, height: int, width: int, embedding_dim: int = 128, batchnorm: bool = False,
+                 standardize: bool = False, l2_normalize: bool = False):
         super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 48, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        )
+        self.standardize_input, self.l2_normalize = standardize, l2_normalize
+
+        def block(c_in, c_out):
+            # BatchNorm folds into the conv on export: free at inference.
+            norm = [nn.BatchNorm2d(c_out)] if batchnorm else []
+            return [nn.Conv2d(c_in, c_out, 3, padding=1), *norm, nn.ReLU(), nn.MaxPool2d(2)]
+
+        self.features = nn.Sequential(*block(1, 16), *block(16, 32), *block(32, 48))
         with torch.no_grad():
             flat_size = self.features(torch.zeros(1, 1, height, width)).numel()
         if flat_size == 0:
             raise ConfigError(f"a {width}x{height} crop is too small for the cnn trunk (at least 8x8)")
         self.head = nn.Linear(flat_size, embedding_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.flatten(self.features(x), 1))
 
 
@@ -70,15 +117,27 @@ def check_arch(arch: str):
         raise ConfigError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHS)}")
 
 
-def build_trunk(arch: str, embedding_dim: int = 128, spec: InputSpec | None = None) -> nn.Module:
+def trunk_options(options: dict | None = None) -> dict:
+    """DEFAULT_TRUNK_OPTIONS updated with `options`; unknown keys are refused."""
+    merged = dict(DEFAULT_TRUNK_OPTIONS)
+    unknown = set(options or {}) - set(merged)
+    if unknown:
+        raise ConfigError(f"unknown trunk option(s) {', '.join(sorted(unknown))}")
+    merged.update({k: bool(v) for k, v in (options or {}).items()})
+    return merged
+
+
+def build_trunk(arch: str, embedding_dim: int = 128, spec: InputSpec | None = None,
+                options: dict | None = None) -> nn.Module:
     """A freshly initialised trunk (torch's default init; seed torch first for repeatability)."""
     check_arch(arch)
     if embedding_dim < 1:
         raise ConfigError(f"embedding dimension {embedding_dim} must be at least 1")
     spec = spec or input_spec_for(arch)
+    options = trunk_options(options)
     if arch == "mlp":
-        return MlpTrunk(spec.width * spec.height, embedding_dim)
-    return CnnTrunk(spec.height, spec.width, embedding_dim)
+        return MlpTrunk(spec.width * spec.height, embedding_dim, **options)
+    return CnnTrunk(spec.height, spec.width, embedding_dim, **options)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -91,7 +150,8 @@ CHECKPOINT_FORMAT = "station-trunk/1"
 CHECKPOINT_KEYS = ("format", "state_dict", "arch", "embedding_dim", "input_spec")
 
 
-def save_checkpoint(path, model: nn.Module, arch: str, embedding_dim: int, spec: InputSpec, **info):
+def save_checkpoint(path, model: nn.Module, arch: str, embedding_dim: int, spec: InputSpec,
+                    trunk_options: dict | None = None, **info):
     """Write the trunk's weights and how to rebuild it; never a pickled module.
 
     `info` must be plain data (str, int, float, bool, None, lists/dicts of
@@ -103,6 +163,7 @@ def save_checkpoint(path, model: nn.Module, arch: str, embedding_dim: int, spec:
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "arch": arch,
         "embedding_dim": int(embedding_dim),
+        "trunk_options": dict(trunk_options if trunk_options is not None else _options_of(model)),
         "input_spec": {
             "width": spec.width, "height": spec.height,
             "layout": spec.layout, "pixel_scale": float(spec.pixel_scale),
@@ -113,6 +174,14 @@ def save_checkpoint(path, model: nn.Module, arch: str, embedding_dim: int, spec:
     partial = path.with_name(path.name + ".partial")
     torch.save(checkpoint, partial)
     os.replace(partial, path)  # a crash never leaves half a checkpoint under the real name
+
+
+def _options_of(model: nn.Module) -> dict:
+    return {
+        "batchnorm": any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in model.modules()),
+        "standardize": bool(getattr(model, "standardize_input", False)),
+        "l2_normalize": bool(getattr(model, "l2_normalize", False)),
+    }
 
 
 def load_checkpoint(path) -> tuple[nn.Module, dict]:
@@ -128,7 +197,8 @@ def load_checkpoint(path) -> tuple[nn.Module, dict]:
     if missing or checkpoint["format"] != CHECKPOINT_FORMAT:
         raise ModelError(f"{path}: not a {CHECKPOINT_FORMAT} checkpoint (missing {', '.join(missing) or 'format'})")
     spec = InputSpec(**checkpoint["input_spec"])
-    model = build_trunk(checkpoint["arch"], checkpoint["embedding_dim"], spec)
+    options = checkpoint.get("trunk_options", LEGACY_TRUNK_OPTIONS)
+    model = build_trunk(checkpoint["arch"], checkpoint["embedding_dim"], spec, options)
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as exc:

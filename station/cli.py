@@ -281,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--data", type=Path, required=True, help="image folder: good/ + one folder per defect class")
     tr.add_argument("--out", type=Path, required=True, help="checkpoint to write (trunk.pt)")
     tr.add_argument("--arch", choices=("mlp", "cnn"), help="trunk: mlp (reference) or cnn (default: export/train.py)")
-    tr.add_argument("--loss", choices=("contrastive", "triplet"), help="Siamese loss (default: contrastive)")
+    tr.add_argument("--loss", choices=("center", "contrastive", "triplet"),
+                    help="Siamese loss: center (to the mean good embedding), contrastive (pairs), triplet (default: center)")
     tr.add_argument("--epochs", type=int, help="training epochs (default: DEFAULT_EPOCHS in export/train.py)")
     tr.add_argument("--seed", type=int, help="same seed and data, same weights (default 0)")
     tr.add_argument("--embedding-dim", type=int, help="embedding size (default 128)")

@@ -10,8 +10,10 @@ torch = pytest.importorskip("torch", reason="the train extra is not installed")
 
 from export import onnx_export  # noqa: E402
 from export.onnx_export import ExportOptions, export_model, report_path  # noqa: E402
-from export.train import TrainConfig, train  # noqa: E402
-from export.trunk import build_trunk, input_spec_for, load_checkpoint, save_checkpoint  # noqa: E402
+from export.train import DEFAULT_LOSS, TrainConfig, center_loss, train  # noqa: E402
+from export.trunk import (  # noqa: E402
+    DEFAULT_TRUNK_OPTIONS, LEGACY_TRUNK_OPTIONS, build_trunk, input_spec_for, load_checkpoint, save_checkpoint,
+)
 from station.cli import main  # noqa: E402
 from station.embedder import OPTIONAL_METADATA, REQUIRED_METADATA, Embedder  # noqa: E402
 from station.errors import DataError, ExportGateError  # noqa: E402
@@ -47,7 +49,8 @@ def test_checkpoint_is_plain_data_that_loads_with_weights_only(checkpoints, sim_
     checkpoint = torch.load(path, weights_only=True)
     assert checkpoint["arch"] == "cnn" and checkpoint["embedding_dim"] == 128
     assert checkpoint["input_spec"] == {"width": 36, "height": 26, "layout": "nchw", "pixel_scale": 1.0 / 255.0}
-    assert checkpoint["loss"] == "contrastive" and checkpoint["epochs"] == TINY_EPOCHS and checkpoint["seed"] == 0
+    assert checkpoint["loss"] == DEFAULT_LOSS and checkpoint["epochs"] == TINY_EPOCHS
+    assert checkpoint["trunk_options"] == DEFAULT_TRUNK_OPTIONS and checkpoint["seed"] == 0
     assert checkpoint["data_fingerprint"] == dataset_fingerprint(scan_dataset(sim_dataset), sim_dataset)
     assert checkpoint["data_path"] == str(sim_dataset.resolve())
     assert 0.0 <= checkpoint["val_pair_accuracy"] <= 1.0
@@ -125,7 +128,7 @@ def drifting_checkpoint(path, data_dir):
     """
     torch.manual_seed(0)
     spec = input_spec_for("mlp")
-    model = build_trunk("mlp", 128, spec)
+    model = build_trunk("mlp", 128, spec, LEGACY_TRUNK_OPTIONS)
     first, second = model.layers[0], model.layers[2]
     with torch.no_grad():
         first.weight[0] = 1e4
@@ -179,3 +182,46 @@ def test_cli_refuses_a_drifting_model_with_a_message(sim_dataset, tmp_path, caps
     assert main(["export", str(checkpoint), "--out", str(model)]) == ExportGateError.exit_code
     assert "export refused" in capsys.readouterr().err
     assert not model.exists()
+
+
+# -- the defaults chosen for real parts (docs/quality.md) ---------------------------------
+
+
+def test_center_loss_is_zero_only_when_goods_meet_and_defects_clear_the_margin():
+    good = torch.zeros(4, 8)
+    far = torch.zeros(3, 8)
+    far[:, 0] = 1.5
+    assert center_loss(good, far).item() == pytest.approx(0.0, abs=1e-6)
+    near = far * 0.5  # defects inside the margin of 1
+    assert center_loss(good, near).item() == pytest.approx((1 - 0.75) ** 2, rel=1e-3)
+    spread = good.clone()
+    spread[0, 1], spread[1, 1] = 1.0, -1.0  # mean stays at 0; two goods at distance 1
+    assert center_loss(spread, far).item() == pytest.approx(0.5, rel=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_default_trunk_gives_unit_embeddings_independent_of_the_lamp(arch):
+    torch.manual_seed(0)
+    model = build_trunk(arch).eval()
+    spec = input_spec_for(arch)
+    crops = torch.rand((5,) + spec.sample_shape) * 0.5 + 0.2
+    with torch.no_grad():
+        emb = model(crops)
+        relit = model(crops * 1.2 + 0.05)  # brighter lamp, more gain
+    assert torch.allclose(emb.norm(dim=1), torch.ones(5), atol=1e-5)
+    assert torch.max(torch.abs(emb - relit)).item() < 1e-2
+
+
+def test_a_checkpoint_without_trunk_options_loads_the_old_trunk(tmp_path):
+    spec = input_spec_for("cnn")
+    legacy = build_trunk("cnn", 128, spec, LEGACY_TRUNK_OPTIONS)
+    path = tmp_path / "old.pt"
+    save_checkpoint(path, legacy, "cnn", 128, spec)
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["trunk_options"] == LEGACY_TRUNK_OPTIONS
+    del checkpoint["trunk_options"]  # as written before the options existed
+    torch.save(checkpoint, path)
+    model, _ = load_checkpoint(path)
+    x = torch.rand(2, 1, 26, 36)
+    with torch.no_grad():
+        assert torch.equal(model(x), legacy.eval()(x))
