@@ -16,6 +16,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -344,18 +345,26 @@ class FrameFeed:
 
     The loop waits at most `timeout` per call, so commands, stats and the
     watchdog keep running while a camera is away. Finite sources (files,
-    folders, sim with a count) are lossless: capture waits for the loop. Live
-    cameras are not: when the loop falls behind, the oldest frame is dropped
+    folders, sim with a count) are lossless: capture waits for the loop, with
+    at most `max_frames` frames or `max_bytes` of pixels queued (full video
+    frames are large: the memory goal holds for any frame size). Live cameras
+    are not lossless: when the loop falls behind, the oldest frame is dropped
     and counted, so a verdict is never about a stale part.
     """
 
-    def __init__(self, source: FrameSource, lossless: bool, depth: int = 256):
+    LIVE_DEPTH = 4
+
+    def __init__(self, source: FrameSource, lossless: bool, max_frames: int = 256, max_bytes: int = 16 << 20):
         self.source = source
         self.lossless = lossless
+        self.max_frames = max_frames if lossless else self.LIVE_DEPTH
+        self.max_bytes = max_bytes
         self.dropped = 0
         self.captured = 0
-        self._queue: queue.Queue = queue.Queue(maxsize=depth if lossless else 4)
-        self._ended = threading.Event()
+        self._frames: deque[Frame] = deque()
+        self._bytes = 0
+        self._changed = threading.Condition()
+        self._ended = False
         self._thread = threading.Thread(target=self._capture, daemon=True, name="frame-feed")
         self._thread.start()
 
@@ -367,41 +376,53 @@ class FrameFeed:
         except Exception:  # a source bug ends the feed; the daemon reports it, never hangs
             log.exception("frame source %s failed", self.source.description)
         finally:
-            self._ended.set()
+            with self._changed:
+                self._ended = True
+                self._changed.notify_all()
+
+    def _full(self, size: int) -> bool:
+        # Always room for one frame, however large.
+        return bool(self._frames) and (len(self._frames) >= self.max_frames or self._bytes + size > self.max_bytes)
 
     def _put(self, frame: Frame):
-        while not self.source.closed:
-            try:
-                self._queue.put(frame, timeout=0.2)
-                return
-            except queue.Full:
+        size = frame.image.nbytes
+        with self._changed:
+            while self._full(size):
                 if not self.lossless:
-                    try:
-                        self._queue.get_nowait()
-                        self.dropped += 1
-                    except queue.Empty:
-                        pass
+                    self._bytes -= self._frames.popleft().image.nbytes
+                    self.dropped += 1
+                elif self.source.closed:
+                    return
+                else:
+                    self._changed.wait(0.2)
+            self._frames.append(frame)
+            self._bytes += size
+            self._changed.notify_all()
 
     def get_batch(self, max_frames: int, timeout: float) -> list[Frame]:
         """Wait up to `timeout` for a frame, then take whatever else is ready (up to max_frames)."""
-        try:
-            batch = [self._queue.get(timeout=timeout)]
-        except queue.Empty:
-            return []
-        while len(batch) < max_frames:
-            try:
-                batch.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        return batch
+        with self._changed:
+            if not self._frames and not self._ended:
+                self._changed.wait(timeout)
+            batch = []
+            while self._frames and len(batch) < max_frames:
+                frame = self._frames.popleft()
+                self._bytes -= frame.image.nbytes
+                batch.append(frame)
+            if batch:
+                self._changed.notify_all()
+            return batch
 
     @property
     def ended(self) -> bool:
         """The source is exhausted and every frame was taken."""
-        return self._ended.is_set() and self._queue.empty()
+        with self._changed:
+            return self._ended and not self._frames
 
     def close(self, timeout: float = 3.0):
         self.source.close()
+        with self._changed:
+            self._changed.notify_all()
         self._thread.join(timeout)
 
 

@@ -163,3 +163,30 @@ def test_url_credentials_are_not_in_the_description():
     source = open_source("rtsp://admin:pa55@10.1.2.3/stream1")
     assert source.description == "rtsp://10.1.2.3/stream1"
     assert open_source(0).description == "0" and open_source("/dev/video3").kind == "device"
+
+
+def test_the_frame_feed_bounds_queued_pixels_and_drops_only_for_live_cameras():
+    from station.camera import FrameFeed, FrameSource
+
+    class Burst(FrameSource):
+        """A source that delivers 50 large frames as fast as it can."""
+
+        def _frames(self):
+            for _ in range(50):
+                yield self._frame(np.zeros((480, 640, 3), np.uint8), "burst")
+
+    lossless = FrameFeed(Burst("burst"), lossless=True, max_bytes=5 * 640 * 480 * 3)
+    time.sleep(0.5)  # the loop is busy: capture must wait, not pile up
+    assert len(lossless._frames) == 5 and lossless.dropped == 0
+    taken = []
+    while not lossless.ended:
+        taken += lossless.get_batch(8, timeout=0.5)
+    assert len(taken) == 50 and lossless.dropped == 0  # nothing lost from stored media
+
+    live = FrameFeed(Burst("camera"), lossless=False)
+    deadline = time.monotonic() + 5
+    while live.captured < 50 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    assert len(live.get_batch(50, timeout=0.5)) == FrameFeed.LIVE_DEPTH  # only the freshest frames
+    assert live.dropped == 50 - FrameFeed.LIVE_DEPTH
