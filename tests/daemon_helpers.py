@@ -74,6 +74,10 @@ class TimedNotify:
             now = time.monotonic()
             self.received.extend((now, line) for line in data.decode().splitlines())
 
+    def lines(self) -> list[str]:
+        """Every line received so far, in order."""
+        return [text for _, text in list(self.received)]
+
     def times(self, line: str, since: float = 0.0, until: float = float("inf")) -> list[float]:
         return [t for t, text in list(self.received) if text == line and since <= t <= until]
 
