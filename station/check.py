@@ -61,6 +61,11 @@ def check_station(config: StationConfig, env: dict[str, str] | None = None) -> C
 
 def _file_problems(config: StationConfig, env) -> list[str]:
     problems = []
+    source = config.camera.source
+    # Devices, URLs and sim:// are checked by the daemon (they come and go); a file or folder must exist.
+    if isinstance(source, str) and source.startswith("/") and not source.startswith("/dev/") \
+            and not Path(source).exists():
+        problems.append(f"camera.source: {source} does not exist (a video file or an image folder)")
     mqtt = config.mqtt
     if mqtt.password_file is not None and not os.access(mqtt.password_file, os.R_OK):
         problems.append(f"mqtt.password_file: {mqtt.password_file} cannot be read")

@@ -48,6 +48,10 @@ def test_every_problem_is_reported_at_once_with_exit_78(station_files, tmp_path,
     assert main(["check", "-c", str(config)]) == 78
     err = capsys.readouterr().err
     assert "3 problem(s)" in err
+    config.write_text(config.read_text().replace('source: "sim://"', f"source: {tmp_path / 'no-video.avi'}"))
+    assert main(["check", "-c", str(config)]) == 78
+    err = capsys.readouterr().err
+    assert "4 problem(s)" in err and "camera.source: " in err and "no-video.avi does not exist" in err
     assert "product A:" in err and "recalibrate" in err
     assert "product B:" in err and "not a reference set" in err
     assert "mqtt.password_file" in err
