@@ -200,7 +200,8 @@ def _session(path: Path):
 
 
 def run_onnx(path: Path, batch: np.ndarray) -> np.ndarray:
-    return _session(path).run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+    """Embeddings exactly as the station computes them (the Embedder's batching rules)."""
+    return Embedder(path).embed(batch)
 
 
 def batch1_latency_ms(paths: list[Path], sample: np.ndarray) -> list[float]:

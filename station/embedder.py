@@ -111,6 +111,7 @@ class Embedder:
         self.info = _parse_metadata(model_path, sha256, props)
         self._check_signature()
         self._output_names = [OUTPUT_NAME]
+        self._per_part = self.info.quantization == "int8-dynamic"
 
     def _check_signature(self):
         inputs = {i.name: i for i in self.session.get_inputs()}
@@ -132,8 +133,19 @@ class Embedder:
         return self.info.input_spec
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
-        """Preprocessed float32 batch -> (n, embedding_dim) float32 embeddings."""
-        return self.session.run(self._output_names, {INPUT_NAME: batch})[0]
+        """Preprocessed float32 batch -> (n, embedding_dim) float32 embeddings.
+
+        Dynamic int8 models quantize activations with a scale taken from the
+        whole input tensor, so a part's embedding would depend on the other
+        parts in its batch. They run one part per call: a part gets the same
+        embedding at calibration, evaluation and in the daemon, whatever its
+        neighbours.
+        """
+        if not self._per_part or len(batch) == 1:
+            return self.session.run(self._output_names, {INPUT_NAME: batch})[0]
+        return np.concatenate([
+            self.session.run(self._output_names, {INPUT_NAME: batch[i : i + 1]})[0] for i in range(len(batch))
+        ])
 
     def embed_images(self, images, roi: Roi | None = None, batch_size: int = 256) -> np.ndarray:
         """Raw images (any size, gray or colour) -> embeddings, in batches."""

@@ -225,3 +225,31 @@ def test_a_checkpoint_without_trunk_options_loads_the_old_trunk(tmp_path):
     x = torch.rand(2, 1, 26, 36)
     with torch.no_grad():
         assert torch.equal(model(x), legacy.eval()(x))
+
+
+def test_a_part_gets_the_same_int8_embedding_whatever_else_is_in_its_batch(tmp_path, sim_dataset):
+    """Dynamic int8 scales activations per input tensor: the embedder must not let batch neighbours in."""
+    from station.embedder import Embedder
+    from station.imagefolder import list_images, read_image
+    from station.preprocess import preprocess
+    from tests.onnx_models import projection_model
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    import onnx
+
+    fp32 = projection_model(tmp_path / "fp32.onnx", embedding_dim=32)
+    int8 = tmp_path / "int8.onnx"
+    quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
+    model = onnx.load(str(int8))
+    for prop in model.metadata_props:
+        if prop.key == "quantization":
+            prop.value = "int8-dynamic"
+    onnx.save(model, str(int8))
+    embedder = Embedder(int8)
+    batch = preprocess([read_image(p) for p in list_images(sim_dataset)[:40]], embedder.input_spec)
+    whole = embedder.embed(batch)
+    alone = np.concatenate([embedder.embed(batch[i : i + 1]) for i in range(len(batch))])
+    with_bright_neighbour = embedder.embed(np.concatenate([batch[:1], np.ones_like(batch[:1]) * 3.0]))[0]
+    np.testing.assert_array_equal(whole, alone)
+    np.testing.assert_array_equal(with_bright_neighbour, alone[0])
+    raw = embedder.session.run(None, {"input": np.concatenate([batch[:1], np.ones_like(batch[:1]) * 3.0])})[0][0]
+    assert np.abs(raw - alone[0]).max() > 1e-4  # the effect the embedder guards against is real
