@@ -101,7 +101,7 @@ class Dashboard:
             self.agree += (truth == "good") == (verdict["verdict"] == "OK")
             if self.first_verdict_at is None:
                 self.first_verdict_at = time.monotonic()
-            score = "  n/a" if verdict["score"] is None else f"{verdict['score']:7.2f}"
+            score = "    n/a" if verdict["score"] is None else f"{verdict['score']:7.4g}"
             print(f"{verdict['ts'][11:23]}  seq {verdict['seq']:6d}  {verdict['verdict']}  score {score}"
                   f"  part {verdict['source']:14s} ({truth:13s})  yield {self.ok / self.verdicts:6.1%}",
                   file=self.out, flush=True)

@@ -10,7 +10,7 @@ from station.demo import DEMO_MODEL, DEMO_REFERENCE
 from station.embedder import Embedder
 from calibration import reference_set
 
-VERDICT_LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3}  seq +\d+  (OK|NG)  score +[\d.]+  part sim:0:\d+ .* yield +[\d.]+%$")
+VERDICT_LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3}  seq +\d+  (OK|NG)  score +[\d.e+-]+  part sim:0:\d+ .* yield +[\d.]+%$")
 
 
 def run_demo(*args, timeout=90):
