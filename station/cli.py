@@ -210,8 +210,10 @@ def _run(args) -> int:
 def _bench(args) -> int:
     from station import bench
 
-    if not args.model:
-        raise StationError("bench needs --model (repeat it to compare int8 with fp32)")
+    if not args.model:  # the bundled demo models: int8 as the station's, its fp32 twin timed raw
+        from station.demo import DEMO_MODEL, DEMO_MODEL_FP32
+
+        args.model = [DEMO_MODEL] + ([DEMO_MODEL_FP32] if DEMO_MODEL_FP32.exists() else [])
     broker = None
     if args.broker:
         host, _, port = args.broker.rpartition(":")
@@ -306,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_run)
     be = commands.add_parser("bench", help="measure per-stage cost, raw onnxruntime, end-to-end verdicts/s, RSS")
     be.add_argument("--model", type=Path, action="append", default=[],
-                    help="ONNX model; the first is the station's, others are timed raw (e.g. the fp32 one)")
+                    help="ONNX model; the first is the station's, others are timed raw (default: the bundled demo int8 and fp32)")
     be.add_argument("--reference", type=Path, help="reference set for the first model (default: calibrated on simulated parts)")
     be.add_argument("--parts", type=int, default=10_000, help="simulated parts for the end-to-end run (default 10000)")
     be.add_argument("--broker", help="HOST:PORT of a broker (default: a mosquitto started on loopback)")

@@ -26,6 +26,7 @@ from station.errors import MissingExtraError, StationError
 
 DEMO_DIR = Path(__file__).parent / "demo"
 DEMO_MODEL = DEMO_DIR / "model.onnx"
+DEMO_MODEL_FP32 = DEMO_DIR / "model-fp32.onnx"  # the same trunk unquantized, for `station bench`
 DEMO_REFERENCE = DEMO_DIR / "refs" / "demo"
 STATION_ID = "demo-st1"
 PREFIX = "inspection"
