@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from station.errors import StationError
+from station.loopback import Mosquitto
 
 STAGE_RUNS = 2000
 
@@ -237,33 +237,6 @@ def _maps_mention(pid: int, word: str) -> bool:
 # -- the whole bench ---------------------------------------------------------
 
 
-class LocalBroker:
-    """A mosquitto on a free loopback port for the bench, unless one is given."""
-
-    def __init__(self, workdir: Path):
-        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        if not Path(binary).exists():
-            raise StationError("mosquitto is not installed: apt-get install mosquitto, or pass --broker HOST:PORT")
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        conf = workdir / "mosquitto.conf"
-        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-        self.process = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise StationError("mosquitto did not start")
-
-    def stop(self):
-        self.process.terminate()
-        self.process.wait(5)
-
-
 def run_bench(models: list[Path], reference: Path | None, n_parts: int, broker: tuple[str, int] | None,
               progress=print) -> dict:
     from calibration import workflow
@@ -281,8 +254,8 @@ def run_bench(models: list[Path], reference: Path | None, n_parts: int, broker: 
             workflow.calibrate_folders(Embedder(models[0]), parts / "good", [], reference, "bench")
         local = None
         if broker is None:
-            local = LocalBroker(workdir)
-            broker = ("127.0.0.1", local.port)
+            local = Mosquitto(workdir).start()
+            broker = (local.host, local.port)
         try:
             progress("timing stages ...")
             stages = stage_figures(models[0], reference, parts, broker)

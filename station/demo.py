@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 
 from station.errors import MissingExtraError, StationError
+from station.loopback import free_port
 
 DEMO_DIR = Path(__file__).parent / "demo"
 DEMO_MODEL = DEMO_DIR / "model.onnx"
@@ -30,12 +30,6 @@ DEMO_MODEL_FP32 = DEMO_DIR / "model-fp32.onnx"  # the same trunk unquantized, fo
 DEMO_REFERENCE = DEMO_DIR / "refs" / "demo"
 STATION_ID = "demo-st1"
 PREFIX = "inspection"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class EmbeddedBroker:

@@ -2,7 +2,6 @@
 import json
 import logging
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,7 @@ from station.backoff import Backoff
 from station.config import MqttConfig
 from station.errors import PublisherError
 from station.outbox import Outbox
+from station.loopback import free_port
 from station.publisher import Publisher, Topics, read_password
 
 FAST = dict(first=0.1, ceiling=0.5)
@@ -36,12 +36,6 @@ def new_broker(mosquitto, tmp_path):
     yield start
     for broker in brokers:
         broker.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
