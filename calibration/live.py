@@ -24,6 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
+from calibration import workflow
+from calibration.fit import CalibrationError
+from station.camera import open_source
+from station.check import configured_products
+from station.embedder import Embedder
+from station.errors import ConfigError
 from station.preprocess import InputSpec, Roi, prepare_crop
 
 log = logging.getLogger(__name__)
@@ -96,9 +102,6 @@ def grab_distinct_crops(frames: Iterable, roi: Roi | None, spec: InputSpec, coun
 
 def product_reference(config, product: str | None) -> tuple[str, Path]:
     """(product, reference set folder) to calibrate: a product the config lists, default the active one."""
-    from station.check import configured_products
-    from station.errors import ConfigError
-
     products = configured_products(config)
     if product is None:
         product = config.product if config.products is not None else next(iter(products))
@@ -124,12 +127,6 @@ def calibrate_from_camera(config, product: str | None, count: int, min_good: int
                           min_change: float = DEFAULT_MIN_CHANGE, metric: str = "auto",
                           target_false_reject: float = 0.005, progress: bool = False) -> LiveCalibration:
     """Grab `count` distinct parts from the configured camera and save a new reference set version."""
-    from calibration import workflow
-    from calibration.fit import CalibrationError
-    from station.camera import open_source
-    from station.embedder import Embedder
-    from station.errors import ConfigError
-
     product, out = product_reference(config, product)
     if min_good < 1:
         raise ConfigError(f"--min-good must be at least 1, got {min_good}")

@@ -14,7 +14,7 @@ from calibration.evaluate import Evaluation, evaluate_embeddings
 from calibration.reference_set import ReferenceSet, check_product_name, save, verify_for_model
 from station.errors import DataError, ImageReadError
 from station.imagefolder import LabeledImage, list_images, read_image, scan_dataset
-from station.preprocess import Roi, prepare_crop
+from station.preprocess import Roi, prepare_crop, to_model_input
 
 MAX_NAMED_FAILURES = 20
 
@@ -51,8 +51,6 @@ def embed_items(embedder, items: list[LabeledImage], roi: Roi | None = None, pro
 
 def embed_crops(embedder, crops: np.ndarray, paths: list[Path], classes: list[str]) -> EmbeddedImages:
     """Embed prepared uint8 crops (n, h, w) in batches (from files or from the camera)."""
-    from station.preprocess import to_model_input
-
     if not len(crops):
         raise DataError("no images to embed")
     embeddings = np.concatenate([

@@ -19,6 +19,7 @@ import numpy as np
 
 from station.errors import StationError
 from station.loopback import Mosquitto
+from station.verdict import encode, judge, utc_timestamp, verdict_message
 
 STAGE_RUNS = 2000
 
@@ -67,7 +68,6 @@ def stage_figures(model: Path, reference: Path, parts: Path, broker: tuple[str, 
     from station.outbox import Outbox
     from station.preprocess import prepare_crop, to_model_input
     from station.scoring import distances
-    from station.verdict import encode, judge, verdict_message
 
     embedder = Embedder(model)
     references = reference_set.load(reference)
@@ -77,16 +77,17 @@ def stage_figures(model: Path, reference: Path, parts: Path, broker: tuple[str, 
     inputs = [to_model_input(prepare_crop(image, spec)[None], spec) for image in images]
     embeddings = [embedder.embed(x) for x in inputs]
     judgements = [judge(e, references)[0] for e in embeddings]
+    ts = utc_timestamp(time.time())  # as the daemon does: once per batch
     stages = {
         "grab/decode": time_calls(read_image, paths),
         "crop+preprocess": time_calls(lambda image: to_model_input(prepare_crop(image, spec)[None], spec), images),
         "embed": time_calls(embedder.embed, inputs),
         "metrics (all)": time_calls(lambda e: distances(e, references.model), embeddings),
-        "verdict+json": time_calls(lambda j: encode(_message(verdict_message, j, references)), judgements),
+        "verdict+json": time_calls(lambda j: encode(_message(j, references, ts)), judgements),
     }
     with tempfile.TemporaryDirectory() as folder:
         outbox = Outbox(Path(folder) / "outbox.sqlite3")
-        payloads = [encode(_message(verdict_message, j, references)) for j in judgements]
+        payloads = [encode(_message(j, references, ts)) for j in judgements]
         stages["outbox write (1/commit)"] = time_calls(lambda p: _store(outbox, [p]), payloads[:500], warmup=10)
         batches = [payloads[i : i + 64] for i in range(0, len(payloads) - 63, 64)]
         per_batch = time_calls(lambda b: _store(outbox, b), batches, warmup=2)
@@ -96,11 +97,11 @@ def stage_figures(model: Path, reference: Path, parts: Path, broker: tuple[str, 
     return stages
 
 
-def _message(verdict_message, judgement, references) -> dict:
+def _message(judgement, references, ts: str) -> dict:
     return verdict_message(
         station="bench", seq=1, source="part_000001.png", part_id=None, product=references.product,
         judgement=judgement, threshold=references.threshold, metric=references.metric, model_id="0" * 12,
-        reference_version=references.version, latency_ms=0.1, wall_time=time.time(),
+        reference_version=references.version, latency_ms=0.1, ts=ts,
     )
 
 

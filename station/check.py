@@ -26,12 +26,8 @@ class CheckResult:
 def configured_products(config: StationConfig) -> dict[str, Path]:
     """Every product the station may switch to, with its reference set folder."""
     if config.products is None:
-        return {_single_product_name(config.reference): config.reference}
+        return {Path(config.reference).name: config.reference}  # a single set: named by its folder
     return dict(config.products)
-
-
-def _single_product_name(reference: Path) -> str:
-    return Path(reference).name
 
 
 def check_station(config: StationConfig, env: dict[str, str] | None = None) -> CheckResult:

@@ -182,7 +182,7 @@ class Daemon:
         transaction, as soon as the outbox stores again, so no seq is used twice.
         """
         reference = inspector.reference_set
-        wall_time = time.time()
+        ts = utc_timestamp(time.time())  # one batch, one moment: formatted once
 
         def build(seq, frame, judgement) -> dict:
             return verdict_message(
@@ -190,7 +190,7 @@ class Daemon:
                 product=inspector.product, judgement=judgement, threshold=reference.threshold,
                 metric=reference.metric, model_id=inspector.embedder.info.short_id,
                 reference_version=reference.version,
-                latency_ms=(ready - frame.grabbed_at) * 1000.0, wall_time=wall_time,
+                latency_ms=(ready - frame.grabbed_at) * 1000.0, ts=ts,
             )
 
         done: list[dict] = []

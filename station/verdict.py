@@ -47,14 +47,14 @@ def _finite_or_none(value: float) -> float | None:
 
 def verdict_message(
     *, station: str, seq: int, source: str, part_id: str | None, product: str, judgement: Judgement,
-    threshold: float, metric: str, model_id: str, reference_version: int, latency_ms: float, wall_time: float,
+    threshold: float, metric: str, model_id: str, reference_version: int, latency_ms: float, ts: str,
     verdict_id: str | None = None,
 ) -> dict:
     return {
         "station": station,
         "seq": seq,
         "id": verdict_id or str(uuid.uuid4()),
-        "ts": utc_timestamp(wall_time),
+        "ts": ts,
         "source": source,
         "part_id": part_id,
         "product": product,
