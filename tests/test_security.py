@@ -419,6 +419,8 @@ def test_a_wrong_password_is_explained_backs_off_and_never_logged(tmp_path, stat
     try:
         wait_until(lambda: output.count("not authorised: check username/password") >= 2, timeout=10,
                    what="two refused logins")
+        # Each refusal is logged before its retry line: wait for the second retry line too.
+        wait_until(lambda: output.count("retrying in") >= 2, timeout=5, what="two retry delays")
         first, second = [line for line in output.lines if "retrying in" in line][:2]
         assert process.poll() is None  # it keeps judging into its outbox and retrying
     finally:
