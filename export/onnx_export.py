@@ -34,7 +34,7 @@ from station.imagefolder import scan_dataset
 from station.metrics import minkowski
 from station.preprocess import InputSpec
 from export.dataset import CropSet, load_crops, model_batch
-from export.trunk import load_checkpoint
+from export.trunk import fold_batchnorm, load_checkpoint
 
 OPSET = 17  # fixed: the version onnxruntime.quantization handles for these ops
 INT8_MODES = ("dynamic", "static")
@@ -43,6 +43,8 @@ INT8_MODES = ("dynamic", "static")
 # failed it for mlp (cosine 0.9978) and ran slower than float for the cnn
 # (quantize/dequantize around tiny convs), though 28 % instead of 41 % size.
 DEFAULT_INT8 = "dynamic"
+STATIC_OP_TYPES = ["Conv", "Gemm", "MatMul", "Relu", "MaxPool"]
+STATIC_ACTIVATION_TYPE = q.QuantType.QUInt8
 # Per-channel weight scales: one outlier channel no longer flattens the rest.
 PER_CHANNEL = True
 # 7-bit weights. On x86 CPUs without VNNI (AVX2 only, like the 2-core test
@@ -108,14 +110,18 @@ def noise_sample(spec: InputSpec, count: int = 64) -> CropSet:
 
 
 def export_fp32(model: torch.nn.Module, spec: InputSpec, path: Path):
-    """torch -> ONNX with a dynamic batch axis, input "input", output "embedding"."""
+    """torch -> ONNX with a dynamic batch axis, input "input", output "embedding".
+
+    BatchNorm is folded first; the gate then compares the unfolded torch
+    trunk with this graph, so the fold is checked on every export.
+    """
     dummy = torch.zeros((1,) + spec.sample_shape, dtype=torch.float32)
     with warnings.catch_warnings():
         # The TorchScript exporter (dynamo=False) is deprecated but gives a
         # plain, fixed-opset graph the quantizers handle; torch is pinned.
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, (dummy,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            fold_batchnorm(model), (dummy,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
             opset_version=OPSET, dynamo=False, do_constant_folding=True,
         )
@@ -156,7 +162,11 @@ def _run_quantizer(prepared: Path, int8_path: Path, mode: str, calib_batch, redu
     else:
         q.quantize_static(
             str(prepared), str(int8_path), _GoodCropReader(calib_batch), quant_format=q.QuantFormat.QDQ,
-            per_channel=PER_CHANNEL, activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,
+            # The layers with weights and what passes between them; the
+            # standardization and unit-length nodes stay float (onnxruntime
+            # 1.31's QDQ quantizer also fails on a weightless LayerNormalization).
+            op_types_to_quantize=STATIC_OP_TYPES,
+            per_channel=PER_CHANNEL, activation_type=STATIC_ACTIVATION_TYPE, weight_type=q.QuantType.QInt8,
             reduce_range=reduce_range, calibrate_method=q.CalibrationMethod.MinMax,
             # The embedding itself stays float: good parts differ from each other
             # by less than one int8 step of the whole embedding range.

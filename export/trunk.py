@@ -8,8 +8,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import copy
+
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from station.errors import ConfigError, ModelError
 from station.preprocess import InputSpec
@@ -26,34 +29,39 @@ LEGACY_TRUNK_OPTIONS = {"batchnorm": False, "standardize": False, "l2_normalize"
 STANDARDIZE_EPS = 0.02  # in pixel_scale units (~5 grey levels): a flat crop is not blown up into noise
 
 
-def standardize(x: torch.Tensor) -> torch.Tensor:
+L2_NORM_FLOOR = 1e-6  # an all-zero embedding stays zero instead of becoming NaN
+
+
+def standardize(x: torch.Tensor, sample_shape: tuple[int, ...]) -> torch.Tensor:
     """Per-crop zero mean, unit spread: the trunk sees the part, not the lamp.
 
     Part of the exported graph, so the station's preprocessing stays the one
-    in station/preprocess.py.
+    in station/preprocess.py. A layer norm without weights over the whole
+    crop is exactly (x - mean) / sqrt(var + eps^2), and exports as ONE
+    LayerNormalization node; the constant `sample_shape` keeps shape
+    arithmetic out of the graph (12 small nodes cost ~7 us per part).
     """
-    flat = torch.flatten(x, 1)
-    mean = flat.mean(dim=1)
-    std = torch.sqrt(((flat - mean[:, None]) ** 2).mean(dim=1) + STANDARDIZE_EPS**2)
-    shape = (-1,) + (1,) * (x.dim() - 1)
-    return (x - mean.reshape(shape)) / std.reshape(shape)
+    return nn.functional.layer_norm(x, sample_shape, eps=STANDARDIZE_EPS**2)
+
+
+def unit_length(out: torch.Tensor) -> torch.Tensor:
+    """Unit-length embeddings: the margins mean the same for any trunk and data."""
+    return out / torch.linalg.vector_norm(out, dim=1, keepdim=True).clamp_min(L2_NORM_FLOOR)
 
 
 class _Trunk(nn.Module):
     standardize_input = False
     l2_normalize = False
+    sample_shape: tuple[int, ...] = ()
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.standardize_input:
-            x = standardize(x)
+            x = standardize(x, self.sample_shape)
         out = self.embed(x)
-        if self.l2_normalize:
-            # Unit-length embeddings: the margins mean the same for any trunk and data.
-            out = out / torch.sqrt(torch.sum(out * out, dim=1, keepdim=True) + 1e-12)
-        return out
+        return unit_length(out) if self.l2_normalize else out
 
 
 class MlpTrunk(_Trunk):
@@ -63,6 +71,7 @@ class MlpTrunk(_Trunk):
                  standardize: bool = False, l2_normalize: bool = False):
         super().__init__()
         self.standardize_input, self.l2_normalize = standardize, l2_normalize
+        self.sample_shape = (input_size,)
 
         def norm(width):
             return [nn.BatchNorm1d(width)] if batchnorm else []
@@ -89,6 +98,7 @@ class CnnTrunk(_Trunk):
                  standardize: bool = False, l2_normalize: bool = False):
         super().__init__()
         self.standardize_input, self.l2_normalize = standardize, l2_normalize
+        self.sample_shape = (1, height, width)
 
         def block(c_in, c_out):
             # BatchNorm folds into the conv on export: free at inference.
@@ -138,6 +148,33 @@ def build_trunk(arch: str, embedding_dim: int = 128, spec: InputSpec | None = No
     if arch == "mlp":
         return MlpTrunk(spec.width * spec.height, embedding_dim, **options)
     return CnnTrunk(spec.height, spec.width, embedding_dim, **options)
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """An eval-mode copy with every BatchNorm folded into the layer before it.
+
+    The same function, fewer nodes: the exporter folds Conv+BatchNorm itself
+    but leaves Linear+BatchNorm1d as two nodes, and the int8 quantizer then
+    sees BatchNorm's scale as float work after every matrix product.
+    """
+    folded = copy.deepcopy(model).eval()
+    for parent in folded.modules():
+        if isinstance(parent, nn.Sequential):
+            _fold_sequential(parent)
+    return folded
+
+
+def _fold_sequential(seq: nn.Sequential):
+    names = list(seq._modules)
+    for first, second in zip(names, names[1:]):
+        layer, norm = seq._modules[first], seq._modules[second]
+        if isinstance(layer, nn.Linear) and isinstance(norm, nn.BatchNorm1d):
+            seq._modules[first] = fuse_linear_bn_eval(layer, norm)
+        elif isinstance(layer, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
+            seq._modules[first] = fuse_conv_bn_eval(layer, norm)
+        else:
+            continue
+        seq._modules[second] = nn.Identity()
 
 
 def count_parameters(model: nn.Module) -> int:

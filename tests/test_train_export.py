@@ -92,6 +92,19 @@ def test_fp32_export_runs_in_the_embedder_like_torch(checkpoints, sim_dataset, t
     assert report["gate"]["int8"] is None and report["passed"]
 
 
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_the_exported_graph_has_no_shape_arithmetic_or_batchnorm(checkpoints, tmp_path, arch):
+    """Standardization is one LayerNormalization, BatchNorm is folded: small nodes cost time per part."""
+    import onnx
+
+    out = tmp_path / f"{arch}.onnx"
+    export_model(checkpoints[arch].checkpoint, out, ExportOptions(fp32=True))
+    ops = [node.op_type for node in onnx.load(str(out)).graph.node]
+    assert ops.count("LayerNormalization") == 1
+    assert not {"BatchNormalization", "Shape", "Gather", "ReduceMean", "Pow"} & set(ops)
+    assert ops.count("Gemm") + ops.count("MatMul") == (3 if arch == "mlp" else 1)
+
+
 def test_int8_export_passes_the_gate_and_reports_its_figures(checkpoints, sim_dataset, tmp_path):
     out = tmp_path / "models" / "trunk.onnx"
     export_model(checkpoints["mlp"].checkpoint, out)
@@ -117,6 +130,22 @@ def test_int8_export_passes_the_gate_and_reports_its_figures(checkpoints, sim_da
     assert metadata["created"].endswith("+00:00")
     # Only the model and its report beside it: the work folder is gone.
     assert sorted(p.name for p in out.parent.iterdir()) == ["trunk.export.json", "trunk.onnx"]
+
+
+def test_static_int8_quantizes_the_layers_and_leaves_the_normalization_float(checkpoints, tmp_path):
+    import onnx
+
+    out = tmp_path / "cnn-static.onnx"
+    report = export_model(checkpoints["cnn"].checkpoint, out, ExportOptions(int8="static"))
+    assert report["passed"] and report["quantization"] == "int8-static"
+    nodes = onnx.load(str(out)).graph.node
+    made_by = {output: node.op_type for node in nodes for output in node.output}
+    convs = [node for node in nodes if node.op_type == "Conv"]
+    assert len(convs) == 3 and all(made_by[node.input[1]] == "DequantizeLinear" for node in convs)  # int8 weights
+    # Standardization and unit length compute in float on float inputs.
+    normalizing = [node for node in nodes if node.op_type in ("LayerNormalization", "ReduceL2", "Clip", "Div")]
+    assert len(normalizing) == 4
+    assert all(made_by.get(name) != "DequantizeLinear" for node in normalizing for name in node.input)
 
 
 def drifting_checkpoint(path, data_dir):
@@ -251,5 +280,6 @@ def test_a_part_gets_the_same_int8_embedding_whatever_else_is_in_its_batch(tmp_p
     with_bright_neighbour = embedder.embed(np.concatenate([batch[:1], np.ones_like(batch[:1]) * 3.0]))[0]
     np.testing.assert_array_equal(whole, alone)
     np.testing.assert_array_equal(with_bright_neighbour, alone[0])
+    np.testing.assert_array_equal(alone[0], embedder.session.run(None, {"input": batch[:1]})[0][0])
     raw = embedder.session.run(None, {"input": np.concatenate([batch[:1], np.ones_like(batch[:1]) * 3.0])})[0][0]
     assert np.abs(raw - alone[0]).max() > 1e-4  # the effect the embedder guards against is real
