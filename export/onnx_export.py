@@ -38,19 +38,25 @@ from export.trunk import fold_batchnorm, load_checkpoint
 
 OPSET = 17  # fixed: the version onnxruntime.quantization handles for these ops
 INT8_MODES = ("dynamic", "static")
-# Measured on both trunks (1,000 simulated parts, 2-core AVX2 CPU, batch 1):
-# dynamic passed the gate for mlp and cnn and was the faster one; static QDQ
-# failed it for mlp (cosine 0.9978) and ran slower than float for the cnn
-# (quantize/dequantize around tiny convs), though 28 % instead of 41 % size.
+# Measured on the tile-trained trunks (README, "Model side"; 2-core AVX2 CPU,
+# batch 1): dynamic passes the gate for mlp and cnn and is as fast as static
+# or faster; static QDQ is smaller for the cnn (30 % against 43 %) but slower
+# than float there (quantize/dequantize around tiny convs).
 DEFAULT_INT8 = "dynamic"
 STATIC_OP_TYPES = ["Conv", "Gemm", "MatMul", "Relu", "MaxPool"]
-STATIC_ACTIVATION_TYPE = q.QuantType.QUInt8
+STATIC_ACTIVATION_TYPE = q.QuantType.QUInt8  # onnxruntime's fast x86 path
 # Per-channel weight scales: one outlier channel no longer flattens the rest.
 PER_CHANNEL = True
-# 7-bit weights. On x86 CPUs without VNNI (AVX2 only, like the 2-core test
-# machine and many line PCs) onnxruntime's u8 x s8 kernels saturate int16
-# sums; measured mlp int8 cosine fell to 0.89 without it, 0.9994 with it.
-DEFAULT_REDUCE_RANGE = True
+# Unsigned 8-bit weights. onnxruntime's u8 x s8 kernels on x86 CPUs without
+# VNNI (AVX2 only, like the test machine and many line PCs) add pairs of
+# products in int16 and saturate: full-range s8 weights took the mlp's cosine
+# to 0.37, 7-bit s8 (reduce_range) still flipped 0.6 % of the verdicts of a
+# simulated-line mlp (gate: 99.5 %). u8 x u8 kernels widen to int16 before
+# multiplying and do not saturate: full 8 bits, 99.7 % there, mean cosine
+# 0.99999 on tiles, for ~7 % of the int8 speed (42 against 39 us).
+WEIGHT_TYPE = q.QuantType.QUInt8
+# 7-bit weights: only needed with signed weights on CPUs without VNNI.
+DEFAULT_REDUCE_RANGE = False
 # Gate limits.
 MAX_TORCH_ONNX_DIFF = 1e-4
 MIN_MEAN_COSINE = 0.999
@@ -157,7 +163,7 @@ def _run_quantizer(prepared: Path, int8_path: Path, mode: str, calib_batch, redu
         # float Conv here, and the linear layers hold most of the weights.
         q.quantize_dynamic(
             str(prepared), str(int8_path), op_types_to_quantize=["MatMul", "Gemm"],
-            per_channel=PER_CHANNEL, weight_type=q.QuantType.QInt8, reduce_range=reduce_range,
+            per_channel=PER_CHANNEL, weight_type=WEIGHT_TYPE, reduce_range=reduce_range,
         )
     else:
         q.quantize_static(
@@ -166,7 +172,7 @@ def _run_quantizer(prepared: Path, int8_path: Path, mode: str, calib_batch, redu
             # standardization and unit-length nodes stay float (onnxruntime
             # 1.31's QDQ quantizer also fails on a weightless LayerNormalization).
             op_types_to_quantize=STATIC_OP_TYPES,
-            per_channel=PER_CHANNEL, activation_type=STATIC_ACTIVATION_TYPE, weight_type=q.QuantType.QInt8,
+            per_channel=PER_CHANNEL, activation_type=STATIC_ACTIVATION_TYPE, weight_type=WEIGHT_TYPE,
             reduce_range=reduce_range, calibrate_method=q.CalibrationMethod.MinMax,
             # The embedding itself stays float: good parts differ from each other
             # by less than one int8 step of the whole embedding range.

@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--int8", choices=("dynamic", "static"), help="int8 quantization (default: DEFAULT_INT8 in export/onnx_export.py)")
     ex.add_argument("--calib-data", type=Path, help="image folder for calibration and the gate (default: the training data)")
     ex.add_argument("--reduce-range", action=argparse.BooleanOptionalAction,
-                    help="7-bit int8 weights: needed on x86 CPUs without VNNI, whose int8 kernels saturate (default on)")
+                    help="7-bit int8 weights (default off: the unsigned 8-bit weights used do not saturate)")
     ex.set_defaults(handler=_export)
     chk = commands.add_parser("check", help="validate a station configuration, its model and reference sets")
     chk.add_argument("-c", "--config", type=Path, required=True, help="station.yaml")
