@@ -1,7 +1,7 @@
 """`station export`: checkpoint -> self-describing ONNX (int8 by default), gated.
 
     torch trunk --torch.onnx.export--> fp32.onnx --quant_pre_process-->
-    --quantize_dynamic | quantize_static (QDQ)--> int8.onnx --metadata--> gate --> --out
+    --quantize_dynamic + Scan per part | quantize_static (QDQ)--> int8.onnx --metadata--> gate --> --out
 
 Everything is built in a temporary folder beside --out and moved into place
 only after the gate passes, so a drifting model never reaches a station.
@@ -34,6 +34,7 @@ from station.imagefolder import scan_dataset
 from station.metrics import minkowski
 from station.preprocess import InputSpec
 from export.dataset import CropSet, load_crops, model_batch
+from export.per_part import scan_per_part
 from export.trunk import fold_batchnorm, load_checkpoint
 
 OPSET = 17  # fixed: the version onnxruntime.quantization handles for these ops
@@ -153,6 +154,8 @@ def quantize(fp32_path: Path, int8_path: Path, mode: str, calib_batch: np.ndarra
         # Shape inference and graph fusions first, as onnxruntime recommends.
         quant_pre_process(str(fp32_path), str(prepared))
         _run_quantizer(prepared, int8_path, mode, calib_batch, reduce_range)
+        if mode == "dynamic":
+            scan_per_part(int8_path)
     finally:
         logging.disable(logging.NOTSET)
 
@@ -200,6 +203,8 @@ def model_metadata(info: dict, spec: InputSpec, quantization: str) -> dict[str, 
         "embedding_dim": str(info["embedding_dim"]),
         "arch": info["arch"],
         "quantization": quantization,
+        # fp32 and static int8 are by nature; dynamic int8 through scan_per_part.
+        "batch_independent": "true",
         "data_fingerprint": info.get("data_fingerprint", ""),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "station_version": __version__,

@@ -18,7 +18,7 @@ from station.preprocess import InputSpec, Roi, preprocess
 
 # Keys of the model's metadata_props; `station export` writes every one.
 REQUIRED_METADATA = ("input_width", "input_height", "input_layout", "pixel_scale", "embedding_dim", "arch", "quantization")
-OPTIONAL_METADATA = ("data_fingerprint", "created", "station_version")
+OPTIONAL_METADATA = ("batch_independent", "data_fingerprint", "created", "station_version")
 INPUT_NAME = "input"
 OUTPUT_NAME = "embedding"
 
@@ -112,7 +112,10 @@ class Embedder:
         self.info = _parse_metadata(model_path, sha256, props)
         self._check_signature()
         self._output_names = [OUTPUT_NAME]
-        self._per_part = self.info.quantization == "int8-dynamic"
+        # A dynamic int8 model not exported per part (before batch_independent
+        # existed) would let batch neighbours move a part's embedding.
+        self._per_part = (self.info.quantization == "int8-dynamic"
+                          and self.info.extra.get("batch_independent") != "true")
         self._one_part = _OnePartRunner(self.session, self.info.input_spec.sample_shape, self.info.embedding_dim)
 
     def _check_signature(self):
@@ -143,10 +146,10 @@ class Embedder:
         """Preprocessed float32 batch -> (n, embedding_dim) float32 embeddings.
 
         Dynamic int8 models quantize activations with a scale taken from the
-        whole input tensor, so a part's embedding would depend on the other
-        parts in its batch. They run one part per call: a part gets the same
-        embedding at calibration, evaluation and in the daemon, whatever its
-        neighbours.
+        whole input tensor. `station export` wraps them to run each part on
+        its own inside the graph (export/per_part.py); older ones are run here
+        one part per call. Either way a part gets the same embedding at
+        calibration, evaluation and in the daemon, whatever its neighbours.
         """
         if self._per_part or len(batch) == 1:
             return self._one_part.embed_each(batch)

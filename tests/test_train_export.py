@@ -256,6 +256,22 @@ def test_a_checkpoint_without_trunk_options_loads_the_old_trunk(tmp_path):
         assert torch.equal(model(x), legacy.eval()(x))
 
 
+def test_an_exported_dynamic_int8_model_judges_each_part_alone_even_when_batched(checkpoints, sim_dataset, tmp_path):
+    """The model itself, called with a batch by anyone, gives each part its batch-of-one embedding."""
+    out = tmp_path / "mlp.onnx"
+    export_model(checkpoints["mlp"].checkpoint, out, ExportOptions(int8="dynamic"))
+    embedder = Embedder(out)
+    assert embedder.info.extra["batch_independent"] == "true"
+    batch = preprocess(images_of(sim_dataset, limit=24), embedder.input_spec)
+    spike = np.zeros_like(batch[:1])
+    spike.reshape(-1)[0] = 1.0  # one bright pixel: ~30 after standardization, it widens a batch's int8 range
+    batch = np.concatenate([batch, spike])
+    whole = embedder.session.run(None, {"input": batch})[0]  # one call, the graph loops
+    for i in range(len(batch)):
+        np.testing.assert_array_equal(whole[i], embedder.session.run(None, {"input": batch[i : i + 1]})[0][0])
+    np.testing.assert_array_equal(embedder.embed(batch), whole)
+
+
 def test_a_part_gets_the_same_int8_embedding_whatever_else_is_in_its_batch(tmp_path, sim_dataset):
     """Dynamic int8 scales activations per input tensor: the embedder must not let batch neighbours in."""
     from station.embedder import Embedder
