@@ -7,7 +7,6 @@ so nothing about the model is hard-coded in the station.
 from __future__ import annotations
 
 import hashlib
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,7 +115,6 @@ class Embedder:
         # existed) would let batch neighbours move a part's embedding.
         self._per_part = (self.info.quantization == "int8-dynamic"
                           and self.info.extra.get("batch_independent") != "true")
-        self._one_part = _OnePartRunner(self.session, self.info.input_spec.sample_shape, self.info.embedding_dim)
 
     def _check_signature(self):
         inputs = {i.name: i for i in self.session.get_inputs()}
@@ -151,9 +149,11 @@ class Embedder:
         one part per call. Either way a part gets the same embedding at
         calibration, evaluation and in the daemon, whatever its neighbours.
         """
-        if self._per_part or len(batch) == 1:
-            return self._one_part.embed_each(batch)
-        return self.session.run(self._output_names, {INPUT_NAME: batch})[0]
+        if not self._per_part or len(batch) == 1:
+            return self.session.run(self._output_names, {INPUT_NAME: batch})[0]
+        return np.concatenate([
+            self.session.run(self._output_names, {INPUT_NAME: batch[i : i + 1]})[0] for i in range(len(batch))
+        ])
 
     def embed_images(self, images, roi: Roi | None = None, batch_size: int = 256) -> np.ndarray:
         """Raw images (any size, gray or colour) -> embeddings, in batches."""
@@ -171,29 +171,3 @@ class Embedder:
         for _ in range(runs):
             self.embed(dummy)
 
-
-class _OnePartRunner:
-    """Runs parts one per call through fixed, pre-bound buffers.
-
-    session.run converts its input and allocates its output on every call;
-    with the buffers bound once (onnxruntime IO binding) a part costs ~7 us
-    less, a tenth of the whole embed at batch 1. Measured with `station bench`.
-    """
-
-    def __init__(self, session, sample_shape: tuple[int, ...], embedding_dim: int):
-        self._session = session
-        self._input = np.zeros((1,) + tuple(sample_shape), np.float32)
-        self._output = np.zeros((1, embedding_dim), np.float32)
-        self._binding = session.io_binding()
-        self._binding.bind_cpu_input(INPUT_NAME, self._input)
-        self._binding.bind_output(OUTPUT_NAME, "cpu", 0, np.float32, self._output.shape, self._output.ctypes.data)
-        self._lock = threading.Lock()  # one set of buffers: one caller at a time
-
-    def embed_each(self, batch: np.ndarray) -> np.ndarray:
-        embeddings = np.empty((len(batch), self._output.shape[1]), np.float32)
-        with self._lock:
-            for i, part in enumerate(batch):
-                self._input[0] = part
-                self._session.run_with_iobinding(self._binding)
-                embeddings[i] = self._output[0]
-        return embeddings
