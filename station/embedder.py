@@ -149,6 +149,8 @@ class Embedder:
         one part per call. Either way a part gets the same embedding at
         calibration, evaluation and in the daemon, whatever its neighbours.
         """
+        if len(batch) == 0:  # onnxruntime's Scan refuses an empty batch
+            return np.empty((0, self.info.embedding_dim), np.float32)
         if not self._per_part or len(batch) == 1:
             return self.session.run(self._output_names, {INPUT_NAME: batch})[0]
         return np.concatenate([

@@ -270,6 +270,7 @@ def test_an_exported_dynamic_int8_model_judges_each_part_alone_even_when_batched
     for i in range(len(batch)):
         np.testing.assert_array_equal(whole[i], embedder.session.run(None, {"input": batch[i : i + 1]})[0][0])
     np.testing.assert_array_equal(embedder.embed(batch), whole)
+    assert embedder.embed(batch[:0]).shape == (0, 128)
 
 
 def test_a_part_gets_the_same_int8_embedding_whatever_else_is_in_its_batch(tmp_path, sim_dataset):
