@@ -5,10 +5,9 @@ station compares its embedding with the mean embedding of good parts.
 """
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
-
-import copy
 
 import torch
 from torch import nn
@@ -165,16 +164,12 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 
 def _fold_sequential(seq: nn.Sequential):
-    names = list(seq._modules)
-    for first, second in zip(names, names[1:]):
-        layer, norm = seq._modules[first], seq._modules[second]
+    for i in range(len(seq) - 1):
+        layer, norm = seq[i], seq[i + 1]
         if isinstance(layer, nn.Linear) and isinstance(norm, nn.BatchNorm1d):
-            seq._modules[first] = fuse_linear_bn_eval(layer, norm)
+            seq[i], seq[i + 1] = fuse_linear_bn_eval(layer, norm), nn.Identity()
         elif isinstance(layer, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
-            seq._modules[first] = fuse_conv_bn_eval(layer, norm)
-        else:
-            continue
-        seq._modules[second] = nn.Identity()
+            seq[i], seq[i + 1] = fuse_conv_bn_eval(layer, norm), nn.Identity()
 
 
 def count_parameters(model: nn.Module) -> int:
