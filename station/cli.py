@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--json", action="store_true")
     be.set_defaults(handler=_bench)
     de = commands.add_parser("demo", help="the station on its embedded default: broker, simulated line, dashboard")
-    de.add_argument("--frames", type=int, help="stop after this many verdicts (default: run until Ctrl-C)")
+    de.add_argument("--frames", type=int, help="stop after this many verdicts; parts already being judged are still shown (default: run until Ctrl-C)")
     de.add_argument("--broker", help="HOST:PORT of an MQTT broker (default: an embedded one on loopback)")
     de.add_argument("--seed", type=int, default=0, help="seed of the simulated line")
     de.add_argument("--fps", type=float, default=10.0, help="parts per second on the simulated line (default 10)")
