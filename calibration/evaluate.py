@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from calibration.fit import auroc
-from station.scoring import SCORES, distances, is_defect
+from station.core.scoring import SCORES, distances, is_defect
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.stats import rankdata
 
-from station import metrics
-from station.errors import StationError
-from station.scoring import SCORES, ReferenceModel, score
+from station.core import metrics
+from station.core.errors import StationError
+from station.core.scoring import SCORES, ReferenceModel, score
 
 FOLDS = 5
 MIN_GOOD_PARTS = 10

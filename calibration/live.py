@@ -26,11 +26,10 @@ import numpy as np
 
 from calibration import workflow
 from calibration.fit import CalibrationError
-from station.camera import open_source
-from station.check import configured_products
-from station.embedder import Embedder
-from station.errors import ConfigError
-from station.preprocess import InputSpec, Roi, prepare_crop
+from station.runtime.sources import open_source
+from station.core.embedder import Embedder
+from station.core.errors import ConfigError
+from station.core.preprocess import InputSpec, Roi, prepare_crop
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +101,7 @@ def grab_distinct_crops(frames: Iterable, roi: Roi | None, spec: InputSpec, coun
 
 def product_reference(config, product: str | None) -> tuple[str, Path]:
     """(product, reference set folder) to calibrate: a product the config lists, default the active one."""
-    products = configured_products(config)
+    products = config.product_references
     if product is None:
         product = config.product if config.products is not None else next(iter(products))
     if product not in products:
@@ -117,7 +116,7 @@ def product_reference(config, product: str | None) -> tuple[str, Path]:
 
 @dataclass(frozen=True)
 class LiveCalibration:
-    saved: object  # calibration.reference_set.ReferenceSet
+    saved: object  # station.core.reference_set.ReferenceSet
     calibration: object  # calibration.fit.Calibration
     grabbed: GrabbedCrops
     warnings: list[str]

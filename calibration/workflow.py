@@ -11,10 +11,10 @@ import numpy as np
 
 from calibration import fit, report
 from calibration.evaluate import Evaluation, evaluate_embeddings
-from calibration.reference_set import ReferenceSet, check_product_name, save, verify_for_model
-from station.errors import DataError, ImageReadError
-from station.imagefolder import LabeledImage, list_images, read_image, scan_dataset
-from station.preprocess import Roi, prepare_crop, to_model_input
+from station.core.reference_set import ReferenceSet, check_product_name, save, verify_for_model
+from station.core.errors import DataError, ImageReadError
+from station.core.imagefolder import LabeledImage, list_images, read_image, scan_dataset
+from station.core.preprocess import Roi, prepare_crop, to_model_input
 
 MAX_NAMED_FAILURES = 20
 

@@ -1,4 +1,4 @@
-"""Training data: crops through station.preprocess, splits, pairs, augmentation.
+"""Training data: crops through station.core.preprocess, splits, pairs, augmentation.
 
 Everything is numpy with an explicit Generator, in one thread, so the same
 seed draws the same splits, pairs and augmentations.
@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from station.errors import DataError
-from station.imagefolder import LabeledImage, read_image, scan_dataset
-from station.preprocess import InputSpec, prepare_crop, to_model_input
+from station.core.errors import DataError
+from station.core.imagefolder import LabeledImage, read_image, scan_dataset
+from station.core.preprocess import InputSpec, prepare_crop, to_model_input
 
 # Inspection augmentation: the jitter a fixed camera over a fixture really
 # shows. No rotations or flips by default: a mirrored part can be a defect.

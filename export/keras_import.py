@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from station.errors import ModelError
+from station.core.errors import ModelError
 
 # (input, output) of the three Dense layers, and their activations, in order.
 DENSE_SHAPES = ((936, 512), (512, 256), (256, 128))

@@ -27,12 +27,12 @@ import torch
 from onnxruntime import quantization as q
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from station import __version__
-from station.embedder import INPUT_NAME, OUTPUT_NAME, Embedder, session_options
-from station.errors import DataError, ExportGateError
-from station.imagefolder import scan_dataset
-from station.metrics import minkowski
-from station.preprocess import InputSpec
+from station.core.version import __version__
+from station.core.embedder import INPUT_NAME, OUTPUT_NAME, Embedder, build_session
+from station.core.errors import DataError, ExportGateError
+from station.core.imagefolder import scan_dataset
+from station.core.metrics import minkowski
+from station.core.preprocess import InputSpec
 from export.dataset import CropSet, load_crops, model_batch
 from export.per_part import scan_per_part
 from export.trunk import fold_batchnorm, load_checkpoint
@@ -214,12 +214,6 @@ def model_metadata(info: dict, spec: InputSpec, quantization: str) -> dict[str, 
 # ---- gate --------------------------------------------------------------------------------
 
 
-def _session(path: Path):
-    import onnxruntime as ort
-
-    return ort.InferenceSession(str(path), sess_options=session_options(1), providers=["CPUExecutionProvider"])
-
-
 def run_onnx(path: Path, batch: np.ndarray) -> np.ndarray:
     """Embeddings exactly as the station computes them (the Embedder's batching rules)."""
     return Embedder(path).embed(batch)
@@ -231,7 +225,7 @@ def batch1_latency_ms(paths: list[Path], sample: np.ndarray) -> list[float]:
     The models take turns run by run, so a busy machine slows all of them
     alike and the ratio stays fair.
     """
-    sessions = [_session(path) for path in paths]
+    sessions = [build_session(path) for path in paths]
     feed = {INPUT_NAME: sample[:1]}
     for session in sessions:
         for _ in range(LATENCY_WARMUP):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +25,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from station import __version__
-from station.errors import ConfigError
-from station.imagefolder import dataset_fingerprint, scan_dataset
+from station.core.version import __version__
+from station.core.errors import ConfigError
+from station.core.imagefolder import dataset_fingerprint, scan_dataset
 from export.dataset import (
     CropSet, augment, load_crops, mean_crop, model_batch, require_both_kinds, sample_pairs, stratified_split,
 )

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from station.errors import ConfigError, ModelError
-from station.preprocess import InputSpec
+from station.core.errors import ConfigError, ModelError
+from station.core.preprocess import InputSpec
 
 ARCHS = ("mlp", "cnn")
 # The layout each architecture consumes; written into the model's metadata.

@@ -1,11 +1,14 @@
-"""Inspection station runtime: camera -> roi -> embed -> score -> verdict -> publish.
+"""Inspection station: camera -> roi -> embed -> score -> verdict -> publish.
+
+station/core     pure pieces every other folder may import
+station/runtime  the daemon (`station run`) and what it needs
+station/tools    check, bench, demo, simulate, loopback
+calibration/ and export/ sit beside the runtime and use station.core;
+station/cli.py is the top and is imported by nothing.
 
 Importing this package must stay cheap and must never load torch: line PCs
 install only the runtime dependencies.
 """
-from importlib import metadata as _metadata
+from station.core.version import __version__
 
-try:
-    __version__ = _metadata.version("inspection-station")
-except _metadata.PackageNotFoundError:  # running from a source tree without install
-    __version__ = "0.0.0+source"
+__all__ = ["__version__"]

@@ -11,12 +11,13 @@ import os
 import sys
 from pathlib import Path
 
-from station import __version__
-from station.errors import StationError
+from station.core.version import __version__
+from station.core.errors import StationError
 
 
 def _simulate(args) -> int:
-    from station import simulate
+    from station.core.simulated_line import FRAME_HEIGHT, FRAME_ROI, FRAME_WIDTH
+    from station.tools import simulate
 
     if args.count < 1:
         raise StationError("--count must be at least 1")
@@ -26,21 +27,21 @@ def _simulate(args) -> int:
     if args.video:
         truth = args.video.with_suffix(".csv")
         simulate.write_video(args.video, truth, args.count, args.seed, pins=args.pins)
-        print(f"wrote {args.video} ({simulate.FRAME_WIDTH}x{simulate.FRAME_HEIGHT}, part in ROI "
-              f"x={simulate.FRAME_ROI.x} y={simulate.FRAME_ROI.y} {simulate.FRAME_ROI.width}x"
-              f"{simulate.FRAME_ROI.height}) and ground truth {truth}")
+        print(f"wrote {args.video} ({FRAME_WIDTH}x{FRAME_HEIGHT}, part in ROI x={FRAME_ROI.x} y={FRAME_ROI.y} "
+              f"{FRAME_ROI.width}x{FRAME_ROI.height}) and ground truth {truth}")
     return 0
 
 
 def _load_embedder(model_path: Path, threads: int = 1):
-    from station.embedder import Embedder
+    from station.core.embedder import Embedder
 
     return Embedder(model_path, threads=threads)
 
 
 def _calibrate(args) -> int:
-    from calibration import reference_set, workflow
-    from station.errors import ConfigError
+    from calibration import workflow
+    from station.core import reference_set
+    from station.core.errors import ConfigError
 
     if args.config is not None:
         folder_mode = [flag for flag, value in (("--model", args.model), ("--good", args.good),
@@ -70,8 +71,9 @@ def _calibrate(args) -> int:
 
 
 def _calibrate_camera(args) -> int:
-    from calibration import live, reference_set
-    from station.config import load_config
+    from calibration import live
+    from station.core import reference_set
+    from station.runtime.config import load_config
 
     config = load_config(args.config)
     if args.rollback is not None:
@@ -105,7 +107,8 @@ def _print_calibration(saved, calibration, warnings) -> None:
 def _evaluate(args) -> int:
     import json
 
-    from calibration import reference_set, workflow
+    from calibration import workflow
+    from station.core import reference_set
 
     embedder = _load_embedder(args.model)
     evaluation, embedded = workflow.evaluate_folder(
@@ -134,7 +137,7 @@ def _evaluate(args) -> int:
 
 def _require_torch(command: str):
     """train/export need the engineering extra; the line PC never has torch."""
-    from station.errors import MissingExtraError
+    from station.core.errors import MissingExtraError
 
     try:
         import torch  # noqa: F401
@@ -188,9 +191,9 @@ def _export(args) -> int:
 
 
 def _check(args) -> int:
-    from station.check import check_station
-    from station.config import load_config
-    from station.errors import ConfigError
+    from station.tools.check import check_station
+    from station.runtime.config import load_config
+    from station.core.errors import ConfigError
 
     result = check_station(load_config(args.config))
     for line in result.summary:
@@ -202,32 +205,36 @@ def _check(args) -> int:
 
 
 def _run(args) -> int:
-    from station.daemon import Daemon
+    from station.runtime.daemon import Daemon
 
     return Daemon(args.config).run()
 
 
 def _bench(args) -> int:
-    from station import bench
+    from station.tools import bench
 
     if not args.model:  # the bundled demo models: int8 as the station's, its fp32 twin timed raw
-        from station.demo import DEMO_MODEL, DEMO_MODEL_FP32
+        from station.tools.demo import DEMO_MODEL, DEMO_MODEL_FP32
 
         args.model = [DEMO_MODEL] + ([DEMO_MODEL_FP32] if DEMO_MODEL_FP32.exists() else [])
-    broker = None
-    if args.broker:
-        host, _, port = args.broker.rpartition(":")
-        broker = (host or "127.0.0.1", int(port))
     progress = (lambda text: print(text, file=sys.stderr))
-    figures = bench.run_bench(args.model, args.reference, args.parts, broker, progress=progress)
+    figures = bench.run_bench(args.model, args.reference, args.parts, args.broker, progress=progress)
     print(bench.to_json(figures) if args.json else bench.format_table(figures))
     return 0
 
 
 def _demo(args) -> int:
-    from station.demo import run_demo
+    from station.tools.demo import run_demo
 
     return run_demo(args.frames, args.broker, args.seed, args.fps)
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    """HOST:PORT (or :PORT for loopback) of an MQTT broker."""
+    host, _, port = text.rpartition(":")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (a port from 1 to 65535)")
+    return host or "127.0.0.1", int(port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,12 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ONNX model; the first is the station's, others are timed raw (default: the bundled demo int8 and fp32)")
     be.add_argument("--reference", type=Path, help="reference set for the first model (default: calibrated on simulated parts)")
     be.add_argument("--parts", type=int, default=10_000, help="simulated parts for the end-to-end run (default 10000)")
-    be.add_argument("--broker", help="HOST:PORT of a broker (default: a mosquitto started on loopback)")
+    be.add_argument("--broker", type=_host_port, help="HOST:PORT of a broker (default: a mosquitto started on loopback)")
     be.add_argument("--json", action="store_true")
     be.set_defaults(handler=_bench)
     de = commands.add_parser("demo", help="the station on its embedded default: broker, simulated line, dashboard")
     de.add_argument("--frames", type=int, help="stop after this many verdicts; parts already being judged are still shown (default: run until Ctrl-C)")
-    de.add_argument("--broker", help="HOST:PORT of an MQTT broker (default: an embedded one on loopback)")
+    de.add_argument("--broker", type=_host_port, help="HOST:PORT of an MQTT broker (default: an embedded one on loopback)")
     de.add_argument("--seed", type=int, default=0, help="seed of the simulated line")
     de.add_argument("--fps", type=float, default=10.0, help="parts per second on the simulated line (default 10)")
     de.set_defaults(handler=_demo)

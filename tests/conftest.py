@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from station.loopback import Mosquitto
+from station.tools.loopback import Mosquitto
 
 
 # The tests' broker is the station's own loopback mosquitto (stop/start, extra config).
@@ -24,7 +24,7 @@ def mosquitto(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sim_dataset(tmp_path_factory) -> Path:
     """A small simulated image-folder dataset shared by the session (read only)."""
-    from station.simulate import write_dataset
+    from station.tools.simulate import write_dataset
 
     root = tmp_path_factory.mktemp("sim") / "parts"
     write_dataset(root, count=240, seed=11)

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import yaml
 
-from calibration import fit, reference_set
-from calibration.reference_set import ReferenceSet, ReferenceSetError
+from calibration import fit
+from station.core import reference_set
+from station.core.reference_set import ReferenceSet, ReferenceSetError
 from station.cli import main
-from station.embedder import Embedder
-from station.scoring import SCORES, score
+from station.core.embedder import Embedder
+from station.core.scoring import SCORES, score
 from tests.onnx_models import projection_model
 
 
@@ -169,7 +170,7 @@ def test_a_writer_killed_at_random_moments_never_leaves_a_broken_current_set(tmp
     writer = textwrap.dedent(f"""
         import sys; sys.path.insert(0, {str(os.getcwd())!r})
         from tests.test_calibration import make_reference_set
-        from calibration import reference_set
+        from station.core import reference_set
         i = 0
         while True:
             i += 1

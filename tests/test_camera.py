@@ -7,9 +7,11 @@ import cv2
 import numpy as np
 import pytest
 
-from station.backoff import Backoff
-from station.camera import CaptureSource, FolderSource, LatestFrame, SimSource, open_source
-from station.simulate import FRAME_HEIGHT, FRAME_WIDTH, render_frame, render_part, write_video
+from station.core.backoff import Backoff
+from station.core.simulated_line import FRAME_HEIGHT, FRAME_WIDTH, render_frame, render_part
+from station.runtime.frame_feed import LatestFrame
+from station.runtime.sources import CaptureSource, FolderSource, SimSource, open_source
+from station.tools.simulate import write_video
 
 
 def take(source, n: int, timeout: float = 10.0):
@@ -49,7 +51,7 @@ def test_folder_source_loops(folder):
 
 def test_unreadable_image_is_named_and_skipped(folder, caplog):
     (folder / "b" / "broken.png").write_bytes(b"not a png")
-    with caplog.at_level(logging.WARNING, logger="station.camera"):
+    with caplog.at_level(logging.WARNING, logger="station.runtime.sources"):
         source = open_source(folder)
         frames = list(source)
     assert [f.source for f in frames] == ["a1.png", "b/c2.png", "z3.png"]
@@ -166,7 +168,8 @@ def test_url_credentials_are_not_in_the_description():
 
 
 def test_the_frame_feed_bounds_queued_pixels_and_drops_only_for_live_cameras():
-    from station.camera import FrameFeed, FrameSource
+    from station.runtime.frame_feed import FrameFeed
+    from station.runtime.sources import FrameSource
 
     class Burst(FrameSource):
         """A source that delivers 50 large frames as fast as it can."""

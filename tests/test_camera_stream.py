@@ -6,9 +6,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import cv2
 import pytest
 
-from station.backoff import Backoff
-from station.camera import CaptureSource
-from station.simulate import render_frame, render_part
+from station.core.backoff import Backoff
+from station.runtime.sources import CaptureSource
+from station.core.simulated_line import render_frame, render_part
 
 
 class HangingStream(BaseHTTPRequestHandler):

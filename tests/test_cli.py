@@ -9,8 +9,8 @@ from station.cli import main
 
 def test_importing_the_runtime_never_loads_torch():
     code = (
-        "import sys, station, station.cli, station.metrics, station.preprocess, station.simulate, "
-        "station.imagefolder; sys.exit('torch' in sys.modules)"
+        "import sys, station, station.cli, station.core.metrics, station.core.preprocess, station.tools.simulate, "
+        "station.core.imagefolder; sys.exit('torch' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from station.config import StationConfig, load_config, parse_config
-from station.errors import ConfigError
+from station.runtime.config import StationConfig, load_config, parse_config
+from station.core.errors import ConfigError
 
 VALID = """\
 station: line1-st1

@@ -1,6 +1,6 @@
 import numpy as np
 
-from station.crops import CropKeeper
+from station.runtime.crops import CropKeeper
 
 
 def test_ng_crops_are_kept_by_verdict_id_and_the_folder_stays_bounded(tmp_path):

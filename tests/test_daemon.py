@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -14,13 +13,13 @@ import jsonschema
 import pytest
 
 from calibration import workflow
-from station.embedder import Embedder
+from station.core.embedder import Embedder
 from tests.conftest import Broker
 from tests.daemon_helpers import TimedNotify
 from tests.mqtt_helpers import Recorder
 from tests.onnx_models import projection_model
 
-SCHEMAS = Path(__file__).parent.parent / "station" / "schemas"
+SCHEMAS = Path(__file__).parent.parent / "station" / "runtime" / "schemas"
 
 
 def schema(name):
@@ -208,8 +207,8 @@ def test_a_corrupt_reference_on_reload_is_refused_and_the_old_one_keeps_running(
 
 def test_the_daemon_with_the_bundled_int8_model_judges_simulated_parts_accurately(tmp_path, broker):
     """Through the whole path: folder camera -> daemon -> MQTT, against the simulated truth."""
-    from station.demo import DEMO_MODEL, DEMO_REFERENCE
-    from station.simulate import write_dataset
+    from station.tools.demo import DEMO_MODEL, DEMO_REFERENCE
+    from station.tools.simulate import write_dataset
 
     parts = tmp_path / "parts"
     write_dataset(parts, count=300, seed=31)  # seeds the bundled model never saw (101, 102)

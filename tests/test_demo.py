@@ -4,11 +4,10 @@ import subprocess
 import sys
 import time
 
-import pytest
 
-from station.demo import DEMO_MODEL, DEMO_REFERENCE
-from station.embedder import Embedder
-from calibration import reference_set
+from station.tools.demo import DEMO_MODEL, DEMO_REFERENCE
+from station.core.embedder import Embedder
+from station.core import reference_set
 
 VERDICT_LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3}  seq +\d+  (OK|NG)  score +[\d.e+-]+  part sim:0:\d+ .* yield +[\d.]+%$")
 

@@ -5,8 +5,8 @@ import numpy as np
 import onnx
 import pytest
 
-from station.embedder import Embedder
-from station.errors import ModelError
+from station.core.embedder import Embedder
+from station.core.errors import ModelError
 from tests.onnx_models import projection_model
 
 

@@ -2,8 +2,8 @@ import cv2
 import numpy as np
 import pytest
 
-from station.errors import DataError, ImageReadError
-from station.imagefolder import dataset_fingerprint, list_images, read_image, scan_dataset
+from station.core.errors import DataError, ImageReadError
+from station.core.imagefolder import dataset_fingerprint, list_images, read_image, scan_dataset
 
 
 def _write(path, image):

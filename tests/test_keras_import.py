@@ -8,10 +8,10 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 keras = pytest.importorskip("keras")
 
 from station.cli import main  # noqa: E402
-from station.embedder import Embedder  # noqa: E402
-from station.errors import ModelError  # noqa: E402
-from station.imagefolder import list_images, read_image  # noqa: E402
-from station.preprocess import preprocess  # noqa: E402
+from station.core.embedder import Embedder  # noqa: E402
+from station.core.errors import ModelError  # noqa: E402
+from station.core.imagefolder import list_images, read_image  # noqa: E402
+from station.core.preprocess import preprocess  # noqa: E402
 
 
 def siamese(path, units=(512, 256, 128), activations=("relu", "relu", None)):

@@ -8,15 +8,16 @@ import numpy as np
 import pytest
 import yaml
 
-from calibration import live, reference_set
-from station import simulate
-from station.camera import open_source
+from calibration import live
+from station.core import reference_set
+from station.core import simulated_line as simulate
+from station.runtime.sources import open_source
 from station.cli import main
-from station.config import load_config
-from station.embedder import Embedder
-from station.errors import ConfigError
-from station.imagefolder import GOOD
-from station.preprocess import InputSpec, prepare_crop
+from station.runtime.config import load_config
+from station.core.embedder import Embedder
+from station.core.errors import ConfigError
+from station.core.imagefolder import GOOD
+from station.core.preprocess import InputSpec, prepare_crop
 from tests.onnx_models import projection_model
 
 ROI = simulate.FRAME_ROI

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy.spatial import distance
 
-from station import metrics
+from station.core import metrics
 
 TOL = 1e-9
 

@@ -8,8 +8,8 @@ import textwrap
 
 import pytest
 
-from station.errors import OutboxDiskError, OutboxFullError
-from station.outbox import Outbox
+from station.core.errors import OutboxDiskError, OutboxFullError
+from station.runtime.outbox import Outbox
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ def test_put_many_is_one_all_or_nothing_batch(outbox):
 
 def test_full_outbox_refuses_with_one_rate_limited_error_log(outbox, caplog):
     outbox.put_many([("t", b"x", 1, False)] * 50)
-    with caplog.at_level(logging.ERROR, logger="station.outbox"):
+    with caplog.at_level(logging.ERROR, logger="station.runtime.outbox"):
         for _ in range(5):
             with pytest.raises(OutboxFullError, match="full.*refused, not dropped"):
                 outbox.put("t", b"late")
@@ -102,7 +102,7 @@ def test_disk_full_raises_a_specific_error(outbox):
 
 WRITER = textwrap.dedent("""
     import sys
-    from station.outbox import Outbox
+    from station.runtime.outbox import Outbox
     box = Outbox(sys.argv[1], max_messages=10**9)
     while True:
         with box.transaction() as tx:

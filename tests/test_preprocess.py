@@ -2,8 +2,8 @@ import cv2
 import numpy as np
 import pytest
 
-from station.errors import DataError, RoiError
-from station.preprocess import InputSpec, Roi, crop, prepare_crop, preprocess, to_gray8
+from station.core.errors import DataError, RoiError
+from station.core.preprocess import InputSpec, Roi, crop, prepare_crop, preprocess, to_gray8
 
 SPEC = InputSpec()
 

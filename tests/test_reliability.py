@@ -4,7 +4,6 @@ process against a real mosquitto; nothing here is mocked."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import sqlite3
@@ -19,8 +18,9 @@ import cv2
 import jsonschema
 import pytest
 
-from station.outbox import Outbox
-from station.simulate import render_frame, render_part, write_video
+from station.runtime.outbox import Outbox
+from station.core.simulated_line import render_frame, render_part
+from station.tools.simulate import write_video
 from tests.daemon_helpers import (
     Output, TcpGate, TimedNotify, assert_complete_and_ordered, largest_gap, outbox_counters, wait_until,
 )

@@ -4,7 +4,7 @@ import uuid
 
 import pytest
 
-from station import sdnotify
+from station.runtime import sdnotify
 
 
 def receive(sock) -> str:

@@ -26,13 +26,13 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from calibration import reference_set
+from station.core import reference_set
 from station.cli import main as station_main
-from station.config import parse_config
-from station.embedder import Embedder
-from calibration.reference_set import ReferenceSetError
-from station.errors import ConfigError, StationError
-from station.inspector import Inspector
+from station.runtime.config import parse_config
+from station.core.embedder import Embedder
+from station.core.reference_set import ReferenceSetError
+from station.core.errors import ConfigError, StationError
+from station.runtime.inspector import Inspector
 from tests.conftest import Broker
 from tests.daemon_helpers import Output, wait_until
 from tests.mqtt_helpers import Recorder

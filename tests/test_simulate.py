@@ -7,9 +7,10 @@ from collections import Counter
 import cv2
 import numpy as np
 
-from station import simulate
-from station.imagefolder import GOOD, scan_dataset
-from station.preprocess import crop
+from station.core import simulated_line as simulate
+from station.tools.simulate import write_dataset, write_video
+from station.core.imagefolder import GOOD, scan_dataset
+from station.core.preprocess import crop
 
 
 def _tree_digest(root):
@@ -57,7 +58,7 @@ def test_good_parts_jitter_but_stay_alike():
 
 
 def test_dataset_follows_the_image_folder_convention(tmp_path):
-    counts = simulate.write_dataset(tmp_path, count=90, seed=3)
+    counts = write_dataset(tmp_path, count=90, seed=3)
     items = scan_dataset(tmp_path)
     assert len(items) == 90 == sum(counts.values())
     assert Counter(i.defect_class for i in items) == Counter(counts)
@@ -66,7 +67,7 @@ def test_dataset_follows_the_image_folder_convention(tmp_path):
 
 def test_video_frames_hold_the_part_in_the_roi_and_match_the_ground_truth(tmp_path):
     video, truth = tmp_path / "line.avi", tmp_path / "line.csv"
-    simulate.write_video(video, truth, count=12, seed=4)
+    write_video(video, truth, count=12, seed=4)
     rows = list(csv.DictReader(open(truth)))
     assert [int(r["frame"]) for r in rows] == list(range(12))
     capture = cv2.VideoCapture(str(video))

@@ -15,10 +15,10 @@ from export.trunk import (  # noqa: E402
     DEFAULT_TRUNK_OPTIONS, LEGACY_TRUNK_OPTIONS, build_trunk, input_spec_for, load_checkpoint, save_checkpoint,
 )
 from station.cli import main  # noqa: E402
-from station.embedder import OPTIONAL_METADATA, REQUIRED_METADATA, Embedder  # noqa: E402
-from station.errors import DataError, ExportGateError  # noqa: E402
-from station.imagefolder import dataset_fingerprint, read_image, scan_dataset  # noqa: E402
-from station.preprocess import preprocess  # noqa: E402
+from station.core.embedder import OPTIONAL_METADATA, REQUIRED_METADATA, Embedder  # noqa: E402
+from station.core.errors import DataError, ExportGateError  # noqa: E402
+from station.core.imagefolder import dataset_fingerprint, read_image, scan_dataset  # noqa: E402
+from station.core.preprocess import preprocess  # noqa: E402
 
 TINY_EPOCHS = 2
 
@@ -275,9 +275,9 @@ def test_an_exported_dynamic_int8_model_judges_each_part_alone_even_when_batched
 
 def test_a_part_gets_the_same_int8_embedding_whatever_else_is_in_its_batch(tmp_path, sim_dataset):
     """Dynamic int8 scales activations per input tensor: the embedder must not let batch neighbours in."""
-    from station.embedder import Embedder
-    from station.imagefolder import list_images, read_image
-    from station.preprocess import preprocess
+    from station.core.embedder import Embedder
+    from station.core.imagefolder import list_images, read_image
+    from station.core.preprocess import preprocess
     from tests.onnx_models import projection_model
     from onnxruntime.quantization import QuantType, quantize_dynamic
     import onnx

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
-from station.backoff import Backoff
-from station.config import MqttConfig
-from station.errors import OutboxDiskError, OutboxError, PublisherError
-from station.outbox import Outbox
+from station.core.backoff import Backoff
+from station.runtime.config import MqttConfig
+from station.core.errors import OutboxDiskError, OutboxError, PublisherError
+from station.runtime.outbox import Outbox
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ import threading
 import time
 from pathlib import Path
 
-from station.errors import MissingExtraError, StationError
-from station.loopback import free_port
+from station.core.errors import MissingExtraError, StationError
+from station.tools.loopback import free_port
 
-DEMO_DIR = Path(__file__).parent / "demo"
+DEMO_DIR = Path(__file__).parent / "demo_bundle"
 DEMO_MODEL = DEMO_DIR / "model.onnx"
 DEMO_MODEL_FP32 = DEMO_DIR / "model-fp32.onnx"  # the same trunk unquantized, for `station bench`
 DEMO_REFERENCE = DEMO_DIR / "refs" / "demo"
@@ -108,7 +108,7 @@ class Dashboard:
 
 def _simulated_truth(source: str) -> str:
     """The ground truth of a simulated part, from its source name sim:SEED:INDEX."""
-    from station.simulate import part_class
+    from station.core.simulated_line import part_class
 
     try:
         _, seed, index = source.split(":")
@@ -129,13 +129,12 @@ def write_config(folder: Path, host: str, port: int, seed: int, fps: float) -> P
     return config
 
 
-def run_demo(frames: int | None, broker: str | None, seed: int, fps: float, out=sys.stdout) -> int:
+def run_demo(frames: int | None, broker: tuple[str, int] | None, seed: int, fps: float, out=sys.stdout) -> int:
     if not DEMO_MODEL.exists():
         raise StationError(f"{DEMO_MODEL} is missing: build it with scripts/build-demo-model")
     embedded = None
     if broker:
-        host, _, port_text = broker.rpartition(":")
-        host, port = host or "127.0.0.1", int(port_text)
+        host, port = broker
     else:
         embedded = EmbeddedBroker()
         host, port = "127.0.0.1", embedded.port

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from station.errors import ModelError
-from station.preprocess import InputSpec, Roi, preprocess
+from station.core.errors import ModelError
+from station.core.preprocess import InputSpec, Roi, preprocess
 
 # Keys of the model's metadata_props; `station export` writes every one.
 REQUIRED_METADATA = ("input_width", "input_height", "input_layout", "pixel_scale", "embedding_dim", "arch", "quantization")
@@ -69,9 +69,12 @@ def _parse_metadata(path: Path, sha256: str, props: dict[str, str]) -> ModelInfo
     )
 
 
-def session_options(threads: int = 1, spinning: bool = False):
-    """Latency-tuned options for a small CPU: a 100k-parameter trunk gains
-    nothing from a thread pool, and spinning threads steal the capture loop's core."""
+def build_session(model: Path | bytes, threads: int = 1, spinning: bool = False):
+    """The one place an onnxruntime session is built (station, bench, export gate).
+
+    Latency-tuned for a small CPU: a 100k-parameter trunk gains nothing from
+    a thread pool, and spinning threads steal the capture loop's core.
+    """
     import onnxruntime as ort
 
     # A line PC must not phone home; under the systemd sandbox the attempt also fails noisily.
@@ -83,15 +86,14 @@ def session_options(threads: int = 1, spinning: bool = False):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.log_severity_level = 3
-    return options
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
 
 
 class Embedder:
     """Loads a self-describing ONNX trunk and turns images into embeddings."""
 
     def __init__(self, model_path: Path, threads: int = 1, spinning: bool = False, expected_sha256: str | None = None):
-        import onnxruntime as ort
-
         model_path = Path(model_path)
         try:
             model_bytes = model_path.read_bytes()
@@ -102,9 +104,7 @@ class Embedder:
             raise ModelError(f"{model_path}: sha256 {sha256[:12]} is not the expected {expected_sha256[:12]}")
         try:
             # From the bytes already hashed: the file could change between hash and load.
-            self.session = ort.InferenceSession(
-                model_bytes, sess_options=session_options(threads, spinning), providers=["CPUExecutionProvider"]
-            )
+            self.session = build_session(model_bytes, threads, spinning)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise ModelError(f"{model_path}: onnxruntime cannot load the model: {exc}") from exc
         props = dict(self.session.get_modelmeta().custom_metadata_map)

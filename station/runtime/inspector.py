@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration import reference_set as reference_sets
-from station.embedder import Embedder
-from station.preprocess import Roi, prepare_crop, to_model_input
-from station.verdict import Judgement, judge
+from station.core import reference_set as reference_sets
+from station.core.embedder import Embedder
+from station.core.preprocess import Roi, prepare_crop, to_model_input
+from station.core.verdict import Judgement, judge
 
 
 @dataclass(frozen=True)

@@ -19,17 +19,18 @@ from pathlib import Path
 
 import numpy as np
 
-from station import sdnotify
-from station.camera import FrameFeed, LatestFrame, is_finite, is_lossless, open_source
-from station.commands import MAX_PAYLOAD, Command, CommandError, parse_command, result
-from station.config import StationConfig, load_config
-from station.crops import CropKeeper
-from station.errors import DataError, OutboxDiskError, OutboxError, StationError
-from station.inspector import Inspector
-from station.outbox import Outbox
-from station.publisher import Publisher
-from station.stats import StationStats
-from station.verdict import encode, utc_timestamp, verdict_message
+from station.runtime import sdnotify
+from station.runtime.frame_feed import FrameFeed, LatestFrame
+from station.runtime.sources import is_finite, is_lossless, open_source
+from station.runtime.commands import MAX_PAYLOAD, Command, CommandError, parse_command, result
+from station.runtime.config import StationConfig, load_config
+from station.runtime.crops import CropKeeper
+from station.core.errors import DataError, OutboxDiskError, OutboxError, StationError
+from station.runtime.inspector import Inspector
+from station.runtime.outbox import Outbox
+from station.runtime.publisher import Publisher
+from station.runtime.stats import StationStats
+from station.core.verdict import encode, utc_timestamp, verdict_message
 
 log = logging.getLogger(__name__)
 

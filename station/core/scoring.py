@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from station import metrics
+from station.core import metrics
 
 SCORES = ("minkowski", "soart3", "mahalanobis")
 MINKOWSKI_P = 4

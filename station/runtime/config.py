@@ -14,7 +14,6 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import parse_qs, urlsplit
 
 import yaml
 from pydantic import (
@@ -22,14 +21,14 @@ from pydantic import (
     field_validator, model_validator,
 )
 
-from station.errors import ConfigError
+from station.core.errors import ConfigError
+from station.core.product import product_name_problem
+from station.runtime.sources.kinds import SIM, URL, parse_sim_source, source_kind
 
 KeyPath = tuple[str, ...]
 # Keys that would put a secret in the file; the message says where it goes instead.
 SECRET_KEYS = frozenset({"password", "passwd", "secret", "token"})
 DEFAULT_STATE_ROOT = Path("/var/lib/station")
-URL_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://")
-SIM_SCHEME = "sim://"
 
 
 def _resolve(value: Path, info: ValidationInfo) -> Path:
@@ -38,9 +37,9 @@ def _resolve(value: Path, info: ValidationInfo) -> Path:
 
 
 def _safe_name(value: str) -> str:
-    """A product name becomes part of file paths: no separators, no '..'."""
-    if not value or "/" in value or "\\" in value or ".." in value or "\0" in value:
-        raise ValueError(f"{value!r} is not a safe product name (no '/', '\\' or '..')")
+    problem = product_name_problem(value)
+    if problem:
+        raise ValueError(problem)
     return value
 
 
@@ -53,25 +52,6 @@ class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-def parse_sim_source(source: str) -> tuple[int, int | None]:
-    """(seed, count) of a sim://[?seed=N&count=N] source; count None = endless."""
-    parts = urlsplit(source)
-    if parts.scheme != "sim" or parts.netloc or parts.path not in ("", "/"):
-        raise ValueError(f"{source!r}: a simulated source looks like sim://?seed=N&count=N")
-    params = parse_qs(parts.query, keep_blank_values=True)
-    unknown = set(params) - {"seed", "count"}
-    if unknown:
-        raise ValueError(f"{source!r}: unknown parameter(s) {', '.join(sorted(unknown))} (seed, count)")
-    try:
-        seed = int(params.get("seed", ["0"])[-1])
-        count = int(params["count"][-1]) if "count" in params else None
-    except ValueError:
-        raise ValueError(f"{source!r}: seed and count must be integers") from None
-    if seed < 0 or (count is not None and count < 1):
-        raise ValueError(f"{source!r}: seed must be >= 0 and count >= 1")
-    return seed, count
-
-
 def _camera_source(value: Any, info: ValidationInfo) -> int | str:
     """Device index, /dev/videoN, URL, sim://, or a file/folder path (made absolute)."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
@@ -82,13 +62,11 @@ def _camera_source(value: Any, info: ValidationInfo) -> int | str:
         return value
     if not value.strip():
         raise ValueError("must not be empty")
-    if value.startswith(SIM_SCHEME):
+    kind = source_kind(value)  # ValueError for unknown URL schemes
+    if kind == SIM:
         parse_sim_source(value)
+    if kind in (SIM, URL):
         return value
-    if value.startswith(URL_SCHEMES):
-        return value
-    if "://" in value:
-        raise ValueError(f"{value!r}: unsupported URL scheme (rtsp, http, https or sim)")
     return str(_resolve(Path(value), info))
 
 
@@ -105,7 +83,7 @@ class RoiConfig(_Model):
     height: int = Field(ge=1)
 
     def to_roi(self):
-        from station.preprocess import Roi
+        from station.core.preprocess import Roi
 
         return Roi(self.x, self.y, self.width, self.height)
 
@@ -201,6 +179,14 @@ class StationConfig(_Model):
     def reference_path(self) -> Path:
         """The reference set the station scores against (the active product's)."""
         return self.reference if self.products is None else self.products[self.product]
+
+    @property
+    def product_references(self) -> dict[str, Path]:
+        """Every product the station may switch to, with its reference set folder.
+        A single `reference:` is one product named by its folder."""
+        if self.products is None:
+            return {Path(self.reference).name: self.reference}
+        return dict(self.products)
 
 
 # ---------------------------------------------------------------- YAML with lines

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from station.errors import StationError
-from station.loopback import Mosquitto
-from station.verdict import encode, judge, utc_timestamp, verdict_message
+from station.core.errors import StationError
+from station.tools.loopback import Mosquitto
+from station.core.verdict import encode, judge, utc_timestamp, verdict_message
 
 STAGE_RUNS = 2000
 
@@ -62,12 +62,12 @@ def machine() -> dict:
 
 def stage_figures(model: Path, reference: Path, parts: Path, broker: tuple[str, int]) -> dict:
     """Each stage of the daemon's path at batch 1, on real files."""
-    from calibration import reference_set
-    from station.embedder import Embedder
-    from station.imagefolder import list_images, read_image
-    from station.outbox import Outbox
-    from station.preprocess import prepare_crop, to_model_input
-    from station.scoring import distances
+    from station.core import reference_set
+    from station.core.embedder import Embedder
+    from station.core.imagefolder import list_images, read_image
+    from station.runtime.outbox import Outbox
+    from station.core.preprocess import prepare_crop, to_model_input
+    from station.core.scoring import distances
 
     embedder = Embedder(model)
     references = reference_set.load(reference)
@@ -131,12 +131,10 @@ def publish_round_trips(broker: tuple[str, int], payloads: list[bytes]) -> dict:
 
 def raw_onnxruntime(model: Path, runs: int = STAGE_RUNS) -> dict:
     """The model alone: a bare session.run at batch 1, same session options as the station."""
-    import onnxruntime as ort
-
-    from station.embedder import INPUT_NAME, Embedder, session_options
+    from station.core.embedder import INPUT_NAME, Embedder, build_session
 
     embedder = Embedder(model)
-    session = ort.InferenceSession(str(model), sess_options=session_options(), providers=["CPUExecutionProvider"])
+    session = build_session(model)
     x = np.random.default_rng(0).random((1,) + embedder.input_spec.sample_shape, dtype=np.float32)
     feed = {INPUT_NAME: x}
     figures = time_calls(lambda _: session.run(None, feed), list(range(runs)), warmup=200)
@@ -147,17 +145,14 @@ def raw_onnxruntime(model: Path, runs: int = STAGE_RUNS) -> dict:
 
 def session_tuning(model: Path, runs: int = STAGE_RUNS) -> dict:
     """Batch-1 latency of the station's session for intra-op threads x spinning."""
-    import onnxruntime as ort
-
-    from station.embedder import INPUT_NAME, Embedder, session_options
+    from station.core.embedder import INPUT_NAME, Embedder, build_session
 
     spec = Embedder(model).input_spec
     feed = {INPUT_NAME: np.random.default_rng(1).random((1,) + spec.sample_shape, dtype=np.float32)}
     figures = {}
     for threads in (1, 2):
         for spinning in (False, True):
-            session = ort.InferenceSession(str(model), sess_options=session_options(threads, spinning),
-                                           providers=["CPUExecutionProvider"])
+            session = build_session(model, threads, spinning)
             figures[f"threads={threads} spinning={'on' if spinning else 'off'}"] = time_calls(
                 lambda _: session.run(None, feed), list(range(runs)), warmup=200)
     return figures
@@ -241,8 +236,8 @@ def _maps_mention(pid: int, word: str) -> bool:
 def run_bench(models: list[Path], reference: Path | None, n_parts: int, broker: tuple[str, int] | None,
               progress=print) -> dict:
     from calibration import workflow
-    from station.embedder import Embedder
-    from station.simulate import write_dataset
+    from station.core.embedder import Embedder
+    from station.tools.simulate import write_dataset
 
     with tempfile.TemporaryDirectory(prefix="station-bench-") as folder:
         workdir = Path(folder)

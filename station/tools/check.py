@@ -9,8 +9,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from station.config import StationConfig
-from station.errors import StationError
+from station.runtime.config import StationConfig
+from station.core.errors import StationError
+from station.runtime.sources.kinds import FILE, source_kind
 
 
 @dataclass(frozen=True)
@@ -23,16 +24,9 @@ class CheckResult:
         return not self.problems
 
 
-def configured_products(config: StationConfig) -> dict[str, Path]:
-    """Every product the station may switch to, with its reference set folder."""
-    if config.products is None:
-        return {Path(config.reference).name: config.reference}  # a single set: named by its folder
-    return dict(config.products)
-
-
 def check_station(config: StationConfig, env: dict[str, str] | None = None) -> CheckResult:
-    from calibration import reference_set
-    from station.embedder import Embedder
+    from station.core import reference_set
+    from station.core.embedder import Embedder
 
     env = os.environ if env is None else env
     problems, summary = [], []
@@ -43,7 +37,7 @@ def check_station(config: StationConfig, env: dict[str, str] | None = None) -> C
         summary.append(f"model {config.model}: {info.arch}, {info.quantization}, {info.embedding_dim}-d, sha256 {info.short_id}")
     except StationError as exc:
         problems.append(f"model: {exc}")
-    for product, path in configured_products(config).items():
+    for product, path in config.product_references.items():
         try:
             loaded = reference_set.load(path)
             if embedder is not None:
@@ -59,8 +53,7 @@ def _file_problems(config: StationConfig, env) -> list[str]:
     problems = []
     source = config.camera.source
     # Devices, URLs and sim:// are checked by the daemon (they come and go); a file or folder must exist.
-    if isinstance(source, str) and source.startswith("/") and not source.startswith("/dev/") \
-            and not Path(source).exists():
+    if source_kind(source) == FILE and not Path(source).exists():
         problems.append(f"camera.source: {source} does not exist (a video file or an image folder)")
     mqtt = config.mqtt
     if mqtt.password_file is not None and not os.access(mqtt.password_file, os.R_OK):

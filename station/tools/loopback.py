@@ -11,7 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from station.errors import StationError
+from station.core.errors import StationError
 
 HOST = "127.0.0.1"
 

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from station.errors import OutboxDiskError, OutboxError, OutboxFullError
+from station.core.errors import OutboxDiskError, OutboxError, OutboxFullError
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from station.scoring import distances, is_defect
+from station.core.scoring import distances, is_defect
 
 OK, NG = "OK", "NG"
 

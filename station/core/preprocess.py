@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from station.errors import DataError, RoiError
+from station.core.errors import DataError, RoiError
 
 LAYOUTS = ("flat", "nchw")
 

@@ -29,16 +29,16 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from station import __version__
-from station.errors import StationError
-from station.scoring import SCORES, ReferenceModel
+from station.core.version import __version__
+from station.core.errors import StationError
+from station.core.product import product_name_problem
+from station.core.scoring import SCORES, ReferenceModel
 
 FORMAT = "station-reference-set/1"
 CURRENT = "CURRENT"
 SUMMARY = "reference.yaml"
 ARRAYS = "arrays.npz"
 _VERSION_DIR = re.compile(r"^v(\d{4,})$")
-_PRODUCT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class ReferenceSetError(StationError):
@@ -70,12 +70,10 @@ class ReferenceSet:
 
 
 def check_product_name(name: str) -> str:
-    """Product names become folder names: no separators, no '..', nothing exotic."""
-    if not isinstance(name, str) or not _PRODUCT_NAME.match(name) or ".." in name:
-        raise ReferenceSetError(
-            f"product name {name!r} is not allowed: use letters, digits, '_', '-', '.', "
-            "no path separators and no '..'"
-        )
+    """Product names become folder names (station.core.product has the rule)."""
+    problem = product_name_problem(name)
+    if problem:
+        raise ReferenceSetError(problem)
     return name
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from station.errors import DataError, ImageReadError
+from station.core.errors import DataError, ImageReadError
 
 GOOD = "good"
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".pgm", ".ppm"})

@@ -1,0 +1,56 @@
+"""Camera sources behind one interface: iterate a FrameSource, get Frames.
+
+    source = open_source("sim://?seed=3&count=100", loop=False, fps=10)
+    for frame in source:          # ends for finite sources, never raises for live ones
+        ...
+    source.state                  # "ok" | "reconnecting" | "ended"
+
+One module per kind: folder.py (image folders), simulated.py (sim://),
+capture.py (V4L2 devices, RTSP/HTTP streams, video files); kinds.py says
+which kind a configured `camera.source` is.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from station.core.errors import DataError
+from station.runtime.sources.base import ENDED, OK, RECONNECTING, Frame, FrameSource
+from station.runtime.sources.capture import CaptureSource
+from station.runtime.sources.folder import FolderSource
+from station.runtime.sources.kinds import DEVICE, FILE, FOLDER, SIM, URL, is_stored_media, parse_sim_source, source_kind
+from station.runtime.sources.simulated import SimSource
+
+__all__ = ["ENDED", "OK", "RECONNECTING", "CaptureSource", "FolderSource", "Frame", "FrameSource", "SimSource",
+           "is_finite", "is_lossless", "open_source"]
+
+
+def open_source(source: int | str | Path, loop: bool = False, fps: float = 0.0) -> FrameSource:
+    """The source for a configured `camera.source`."""
+    try:
+        kind = source_kind(source)
+        if kind == SIM:
+            seed, count = parse_sim_source(str(source))
+            return SimSource(seed, count, loop, fps)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+    if kind == DEVICE:
+        return CaptureSource(int(source) if str(source).isdigit() else str(source), DEVICE, fps=fps)
+    if kind == URL:
+        return CaptureSource(str(source), URL, fps=fps)
+    if kind == FOLDER:
+        return FolderSource(Path(source), loop, fps)
+    return CaptureSource(str(source), FILE, loop, fps)
+
+
+def is_finite(source: FrameSource) -> bool:
+    """Files, folders and counted sim sources end; cameras and streams do not."""
+    if isinstance(source, FolderSource):
+        return not source.loop
+    if isinstance(source, SimSource):
+        return source.count is not None and not source.loop
+    return isinstance(source, CaptureSource) and source.kind == FILE and not source.loop
+
+
+def is_lossless(source: FrameSource) -> bool:
+    """Every frame matters (stored media); live cameras only need the freshest."""
+    return not isinstance(source, CaptureSource) or is_stored_media(source.kind)

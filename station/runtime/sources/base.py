@@ -1,0 +1,77 @@
+"""What every camera source is: iterate a FrameSource, get Frames.
+
+    source = open_source("sim://?seed=3&count=100", loop=False, fps=10)
+    for frame in source:          # ends for finite sources, never raises for live ones
+        ...
+    source.state                  # "ok" | "reconnecting" | "ended"
+
+Live sources (device, URL, video file) read in a thread of their own: a read
+that hangs (a dead RTSP stream can block for half a minute) is noticed after
+`stall_timeout` and the source reconnects with exponential backoff + jitter.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+
+OK, RECONNECTING, ENDED = "ok", "reconnecting", "ended"
+STALL_TIMEOUT = 2.0  # seconds without a frame before a live source counts as lost
+
+
+@dataclass(frozen=True)
+class Frame:
+    image: np.ndarray
+    source: str  # file name, frame number in a video, device or URL (without credentials)
+    frame_no: int  # counts every frame this source delivered, from 0
+    grabbed_at: float  # time.monotonic() when grabbed
+
+
+class FrameSource:
+    """Iterate for frames. `state` and `reconnects` may be read from any thread."""
+
+    def __init__(self, description: str, fps: float = 0.0):
+        self.description = description
+        self.state = OK
+        self.reconnects = 0
+        self._closed = threading.Event()
+        self._period = 1.0 / fps if fps > 0 else 0.0
+        self._next_due = 0.0
+        self._count = itertools.count()
+
+    def __iter__(self) -> Iterator[Frame]:
+        try:
+            yield from self._frames()
+        finally:
+            self.state = ENDED
+
+    def close(self):
+        """Stop: the iterator ends at its next frame (or wait) at the latest."""
+        self._closed.set()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def _frames(self) -> Iterator[Frame]:
+        raise NotImplementedError
+
+    def _frame(self, image: np.ndarray, source: str, grabbed_at: float | None = None) -> Frame:
+        return Frame(image, source, next(self._count), time.monotonic() if grabbed_at is None else grabbed_at)
+
+    def _pace(self) -> bool:
+        """Hold to the fps cap; False when closed meanwhile."""
+        if self._period:
+            now = time.monotonic()
+            if now < self._next_due:
+                self._closed.wait(self._next_due - now)
+            self._next_due = max(now, self._next_due) + self._period
+        return not self._closed.is_set()
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.description} {self.state}>"

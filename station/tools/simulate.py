@@ -1,0 +1,74 @@
+"""`station simulate`: writes the simulated line (station.core.simulated_line)
+as an image-folder dataset, an MJPG video with its ground truth, or a contact sheet."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from station.core.imagefolder import GOOD
+from station.core.simulated_line import (
+    CROP_HEIGHT, CROP_WIDTH, DEFECT_CLASSES, FRAME_HEIGHT, FRAME_WIDTH, render_frame, render_part,
+)
+
+
+def write_dataset(out: Path, count: int, seed: int, pins: int = 3) -> dict[str, int]:
+    """Write ``count`` parts as an image-folder dataset; returns parts per class."""
+    out = Path(out)
+    counts: dict[str, int] = {}
+    for index in range(count):
+        part = render_part(seed, index, pins)
+        folder = out / part.defect_class
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_png(folder / f"part_{index:06d}.png", part.crop)
+        counts[part.defect_class] = counts.get(part.defect_class, 0) + 1
+    return counts
+
+
+def write_video(video: Path, truth_csv: Path, count: int, seed: int, pins: int = 3, fps: float = 25.0):
+    """An MJPG video of full frames, one part per frame, and its ground truth CSV."""
+    video = Path(video)
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), fps, (FRAME_WIDTH, FRAME_HEIGHT))
+    if not writer.isOpened():
+        raise OSError(f"{video}: OpenCV cannot write an MJPG video here")
+    try:
+        with open(truth_csv, "w", newline="") as handle:
+            table = csv.writer(handle)
+            table.writerow(["frame", "label", "defect_class"])
+            for index in range(count):
+                part = render_part(seed, index, pins)
+                writer.write(render_frame(part, seed))
+                table.writerow([index, part.label, part.defect_class])
+    finally:
+        writer.release()
+
+
+def _write_png(path: Path, image: np.ndarray):
+    ok, encoded = cv2.imencode(".png", image)
+    if not ok:
+        raise OSError(f"{path}: PNG encoding failed")
+    path.write_bytes(encoded.tobytes())
+
+
+def contact_sheet(seed: int, per_class: int = 6, scale: int = 4, pins: int = 3) -> np.ndarray:
+    """Rows of enlarged parts, one row per class (good first), for the README."""
+    wanted = (GOOD,) + DEFECT_CLASSES
+    found: dict[str, list[np.ndarray]] = {name: [] for name in wanted}
+    index = 0
+    while any(len(v) < per_class for v in found.values()):
+        part = render_part(seed, index, pins)
+        if len(found[part.defect_class]) < per_class:
+            found[part.defect_class].append(part.crop)
+        index += 1
+    label_width, gap = 130, 4
+    tile_w, tile_h = CROP_WIDTH * scale, CROP_HEIGHT * scale
+    sheet = np.full(((tile_h + gap) * len(wanted) + gap, label_width + (tile_w + gap) * per_class), 255, np.uint8)
+    for row, name in enumerate(wanted):
+        y = gap + row * (tile_h + gap)
+        cv2.putText(sheet, name, (6, y + tile_h // 2 + 5), cv2.FONT_HERSHEY_SIMPLEX, 0.5, 0, 1, cv2.LINE_AA)
+        for col, crop in enumerate(found[name]):
+            x = label_width + col * (tile_w + gap)
+            sheet[y : y + tile_h, x : x + tile_w] = cv2.resize(crop, (tile_w, tile_h), interpolation=cv2.INTER_NEAREST)
+    return sheet
