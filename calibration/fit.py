@@ -7,10 +7,12 @@ good parts (the known failure of thresholds fitted to good parts only).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+import math
 
 import numpy as np
-from scipy.stats import rankdata
+from scipy.stats import beta, rankdata
 
 from station.core import metrics
 from station.core.errors import StationError
@@ -20,6 +22,14 @@ FOLDS = 5
 MIN_GOOD_PARTS = 10
 # Above this out-of-fold false-reject rate a threshold is refused outright.
 MAX_ACCEPTABLE_FALSE_REJECT = 0.5
+DEFAULT_TARGET_FALSE_REJECT = 0.005
+# Rule of three: with n good parts and none rejected, the 95 % upper bound of
+# the false-reject rate is about 3/n, so a target t needs n >= 3/t good parts.
+RULE_OF_THREE = 3.0
+CONFIDENCE = 0.95
+MIN_KISSME_DEFECTS = 10  # fewer defects than this: no KISSME metric is learned
+DEFAULT_DEFECT_RATE = 0.05
+DEFAULT_ESCAPE_COST = 20.0  # one escape costs as much as this many false rejects
 
 
 class CalibrationError(StationError):
@@ -37,6 +47,7 @@ class MetricFit:
     false_reject_rate: float  # out of fold, at the threshold
     escape_rate: float | None
     problem: str | None = None  # why this metric cannot be used, if it cannot
+    expected_cost: float | None = None  # (1-p) FRR + p c ER at the threshold, when chosen by cost
 
     def summary(self) -> dict:
         good = self.good_scores[np.isfinite(self.good_scores)]
@@ -51,6 +62,8 @@ class MetricFit:
         if self.auroc is not None:
             out["auroc"] = round(float(self.auroc), 6)
             out["escape_rate"] = round(float(self.escape_rate), 6)
+        if self.expected_cost is not None:
+            out["expected_cost"] = round(float(self.expected_cost), 6)
         return out
 
 
@@ -170,9 +183,7 @@ def calibrate(
         defect_scores = None if defect_embeddings is None or not len(defect_embeddings) else score(defect_embeddings, model, name)
         fits[name] = fit_metric(oof[name], defect_scores, target_false_reject)
     chosen = _choose_metric(metric, fits, default_metric)
-    warnings = []
-    if len(good) < 100:
-        warnings.append(f"only {len(good)} good parts: the threshold for a {target_false_reject:.1%} false-reject rate is rough (100+ recommended)")
+    warnings = [w for w in [too_few_goods_warning(len(good), target_false_reject)] if w]
     return Calibration(model=model, covariance_shrinkage=shrinkage, fits=fits, metric=chosen, warnings=warnings)
 
 
@@ -194,3 +205,141 @@ def _choose_metric(metric: str, fits: dict[str, MetricFit], default_metric: str)
     if fits[metric].problem:
         raise CalibrationError(f"{metric}: {fits[metric].problem}; refusing this threshold")
     return metric
+
+
+# -- figures a quality engineer can sign ---------------------------------------
+
+
+def goods_needed(target_false_reject: float) -> int:
+    """Good parts needed to support a false-reject target (rule of three)."""
+    return math.ceil(RULE_OF_THREE / target_false_reject - 1e-9)
+
+
+def too_few_goods_warning(n_good: int, target_false_reject: float) -> str | None:
+    needed = goods_needed(target_false_reject)
+    if n_good >= needed:
+        return None
+    return (f"only {n_good} good parts: a {target_false_reject:.2%} false-reject target needs at least {needed} "
+            f"(rule of three); the smallest target these parts support is {supported_target(n_good):.2%}")
+
+
+def supported_target(n_good: int) -> float:
+    """The smallest false-reject target n good parts can support (3/n)."""
+    return min(RULE_OF_THREE / max(n_good, 1), MAX_ACCEPTABLE_FALSE_REJECT - 1e-9)
+
+
+def clopper_pearson(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float] | tuple[None, None]:
+    """Exact (Clopper-Pearson) interval of a rate k/n; (None, None) without trials."""
+    if n <= 0:
+        return None, None
+    alpha = 1.0 - confidence
+    low = 0.0 if k == 0 else float(beta.ppf(alpha / 2, k, n - k + 1))
+    high = 1.0 if k == n else float(beta.ppf(1 - alpha / 2, k + 1, n - k))
+    return low, high
+
+
+def expected_cost(good_scores, defect_scores, threshold: float, defect_rate: float, escape_cost: float) -> float:
+    """(1-p) FRR(t) + p c ER(t), in units of one false reject per part inspected."""
+    false_reject = float(np.mean(~(np.asarray(good_scores) <= threshold)))
+    escape = float(np.mean(np.asarray(defect_scores) <= threshold))
+    return (1.0 - defect_rate) * false_reject + defect_rate * escape_cost * escape
+
+
+def cost_threshold(good_scores, defect_scores, defect_rate: float, escape_cost: float) -> tuple[float, float]:
+    """The threshold of least expected cost, (threshold, cost), searched over every
+    observed score and placed midway to the next one (a part exactly at a held-out
+    score is not decided by rounding). NaN/inf scores count as highest."""
+    if not 0 < defect_rate < 1 or escape_cost <= 0:
+        raise CalibrationError(f"defect rate {defect_rate} must lie in (0, 1) and escape cost {escape_cost} be > 0")
+    good = np.nan_to_num(np.asarray(good_scores, float), nan=np.inf, posinf=np.inf)
+    defect = np.nan_to_num(np.asarray(defect_scores, float), nan=np.inf, posinf=np.inf)
+    values = np.unique(np.concatenate([good, defect]))
+    values = values[np.isfinite(values)]
+    candidates = np.concatenate([[values[0] - 1e-9] if values.size else [0.0], values])
+    costs = np.array([expected_cost(good, defect, t, defect_rate, escape_cost) for t in candidates])
+    best = int(np.argmin(costs))
+    threshold = candidates[best]
+    if 0 < best < len(candidates) - 1:
+        threshold = (candidates[best] + candidates[best + 1]) / 2.0
+    return float(threshold), float(costs[best])
+
+
+def out_of_fold_kissme(good: np.ndarray, defect: np.ndarray, folds: int = FOLDS, seed: int = 0):
+    """Good and defect parts each scored by a KISSME metric and reference learned without them."""
+    good_oof, defect_oof = np.empty(len(good)), np.empty(len(defect))
+    rng = np.random.default_rng(seed)
+    k = min(folds, len(good), len(defect))
+    good_folds = np.array_split(rng.permutation(len(good)), k)
+    defect_folds = np.array_split(rng.permutation(len(defect)), k)
+    for g_out, d_out in zip(good_folds, defect_folds):
+        g_keep, d_keep = np.setdiff1d(np.arange(len(good)), g_out), np.setdiff1d(np.arange(len(defect)), d_out)
+        matrix = metrics.kissme_matrix(good[g_keep], defect[d_keep])
+        reference = good[g_keep].mean(axis=0)
+        good_oof[g_out] = metrics.mahalanobis(good[g_out], reference, matrix)
+        defect_oof[d_out] = metrics.mahalanobis(defect[d_out], reference, matrix)
+    return good_oof, defect_oof
+
+
+def calibrate_held_out(
+    good_embeddings: np.ndarray, defect_embeddings: np.ndarray | None = None, metric: str = "auto",
+    target_false_reject: float = DEFAULT_TARGET_FALSE_REJECT, defect_rate: float = DEFAULT_DEFECT_RATE,
+    escape_cost: float = DEFAULT_ESCAPE_COST, min_good: int = MIN_GOOD_PARTS,
+) -> Calibration:
+    """`station fit`'s calibration, on parts the model never trained on.
+
+    With defects: each metric's threshold minimizes the expected cost on held-out
+    scores (good parts out of fold; KISSME's defects out of fold too, the others'
+    defects never fitted); ``auto`` takes the least cost, AUROC breaking ties.
+    Without defects: the false-reject target, raised to the smallest one the
+    good parts support (3/n) when they are too few for it, with a warning.
+    """
+    good = np.asarray(good_embeddings, dtype=np.float64)
+    if len(good) < min_good:
+        raise CalibrationError(f"{len(good)} good parts are too few to calibrate (at least {min_good})")
+    model, shrinkage = fit_reference_model(good)
+    oof = out_of_fold_scores(good)
+    if defect_embeddings is None or not len(defect_embeddings):
+        return _goods_only(model, shrinkage, oof, metric, target_false_reject)
+    defect = np.asarray(defect_embeddings, dtype=np.float64)
+    defect_scores = {name: score(defect, model, name) for name in SCORES}
+    warnings = []
+    if len(defect) >= MIN_KISSME_DEFECTS:
+        oof["kissme"], defect_scores["kissme"] = out_of_fold_kissme(good, defect)
+        model = replace(model, kissme=metrics.kissme_matrix(good, defect))
+    else:
+        warnings.append(f"only {len(defect)} defects: no KISSME metric learned (needs {MIN_KISSME_DEFECTS})")
+    fits = {name: cost_fit(oof[name], defect_scores[name], defect_rate, escape_cost) for name in oof}
+    if metric == "auto":
+        usable = [name for name, f in fits.items() if f.problem is None] or list(fits)
+        metric = min(usable, key=lambda n: (round(fits[n].expected_cost, 9), -fits[n].auroc))
+    _check_choice(metric, fits)
+    return Calibration(model=model, covariance_shrinkage=shrinkage, fits=fits, metric=metric, warnings=warnings)
+
+
+def cost_fit(good_oof: np.ndarray, defect_scores: np.ndarray, defect_rate: float, escape_cost: float) -> MetricFit:
+    threshold, cost = cost_threshold(good_oof, defect_scores, defect_rate, escape_cost)
+    false_reject = float(np.mean(~(good_oof <= threshold)))
+    problem = None
+    if false_reject > MAX_ACCEPTABLE_FALSE_REJECT:
+        problem = f"the threshold {threshold:.4g} would flag {false_reject:.0%} of good parts"
+    escape = float(np.mean(defect_scores <= threshold))
+    return MetricFit(threshold, good_oof, defect_scores, auroc(good_oof, defect_scores), false_reject, escape,
+                     problem, expected_cost=cost)
+
+
+def _goods_only(model, shrinkage, oof, metric, target_false_reject) -> Calibration:
+    warnings = []
+    problem = too_few_goods_warning(len(oof["mahalanobis"]), target_false_reject)
+    if problem:
+        target_false_reject = supported_target(len(oof["mahalanobis"]))
+        warnings.append(f"{problem}: using {target_false_reject:.2%}")
+    fits = {name: fit_metric(oof[name], None, target_false_reject) for name in SCORES}
+    chosen = _choose_metric(metric, fits, "mahalanobis")
+    return Calibration(model=model, covariance_shrinkage=shrinkage, fits=fits, metric=chosen, warnings=warnings)
+
+
+def _check_choice(metric: str, fits: dict[str, MetricFit]):
+    if metric not in fits:
+        raise CalibrationError(f"unknown metric {metric!r}; one of {', '.join(fits)} or auto")
+    if fits[metric].problem:
+        raise CalibrationError(f"{metric}: {fits[metric].problem}; refusing this threshold")

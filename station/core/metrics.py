@@ -102,3 +102,29 @@ def precision_from_covariance(covariance) -> np.ndarray:
     """Inverse of a shrunk (positive definite) covariance, symmetric by construction."""
     precision = np.linalg.inv(np.asarray(covariance, dtype=np.float64))
     return (precision + precision.T) / 2.0
+
+
+def project_psd(matrix) -> np.ndarray:
+    """The nearest symmetric positive semi-definite matrix: negative eigenvalues clipped to 0."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2.0)
+    projected = (vectors * np.clip(values, 0.0, None)) @ vectors.T
+    return (projected + projected.T) / 2.0
+
+
+def kissme_matrix(good, defect) -> np.ndarray:
+    """KISSME metric (Koestinger et al., CVPR 2012), projected to PSD.
+
+    M = inv(Cov of good-good pair differences) - inv(Cov of good-defect pair
+    differences). Over all pairs, in closed form: good-good differences have
+    covariance 2 S_g; good-defect differences S_g + S_d + (m_d - m_g)(m_d - m_g)^T.
+    Each S is OAS-shrunk (a few dozen defects in 128 dimensions are singular).
+    The score is sqrt((y - r)^T M (y - r)): metrics.mahalanobis with M as precision.
+    """
+    good, defect = _rows(good), _rows(defect)
+    cov_good, _ = oas_covariance(good)
+    cov_defect, _ = oas_covariance(defect)
+    shift = defect.mean(axis=0) - good.mean(axis=0)
+    similar = 2.0 * cov_good
+    dissimilar = cov_good + cov_defect + np.outer(shift, shift)
+    return project_psd(precision_from_covariance(similar) - precision_from_covariance(dissimilar))

@@ -12,6 +12,10 @@ A new version is written to a temporary folder, fsynced and renamed into
 place; only then does CURRENT switch (itself by temp file + rename). A crash
 at any point leaves the previous version active and intact. Arrays are loaded
 with allow_pickle=False: nothing is unpickled.
+
+Format 1 holds the three fixed scores; format 2 (written only when the set
+carries a learned KISSME metric, arrays.npz then also holds "kissme") adds it.
+Both load, so a station rolls back across them.
 """
 from __future__ import annotations
 
@@ -32,9 +36,11 @@ import yaml
 from station.core.version import __version__
 from station.core.errors import StationError
 from station.core.product import product_name_problem
-from station.core.scoring import SCORES, ReferenceModel
+from station.core.scoring import ReferenceModel
 
 FORMAT = "station-reference-set/1"
+FORMAT_KISSME = "station-reference-set/2"  # FORMAT plus the learned "kissme" array and metric
+FORMATS = (FORMAT, FORMAT_KISSME)
 CURRENT = "CURRENT"
 SUMMARY = "reference.yaml"
 ARRAYS = "arrays.npz"
@@ -123,14 +129,15 @@ def load(root: Path, version: int | None = None) -> ReferenceSet:
         summary = yaml.safe_load(summary_path.read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise ReferenceSetError(f"{summary_path}: cannot be read: {exc}") from exc
-    if not isinstance(summary, dict) or summary.get("format") != FORMAT:
-        raise ReferenceSetError(f"{summary_path}: not a {FORMAT} summary")
+    if not isinstance(summary, dict) or summary.get("format") not in FORMATS:
+        raise ReferenceSetError(f"{summary_path}: not a {' or '.join(FORMATS)} summary")
     if summary.get("checksum") != _summary_checksum(summary):
         raise ReferenceSetError(f"{summary_path}: checksum mismatch (edited by hand or corrupted)")
     arrays_bytes = _read_bytes(folder / ARRAYS)
     if hashlib.sha256(arrays_bytes).hexdigest() != summary["arrays_sha256"]:
         raise ReferenceSetError(f"{folder / ARRAYS}: checksum mismatch (corrupted)")
-    model = _model_from_npz(arrays_bytes, folder / ARRAYS, int(summary["embedding_dim"]))
+    model = _model_from_npz(arrays_bytes, folder / ARRAYS, int(summary["embedding_dim"]),
+                            learned=summary["format"] == FORMAT_KISSME)
     return ReferenceSet(
         model=model,
         metric=summary["metric"],
@@ -152,13 +159,14 @@ def _read_bytes(path: Path) -> bytes:
         raise ReferenceSetError(f"{path}: cannot be read ({exc.strerror})") from exc
 
 
-def _model_from_npz(data: bytes, where: Path, dim: int) -> ReferenceModel:
+def _model_from_npz(data: bytes, where: Path, dim: int, learned: bool = False) -> ReferenceModel:
+    shapes = {**_ARRAY_SHAPES, **(_LEARNED_SHAPES if learned else {})}
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
-            fields = {name: np.array(arrays[name], dtype=np.float64) for name in _ARRAY_SHAPES}
+            fields = {name: np.array(arrays[name], dtype=np.float64) for name in shapes}
     except (KeyError, ValueError, OSError) as exc:
         raise ReferenceSetError(f"{where}: unusable arrays: {exc}") from exc
-    for name, shape in _ARRAY_SHAPES.items():
+    for name, shape in shapes.items():
         expected = tuple(dim if s == "d" else s for s in shape)
         if fields[name].shape != expected or not np.all(np.isfinite(fields[name])):
             raise ReferenceSetError(f"{where}: {name} has shape {fields[name].shape}, expected finite {expected}")
@@ -166,6 +174,7 @@ def _model_from_npz(data: bytes, where: Path, dim: int) -> ReferenceModel:
 
 
 _ARRAY_SHAPES = {"reference": ("d",), "precision": ("d", "d"), "soart3_mean": (3,), "soart3_precision": (3, 3)}
+_LEARNED_SHAPES = {"kissme": ("d", "d")}
 
 
 # -- writing -----------------------------------------------------------------
@@ -175,8 +184,8 @@ def save(root: Path, reference_set: ReferenceSet, report_files: dict[str, bytes]
     """Write a new version atomically and make it current; returns it as saved."""
     root = Path(root)
     check_product_name(reference_set.product)
-    if reference_set.metric not in SCORES:
-        raise ReferenceSetError(f"unknown metric {reference_set.metric!r}")
+    if reference_set.metric not in reference_set.model.scores:
+        raise ReferenceSetError(f"unknown metric {reference_set.metric!r}; this set has {', '.join(reference_set.model.scores)}")
     root.mkdir(parents=True, exist_ok=True)
     version = (versions(root) or [0])[-1] + 1
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -220,7 +229,7 @@ def rollback(root: Path, version: int | None = None) -> int:
 
 def _summary(reference_set: ReferenceSet, version: int, created: str, arrays_sha256: str) -> dict:
     summary = {
-        "format": FORMAT,
+        "format": FORMAT if reference_set.model.kissme is None else FORMAT_KISSME,
         "product": reference_set.product,
         "version": version,
         "created": created,
@@ -257,7 +266,8 @@ def _plain(value):
 
 def _npz_bytes(model: ReferenceModel) -> bytes:
     buffer = io.BytesIO()
-    np.savez(buffer, **{name: np.asarray(getattr(model, name), dtype=np.float64) for name in _ARRAY_SHAPES})
+    names = list(_ARRAY_SHAPES) + (list(_LEARNED_SHAPES) if model.kissme is not None else [])
+    np.savez(buffer, **{name: np.asarray(getattr(model, name), dtype=np.float64) for name in names})
     return buffer.getvalue()
 
 

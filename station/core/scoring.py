@@ -6,6 +6,10 @@ Three scores, each a distance from what known-good parts look like:
 - ``soart3``: the RT method: the Mahalanobis distance of a part's SOART3 features
   (log_beta, eta, gamma) from the good parts' "unit space". A part whose log_beta
   is not finite (beta <= 0: it points away from the reference) scores inf: NG.
+
+A learned fourth score, ``kissme``, exists only where calibration saw defects:
+the distance from the reference under a KISSME metric (metrics.kissme_matrix)
+learned from good and defective parts; reference sets without it score as before.
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ import numpy as np
 from station.core import metrics
 
 SCORES = ("minkowski", "soart3", "mahalanobis")
+LEARNED_SCORES = ("kissme",)  # need defects to learn; present only when calibrated with them
+ALL_SCORES = SCORES + LEARNED_SCORES
 MINKOWSKI_P = 4
 
 
@@ -27,10 +33,16 @@ class ReferenceModel:
     precision: np.ndarray  # (d, d) inverse of their shrunk covariance
     soart3_mean: np.ndarray  # (3,) mean SOART3 features of good parts
     soart3_precision: np.ndarray  # (3, 3)
+    kissme: np.ndarray | None = None  # (d, d) learned PSD metric, when calibrated with defects
 
     @property
     def embedding_dim(self) -> int:
         return int(self.reference.shape[0])
+
+    @property
+    def scores(self) -> tuple[str, ...]:
+        """The scores this model can give."""
+        return ALL_SCORES if self.kissme is not None else SCORES
 
 
 def soart3_score(features: np.ndarray, model: ReferenceModel) -> np.ndarray:
@@ -46,7 +58,7 @@ def distances(embeddings: np.ndarray, model: ReferenceModel) -> dict[str, np.nda
     """Every score plus SOART3's three features, each an (n,) array."""
     embeddings = np.atleast_2d(embeddings)
     features = metrics.soart3(embeddings, model.reference)
-    return {
+    out = {
         "minkowski": metrics.minkowski(embeddings, model.reference, p=MINKOWSKI_P),
         "mahalanobis": metrics.mahalanobis(embeddings, model.reference, model.precision),
         "soart3": soart3_score(features, model),
@@ -54,6 +66,9 @@ def distances(embeddings: np.ndarray, model: ReferenceModel) -> dict[str, np.nda
         "eta": features[:, 1],
         "gamma": features[:, 2],
     }
+    if model.kissme is not None:
+        out["kissme"] = metrics.mahalanobis(embeddings, model.reference, model.kissme)
+    return out
 
 
 def score(embeddings: np.ndarray, model: ReferenceModel, metric: str) -> np.ndarray:
@@ -65,7 +80,9 @@ def score(embeddings: np.ndarray, model: ReferenceModel, metric: str) -> np.ndar
         return metrics.mahalanobis(embeddings, model.reference, model.precision)
     if metric == "soart3":
         return soart3_score(metrics.soart3(embeddings, model.reference), model)
-    raise ValueError(f"unknown metric {metric!r}; one of {SCORES}")
+    if metric == "kissme" and model.kissme is not None:
+        return metrics.mahalanobis(embeddings, model.reference, model.kissme)
+    raise ValueError(f"unknown metric {metric!r}; one of {model.scores}")
 
 
 def is_defect(scores: np.ndarray, threshold: float) -> np.ndarray:

@@ -1,0 +1,106 @@
+"""`station fit`'s statistics: exact intervals, expected-cost thresholds, KISSME, reference-set formats."""
+import numpy as np
+import pytest
+import yaml
+from scipy.stats import binomtest
+
+from calibration import fit
+from station.core import metrics, reference_set
+from station.core.reference_set import ReferenceSet
+from station.core.scoring import ALL_SCORES, SCORES, distances, score
+
+
+def parts(n, d=8, seed=0, shift=0.0):
+    rng = np.random.default_rng(seed)
+    out = rng.normal(0.0, 1.0, (n, d))
+    out[:, :2] += shift
+    return out
+
+
+@pytest.mark.parametrize("k,n", [(0, 10), (1, 10), (3, 57), (10, 10), (0, 600), (12, 400)])
+def test_clopper_pearson_matches_scipy(k, n):
+    exact = binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
+    low, high = fit.clopper_pearson(k, n)
+    assert low == pytest.approx(exact.low, abs=1e-9) and high == pytest.approx(exact.high, abs=1e-9)
+    assert fit.clopper_pearson(0, 0) == (None, None)
+
+
+def test_expected_cost_threshold_is_the_least_cost_over_every_cut():
+    rng = np.random.default_rng(1)
+    good, defect = rng.normal(0, 1, 300), rng.normal(2.5, 1, 60)
+    threshold, cost = fit.cost_threshold(good, defect, defect_rate=0.05, escape_cost=20)
+    cuts = np.linspace(-4, 8, 4001)
+    brute = min(fit.expected_cost(good, defect, t, 0.05, 20) for t in cuts)
+    assert cost == pytest.approx(brute, abs=1e-12)
+    assert fit.expected_cost(good, defect, threshold, 0.05, 20) == pytest.approx(cost)
+    # Dearer escapes move the threshold down (more false rejects, fewer escapes).
+    cheap, _ = fit.cost_threshold(good, defect, 0.05, 1)
+    assert cheap >= threshold
+
+
+def test_expected_cost_of_a_hand_example():
+    good, defect = np.array([1.0, 2.0, 3.0, 4.0]), np.array([3.5, 5.0])
+    # Cut between 3 and 3.5: one good part in four rejected, no escape: 0.5 * 1/4.
+    # (Between 4 and 5 would cost 0.5 * 1 * 1/2.) The cut sits midway between scores.
+    threshold, cost = fit.cost_threshold(good, defect, 0.5, 1.0)
+    assert threshold == pytest.approx(3.25) and cost == pytest.approx(0.125)
+    assert fit.expected_cost(good, defect, 3.2, 0.1, 20) == pytest.approx(0.9 * 0.25 + 0.1 * 20 * 0.0)
+
+
+def test_kissme_matrix_is_symmetric_psd_and_separates_a_partial_defect():
+    good, defect = parts(200, seed=1), parts(40, seed=2, shift=3.0)
+    matrix = metrics.kissme_matrix(good, defect)
+    assert np.allclose(matrix, matrix.T)
+    assert np.linalg.eigvalsh(matrix).min() >= -1e-10
+    reference = good.mean(axis=0)
+    new_good, new_defect = parts(100, seed=3), parts(100, seed=4, shift=3.0)
+    auroc = fit.auroc(metrics.mahalanobis(new_good, reference, matrix), metrics.mahalanobis(new_defect, reference, matrix))
+    assert auroc > 0.95
+
+
+def test_held_out_calibration_learns_kissme_and_picks_by_cost():
+    good, defect = parts(120, seed=5), parts(30, seed=6, shift=2.5)
+    calibration = fit.calibrate_held_out(good, defect)
+    assert set(calibration.fits) == set(ALL_SCORES) and calibration.model.kissme is not None
+    chosen = calibration.fits[calibration.metric]
+    assert chosen.expected_cost == min(f.expected_cost for f in calibration.fits.values())
+    assert set(distances(good[:3], calibration.model)) >= set(ALL_SCORES)
+    assert score(good[:3], calibration.model, "kissme").shape == (3,)
+
+
+def test_goods_only_calibration_never_uses_a_target_the_sample_cannot_support():
+    calibration = fit.calibrate_held_out(parts(60, seed=7), None, target_false_reject=0.005)
+    assert "needs at least 600" in calibration.warnings[0] and "5.00%" in calibration.warnings[0]
+    assert calibration.model.kissme is None and set(calibration.fits) == set(SCORES)
+    assert calibration.fits[calibration.metric].defect_scores is None
+    assert fit.goods_needed(0.005) == 600 and fit.too_few_goods_warning(600, 0.005) is None
+
+
+def test_station_calibrate_warns_when_too_few_goods_for_its_target():
+    calibration = fit.calibrate(parts(100, seed=8), target_false_reject=0.005)
+    assert any("needs at least 600" in w for w in calibration.warnings)
+    assert not fit.calibrate(parts(100, seed=8), target_false_reject=0.05).warnings
+
+
+def _reference_set(model, metric="minkowski"):
+    return ReferenceSet(model=model, metric=metric, thresholds={n: 1.0 for n in model.scores},
+                        product="A", model_sha256="ab" * 32, n_good=60)
+
+
+def test_kissme_sets_get_a_new_format_and_older_sets_still_load_and_roll_back(tmp_path):
+    root = tmp_path / "A"
+    old = fit.calibrate(parts(60, seed=9)).model
+    learned = fit.calibrate_held_out(parts(60, seed=9), parts(20, seed=10, shift=3.0)).model
+    reference_set.save(root, _reference_set(old))
+    reference_set.save(root, _reference_set(learned, "kissme"))
+    formats = [yaml.safe_load((root / v / "reference.yaml").read_text())["format"] for v in ("v0001", "v0002")]
+    assert formats == [reference_set.FORMAT, reference_set.FORMAT_KISSME]
+    with np.load(root / "v0001" / "arrays.npz") as arrays:
+        assert "kissme" not in arrays.files  # an older station reads version 1 as before
+    current = reference_set.load(root)
+    assert current.metric == "kissme" and np.allclose(current.model.kissme, learned.kissme)
+    assert reference_set.rollback(root) == 1
+    rolled = reference_set.load(root)
+    assert rolled.model.kissme is None and "kissme" not in distances(parts(2), rolled.model)
+    with pytest.raises(reference_set.ReferenceSetError, match="unknown metric"):
+        reference_set.save(root, _reference_set(old, "kissme"))
