@@ -1,4 +1,4 @@
-"""Training data: crops through station.core.preprocess, splits, pairs, augmentation.
+"""Training data: crops through station.core.preprocess, splits, pairs (augmentation: export/augment.py).
 
 Everything is numpy with an explicit Generator, in one thread, so the same
 seed draws the same splits, pairs and augmentations.
@@ -14,15 +14,6 @@ from tqdm import tqdm
 from station.core.errors import DataError
 from station.core.imagefolder import LabeledImage, read_image, scan_dataset
 from station.core.preprocess import InputSpec, prepare_crop, to_model_input
-
-# Inspection augmentation: the jitter a fixed camera over a fixture really
-# shows. No rotations or flips by default: a mirrored part can be a defect.
-SHIFT_PX = 2
-BRIGHTNESS = 0.10
-CONTRAST = 0.10
-NOISE_SIGMA = 3.0  # grey levels
-LIGHTING_PIVOT = 128.0  # fixed pivot: a defect changes only its own pixels
-
 
 @dataclass
 class CropSet:
@@ -45,7 +36,7 @@ def load_crops(items: list[LabeledImage], spec: InputSpec, progress: bool = Fals
     crops = np.empty((len(items), spec.height, spec.width), np.uint8)
     for i, item in enumerate(tqdm(items, desc="reading images", unit="img", disable=not progress)):
         crops[i] = prepare_crop(read_image(item.path), spec)
-    return CropSet(crops, np.array([item.defect_class for item in items]), list(items))
+    return CropSet(crops, np.array([item.defect_class for item in items], dtype=str), list(items))
 
 
 def load_dataset(root: Path, spec: InputSpec, progress: bool = False) -> CropSet:
@@ -66,6 +57,12 @@ def stratified_split(classes: np.ndarray, fraction: float, rng: np.random.Genera
         val.extend(members[:n_val])
         train.extend(members[n_val:])
     return np.sort(np.array(train, int)), np.sort(np.array(val, int))
+
+
+def require_goods(crop_set: CropSet, what: str, minimum: int = 2):
+    n_good = int(np.sum(~crop_set.is_defect))
+    if n_good < minimum:
+        raise DataError(f"{what} needs at least {minimum} good images, found {n_good}")
 
 
 def require_both_kinds(crop_set: CropSet, what: str):
@@ -90,24 +87,6 @@ def sample_pairs(is_defect: np.ndarray, count: int, rng: np.random.Generator):
     return first, second, similar.astype(np.float32)
 
 
-def augment(crops: np.ndarray, rng: np.random.Generator, allow_flips: bool = False) -> np.ndarray:
-    """Randomly shifted (+-2 px), relit (+-10 %), noisy copies of uint8 crops."""
-    n, height, width = crops.shape
-    padded = np.pad(crops, ((0, 0), (SHIFT_PX, SHIFT_PX), (SHIFT_PX, SHIFT_PX)), mode="edge")
-    dy, dx = rng.integers(0, 2 * SHIFT_PX + 1, size=(2, n))
-    out = np.stack([padded[i, dy[i] : dy[i] + height, dx[i] : dx[i] + width] for i in range(n)]).astype(np.float32)
-    if allow_flips:
-        flip_h = rng.random(n) < 0.5
-        flip_v = rng.random(n) < 0.5
-        out[flip_h] = out[flip_h, :, ::-1]
-        out[flip_v] = out[flip_v, ::-1, :]
-    contrast = rng.uniform(1 - CONTRAST, 1 + CONTRAST, (n, 1, 1)).astype(np.float32)
-    brightness = rng.uniform(1 - BRIGHTNESS, 1 + BRIGHTNESS, (n, 1, 1)).astype(np.float32)
-    out = ((out - LIGHTING_PIVOT) * contrast + LIGHTING_PIVOT) * brightness
-    out += rng.normal(0.0, NOISE_SIGMA, out.shape).astype(np.float32)
-    return np.clip(np.round(out), 0, 255).astype(np.uint8)
-
-
 def mean_crop(crops: np.ndarray) -> np.ndarray:
     """The mean image of crops, rounded back to uint8 like any other crop
     (so it goes through the same to_model_input)."""
@@ -117,3 +96,28 @@ def mean_crop(crops: np.ndarray) -> np.ndarray:
 def model_batch(crops: np.ndarray, spec: InputSpec) -> np.ndarray:
     """uint8 crops -> float32 batch, through the station's one preprocessing."""
     return to_model_input(crops, spec)
+
+
+# ---- figures on held-out crops ----------------------------------------------------------
+
+
+def auroc(good_scores: np.ndarray, defect_scores: np.ndarray) -> float:
+    """P(defect scores above good), ties counted half (Mann-Whitney)."""
+    scores = np.concatenate([good_scores, defect_scores])
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    # average ranks over ties
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    mean_rank = first + (counts + 1) / 2.0
+    ranks[order] = np.repeat(mean_rank, counts)
+    n_good, n_defect = len(good_scores), len(defect_scores)
+    return float((ranks[n_good:].sum() - n_defect * (n_defect + 1) / 2.0) / (n_good * n_defect))
+
+
+def fit_threshold(distances: np.ndarray, similar: np.ndarray) -> float:
+    """The distance cut that classifies the most pairs right (similar: below)."""
+    order = np.sort(distances)
+    candidates = np.concatenate([[order[0] - 1e-6], (order[1:] + order[:-1]) / 2, [order[-1] + 1e-6]])
+    accuracies = [np.mean((distances < c) == similar.astype(bool)) for c in candidates]
+    return float(candidates[int(np.argmax(accuracies))])
