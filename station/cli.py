@@ -238,6 +238,8 @@ def _host_port(text: str) -> tuple[str, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from station.core.scoring import SCORES
+
     parser = argparse.ArgumentParser(
         prog="station",
         description="Visual inspection station: camera -> roi -> embed -> score -> verdict -> MQTT.",
@@ -268,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--defects", type=Path, action="append", default=[],
                      help="folder of defective parts (repeatable; subfolders name classes)")
     cal.add_argument("--out", type=Path, help="folder mode: reference set folder (a new version is added)")
-    cal.add_argument("--metric", choices=("auto", "minkowski", "soart3", "mahalanobis"), default="auto",
+    cal.add_argument("--metric", choices=("auto", *SCORES), default="auto",
                      help="score used for verdicts; auto = best AUROC on --defects (default auto)")
     cal.add_argument("--product", help="product name (default: the --out folder's name; camera mode: the config's product)")
     cal.add_argument("--target-false-reject", type=float, default=0.005,

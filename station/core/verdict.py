@@ -1,11 +1,7 @@
-"""From scores to verdicts, and verdicts to the JSON the plant's dashboards read."""
+"""From scores to verdicts: the verdict words (OK, NG) are defined here and nowhere else."""
 from __future__ import annotations
 
-import json
-import math
-import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 import numpy as np
 
@@ -32,42 +28,3 @@ def judge(embeddings: np.ndarray, reference_set) -> list[Judgement]:
         Judgement(NG if bad else OK, float(value), dict(zip(names, row)))
         for bad, value, row in zip(flagged.tolist(), scores.tolist(), columns)
     ]
-
-
-def utc_timestamp(epoch_seconds: float) -> str:
-    """ISO 8601 UTC with milliseconds, e.g. 2026-11-22T06:30:00.123Z."""
-    moment = datetime.fromtimestamp(epoch_seconds, tz=timezone.utc)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _finite_or_none(value: float) -> float | None:
-    # JSON has no inf or NaN; a part that points away from the reference scores null (and is NG).
-    return value if math.isfinite(value) else None
-
-
-def verdict_message(
-    *, station: str, seq: int, source: str, part_id: str | None, product: str, judgement: Judgement,
-    threshold: float, metric: str, model_id: str, reference_version: int, latency_ms: float, ts: str,
-    verdict_id: str | None = None,
-) -> dict:
-    return {
-        "station": station,
-        "seq": seq,
-        "id": verdict_id or str(uuid.uuid4()),
-        "ts": ts,
-        "source": source,
-        "part_id": part_id,
-        "product": product,
-        "verdict": judgement.verdict,
-        "score": _finite_or_none(judgement.score),
-        "threshold": threshold,
-        "metric": metric,
-        "distances": {name: _finite_or_none(value) for name, value in judgement.distances.items()},
-        "model": model_id,
-        "reference": reference_version,
-        "latency_ms": round(latency_ms, 3),
-    }
-
-
-def encode(message: dict) -> bytes:
-    return json.dumps(message, separators=(",", ":"), allow_nan=False).encode()

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from station.runtime.messages import SCHEMA_VERSION
+
 COMMANDS = ("reload", "product", "trigger", "pause", "resume")
 MAX_PAYLOAD = 16 * 1024
 MAX_TEXT = 128
@@ -40,6 +42,10 @@ def parse_command(payload: bytes) -> Command:
     command_id = message.get("id")
     if not isinstance(command_id, str) or not 0 < len(command_id) <= MAX_TEXT:
         raise CommandError(f"id must be a string of 1 to {MAX_TEXT} characters")
+    version = message.get("schema_version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise CommandError(f"schema_version {version!r} is not spoken here (this station speaks {SCHEMA_VERSION})",
+                           command_id)
     cmd = message.get("cmd")
     if cmd not in COMMANDS:
         raise CommandError(f"unknown cmd {cmd!r}; one of {', '.join(COMMANDS)}", command_id)

@@ -18,6 +18,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from station.core.verdict import NG, OK
+
 log = logging.getLogger(__name__)
 QUEUE_DEPTH = 512
 FAILURE_LOG_INTERVAL = 60.0  # seconds between "cannot keep crop" warnings
@@ -39,7 +41,7 @@ class CropKeeper:
     def wants(self, verdict: str) -> bool:
         if self.max_bytes <= 0:
             return False
-        if verdict == "NG":
+        if verdict == NG:
             return self.keep_ng
         return self.ok_sample_rate > 0 and self._random.random() < self.ok_sample_rate
 
@@ -63,7 +65,7 @@ class CropKeeper:
 
     def _write_loop(self):
         self._load_existing()
-        for verdict in ("NG", "OK"):
+        for verdict in (NG, OK):
             (self.folder / verdict).mkdir(parents=True, exist_ok=True)
         while (item := self._queue.get()) is not None:
             self._write(*item)

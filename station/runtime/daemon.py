@@ -30,7 +30,7 @@ from station.runtime.inspector import Inspector
 from station.runtime.outbox import Outbox
 from station.runtime.publisher import Publisher
 from station.runtime.stats import StationStats
-from station.core.verdict import encode, utc_timestamp, verdict_message
+from station.runtime.messages import utc_timestamp, verdict_message
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ class Daemon:
                         tx.advance_seq(self._live_seq)
                     messages = [build(seq, frame, judgement)
                                 for seq, (frame, judgement) in zip(tx.next_seqs(len(pending)), pending)]
-                    tx.put_many(self.publisher.topics.verdict, [encode(m) for m in messages], self.config.mqtt.qos)
+                    self.publisher.queue_verdicts(tx, messages)
                 if self._live_seq is not None:
                     log.warning("outbox %s stores verdicts again (after seq %d published live)",
                                 self.outbox.path, self._live_seq)
@@ -237,7 +237,7 @@ class Daemon:
         for frame, judgement in pending:
             self._live_seq += 1  # used even if the send fails: a gap, never a reuse
             message = build(self._live_seq, frame, judgement)
-            if not self.publisher.publish_live(self.publisher.topics.verdict, encode(message), self.config.mqtt.qos):
+            if not self.publisher.publish_verdict_live(message):
                 break
             sent.append(message)
         self._live_verdicts += len(sent)
@@ -283,24 +283,25 @@ class Daemon:
 
     def _execute(self, command: Command) -> str | None:
         """Act on a valid command; the error text, or None when it worked."""
-        if command.cmd == "pause":
-            self.paused = True
-        elif command.cmd == "resume":
-            self.paused = False
-        elif command.cmd == "reload":
-            return self._reload(product=self.inspector.product if self.config.products else None, reason="command")
-        elif command.cmd == "product":
-            if self.config.products is None:
-                return "this station has a single reference set; configure products: to switch"
-            if command.product not in self.config.products:
-                return f"unknown product {command.product!r}; configured: {', '.join(sorted(self.config.products))}"
-            return self._swap_inspector(self.config, command.product, reason=f"changeover to {command.product}")
-        elif command.cmd == "trigger":
-            return self._trigger(command.part_id)
-        self._publish_state()
-        return None
+        handlers = {"pause": self._pause, "resume": self._pause, "reload": self._reload_command,
+                    "product": self._changeover, "trigger": self._trigger}
+        return handlers[command.cmd](command)
 
-    def _trigger(self, part_id: str | None) -> str | None:
+    def _pause(self, command: Command) -> None:
+        self.paused = command.cmd == "pause"
+        self._publish_state()
+
+    def _reload_command(self, command: Command) -> str | None:
+        return self._reload(product=self.inspector.product if self.config.products else None, reason="command")
+
+    def _changeover(self, command: Command) -> str | None:
+        if self.config.products is None:
+            return "this station has a single reference set; configure products: to switch"
+        if command.product not in self.config.products:
+            return f"unknown product {command.product!r}; configured: {', '.join(sorted(self.config.products))}"
+        return self._swap_inspector(self.config, command.product, reason=f"changeover to {command.product}")
+
+    def _trigger(self, command: Command) -> str | None:
         if self.latest is None:
             return "trigger mode is continuous; set trigger: mqtt to judge on command"
         if self.paused:
@@ -308,7 +309,7 @@ class Daemon:
         frame = self.latest.get(timeout=TRIGGER_FRAME_WAIT)
         if frame is None:
             return f"no fresh frame from {self.source.description} within {TRIGGER_FRAME_WAIT} s"
-        self._inspect([frame], part_id=part_id)
+        self._inspect([frame], part_id=command.part_id)
         return None
 
     def _reload(self, product: str | None, reason: str) -> str | None:

@@ -16,7 +16,6 @@ in-flight queue is not used because it races new publishes on reconnect.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import ssl
@@ -32,6 +31,7 @@ import paho.mqtt.client as mqtt
 from station.core.backoff import Backoff
 from station.runtime.config import MqttConfig
 from station.core.errors import OutboxDiskError, OutboxError, PublisherError
+from station.runtime.messages import encode
 from station.runtime.outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -153,19 +153,23 @@ class Publisher:
         """New messages are in the Outbox: send them now rather than at the next poll."""
         self._wake.set()
 
+    def queue_verdicts(self, transaction, verdicts: list[dict]):
+        """Put verdict messages into an open Outbox transaction, for the drain to send in order."""
+        transaction.put_many(self.topics.verdict, [encode(message) for message in verdicts], self.config.qos)
+
+    def publish_verdict_live(self, verdict: dict) -> bool:
+        """Send a verdict now, bypassing the Outbox (not durable: lost if the connection drops
+        before the broker has it). For while the Outbox cannot store; False when offline."""
+        return self._send(self.topics.verdict, encode(verdict), qos=self.config.qos)
+
     def publish_state(self, state: dict):
         """Retained station state; remembered and sent again after every reconnect."""
-        self._state_payload = json.dumps(state, separators=(",", ":")).encode()
+        self._state_payload = encode(state)
         self._send(self.topics.state, self._state_payload, qos=1, retain=True)
 
     def publish_stats(self, stats: dict) -> bool:
         """Periodic stats; dropped (False) while offline, the next ones supersede them."""
-        return self._send(self.topics.stats, json.dumps(stats, separators=(",", ":")).encode(), qos=0)
-
-    def publish_live(self, topic: str, payload: bytes, qos: int = 1) -> bool:
-        """Send now, bypassing the Outbox (not durable: lost if the connection drops before the
-        broker has it). For verdicts while the Outbox cannot store them; False when offline."""
-        return self._send(topic, payload, qos=qos)
+        return self._send(self.topics.stats, encode(stats), qos=0)
 
     def flush(self, timeout: float) -> bool:
         """Wait until the Outbox is empty (every message acknowledged); False on timeout."""
@@ -303,7 +307,7 @@ class Publisher:
             self._reply({"ok": False, "error": f"command failed: {exc}"})
 
     def _reply(self, result: dict):
-        if not self._send(self.topics.command_result, json.dumps(result, separators=(",", ":")).encode(), qos=1):
+        if not self._send(self.topics.command_result, encode(result), qos=1):
             log.warning("command result not sent (not connected): %s", result)
 
     # -- outbox drain

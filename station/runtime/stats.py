@@ -6,6 +6,8 @@ from collections import deque
 
 import numpy as np
 
+from station.core.verdict import OK
+
 
 class StationStats:
     """Counters since start plus a window of recent latencies; cheap to update per part."""
@@ -20,7 +22,7 @@ class StationStats:
 
     def part_judged(self, verdict: str, latency_ms: float):
         self.processed += 1
-        if verdict == "OK":
+        if verdict == OK:
             self.ok += 1
         else:
             self.ng += 1

@@ -19,7 +19,8 @@ import numpy as np
 
 from station.core.errors import StationError
 from station.tools.loopback import Mosquitto
-from station.core.verdict import encode, judge, utc_timestamp, verdict_message
+from station.core.verdict import judge
+from station.runtime.messages import encode, utc_timestamp, verdict_message
 
 STAGE_RUNS = 2000
 

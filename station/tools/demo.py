@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from station.core.errors import MissingExtraError, StationError
+from station.core.verdict import OK
 from station.tools.loopback import free_port
 
 DEMO_DIR = Path(__file__).parent / "demo_bundle"
@@ -92,8 +93,8 @@ class Dashboard:
         truth = _simulated_truth(verdict["source"])
         with self._lock:
             self.verdicts += 1
-            self.ok += verdict["verdict"] == "OK"
-            self.agree += (truth == "good") == (verdict["verdict"] == "OK")
+            self.ok += verdict["verdict"] == OK
+            self.agree += (truth == "good") == (verdict["verdict"] == OK)
             if self.first_verdict_at is None:
                 self.first_verdict_at = time.monotonic()
             score = "    n/a" if verdict["score"] is None else f"{verdict['score']:7.4g}"

@@ -1,0 +1,58 @@
+"""The MQTT contract's payloads: every JSON message the station publishes is built here.
+
+Each carries `schema_version` first; the JSON Schemas in schemas/ describe
+version SCHEMA_VERSION, and tests/test_contract.py checks them, the code and
+the README's examples against each other. Bump it when a payload changes in
+a way a dashboard could notice (a field removed, renamed or retyped).
+"""
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from datetime import datetime, timezone
+
+from station.core.verdict import Judgement
+
+SCHEMA_VERSION = 1
+
+
+def encode(message: dict) -> bytes:
+    """Compact JSON with schema_version as the first key; no NaN or inf (JSON has none)."""
+    versioned = {"schema_version": SCHEMA_VERSION, **message}
+    return json.dumps(versioned, separators=(",", ":"), allow_nan=False).encode()
+
+
+def utc_timestamp(epoch_seconds: float) -> str:
+    """ISO 8601 UTC with milliseconds, e.g. 2026-11-22T06:30:00.123Z."""
+    moment = datetime.fromtimestamp(epoch_seconds, tz=timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _finite_or_none(value: float) -> float | None:
+    # JSON has no inf or NaN; a part that points away from the reference scores null (and is NG).
+    return value if math.isfinite(value) else None
+
+
+def verdict_message(
+    *, station: str, seq: int, source: str, part_id: str | None, product: str, judgement: Judgement,
+    threshold: float, metric: str, model_id: str, reference_version: int, latency_ms: float, ts: str,
+    verdict_id: str | None = None,
+) -> dict:
+    return {
+        "station": station,
+        "seq": seq,
+        "id": verdict_id or str(uuid.uuid4()),
+        "ts": ts,
+        "source": source,
+        "part_id": part_id,
+        "product": product,
+        "verdict": judgement.verdict,
+        "score": _finite_or_none(judgement.score),
+        "threshold": threshold,
+        "metric": metric,
+        "distances": {name: _finite_or_none(value) for name, value in judgement.distances.items()},
+        "model": model_id,
+        "reference": reference_version,
+        "latency_ms": round(latency_ms, 3),
+    }

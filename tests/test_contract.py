@@ -1,0 +1,71 @@
+"""The MQTT contract: schemas, code and the README's payload examples agree.
+
+The daemon tests validate every message a real station publishes against
+these schemas; this file checks the schemas against the code's own names and
+the README's examples against the schemas, so none of the three drifts alone.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+
+from station.core.scoring import SCORES, ReferenceModel, distances
+from station.core.verdict import NG, OK
+from station.runtime.commands import parse_command, CommandError
+from station.runtime.messages import SCHEMA_VERSION, encode
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMAS = ROOT / "station" / "runtime" / "schemas"
+PUBLISHED = ("verdict", "state", "stats", "command_result")  # JSON the station sends
+README_BLOCK = re.compile(r"^```json (\w+)\n(.*?)^```", re.M | re.S)
+
+
+def schema(name: str) -> dict:
+    return json.loads((SCHEMAS / f"{name}.schema.json").read_text())
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_every_published_message_requires_the_schema_version(name):
+    loaded = schema(name)
+    assert loaded["properties"]["schema_version"] == {**loaded["properties"]["schema_version"], "const": SCHEMA_VERSION}
+    assert loaded["required"][0] == "schema_version"
+
+
+def test_encode_puts_the_schema_version_first():
+    assert json.loads(encode({"station": "st1"})) == {"schema_version": SCHEMA_VERSION, "station": "st1"}
+    assert encode({"a": 1}).startswith(b'{"schema_version":')
+
+
+def test_the_verdict_schema_names_what_the_code_produces():
+    verdict = schema("verdict")["properties"]
+    assert verdict["verdict"]["enum"] == [OK, NG]
+    assert set(verdict["metric"]["enum"]) == set(SCORES)
+    rng = np.random.default_rng(0)
+    model = ReferenceModel(reference=np.ones(4) / 2, precision=np.eye(4), soart3_mean=np.zeros(3),
+                           soart3_precision=np.eye(3))
+    produced = set(distances(rng.normal(size=(2, 4)), model))
+    described = verdict["distances"]["properties"]
+    assert produced <= set(described), f"distances not in the schema: {produced - set(described)}"
+    assert set(verdict["distances"]["required"]) <= produced
+
+
+def test_commands_speak_this_schema_version_or_none():
+    assert parse_command(b'{"id": "1", "cmd": "pause"}').cmd == "pause"
+    assert parse_command(json.dumps({"schema_version": SCHEMA_VERSION, "id": "2", "cmd": "resume"}).encode()).cmd == "resume"
+    with pytest.raises(CommandError, match="schema_version 99"):
+        parse_command(b'{"schema_version": 99, "id": "3", "cmd": "pause"}')
+
+
+def test_the_readme_payload_examples_follow_the_schemas():
+    blocks = README_BLOCK.findall((ROOT / "README.md").read_text())
+    assert {name for name, _ in blocks} >= {*PUBLISHED, "command"}, "README lacks an example of some message"
+    for name, text in blocks:
+        example = json.loads(text)
+        jsonschema.validate(example, schema(name))
+        if name in PUBLISHED:
+            assert next(iter(example)) == "schema_version", f"README {name} example: schema_version first"

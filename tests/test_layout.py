@@ -1,0 +1,116 @@
+"""The house rules: folders import one way, the daemon loads only what judging needs."""
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.test_daemon import broker, station_files, write_config  # noqa: F401 (fixtures)
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("station", "calibration", "export", "fit")
+# Which folders each folder may import (besides itself). A folder is a directory
+# of modules; the files directly in it belong to it. Read top to bottom: nothing
+# imports upward, so no two folders can import each other, directly or around a circle.
+ALLOWED = {
+    "station/core": set(),
+    "station/runtime/sources": {"station/core"},
+    "station/runtime": {"station/core", "station/runtime/sources"},
+    "export": {"station/core"},
+    "calibration": {"station/core", "station/runtime/sources"},
+    "fit": {"station/core", "export", "calibration"},
+    "station/tools": {"station/core", "station/runtime", "station/runtime/sources", "calibration"},
+    "station": {"station/core", "station/runtime", "station/runtime/sources", "station/tools",
+                "calibration", "export", "fit"},
+}
+# Never in the `station run` process: the model side, the tools, and their heavy libraries.
+NOT_IN_DAEMON = ("calibration", "export", "fit", "station.tools", "torch", "scipy", "matplotlib", "sklearn", "onnx")
+
+
+def folder_of_module(module: str) -> str | None:
+    """station.runtime.sources.kinds -> station/runtime/sources; None for other libraries."""
+    parts = module.split(".")
+    if parts[0] not in PACKAGES:
+        return None
+    path = ROOT.joinpath(*parts)
+    while parts and not (path.is_dir() and (path / "__init__.py").exists()):
+        parts, path = parts[:-1], path.parent
+    return "/".join(parts) if parts else None
+
+
+def imported_modules(source: Path) -> set[str]:
+    """Every module an import statement in the file names, at any depth (lazy imports too)."""
+    package = ".".join(source.relative_to(ROOT).parent.parts)
+    names = set()
+    for node in ast.walk(ast.parse(source.read_text(), str(source))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def import_edges() -> set[tuple[str, str, str]]:
+    edges = set()
+    for package in PACKAGES:
+        for source in (ROOT / package).rglob("*.py"):
+            here = "/".join(source.relative_to(ROOT).parent.parts)
+            for module in imported_modules(source):
+                there = folder_of_module(module)
+                if there is not None and there != here:
+                    edges.add((here, there, f"{source.relative_to(ROOT)} imports {module}"))
+    return edges
+
+
+def test_every_folder_is_in_the_table():
+    folders = {"/".join(p.parent.relative_to(ROOT).parts) for package in PACKAGES
+               for p in (ROOT / package).rglob("__init__.py")}
+    assert folders <= set(ALLOWED), f"new folder(s) {sorted(folders - set(ALLOWED))}: give them a place in ALLOWED"
+
+
+def test_folders_import_one_way():
+    backward = sorted(why for here, there, why in import_edges() if there not in ALLOWED[here])
+    assert not backward, "imports against the folder graph (docs/architecture.md):\n" + "\n".join(backward)
+
+
+def test_the_allowed_graph_has_no_circle():
+    def reaches(start: str, goal: str, seen=()) -> bool:
+        return any(step == goal or (step not in seen and reaches(step, goal, seen + (step,)))
+                   for step in ALLOWED[start])
+    assert not [folder for folder in ALLOWED if reaches(folder, folder)]
+
+
+def test_no_source_file_over_400_lines():
+    long = [f"{p.relative_to(ROOT)}: {n}" for package in PACKAGES for p in (ROOT / package).rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 400]
+    assert not long, long
+
+
+RUNNER = """
+import json, sys
+from station.cli import main
+code = main(["run", "-c", sys.argv[1]])
+with open(sys.argv[2], "w") as out:
+    json.dump(sorted(sys.modules), out)
+sys.exit(code)
+"""
+
+
+def test_the_daemon_loads_only_what_judging_needs(tmp_path, station_files, broker, sim_dataset):  # noqa: F811 (fixtures)
+    config = write_config(tmp_path, station_files, broker, f"{{source: {sim_dataset / 'good'}}}")
+    listing = tmp_path / "modules.json"
+    done = subprocess.run([sys.executable, "-c", RUNNER, str(config), str(listing)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    loaded = json.loads(listing.read_text())
+    assert "station.runtime.daemon" in loaded and "onnxruntime" in loaded  # it did judge
+    unwanted = sorted(name for name in loaded if name.split(".")[0] in NOT_IN_DAEMON
+                      or name.startswith("station.tools"))
+    assert not unwanted, f"`station run` loaded {unwanted}"
