@@ -14,7 +14,7 @@ import jsonschema
 import numpy as np
 import pytest
 
-from station.core.scoring import SCORES, ReferenceModel, distances
+from station.core.scoring import ALL_SCORES, ReferenceModel, distances
 from station.core.verdict import NG, OK
 from station.runtime.commands import parse_command, CommandError
 from station.runtime.messages import SCHEMA_VERSION, encode
@@ -44,10 +44,10 @@ def test_encode_puts_the_schema_version_first():
 def test_the_verdict_schema_names_what_the_code_produces():
     verdict = schema("verdict")["properties"]
     assert verdict["verdict"]["enum"] == [OK, NG]
-    assert set(verdict["metric"]["enum"]) == set(SCORES)
+    assert set(verdict["metric"]["enum"]) == set(ALL_SCORES)
     rng = np.random.default_rng(0)
     model = ReferenceModel(reference=np.ones(4) / 2, precision=np.eye(4), soart3_mean=np.zeros(3),
-                           soart3_precision=np.eye(3))
+                           soart3_precision=np.eye(3), kissme=np.eye(4))  # every distance, learned one too
     produced = set(distances(rng.normal(size=(2, 4)), model))
     described = verdict["distances"]["properties"]
     assert produced <= set(described), f"distances not in the schema: {produced - set(described)}"
