@@ -4,7 +4,7 @@
                                                simulated line, bundled model and reference
     a dashboard subscriber prints one line per verdict and the running yield
 
-The bundled model and reference set in station/demo/ are built by the
+The bundled model and reference set in station/tools/demo_bundle/ are built by the
 project's own train/export/calibrate: scripts/build-demo-model rebuilds them.
 """
 from __future__ import annotations
