@@ -29,6 +29,9 @@ def _simulate(args) -> int:
         simulate.write_video(args.video, truth, args.count, args.seed, pins=args.pins)
         print(f"wrote {args.video} ({FRAME_WIDTH}x{FRAME_HEIGHT}, part in ROI x={FRAME_ROI.x} y={FRAME_ROI.y} "
               f"{FRAME_ROI.width}x{FRAME_ROI.height}) and ground truth {truth}")
+    if args.contact_sheet:
+        simulate.write_contact_sheet(args.contact_sheet, args.seed, pins=args.pins)
+        print(f"wrote {args.contact_sheet} (six enlarged parts of each class)")
     return 0
 
 
@@ -254,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, default=0, help="same seed, byte-identical output")
     sim.add_argument("--pins", type=int, choices=(2, 3), default=3, help="pins of the simulated product")
     sim.add_argument("--video", type=Path, help="also write an MJPG video of full frames (+ ground truth .csv)")
+    sim.add_argument("--contact-sheet", type=Path, metavar="PNG",
+                     help="also write a picture of six enlarged parts per class (docs/simulated_parts.png)")
     sim.set_defaults(handler=_simulate)
     cal = commands.add_parser(
         "calibrate", help="build a product's reference set from known-good parts",

@@ -52,8 +52,12 @@ def _write_png(path: Path, image: np.ndarray):
     path.write_bytes(encoded.tobytes())
 
 
+def write_contact_sheet(path: Path, seed: int, pins: int = 3):
+    _write_png(Path(path), contact_sheet(seed, pins=pins))
+
+
 def contact_sheet(seed: int, per_class: int = 6, scale: int = 4, pins: int = 3) -> np.ndarray:
-    """Rows of enlarged parts, one row per class (good first), for the README."""
+    """Rows of enlarged parts, one row per class (good first): docs/simulated_parts.png."""
     wanted = (GOOD,) + DEFECT_CLASSES
     found: dict[str, list[np.ndarray]] = {name: [] for name in wanted}
     index = 0
