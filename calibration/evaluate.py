@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from calibration.fit import auroc
-from station.core.scoring import SCORES, distances, is_defect
+from calibration.fit import auroc, clopper_pearson
+from station.core.scoring import distances, is_defect
 
 
 @dataclass(frozen=True)
@@ -38,13 +38,28 @@ class Evaluation:
             "accuracy": float(np.mean(flagged == truth)),
             "false_reject_rate": confusion["false_ng"] / n_good if n_good else None,
             "escape_rate": confusion["escaped"] / n_defect if n_defect else None,
+            # 95 % Clopper-Pearson intervals: what the counts can and cannot promise.
+            "false_reject_rate_ci": _interval(confusion["false_ng"], n_good),
+            "escape_rate_ci": _interval(confusion["escaped"], n_defect),
             "confusion": confusion,
             "per_metric_auroc": {
                 name: auroc(values[~truth], values[truth]) if both else None
                 for name, values in self.per_metric_scores.items()
             },
             "escape_rate_by_class": self._escapes_by_class(flagged),
+            "escapes_by_class": self.escape_counts_by_class(flagged),
         }
+
+    def escape_counts_by_class(self, flagged: np.ndarray) -> dict[str, dict]:
+        """Per defect class: parts, escapes, rate and its 95 % interval."""
+        classes = np.array(self.classes)
+        out = {}
+        for name in sorted(set(self.classes) - {"good"}):
+            members = classes == name
+            escaped = int(np.sum(~flagged[members]))
+            out[name] = {"n": int(members.sum()), "escaped": escaped, "escape_rate": escaped / int(members.sum()),
+                         "escape_rate_ci": _interval(escaped, int(members.sum()))}
+        return out
 
     def _escapes_by_class(self, flagged: np.ndarray) -> dict[str, float]:
         classes = np.array(self.classes)
@@ -52,6 +67,11 @@ class Evaluation:
             name: float(np.mean(~flagged[classes == name]))
             for name in sorted(set(self.classes)) if name != "good"
         }
+
+
+def _interval(k: int, n: int) -> list[float] | None:
+    low, high = clopper_pearson(k, n)
+    return None if low is None else [low, high]
 
 
 def evaluate_embeddings(embeddings: np.ndarray, classes: list[str], reference_set) -> Evaluation:
@@ -63,5 +83,5 @@ def evaluate_embeddings(embeddings: np.ndarray, classes: list[str], reference_se
         classes=list(classes),
         threshold=reference_set.threshold,
         metric=reference_set.metric,
-        per_metric_scores={name: all_distances[name] for name in SCORES},
+        per_metric_scores={name: all_distances[name] for name in reference_set.model.scores},
     )

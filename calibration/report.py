@@ -88,3 +88,81 @@ def contact_sheet(crops: list[np.ndarray], captions: list[str], title: str, colu
         ax.set_title(caption, fontsize=6)
     figure.suptitle(title, fontsize=9)
     return _png(figure)
+
+
+def roc_zoomed(good_scores: np.ndarray, defect_scores: np.ndarray, threshold: float, max_false_reject: float = 0.05,
+               title: str = "") -> bytes:
+    """ROC limited to 0..max_false_reject false rejects, where a line actually runs, with the operating point."""
+    plt = _pyplot()
+    fpr, tpr = roc_curve(good_scores, defect_scores)
+    good = np.nan_to_num(np.asarray(good_scores, float), nan=np.inf)
+    defect = np.nan_to_num(np.asarray(defect_scores, float), nan=np.inf)
+    figure, axes = plt.subplots(figsize=(5.5, 4.5))
+    axes.step(fpr * 100, tpr * 100, where="post", label="held-out test parts")
+    axes.plot([np.mean(good > threshold) * 100], [np.mean(defect > threshold) * 100], "o", color="crimson",
+              label=f"operating threshold {threshold:.4g}")
+    axes.set_xlim(0, max_false_reject * 100)
+    low = tpr[fpr <= max_false_reject]
+    axes.set_ylim(max(0.0, (low.min() if low.size else 0.0) * 100 - 5), 100.5)
+    axes.set_xlabel("good parts rejected (%)")
+    axes.set_ylabel("defects caught (%)")
+    axes.set_title(title or f"ROC, false rejects 0-{max_false_reject:.0%}")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, loc="lower right")
+    return _png(figure)
+
+
+def log_histogram(scores: np.ndarray, classes: list[str], threshold: float, metric: str, title: str = "") -> bytes:
+    """Score histogram with log counts (rare tails visible); escapes, defects at or below
+    the threshold, marked one by one with their class."""
+    plt = _pyplot()
+    scores = np.asarray(scores, float)
+    classes_arr = np.array(classes)
+    finite = _finite(scores)
+    top = max(finite.max() if finite.size else threshold, threshold) * 1.05
+    bins = np.linspace(min(finite.min(), threshold) if finite.size else 0.0, top, 60)
+    figure, axes = plt.subplots(figsize=(8, 4.5))
+    good = _finite(scores[classes_arr == "good"])
+    defect = _finite(scores[classes_arr != "good"])
+    axes.hist(good, bins=bins, alpha=0.6, label=f"good (n={good.size})", log=True)
+    if defect.size:
+        axes.hist(defect, bins=bins, alpha=0.6, label=f"defect (n={defect.size})", log=True)
+    escaped = np.flatnonzero((classes_arr != "good") & (scores <= threshold))
+    for i in escaped:
+        axes.axvline(scores[i], color="black", linewidth=0.8, ymax=0.25)
+        axes.annotate(classes[i], (scores[i], 1), rotation=90, fontsize=6, va="bottom")
+    axes.axvline(threshold, color="crimson", linestyle="--", label=f"threshold {threshold:.4g}")
+    axes.set_xlabel(f"{metric} score")
+    axes.set_ylabel("parts (log)")
+    axes.set_title(title or f"{metric} scores; {escaped.size} escape(s) marked")
+    axes.legend(fontsize=8)
+    return _png(figure)
+
+
+def native_sheet(images: list[np.ndarray], captions: list[str], scale: int = 4, columns: int = 6) -> bytes:
+    """Images at native resolution, each enlarged by an integer factor with nearest-neighbour
+    (every stored pixel a visible square, nothing smoothed), captioned, tiled into one PNG."""
+    import cv2
+
+    tiles = []
+    for image, caption in zip(images, captions):
+        grey = image if image.ndim == 2 else cv2.cvtColor(image[:, :, :3], cv2.COLOR_BGR2GRAY)
+        if grey.dtype != np.uint8:
+            grey = (grey.astype(np.float64) / max(float(grey.max()), 1.0) * 255).astype(np.uint8)
+        big = cv2.resize(grey, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+        label = np.full((28, big.shape[1]), 255, np.uint8)
+        for row, text in enumerate(caption.split("\n")[:2]):
+            cv2.putText(label, text[: max(4, big.shape[1] // 7)], (2, 11 + 13 * row), cv2.FONT_HERSHEY_PLAIN,
+                        0.8, 0, 1, cv2.LINE_AA)
+        tiles.append(np.vstack([big, label]))
+    if not tiles:
+        tiles = [np.full((28, 120), 255, np.uint8)]
+    height = max(t.shape[0] for t in tiles) + 6
+    width = max(t.shape[1] for t in tiles) + 6
+    rows = -(-len(tiles) // columns)
+    sheet = np.full((rows * height, min(columns, len(tiles)) * width), 255, np.uint8)
+    for index, tile in enumerate(tiles):
+        r, c = divmod(index, columns)
+        sheet[r * height + 3 : r * height + 3 + tile.shape[0], c * width + 3 : c * width + 3 + tile.shape[1]] = tile
+    ok, encoded = cv2.imencode(".png", sheet)
+    return encoded.tobytes()

@@ -107,9 +107,15 @@ def calibrate_embedded(
         good_set.embeddings, None if defect_set is None else defect_set.embeddings,
         metric=metric, target_false_reject=target_false_reject, min_good=min_good,
     )
+    return save_calibration(embedder, calibration, good_set, defect_set, out, product,
+                            {"target_false_reject": target_false_reject, **(extra_statistics or {})}), calibration
+
+
+def save_calibration(embedder, calibration: fit.Calibration, good_set: EmbeddedImages, defect_set: EmbeddedImages | None,
+                     out: Path, product: str, extra_statistics: dict | None = None) -> ReferenceSet:
+    """A fitted calibration as a new reference-set version, with its report."""
     statistics = {
         "n_defect": 0 if defect_set is None else len(defect_set.embeddings),
-        "target_false_reject": target_false_reject,
         "covariance_shrinkage": round(calibration.covariance_shrinkage, 6),
         "metrics": {name: metric_fit.summary() for name, metric_fit in calibration.fits.items()},
         "warnings": calibration.warnings,
@@ -121,8 +127,7 @@ def calibrate_embedded(
         product=product, model_sha256=embedder.info.sha256, n_good=len(good_set.embeddings),
         statistics=statistics,
     )
-    saved = save(out, reference_set, _calibration_report(calibration, good_set, defect_set))
-    return saved, calibration
+    return save(out, reference_set, _calibration_report(calibration, good_set, defect_set))
 
 
 def _calibration_report(calibration: fit.Calibration, good_set: EmbeddedImages, defect_set) -> dict[str, bytes]:

@@ -1,0 +1,156 @@
+"""The data check `station fit` runs before anything trains.
+
+Every image is read once: unreadable files are named together; an image whose
+pixels appear in two classes is refused with both paths (its label cannot be
+right twice); near-duplicates (8x8 difference hash of the grey image within
+NEAR_DUPLICATE_BITS bits) form groups that the split never cuts, so a part
+photographed twice cannot sit in training and in the test at once.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from station.core.errors import DataError, ImageReadError
+from station.core.imagefolder import GOOD, LabeledImage, read_image, scan_dataset
+
+NEAR_DUPLICATE_BITS = 3  # of 64; simulated distinct parts lie >= 4 bits apart, most > 15
+MIN_DEFECTS_PER_CLASS = 5
+MIN_GOOD = 50  # the calibration part (a fifth) must hold calibration's 10 good parts
+MAX_NAMED = 20
+
+
+@dataclass(frozen=True)
+class DataCheck:
+    root: Path
+    items: list[LabeledImage]
+    groups: np.ndarray  # near-duplicate group per item; a group is never split
+    file_sha256: list[str]
+    warnings: list[str]
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over sorted relative paths and file digests."""
+        digest = hashlib.sha256()
+        for relative, file_digest in sorted(zip(self.relative_paths, self.file_sha256)):
+            digest.update(relative.encode() + b"\0" + file_digest.encode())
+        return digest.hexdigest()
+
+    @property
+    def relative_paths(self) -> list[str]:
+        return [item.path.relative_to(self.root).as_posix() for item in self.items]
+
+    @property
+    def class_counts(self) -> dict[str, int]:
+        names = [item.defect_class for item in self.items]
+        return {name: names.count(name) for name in sorted(set(names))}
+
+
+def check_data(root: Path, min_good: int = MIN_GOOD) -> DataCheck:
+    root = Path(root)
+    items = scan_dataset(root)
+    images, digests = _read_all(items)
+    pixel_keys = [_pixel_key(image) for image in images]
+    _refuse_cross_class_duplicates(items, pixel_keys)
+    groups = near_duplicate_groups([difference_hash(image) for image in images], pixel_keys)
+    data = DataCheck(root, items, groups, digests, [])
+    warnings = _count_warnings(data.class_counts, min_good) + _group_warnings(items, groups)
+    return DataCheck(root, items, groups, digests, warnings)
+
+
+def _read_all(items: list[LabeledImage]) -> tuple[list[np.ndarray], list[str]]:
+    images, digests, failures = [], [], []
+    for item in items:
+        try:
+            images.append(read_image(item.path))
+            digests.append(hashlib.sha256(item.path.read_bytes()).hexdigest())
+        except ImageReadError as exc:
+            failures.append(str(exc))
+    if failures:
+        shown = "\n  ".join(failures[:MAX_NAMED])
+        more = f"\n  ... and {len(failures) - MAX_NAMED} more" if len(failures) > MAX_NAMED else ""
+        raise DataError(f"{len(failures)} image(s) cannot be read (fix or remove them):\n  {shown}{more}")
+    return images, digests
+
+
+def _pixel_key(image: np.ndarray) -> str:
+    return hashlib.sha256(f"{image.shape}{image.dtype}".encode() + np.ascontiguousarray(image).tobytes()).hexdigest()
+
+
+def _refuse_cross_class_duplicates(items: list[LabeledImage], keys: list[str]):
+    first_seen: dict[str, int] = {}
+    clashes = []
+    for index, key in enumerate(keys):
+        other = first_seen.setdefault(key, index)
+        if other != index and items[other].defect_class != items[index].defect_class:
+            clashes.append(f"{items[other].path} ({items[other].defect_class}) and "
+                           f"{items[index].path} ({items[index].defect_class})")
+    if clashes:
+        shown = "\n  ".join(clashes[:MAX_NAMED])
+        raise DataError(f"{len(clashes)} image(s) have the same pixels in two classes; one label is wrong, "
+                        f"remove or relabel one of each pair:\n  {shown}")
+
+
+def grey8(image: np.ndarray) -> np.ndarray:
+    """Grey, 8-bit view of any stored image (16-bit scaled down)."""
+    if image.ndim == 3:
+        image = cv2.cvtColor(image[:, :, :3], cv2.COLOR_BGR2GRAY) if image.shape[2] >= 3 else image[:, :, 0]
+    if image.dtype != np.uint8:
+        image = (image.astype(np.float64) * (255.0 / max(float(np.iinfo(image.dtype).max), 1.0))).astype(np.uint8)
+    return image
+
+
+def difference_hash(image: np.ndarray) -> int:
+    """64-bit dHash: is each of 8x8 cells brighter than its right neighbour (9x8 area-resized grey)."""
+    small = cv2.resize(grey8(image).astype(np.float32), (9, 8), interpolation=cv2.INTER_AREA)
+    bits = (small[:, 1:] > small[:, :-1]).ravel()
+    return int.from_bytes(np.packbits(bits).tobytes(), "big")
+
+
+def near_duplicate_groups(hashes: list[int], pixel_keys: list[str], bits: int = NEAR_DUPLICATE_BITS) -> np.ndarray:
+    """Group id per image: images within `bits` Hamming bits (or identical pixels) share one."""
+    n = len(hashes)
+    parent = np.arange(n)
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    values = np.array(hashes, dtype=np.uint64)
+    for i in range(n - 1):
+        close = np.flatnonzero(np.bitwise_count(values[i + 1 :] ^ values[i]) <= bits) + i + 1
+        for j in close:
+            parent[find(j)] = find(i)
+    by_key: dict[str, int] = {}
+    for i, key in enumerate(pixel_keys):
+        parent[find(i)] = find(by_key.setdefault(key, i))
+    roots = np.array([find(i) for i in range(n)])
+    return np.unique(roots, return_inverse=True)[1]
+
+
+def _count_warnings(counts: dict[str, int], min_good: int) -> list[str]:
+    n_good = counts.get(GOOD, 0)
+    if n_good < min_good:
+        raise DataError(f"only {n_good} good parts: fit needs at least {min_good} (a fifth of them calibrates "
+                        f"the threshold, another fifth tests it); add {min_good - n_good} more")
+    warnings = [
+        f"defect class {name!r} has only {n} images: its escape rate is not measurable; "
+        f"add at least {MIN_DEFECTS_PER_CLASS - n} more (each part of the split should see it)"
+        for name, n in counts.items() if name != GOOD and n < MIN_DEFECTS_PER_CLASS
+    ]
+    return warnings
+
+
+def _group_warnings(items: list[LabeledImage], groups: np.ndarray) -> list[str]:
+    sizes = np.bincount(groups)
+    grouped = int(np.sum(sizes[sizes > 1]))
+    if not grouped:
+        return []
+    return [f"{grouped} images are near-duplicates of another, in {int(np.sum(sizes > 1))} groups; "
+            "each group stays in one part of the split"]
