@@ -31,6 +31,7 @@ class DataCheck:
     groups: np.ndarray  # near-duplicate group per item; a group is never split
     file_sha256: list[str]
     warnings: list[str]
+    native_size: tuple[int, int]  # median (width, height) of the images
 
     @property
     def fingerprint(self) -> str:
@@ -57,9 +58,10 @@ def check_data(root: Path, min_good: int = MIN_GOOD) -> DataCheck:
     pixel_keys = [_pixel_key(image) for image in images]
     _refuse_cross_class_duplicates(items, pixel_keys)
     groups = near_duplicate_groups([difference_hash(image) for image in images], pixel_keys)
-    data = DataCheck(root, items, groups, digests, [])
+    size = (int(np.median([i.shape[1] for i in images])), int(np.median([i.shape[0] for i in images])))
+    data = DataCheck(root, items, groups, digests, [], size)
     warnings = _count_warnings(data.class_counts, min_good) + _group_warnings(items, groups)
-    return DataCheck(root, items, groups, digests, warnings)
+    return DataCheck(root, items, groups, digests, warnings, size)
 
 
 def _read_all(items: list[LabeledImage]) -> tuple[list[np.ndarray], list[str]]:

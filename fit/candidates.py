@@ -1,0 +1,200 @@
+"""Candidate trunks within a time budget, chosen on the calibration part.
+
+A small ordered list (trunk x loss x input size x seed), the project's default
+first. The first candidate's wall time sets the estimate of the others (per
+architecture once one of it has run); no candidate starts once its estimate
+would overrun the budget. The choice is the lowest escape rate at the
+operating threshold on the CALIBRATION part, AUROC breaking ties; without
+defects, the lowest calibration false-reject rate, training's held-out AUROC
+(on synthetic anomalies) breaking ties. Never the training loss, never the test part.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from calibration import fit as calibration_fit
+from station.core.errors import DataError, StationError
+from station.core.imagefolder import LabeledImage
+
+DEFAULT_SIZE = (36, 26)  # export/trunk.py's input_spec_for default (width, height)
+LARGE_SIZE = (72, 52)  # tried only when the images are at least this large
+# Seconds per epoch and image relative to the mlp at 36x26, measured with
+# export.train.train_split on 480 simulated parts (mlp 100 epochs 4.4 s, cnn 60 epochs 7.9 s).
+ARCH_COST = {"mlp": 1.0, "cnn": 3.0}
+# Sized so 2,500 images fit in 15 minutes on 2 cores: 8 candidates at ~1,300
+# training images take ~3 minutes measured; the rest is the data check, the
+# export gate and the final scoring (~1 minute); the budget leaves 3x headroom.
+DEFAULT_BUDGET_MINUTES = 10.0
+
+
+@dataclass(frozen=True)
+class Candidate:
+    arch: str
+    loss: str
+    seed: int = 0
+    input_size: tuple[int, int] | None = None  # (width, height); None: DEFAULT_SIZE
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.input_size or DEFAULT_SIZE
+
+    @property
+    def name(self) -> str:
+        return f"{self.arch}/{self.loss}/{self.size[0]}x{self.size[1]}/seed{self.seed}"
+
+
+def candidate_list(native_size: tuple[int, int]) -> list[Candidate]:
+    """The ordered list; larger inputs only when the images have the pixels."""
+    first = [Candidate("mlp", "center"), Candidate("cnn", "center")]
+    large = [Candidate("cnn", "center", 0, LARGE_SIZE), Candidate("mlp", "center", 0, LARGE_SIZE)]
+    rest = [Candidate("cnn", "contrastive"), Candidate("mlp", "contrastive"), Candidate("mlp", "center", 1),
+            Candidate("cnn", "center", 1), Candidate("cnn", "triplet")]
+    fits = native_size[0] >= LARGE_SIZE[0] and native_size[1] >= LARGE_SIZE[1]
+    return first + (large if fits else []) + rest
+
+
+@dataclass
+class Outcome:
+    candidate: Candidate
+    seconds: float = 0.0
+    checkpoint: Path | None = None
+    metric: str | None = None
+    threshold: float | None = None
+    escape_rate: float | None = None
+    auroc: float | None = None
+    false_reject_rate: float | None = None
+    expected_cost: float | None = None
+    val_auroc: float | None = None
+    best_epoch: int | None = None
+    epochs_run: int | None = None
+    error: str | None = None
+
+    def key(self) -> tuple:
+        """Lower is better: escape rate at the threshold, then AUROC (or FRR, then val AUROC)."""
+        if self.escape_rate is not None:
+            return (round(self.escape_rate, 9), -(self.auroc or 0.0))
+        return (round(self.false_reject_rate, 9), -(self.val_auroc or 0.0))
+
+    def row(self) -> dict:
+        return {"candidate": self.candidate.name, "arch": self.candidate.arch, "loss": self.candidate.loss,
+                "input_size": list(self.candidate.size), "seed": self.candidate.seed,
+                "seconds": round(self.seconds, 1), "metric": self.metric, "threshold": self.threshold,
+                "calibration_escape_rate": self.escape_rate, "calibration_auroc": self.auroc,
+                "calibration_false_reject_rate": self.false_reject_rate, "expected_cost": self.expected_cost,
+                "val_auroc": self.val_auroc, "best_epoch": self.best_epoch, "epochs_run": self.epochs_run,
+                "error": self.error}
+
+
+@dataclass
+class SearchOptions:
+    budget_minutes: float = DEFAULT_BUDGET_MINUTES
+    epochs: int | None = None  # None: export.train's default per architecture
+    max_candidates: int | None = None
+    defect_rate: float = calibration_fit.DEFAULT_DEFECT_RATE
+    escape_cost: float = calibration_fit.DEFAULT_ESCAPE_COST
+    target_false_reject: float = calibration_fit.DEFAULT_TARGET_FALSE_REJECT
+    progress: bool = False
+    data_root: Path | None = None
+    say: object = print  # where a line for the person goes
+
+
+@dataclass
+class Search:
+    outcomes: list[Outcome]
+    chosen: Outcome
+    skipped: list[str] = field(default_factory=list)
+
+
+def run_candidates(candidates: list[Candidate], train: list[LabeledImage], val: list[LabeledImage],
+                   calibration: list[LabeledImage], workdir: Path, options: SearchOptions) -> Search:
+    budget = options.budget_minutes * 60.0
+    started, outcomes, skipped, unit_costs = time.perf_counter(), [], [], {}
+    limit = len(candidates) if options.max_candidates is None else max(1, options.max_candidates)
+    for index, candidate in enumerate(candidates[:limit]):
+        estimate = _estimate(candidate, unit_costs, len(train), options.epochs)
+        left = budget - (time.perf_counter() - started)
+        if outcomes and estimate is not None and estimate > left:
+            skipped = [f"{c.name}: budget ({left:.0f} s left, ~{estimate:.0f} s estimated for {candidate.name})"
+                       for c in candidates[index:limit]]
+            break
+        hint = f", ~{estimate:.0f} s estimated" if estimate is not None else ""
+        options.say(f"candidate {index + 1}/{limit} {candidate.name}{hint}")
+        outcome = _train_and_measure(candidate, train, val, calibration, workdir / f"c{index}.pt", options)
+        outcomes.append(outcome)
+        if outcome.error is None:
+            unit_costs.setdefault(candidate.arch, _unit_cost(candidate, outcome.seconds, len(train), options.epochs))
+    skipped += [f"{c.name}: --max-candidates {limit}" for c in candidates[limit:]]
+    usable = [o for o in outcomes if o.error is None]
+    if not usable:
+        raise DataError("no candidate could be trained:\n  " + "\n  ".join(f"{o.candidate.name}: {o.error}" for o in outcomes))
+    return Search(outcomes, min(usable, key=Outcome.key), skipped)
+
+
+def _epochs(candidate: Candidate, epochs: int | None) -> int:
+    from export import train
+
+    return epochs or train.DEFAULT_EPOCHS.get(candidate.arch, 1)
+
+
+def _work(candidate: Candidate, n_train: int, epochs: int | None) -> float:
+    width, height = candidate.size
+    return _epochs(candidate, epochs) * max(n_train, 1) * width * height / (DEFAULT_SIZE[0] * DEFAULT_SIZE[1])
+
+
+def _unit_cost(candidate: Candidate, seconds: float, n_train: int, epochs: int | None) -> float:
+    return seconds / _work(candidate, n_train, epochs)
+
+
+def _estimate(candidate: Candidate, unit_costs: dict, n_train: int, epochs: int | None) -> float | None:
+    if not unit_costs:
+        return None
+    if candidate.arch in unit_costs:
+        unit = unit_costs[candidate.arch]
+    else:
+        arch, measured = next(iter(unit_costs.items()))
+        unit = measured * ARCH_COST[candidate.arch] / ARCH_COST[arch]
+    return unit * _work(candidate, n_train, epochs)
+
+
+def _train_and_measure(candidate, train_items, val_items, calibration_items, checkpoint, options) -> Outcome:
+    from export import train
+
+    config = train.TrainConfig(arch=candidate.arch, loss=candidate.loss, seed=candidate.seed,
+                               epochs=options.epochs, input_size=candidate.input_size)
+    outcome = Outcome(candidate)
+    started = time.perf_counter()
+    try:
+        result = train.train_split(train_items, val_items, checkpoint, config, progress=options.progress,
+                                   data_root=options.data_root)
+        outcome.checkpoint, outcome.val_auroc = Path(checkpoint), result.val_auroc
+        outcome.best_epoch, outcome.epochs_run = result.best_epoch, result.epochs_run
+        outcome.seconds = time.perf_counter() - started
+        _measure_on_calibration(outcome, calibration_items, options)
+    except StationError as exc:
+        outcome.error = str(exc)
+        outcome.seconds = time.perf_counter() - started
+    return outcome
+
+
+def _measure_on_calibration(outcome: Outcome, items: list[LabeledImage], options: SearchOptions):
+    """Embed the calibration part with the trained torch trunk and calibrate on it (held out)."""
+    from export.dataset import load_crops
+    from export.train import embed_crops
+    from export.trunk import load_checkpoint
+    from station.core.preprocess import InputSpec
+
+    model, info = load_checkpoint(outcome.checkpoint)
+    spec = InputSpec(**info["input_spec"])
+    crops = load_crops(items, spec)
+    embeddings = embed_crops(model, crops.crops, spec)
+    defect = crops.is_defect
+    calibration = calibration_fit.calibrate_held_out(
+        embeddings[~defect], embeddings[defect] if defect.any() else None, target_false_reject=options.target_false_reject,
+        defect_rate=options.defect_rate, escape_cost=options.escape_cost)
+    chosen = calibration.fits[calibration.metric]
+    outcome.metric, outcome.threshold = calibration.metric, float(chosen.threshold)
+    outcome.escape_rate, outcome.auroc = chosen.escape_rate, chosen.auroc
+    outcome.false_reject_rate, outcome.expected_cost = float(chosen.false_reject_rate), chosen.expected_cost
+

@@ -1,0 +1,171 @@
+"""`station fit`: data check -> honest split -> candidates -> export -> calibrate -> test -> bundle."""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from calibration import fit as calibration_fit
+from calibration import workflow
+from calibration.evaluate import evaluate_embeddings
+from fit import bundle, figures, report
+from fit.candidates import DEFAULT_BUDGET_MINUTES, SearchOptions, candidate_list, run_candidates
+from fit.data_check import DataCheck, check_data
+from fit.split import DEFAULT_FRACTIONS, select, split_parts, split_table, require_goods
+from station.core.errors import ConfigError
+from station.core.product import product_name_problem
+from station.core.version import __version__
+
+VAL_FRACTIONS = {"train": 0.85, "calibration": 0.15, "test": 0.0}  # early stopping, inside the train part
+
+
+@dataclass
+class FitOptions:
+    data: Path
+    out: Path
+    seed: int = 0
+    budget_minutes: float = DEFAULT_BUDGET_MINUTES
+    epochs: int | None = None
+    max_candidates: int | None = None
+    defect_rate: float = calibration_fit.DEFAULT_DEFECT_RATE
+    escape_cost: float = calibration_fit.DEFAULT_ESCAPE_COST
+    target_false_reject: float = calibration_fit.DEFAULT_TARGET_FALSE_REJECT
+    product: str | None = None
+    progress: bool = False
+    say: object = print
+
+    def check(self):
+        if self.budget_minutes <= 0:
+            raise ConfigError(f"--budget {self.budget_minutes} must be a positive number of minutes")
+        if not 0 < self.defect_rate < 1:
+            raise ConfigError(f"--defect-rate {self.defect_rate} must lie between 0 and 1")
+        if self.escape_cost <= 0:
+            raise ConfigError(f"--escape-cost {self.escape_cost} must be positive (false rejects per escape)")
+        if not 0 < self.target_false_reject < 0.5:
+            raise ConfigError(f"--target-false-reject {self.target_false_reject} must lie between 0 and 0.5")
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"--epochs {self.epochs} must be at least 1")
+        if (Path(self.out) / bundle.FIT_JSON).exists():
+            raise ConfigError(f"{self.out} already holds a fitted bundle; give a new --out folder")
+        problem = product_name_problem(self.product_name)
+        if problem:
+            raise ConfigError(f"--product: {problem}")
+
+    @property
+    def product_name(self) -> str:
+        return self.product or bundle.station_id(Path(self.out).resolve().name)
+
+
+def run_fit(options: FitOptions) -> dict:
+    """Everything `station fit` does; returns fit.json's content (also written)."""
+    options.check()
+    started = time.perf_counter()
+    data = check_data(options.data)
+    parts = split_parts(data.items, data.groups, options.seed)
+    require_goods(data.items, parts)
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix=".fit-", dir=out))
+    try:
+        result = _fit_in(data, parts, out, workdir, options)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    bundle.write_json(out / bundle.FIT_JSON, result)
+    for line in report.summary_lines(result):
+        options.say(line)
+    return result
+
+
+def _fit_in(data: DataCheck, parts: list[str], out: Path, workdir: Path, options: FitOptions) -> dict:
+    train_items, train_groups = select(data.items, parts, "train"), np.asarray(select(list(data.groups), parts, "train"))
+    inner = split_parts(train_items, train_groups, options.seed, VAL_FRACTIONS)
+    calibration_items, test_items = select(data.items, parts, "calibration"), select(data.items, parts, "test")
+    options.say(report.data_line(data, parts, sum(p == "calibration" for p in inner)))
+    search = run_candidates(
+        candidate_list(data.native_size), select(train_items, inner, "train"), select(train_items, inner, "calibration"),
+        calibration_items, workdir, SearchOptions(
+            budget_minutes=options.budget_minutes, epochs=options.epochs, max_candidates=options.max_candidates,
+            defect_rate=options.defect_rate, escape_cost=options.escape_cost,
+            target_false_reject=options.target_false_reject, progress=options.progress, data_root=data.root,
+            say=options.say))
+    shutil.copyfile(search.chosen.checkpoint, out / bundle.CHECKPOINT)
+    sample = bundle.link_folder(calibration_items, workdir / "calibration-data")
+    export = bundle.export_with_fallback(out / bundle.CHECKPOINT, out / bundle.MODEL, sample, options.say)
+    return _calibrate_and_test(data, parts, out, options, search, export, calibration_items, test_items)
+
+
+def _calibrate_and_test(data, parts, out, options, search, export, calibration_items, test_items) -> dict:
+    from station.core.embedder import Embedder
+
+    embedder = Embedder(out / bundle.MODEL)
+    good_set = workflow.embed_items(embedder, [i for i in calibration_items if not i.is_defect])
+    defects = [i for i in calibration_items if i.is_defect]
+    defect_set = workflow.embed_items(embedder, defects) if defects else None
+    calibration = calibration_fit.calibrate_held_out(
+        good_set.embeddings, None if defect_set is None else defect_set.embeddings,
+        target_false_reject=options.target_false_reject, defect_rate=options.defect_rate,
+        escape_cost=options.escape_cost)
+    rule = _threshold_rule(calibration, options)
+    saved = workflow.save_calibration(embedder, calibration, good_set, defect_set, out / bundle.REFERENCE,
+                                      options.product_name, {"fit": rule, "data_fingerprint": data.fingerprint})
+    tested = workflow.embed_items(embedder, test_items)
+    evaluation = evaluate_embeddings(tested.embeddings, tested.classes, saved)
+    (out / bundle.REPORT).mkdir(exist_ok=True)
+    for name, content in figures.test_report(evaluation, tested.paths).items():
+        (out / bundle.REPORT / name).write_bytes(content)
+    (out / bundle.STATION_YAML).write_text(bundle.station_yaml(options.product_name, data.native_size, data.fingerprint))
+    warnings = data.warnings + calibration.warnings + _test_warnings(evaluation.figures(), options)
+    return _fit_json(data, parts, options, search, export, calibration, rule, saved, evaluation.figures(), warnings)
+
+
+def _threshold_rule(calibration, options: FitOptions) -> str:
+    chosen = calibration.fits[calibration.metric]
+    if chosen.expected_cost is not None:
+        return (f"least expected cost on the calibration part: (1-p) FRR + p c ER with defect rate p "
+                f"{options.defect_rate:g} and escape cost c {options.escape_cost:g} false rejects")
+    return f"false-reject target on the calibration part's good parts (out of fold); requested {options.target_false_reject:g}"
+
+
+def _test_warnings(figures: dict, options: FitOptions) -> list[str]:
+    needed = calibration_fit.goods_needed(options.target_false_reject)
+    if figures["n_good"] >= needed:
+        return []
+    return [f"the test part has {figures['n_good']} good parts: its false-reject rate is measured to about "
+            f"1/{figures['n_good']}; {needed} would measure a {options.target_false_reject:.2%} rate"]
+
+
+def _fit_json(data, parts, options, search, export, calibration, rule, saved, figures, warnings) -> dict:
+    chosen = search.chosen
+    return {
+        "auroc": figures["auroc"], "escape_rate": figures["escape_rate"], "escape_rate_ci": figures["escape_rate_ci"],
+        "false_reject_rate": figures["false_reject_rate"], "false_reject_rate_ci": figures["false_reject_rate_ci"],
+        "n_good": figures["n_good"], "n_defect": figures["n_defect"], "warnings": warnings,
+        "figures_from": "the test part: parts that neither trained the model nor set its threshold",
+        "escapes_by_class": figures["escapes_by_class"], "confusion": figures["confusion"],
+        "metric": saved.metric, "threshold": saved.threshold, "threshold_rule": rule,
+        "per_metric_auroc": figures["per_metric_auroc"],
+        "chosen_candidate": chosen.candidate.name, "candidates": [o.row() for o in search.outcomes],
+        "skipped_candidates": search.skipped,
+        "choice_rule": "lowest escape rate at the operating threshold on the calibration part, AUROC breaking ties"
+                       if chosen.escape_rate is not None else
+                       "lowest false-reject rate on the calibration part, validation AUROC breaking ties",
+        "export": {"mode": export.mode, "why": export.why, "attempts": export.attempts},
+        "calibration": {"n_good": saved.n_good, "defect_rate": options.defect_rate, "escape_cost": options.escape_cost,
+                        "target_false_reject": options.target_false_reject,
+                        "metrics": {n: f.summary() for n, f in calibration.fits.items()}},
+        "split": {"seed": options.seed, "fractions": DEFAULT_FRACTIONS, "counts": split_table(data.items, parts),
+                  "files": dict(zip(data.relative_paths, parts))},
+        "data": {"path": str(data.root.resolve()), "fingerprint": data.fingerprint, "images": len(data.items),
+                 "classes": data.class_counts, "native_size": list(data.native_size),
+                 "near_duplicate_groups": int(np.sum(np.bincount(data.groups) > 1))},
+        "bundle": {"model": bundle.MODEL, "reference": bundle.REFERENCE, "reference_version": saved.version,
+                   "report": bundle.REPORT, "station_yaml": bundle.STATION_YAML, "checkpoint": bundle.CHECKPOINT},
+        "product": saved.product,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "station_version": __version__,
+    }
