@@ -169,6 +169,18 @@ def _train(args) -> int:
     return 0
 
 
+def _fit(args) -> int:
+    _require_torch("fit")
+    from fit.pipeline import FitOptions, run_fit
+
+    given = {"seed": args.seed, "budget_minutes": args.budget, "epochs": args.epochs,
+             "max_candidates": args.max_candidates, "defect_rate": args.defect_rate, "escape_cost": args.escape_cost,
+             "target_false_reject": args.target_false_reject, "product": args.product}
+    run_fit(FitOptions(data=args.data, out=args.out, progress=sys.stderr.isatty(),
+                       **{key: value for key, value in given.items() if value is not None}))
+    return 0
+
+
 def _export(args) -> int:
     _require_torch("export")
     from export import onnx_export
@@ -320,6 +332,24 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the station: camera -> verdicts over MQTT (the systemd service)")
     run.add_argument("-c", "--config", type=Path, required=True, help="station.yaml")
     run.set_defaults(handler=_run)
+    fi = commands.add_parser(
+        "fit", help="image folder -> bundle: checked data, honest split, trained, exported, calibrated, tested",
+        description="Checks the data, splits it train/calibration/test (stratified, near-duplicates kept together), "
+                    "trains candidate trunks within --budget, chooses on the calibration part, exports (int8, "
+                    "falling back to static int8 then fp32), calibrates, and reports figures of the test part only.")
+    fi.add_argument("--data", type=Path, required=True, help="image folder: good/ + one folder per defect class (optional)")
+    fi.add_argument("--out", type=Path, required=True, help="bundle folder to write (model, reference, report, station.yaml, fit.json)")
+    fi.add_argument("--seed", type=int, help="seed of the split (recorded in fit.json; default 0)")
+    fi.add_argument("--budget", type=float, metavar="MINUTES", help="time for candidate training (default 10)")
+    fi.add_argument("--epochs", type=int, help="epochs of every candidate (default: station train's per architecture)")
+    fi.add_argument("--max-candidates", type=int, help="train at most this many candidates (default: as the budget allows)")
+    fi.add_argument("--defect-rate", type=float, help="share of defective parts on the line (default 0.05)")
+    fi.add_argument("--escape-cost", type=float, help="cost of one escape in false rejects (default 20)")
+    fi.add_argument("--target-false-reject", type=float,
+                    help="without defects: good parts allowed to be rejected (default 0.005)")
+    fi.add_argument("--product", help="product name of the reference set (default: the --out folder's name)")
+    fi.set_defaults(handler=_fit)
+
     be = commands.add_parser("bench", help="measure per-stage cost, raw onnxruntime, end-to-end verdicts/s, RSS")
     be.add_argument("--model", type=Path, action="append", default=[],
                     help="ONNX model; the first is the station's, others are timed raw (default: the bundled demo int8 and fp32)")
