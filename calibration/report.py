@@ -99,11 +99,13 @@ def roc_zoomed(good_scores: np.ndarray, defect_scores: np.ndarray, threshold: fl
     defect = np.nan_to_num(np.asarray(defect_scores, float), nan=np.inf)
     figure, axes = plt.subplots(figsize=(5.5, 4.5))
     axes.step(fpr * 100, tpr * 100, where="post", label="held-out test parts")
-    axes.plot([np.mean(good > threshold) * 100], [np.mean(defect > threshold) * 100], "o", color="crimson",
-              label=f"operating threshold {threshold:.4g}")
+    point = (np.mean(good > threshold) * 100, np.mean(defect > threshold) * 100)
+    outside = " (outside this zoom)" if point[0] > max_false_reject * 100 else ""
+    axes.plot([min(point[0], max_false_reject * 100)], [point[1]], "o", color="crimson",
+              label=f"threshold {threshold:.4g}: {point[0]:.1f} % rejected, {point[1]:.1f} % caught{outside}")
     axes.set_xlim(0, max_false_reject * 100)
-    low = tpr[fpr <= max_false_reject]
-    axes.set_ylim(max(0.0, (low.min() if low.size else 0.0) * 100 - 5), 100.5)
+    start = tpr[fpr == 0].max() if np.any(fpr == 0) else 0.0
+    axes.set_ylim(max(0.0, min(start * 100, point[1]) - 5), 100.5)
     axes.set_xlabel("good parts rejected (%)")
     axes.set_ylabel("defects caught (%)")
     axes.set_title(title or f"ROC, false rejects 0-{max_false_reject:.0%}")
