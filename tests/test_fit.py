@@ -1,0 +1,150 @@
+"""`station fit` end to end on small simulated folders: real files, torch, onnxruntime."""
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+from calibration import fit as calibration_fit
+from fit import bundle
+from fit.data_check import check_data, difference_hash, near_duplicate_groups
+from fit.pipeline import FitOptions, run_fit
+from fit.split import split_parts
+from station.cli import main
+from station.core import reference_set
+from station.core.embedder import Embedder
+from station.core.errors import DataError, ExportGateError
+from station.core.imagefolder import GOOD, read_image
+from station.runtime.config import parse_config
+from station.tools.simulate import write_dataset
+
+TOP_KEYS = {"auroc", "escape_rate", "escape_rate_ci", "false_reject_rate", "false_reject_rate_ci", "n_good",
+            "n_defect", "warnings", "chosen_candidate", "candidates", "escapes_by_class", "split", "data", "export"}
+QUICK = {"epochs": 2, "max_candidates": 1}
+
+
+def simulated(root, count=150, seed=3):
+    write_dataset(root, count, seed)
+    return root
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    base = tmp_path_factory.mktemp("fit")
+    data = simulated(base / "parts")
+    result = run_fit(FitOptions(data=data, out=base / "bundle", seed=4, say=lambda line: None, **QUICK))
+    return data, base / "bundle", result
+
+
+def test_the_bundle_is_complete_and_fit_json_holds_the_test_figures(fitted):
+    data, out, result = fitted
+    for name in ("model.onnx", "model.export.json", "trunk.pt", "station.yaml", "fit.json"):
+        assert (out / name).is_file(), name
+    assert {p.name for p in (out / "report").iterdir()} == {"roc.png", "histogram.png", "worst_parts.png"}
+    on_disk = json.loads((out / "fit.json").read_text())
+    assert TOP_KEYS <= set(on_disk) and on_disk["split"]["seed"] == 4
+    assert len(on_disk["data"]["fingerprint"]) == 64 and not list(out.glob(".fit-*"))
+    # Every figure from the test part only.
+    files = on_disk["split"]["files"]
+    test_files = [path for path, part in files.items() if part == "test"]
+    assert len(files) == 150 and on_disk["n_good"] + on_disk["n_defect"] == len(test_files)
+    assert on_disk["n_defect"] > 0 and 0 <= on_disk["escape_rate"] <= 1
+    low, high = on_disk["escape_rate_ci"]
+    assert low <= on_disk["escape_rate"] <= high
+    assert on_disk["export"]["mode"] in ("int8-dynamic", "int8-static", "fp32") and on_disk["export"]["why"]
+    # The reference set belongs to the exported model.
+    ref = reference_set.load(out / "reference")
+    reference_set.verify_for_model(ref, Embedder(out / "model.onnx").info.sha256, ref.embedding_dim)
+    assert ref.metric == on_disk["metric"]
+
+
+def test_station_yaml_parses_once_camera_and_roi_are_filled(fitted):
+    _, out, _ = fitted
+    text = (out / "station.yaml").read_text()
+    with pytest.raises(Exception, match="camera"):
+        parse_config(text, base=out)  # the placeholders are comments until someone fills them in
+    filled = text.replace("# camera:", "camera:").replace("#   source: /dev/video0", "  source: 0")
+    filled = filled.replace("# roi:", "roi:")
+    config = parse_config(filled, base=out)
+    assert config.model == out / "model.onnx" and config.reference_path == out / "reference"
+    assert config.roi.width == 36 and config.roi.height == 26
+
+
+def test_duplicates_across_classes_are_refused_naming_both_files(tmp_path):
+    data = simulated(tmp_path / "parts", count=80)
+    good = sorted((data / GOOD).iterdir())[0]
+    defect_dir = next(p for p in sorted(data.iterdir()) if p.name != GOOD)
+    copy = defect_dir / "copied.png"
+    shutil.copyfile(good, copy)
+    with pytest.raises(DataError) as caught:
+        check_data(data)
+    assert str(good) in str(caught.value) and str(copy) in str(caught.value)
+
+
+def test_near_duplicates_share_a_group_and_one_side_of_the_split(tmp_path):
+    data = simulated(tmp_path / "parts", count=120)
+    originals = sorted((data / GOOD).iterdir())[:6]
+    for path in originals:  # the same part shot again: one grey level brighter, a little noise
+        image = read_image(path).astype(np.int16) + 1
+        image[::7, ::5] += 2
+        cv2.imwrite(str(path.with_name("again_" + path.name)), np.clip(image, 0, 255).astype(np.uint8))
+    check = check_data(data)
+    index = {item.path: i for i, item in enumerate(check.items)}
+    pairs = [(index[p], index[p.with_name("again_" + p.name)]) for p in originals]
+    assert all(check.groups[a] == check.groups[b] for a, b in pairs)
+    assert any("near-duplicates" in w for w in check.warnings)
+    for seed in range(5):
+        parts = split_parts(check.items, check.groups, seed)
+        assert all(parts[a] == parts[b] for a, b in pairs)
+    hashes = [difference_hash(read_image(item.path)) for item in check.items]
+    assert len(set(near_duplicate_groups(hashes, [str(i) for i in range(len(hashes))]))) < len(hashes)
+
+
+def test_goods_only_data_fits_with_null_escape_figures(tmp_path):
+    data = simulated(tmp_path / "parts")
+    for folder in data.iterdir():
+        if folder.name != GOOD:
+            shutil.rmtree(folder)
+    result = run_fit(FitOptions(data=data, out=tmp_path / "bundle", say=lambda line: None, **QUICK))
+    assert result["n_defect"] == 0 and result["escape_rate"] is None and result["escape_rate_ci"] is None
+    assert result["auroc"] is None and result["escapes_by_class"] == {}
+    assert result["false_reject_rate_ci"] is not None
+    assert any("needs at least 600" in w for w in result["warnings"])  # ~20 calibration goods for 0.5 %
+    assert (tmp_path / "bundle" / "model.onnx").is_file()
+
+
+def test_export_falls_back_and_says_why(tmp_path, monkeypatch):
+    from export import onnx_export
+
+    calls = []
+
+    def gate(checkpoint, out, options):
+        calls.append(options)
+        if not options.fp32:
+            onnx_export.report_path(out).write_text(json.dumps({"failures": [f"{options.int8} drifted"]}))
+            raise ExportGateError("refused")
+        return {"quantization": "fp32"}
+
+    monkeypatch.setattr(onnx_export, "export_model", gate)
+    choice = bundle.export_with_fallback(tmp_path / "t.pt", tmp_path / "m.onnx", tmp_path, say=lambda line: None)
+    assert choice.mode == "fp32" and [c.int8 for c in calls[:2]] == ["dynamic", "static"]
+    assert "dynamic drifted" in choice.why and "static drifted" in choice.why
+    assert [a["passed"] for a in choice.attempts] == [False, False, True]
+
+
+def test_station_fit_names_an_unreadable_image(tmp_path, capsys):
+    data = simulated(tmp_path / "parts", count=80)
+    broken = data / GOOD / "broken.png"
+    broken.write_bytes(b"not a png")
+    assert main(["fit", "--data", str(data), "--out", str(tmp_path / "bundle")]) == 65
+    assert str(broken) in capsys.readouterr().err
+    assert not (tmp_path / "bundle" / "fit.json").exists()
+
+
+def test_fit_refuses_to_overwrite_a_bundle_and_bad_options(fitted, capsys):
+    data, out, _ = fitted
+    assert main(["fit", "--data", str(data), "--out", str(out)]) == 78
+    assert "already holds a fitted bundle" in capsys.readouterr().err
+    assert main(["fit", "--data", str(data), "--out", str(out.parent / "x"), "--defect-rate", "1.5"]) == 78
+    assert calibration_fit.goods_needed(0.005) == 600
