@@ -26,6 +26,9 @@ DEFAULT_TARGET_FALSE_REJECT = 0.005
 # Rule of three: with n good parts and none rejected, the 95 % upper bound of
 # the false-reject rate is about 3/n, so a target t needs n >= 3/t good parts.
 RULE_OF_THREE = 3.0
+# `station calibrate -c` grabs this many parts by default: the default target's
+# rule-of-three minimum, so the default path does not warn (the CLI reads it).
+DEFAULT_CAMERA_COUNT = math.ceil(RULE_OF_THREE / DEFAULT_TARGET_FALSE_REJECT - 1e-9)  # 600
 CONFIDENCE = 0.95
 MIN_KISSME_DEFECTS = 10  # fewer defects than this: no KISSME metric is learned
 DEFAULT_DEFECT_RATE = 0.05

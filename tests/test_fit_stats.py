@@ -104,3 +104,8 @@ def test_kissme_sets_get_a_new_format_and_older_sets_still_load_and_roll_back(tm
     assert rolled.model.kissme is None and "kissme" not in distances(parts(2), rolled.model)
     with pytest.raises(reference_set.ReferenceSetError, match="unknown metric"):
         reference_set.save(root, _reference_set(old, "kissme"))
+
+
+def test_the_camera_default_count_supports_the_default_target():
+    assert fit.DEFAULT_CAMERA_COUNT == fit.goods_needed(fit.DEFAULT_TARGET_FALSE_REJECT) == 600
+    assert fit.too_few_goods_warning(fit.DEFAULT_CAMERA_COUNT, fit.DEFAULT_TARGET_FALSE_REJECT) is None
