@@ -148,3 +148,16 @@ def test_fit_refuses_to_overwrite_a_bundle_and_bad_options(fitted, capsys):
     assert "already holds a fitted bundle" in capsys.readouterr().err
     assert main(["fit", "--data", str(data), "--out", str(out.parent / "x"), "--defect-rate", "1.5"]) == 78
     assert calibration_fit.goods_needed(0.005) == 600
+
+
+def test_tiny_defect_classes_and_too_few_goods_are_named_with_the_numbers_needed(tmp_path):
+    data = simulated(tmp_path / "parts", count=80)
+    small = next(p for p in sorted(data.iterdir()) if p.name != GOOD)
+    for extra in sorted(small.iterdir())[3:]:
+        extra.unlink()
+    warnings = check_data(data).warnings
+    assert any(repr(small.name) in w and "only 3 images" in w and "add at least 2 more" in w for w in warnings)
+    for extra in sorted((data / GOOD).iterdir())[20:]:
+        extra.unlink()
+    with pytest.raises(DataError, match="only 20 good parts: fit needs at least 50.*add 30 more"):
+        check_data(data)
