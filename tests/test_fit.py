@@ -161,3 +161,27 @@ def test_tiny_defect_classes_and_too_few_goods_are_named_with_the_numbers_needed
         extra.unlink()
     with pytest.raises(DataError, match="only 20 good parts: fit needs at least 50.*add 30 more"):
         check_data(data)
+
+
+def test_candidates_stop_when_the_next_estimate_would_overrun_the_budget(tmp_path, monkeypatch):
+    from export import train  # noqa: F401  (imported before the clock starts, as in a real run)
+    from fit import candidates
+
+    def fake(candidate, train, val, calibration, checkpoint, options):
+        return candidates.Outcome(candidate, seconds=2.0, checkpoint=checkpoint, metric="kissme", threshold=1.0,
+                                  escape_rate=0.1 if candidate.arch == "mlp" else 0.05, auroc=0.9,
+                                  false_reject_rate=0.01)
+
+    monkeypatch.setattr(candidates, "_train_and_measure", fake)
+    items = list(range(10))
+    order = [candidates.Candidate("mlp", "center"), candidates.Candidate("mlp", "center", 1),
+             candidates.Candidate("cnn", "center"), candidates.Candidate("mlp", "triplet")]
+    # 5 s: the second mlp (~2 s) fits, the cnn (~6 s, three times the mlp's cost) does not.
+    search = candidates.run_candidates(order, items, [], [], tmp_path, candidates.SearchOptions(
+        budget_minutes=5 / 60, epochs=3, say=lambda line: None))
+    assert [o.candidate for o in search.outcomes] == order[:2]
+    assert len(search.skipped) == 2 and "budget" in search.skipped[0]
+    # Chosen by escape rate on the calibration part, never by order or training loss.
+    search = candidates.run_candidates(order, items, [], [], tmp_path, candidates.SearchOptions(
+        budget_minutes=60, epochs=3, say=lambda line: None))
+    assert search.chosen.candidate.arch == "cnn"
