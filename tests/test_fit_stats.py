@@ -109,3 +109,19 @@ def test_kissme_sets_get_a_new_format_and_older_sets_still_load_and_roll_back(tm
 def test_the_camera_default_count_supports_the_default_target():
     assert fit.DEFAULT_CAMERA_COUNT == fit.goods_needed(fit.DEFAULT_TARGET_FALSE_REJECT) == 600
     assert fit.too_few_goods_warning(fit.DEFAULT_CAMERA_COUNT, fit.DEFAULT_TARGET_FALSE_REJECT) is None
+
+
+def test_the_shipped_demo_reference_set_written_before_kissme_still_loads(tmp_path):
+    import shutil
+
+    from station.tools.demo import DEMO_REFERENCE
+
+    loaded = reference_set.load(DEMO_REFERENCE)
+    assert loaded.model.kissme is None and set(loaded.thresholds) == set(SCORES)
+    copy = tmp_path / "demo"
+    shutil.copytree(DEMO_REFERENCE, copy)
+    learned = fit.calibrate_held_out(parts(60, d=loaded.embedding_dim, seed=1),
+                                     parts(20, d=loaded.embedding_dim, seed=2, shift=3.0)).model
+    reference_set.save(copy, _reference_set(learned, "kissme"))
+    assert reference_set.rollback(copy) == 1
+    np.testing.assert_array_equal(reference_set.load(copy).model.reference, loaded.model.reference)
