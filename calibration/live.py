@@ -26,6 +26,7 @@ import numpy as np
 
 from calibration import workflow
 from calibration.fit import CalibrationError
+from station.core.state_dir import StateLock, open_state_dir
 from station.runtime.sources import open_source
 from station.core.embedder import Embedder
 from station.core.errors import ConfigError
@@ -124,7 +125,8 @@ class LiveCalibration:
 
 def calibrate_from_camera(config, product: str | None, count: int, min_good: int = 30,
                           min_change: float = DEFAULT_MIN_CHANGE, metric: str = "auto",
-                          target_false_reject: float = 0.005, progress: bool = False) -> LiveCalibration:
+                          target_false_reject: float = 0.005, progress: bool = False,
+                          credentials: tuple[str, str] | None = None) -> LiveCalibration:
     """Grab `count` distinct parts from the configured camera and save a new reference set version."""
     product, out = product_reference(config, product)
     if min_good < 1:
@@ -135,9 +137,12 @@ def calibrate_from_camera(config, product: str | None, count: int, min_good: int
         raise ConfigError(f"--min-change must be >= 0, got {min_change}")
     embedder = Embedder(config.model, threads=config.runtime.threads)
     roi = config.roi.to_roi() if config.roi is not None else None
-    # Never loop for calibration: a replayed folder or video would count the same parts again.
-    source = open_source(config.camera.source, loop=False, fps=config.camera.fps)
-    grabbed = grab_distinct_crops(source, roi, embedder.input_spec, count, min_change, progress)
+    # The camera is the station's: never while it runs (AlreadyRunningError, exit 75).
+    with StateLock(open_state_dir(config.state_dir), f"station calibrate -c (product {product})"):
+        # Never loop for calibration: a replayed folder or video would count the same parts again.
+        source = open_source(config.camera.source, loop=False, fps=config.camera.fps,
+                             max_pixels=config.camera.max_pixels, credentials=credentials)
+        grabbed = grab_distinct_crops(source, roi, embedder.input_spec, count, min_change, progress)
     where = f"camera {source.description}"
     if len(grabbed) < min_good:
         raise CalibrationError(

@@ -77,6 +77,7 @@ def _calibrate_camera(args) -> int:
     from calibration import live
     from station.core import reference_set
     from station.runtime.config import load_config
+    from station.runtime.credentials import camera_credentials
 
     config = load_config(args.config)
     if args.rollback is not None:
@@ -88,6 +89,7 @@ def _calibrate_camera(args) -> int:
         config, args.product, count=100 if args.count is None else args.count, min_good=args.min_good,
         min_change=live.DEFAULT_MIN_CHANGE if args.min_change is None else args.min_change,
         metric=args.metric, target_false_reject=args.target_false_reject, progress=sys.stderr.isatty(),
+        credentials=camera_credentials(config.camera),
     )
     grabbed = result.grabbed
     print(f"{len(grabbed)} distinct parts from {grabbed.frames_seen} frames ({grabbed.skipped} unchanged skipped)")
@@ -367,15 +369,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _JournalFormatter(logging.Formatter):
+    """Under systemd, stderr goes to the journal: a <N> prefix gives each line its
+    syslog priority (journalctl -p warning shows warnings and worse); journald stamps the time."""
+
+    PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = next((p for level, p in self.PRIORITIES if record.levelno >= level), 7)
+        return f"<{priority}>" + super().format(record)
+
+
+def _configure_logging(verbose: bool):
+    handler = logging.StreamHandler()
+    if os.environ.get("JOURNAL_STREAM"):  # set by systemd when stderr is the journal
+        handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+
+
 def main(argv: list[str] | None = None) -> int:
     # numpy's BLAS threads spin on a busy 2-core line PC and slow the station's
     # small matrix products tenfold; must be set before numpy is first imported.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    _configure_logging(args.verbose)
     try:
         return args.handler(args)
     except StationError as exc:

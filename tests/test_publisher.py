@@ -17,7 +17,8 @@ from station.runtime.config import MqttConfig
 from station.core.errors import PublisherError
 from station.runtime.outbox import Outbox
 from station.tools.loopback import free_port
-from station.runtime.publisher import Publisher, Topics, read_password
+from station.runtime.credentials import read_password
+from station.runtime.publisher import Publisher, Topics
 
 FAST = dict(first=0.1, ceiling=0.5)
 
@@ -172,7 +173,7 @@ def test_status_online_then_stopped_on_clean_exit(mosquitto, outbox):
         publisher.publish_state({"product": "A", "paused": False})
         assert publisher.publish_stats({"fps": 12.5})
         wait_for(lambda: _retained(mosquitto, publisher.topics.state) is not None, what="state")
-        assert json.loads(_retained(mosquitto, publisher.topics.state)) == {"product": "A", "paused": False}
+        assert json.loads(_retained(mosquitto, publisher.topics.state)) == {"schema_version": 1, "product": "A", "paused": False}
     finally:
         publisher.stop(clean=True)
     assert not publisher.connected
@@ -241,7 +242,7 @@ def test_retained_command_is_ignored_and_a_live_command_answered(mosquitto, outb
             sender.publish(topics.command, b'{"cmd": "pause"}', qos=1).wait_for_publish(5)
             wait_for(lambda: results.messages, timeout=5, what="command result")
         assert calls == [b'{"cmd": "pause"}']
-        assert json.loads(results.payloads()[0]) == {"ok": True, "got": "pause"}
+        assert json.loads(results.payloads()[0]) == {"schema_version": 1, "ok": True, "got": "pause"}
         assert any("ignoring a retained command" in r.getMessage() for r in caplog.records)
     finally:
         sender.publish(topics.command, b"", qos=1, retain=True).wait_for_publish(5)  # clear it
@@ -264,7 +265,7 @@ def test_a_failing_command_handler_answers_with_the_error(mosquitto, outbox):
         wait_for(lambda: publisher.connected, what="connect")
         results.client.publish(publisher.topics.command, b"switch Z", qos=1).wait_for_publish(5)
         wait_for(lambda: results.messages, timeout=5, what="command result")
-        assert json.loads(results.payloads()[0]) == {"ok": False, "error": "command failed: unknown product Z"}
+        assert json.loads(results.payloads()[0]) == {"schema_version": 1, "ok": False, "error": "command failed: unknown product Z"}
         assert publisher.connected  # the network thread survived
     finally:
         publisher.stop()

@@ -70,3 +70,14 @@ def test_watchdog_interval(monkeypatch):
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
     monkeypatch.setenv("WATCHDOG_USEC", "garbage")
     assert sdnotify.watchdog_interval() is None
+
+
+@pytest.mark.parametrize("address", ["/nonexistent/notify.sock", "@", "x" * 200])
+def test_a_broken_socket_warns_once_and_never_raises(monkeypatch, caplog, address):
+    monkeypatch.setenv("NOTIFY_SOCKET", address)
+    monkeypatch.setattr(sdnotify, "_warned", set())
+    with caplog.at_level("WARNING", logger="station.runtime.sdnotify"):
+        assert sdnotify.notify("READY=1") is False
+        assert sdnotify.notify("WATCHDOG=1") is False
+    warnings = [r for r in caplog.records if "cannot be used" in r.getMessage()]
+    assert len(warnings) == 1 and address[:20] in warnings[0].getMessage()

@@ -38,6 +38,13 @@ class ModelError(StationError):
     exit_code = 66
 
 
+class AlreadyRunningError(StationError):
+    """Another process owns the state folder (a second `station run` on the same config).
+    systemd must not restart into it: station@.service lists 75 in RestartPreventExitStatus."""
+
+    exit_code = 75  # EX_TEMPFAIL: it works once the other one stops
+
+
 class MissingExtraError(StationError):
     """A subcommand needs an optional dependency that is not installed."""
 

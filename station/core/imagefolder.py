@@ -54,9 +54,32 @@ def scan_dataset(root: Path, require_good: bool = True) -> list[LabeledImage]:
     return items
 
 
-def read_image(path: Path) -> np.ndarray:
-    """Decode an image as stored (gray, colour, 8 or 16 bit); name the file on failure."""
+def pixel_count(path: Path) -> int | None:
+    """Width x height from the file's header alone (Pillow reads no pixels); None if unknown."""
+    from PIL import Image, UnidentifiedImageError
+
+    # The station bounds pixels itself (camera.max_pixels), with the real count in its message.
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return None  # not a format Pillow knows: OpenCV decides (and bounds it at 2^30 pixels)
+    return width * height
+
+
+def read_image(path: Path, max_pixels: int | None = None) -> np.ndarray:
+    """Decode an image as stored (gray, colour, 8 or 16 bit); name the file on failure.
+
+    With max_pixels, an image whose header declares more pixels is refused
+    before anything is decoded: a small file can unpack to gigabytes.
+    """
     path = Path(path)
+    if max_pixels is not None:
+        pixels = pixel_count(path)
+        if pixels is not None and pixels > max_pixels:
+            raise ImageReadError(path, f"declares {pixels / 1e6:.0f} MP, more than camera.max_pixels "
+                                       f"({max_pixels / 1e6:g} MP): refused before decoding")
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:

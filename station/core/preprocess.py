@@ -55,18 +55,23 @@ class InputSpec:
         return (1, self.height, self.width)
 
 
+def roi_problem(roi: Roi | None, frame_shape: tuple) -> str | None:
+    """Why the ROI cannot be cut from frames of this shape (height, width, ...); None when it can."""
+    height, width = frame_shape[:2]
+    if roi is None or (roi.x + roi.width <= width and roi.y + roi.height <= height):
+        return None
+    return f"ROI x={roi.x} y={roi.y} {roi.width}x{roi.height} does not fit in a {width}x{height} frame"
+
+
 def crop(frame: np.ndarray, roi: Roi | None) -> np.ndarray:
     """Cut the ROI out of a frame (a view, no copy); None means the whole frame."""
     if frame.ndim not in (2, 3) or frame.shape[0] == 0 or frame.shape[1] == 0:
         raise DataError(f"frame of shape {frame.shape} is not an image")
     if roi is None:
         return frame
-    height, width = frame.shape[:2]
-    if roi.x + roi.width > width or roi.y + roi.height > height:
-        raise RoiError(
-            f"ROI x={roi.x} y={roi.y} {roi.width}x{roi.height} does not fit "
-            f"in a {width}x{height} frame"
-        )
+    problem = roi_problem(roi, frame.shape)
+    if problem:
+        raise RoiError(problem)
     return frame[roi.y : roi.y + roi.height, roi.x : roi.x + roi.width]
 
 

@@ -14,6 +14,7 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -49,7 +50,8 @@ StationId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$", max_length=64)]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # No inf or NaN in any number: `max_mb: .inf` would pass `ge=0` and break the size bound.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 def _camera_source(value: Any, info: ValidationInfo) -> int | str:
@@ -65,6 +67,9 @@ def _camera_source(value: Any, info: ValidationInfo) -> int | str:
     kind = source_kind(value)  # ValueError for unknown URL schemes
     if kind == SIM:
         parse_sim_source(value)
+    if kind == URL and "@" in urlsplit(value).netloc:  # the message must not repeat the URL: it holds a password
+        raise ValueError("credentials in the camera URL are refused: write user:password in a file named by "
+                         "camera.credentials_file, or a systemd credential named by camera.credentials_credential")
     if kind in (SIM, URL):
         return value
     return str(_resolve(Path(value), info))
@@ -74,6 +79,17 @@ class CameraConfig(_Model):
     source: Annotated[int | str, BeforeValidator(_camera_source)]
     loop: bool = False
     fps: float = Field(0.0, ge=0)
+    # A network camera's user:password, never in the URL (it would reach logs and dashboards).
+    credentials_file: ConfigPath | None = None
+    credentials_credential: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
+    # Images larger than this are refused from their header, before decoding (decompression bombs).
+    max_pixels: int = Field(50_000_000, ge=1)
+
+    @model_validator(mode="after")
+    def _one_credentials_source(self):
+        if self.credentials_file is not None and self.credentials_credential is not None:
+            raise ValueError("give credentials_file or credentials_credential, not both")
+        return self
 
 
 class RoiConfig(_Model):

@@ -30,13 +30,19 @@ class CropKeeper:
         self.folder = Path(folder)
         self.keep_ng, self.ok_sample_rate, self.max_bytes = keep_ng, ok_sample_rate, max_bytes
         self.skipped = 0  # crops not kept because the writer was behind
-        self.failed = 0  # crops that could not be written (full disk)
+        self.failed = 0  # crops that could not be written (full disk, no folder)
+        self.folder_error: str | None = None  # why the crops folder cannot be used
         self._last_failure_log = -float("inf")
         self._random = random.Random(seed)
         self._files: deque[tuple[Path, int]] = deque()  # oldest first
         self._bytes = 0
         self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
         self._thread: threading.Thread | None = None
+
+    @classmethod
+    def for_station(cls, state_dir: Path, keep) -> "CropKeeper":
+        """The keeper for STATE/crops as `keep_crops:` in station.yaml says."""
+        return cls(Path(state_dir) / "crops", keep.ng, keep.ok_sample_rate, int(keep.max_mb * 1e6))
 
     def wants(self, verdict: str) -> bool:
         if self.max_bytes <= 0:
@@ -58,15 +64,29 @@ class CropKeeper:
                 log.warning("crop writer is behind (%s): %d crops not kept so far", self.folder, self.skipped)
 
     def close(self, timeout: float = 2.0):
-        """Write what is queued (within timeout), then stop the writer."""
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join(timeout)
+        """Write what is queued (within timeout), then stop the writer; never blocks longer."""
+        if self._thread is None:
+            return
+        deadline = time.monotonic() + timeout
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            try:
+                self._queue.put(None, timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        self._thread.join(max(0.0, deadline - time.monotonic()))
 
     def _write_loop(self):
-        self._load_existing()
-        for verdict in (NG, OK):
-            (self.folder / verdict).mkdir(parents=True, exist_ok=True)
+        try:
+            self._load_existing()
+            for verdict in (NG, OK):
+                (self.folder / verdict).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file where the folder should be, a full or read-only disk
+            log.error("cannot keep crops in %s: %s; inspection goes on without them", self.folder, exc)
+            self.folder_error = str(exc)
+            while (item := self._queue.get()) is not None:
+                self.failed += 1  # drained, so keep() and close() never block on a full queue
+            return
         while (item := self._queue.get()) is not None:
             self._write(*item)
 

@@ -1,7 +1,7 @@
 """The station daemon: camera -> roi -> embed -> score -> verdict -> publish.
 
 This module only wires the parts and owns the loop; each part lives in its
-own module (camera, inspector, verdict, outbox, publisher, sdnotify). The loop
+own module (sources, frame_feed, inspector, recorder, outbox, publisher, sdnotify). The loop
 runs in the main thread and never blocks for long, so signals, commands,
 stats and the watchdog keep working while a camera or the broker is away.
 
@@ -24,11 +24,15 @@ from station.runtime.frame_feed import FrameFeed, LatestFrame
 from station.runtime.sources import is_finite, is_lossless, open_source
 from station.runtime.commands import MAX_PAYLOAD, Command, CommandError, parse_command, result
 from station.runtime.config import StationConfig, load_config
+from station.runtime.credentials import camera_credentials
 from station.runtime.crops import CropKeeper
-from station.core.errors import DataError, OutboxDiskError, OutboxError, StationError
-from station.runtime.inspector import Inspector
+from station.core.errors import ConfigError, DataError, StationError
+from station.core.preprocess import roi_problem
+from station.core.state_dir import StateLock, open_state_dir
+from station.runtime.inspector import Inspector, load_inspector
 from station.runtime.outbox import Outbox
 from station.runtime.publisher import Publisher
+from station.runtime.recorder import VerdictRecorder
 from station.runtime.stats import StationStats
 from station.runtime.messages import utc_timestamp, verdict_message
 
@@ -38,69 +42,79 @@ BATCH = 128  # frames judged together when a stored source delivers faster than 
 POLL = 0.1  # longest wait of the loop, seconds
 FINAL_FLUSH = 2.0  # seconds to deliver the outbox on SIGTERM; what is left goes out next start
 TRIGGER_FRAME_WAIT = 1.0
+FIRST_FRAME_WAIT = 5.0  # seconds to wait for a frame to check the ROI against before READY
+PAUSE_FLAG = "paused"  # in the state folder while paused
 # Changes that only a restart applies: they are wired into threads and connections.
 RESTART_KEYS = ("station", "camera", "mqtt", "state_dir", "trigger", "outbox", "runtime")
-
-
-def load_inspector(config: StationConfig, product: str | None = None) -> Inspector:
-    """The inspector for a configured product (default: the config's), loaded and cross-checked."""
-    if config.products is None:
-        path, name = config.reference, None
-    else:
-        name = product or config.product
-        if name not in config.products:
-            raise StationError(f"unknown product {name!r}; configured: {', '.join(sorted(config.products))}")
-        path = config.products[name]
-    roi = config.roi.to_roi() if config.roi else None
-    return Inspector.load(config.model, path, name, roi, threads=config.runtime.threads)
 
 
 class Daemon:
     def __init__(self, config_path: Path):
         self.config_path = Path(config_path)
         self.config = load_config(self.config_path)
-        self.paused = False
+        self.paused = False  # read from the state folder at start: a pause survives restarts
         self._stop_requested = False
         self._reload_requested = False
         self._commands: queue.Queue = queue.Queue(maxsize=1024)
         self._last_ping = 0.0
         self._camera_state = None
+        self._frame_shape: tuple | None = None
+        self.problems: dict[str, str] = {}  # kind -> why; in the retained state
         self._unjudged_frames = 0  # paused, or the frame gave no crop
-        self._live_seq: int | None = None  # last seq published live while the outbox's disk is full
-        self._live_verdicts = 0
 
     # -- lifecycle
 
     def run(self) -> int:
         """Run until SIGTERM, or until a finite source is fully judged and delivered."""
+        sdnotify.notify("STATUS=starting")
+        state_dir = open_state_dir(self.config.state_dir)
+        with StateLock(state_dir, f"station run -c {self.config_path}"):
+            return self._run(state_dir)
+
+    def _run(self, state_dir: Path) -> int:
         self._install_signal_handlers()
         # The loop hands the GIL to onnxruntime once per part and must win it back from the capture
         # and MQTT threads; the default 5 ms switch interval made that wait dominate (measured:
         # 2,400 -> 2,750 parts/s judged at 1 ms on 2 cores).
         sys.setswitchinterval(0.001)
-        sdnotify.notify("STATUS=starting")
         config = self.config
-        state_dir = Path(config.state_dir)
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.inspector = load_inspector(config)
+        self._pause_flag = state_dir / PAUSE_FLAG
+        self.paused = self._pause_flag.exists()
         self.outbox = Outbox(state_dir / "outbox.sqlite3", config.outbox.max_messages)
         self.publisher = Publisher(config.mqtt, config.station, self.outbox, on_command=self._on_command)
-        self.crop_keeper = self._crop_keeper(config)
+        self.recorder = VerdictRecorder(self.outbox, self.publisher)
+        self.crop_keeper = CropKeeper.for_station(config.state_dir, config.keep_crops)
         self.stats = StationStats()
         self.publisher.start()
-        self.source = open_source(config.camera.source, config.camera.loop, config.camera.fps)
+        self.source = open_source(config.camera.source, config.camera.loop, config.camera.fps,
+                                  max_pixels=config.camera.max_pixels, credentials=camera_credentials(config.camera))
         self.finite = is_finite(self.source)
         self.feed = FrameFeed(self.source, is_lossless(self.source)) if config.trigger == "continuous" else None
         self.latest = LatestFrame(self.source) if config.trigger == "mqtt" else None
-        self._publish_state()
-        sdnotify.notify("READY=1", f"STATUS={self._status_line()}")
-        log.info("station %s ready: %s", config.station, self._status_line())
         finished = False
         try:
+            self._check_first_frame()
+            self._publish_state()
+            sdnotify.notify("READY=1", f"STATUS={self._status_line()}")
+            log.info("station %s ready: %s", config.station, self._status_line())
+            if self.paused:
+                log.warning("station %s starts PAUSED (paused before it stopped): nothing is judged "
+                            "until a resume command", config.station)
             finished = self._loop()
         finally:
             self._shutdown(finished)
         return 0
+
+    def _check_first_frame(self):
+        """The ROI must fit the camera's frames: refuse to start (exit 78) rather than judge nothing."""
+        frame = (self.feed or self.latest).peek(FIRST_FRAME_WAIT)
+        if frame is not None:
+            problem = roi_problem(self.inspector.roi, frame.image.shape)
+            if problem:
+                self._set_problem("roi", problem)
+                raise ConfigError(f"{self.config_path}: roi: {problem}")
+            self._frame_shape = frame.image.shape[:2]
 
     def _install_signal_handlers(self):
         # Handlers only set flags; the loop acts on them between batches.
@@ -116,15 +130,15 @@ class Daemon:
         next_stats = time.monotonic() + self.config.stats_interval
         while not self._stop_requested:
             self._handle_events()
-            if self.feed is not None:
+            if self.feed is not None and not (self.paused and self.feed.lossless):
                 frames = self.feed.get_batch(BATCH, POLL)
                 if frames and self.paused:
-                    self._unjudged_frames += len(frames)  # drained so no frame is stale on resume
+                    self._unjudged_frames += len(frames)  # a live camera: drained so no frame is stale on resume
                 elif frames:
                     self._inspect(frames)
                 elif not frames and self.feed.ended and self.finite:
                     return True
-            else:
+            else:  # trigger mode, or paused on stored media: its frames wait for resume
                 self._wait_for_command(POLL)
             self._ping_watchdog()
             self._publish_state_if_camera_changed()
@@ -157,12 +171,14 @@ class Daemon:
         inspector = self.inspector  # one snapshot per batch: reloads swap it whole
         crops, kept = [], []
         for frame in frames:
+            self._check_frame_shape(inspector, frame.image.shape)
             try:
                 crops.append(inspector.crop(frame.image))
                 kept.append(frame)
             except DataError as exc:
                 self._unjudged_frames += 1
-                log.warning("frame %s cannot be judged: %s", frame.source, exc)
+                if "roi" not in self.problems:  # an ROI problem is logged and published once, not per frame
+                    log.warning("frame %s cannot be judged: %s", frame.source, exc)
         if not kept:
             return
         crops = np.stack(crops)
@@ -175,13 +191,28 @@ class Daemon:
             if self.crop_keeper.wants(message["verdict"]):
                 self.crop_keeper.keep(crop, message["verdict"], message["id"])
 
-    def _store_verdicts(self, inspector: Inspector, frames, judgements, ready: float, part_id) -> list[dict]:
-        """Seq and verdicts commit together; while the outbox is full, wait for the broker.
+    def _check_frame_shape(self, inspector: Inspector, shape: tuple):
+        """A new frame size (the first frame, or the camera changed): does the ROI still fit?"""
+        if tuple(shape[:2]) == self._frame_shape:
+            return
+        self._frame_shape = tuple(shape[:2])
+        problem = roi_problem(inspector.roi, shape)
+        if problem and "roi" not in self.problems:
+            log.error("nothing is judged: roi: %s", problem)
+        self._set_problem("roi", problem)
 
-        While the outbox's disk is full, verdicts go out live instead (not durable), with
-        seqs counted on in memory; the persisted seq is advanced past them, in the same
-        transaction, as soon as the outbox stores again, so no seq is used twice.
-        """
+    def _set_problem(self, kind: str, problem: str | None):
+        """Problems that stop judging or delivery; in the retained state, published on change."""
+        if self.problems.get(kind) == problem:
+            return
+        if problem is None:
+            del self.problems[kind]
+        else:
+            self.problems[kind] = problem
+        if hasattr(self, "publisher"):
+            self._publish_state()
+
+    def _store_verdicts(self, inspector: Inspector, frames, judgements, ready: float, part_id) -> list[dict]:
         reference = inspector.reference_set
         ts = utc_timestamp(time.time())  # one batch, one moment: formatted once
 
@@ -194,54 +225,16 @@ class Daemon:
                 latency_ms=(ready - frame.grabbed_at) * 1000.0, ts=ts,
             )
 
-        done: list[dict] = []
-        pending = list(zip(frames, judgements))
-        while True:
-            try:
-                with self.outbox.transaction() as tx:
-                    if self._live_seq is not None:
-                        tx.advance_seq(self._live_seq)
-                    messages = [build(seq, frame, judgement)
-                                for seq, (frame, judgement) in zip(tx.next_seqs(len(pending)), pending)]
-                    self.publisher.queue_verdicts(tx, messages)
-                if self._live_seq is not None:
-                    log.warning("outbox %s stores verdicts again (after seq %d published live)",
-                                self.outbox.path, self._live_seq)
-                    self._live_seq = None
-                return done + messages
-            except OutboxError as exc:
-                if isinstance(exc, OutboxDiskError):
-                    sent = self._publish_live(build, pending)
-                    done, pending = done + sent, pending[len(sent):]
-                    if not pending:
-                        return done
-                # Never drop a verdict: hold inspection until there is room (frames
-                # from live cameras are dropped meanwhile, and counted).
-                if self._stop_requested:
-                    log.error("stopping with %d judged parts not stored: %s", len(pending), exc)
-                    return done
-                sdnotify.notify(f"STATUS=outbox cannot store verdicts: {exc}")
-                self.publisher.flush(timeout=POLL * 5)
-                self._handle_events()
-                self._ping_watchdog()
+        return self.recorder.record(build, list(zip(frames, judgements)), lambda: self._stop_requested,
+                                    self._wait_for_outbox)
 
-    def _publish_live(self, build, pending) -> list[dict]:
-        """The outbox's disk is full: publish verdicts live, not durable; those sent, in order."""
-        if not self.publisher.connected:
-            return []
-        if self._live_seq is None:
-            self._live_seq = self.outbox.last_seq()  # reading works on a full disk
-            log.error("outbox %s cannot store verdicts (disk full): publishing them live, not durable, "
-                      "from seq %d until it can", self.outbox.path, self._live_seq + 1)
-        sent = []
-        for frame, judgement in pending:
-            self._live_seq += 1  # used even if the send fails: a gap, never a reuse
-            message = build(self._live_seq, frame, judgement)
-            if not self.publisher.publish_verdict_live(message):
-                break
-            sent.append(message)
-        self._live_verdicts += len(sent)
-        return sent
+    def _wait_for_outbox(self, why: str):
+        # Never drop a verdict: hold inspection until there is room (frames from
+        # live cameras are dropped meanwhile, and counted).
+        sdnotify.notify(f"STATUS={why}")
+        self.publisher.flush(timeout=POLL * 5)
+        self._handle_events()
+        self._ping_watchdog()
 
     # -- commands and reloads
 
@@ -288,7 +281,12 @@ class Daemon:
         return handlers[command.cmd](command)
 
     def _pause(self, command: Command) -> None:
+        """Pause survives a restart: frames of stored media wait, a live camera's are dropped and counted."""
         self.paused = command.cmd == "pause"
+        if self.paused:
+            self._pause_flag.touch()
+        else:
+            self._pause_flag.unlink(missing_ok=True)
         self._publish_state()
 
     def _reload_command(self, command: Command) -> str | None:
@@ -328,16 +326,20 @@ class Daemon:
         if error is None:
             self.config = config.model_copy(update={key: getattr(self.config, key) for key in RESTART_KEYS})
             self.crop_keeper.close()
-            self.crop_keeper = self._crop_keeper(self.config)
+            self.crop_keeper = CropKeeper.for_station(self.config.state_dir, self.config.keep_crops)
         return error
 
     def _swap_inspector(self, config: StationConfig, product: str | None, reason: str) -> str | None:
         sdnotify.notify(sdnotify.reloading(), f"STATUS={reason}")
         try:
             inspector = load_inspector(config, product)
+            problem = self._frame_shape and roi_problem(inspector.roi, self._frame_shape)
+            if problem:
+                raise ConfigError(f"roi: {problem} (the camera's frames)")
         except StationError as exc:
             return self._refuse(reason, exc)
         self.inspector = inspector
+        self._set_problem("roi", None)
         log.info("%s: now %s", reason, self._status_line())
         self._publish_state()
         sdnotify.notify("READY=1", f"STATUS={self._status_line()}")
@@ -362,6 +364,7 @@ class Daemon:
             "camera": self.source.state if hasattr(self, "source") else "starting",
             "trigger": self.config.trigger,
             "paused": self.paused,
+            "problems": [f"{kind}: {text}" for kind, text in self.problems.items()],
             "ts": utc_timestamp(time.time()),
         }
 
@@ -382,7 +385,9 @@ class Daemon:
             outbox_depth=self.outbox.depth(), camera_state=self.source.state,
             camera_reconnects=self.source.reconnects,
         )
-        stats["verdicts_live"] = self._live_verdicts
+        stats["verdicts_live"] = self.recorder.live_verdicts
+        stats["crops_not_kept"] = self.crop_keeper.skipped + self.crop_keeper.failed
+        self._set_problem("crops", self.crop_keeper.folder_error and f"not kept: {self.crop_keeper.folder_error}")
         self.publisher.publish_stats({"station": self.config.station, "ts": utc_timestamp(time.time()), **stats})
 
     def _ping_watchdog(self):
@@ -392,8 +397,3 @@ class Daemon:
         if interval and now - self._last_ping >= interval / 3:
             sdnotify.notify("WATCHDOG=1")
             self._last_ping = now
-
-    @staticmethod
-    def _crop_keeper(config: StationConfig) -> CropKeeper:
-        keep = config.keep_crops
-        return CropKeeper(Path(config.state_dir) / "crops", keep.ng, keep.ok_sample_rate, int(keep.max_mb * 1e6))

@@ -43,6 +43,12 @@ class LatestFrame:
     def ended(self) -> bool:
         return self._ended
 
+    def peek(self, timeout: float) -> Frame | None:
+        """The freshest frame, left for get(); None when none came within timeout."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._ended or self._latest is not None, timeout)
+            return self._latest
+
     def get(self, timeout: float | None = None) -> Frame | None:
         """The freshest frame not returned before; None on timeout or when the source ended."""
         with self._changed:
@@ -117,6 +123,12 @@ class FrameFeed:
             self._frames.append(frame)
             self._bytes += size
             self._changed.notify_all()
+
+    def peek(self, timeout: float) -> Frame | None:
+        """The next frame, left in the queue; None when none came within timeout (or the source ended)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._frames or self._ended, timeout)
+            return self._frames[0] if self._frames else None
 
     def get_batch(self, max_frames: int, timeout: float) -> list[Frame]:
         """Wait up to `timeout` for a frame, then take whatever else is ready (up to max_frames)."""

@@ -14,7 +14,9 @@ import numpy as np
 from station.core import reference_set as reference_sets
 from station.core.embedder import Embedder
 from station.core.preprocess import Roi, prepare_crop, to_model_input
+from station.core.errors import StationError
 from station.core.verdict import Judgement, judge
+from station.runtime.config import StationConfig
 
 
 @dataclass(frozen=True)
@@ -50,3 +52,16 @@ class Inspector:
             "metric": self.reference_set.metric,
             "threshold": self.reference_set.threshold,
         }
+
+
+def load_inspector(config: StationConfig, product: str | None = None) -> Inspector:
+    """The inspector for a configured product (default: the config's), loaded and cross-checked."""
+    if config.products is None:
+        path, name = config.reference, None
+    else:
+        name = product or config.product
+        if name not in config.products:
+            raise StationError(f"unknown product {name!r}; configured: {', '.join(sorted(config.products))}")
+        path = config.products[name]
+    roi = config.roi.to_roi() if config.roi else None
+    return Inspector.load(config.model, path, name, roi, threads=config.runtime.threads)

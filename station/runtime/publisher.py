@@ -17,20 +17,19 @@ in-flight queue is not used because it races new publishes on reconnect.
 from __future__ import annotations
 
 import logging
-import os
 import ssl
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
 from station.core.backoff import Backoff
 from station.runtime.config import MqttConfig
 from station.core.errors import OutboxDiskError, OutboxError, PublisherError
+from station.runtime.credentials import read_password
 from station.runtime.messages import encode
 from station.runtime.outbox import Outbox
 
@@ -60,29 +59,6 @@ class Topics:
         base = f"{prefix}/{station}"
         return cls(f"{base}/verdict", f"{base}/status", f"{base}/state", f"{base}/stats",
                    f"{base}/command", f"{base}/command/result")
-
-
-def read_password(config: MqttConfig, env: dict[str, str] | None = None) -> str | None:
-    """The password from password_file or the systemd credential; never from the YAML."""
-    env = os.environ if env is None else env
-    if config.password_file is not None:
-        path = config.password_file
-    elif config.password_credential is not None:
-        folder = env.get("CREDENTIALS_DIRECTORY")
-        if not folder:
-            raise PublisherError(
-                f"mqtt.password_credential {config.password_credential!r}: $CREDENTIALS_DIRECTORY is not set; "
-                f"give the service LoadCredential={config.password_credential}:/path/to/file")
-        path = Path(folder) / config.password_credential
-    else:
-        return None
-    try:
-        password = path.read_text(encoding="utf-8").rstrip("\r\n")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PublisherError(f"{path}: cannot read the MQTT password ({getattr(exc, 'strerror', exc)})") from None
-    if not password:
-        raise PublisherError(f"{path}: the MQTT password file is empty")
-    return password
 
 
 def tls_context(config: MqttConfig) -> ssl.SSLContext | None:

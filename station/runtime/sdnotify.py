@@ -6,20 +6,34 @@ notify("STOPPING=1"). Every call is a no-op when not started by systemd
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
 
+log = logging.getLogger(__name__)
+_warned: set[str] = set()  # sockets already reported broken: one warning each, not one per ping
+
 
 def notify(*states: str) -> bool:
-    """Send state lines to systemd; True if sent, False when there is no socket."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address or not states:
+    """Send state lines to systemd; True if sent, False when there is no socket.
+
+    Never raises: a broken $NOTIFY_SOCKET is warned about once and the
+    station runs on (systemd would then restart it for a missed READY or
+    watchdog, which says more than a traceback at start).
+    """
+    configured = os.environ.get("NOTIFY_SOCKET")
+    if not configured or not states:
         return False
-    if address.startswith("@"):  # abstract namespace socket
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        sock.sendto("\n".join(states).encode(), address)
+    address = "\0" + configured[1:] if configured.startswith("@") else configured  # @: abstract namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto("\n".join(states).encode(), address)
+    except (OSError, ValueError) as exc:
+        if configured not in _warned:
+            _warned.add(configured)
+            log.warning("NOTIFY_SOCKET=%s cannot be used (%s): running without systemd notifications", configured, exc)
+        return False
     return True
 
 

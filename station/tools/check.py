@@ -11,7 +11,15 @@ from pathlib import Path
 
 from station.runtime.config import StationConfig
 from station.core.errors import StationError
-from station.runtime.sources.kinds import FILE, source_kind
+from station.core.preprocess import roi_problem
+from station.core.state_dir import state_dir_problem
+from station.runtime.frame_feed import LatestFrame
+from station.runtime.credentials import camera_credentials, read_password
+from station.runtime.publisher import tls_context
+from station.runtime.sources import open_source
+from station.runtime.sources.kinds import DEVICE, FILE, source_kind
+
+FRAME_WAIT = 5.0  # seconds to wait for a frame of a network stream
 
 
 @dataclass(frozen=True)
@@ -46,31 +54,64 @@ def check_station(config: StationConfig, env: dict[str, str] | None = None) -> C
         except StationError as exc:
             problems.append(f"product {product}: {exc}")
     problems += _file_problems(config, env)
+    problem, line = _roi_against_a_frame(config)
+    problems += [problem] if problem else []
+    summary += [line] if line else []
     return CheckResult(problems, summary)
 
 
 def _file_problems(config: StationConfig, env) -> list[str]:
+    """What `station run` checks before it opens the camera and the broker, by the same functions."""
     problems = []
     source = config.camera.source
     # Devices, URLs and sim:// are checked by the daemon (they come and go); a file or folder must exist.
     if source_kind(source) == FILE and not Path(source).exists():
         problems.append(f"camera.source: {source} does not exist (a video file or an image folder)")
-    mqtt = config.mqtt
-    if mqtt.password_file is not None and not os.access(mqtt.password_file, os.R_OK):
-        problems.append(f"mqtt.password_file: {mqtt.password_file} cannot be read")
-    if mqtt.password_credential is not None:
-        folder = env.get("CREDENTIALS_DIRECTORY")
-        if not folder:
-            problems.append("mqtt.password_credential: $CREDENTIALS_DIRECTORY is not set (run under systemd with LoadCredential=)")
-        elif not os.access(Path(folder) / mqtt.password_credential, os.R_OK):
-            problems.append(f"mqtt.password_credential: {Path(folder) / mqtt.password_credential} cannot be read")
-    if mqtt.tls is not None:
-        for key in ("ca", "cert", "key"):
-            path = getattr(mqtt.tls, key)
-            if path is not None and not os.access(path, os.R_OK):
-                problems.append(f"mqtt.tls.{key}: {path} cannot be read")
-    state = Path(config.state_dir)
-    existing = next((p for p in (state, *state.parents) if p.exists()), None)
-    if existing is None or not os.access(existing, os.W_OK):
-        problems.append(f"state_dir: {state} is not writable")
-    return problems
+    for validate in (lambda: read_password(config.mqtt, env), lambda: tls_context(config.mqtt),
+                     lambda: camera_credentials(config.camera, env)):
+        try:
+            validate()
+        except StationError as exc:
+            problems.append(str(exc))
+    problems.append(state_dir_problem(config.state_dir))
+    return [problem for problem in problems if problem]
+
+
+def _roi_against_a_frame(config: StationConfig) -> tuple[str | None, str]:
+    """(problem, summary line): the ROI against one frame, where reading one disturbs nobody.
+
+    Files, folders, sim:// and network streams can be read beside a running
+    station; a V4L2 device streams to one process, so it is left to `run`.
+    """
+    roi = config.roi.to_roi() if config.roi else None
+    kind = source_kind(config.camera.source)
+    if kind == FILE and not Path(config.camera.source).exists():
+        return None, ""  # reported as a camera.source problem
+    if kind == DEVICE:
+        return None, "roi: not checked against a frame (a V4L2 device streams to one process; `run` checks it at start)"
+    try:
+        source = open_source(config.camera.source, max_pixels=config.camera.max_pixels,
+                             credentials=camera_credentials(config.camera))
+    except StationError:
+        return None, ""  # reported among the file problems
+    try:
+        frame = next(iter(_first_frames(source)), None)
+    except StationError as exc:
+        return f"camera.source: {exc}", ""
+    finally:
+        source.close()
+    if frame is None:
+        return None, f"roi: not checked: no frame from {source.description} within {FRAME_WAIT:g} s"
+    height, width = frame.image.shape[:2]
+    problem = roi_problem(roi, frame.image.shape)
+    return (f"roi: {problem}" if problem else None), f"roi: fits the {width}x{height} frames of {source.description}"
+
+
+def _first_frames(source):
+    """At most one frame, waiting at most FRAME_WAIT seconds (a stream may not answer)."""
+    feed = LatestFrame(source)
+    try:
+        frame = feed.peek(FRAME_WAIT)
+        return [frame] if frame is not None else []
+    finally:
+        feed.close(timeout=1.0)

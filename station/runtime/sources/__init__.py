@@ -17,15 +17,18 @@ from station.core.errors import DataError
 from station.runtime.sources.base import ENDED, OK, RECONNECTING, Frame, FrameSource
 from station.runtime.sources.capture import CaptureSource
 from station.runtime.sources.folder import FolderSource
-from station.runtime.sources.kinds import DEVICE, FILE, FOLDER, SIM, URL, is_stored_media, parse_sim_source, source_kind
+from station.runtime.sources.kinds import (
+    DEVICE, FILE, FOLDER, SIM, URL, is_stored_media, parse_sim_source, source_kind, with_credentials,
+)
 from station.runtime.sources.simulated import SimSource
 
 __all__ = ["ENDED", "OK", "RECONNECTING", "CaptureSource", "FolderSource", "Frame", "FrameSource", "SimSource",
            "is_finite", "is_lossless", "open_source"]
 
 
-def open_source(source: int | str | Path, loop: bool = False, fps: float = 0.0) -> FrameSource:
-    """The source for a configured `camera.source`."""
+def open_source(source: int | str | Path, loop: bool = False, fps: float = 0.0, *, max_pixels: int | None = None,
+                credentials: tuple[str, str] | None = None) -> FrameSource:
+    """The source for a configured `camera.source`; `credentials` (user, password) for network cameras."""
     try:
         kind = source_kind(source)
         if kind == SIM:
@@ -36,9 +39,9 @@ def open_source(source: int | str | Path, loop: bool = False, fps: float = 0.0) 
     if kind == DEVICE:
         return CaptureSource(int(source) if str(source).isdigit() else str(source), DEVICE, fps=fps)
     if kind == URL:
-        return CaptureSource(str(source), URL, fps=fps)
+        return CaptureSource(with_credentials(str(source), credentials), URL, fps=fps)
     if kind == FOLDER:
-        return FolderSource(Path(source), loop, fps)
+        return FolderSource(Path(source), loop, fps, max_pixels)
     return CaptureSource(str(source), FILE, loop, fps)
 
 

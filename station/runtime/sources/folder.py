@@ -15,8 +15,9 @@ log = logging.getLogger(__name__)
 class FolderSource(FrameSource):
     """Images below a folder, recursively, sorted; `source` is the path inside the folder."""
 
-    def __init__(self, folder: Path, loop: bool = False, fps: float = 0.0):
+    def __init__(self, folder: Path, loop: bool = False, fps: float = 0.0, max_pixels: int | None = None):
         super().__init__(str(folder), fps)
+        self.max_pixels = max_pixels
         self.folder = Path(folder)
         self.loop = loop
         self.skipped = 0
@@ -31,7 +32,7 @@ class FolderSource(FrameSource):
             delivered = 0
             for path in paths:
                 try:
-                    image = read_image(path)
+                    image = read_image(path, self.max_pixels)
                 except DataError as exc:
                     self.skipped += 1
                     log.warning("skipped unreadable image %s", exc)

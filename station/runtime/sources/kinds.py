@@ -6,7 +6,7 @@ rules all ask `source_kind` instead of looking at prefixes themselves.
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import parse_qs, quote, urlsplit, urlunsplit
 
 DEVICE, URL, SIM, FOLDER, FILE = "device", "url", "sim", "folder", "file"
 URL_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://")
@@ -58,6 +58,15 @@ def parse_sim_source(source: str) -> tuple[int, int | None]:
     if seed < 0 or (count is not None and count < 1):
         raise ValueError(f"{source!r}: seed must be >= 0 and count >= 1")
     return seed, count
+
+
+def with_credentials(url: str, credentials: tuple[str, str] | None) -> str:
+    """rtsp://host/x + (user, password) -> rtsp://user:password@host/x (percent-encoded)."""
+    if credentials is None:
+        return url
+    user, password = (quote(part, safe="") for part in credentials)
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=f"{user}:{password}@{parts.netloc}"))
 
 
 def without_credentials(url: str) -> str:

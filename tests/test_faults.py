@@ -1,0 +1,198 @@
+"""Faults a plant's IT meets on a line PC: each loud, bounded, and nothing judged is lost.
+
+Real processes, a real mosquitto, real files. See docs/faults.md for the matrix.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from station.cli import main
+from tests.daemon_helpers import TimedNotify
+from tests.mqtt_helpers import Recorder
+from tests.test_security import png_header_only
+from tests.test_daemon import broker, finish, start_station, station_files, write_config  # noqa: F401 (fixtures)
+
+
+def count_images(folder) -> int:
+    return sum(1 for _ in folder.rglob("*.png"))
+
+
+def all_verdicts(recorder: Recorder, expected: int) -> list[dict]:
+    recorder.wait_for(lambda: len({v["seq"] for v in recorder.json_on("/verdict")}) >= expected, what=f"{expected} verdicts")
+    return recorder.json_on("/verdict")
+
+
+def test_a_second_station_on_the_same_state_exits_75_naming_the_first(tmp_path, station_files, broker):
+    config = write_config(tmp_path, station_files, broker, '{source: "sim://?seed=5", fps: 20}')
+    first = start_station(config)
+    try:
+        recorder = Recorder(broker.host, broker.port, "plant/#")
+        recorder.wait_for(lambda: recorder.on("/verdict"), what="the first station judging")
+        code, output = finish(start_station(config))
+        assert code == 75, output
+        assert f"already running (pid {first.pid})" in output and "Traceback" not in output
+        assert first.poll() is None  # the first one runs on
+        # Camera-mode calibration takes the camera only from a stopped station.
+        assert main(["calibrate", "-c", str(config), "--product", "B", "--count", "30"]) == 75
+        assert first.poll() is None
+        recorder.close()
+    finally:
+        first.terminate()
+        assert finish(first)[0] == 0
+
+
+def test_pause_on_a_finite_source_holds_its_frames_and_survives_a_restart(tmp_path, station_files, broker, sim_dataset):
+    n_images = count_images(sim_dataset)
+    recorder = Recorder(broker.host, broker.port, "plant/#")
+    config = write_config(tmp_path, station_files, broker, f"{{source: {sim_dataset}, fps: 40}}")
+    process = start_station(config)
+    recorder.wait_for(lambda: recorder.on("/verdict"), what="first verdicts")
+    recorder.publish("plant/st1/command", json.dumps({"id": "p", "cmd": "pause"}))
+    recorder.wait_for(lambda: any(a["id"] == "p" and a["ok"] for a in recorder.json_on("/command/result")), what="pause")
+    time.sleep(1.0)
+    judged_while_paused = len(recorder.on("/verdict"))
+    time.sleep(1.0)
+    assert len(recorder.on("/verdict")) == judged_while_paused  # nothing judged, nothing dropped
+    process.terminate()
+    code, output = finish(process)
+    assert code == 0, output
+    # Restarted, the station says it is paused and judges nothing until resumed.
+    process = start_station(config)
+    time.sleep(2.0)
+    assert recorder.json_on("/state")[-1]["paused"] is True
+    assert len(recorder.on("/verdict")) == judged_while_paused
+    recorder.publish("plant/st1/command", json.dumps({"id": "r", "cmd": "resume"}))
+    code, output = finish(process, timeout=60)
+    assert code == 0 and "starts PAUSED" in output, output
+    verdicts = all_verdicts(recorder, n_images)
+    assert sorted({v["source"] for v in verdicts}) == sorted(str(p.relative_to(sim_dataset)) for p in sim_dataset.rglob("*.png"))
+    recorder.close()
+
+
+def test_an_roi_outside_the_frame_refuses_to_start_and_a_reload_to_it_is_refused(tmp_path, station_files, broker):
+    outside = '{x: 300, y: 200, width: 36, height: 26}'  # sim frames are 320x240
+    config = write_config(tmp_path, station_files, broker, '{source: "sim://?seed=1", fps: 20}', roi=outside)
+    recorder = Recorder(broker.host, broker.port, "plant/#")
+    code, output = finish(start_station(config))
+    assert code == 78 and "roi: ROI x=300 y=200 36x26 does not fit in a 320x240 frame" in output, output
+    assert "Traceback" not in output
+    recorder.wait_for(lambda: recorder.json_on("/state"), what="the state saying why")
+    assert any(p.startswith("roi: ") for p in recorder.json_on("/state")[-1]["problems"])
+    assert main(["check", "-c", str(config)]) == 78  # check finds it from one frame too
+
+    good = '{x: 142, y: 107, width: 36, height: 26}'
+    config = write_config(tmp_path, station_files, broker, '{source: "sim://?seed=1", fps: 20}', roi=good)
+    process = start_station(config)
+    try:
+        recorder.wait_for(lambda: recorder.on("/verdict"), what="verdicts")
+        config.write_text(config.read_text().replace(good, outside))
+        recorder.publish("plant/st1/command", json.dumps({"id": "rl", "cmd": "reload"}))
+        recorder.wait_for(lambda: any(a["id"] == "rl" for a in recorder.json_on("/command/result")), what="answer")
+        answer = next(a for a in recorder.json_on("/command/result") if a["id"] == "rl")
+        assert answer["ok"] is False and "does not fit" in answer["error"]
+        before = len(recorder.on("/verdict"))
+        recorder.wait_for(lambda: len(recorder.on("/verdict")) > before + 5, what="judging on with the old ROI")
+    finally:
+        process.terminate()
+        assert finish(process)[0] == 0
+    recorder.close()
+
+
+def test_a_file_where_the_crops_folder_goes_loses_crops_never_verdicts(tmp_path, station_files, broker, sim_dataset):
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "crops").write_text("not a folder")
+    recorder = Recorder(broker.host, broker.port, "plant/#")
+    config = write_config(tmp_path, station_files, broker, f"{{source: {sim_dataset}}}")
+    started = time.monotonic()
+    code, output = finish(start_station(config), timeout=60)
+    assert code == 0, output
+    assert time.monotonic() - started < 30  # stop finished although the writer could not write
+    assert output.count("cannot keep crops in") == 1 and "Traceback" not in output
+    verdicts = all_verdicts(recorder, count_images(sim_dataset))
+    assert len({v["seq"] for v in verdicts}) == count_images(sim_dataset)
+    recorder.wait_for(lambda: recorder.json_on("/stats") and recorder.json_on("/stats")[-1]["crops_not_kept"] > 0,
+                      what="stats counting crops not kept")
+    assert any(p.startswith("crops: ") for p in recorder.json_on("/state")[-1]["problems"])
+    recorder.close()
+
+
+def test_start_up_faults_are_messages_and_check_finds_them_first(tmp_path, station_files, broker, capsys):
+    config = write_config(tmp_path, station_files, broker, '{source: "sim://?seed=1&count=5"}')
+    (tmp_path / "state").write_text("a file, not a folder")
+    assert main(["check", "-c", str(config)]) == 78
+    assert "state_dir: " in capsys.readouterr().err
+    code, output = finish(start_station(config))
+    assert code == 78 and "is a file, not a folder" in output and "Traceback" not in output, output
+    (tmp_path / "state").unlink()
+    config.write_text(config.read_text() + "keep_crops: {max_mb: .inf}\n")
+    assert main(["check", "-c", str(config)]) == 78
+    assert "keep_crops.max_mb" in capsys.readouterr().err
+
+
+def test_a_broken_notify_socket_is_warned_about_and_the_station_runs(tmp_path, station_files, broker, sim_dataset):
+    recorder = Recorder(broker.host, broker.port, "plant/#")
+    config = write_config(tmp_path, station_files, broker, f"{{source: {sim_dataset}}}")
+    notify = TimedNotify(tmp_path / "notify.sock")
+    notify.close()  # the path is left behind with nobody listening: sendto fails
+    (tmp_path / "notify.sock").unlink(missing_ok=True)
+    (tmp_path / "notify.sock").write_text("not a socket")
+    code, output = finish(start_station(config, notify))
+    assert code == 0 and "cannot be used" in output and "Traceback" not in output, output
+    assert len({v["seq"] for v in all_verdicts(recorder, count_images(sim_dataset))}) == count_images(sim_dataset)
+    recorder.close()
+
+
+def test_credentials_in_a_camera_url_are_refused_without_repeating_them(tmp_path, station_files, broker, capsys):
+    config = write_config(tmp_path, station_files, broker, '{source: "rtsp://admin:hunter2@127.0.0.1:8554/line"}')
+    assert main(["check", "-c", str(config)]) == 78
+    err = capsys.readouterr().err
+    assert "camera.credentials_file" in err and "hunter2" not in err and "admin" not in err
+
+
+def test_camera_credentials_come_from_a_file_and_never_reach_the_description(tmp_path):
+    from station.core.errors import ConfigError
+    from station.runtime.config import CameraConfig
+    from station.runtime.credentials import camera_credentials
+    from station.runtime.sources import open_source
+
+    secret = tmp_path / "camera.secret"
+    secret.write_text("line 1:p@ss word\n")
+    camera = CameraConfig(source="rtsp://127.0.0.1:8554/line", credentials_file=secret)
+    source = open_source(camera.source, credentials=camera_credentials(camera, env={}))
+    assert source.target == "rtsp://line%201:p%40ss%20word@127.0.0.1:8554/line"
+    assert source.description == "rtsp://127.0.0.1:8554/line"
+    secret.write_text("no colon here")
+    with pytest.raises(ConfigError, match="user:password"):
+        camera_credentials(camera, env={})
+
+
+def test_a_decompression_bomb_is_refused_by_its_header_and_the_rest_judged(tmp_path, station_files, broker, sim_dataset):
+    folder = tmp_path / "camera"
+    shutil.copytree(sim_dataset / "good", folder)
+    (folder / "bomb.png").write_bytes(png_header_only(30_000, 30_000))  # 900 MP declared
+    recorder = Recorder(broker.host, broker.port, "plant/#")
+    config = write_config(tmp_path, station_files, broker, f"{{source: {folder}, max_pixels: 1000000}}")
+    code, output = finish(start_station(config))
+    assert code == 0, output
+    assert "bomb.png: declares 900 MP, more than camera.max_pixels (1 MP): refused before decoding" in output
+    assert len({v["seq"] for v in all_verdicts(recorder, count_images(sim_dataset / "good"))}) == count_images(folder) - 1
+    recorder.close()
+
+
+def test_under_systemd_log_lines_carry_syslog_priorities(tmp_path, station_files, broker):
+    config = write_config(tmp_path, station_files, broker, '{source: "sim://?seed=1&count=3"}')
+    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"} | {"JOURNAL_STREAM": "8:12345"}
+    done = subprocess.run([sys.executable, "-m", "station", "run", "-c", str(config)], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines and all(re.match(r"^<[0-7]>station\.", line) for line in lines), lines
+    assert any(line.startswith("<6>station.runtime.daemon: station st1 ready") for line in lines)
