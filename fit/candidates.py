@@ -116,8 +116,8 @@ def run_candidates(candidates: list[Candidate], train: list[LabeledImage], val: 
         estimate = _estimate(candidate, unit_costs, len(train), options.epochs)
         left = budget - (time.perf_counter() - started)
         if outcomes and estimate is not None and estimate > left:
-            skipped = [f"{c.name}: budget ({left:.0f} s left, ~{estimate:.0f} s estimated for {candidate.name})"
-                       for c in candidates[index:limit]]
+            skipped = [f"{candidate.name}: budget ({left:.0f} s left, ~{estimate:.0f} s estimated)"]
+            skipped += [f"{c.name}: budget reached" for c in candidates[index + 1 : limit]]
             break
         hint = f", ~{estimate:.0f} s estimated" if estimate is not None else ""
         options.say(f"candidate {index + 1}/{limit} {candidate.name}{hint}")
