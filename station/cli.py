@@ -6,13 +6,13 @@ fast and the runtime never loads torch unless `train` or `export` runs.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
 
 from station.core.version import __version__
 from station.core.errors import StationError
+from station.runtime.logs import configure_logging
 
 
 def _simulate(args) -> int:
@@ -369,32 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _JournalFormatter(logging.Formatter):
-    """Under systemd, stderr goes to the journal: a <N> prefix gives each line its
-    syslog priority (journalctl -p warning shows warnings and worse); journald stamps the time."""
-
-    PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
-
-    def format(self, record: logging.LogRecord) -> str:
-        priority = next((p for level, p in self.PRIORITIES if record.levelno >= level), 7)
-        return f"<{priority}>" + super().format(record)
-
-
-def _configure_logging(verbose: bool):
-    handler = logging.StreamHandler()
-    if os.environ.get("JOURNAL_STREAM"):  # set by systemd when stderr is the journal
-        handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
-
-
 def main(argv: list[str] | None = None) -> int:
     # numpy's BLAS threads spin on a busy 2-core line PC and slow the station's
     # small matrix products tenfold; must be set before numpy is first imported.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     args = build_parser().parse_args(argv)
-    _configure_logging(args.verbose)
+    configure_logging(args.verbose)
     try:
         return args.handler(args)
     except StationError as exc:

@@ -5,6 +5,9 @@ A malformed command gets an error answer and changes nothing.
 from __future__ import annotations
 
 import json
+import queue
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from station.runtime.messages import SCHEMA_VERSION
@@ -12,6 +15,8 @@ from station.runtime.messages import SCHEMA_VERSION
 COMMANDS = ("reload", "product", "trigger", "pause", "resume")
 MAX_PAYLOAD = 16 * 1024
 MAX_TEXT = 128
+QUEUE_DEPTH = 1024  # commands waiting for the loop; more are answered "busy"
+REMEMBERED_TRIGGERS = 4096  # trigger ids kept to answer a repeated one without judging twice
 
 
 class CommandError(ValueError):
@@ -67,3 +72,55 @@ def _optional_text(message: dict, key: str, command_id: str) -> str | None:
 
 def result(command_id: str | None, error: str | None = None) -> dict:
     return {"id": command_id, "ok": error is None, "error": error}
+
+
+Reply = Callable[[dict], None]
+
+
+class CommandInbox:
+    """Commands from the MQTT thread, queued for the daemon's loop, which owns all state.
+
+    A trigger whose id was already carried out (QoS 1 may deliver a command
+    twice, a PLC may resend) is answered but not judged twice.
+    """
+
+    def __init__(self):
+        self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
+        self._triggered: OrderedDict[str, None] = OrderedDict()
+
+    def offer(self, payload: bytes, reply: Reply):
+        """From the MQTT thread: queue, or answer at once when too large or too many."""
+        if len(payload) > MAX_PAYLOAD:  # answered here: a queue of huge payloads would exhaust memory
+            reply(result(None, f"command of {len(payload)} bytes is larger than {MAX_PAYLOAD}"))
+            return
+        try:
+            self._queue.put_nowait((payload, reply))
+        except queue.Full:
+            reply(result(None, "station busy: too many commands waiting"))
+
+    def serve(self, execute: Callable[[Command], str | None], timeout: float = 0.0):
+        """Carry out every queued command (waiting up to timeout for the first) and answer each."""
+        try:
+            item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+        except queue.Empty:
+            return
+        while item is not None:
+            payload, reply = item
+            reply(self._answer(payload, execute))
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                item = None
+
+    def _answer(self, payload: bytes, execute: Callable[[Command], str | None]) -> dict:
+        try:
+            command = parse_command(payload)
+        except CommandError as exc:
+            return result(exc.command_id, str(exc))
+        if command.cmd == "trigger":
+            if command.id in self._triggered:
+                return result(command.id, f"trigger {command.id!r} was already carried out: not judged twice")
+            self._triggered[command.id] = None
+            while len(self._triggered) > REMEMBERED_TRIGGERS:
+                self._triggered.popitem(last=False)
+        return result(command.id, execute(command))

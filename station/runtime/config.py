@@ -126,6 +126,11 @@ class MqttConfig(_Model):
     password_credential: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
     tls: TlsConfig | None = None
     keepalive: int = Field(30, ge=5, le=3600)
+    # MQTT 5 lets the broker say when it refuses a message; 3.1.1 brokers acknowledge and drop it.
+    protocol: Annotated[Literal["5", "3.1.1"], BeforeValidator(lambda v: str(v) if v in (5, 5.0) else v)] = "5"
+    # Unacknowledged QoS 1 messages at once: covers a LAN round trip at line rate, bounds duplicates after a reconnect.
+    max_inflight: int = Field(20, ge=1, le=1000)
+    inflight_timeout: float = Field(30.0, gt=0)  # a full window without a PUBACK this long is reported
 
     @model_validator(mode="after")
     def _one_password_source(self):

@@ -11,7 +11,6 @@ transaction) before it is published; the publisher removes it on PUBACK.
 from __future__ import annotations
 
 import logging
-import queue
 import signal
 import sys
 import time
@@ -22,7 +21,7 @@ import numpy as np
 from station.runtime import sdnotify
 from station.runtime.frame_feed import FrameFeed, LatestFrame
 from station.runtime.sources import is_finite, is_lossless, open_source
-from station.runtime.commands import MAX_PAYLOAD, Command, CommandError, parse_command, result
+from station.runtime.commands import Command, CommandInbox
 from station.runtime.config import StationConfig, load_config
 from station.runtime.credentials import camera_credentials
 from station.runtime.crops import CropKeeper
@@ -55,10 +54,11 @@ class Daemon:
         self.paused = False  # read from the state folder at start: a pause survives restarts
         self._stop_requested = False
         self._reload_requested = False
-        self._commands: queue.Queue = queue.Queue(maxsize=1024)
+        self.inbox = CommandInbox()
         self._last_ping = 0.0
         self._camera_state = None
         self._frame_shape: tuple | None = None
+        self._ended_logged = False
         self.problems: dict[str, str] = {}  # kind -> why; in the retained state
         self._unjudged_frames = 0  # paused, or the frame gave no crop
 
@@ -82,7 +82,7 @@ class Daemon:
         self._pause_flag = state_dir / PAUSE_FLAG
         self.paused = self._pause_flag.exists()
         self.outbox = Outbox(state_dir / "outbox.sqlite3", config.outbox.max_messages)
-        self.publisher = Publisher(config.mqtt, config.station, self.outbox, on_command=self._on_command)
+        self.publisher = Publisher(config.mqtt, config.station, self.outbox, on_command=self.inbox.offer)
         self.recorder = VerdictRecorder(self.outbox, self.publisher)
         self.crop_keeper = CropKeeper.for_station(config.state_dir, config.keep_crops)
         self.stats = StationStats()
@@ -136,7 +136,7 @@ class Daemon:
                     self._unjudged_frames += len(frames)  # a live camera: drained so no frame is stale on resume
                 elif frames:
                     self._inspect(frames)
-                elif not frames and self.feed.ended and self.finite:
+                elif self.feed.ended and self.finite and self._delivered():
                     return True
             else:  # trigger mode, or paused on stored media: its frames wait for resume
                 self._wait_for_command(POLL)
@@ -147,15 +147,20 @@ class Daemon:
                 next_stats = time.monotonic() + self.config.stats_interval
         return False
 
+    def _delivered(self) -> bool:
+        """A finite source ended: the loop goes on (commands, state, stats) until the broker has it all."""
+        if not self._ended_logged:
+            self._ended_logged = True
+            log.info("source %s ended: delivering the outbox (%d waiting)", self.source.description, self.outbox.depth())
+        if self.publisher.flush(timeout=POLL):
+            return True
+        self._wait_for_command(POLL)  # also keeps this branch from spinning
+        return False
+
     def _shutdown(self, finished: bool):
         sdnotify.notify("STOPPING=1", "STATUS=stopping")
         (self.feed or self.latest).close(timeout=1.0)
-        if finished:
-            log.info("source %s ended: delivering the outbox (%d waiting)", self.source.description, self.outbox.depth())
-            # Wait for the broker as long as it takes, but stay stoppable.
-            while not self.publisher.flush(timeout=POLL * 5) and not self._stop_requested:
-                self._ping_watchdog()
-        else:
+        if not finished:
             self.publisher.flush(timeout=FINAL_FLUSH)
         self._publish_stats()
         self.crop_keeper.close()
@@ -238,41 +243,14 @@ class Daemon:
 
     # -- commands and reloads
 
-    def _on_command(self, payload: bytes, reply):
-        """From the MQTT thread: queue for the loop (which owns all state)."""
-        if len(payload) > MAX_PAYLOAD:  # answered here: a queue of huge payloads would exhaust memory
-            reply(result(None, f"command of {len(payload)} bytes is larger than {MAX_PAYLOAD}"))
-            return
-        try:
-            self._commands.put_nowait((payload, reply))
-        except queue.Full:
-            reply(result(None, "station busy: too many commands waiting"))
-
     def _wait_for_command(self, timeout: float):
-        try:
-            payload, reply = self._commands.get(timeout=timeout)
-        except queue.Empty:
-            return
-        self._run_command(payload, reply)
+        self.inbox.serve(self._execute, timeout)
 
     def _handle_events(self):
         if self._reload_requested:
             self._reload_requested = False  # a storm of SIGHUPs is one reload
             self._reload(product=None, reason="SIGHUP")
-        while True:
-            try:
-                payload, reply = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            self._run_command(payload, reply)
-
-    def _run_command(self, payload: bytes, reply):
-        try:
-            command = parse_command(payload)
-            error = self._execute(command)
-            reply(result(command.id, error))
-        except CommandError as exc:
-            reply(result(exc.command_id, str(exc)))
+        self.inbox.serve(self._execute)
 
     def _execute(self, command: Command) -> str | None:
         """Act on a valid command; the error text, or None when it worked."""
@@ -373,6 +351,7 @@ class Daemon:
         self.publisher.publish_state(self._state())
 
     def _publish_state_if_camera_changed(self):
+        self._set_problem("mqtt", "; ".join(self.publisher.problems) or None)
         if self.source.state != self._camera_state:
             log.info("camera %s: %s", self.source.description, self.source.state)
             self._publish_state()
@@ -387,6 +366,7 @@ class Daemon:
         )
         stats["verdicts_live"] = self.recorder.live_verdicts
         stats["crops_not_kept"] = self.crop_keeper.skipped + self.crop_keeper.failed
+        stats["mqtt_refused"] = self.publisher.delivery.refused
         self._set_problem("crops", self.crop_keeper.folder_error and f"not kept: {self.crop_keeper.folder_error}")
         self.publisher.publish_stats({"station": self.config.station, "ts": utc_timestamp(time.time()), **stats})
 

@@ -20,7 +20,6 @@ import logging
 import ssl
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -30,6 +29,7 @@ from station.core.backoff import Backoff
 from station.runtime.config import MqttConfig
 from station.core.errors import OutboxDiskError, OutboxError, PublisherError
 from station.runtime.credentials import read_password
+from station.runtime.delivery import PACKET_OVERHEAD, Delivery
 from station.runtime.messages import encode
 from station.runtime.outbox import Outbox
 
@@ -38,10 +38,6 @@ log = logging.getLogger(__name__)
 Reply = Callable[[dict], None]
 CommandHandler = Callable[[bytes, Reply], None]
 
-# Enough to cover a LAN round trip at line rate; also bounds the duplicates after a reconnect.
-MAX_INFLIGHT = 20
-ACK_BATCH = 200  # delivered messages forgotten per outbox commit at full speed
-ACK_INTERVAL = 0.05  # ...and at least this often, in seconds
 NOT_AUTHORISED = {"Not authorized", "Bad user name or password"}
 
 
@@ -86,14 +82,13 @@ class Publisher:
     """Connects, keeps reconnecting, drains the Outbox, answers commands."""
 
     def __init__(self, config: MqttConfig, station: str, outbox: Outbox,
-                 on_command: CommandHandler | None = None, *, max_inflight: int = MAX_INFLIGHT,
+                 on_command: CommandHandler | None = None, *, max_inflight: int | None = None,
                  backoff: Backoff | None = None, env: dict[str, str] | None = None):
         self.config = config
         self.station = station
         self.topics = Topics.for_station(config.topic_prefix, station)
         self.outbox = outbox
         self.on_command = on_command
-        self.max_inflight = max_inflight
         self.backoff = backoff or Backoff(first=1.0, ceiling=60.0)
         self._env = env
         self._lock = threading.Lock()
@@ -101,9 +96,10 @@ class Publisher:
         self._generation = 0
         self._connected = False
         self._state_payload: bytes | None = None
-        self._acks: deque[tuple[int, int]] = deque()  # (generation, mid) from on_publish
-        self._ack_retry: list[int] = []  # outbox ids the broker acknowledged, not yet removed (batched)
-        self._last_forget = time.monotonic()
+        self.mqtt5 = config.protocol == "5"
+        self.delivery = Delivery(outbox, max_inflight or config.max_inflight, config.inflight_timeout)
+        self._max_packet: int | None = None  # the broker's Maximum Packet Size (MQTT 5 CONNACK)
+        self._too_large: set[str] = set()  # topics whose live messages exceeded it (logged once)
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -116,8 +112,20 @@ class Publisher:
     def connected(self) -> bool:
         return self._connected
 
+    @property
+    def max_inflight(self) -> int:
+        return self.delivery.max_inflight
+
+    @property
+    def problems(self) -> list[str]:
+        """Why messages are not being delivered right now (held topics, a stalled window)."""
+        return self.delivery.problems()
+
     def start(self):
         """Read credentials and TLS files (PublisherError if unusable), then connect in the background."""
+        if not self.mqtt5:
+            log.warning("mqtt.protocol 3.1.1: the broker acknowledges messages it refuses (ACL, size) and they are "
+                        "lost without a trace; use MQTT 5 (mqtt.protocol: 5) where the broker speaks it")
         self._password = read_password(self.config, self._env)
         self._tls = tls_context(self.config)
         for target, name in ((self._supervise, "mqtt-connect"), (self._drain, "mqtt-drain")):
@@ -180,9 +188,10 @@ class Publisher:
     # -- connection
 
     def _new_client(self, connection: _Connection) -> mqtt.Client:
+        session = {"protocol": mqtt.MQTTv5} if self.mqtt5 else {"protocol": mqtt.MQTTv311, "clean_session": True}
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"station-{self.station}",
-                             clean_session=True, userdata=connection, reconnect_on_failure=False)
-        client.max_inflight_messages_set(self.max_inflight)
+                             userdata=connection, reconnect_on_failure=False, **session)
+        client.max_inflight_messages_set(self.delivery.max_inflight)
         client.will_set(self.topics.status, "offline", qos=1, retain=True)
         if self.config.username is not None:
             client.username_pw_set(self.config.username, self._password)
@@ -202,7 +211,8 @@ class Publisher:
             connection = _Connection(self._generation)
             client = self._new_client(connection)
             try:
-                client.connect(self.config.host, self.config.port, self.config.keepalive)
+                client.connect(self.config.host, self.config.port, self.config.keepalive,
+                               **({"clean_start": True} if self.mqtt5 else {}))
             except (OSError, ValueError) as exc:  # refused, unreachable, DNS, TLS handshake
                 self._stopping.wait(self._retry_delay(f"MQTT broker {address} unreachable ({exc})"))
                 continue
@@ -227,7 +237,10 @@ class Publisher:
     def _on_connect(self, client, connection: _Connection, flags, reason_code, properties):
         address = f"{self.config.host}:{self.config.port}"
         if reason_code.is_failure:
-            if str(reason_code) in NOT_AUTHORISED:
+            if self.mqtt5 and str(reason_code).lower() == "unsupported protocol version":
+                log.error("MQTT broker %s does not speak MQTT 5: set mqtt.protocol: 3.1.1 in station.yaml "
+                          "(the broker's refusals of messages then cannot be seen)", address)
+            elif str(reason_code) in NOT_AUTHORISED:
                 log.error("MQTT broker %s refused user %r: not authorised: check username/password",
                           address, self.config.username)
             else:
@@ -235,7 +248,9 @@ class Publisher:
             connection.lost.set()
             return
         self.backoff.reset()
-        log.info("connected to MQTT broker %s as %s", address, f"station-{self.station}")
+        self._max_packet = getattr(properties, "MaximumPacketSize", None) if self.mqtt5 else None
+        log.info("connected to MQTT broker %s as %s (MQTT %s%s)", address, f"station-{self.station}",
+                 self.config.protocol, f", maximum packet {self._max_packet} bytes" if self._max_packet else "")
         client.publish(self.topics.status, "online", qos=1, retain=True)
         client.subscribe(self.topics.command, qos=1)
         if self._state_payload is not None:
@@ -253,13 +268,19 @@ class Publisher:
         connection.lost.set()
 
     def _on_publish(self, client, connection: _Connection, mid, reason_code, properties):
-        self._acks.append((connection.generation, mid))
+        self.delivery.on_publish(connection.generation, mid, reason_code)
         self._wake.set()
 
     def _send(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> bool:
         with self._lock:
             client = self._client if self._connected else None
         if client is None:
+            return False
+        if self._max_packet is not None and len(payload) + len(topic.encode()) + PACKET_OVERHEAD > self._max_packet:
+            if topic not in self._too_large:  # the broker would drop the connection: never sent, said once
+                self._too_large.add(topic)
+                log.error("MQTT: a %d-byte message on %s is larger than the broker's maximum packet size "
+                          "(%d bytes): not sent", len(payload), topic, self._max_packet)
             return False
         return client.publish(topic, payload, qos=qos, retain=retain).rc == mqtt.MQTT_ERR_SUCCESS
 
@@ -289,66 +310,22 @@ class Publisher:
     # -- outbox drain
 
     def _drain(self):
-        inflight: dict[int, int] = {}  # mid -> outbox id, for the current connection only
-        generation, cursor = None, 0
+        generation = None
         while not self._stopping.is_set():
             self._wake.wait(1.0)
             self._wake.clear()
             try:
-                self._apply_acks(inflight, generation)
+                self.delivery.apply_acks()
                 with self._lock:
                     client, connected, current = self._client, self._connected, self._generation
-                if current != generation:  # a new connection: resend everything unacked, oldest first
-                    self._forget_delivered()  # ...but not what the broker already acknowledged
-                    inflight.clear()
-                    generation, cursor = current, 0
+                if connected and current != generation:  # a new connection: resend everything unacked
+                    self.delivery.new_connection(current, self._max_packet)
+                    generation = current
                 if connected and client is not None:
-                    cursor = self._fill(client, inflight, cursor)
+                    self.delivery.fill(client)
             except OutboxDiskError:
                 self._stopping.wait(1.0)  # the Outbox logs a full disk itself, rate-limited
             except OutboxError as exc:
                 log.error("%s", exc)
                 self._stopping.wait(1.0)
-        self._forget_delivered()
-
-    def _apply_acks(self, inflight: dict[int, int], generation: int | None):
-        """Free the in-flight window at once; forget delivered messages in batches.
-
-        One outbox commit per PUBACK would cost more than the publish itself, so
-        delivered ids are forgotten per ACK_BATCH, every ACK_INTERVAL, and
-        whenever the window empties (idle, flush, stop).
-        """
-        while self._acks:
-            acked_generation, mid = self._acks.popleft()
-            if acked_generation == generation and mid in inflight:
-                self._ack_retry.append(inflight.pop(mid))
-        due = (len(self._ack_retry) >= ACK_BATCH or not inflight
-               or time.monotonic() - self._last_forget >= ACK_INTERVAL)
-        if due:
-            self._forget_delivered()
-
-    def _forget_delivered(self):
-        if not self._ack_retry:
-            return
-        self.outbox.ack(*self._ack_retry)  # OutboxError: kept, retried next time
-        self._ack_retry = []
-        self._last_forget = time.monotonic()
-
-    def _fill(self, client: mqtt.Client, inflight: dict[int, int], cursor: int) -> int:
-        room = self.max_inflight - len(inflight)
-        if room <= 0:
-            return cursor
-        for message in self.outbox.pending(room, after_id=cursor):
-            try:
-                info = client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
-            except ValueError as exc:  # a topic or payload no broker accepts: it would block the queue forever
-                log.error("dropping undeliverable outbox message %d on %r: %s", message.id, message.topic, exc)
-                self.outbox.ack(message.id)
-                cursor = message.id
-                continue
-            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-                log.warning("outbox message %d not sent (%s); will retry", message.id, mqtt.error_string(info.rc))
-                break
-            inflight[info.mid] = message.id
-            cursor = message.id
-        return cursor
+        self.delivery.forget_delivered()

@@ -118,14 +118,14 @@ def _simulated_truth(source: str) -> str:
         return "unknown"
 
 
-def write_config(folder: Path, host: str, port: int, seed: int, fps: float) -> Path:
+def write_config(folder: Path, host: str, port: int, seed: int, fps: float, protocol: str = "5") -> Path:
     config = folder / "station.yaml"
     config.write_text(
         f"station: {STATION_ID}\n"
         f'camera: {{source: "sim://?seed={seed}", fps: {fps}}}\n'
         "roi: {x: 142, y: 107, width: 36, height: 26}\n"
         f"model: {DEMO_MODEL}\nreference: {DEMO_REFERENCE}\nstate_dir: {folder / 'state'}\n"
-        f"mqtt: {{host: {host}, port: {port}, topic_prefix: {PREFIX}}}\n"
+        f"mqtt: {{host: {host}, port: {port}, topic_prefix: {PREFIX}, protocol: '{protocol}'}}\n"
     )
     return config
 
@@ -141,7 +141,8 @@ def run_demo(frames: int | None, broker: tuple[str, int] | None, seed: int, fps:
         host, port = "127.0.0.1", embedded.port
         print(f"embedded MQTT broker (amqtt) on {host}:{port}", file=out)
     with tempfile.TemporaryDirectory(prefix="station-demo-") as folder:
-        config = write_config(Path(folder), host, port, seed, fps)
+        # The embedded broker (amqtt) speaks MQTT 3.1.1 only; a broker given by --broker is asked for 5.
+        config = write_config(Path(folder), host, port, seed, fps, protocol="5" if broker else "3.1.1")
         dashboard = Dashboard(host, port, seed, out)
         log_path = Path(folder) / "station.log"
         with open(log_path, "w") as log_file:
