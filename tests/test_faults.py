@@ -196,3 +196,67 @@ def test_under_systemd_log_lines_carry_syslog_priorities(tmp_path, station_files
     lines = done.stderr.splitlines()
     assert lines and all(re.match(r"^<[0-7]>station\.", line) for line in lines), lines
     assert any(line.startswith("<6>station.runtime.daemon: station st1 ready") for line in lines)
+
+
+BAD_CONTENT = {
+    "thresholds.mahalanobis": lambda s: s["thresholds"].update(mahalanobis=float("nan")),
+    "thresholds.minkowski": lambda s: s["thresholds"].update(minkowski=-1.0),
+    "metric": lambda s: s.update(metric="euclid"),
+    "n_good": lambda s: s.pop("n_good"),
+    "embedding_dim": lambda s: s.update(embedding_dim=7),  # the arrays are 32-d
+}
+
+
+def spoil(folder, change):
+    """A reference set whose checksum is valid but whose content is not."""
+    import yaml
+
+    from station.core import reference_set
+
+    summary_path = folder / "v0001" / "reference.yaml"
+    summary = yaml.safe_load(summary_path.read_text())
+    change(summary)
+    summary["checksum"] = reference_set._summary_checksum(summary)
+    summary_path.write_text(yaml.safe_dump(summary))
+
+
+@pytest.mark.parametrize("field", sorted(BAD_CONTENT))
+def test_a_reference_set_with_bad_content_is_refused_naming_the_field(tmp_path, station_files, field):
+    from station.core import reference_set
+    from station.core.reference_set import ReferenceSetError
+
+    folder = tmp_path / "A"
+    shutil.copytree(station_files / "refs" / "A", folder)
+    spoil(folder, BAD_CONTENT[field])
+    with pytest.raises(ReferenceSetError) as refused:
+        reference_set.load(folder)
+    message = str(refused.value)
+    named = "reference.yaml" in message and field in message  # the file and the field
+    assert named or ("arrays.npz: reference has shape" in message and field == "embedding_dim"), message
+
+
+def test_a_bad_reference_set_is_refused_at_start_and_on_reload_the_old_one_runs(tmp_path, station_files, broker):
+    refs = tmp_path / "refs"
+    shutil.copytree(station_files / "refs", refs)
+    config = write_config(tmp_path, station_files, broker, '{source: "sim://?seed=4", fps: 30}')
+    config.write_text(config.read_text().replace(str(station_files / "refs"), str(refs)))
+    spoil(refs / "B", BAD_CONTENT["thresholds.mahalanobis"])
+    recorder = Recorder(broker.host, broker.port, "plant/#")
+    process = start_station(config)
+    try:
+        recorder.wait_for(lambda: recorder.on("/verdict"), what="verdicts with product A")
+        recorder.publish("plant/st1/command", json.dumps({"id": "c1", "cmd": "product", "product": "B"}))
+        recorder.wait_for(lambda: recorder.json_on("/command/result"), what="an answer")
+        answer = recorder.json_on("/command/result")[0]
+        assert answer["ok"] is False and "thresholds.mahalanobis" in answer["error"]
+        before = len(recorder.on("/verdict"))
+        recorder.wait_for(lambda: len(recorder.on("/verdict")) > before + 5, what="judging on with A")
+        assert {v["product"] for v in recorder.json_on("/verdict")} == {"A"}
+    finally:
+        process.terminate()
+        code, output = finish(process)
+    assert code == 0 and "Traceback" not in output
+    config.write_text(config.read_text().replace("product: A", "product: B"))
+    code, output = finish(start_station(config))
+    assert code == 65 and "thresholds.mahalanobis" in output and "Traceback" not in output, output
+    recorder.close()

@@ -36,7 +36,7 @@ import yaml
 from station.core.version import __version__
 from station.core.errors import StationError
 from station.core.product import product_name_problem
-from station.core.scoring import ReferenceModel
+from station.core.scoring import ALL_SCORES, SCORES, ReferenceModel
 
 FORMAT = "station-reference-set/1"
 FORMAT_KISSME = "station-reference-set/2"  # FORMAT plus the learned "kissme" array and metric
@@ -133,6 +133,7 @@ def load(root: Path, version: int | None = None) -> ReferenceSet:
         raise ReferenceSetError(f"{summary_path}: not a {' or '.join(FORMATS)} summary")
     if summary.get("checksum") != _summary_checksum(summary):
         raise ReferenceSetError(f"{summary_path}: checksum mismatch (edited by hand or corrupted)")
+    _check_summary(summary, summary_path)
     arrays_bytes = _read_bytes(folder / ARRAYS)
     if hashlib.sha256(arrays_bytes).hexdigest() != summary["arrays_sha256"]:
         raise ReferenceSetError(f"{folder / ARRAYS}: checksum mismatch (corrupted)")
@@ -150,6 +151,33 @@ def load(root: Path, version: int | None = None) -> ReferenceSet:
         version=version,
         path=folder,
     )
+
+
+def _check_summary(summary: dict, where: Path):
+    """Content, not just checksum: a set written by another tool or version must not crash the station."""
+    def refuse(key: str, problem: str):
+        raise ReferenceSetError(f"{where}: {key}: {problem}; recalibrate (station calibrate) or roll back")
+
+    for key, kind in (("embedding_dim", int), ("metric", str), ("thresholds", dict), ("product", str),
+                      ("model_sha256", str), ("n_good", int), ("arrays_sha256", str), ("created", str)):
+        if key not in summary:
+            refuse(key, "missing")
+        if not isinstance(summary[key], kind) or isinstance(summary[key], bool):
+            refuse(key, f"must be {kind.__name__}, is {type(summary[key]).__name__}")
+    if summary["embedding_dim"] < 1 or summary["n_good"] < 1:
+        refuse("embedding_dim" if summary["embedding_dim"] < 1 else "n_good", "must be at least 1")
+    known = ALL_SCORES if summary["format"] == FORMAT_KISSME else SCORES
+    if summary["metric"] not in known:
+        refuse("metric", f"unknown metric {summary['metric']!r} (this format knows {', '.join(known)})")
+    for name, value in summary["thresholds"].items():
+        if name not in known:
+            refuse(f"thresholds.{name}", "unknown metric")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0 or value == float("inf"):
+            refuse(f"thresholds.{name}", f"must be a finite number >= 0, is {value!r}")
+    if summary["metric"] not in summary["thresholds"]:
+        refuse("thresholds", f"no threshold for the chosen metric {summary['metric']}")
+    if product_name_problem(summary["product"]):
+        refuse("product", product_name_problem(summary["product"]))
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -245,6 +273,7 @@ def _summary(reference_set: ReferenceSet, version: int, created: str, arrays_sha
         "arrays_sha256": arrays_sha256,
     }
     summary["checksum"] = _summary_checksum(summary)
+    _check_summary(summary, Path(reference_set.product))  # never write what load would refuse
     return summary
 
 
