@@ -276,6 +276,8 @@ def test_a_full_disk_under_the_outbox_publishes_live_and_never_reuses_a_seq(tmp_
         output.wait_for("publishing them live", timeout=10)
         recorder.wait_for(lambda: (recorder.json_on("/stats") or [{}])[-1].get("verdicts_live", 0) >= 50,
                           timeout=10, what="50 verdicts published live")
+        assert recorder.json_on("/stats")[-1]["outbox_write_errors"] > 0
+        assert any(p.startswith("outbox: ") for p in recorder.json_on("/state")[-1]["problems"])
         filler.unlink()
         output.wait_for("stores verdicts again", timeout=10)
         after = max(v["seq"] for v in recorder.json_on("/verdict"))
@@ -292,6 +294,7 @@ def test_a_full_disk_under_the_outbox_publishes_live_and_never_reuses_a_seq(tmp_
     assert last >= max(v["seq"] for v in verdicts)  # the persisted seq went past every live one
     assert_complete_and_ordered(verdicts, max(v["seq"] for v in verdicts))
     assert output.count("the disk is full") <= 2, "the disk-full error is not rate-limited"
+    assert output.count("verdicts cannot be stored") == 1, "logged once per change, not per attempt"
     assert output.count("cannot keep crop") <= 2, "every crop not kept is logged: the journal floods"
     live = recorder.json_on("/stats")[-1]["verdicts_live"]
     assert live >= 50
@@ -337,3 +340,17 @@ def test_a_corrupt_model_or_truncated_config_on_reload_is_refused(tmp_path, stat
         code = stop(process, output)
         recorder.close()
     assert code == 0, output.text
+
+
+def test_a_read_only_state_folder_stops_the_start_with_a_message(tmp_path, station_files, broker, small_filesystem):
+    # A filesystem cannot be remounted read-only under a writer (EBUSY), so the station meets it at start.
+    subprocess.run(["mount", "-o", "remount,ro", str(small_filesystem)], check=True)
+    config = write_config(tmp_path, station_files, broker, '{source: "sim://?seed=9&count=5"}')
+    try:
+        process = start_station(config)
+        output = Output(process)
+        code = output.finish(30)
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_filesystem)], check=False)
+    assert code == 78 and "state_dir: " in output.text and "read-only" in output.text, output.text
+    assert "Traceback" not in output.text

@@ -8,6 +8,7 @@ crashed station never leaves a stale lock behind.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from pathlib import Path
@@ -23,6 +24,8 @@ def state_dir_problem(path: Path) -> str | None:
     if path.exists() and not path.is_dir():
         return f"state_dir: {path} is a file, not a folder"
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and existing.is_dir() and os.statvfs(existing).f_flag & os.ST_RDONLY:
+        return f"state_dir: {path} is on a read-only filesystem ({existing}): the outbox needs to write"
     if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         return f"state_dir: {path} cannot be created or written (check the folder and its owner)"
     return None
@@ -51,7 +54,11 @@ class StateLock:
         self._fd: int | None = None
 
     def __enter__(self) -> "StateLock":
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:  # a read-only or full filesystem, a folder in the lock's place
+            raise ConfigError(f"state_dir: {self.path.parent} cannot be written ({exc.strerror}: "
+                              f"{'a read-only filesystem' if exc.errno == errno.EROFS else self.path.name})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -352,6 +352,7 @@ class Daemon:
 
     def _publish_state_if_camera_changed(self):
         self._set_problem("mqtt", "; ".join(self.publisher.problems) or None)
+        self._set_problem("outbox", self.recorder.problem)
         if self.source.state != self._camera_state:
             log.info("camera %s: %s", self.source.description, self.source.state)
             self._publish_state()
@@ -367,6 +368,7 @@ class Daemon:
         stats["verdicts_live"] = self.recorder.live_verdicts
         stats["crops_not_kept"] = self.crop_keeper.skipped + self.crop_keeper.failed
         stats["mqtt_refused"] = self.publisher.delivery.refused
+        stats["outbox_write_errors"] = self.recorder.write_errors
         self._set_problem("crops", self.crop_keeper.folder_error and f"not kept: {self.crop_keeper.folder_error}")
         self.publisher.publish_stats({"station": self.config.station, "ts": utc_timestamp(time.time()), **stats})
 

@@ -310,7 +310,7 @@ class Publisher:
     # -- outbox drain
 
     def _drain(self):
-        generation = None
+        generation, last_error = None, None
         while not self._stopping.is_set():
             self._wake.wait(1.0)
             self._wake.clear()
@@ -326,6 +326,10 @@ class Publisher:
             except OutboxDiskError:
                 self._stopping.wait(1.0)  # the Outbox logs a full disk itself, rate-limited
             except OutboxError as exc:
-                log.error("%s", exc)
+                if str(exc) != last_error:  # once per change: the drain retries every second
+                    log.error("%s", exc)
+                    last_error = str(exc)
                 self._stopping.wait(1.0)
+            else:
+                last_error = None
         self.delivery.forget_delivered()

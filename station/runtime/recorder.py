@@ -1,17 +1,19 @@
 """Judged parts become durable verdicts: seq and message committed to the outbox together.
 
-While the outbox is full, the recorder waits for the broker (never drops a
-verdict). While the outbox's disk is full, verdicts go out live instead (not
-durable), with seqs counted on in memory; the persisted seq is advanced past
-them, in the same transaction, as soon as the outbox stores again, so no seq
-is used twice.
+While the outbox holds its maximum, the recorder waits for the broker (never
+drops a verdict). While the outbox cannot write at all (a full disk, a
+filesystem gone read-only), verdicts go out live instead (not durable), with
+seqs counted on in memory; the persisted seq is advanced past them, in the
+same transaction, as soon as the outbox stores again, so no seq is used twice.
+The trouble is logged once when it starts and once when it ends, and is
+`problem` (the retained state) meanwhile.
 """
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
 
-from station.core.errors import OutboxDiskError, OutboxError
+from station.core.errors import OutboxError, OutboxFullError
 from station.runtime.outbox import Outbox
 from station.runtime.publisher import Publisher
 
@@ -24,7 +26,9 @@ Build = Callable[[int, object, object], dict]
 class VerdictRecorder:
     def __init__(self, outbox: Outbox, publisher: Publisher):
         self.outbox, self.publisher = outbox, publisher
-        self.live_verdicts = 0  # published live, not durable, while the disk was full
+        self.live_verdicts = 0  # published live, not durable, while the outbox could not write
+        self.write_errors = 0  # failed attempts to store verdicts
+        self.problem: str | None = None  # why verdicts are not stored right now
         self._live_seq: int | None = None  # last seq published live while the outbox's disk is full
 
     def record(self, build: Build, pending: list, stopping: Callable[[], bool], wait: Callable[[str], None]) -> list[dict]:
@@ -36,9 +40,13 @@ class VerdictRecorder:
         done: list[dict] = []
         while True:
             try:
-                return done + self._store(build, pending)
+                stored = self._store(build, pending)
+                self._set_problem(None)
+                return done + stored
             except OutboxError as exc:
-                if isinstance(exc, OutboxDiskError):
+                self.write_errors += 1
+                self._set_problem(str(exc))
+                if not isinstance(exc, OutboxFullError):  # cannot write at all: live beats waiting
                     sent = self._publish_live(build, pending)
                     done, pending = done + sent, pending[len(sent):]
                     if not pending:
@@ -48,6 +56,15 @@ class VerdictRecorder:
                     return done
                 wait(f"outbox cannot store verdicts: {exc}")
 
+    def _set_problem(self, problem: str | None):
+        if problem == self.problem:
+            return
+        if problem is not None and self.problem is None:
+            log.error("verdicts cannot be stored: %s", problem)
+        elif problem is None:
+            log.warning("outbox %s stores verdicts again", self.outbox.path)
+        self.problem = problem
+
     def _store(self, build: Build, pending: list) -> list[dict]:
         with self.outbox.transaction() as tx:
             if self._live_seq is not None:
@@ -56,7 +73,7 @@ class VerdictRecorder:
                         for seq, (frame, judgement) in zip(tx.next_seqs(len(pending)), pending)]
             self.publisher.queue_verdicts(tx, messages)
         if self._live_seq is not None:
-            log.warning("outbox %s stores verdicts again (after seq %d published live)", self.outbox.path, self._live_seq)
+            log.info("seqs up to %d were published live", self._live_seq)
             self._live_seq = None
         return messages
 
@@ -66,7 +83,7 @@ class VerdictRecorder:
             return []
         if self._live_seq is None:
             self._live_seq = self.outbox.last_seq()  # reading works on a full disk
-            log.error("outbox %s cannot store verdicts (disk full): publishing them live, not durable, "
+            log.error("outbox %s cannot store verdicts: publishing them live, not durable, "
                       "from seq %d until it can", self.outbox.path, self._live_seq + 1)
         sent = []
         for frame, judgement in pending:
