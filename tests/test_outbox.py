@@ -131,3 +131,26 @@ def test_a_killed_writer_leaves_a_consistent_database(tmp_path):
         assert payloads == [seq for seq in range(1, last + 1) for _ in (0, 1)]  # whole transactions only
         assert box.depth() == len(payloads)
         assert box.next_seq() == last + 1
+
+
+def test_the_file_shrinks_after_a_backlog_and_old_outboxes_are_migrated(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    from station.runtime.outbox import SCHEMA
+
+    with sqlite3.connect(path) as db:  # an outbox made before incremental auto-vacuum
+        db.executescript(SCHEMA)
+        db.execute("INSERT INTO messages (topic, payload, qos, retain, created) VALUES ('t', x'00', 1, 0, 0)")
+    with Outbox(path) as box:
+        assert box._db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+        assert [m.payload for m in box.pending()] == [b"\0"]  # the message survived the migration
+        box.ack(*[m.id for m in box.pending()])
+        for start in range(0, 20_000, 1000):
+            box.put_many([("t", bytes(1024), 1, False)] * 1000)
+        backlog = path.stat().st_size + (tmp_path / "old.sqlite3-wal").stat().st_size
+        while pending := box.pending(2000):
+            box.ack(*[m.id for m in pending])
+        assert box.depth() == 0
+        after = path.stat().st_size + (tmp_path / "old.sqlite3-wal").stat().st_size
+    assert backlog > 20_000_000 and after < backlog / 10, (backlog, after)

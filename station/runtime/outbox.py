@@ -49,6 +49,8 @@ CREATE TRIGGER IF NOT EXISTS depth_down AFTER DELETE ON messages
     BEGIN UPDATE counters SET value = value - 1 WHERE name = 'depth'; END;
 """
 FULL_LOG_INTERVAL = 60.0  # seconds between "outbox full" error lines
+INCREMENTAL = 2  # PRAGMA auto_vacuum value
+SHRINK_PAGES = 256  # free pages (1 MiB at 4 KiB) worth handing back once the outbox is empty
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,7 @@ class Outbox:
             if mode.lower() != "wal":
                 raise OutboxError(f"{self.path}: SQLite refused WAL mode (got {mode}); is it on a network filesystem?")
             self._db.execute("PRAGMA synchronous=FULL")
+            self._use_incremental_vacuum()
             self._db.executescript(SCHEMA)
 
     # -- writing
@@ -211,9 +214,27 @@ class Outbox:
             try:
                 with self.transaction():
                     cursor = self._db.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i in ids])
-                    return cursor.rowcount
+                    removed = cursor.rowcount
+                if self.depth() == 0:
+                    with self._errors("shrink"):
+                        self._shrink()
+                return removed
             finally:
                 self._db.execute("PRAGMA synchronous=FULL")
+
+    def _use_incremental_vacuum(self):
+        """Free pages go back to the filesystem after a backlog (see _shrink); an outbox made
+        before this setting is rebuilt once by VACUUM, which is what applies it."""
+        if self._db.execute("PRAGMA auto_vacuum").fetchone()[0] != INCREMENTAL:
+            self._db.execute(f"PRAGMA auto_vacuum={INCREMENTAL}")
+            self._db.execute("VACUUM")
+
+    def _shrink(self):
+        """A backlog was delivered: hand its pages back and truncate the WAL."""
+        free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+        if free >= SHRINK_PAGES:
+            self._db.executescript("PRAGMA incremental_vacuum;")  # execute() would free one page only
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def depth(self) -> int:
         """How many messages wait for delivery."""
