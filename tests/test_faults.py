@@ -260,3 +260,20 @@ def test_a_bad_reference_set_is_refused_at_start_and_on_reload_the_old_one_runs(
     code, output = finish(start_station(config))
     assert code == 65 and "thresholds.mahalanobis" in output and "Traceback" not in output, output
     recorder.close()
+
+
+def test_a_truncated_video_says_so_when_it_ends(tmp_path, station_files, broker):
+    from station.tools.simulate import write_video
+
+    video = tmp_path / "line.avi"
+    write_video(video, tmp_path / "line.csv", count=40, seed=3)
+    data = video.read_bytes()
+    video.write_bytes(data[: len(data) // 2])
+    recorder = Recorder(broker.host, broker.port, "plant/#")
+    config = write_config(tmp_path, station_files, broker, f"{{source: {video}}}",
+                          roi="{x: 142, y: 107, width: 36, height: 26}")
+    code, output = finish(start_station(config))
+    assert code == 0, output
+    judged = len({v["seq"] for v in all_verdicts(recorder, 10)})
+    assert f"ended after {judged} of the 40 frames its header announces: the file is truncated" in output
+    recorder.close()

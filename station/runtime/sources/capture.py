@@ -32,6 +32,8 @@ class _Reader(threading.Thread):
         self.keep_latest = keep_latest  # live cameras: freshest frame; files: every frame
         self.frames: queue.Queue = queue.Queue(maxsize=1 if keep_latest else 4)
         self.stopped = threading.Event()
+        self.read = 0  # frames decoded so far
+        self.expected = 0  # frames a video file's header announces (0: unknown)
 
     def run(self):
         try:
@@ -39,6 +41,7 @@ class _Reader(threading.Thread):
                 ok, image = self.capture.read()
                 if not ok or image is None:
                     break
+                self.read += 1
                 self._put((image, time.monotonic()))
             self._put(self.END)
         finally:
@@ -82,11 +85,20 @@ class CaptureSource(FrameSource):
                 outcome = yield from self._read(reader)
             finally:  # also when the consumer stops iterating
                 reader.stopped.set()
-            if outcome == "eof" and not self.loop:
-                log.info("video %s ended", self.description)
-                return
+            if outcome == "eof":
+                self._report_end(reader)
+                if not self.loop:
+                    return
             if outcome == "lost":
                 lost_before = self._lost(f"camera {self.description} lost")
+
+    def _report_end(self, reader: "_Reader"):
+        """A video that ends before the frame count its header announces is truncated: say so."""
+        if 0 < reader.read < reader.expected:
+            log.warning("video %s ended after %d of the %d frames its header announces: the file is "
+                        "truncated or damaged", self.description, reader.read, reader.expected)
+        else:
+            log.info("video %s ended (%d frames)", self.description, reader.read)
 
     def _lost(self, why: str) -> bool:
         self.state = RECONNECTING
@@ -111,6 +123,7 @@ class CaptureSource(FrameSource):
                 capture.release()
             return None
         reader = _Reader(capture, keep_latest=self.kind != FILE)
+        reader.expected = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if self.kind == FILE else 0
         reader.start()
         return reader
 
