@@ -20,6 +20,7 @@ from station.core.scoring import SCORES, ReferenceModel, score
 
 FOLDS = 5
 MIN_GOOD_PARTS = 10
+MIN_DISTINCT_PARTS = 10  # distinct good embeddings needed for a spread
 # Above this out-of-fold false-reject rate a threshold is refused outright.
 MAX_ACCEPTABLE_FALSE_REJECT = 0.5
 DEFAULT_TARGET_FALSE_REJECT = 0.005
@@ -179,8 +180,13 @@ def calibrate(
         raise CalibrationError(f"{len(good)} good parts are too few to calibrate (at least {min_good})")
     if not 0 < target_false_reject < 0.5:
         raise CalibrationError(f"target false-reject rate {target_false_reject} must lie between 0 and 0.5")
-    model, shrinkage = fit_reference_model(good)
-    oof = out_of_fold_scores(good)
+    _require_varied(good)
+    try:
+        model, shrinkage = fit_reference_model(good)
+        oof = out_of_fold_scores(good)
+    except np.linalg.LinAlgError as exc:  # nearly identical parts: no covariance to invert
+        raise CalibrationError(f"the good parts vary too little to calibrate ({exc}): varied parts are needed, "
+                               "photographed as the line shows them") from None
     fits = {}
     for name in SCORES:
         defect_scores = None if defect_embeddings is None or not len(defect_embeddings) else score(defect_embeddings, model, name)
@@ -188,6 +194,16 @@ def calibrate(
     chosen = _choose_metric(metric, fits, default_metric)
     warnings = [w for w in [too_few_goods_warning(len(good), target_false_reject)] if w]
     return Calibration(model=model, covariance_shrinkage=shrinkage, fits=fits, metric=chosen, warnings=warnings)
+
+
+def _require_varied(good: np.ndarray):
+    """One image copied many times, or blank frames, embed as one point: nothing to learn a spread from."""
+    distinct = len(np.unique(np.round(good, 6), axis=0))
+    if distinct < min(len(good), MIN_DISTINCT_PARTS):
+        raise CalibrationError(
+            f"the good parts are identical ({len(good)} images give {distinct} distinct embedding"
+            f"{'s' if distinct != 1 else ''}: one image repeated, or blank frames): varied parts are needed, "
+            "one photo per real part")
 
 
 def _choose_metric(metric: str, fits: dict[str, MetricFit], default_metric: str) -> str:
@@ -299,8 +315,13 @@ def calibrate_held_out(
     good = np.asarray(good_embeddings, dtype=np.float64)
     if len(good) < min_good:
         raise CalibrationError(f"{len(good)} good parts are too few to calibrate (at least {min_good})")
-    model, shrinkage = fit_reference_model(good)
-    oof = out_of_fold_scores(good)
+    _require_varied(good)
+    try:
+        model, shrinkage = fit_reference_model(good)
+        oof = out_of_fold_scores(good)
+    except np.linalg.LinAlgError as exc:  # nearly identical parts: no covariance to invert
+        raise CalibrationError(f"the good parts vary too little to calibrate ({exc}): varied parts are needed, "
+                               "photographed as the line shows them") from None
     if defect_embeddings is None or not len(defect_embeddings):
         return _goods_only(model, shrinkage, oof, metric, target_false_reject)
     defect = np.asarray(defect_embeddings, dtype=np.float64)

@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 
+import cv2
+import numpy as np
 import pytest
 
 from station.cli import main
@@ -277,3 +279,16 @@ def test_a_truncated_video_says_so_when_it_ends(tmp_path, station_files, broker)
     judged = len({v["seq"] for v in all_verdicts(recorder, 10)})
     assert f"ended after {judged} of the 40 frames its header announces: the file is truncated" in output
     recorder.close()
+
+
+def test_calibrating_on_identical_goods_is_refused_with_a_reason(tmp_path, station_files, capsys):
+    good = tmp_path / "good"
+    good.mkdir()
+    image = cv2.imencode(".png", np.full((26, 36), 128, np.uint8))[1].tobytes()
+    for index in range(40):
+        (good / f"part_{index}.png").write_bytes(image)
+    code = main(["calibrate", "--model", str(station_files / "model.onnx"), "--good", str(good),
+                 "--out", str(tmp_path / "refs")])
+    err = capsys.readouterr().err
+    assert code == 65 and "the good parts are identical" in err and "Traceback" not in err
+    assert not (tmp_path / "refs").exists()
