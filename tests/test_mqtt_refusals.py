@@ -171,3 +171,31 @@ def test_a_repeated_trigger_id_is_answered_and_not_judged_twice(tmp_path, statio
         process.terminate()
         assert finish(process)[0] == 0
         recorder.close()
+
+
+def test_a_broker_that_leaves_an_mqtt5_connect_unanswered_gets_a_hint(tmp_path, station_files):
+    """amqtt (the demo's embedded broker) and old brokers speak 3.1.1 and never answer an MQTT 5 CONNECT."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+
+    def mute_broker():
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            connection.recv(4096)  # the CONNECT, never answered
+
+    threading.Thread(target=mute_broker, daemon=True).start()
+    fake = type("FakeBroker", (), {"host": "127.0.0.1", "port": listener.getsockname()[1]})()
+    config = write_config(tmp_path, station_files, fake, '{source: "sim://?seed=2", fps: 20}')
+    process = start_station(config)
+    output = Output(process)
+    try:
+        output.wait_for("did not answer it within 10 s; if it speaks only MQTT 3.1.1, set mqtt.protocol: 3.1.1",
+                        timeout=30)
+    finally:
+        process.terminate()
+        assert output.finish(30) == 0
+        listener.close()

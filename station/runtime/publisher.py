@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 Reply = Callable[[dict], None]
 CommandHandler = Callable[[bytes, Reply], None]
 
+CONNACK_TIMEOUT = 10.0  # seconds for the broker to answer CONNECT
 NOT_AUTHORISED = {"Not authorized", "Bad user name or password"}
 
 
@@ -219,8 +220,11 @@ class Publisher:
             with self._lock:
                 self._client = client
             client.loop_start()
+            answer_by = time.monotonic() + CONNACK_TIMEOUT
             while not connection.lost.wait(0.2) and not self._stopping.is_set():
-                pass
+                if not self._connected and time.monotonic() > answer_by:
+                    self._no_answer(address)
+                    break
             if self._stopping.is_set():
                 return  # stop() says goodbye on this client
             client.loop_stop()
@@ -228,6 +232,12 @@ class Publisher:
                 self._client, self._connected = None, False
             self._wake.set()
             self._stopping.wait(self._retry_delay(f"MQTT connection to {address} lost"))
+
+    def _no_answer(self, address: str):
+        # An MQTT 3.1.1-only broker (amqtt, old mosquitto) may leave an MQTT 5 CONNECT unanswered.
+        hint = "; if it speaks only MQTT 3.1.1, set mqtt.protocol: 3.1.1 in station.yaml" if self.mqtt5 else ""
+        log.error("MQTT broker %s accepted the connection but did not answer it within %g s%s",
+                  address, CONNACK_TIMEOUT, hint)
 
     def _retry_delay(self, why: str) -> float:
         delay = self.backoff.next()
