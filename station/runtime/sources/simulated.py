@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterator
 
 from station.core.simulated_line import render_frame, render_part
@@ -21,7 +22,8 @@ class SimSource(FrameSource):
             for index in indices:
                 if not self._pace():
                     return
+                exposed = time.monotonic()  # the simulated shutter: rendering time is not the camera's
                 image = render_frame(render_part(self.seed, index), self.seed)
-                yield self._frame(image, f"sim:{self.seed}:{index}")
+                yield self._frame(image, f"sim:{self.seed}:{index}", grabbed_at=exposed)
             if not self.loop:
                 return
