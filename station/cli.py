@@ -75,6 +75,7 @@ def _calibrate(args) -> int:
 
 def _calibrate_camera(args) -> int:
     from calibration import live
+    from calibration.fit import DEFAULT_CAMERA_COUNT
     from station.core import reference_set
     from station.runtime.config import load_config
     from station.runtime.credentials import camera_credentials
@@ -86,7 +87,7 @@ def _calibrate_camera(args) -> int:
         print(f"{root}: product {product}, v{version:04d} is current again")
         return 0
     result = live.calibrate_from_camera(
-        config, args.product, count=100 if args.count is None else args.count, min_good=args.min_good,
+        config, args.product, count=DEFAULT_CAMERA_COUNT if args.count is None else args.count, min_good=args.min_good,
         min_change=live.DEFAULT_MIN_CHANGE if args.min_change is None else args.min_change,
         metric=args.metric, target_false_reject=args.target_false_reject, progress=sys.stderr.isatty(),
         credentials=camera_credentials(config.camera),
@@ -281,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "adds a version to that product's reference set.")
     cal.add_argument("-c", "--config", type=Path,
                      help="station.yaml: calibrate from its camera, ROI and model (camera mode)")
-    cal.add_argument("--count", type=int, help="camera mode: distinct parts to grab (default 100)")
+    cal.add_argument("--count", type=int, help="camera mode: distinct parts to grab (default 600: the fewest that "
+                                                "support the default 0.5 %% false-reject target)")
     cal.add_argument("--min-change", type=float,
                      help="camera mode: mean absolute grey-level change that makes a frame a new part (default 5.0)")
     cal.add_argument("--model", type=Path, help="the station's ONNX model")
