@@ -175,18 +175,10 @@ def calibrate(
 
     ``metric="auto"`` picks the best AUROC when defects are given, else ``default_metric``.
     """
-    good = np.asarray(good_embeddings, dtype=np.float64)
-    if len(good) < min_good:
-        raise CalibrationError(f"{len(good)} good parts are too few to calibrate (at least {min_good})")
     if not 0 < target_false_reject < 0.5:
         raise CalibrationError(f"target false-reject rate {target_false_reject} must lie between 0 and 0.5")
-    _require_varied(good)
-    try:
-        model, shrinkage = fit_reference_model(good)
-        oof = out_of_fold_scores(good)
-    except np.linalg.LinAlgError as exc:  # nearly identical parts: no covariance to invert
-        raise CalibrationError(f"the good parts vary too little to calibrate ({exc}): varied parts are needed, "
-                               "photographed as the line shows them") from None
+    good = np.asarray(good_embeddings, dtype=np.float64)
+    model, shrinkage, oof = _fit_goods(good, min_good)
     fits = {}
     for name in SCORES:
         defect_scores = None if defect_embeddings is None or not len(defect_embeddings) else score(defect_embeddings, model, name)
@@ -194,6 +186,19 @@ def calibrate(
     chosen = _choose_metric(metric, fits, default_metric)
     warnings = [w for w in [too_few_goods_warning(len(good), target_false_reject)] if w]
     return Calibration(model=model, covariance_shrinkage=shrinkage, fits=fits, metric=chosen, warnings=warnings)
+
+
+def _fit_goods(good: np.ndarray, min_good: int) -> tuple[ReferenceModel, float, dict[str, np.ndarray]]:
+    """Reference model, covariance shrinkage and out-of-fold scores of the good parts."""
+    if len(good) < min_good:
+        raise CalibrationError(f"{len(good)} good parts are too few to calibrate (at least {min_good})")
+    _require_varied(good)
+    try:
+        model, shrinkage = fit_reference_model(good)
+        return model, shrinkage, out_of_fold_scores(good)
+    except np.linalg.LinAlgError as exc:  # nearly identical parts: no covariance to invert
+        raise CalibrationError(f"the good parts vary too little to calibrate ({exc}): varied parts are needed, "
+                               "photographed as the line shows them") from None
 
 
 def _require_varied(good: np.ndarray):
@@ -313,15 +318,7 @@ def calibrate_held_out(
     good parts support (3/n) when they are too few for it, with a warning.
     """
     good = np.asarray(good_embeddings, dtype=np.float64)
-    if len(good) < min_good:
-        raise CalibrationError(f"{len(good)} good parts are too few to calibrate (at least {min_good})")
-    _require_varied(good)
-    try:
-        model, shrinkage = fit_reference_model(good)
-        oof = out_of_fold_scores(good)
-    except np.linalg.LinAlgError as exc:  # nearly identical parts: no covariance to invert
-        raise CalibrationError(f"the good parts vary too little to calibrate ({exc}): varied parts are needed, "
-                               "photographed as the line shows them") from None
+    model, shrinkage, oof = _fit_goods(good, min_good)
     if defect_embeddings is None or not len(defect_embeddings):
         return _goods_only(model, shrinkage, oof, metric, target_false_reject)
     defect = np.asarray(defect_embeddings, dtype=np.float64)
