@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="the train extra is not installed")
 
 from export import train as train_module  # noqa: E402
-from export.augment import DEFAULT_AUGMENTATION, NO_AUGMENTATION, augment  # noqa: E402
+from export.augment import NO_AUGMENTATION, STRONG_AUGMENTATION, augment  # noqa: E402
 from export.dataset import auroc  # noqa: E402
 from export.onnx_export import ExportOptions, export_model  # noqa: E402
 from export.synthetic import KINDS, Negatives, synthesize  # noqa: E402
@@ -121,7 +121,7 @@ def test_augmentation_keeps_shape_and_dtype_and_is_repeatable():
 
 def test_augmentation_flips_only_when_allowed():
     crops = asymmetric_crops()
-    kept = augment(crops, np.random.default_rng(2), allow_flips=False, recipe=DEFAULT_AUGMENTATION)
+    kept = augment(crops, np.random.default_rng(2), allow_flips=False, recipe=STRONG_AUGMENTATION)
     assert np.all(kept[:, :, :12].mean(axis=(1, 2)) < kept[:, :, -12:].mean(axis=(1, 2)))
     unflipped = augment(crops, np.random.default_rng(2), allow_flips=False, recipe=NO_AUGMENTATION)
     np.testing.assert_array_equal(unflipped, crops)
