@@ -14,6 +14,8 @@ import socket
 import threading
 import time
 
+import pytest
+
 from tests.daemon_helpers import Output
 from tests.mqtt_helpers import Recorder
 from tests.test_daemon import finish, start_station, station_files, write_config  # noqa: F401 (fixture)
@@ -25,6 +27,23 @@ topic write plant/st1/state
 topic write plant/st1/stats
 topic write plant/st1/command/result
 """
+
+
+@pytest.fixture(autouse=True)
+def launched():
+    """Stations these tests start; a failing test must not leave one waiting for a broker forever."""
+    processes = []
+    yield processes
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
+def launch(launched: list, config):
+    process = start_station(config)
+    launched.append(process)
+    return process
 
 
 def running_broker(folder, extra: str) -> Broker:
@@ -40,7 +59,7 @@ def assert_complete_in_order(verdicts: list[dict], expected: int):
     assert first_seen == sorted(first_seen), "verdicts out of order"
 
 
-def test_an_acl_refusal_holds_verdicts_until_the_broker_allows_them(tmp_path, station_files, sim_dataset):
+def test_an_acl_refusal_holds_verdicts_until_the_broker_allows_them(launched, tmp_path, station_files, sim_dataset):
     acl = tmp_path / "acl"
     acl.write_text(STATION_TOPICS)
     broker = running_broker(tmp_path / "broker", f"acl_file {acl}\n")
@@ -49,7 +68,7 @@ def test_an_acl_refusal_holds_verdicts_until_the_broker_allows_them(tmp_path, st
         recorder = Recorder(broker.host, broker.port, "plant/#")
         config = write_config(tmp_path, station_files, broker, f"{{source: {sim_dataset / 'good'}}}",
                               stats_interval="0.3")
-        process = start_station(config)
+        process = launch(launched, config)
         output = Output(process)
         recorder.wait_for(lambda: any(s.get("mqtt_refused", 0) > 0 for s in recorder.json_on("/stats")),
                           what="stats counting refusals")
@@ -69,13 +88,13 @@ def test_an_acl_refusal_holds_verdicts_until_the_broker_allows_them(tmp_path, st
         broker.stop()
 
 
-def test_messages_over_the_brokers_maximum_packet_size_are_kept_not_sent(tmp_path, station_files, sim_dataset):
+def test_messages_over_the_brokers_maximum_packet_size_are_kept_not_sent(launched, tmp_path, station_files, sim_dataset):
     broker = running_broker(tmp_path / "broker", "max_packet_size 420\n")
     expected = sum(1 for _ in (sim_dataset / "good").glob("*.png"))
     config = write_config(tmp_path, station_files, broker, f"{{source: {sim_dataset / 'good'}}}")
     try:
         recorder = Recorder(broker.host, broker.port, "plant/#")
-        process = start_station(config)
+        process = launch(launched, config)
         output = Output(process)
         output.wait_for("larger than the broker's maximum packet size (420 bytes)", timeout=20)
         time.sleep(1.0)
@@ -95,7 +114,7 @@ def test_messages_over_the_brokers_maximum_packet_size_are_kept_not_sent(tmp_pat
         broker.stop()
 
 
-def test_a_broker_that_drops_the_connection_on_a_message_gets_it_held(tmp_path, station_files, sim_dataset):
+def test_a_broker_that_drops_the_connection_on_a_message_gets_it_held(launched, tmp_path, station_files, sim_dataset):
     # Verdicts of parts with long file names exceed the limit; state and stats stay below it.
     folder = tmp_path / "camera"
     folder.mkdir()
@@ -105,7 +124,7 @@ def test_a_broker_that_drops_the_connection_on_a_message_gets_it_held(tmp_path, 
     config = write_config(tmp_path, station_files, broker, f"{{source: {folder}}}")
     try:
         recorder = Recorder(broker.host, broker.port, "plant/#")
-        process = start_station(config)
+        process = launch(launched, config)
         output = Output(process)
         output.wait_for("the broker drops the connection on this message", timeout=60)
         recorder.wait_for(lambda: any("drops the connection" in p for st in recorder.json_on("/state")
@@ -118,7 +137,7 @@ def test_a_broker_that_drops_the_connection_on_a_message_gets_it_held(tmp_path, 
         broker.stop()
 
 
-def test_a_broker_that_never_acknowledges_is_reported(tmp_path, station_files):
+def test_a_broker_that_never_acknowledges_is_reported(launched, tmp_path, station_files):
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
@@ -136,7 +155,7 @@ def test_a_broker_that_never_acknowledges_is_reported(tmp_path, station_files):
     config = write_config(tmp_path, station_files, fake, '{source: "sim://?seed=2", fps: 50}')
     config.write_text(config.read_text().replace("topic_prefix: plant}", "topic_prefix: plant, max_inflight: 4, "
                                                                         "inflight_timeout: 1}"))
-    process = start_station(config)
+    process = launch(launched, config)
     output = Output(process)
     try:
         output.wait_for("has acknowledged none of 4 QoS 1 messages in flight for over 1 s", timeout=30)
@@ -153,10 +172,10 @@ def test_mqtt_3_1_1_warns_that_refusals_cannot_be_seen(tmp_path, station_files, 
     assert code == 0 and "mqtt.protocol 3.1.1: the broker acknowledges messages it refuses" in output, output
 
 
-def test_a_repeated_trigger_id_is_answered_and_not_judged_twice(tmp_path, station_files, mosquitto):
+def test_a_repeated_trigger_id_is_answered_and_not_judged_twice(launched, tmp_path, station_files, mosquitto):
     config = write_config(tmp_path, station_files, mosquitto, '{source: "sim://?seed=3", fps: 30}', trigger="mqtt")
     recorder = Recorder(mosquitto.host, mosquitto.port, "plant/#")
-    process = start_station(config)
+    process = launch(launched, config)
     try:
         recorder.wait_for(lambda: recorder.json_on("/state"), what="ready")
         time.sleep(0.5)  # the command subscription is acknowledged after the retained state is sent
@@ -173,7 +192,7 @@ def test_a_repeated_trigger_id_is_answered_and_not_judged_twice(tmp_path, statio
         recorder.close()
 
 
-def test_a_broker_that_leaves_an_mqtt5_connect_unanswered_gets_a_hint(tmp_path, station_files):
+def test_a_broker_that_leaves_an_mqtt5_connect_unanswered_gets_a_hint(launched, tmp_path, station_files):
     """amqtt (the demo's embedded broker) and old brokers speak 3.1.1 and never answer an MQTT 5 CONNECT."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -190,7 +209,7 @@ def test_a_broker_that_leaves_an_mqtt5_connect_unanswered_gets_a_hint(tmp_path, 
     threading.Thread(target=mute_broker, daemon=True).start()
     fake = type("FakeBroker", (), {"host": "127.0.0.1", "port": listener.getsockname()[1]})()
     config = write_config(tmp_path, station_files, fake, '{source: "sim://?seed=2", fps: 20}')
-    process = start_station(config)
+    process = launch(launched, config)
     output = Output(process)
     try:
         output.wait_for("did not answer it within 10 s; if it speaks only MQTT 3.1.1, set mqtt.protocol: 3.1.1",
