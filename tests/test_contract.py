@@ -21,7 +21,7 @@ from station.runtime.messages import SCHEMA_VERSION, encode
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMAS = ROOT / "station" / "runtime" / "schemas"
-PUBLISHED = ("verdict", "state", "stats", "command_result")  # JSON the station sends
+PUBLISHED = ("verdict", "no_verdict", "state", "stats", "command_result")  # JSON the station sends
 README_BLOCK = re.compile(r"^```json (\w+)\n(.*?)^```", re.M | re.S)
 
 

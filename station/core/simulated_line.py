@@ -183,14 +183,28 @@ def render_part(seed: int, index: int, pins: int = 3, defect_class: str | None =
     return SimulatedPart(index=index, defect_class=defect, crop=crop)
 
 
-def render_frame(part: SimulatedPart, seed: int) -> np.ndarray:
-    """A full BGR camera frame: dark belt with the part inside FRAME_ROI."""
-    rng = np.random.default_rng([seed, part.index, 3])
+def render_belt(seed: int, index: int, travel: int = 0, frame_no: int | None = None) -> np.ndarray:
+    """The empty belt (gray uint8): a slow gradient plus cross slats that move with the belt.
+
+    `travel` (pixels) moves the slats; `frame_no` draws fresh sensor noise per frame of a dwell video.
+    """
+    key = [seed, index, 3] if frame_no is None else [seed, index, 3, frame_no]
+    rng = np.random.default_rng(key)
     cols = np.arange(FRAME_WIDTH, dtype=np.float32)[None, :]
-    # Belt texture: a slow gradient plus cross slats that move with the belt.
-    belt = BACKGROUND_LEVEL - 8 + 10 * (cols / FRAME_WIDTH) + 6 * (((cols + 7 * part.index) % 40) < 3)
+    belt = BACKGROUND_LEVEL - 8 + 10 * (cols / FRAME_WIDTH) + 6 * (((cols + 7 * index + travel) % 40) < 3)
     frame = belt + rng.normal(0.0, 3.0, (FRAME_HEIGHT, FRAME_WIDTH))
-    frame = np.clip(np.round(frame), 0, 255).astype(np.uint8)
-    roi = FRAME_ROI
-    frame[roi.y : roi.y + roi.height, roi.x : roi.x + roi.width] = part.crop
+    return np.clip(np.round(frame), 0, 255).astype(np.uint8)
+
+
+def render_frame(part: SimulatedPart | None, seed: int, index: int | None = None, x_offset: int = 0,
+                 travel: int = 0, frame_no: int | None = None) -> np.ndarray:
+    """A full BGR camera frame: the belt, with the part inside FRAME_ROI moved by x_offset (None: empty belt)."""
+    index = part.index if index is None else index
+    frame = render_belt(seed, index, travel, frame_no)
+    if part is not None:
+        roi = FRAME_ROI
+        left = roi.x + x_offset
+        first, last = max(left, 0), min(left + roi.width, FRAME_WIDTH)  # the part may be partly out of frame
+        if first < last:
+            frame[roi.y : roi.y + roi.height, first:last] = part.crop[:, first - left : last - left]
     return cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)

@@ -24,6 +24,7 @@ from pydantic import (
 
 from station.core.errors import ConfigError
 from station.core.product import product_name_problem
+from station.runtime.presence import PresenceSettings
 from station.runtime.sources.kinds import SIM, URL, parse_sim_source, source_kind
 
 KeyPath = tuple[str, ...]
@@ -151,6 +152,25 @@ class KeepCropsConfig(_Model):
     max_mb: float = Field(200.0, ge=0)
 
 
+class PresenceConfig(_Model):
+    """trigger: presence (station/runtime/presence.py has the defaults and what each means)."""
+
+    enter: float = Field(PresenceSettings.enter, gt=0)
+    leave: float = Field(PresenceSettings.leave, gt=0)
+    still: float = Field(PresenceSettings.still, gt=0)
+    still_frames: int = Field(PresenceSettings.still_frames, ge=1)
+    learn_frames: int = Field(PresenceSettings.learn_frames, ge=1)
+
+    @model_validator(mode="after")
+    def _hysteresis(self):
+        if self.leave >= self.enter:
+            raise ValueError(f"leave ({self.leave:g}) must be below enter ({self.enter:g}): that is the hysteresis")
+        return self
+
+    def settings(self) -> PresenceSettings:
+        return PresenceSettings(**self.model_dump())
+
+
 class RuntimeConfig(_Model):
     threads: int = Field(1, ge=1, le=64)
 
@@ -163,7 +183,8 @@ class StationConfig(_Model):
     reference: ConfigPath | None = None
     products: dict[ProductName, ConfigPath] | None = None
     product: ProductName | None = None
-    trigger: Literal["continuous", "mqtt"] = "continuous"
+    trigger: Literal["continuous", "mqtt", "presence"] = "continuous"
+    presence: PresenceConfig = PresenceConfig()
     state_dir: ConfigPath = Field(None, validate_default=True)  # default: $STATE_DIRECTORY or /var/lib/station/<station>
     mqtt: MqttConfig = MqttConfig()
     stats_interval: float = Field(10.0, gt=0)

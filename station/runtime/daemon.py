@@ -33,7 +33,8 @@ from station.runtime.outbox import Outbox
 from station.runtime.publisher import Publisher
 from station.runtime.recorder import VerdictRecorder
 from station.runtime.stats import StationStats
-from station.runtime.messages import utc_timestamp, verdict_message
+from station.runtime.messages import no_verdict_message, utc_timestamp, verdict_message
+from station.runtime.presence import PresenceGate
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,8 @@ class Daemon:
         self.source = open_source(config.camera.source, config.camera.loop, config.camera.fps,
                                   max_pixels=config.camera.max_pixels, credentials=camera_credentials(config.camera))
         self.finite = is_finite(self.source)
-        self.feed = FrameFeed(self.source, is_lossless(self.source)) if config.trigger == "continuous" else None
+        self.feed = FrameFeed(self.source, is_lossless(self.source)) if config.trigger != "mqtt" else None
+        self.gate = PresenceGate(config.presence.settings()) if config.trigger == "presence" else None
         self.latest = LatestFrame(self.source) if config.trigger == "mqtt" else None
         finished = False
         try:
@@ -184,14 +186,17 @@ class Daemon:
                 self._unjudged_frames += 1
                 if "roi" not in self.problems:  # an ROI problem is logged and published once, not per frame
                     log.warning("frame %s cannot be judged: %s", frame.source, exc)
-        if not kept:
+        missed = []
+        if self.gate is not None:  # trigger: presence: one settled frame per part
+            kept, crops, missed = self.gate.select(kept, crops)
+        if not kept and not missed:
             return
-        crops = np.stack(crops)
-        judgements = inspector.judge_crops(crops)
+        judgements = inspector.judge_crops(np.stack(crops)) if kept else []
         ready = time.monotonic()
-        messages = self._store_verdicts(inspector, kept, judgements, ready, part_id)
+        pending = sorted([*zip(kept, judgements), *((frame, None) for frame in missed)], key=lambda p: p[0].frame_no)
+        messages = self._store_verdicts(inspector, pending, ready, part_id)
         self.publisher.notify_outbox()
-        for message, crop in zip(messages, crops):
+        for message, crop in zip([m for m in messages if "verdict" in m], crops):
             self.stats.part_judged(message["verdict"], message["latency_ms"])
             if self.crop_keeper.wants(message["verdict"]):
                 self.crop_keeper.keep(crop, message["verdict"], message["id"])
@@ -217,11 +222,15 @@ class Daemon:
         if hasattr(self, "publisher"):
             self._publish_state()
 
-    def _store_verdicts(self, inspector: Inspector, frames, judgements, ready: float, part_id) -> list[dict]:
+    def _store_verdicts(self, inspector: Inspector, pending: list, ready: float, part_id) -> list[dict]:
+        """pending: (frame, judgement) in order; judgement None for a part that left unjudged."""
         reference = inspector.reference_set
         ts = utc_timestamp(time.time())  # one batch, one moment: formatted once
 
         def build(seq, frame, judgement) -> dict:
+            if judgement is None:
+                return no_verdict_message(station=self.config.station, seq=seq, source=frame.source,
+                                          product=inspector.product, ts=ts, reason="the part left before it settled")
             return verdict_message(
                 station=self.config.station, seq=seq, source=frame.source, part_id=part_id,
                 product=inspector.product, judgement=judgement, threshold=reference.threshold,
@@ -230,8 +239,7 @@ class Daemon:
                 latency_ms=(ready - frame.grabbed_at) * 1000.0, ts=ts,
             )
 
-        return self.recorder.record(build, list(zip(frames, judgements)), lambda: self._stop_requested,
-                                    self._wait_for_outbox)
+        return self.recorder.record(build, pending, lambda: self._stop_requested, self._wait_for_outbox)
 
     def _wait_for_outbox(self, why: str):
         # Never drop a verdict: hold inspection until there is room (frames from
@@ -279,7 +287,7 @@ class Daemon:
 
     def _trigger(self, command: Command) -> str | None:
         if self.latest is None:
-            return "trigger mode is continuous; set trigger: mqtt to judge on command"
+            return f"trigger mode is {self.config.trigger}; set trigger: mqtt to judge on command"
         if self.paused:
             return "station is paused"
         frame = self.latest.get(timeout=TRIGGER_FRAME_WAIT)
@@ -343,6 +351,7 @@ class Daemon:
             "trigger": self.config.trigger,
             "paused": self.paused,
             "problems": [f"{kind}: {text}" for kind, text in self.problems.items()],
+            "presence": self.gate.state if getattr(self, "gate", None) else None,
             "ts": utc_timestamp(time.time()),
         }
 
@@ -369,6 +378,8 @@ class Daemon:
         stats["crops_not_kept"] = self.crop_keeper.skipped + self.crop_keeper.failed
         stats["mqtt_refused"] = self.publisher.delivery.refused
         stats["outbox_write_errors"] = self.recorder.write_errors
+        if self.gate is not None:
+            stats.update(parts=self.gate.parts, no_verdicts=self.gate.missed, skipped_frames=self.gate.skipped_frames)
         self._set_problem("crops", self.crop_keeper.folder_error and f"not kept: {self.crop_keeper.folder_error}")
         self.publisher.publish_stats({"station": self.config.station, "ts": utc_timestamp(time.time()), **stats})
 

@@ -56,3 +56,9 @@ def verdict_message(
         "reference": reference_version,
         "latency_ms": round(latency_ms, 3),
     }
+
+
+def no_verdict_message(*, station: str, seq: int, source: str, product: str, ts: str, reason: str) -> dict:
+    """A part was seen but not judged (trigger: presence): said, never silence. Shares the verdicts' seq."""
+    return {"station": station, "seq": seq, "id": str(uuid.uuid4()), "ts": ts, "source": source,
+            "product": product, "reason": reason}

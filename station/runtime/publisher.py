@@ -1,6 +1,7 @@
 """The station's MQTT side (paho-mqtt 2.x), topics after Frigate's:
 
     {prefix}/{station}/verdict          verdicts from the Outbox, QoS from the message, in order
+    {prefix}/{station}/no_verdict       parts seen but not judged (trigger: presence), same seq, same path
     {prefix}/{station}/status           retained: "online" / will "offline" / "stopped"
     {prefix}/{station}/state            retained JSON, re-sent after every connect
     {prefix}/{station}/stats            JSON, not retained, dropped while offline
@@ -16,6 +17,7 @@ in-flight queue is not used because it races new publishes on reconnect.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import ssl
 import threading
@@ -45,6 +47,7 @@ NOT_AUTHORISED = {"Not authorized", "Bad user name or password"}
 @dataclass(frozen=True)
 class Topics:
     verdict: str
+    no_verdict: str
     status: str
     state: str
     stats: str
@@ -54,7 +57,7 @@ class Topics:
     @classmethod
     def for_station(cls, prefix: str, station: str) -> "Topics":
         base = f"{prefix}/{station}"
-        return cls(f"{base}/verdict", f"{base}/status", f"{base}/state", f"{base}/stats",
+        return cls(f"{base}/verdict", f"{base}/no_verdict", f"{base}/status", f"{base}/state", f"{base}/stats",
                    f"{base}/command", f"{base}/command/result")
 
 
@@ -139,8 +142,11 @@ class Publisher:
         self._wake.set()
 
     def queue_verdicts(self, transaction, verdicts: list[dict]):
-        """Put verdict messages into an open Outbox transaction, for the drain to send in order."""
-        transaction.put_many(self.topics.verdict, [encode(message) for message in verdicts], self.config.qos)
+        """Put verdict messages into an open Outbox transaction, for the drain to send in order.
+        A message without a verdict (a part seen but not judged) goes to the no_verdict topic."""
+        topic_of = lambda message: self.topics.verdict if "verdict" in message else self.topics.no_verdict
+        for topic, run in itertools.groupby(verdicts, key=topic_of):  # in order; one statement per run
+            transaction.put_many(topic, [encode(message) for message in run], self.config.qos)
 
     def publish_verdict_live(self, verdict: dict) -> bool:
         """Send a verdict now, bypassing the Outbox (not durable: lost if the connection drops

@@ -45,6 +45,49 @@ def write_video(video: Path, truth_csv: Path, count: int, seed: int, pins: int =
         writer.release()
 
 
+# A stop-and-go belt: each part slides in over SLIDE frames, stands still for the dwell,
+# slides out over SLIDE frames, then GAP frames of empty belt before the next one.
+SLIDE_STEP = 12  # pixels per frame while the belt moves
+SLIDE = 6
+GAP = 6
+
+
+def dwell_frames(dwell: int) -> list[tuple[str, int]]:
+    """(phase, x offset of the part) for one part's frames, then the empty gap (offset None as 0)."""
+    entering = [("entering", -SLIDE_STEP * k) for k in range(SLIDE, 0, -1)]
+    leaving = [("leaving", SLIDE_STEP * k) for k in range(1, SLIDE + 1)]
+    return entering + [("settled", 0)] * dwell + leaving + [("empty", 0)] * GAP
+
+
+def write_dwell_video(video: Path, truth_csv: Path, count: int, seed: int, dwell: int, pins: int = 3,
+                      fps: float = 25.0):
+    """An MJPG belt video where parts slide in, settle for `dwell` frames, slide out, with empty belt
+    between; the CSV gives every frame's part, phase (empty/entering/settled/leaving) and truth."""
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), fps, (FRAME_WIDTH, FRAME_HEIGHT))
+    if not writer.isOpened():
+        raise OSError(f"{video}: OpenCV cannot write an MJPG video here")
+    frame_no, travel = 0, 0
+    try:
+        with open(truth_csv, "w", newline="") as handle:
+            table = csv.writer(handle)
+            table.writerow(["frame", "part", "phase", "label", "defect_class"])
+            for _ in range(GAP):  # the belt starts empty: the station learns it
+                writer.write(render_frame(None, seed, index=0, frame_no=frame_no))
+                table.writerow([frame_no, "", "empty", "", ""])
+                frame_no += 1
+            for index in range(count):
+                part = render_part(seed, index, pins)
+                for phase, offset in dwell_frames(dwell):
+                    travel += SLIDE_STEP if phase in ("entering", "leaving") else 0
+                    shown = None if phase == "empty" else part
+                    writer.write(render_frame(shown, seed, index=0, x_offset=offset, travel=travel, frame_no=frame_no))
+                    table.writerow([frame_no, "" if shown is None else index, phase,
+                                    "" if shown is None else part.label, "" if shown is None else part.defect_class])
+                    frame_no += 1
+    finally:
+        writer.release()
+
+
 def _write_png(path: Path, image: np.ndarray):
     ok, encoded = cv2.imencode(".png", image)
     if not ok:

@@ -1,0 +1,63 @@
+"""trigger: presence on a stop-and-go belt video: one verdict per part, on a settled frame."""
+from __future__ import annotations
+
+import csv
+
+import jsonschema
+
+from station.runtime.presence import PresenceGate
+from station.tools.simulate import write_dwell_video
+from tests.mqtt_helpers import Recorder
+from tests.test_daemon import broker, finish, schema, start_station, station_files, write_config  # noqa: F401
+
+ROI = "{x: 142, y: 107, width: 36, height: 26}"
+
+
+def belt(tmp_path, count: int, dwell: int):
+    video, truth = tmp_path / f"belt-{dwell}.avi", tmp_path / f"belt-{dwell}.csv"
+    write_dwell_video(video, truth, count=count, seed=3, dwell=dwell)
+    with open(truth) as handle:
+        return video, list(csv.DictReader(handle))
+
+
+def test_each_part_is_judged_once_on_a_settled_frame(tmp_path, station_files, broker):
+    video, frames = belt(tmp_path, count=12, dwell=5)
+    recorder = Recorder(broker.host, broker.port, "plant/#")
+    config = write_config(tmp_path, station_files, broker, f"{{source: {video}}}", roi=ROI, trigger="presence")
+    code, output = finish(start_station(config), timeout=60)
+    assert code == 0, output
+    recorder.wait_for(lambda: len(recorder.on("/verdict")) >= 12, what="12 verdicts")
+    verdicts = recorder.json_on("/verdict")
+    judged = [frames[int(v["source"])] for v in verdicts]
+    assert [row["part"] for row in judged] == [str(i) for i in range(12)]  # each part once, in order
+    assert {row["phase"] for row in judged} == {"settled"}
+    assert not recorder.on("/no_verdict")
+    stats = recorder.json_on("/stats")[-1]
+    assert stats["parts"] == 12 and stats["no_verdicts"] == 0
+    assert stats["skipped_frames"] == len(frames) - 12
+    jsonschema.validate(recorder.json_on("/state")[-1], schema("state"))
+    recorder.close()
+
+
+def test_a_part_that_never_settles_gets_a_no_verdict_message(tmp_path, station_files, broker):
+    video, frames = belt(tmp_path, count=4, dwell=1)  # one still frame: not enough to settle
+    recorder = Recorder(broker.host, broker.port, "plant/#")
+    config = write_config(tmp_path, station_files, broker, f"{{source: {video}}}", roi=ROI, trigger="presence")
+    code, output = finish(start_station(config), timeout=60)
+    assert code == 0, output
+    recorder.wait_for(lambda: len(recorder.on("/no_verdict")) >= 4, what="4 no_verdict messages")
+    missed = recorder.json_on("/no_verdict")
+    for message in missed:
+        jsonschema.validate(message, schema("no_verdict"))
+    assert not recorder.on("/verdict")
+    assert [m["seq"] for m in missed] == [1, 2, 3, 4]  # the verdicts' seq: every part accounted for
+    recorder.close()
+
+
+def test_the_gate_waits_for_the_region_to_empty_before_the_next_part():
+    import numpy as np
+
+    gate = PresenceGate()
+    empty, part = np.full((26, 36), 55, np.uint8), np.full((26, 36), 185, np.uint8)
+    decisions = [gate.feed(frame) for frame in [empty] * 5 + [part] * 6 + [empty] * 2 + [part] * 4]
+    assert decisions.count("judge") == 2 and gate.parts == 2 and gate.state == "judged"
