@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 import math
 
 import numpy as np
-from scipy.stats import beta, rankdata
+from scipy.stats import beta, norm, rankdata
 
 from station.core import metrics
 from station.core.errors import StationError
@@ -262,30 +262,41 @@ def clopper_pearson(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[flo
     return low, high
 
 
-def expected_cost(good_scores, defect_scores, threshold: float, defect_rate: float, escape_cost: float) -> float:
-    """(1-p) FRR(t) + p c ER(t), in units of one false reject per part inspected."""
-    false_reject = float(np.mean(~(np.asarray(good_scores) <= threshold)))
-    escape = float(np.mean(np.asarray(defect_scores) <= threshold))
-    return (1.0 - defect_rate) * false_reject + defect_rate * escape_cost * escape
-
-
 def cost_threshold(good_scores, defect_scores, defect_rate: float, escape_cost: float) -> tuple[float, float]:
-    """The threshold of least expected cost, (threshold, cost), searched over every
-    observed score and placed midway to the next one (a part exactly at a held-out
-    score is not decided by rounding). NaN/inf scores count as highest."""
+    """The threshold of least *smoothed* expected cost, (threshold, cost).
+
+    Where the held-out good and defective parts do not overlap, every cut between them costs
+    nothing on the sample, and the midpoint is set by the two most extreme parts. Each score is
+    smeared instead by a Gaussian kernel in log-score space (Silverman's bandwidth per class):
+    the cut then follows the shape of both tails, which is what the next parts are drawn from.
+    NaN/inf scores count as highest.
+    """
     if not 0 < defect_rate < 1 or escape_cost <= 0:
         raise CalibrationError(f"defect rate {defect_rate} must lie in (0, 1) and escape cost {escape_cost} be > 0")
-    good = np.nan_to_num(np.asarray(good_scores, float), nan=np.inf, posinf=np.inf)
-    defect = np.nan_to_num(np.asarray(defect_scores, float), nan=np.inf, posinf=np.inf)
-    values = np.unique(np.concatenate([good, defect]))
-    values = values[np.isfinite(values)]
-    candidates = np.concatenate([[values[0] - 1e-9] if values.size else [0.0], values])
-    costs = np.array([expected_cost(good, defect, t, defect_rate, escape_cost) for t in candidates])
+    good, good_inf = _log_scores(good_scores)
+    defect, defect_inf = _log_scores(defect_scores)
+    width_g, width_d = _bandwidth(good), _bandwidth(defect)
+    both = np.concatenate([good, defect])
+    grid = np.linspace(both.min() - 3 * width_g, both.max() + 3 * width_d, 4001)
+    false_reject = (norm.sf((grid[:, None] - good[None, :]) / width_g).sum(axis=1) + good_inf) / (len(good) + good_inf)
+    escape = norm.cdf((grid[:, None] - defect[None, :]) / width_d).sum(axis=1) / (len(defect) + defect_inf)
+    costs = (1.0 - defect_rate) * false_reject + defect_rate * escape_cost * escape
     best = int(np.argmin(costs))
-    threshold = candidates[best]
-    if 0 < best < len(candidates) - 1:
-        threshold = (candidates[best] + candidates[best + 1]) / 2.0
-    return float(threshold), float(costs[best])
+    return float(np.exp(grid[best])), float(costs[best])
+
+
+def _log_scores(scores) -> tuple[np.ndarray, int]:
+    values = np.asarray(scores, dtype=float)
+    finite = np.isfinite(values)
+    return np.log(np.maximum(values[finite], 1e-12)), int((~finite).sum())
+
+
+def _bandwidth(log_scores: np.ndarray) -> float:
+    """Silverman's rule of thumb, never zero."""
+    spread = np.std(log_scores)
+    quartiles = np.subtract(*np.percentile(log_scores, [75, 25])) / 1.34
+    spread = min(spread, quartiles) if quartiles > 0 else spread
+    return max(0.9 * spread * len(log_scores) ** -0.2, 1e-3)
 
 
 def out_of_fold_kissme(good: np.ndarray, defect: np.ndarray, folds: int = FOLDS, seed: int = 0):
