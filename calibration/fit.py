@@ -277,9 +277,11 @@ def cost_threshold(good_scores, defect_scores, defect_rate: float, escape_cost: 
     defect, defect_inf = _log_scores(defect_scores)
     width_g, width_d = _bandwidth(good), _bandwidth(defect)
     both = np.concatenate([good, defect])
+    if both.size == 0:  # every score infinite: no cut separates anything
+        return float("inf"), 1.0 - defect_rate
     grid = np.linspace(both.min() - 3 * width_g, both.max() + 3 * width_d, 4001)
-    false_reject = (norm.sf((grid[:, None] - good[None, :]) / width_g).sum(axis=1) + good_inf) / (len(good) + good_inf)
-    escape = norm.cdf((grid[:, None] - defect[None, :]) / width_d).sum(axis=1) / (len(defect) + defect_inf)
+    false_reject = (norm.sf((grid[:, None] - good[None, :]) / width_g).sum(axis=1) + good_inf) / max(len(good) + good_inf, 1)
+    escape = norm.cdf((grid[:, None] - defect[None, :]) / width_d).sum(axis=1) / max(len(defect) + defect_inf, 1)
     costs = (1.0 - defect_rate) * false_reject + defect_rate * escape_cost * escape
     best = int(np.argmin(costs))
     return float(np.exp(grid[best])), float(costs[best])
@@ -292,7 +294,9 @@ def _log_scores(scores) -> tuple[np.ndarray, int]:
 
 
 def _bandwidth(log_scores: np.ndarray) -> float:
-    """Silverman's rule of thumb, never zero."""
+    """Silverman's rule of thumb, never zero (1 without scores: they are all infinite)."""
+    if log_scores.size < 2:
+        return 1.0
     spread = np.std(log_scores)
     quartiles = np.subtract(*np.percentile(log_scores, [75, 25])) / 1.34
     spread = min(spread, quartiles) if quartiles > 0 else spread

@@ -134,3 +134,11 @@ def test_the_shipped_demo_reference_set_written_before_kissme_still_loads(tmp_pa
     reference_set.save(copy, _reference_set(learned, "kissme"))
     assert reference_set.rollback(copy) == 1
     np.testing.assert_array_equal(reference_set.load(copy).model.reference, loaded.model.reference)
+
+
+def test_infinite_scores_count_as_highest_and_never_crash_the_cut():
+    good = np.array([0.10, 0.12, 0.15, 0.11])
+    threshold, _ = fit.cost_threshold(good, np.array([np.inf, np.inf, np.nan]), 0.05, 20)
+    assert threshold > good.max()  # every defect is above any finite cut
+    threshold, _ = fit.cost_threshold(good, np.array([np.inf, 0.5, 0.6]), 0.05, 20)
+    assert good.max() < threshold < 0.5
