@@ -13,7 +13,7 @@ from calibration import fit, report
 from calibration.evaluate import Evaluation, evaluate_embeddings
 from station.core.reference_set import ReferenceSet, check_product_name, save, verify_for_model
 from station.core.errors import DataError, ImageReadError
-from station.core.imagefolder import LabeledImage, list_images, read_image, scan_dataset
+from station.core.imagefolder import image_digest, LabeledImage, list_images, read_image, scan_dataset
 from station.core.preprocess import Roi, prepare_crop, to_model_input
 
 MAX_NAMED_FAILURES = 20
@@ -90,14 +90,40 @@ def calibrate_folders(
 ) -> tuple[ReferenceSet, fit.Calibration]:
     check_product_name(product)
     good_items, defect_items = folder_items(good, defect_folders)
+    good_items, defect_items, notes = set_aside_trained(embedder, good_items, defect_items, min_good)
     good_set = embed_items(embedder, good_items, roi, progress)
     defect_set = embed_items(embedder, defect_items, roi, progress) if defect_items else None
-    return calibrate_embedded(embedder, good_set, defect_set, out, product, metric, target_false_reject, min_good)
+    return calibrate_embedded(embedder, good_set, defect_set, out, product, metric, target_false_reject, min_good,
+                              notes=notes)
+
+
+def set_aside_trained(embedder, good_items: list, defect_items: list, min_good: int) -> tuple[list, list, list[str]]:
+    """Parts the model trained on score tighter than the parts it will judge: a threshold set on
+    them rejects good parts on the line. The model's metadata names them (image digests); they are
+    set aside when enough unseen good parts remain, and said either way."""
+    trained = set(filter(None, embedder.info.extra.get("trained_on", "").split(",")))
+    if not trained:
+        return good_items, defect_items, []
+    seen_good = [item for item in good_items if image_digest(item.path) in trained]
+    if not seen_good:
+        return good_items, defect_items, []
+    unseen_good = [item for item in good_items if image_digest(item.path) not in trained]
+    if len(unseen_good) < min_good:
+        return good_items, defect_items, [
+            f"{len(seen_good)} of the {len(good_items)} good parts trained the model and only {len(unseen_good)} did "
+            f"not (at least {min_good} are needed to set them aside): thresholds set on trained parts reject more "
+            "good parts on the line than these figures say; calibrate on parts kept out of training (station fit does)"]
+    unseen_defects = [item for item in defect_items if image_digest(item.path) not in trained]
+    return unseen_good, unseen_defects, [
+        f"{len(seen_good)} of the {len(good_items)} good parts and {len(defect_items) - len(unseen_defects)} of the "
+        f"{len(defect_items)} defective parts trained the model: set aside; thresholds come from the "
+        f"{len(unseen_good)} good and {len(unseen_defects)} defective parts it never saw"]
 
 
 def calibrate_embedded(
     embedder, good_set: EmbeddedImages, defect_set: EmbeddedImages | None, out: Path, product: str,
     metric: str, target_false_reject: float, min_good: int, extra_statistics: dict | None = None,
+    notes: list[str] | None = None,
 ) -> tuple[ReferenceSet, fit.Calibration]:
     """Fit, build the reference set and its report, save it as a new version.
 
@@ -107,6 +133,7 @@ def calibrate_embedded(
         good_set.embeddings, None if defect_set is None else defect_set.embeddings,
         metric=metric, target_false_reject=target_false_reject, min_good=min_good,
     )
+    calibration.warnings[:0] = notes or []  # shown first and kept in reference.yaml
     return save_calibration(embedder, calibration, good_set, defect_set, out, product,
                             {"target_false_reject": target_false_reject, **(extra_statistics or {})}), calibration
 

@@ -201,6 +201,7 @@ def model_metadata(info: dict, spec: InputSpec, quantization: str) -> dict[str, 
         # fp32 and static int8 are by nature; dynamic int8 through scan_per_part.
         "batch_independent": "true",
         "data_fingerprint": info.get("data_fingerprint", ""),
+        "trained_on": ",".join(info.get("trained_on", [])),  # image digests; calibration sets them aside
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "station_version": __version__,
     }

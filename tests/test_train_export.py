@@ -300,3 +300,26 @@ def test_a_part_gets_the_same_int8_embedding_whatever_else_is_in_its_batch(tmp_p
     np.testing.assert_array_equal(alone[0], embedder.session.run(None, {"input": batch[:1]})[0][0])
     raw = embedder.session.run(None, {"input": np.concatenate([batch[:1], np.ones_like(batch[:1]) * 3.0])})[0][0]
     assert np.abs(raw - alone[0]).max() > 1e-4  # the effect the embedder guards against is real
+
+
+def test_calibrating_on_the_training_folder_sets_the_trained_parts_aside(checkpoints, sim_dataset, tmp_path, capsys):
+    """The user's three-command path: train, export and calibrate on one folder. The model names the
+    photos it trained on; calibration sets them aside (their scores are too tight) or says it cannot."""
+    from pathlib import Path
+
+    from station.core import reference_set
+
+    model = tmp_path / "model.onnx"
+    export_model(checkpoints["mlp"].checkpoint, model, ExportOptions(fp32=True, calib_data=sim_dataset))
+    trained = set(Embedder(model).info.extra["trained_on"].split(","))
+    assert len(trained) > 100  # every training photo, by digest
+    defects = [str(p) for p in sim_dataset.iterdir() if p.is_dir() and p.name != "good"]
+    arguments = ["calibrate", "--model", str(model), "--good", str(sim_dataset / "good"),
+                 *sum((["--defects", d] for d in defects), []), "--product", "A"]
+    assert main([*arguments, "--out", str(tmp_path / "aside"), "--min-good", "10"]) == 0
+    err = capsys.readouterr().err
+    assert "trained the model: set aside; thresholds come from the" in err
+    statistics = reference_set.load(tmp_path / "aside").statistics
+    assert statistics["n_defect"] < sum(1 for d in defects for _ in Path(d).glob("*.png"))
+    assert main([*arguments, "--out", str(tmp_path / "tight"), "--min-good", "100"]) == 0
+    assert "thresholds set on trained parts reject more good parts" in capsys.readouterr().err

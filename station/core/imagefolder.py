@@ -92,6 +92,11 @@ def read_image(path: Path, max_pixels: int | None = None) -> np.ndarray:
     return image
 
 
+def image_digest(path: Path) -> str:
+    """A short content digest of an image file: which photos trained a model (its metadata)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
 def dataset_fingerprint(items: list[LabeledImage], root: Path) -> str:
     """sha256 over relative paths and file contents: which data a model saw."""
     digest = hashlib.sha256()
