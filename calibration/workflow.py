@@ -13,7 +13,7 @@ from calibration import fit, report
 from calibration.evaluate import Evaluation, evaluate_embeddings
 from station.core.reference_set import ReferenceSet, check_product_name, save, verify_for_model
 from station.core.errors import DataError, ImageReadError
-from station.core.imagefolder import image_digest, LabeledImage, list_images, read_image, scan_dataset
+from station.core.imagefolder import LabeledImage, image_digest, list_images, read_image, scan_dataset
 from station.core.preprocess import Roi, prepare_crop, to_model_input
 
 MAX_NAMED_FAILURES = 20

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from station.core.version import __version__
 from station.core.errors import ConfigError
-from station.core.imagefolder import image_digest, LabeledImage, dataset_fingerprint, scan_dataset
+from station.core.imagefolder import LabeledImage, dataset_fingerprint, image_digest, scan_dataset
 from station.core.metrics import minkowski
 from export.augment import AUGMENTATIONS, augment
 from export.dataset import (
@@ -367,8 +367,7 @@ def train_split(train: list[LabeledImage], val: list[LabeledImage], out: Path, c
         val_pair_accuracy=val_accuracy, pair_threshold=threshold,
         val_auroc=val_auroc, val_escape_rate=escape, best_epoch=best_epoch, epochs_run=epochs_run,
         val_history=history, train_seconds=round(train_seconds, 2), station_version=__version__,
-        # Calibration sets these photos aside: scores of parts a model trained on are too tight.
-        trained_on=sorted({image_digest(item.path) for item in train_set.items}),
+        trained_on=sorted({image_digest(item.path) for item in train_set.items}),  # calibration sets these aside
     )
     return TrainResult(Path(out), val_accuracy, threshold, train_seconds, len(train_set.crops), len(val_set.crops),
                        count_parameters(model), val_auroc, escape, best_epoch, epochs_run, val_kind)
