@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from station.core.version import __version__
+from station.arguments import host_port, width_by_height
 from station.core.errors import StationError
 from station.runtime.logs import configure_logging
 
@@ -164,6 +165,7 @@ def _train(args) -> int:
         epochs=args.epochs,
         seed=args.seed if args.seed is not None else train.DEFAULT_SEED,
         embedding_dim=args.embedding_dim or train.DEFAULT_EMBEDDING_DIM, allow_flips=args.allow_flips,
+        input_size=args.input_size,
     )
     print(f"training {config.arch} trunk, {config.loss} loss, {config.epochs} epochs, seed {config.seed}, "
           f"{config.embedding_dim}-d embedding on {args.data}")
@@ -250,14 +252,6 @@ def _demo(args) -> int:
     return run_demo(args.frames, args.broker, args.seed, args.fps)
 
 
-def _host_port(text: str) -> tuple[str, int]:
-    """HOST:PORT (or :PORT for loopback) of an MQTT broker."""
-    host, _, port = text.rpartition(":")
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (a port from 1 to 65535)")
-    return host or "127.0.0.1", int(port)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from station.core.scoring import SCORES
 
@@ -324,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, help="same seed and data, same weights (default 0)")
     tr.add_argument("--embedding-dim", type=int, help="embedding size (default 128)")
     tr.add_argument("--allow-flips", action="store_true", help="augment with mirrored crops (only if the part is symmetric)")
+    tr.add_argument("--input-size", type=width_by_height, metavar="WxH",
+                    help="model input in pixels (default 36x26); the station resizes the ROI to it")
     tr.set_defaults(handler=_train)
 
     ex = commands.add_parser("export", help="export a trained trunk to a self-describing ONNX model (int8 by default)")
@@ -364,12 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ONNX model; the first is the station's, others are timed raw (default: the bundled demo int8 and fp32)")
     be.add_argument("--reference", type=Path, help="reference set for the first model (default: calibrated on simulated parts)")
     be.add_argument("--parts", type=int, default=10_000, help="simulated parts for the end-to-end run (default 10000)")
-    be.add_argument("--broker", type=_host_port, help="HOST:PORT of a broker (default: a mosquitto started on loopback)")
+    be.add_argument("--broker", type=host_port, help="HOST:PORT of a broker (default: a mosquitto started on loopback)")
     be.add_argument("--json", action="store_true")
     be.set_defaults(handler=_bench)
     de = commands.add_parser("demo", help="the station on its embedded default: broker, simulated line, dashboard")
     de.add_argument("--frames", type=int, help="stop after this many verdicts; parts already being judged are still shown (default: run until Ctrl-C)")
-    de.add_argument("--broker", type=_host_port, help="HOST:PORT of an MQTT broker (default: an embedded one on loopback)")
+    de.add_argument("--broker", type=host_port, help="HOST:PORT of an MQTT broker (default: an embedded one on loopback)")
     de.add_argument("--seed", type=int, default=0, help="seed of the simulated line")
     de.add_argument("--fps", type=float, default=10.0, help="parts per second on the simulated line (default 10)")
     de.set_defaults(handler=_demo)

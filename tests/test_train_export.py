@@ -323,3 +323,13 @@ def test_calibrating_on_the_training_folder_sets_the_trained_parts_aside(checkpo
     assert statistics["n_defect"] < sum(1 for d in defects for _ in Path(d).glob("*.png"))
     assert main([*arguments, "--out", str(tmp_path / "tight"), "--min-good", "100"]) == 0
     assert "thresholds set on trained parts reject more good parts" in capsys.readouterr().err
+
+
+def test_cli_input_size_reaches_the_checkpoint_and_is_refused_when_malformed(sim_dataset, tmp_path, capsys):
+    assert main(["train", "--data", str(sim_dataset), "--out", str(tmp_path / "t.pt"), "--epochs", "1",
+                 "--input-size", "48x32"]) == 0
+    _, info = load_checkpoint(tmp_path / "t.pt")
+    assert (info["input_spec"]["width"], info["input_spec"]["height"]) == (48, 32)
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(sim_dataset), "--out", str(tmp_path / "u.pt"), "--input-size", "48by32"])
+    assert "is not WxH" in capsys.readouterr().err

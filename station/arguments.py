@@ -1,0 +1,20 @@
+"""Argument types of the `station` command: parsed where they are read, refused with a usage message."""
+from __future__ import annotations
+
+import argparse
+
+
+def host_port(text: str) -> tuple[str, int]:
+    """HOST:PORT (or :PORT for loopback) of an MQTT broker."""
+    host, _, port = text.rpartition(":")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (a port from 1 to 65535)")
+    return host or "127.0.0.1", int(port)
+
+
+def width_by_height(text: str) -> tuple[int, int]:
+    """WxH in pixels, e.g. 36x26."""
+    width, _, height = text.lower().partition("x")
+    if not (width.isdigit() and height.isdigit()) or min(int(width), int(height)) < 4:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WxH in pixels, each at least 4 (e.g. 36x26)")
+    return int(width), int(height)
