@@ -30,6 +30,10 @@ class CropSet:
     def subset(self, indices: np.ndarray) -> "CropSet":
         return CropSet(self.crops[indices], self.classes[indices], [self.items[i] for i in indices])
 
+    def join(self, other: "CropSet") -> "CropSet":
+        return CropSet(np.concatenate([self.crops, other.crops]), np.concatenate([self.classes, other.classes]),
+                       self.items + other.items)
+
 
 def load_crops(items: list[LabeledImage], spec: InputSpec, progress: bool = False) -> CropSet:
     """Read and prepare every image exactly as the station will (prepare_crop)."""

@@ -81,9 +81,7 @@ EVAL_PAIRS = 2000  # fixed pairs for the threshold (train) and the accuracy (val
 LOSSES = ("contrastive", "triplet", "center")
 LR_SCHEDULES = ("constant", "cosine")
 DEFAULT_LR_SCHEDULE = "cosine"
-# Synthetic anomalies (export/synthetic.py, Negatives): "auto" adds them when real
-# training defects are fewer than FEW_DEFECTS (all negatives when there are none),
-# "always" mixes them in, "never" trains on real defects only.
+# Synthetic anomalies: modes and shares in export/synthetic.py (Negatives).
 VAL_REJECT_RATE = 0.01  # the escape rate is read at the threshold rejecting 1 % of val goods
 ESCAPE_WEIGHT = 0.1  # criterion = AUROC - ESCAPE_WEIGHT * escape rate
 TIES_TO_LATER = True  # an equal criterion later (often a saturated 1.0) keeps the later, more settled weights
@@ -302,7 +300,7 @@ def train_split(train: list[LabeledImage], val: list[LabeledImage], out: Path, c
     split_rng, train_rng, eval_rng, val_rng = (np.random.default_rng([config.seed, k]) for k in range(4))
     if int(np.sum(~val_set.is_defect)) < 2:
         train_idx, val_idx = stratified_split(train_set.classes, VAL_FRACTION, split_rng)
-        train_set, val_set = train_set.subset(train_idx), _merge(val_set, train_set.subset(val_idx))
+        train_set, val_set = train_set.subset(train_idx), val_set.join(train_set.subset(val_idx))
     require_goods(train_set, "training")
     require_goods(val_set, "validation")
     negatives = Negatives(train_set.crops, train_set.is_defect, config.synthetic_anomalies)
@@ -371,11 +369,6 @@ def train_split(train: list[LabeledImage], val: list[LabeledImage], out: Path, c
     )
     return TrainResult(Path(out), val_accuracy, threshold, train_seconds, len(train_set.crops), len(val_set.crops),
                        count_parameters(model), val_auroc, escape, best_epoch, epochs_run, val_kind)
-
-
-def _merge(first: CropSet, second: CropSet) -> CropSet:
-    return CropSet(np.concatenate([first.crops, second.crops]), np.concatenate([first.classes, second.classes]),
-                   first.items + second.items)
 
 
 def _provenance(items: list[LabeledImage], data_root: Path | None) -> tuple[str, str]:
