@@ -177,13 +177,17 @@ def test_a_repeated_trigger_id_is_answered_and_not_judged_twice(launched, tmp_pa
     recorder = Recorder(mosquitto.host, mosquitto.port, "plant/#")
     process = launch(launched, config)
     try:
-        recorder.wait_for(lambda: recorder.json_on("/state"), what="ready")
-        time.sleep(0.5)  # the command subscription is acknowledged after the retained state is sent
+        for attempt in range(50):  # until the station's command subscription is in place (a load-proof probe)
+            recorder.publish("plant/st1/command", json.dumps({"id": f"probe-{attempt}", "cmd": "resume"}))
+            if any(a["id"].startswith("probe") for a in recorder.json_on("/command/result")):
+                break
+            time.sleep(0.2)
         for _ in range(2):
             recorder.publish("plant/st1/command", json.dumps({"id": "t-1", "cmd": "trigger", "part_id": "P1"}))
-        recorder.wait_for(lambda: len(recorder.json_on("/command/result")) >= 2, what="two answers")
+        trigger_answers = lambda: [a for a in recorder.json_on("/command/result") if a["id"] == "t-1"]
+        recorder.wait_for(lambda: len(trigger_answers()) >= 2, timeout=30, what="two answers")
         time.sleep(0.5)
-        answers = recorder.json_on("/command/result")
+        answers = trigger_answers()
         assert answers[0]["ok"] is True and answers[1]["ok"] is False and "not judged twice" in answers[1]["error"]
         assert [v["part_id"] for v in recorder.json_on("/verdict")] == ["P1"]
     finally:
