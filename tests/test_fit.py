@@ -185,3 +185,16 @@ def test_candidates_stop_when_the_next_estimate_would_overrun_the_budget(tmp_pat
     search = candidates.run_candidates(order, items, [], [], tmp_path, candidates.SearchOptions(
         budget_minutes=60, epochs=3, say=lambda line: None))
     assert search.chosen.candidate.arch == "cnn"
+
+
+def test_photos_that_only_share_gradient_signs_are_not_near_duplicates():
+    """Smooth surfaces give different photos the same difference hash; the thumbnail tells them apart."""
+    from fit.data_check import thumbnail
+
+    ramp = np.tile(np.linspace(60, 200, 40, dtype=np.float32), (30, 1))
+    darker, copy = (ramp * 0.8).astype(np.uint8), (ramp + 1).astype(np.uint8)
+    images = [ramp.astype(np.uint8), darker, copy]
+    hashes = [difference_hash(image) for image in images]
+    assert len(set(hashes)) == 1  # the hash alone would merge all three
+    groups = near_duplicate_groups(hashes, ["a", "b", "c"], np.stack([thumbnail(image) for image in images]))
+    assert groups[0] == groups[2] != groups[1]
