@@ -292,3 +292,17 @@ def test_calibrating_on_identical_goods_is_refused_with_a_reason(tmp_path, stati
     err = capsys.readouterr().err
     assert code == 65 and "the good parts are identical" in err and "Traceback" not in err
     assert not (tmp_path / "refs").exists()
+
+
+def test_an_infinite_threshold_is_refused_only_for_the_metric_that_judges(tmp_path, station_files):
+    """SOART3 can be unusable (too many goods point away): its threshold is then inf, and the set still loads."""
+    from station.core import reference_set
+    from station.core.reference_set import ReferenceSetError
+
+    folder = tmp_path / "A"
+    shutil.copytree(station_files / "refs" / "A", folder)  # judged by mahalanobis
+    spoil(folder, lambda s: s["thresholds"].update(soart3=float("inf")))
+    assert reference_set.load(folder).thresholds["soart3"] == float("inf")
+    spoil(folder, lambda s: s["thresholds"].update(mahalanobis=float("inf")))
+    with pytest.raises(ReferenceSetError, match="thresholds.mahalanobis: the chosen metric's threshold is infinite"):
+        reference_set.load(folder)

@@ -172,10 +172,13 @@ def _check_summary(summary: dict, where: Path):
     for name, value in summary["thresholds"].items():
         if name not in known:
             refuse(f"thresholds.{name}", "unknown metric")
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0 or value == float("inf"):
-            refuse(f"thresholds.{name}", f"must be a finite number >= 0, is {value!r}")
-    if summary["metric"] not in summary["thresholds"]:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+            refuse(f"thresholds.{name}", f"must be a number >= 0, is {value!r}")
+    chosen = summary["thresholds"].get(summary["metric"])
+    if chosen is None:
         refuse("thresholds", f"no threshold for the chosen metric {summary['metric']}")
+    if chosen == float("inf"):  # another metric's may be inf (unusable there); the verdict's never
+        refuse(f"thresholds.{summary['metric']}", "the chosen metric's threshold is infinite: nothing would be NG")
     if product_name_problem(summary["product"]):
         refuse("product", product_name_problem(summary["product"]))
 
