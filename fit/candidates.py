@@ -27,10 +27,6 @@ ARCH_COST = {"mlp": 1.0, "cnn": 3.0}
 # training images take ~3 minutes measured; the rest is the data check, the
 # export gate and the final scoring (~1 minute); the budget leaves 3x headroom.
 DEFAULT_BUDGET_MINUTES = 10.0
-# One torch thread: these trunks are small, and on a 2-core machine that is busy
-# with anything else two spinning threads stall each other. Measured (cnn, 10
-# epochs, 480 simulated parts, load average ~5): 1 thread 4.3 / 3.8 s, 2 threads 30.8 / 17.5 s.
-TORCH_THREADS = 1
 
 
 @dataclass(frozen=True)
@@ -51,7 +47,7 @@ class Candidate:
 
 def candidate_list(native_size: tuple[int, int]) -> list[Candidate]:
     """The ordered list; larger inputs only when the images have the pixels."""
-    first = [Candidate("mlp", "center"), Candidate("cnn", "center")]
+    first = [Candidate("cnn", "center"), Candidate("mlp", "center")]  # station train's default first
     large = [Candidate("cnn", "center", 0, LARGE_SIZE), Candidate("mlp", "center", 0, LARGE_SIZE)]
     rest = [Candidate("cnn", "contrastive"), Candidate("mlp", "contrastive"), Candidate("mlp", "center", 1),
             Candidate("cnn", "center", 1), Candidate("cnn", "triplet")]
@@ -114,6 +110,8 @@ class Search:
 def run_candidates(candidates: list[Candidate], train: list[LabeledImage], val: list[LabeledImage],
                    calibration: list[LabeledImage], workdir: Path, options: SearchOptions) -> Search:
     import torch
+
+    from export.train import TORCH_THREADS
 
     previous = torch.get_num_threads()
     torch.set_num_threads(TORCH_THREADS)
