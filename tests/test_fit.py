@@ -198,3 +198,18 @@ def test_photos_that_only_share_gradient_signs_are_not_near_duplicates():
     assert len(set(hashes)) == 1  # the hash alone would merge all three
     groups = near_duplicate_groups(hashes, ["a", "b", "c"], np.stack([thumbnail(image) for image in images]))
     assert groups[0] == groups[2] != groups[1]
+
+
+def test_the_default_candidate_holds_unless_another_is_better_beyond_noise():
+    from fit.candidates import DEFAULT_CANDIDATE, Candidate, Outcome, choose
+
+    def outcome(candidate, escaped, n_defect=44):
+        return Outcome(candidate, escape_rate=escaped / n_defect, auroc=0.98, false_reject_rate=0.05,
+                       n_good=100, n_defect=n_defect)
+
+    default, other = outcome(DEFAULT_CANDIDATE, 2), outcome(Candidate("mlp", "center"), 1)
+    assert choose([default, other]) is default  # one part fewer wrong: noise
+    better = outcome(Candidate("mlp", "center"), 0)
+    assert choose([default, better]) is better  # two parts fewer: a real difference
+    first = outcome(Candidate("mlp", "triplet"), 3)
+    assert choose([first, other]) is other  # no default among them: the best by its figures
