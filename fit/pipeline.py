@@ -18,6 +18,7 @@ from fit.candidates import DEFAULT_BUDGET_MINUTES, SearchOptions, candidate_list
 from fit.data_check import DataCheck, check_data
 from fit.split import DEFAULT_FRACTIONS, select, split_parts, split_table, require_goods
 from station.core.errors import ConfigError
+from station.core.imagefolder import image_digest
 from station.core.product import product_name_problem
 from station.core.version import __version__
 
@@ -94,10 +95,34 @@ def _fit_in(data: DataCheck, parts: list[str], out: Path, workdir: Path, options
             defect_rate=options.defect_rate, escape_cost=options.escape_cost,
             target_false_reject=options.target_false_reject, progress=options.progress, data_root=data.root,
             say=options.say))
-    shutil.copyfile(search.chosen.checkpoint, out / bundle.CHECKPOINT)
-    sample = bundle.link_folder(calibration_items, workdir / "calibration-data")
+    # The choice is made; the chosen recipe now trains on the calibration part too (more photos, as
+    # `station train` does) and keeps its own validation slice, which sets the threshold: parts the
+    # final model never saw. The test part stays untouched.
+    refit_items = train_items + calibration_items
+    threshold_items = refit(search.chosen.candidate, refit_items, out / bundle.CHECKPOINT, options, data.root)
+    sample = bundle.link_folder(refit_items, workdir / "calibration-data")
     export = bundle.export_with_fallback(out / bundle.CHECKPOINT, out / bundle.MODEL, sample, options.say)
-    return _calibrate_and_test(data, parts, out, options, search, export, calibration_items, test_items)
+    return _calibrate_and_test(data, parts, out, options, search, export, threshold_items, test_items)
+
+
+def refit(candidate, items: list, checkpoint: Path, options: FitOptions, data_root: Path) -> list:
+    """Train the chosen candidate on `items` (15 % carved out for validation); the carved-out parts."""
+    from export import train
+    from export.train import TORCH_THREADS
+    from export.trunk import load_checkpoint
+    import torch
+
+    options.say(f"final model: {candidate.name} on {len(items)} photos (train and calibration parts)")
+    config = train.TrainConfig(arch=candidate.arch, loss=candidate.loss, seed=candidate.seed,
+                               epochs=options.epochs, input_size=candidate.input_size)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(TORCH_THREADS)
+    try:
+        train.train_split(items, [], checkpoint, config, progress=options.progress, data_root=data_root)
+    finally:
+        torch.set_num_threads(previous)
+    trained = set(load_checkpoint(checkpoint)[1]["trained_on"])
+    return [item for item in items if image_digest(item.path) not in trained]
 
 
 def _calibrate_and_test(data, parts, out, options, search, export, calibration_items, test_items) -> dict:
@@ -127,9 +152,9 @@ def _calibrate_and_test(data, parts, out, options, search, export, calibration_i
 def _threshold_rule(calibration, options: FitOptions) -> str:
     chosen = calibration.fits[calibration.metric]
     if chosen.expected_cost is not None:
-        return (f"least expected cost on the calibration part: (1-p) FRR + p c ER with defect rate p "
+        return (f"least expected cost on parts the final model never saw: (1-p) FRR + p c ER with defect rate p "
                 f"{options.defect_rate:g} and escape cost c {options.escape_cost:g} false rejects")
-    return f"false-reject target on the calibration part's good parts (out of fold); requested {options.target_false_reject:g}"
+    return f"false-reject target on good parts the final model never saw (out of fold); requested {options.target_false_reject:g}"
 
 
 def _test_warnings(figures: dict, options: FitOptions) -> list[str]:
