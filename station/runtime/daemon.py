@@ -62,6 +62,7 @@ class Daemon:
         self._ended_logged = False
         self.problems: dict[str, str] = {}  # kind -> why; in the retained state
         self._unjudged_frames = 0  # paused, or the frame gave no crop
+        self.gate: PresenceGate | None = None  # trigger: presence
 
     # -- lifecycle
 
@@ -351,7 +352,7 @@ class Daemon:
             "trigger": self.config.trigger,
             "paused": self.paused,
             "problems": [f"{kind}: {text}" for kind, text in self.problems.items()],
-            "presence": self.gate.state if getattr(self, "gate", None) else None,
+            "presence": self.gate.state if self.gate else None,
             "ts": utc_timestamp(time.time()),
         }
 

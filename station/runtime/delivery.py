@@ -138,7 +138,10 @@ class Delivery:
         busy = {outbox_id for outbox_id, _ in self._inflight.values()} | set(self._ack_retry)
         window = 1 if self._careful else self.max_inflight
         while len(self._inflight) < window:
-            page = self.outbox.pending(PAGE, after_id=self._cursor)
+            # Without held topics every message after the cursor goes out: read only what fits the window
+            # (this runs on every PUBACK wake-up); with holds, skipped messages need larger pages.
+            limit = PAGE if self.holds else window - len(self._inflight) + len(busy)
+            page = self.outbox.pending(limit, after_id=self._cursor)
             for message in page:
                 if len(self._inflight) >= window:
                     return
@@ -148,7 +151,7 @@ class Delivery:
                 if not self._publish(client, message):
                     self._cursor = message.id - 1  # not sent: the next fill starts here
                     return
-            if len(page) < PAGE:
+            if len(page) < limit:
                 return
 
     @property
