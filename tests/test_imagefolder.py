@@ -62,3 +62,12 @@ def test_fingerprint_changes_with_content(tmp_path):
     assert before == dataset_fingerprint(scan_dataset(tmp_path), tmp_path)
     _write(tmp_path / "good" / "a.png", np.ones((4, 4), np.uint8))
     assert dataset_fingerprint(scan_dataset(tmp_path), tmp_path) != before
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg", ".bmp", ".tif"])
+def test_the_pixel_count_comes_from_the_header_of_every_common_format(ext):
+    from station.core.imagefolder import pixel_count
+
+    ok, encoded = cv2.imencode(ext, np.zeros((123, 457), np.uint8))
+    assert ok and pixel_count(encoded.reshape(-1)) == 123 * 457
+    assert pixel_count(np.frombuffer(b"not an image at all", np.uint8)) is None
