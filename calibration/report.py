@@ -44,12 +44,7 @@ def score_histogram(scores: np.ndarray, classes: list[str], threshold: float, me
         if values.size:
             axes.hist(values, bins=bins, alpha=0.55 if name == "good" else 0.5, label=f"{name} (n={values.size})",
                       histtype="stepfilled" if name == "good" else "step", linewidth=1.6)
-    axes.axvline(threshold, color="crimson", linestyle="--", label=f"threshold {threshold:.4g}")
-    axes.set_xlabel(f"{metric} score")
-    axes.set_ylabel("parts")
-    axes.set_title(title or f"{metric} scores by class")
-    axes.legend(fontsize=8)
-    return _png(figure)
+    return _threshold_and_labels(figure, axes, threshold, metric, "parts", title or f"{metric} scores by class")
 
 
 def roc_curve(good_scores: np.ndarray, defect_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -133,10 +128,15 @@ def log_histogram(scores: np.ndarray, classes: list[str], threshold: float, metr
     for i in escaped:
         axes.axvline(scores[i], color="black", linewidth=0.8, ymax=0.25)
         axes.annotate(classes[i], (scores[i], 1), rotation=90, fontsize=6, va="bottom")
+    return _threshold_and_labels(figure, axes, threshold, metric, "parts (log)",
+                                 title or f"{metric} scores; {escaped.size} escape(s) marked")
+
+
+def _threshold_and_labels(figure, axes, threshold: float, metric: str, ylabel: str, title: str) -> bytes:
     axes.axvline(threshold, color="crimson", linestyle="--", label=f"threshold {threshold:.4g}")
     axes.set_xlabel(f"{metric} score")
-    axes.set_ylabel("parts (log)")
-    axes.set_title(title or f"{metric} scores; {escaped.size} escape(s) marked")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
     axes.legend(fontsize=8)
     return _png(figure)
 
