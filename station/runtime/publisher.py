@@ -230,6 +230,7 @@ class Publisher:
             while not connection.lost.wait(0.2) and not self._stopping.is_set():
                 if not self._connected and time.monotonic() > answer_by:
                     self._no_answer(address)
+                    client.disconnect()  # close the unanswered socket before the next attempt
                     break
             if self._stopping.is_set():
                 return  # stop() says goodbye on this client
