@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def host_port(text: str) -> tuple[str, int]:
@@ -18,3 +19,26 @@ def width_by_height(text: str) -> tuple[int, int]:
     if not (width.isdigit() and height.isdigit()) or min(int(width), int(height)) < 4:
         raise argparse.ArgumentTypeError(f"{text!r} is not WxH in pixels, each at least 4 (e.g. 36x26)")
     return int(width), int(height)
+
+
+def verbose_everywhere(parser: argparse.ArgumentParser, commands) -> None:
+    """-v/--verbose before the subcommand and after it (`station run -c X -v`).
+
+    The subcommands' copy has no default, so it never overwrites a -v given before the subcommand.
+    """
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    for sub in commands.choices.values():
+        sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+
+
+def completion_script(parser: argparse.ArgumentParser, shell: str) -> str:
+    """A shell completion script of every subcommand and option (shtab), path arguments completing files."""
+    import shtab
+
+    parsers = [parser] + [sub for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+                          for sub in action.choices.values()]
+    for each in parsers:
+        for action in each._actions:
+            if action.type is Path:
+                action.complete = shtab.FILE
+    return shtab.complete(parser, shell)

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from station.core.version import __version__
-from station.arguments import host_port, width_by_height
+from station.arguments import completion_script, host_port, verbose_everywhere, width_by_height
 from station.core.errors import StationError
 from station.runtime.logs import configure_logging
 
@@ -165,9 +165,9 @@ def _train(args) -> int:
         epochs=args.epochs,
         seed=args.seed if args.seed is not None else train.DEFAULT_SEED,
         embedding_dim=args.embedding_dim or train.DEFAULT_EMBEDDING_DIM, allow_flips=args.allow_flips,
-        input_size=args.input_size,
+        input_size=args.input_size, members=args.members if args.members is not None else train.DEFAULT_MEMBERS,
     )
-    print(f"training {config.arch} trunk, {config.loss} loss, {config.epochs} epochs, seed {config.seed}, "
+    print(f"training {config.arch} trunk{'s' if config.members > 1 else ''} (x{config.members}), {config.loss} loss, {config.epochs} epochs, seed {config.seed}, "
           f"{config.embedding_dim}-d embedding on {args.data}")
     result = train.train(args.data, args.out, config, progress=sys.stderr.isatty())
     print(f"{result.n_train} training / {result.n_val} validation images, {result.parameters} parameters, "
@@ -183,7 +183,7 @@ def _fit(args) -> int:
 
     given = {"seed": args.seed, "budget_minutes": args.budget, "epochs": args.epochs,
              "max_candidates": args.max_candidates, "defect_rate": args.defect_rate, "escape_cost": args.escape_cost,
-             "target_false_reject": args.target_false_reject, "product": args.product}
+             "target_false_reject": args.target_false_reject, "product": args.product, "members": args.members}
     run_fit(FitOptions(data=args.data, out=args.out, progress=sys.stderr.isatty(),
                        **{key: value for key, value in given.items() if value is not None}))
     return 0
@@ -260,7 +260,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Visual inspection station: camera -> roi -> embed -> score -> verdict -> MQTT.",
     )
     parser.add_argument("--version", action="version", version=f"station {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sim = commands.add_parser("simulate", help="write a simulated inspection line (image folder, optional video)")
@@ -316,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Siamese loss: center (to the mean good embedding), contrastive (pairs), triplet (default: center)")
     tr.add_argument("--epochs", type=int, help="training epochs (default: DEFAULT_EPOCHS in export/train.py)")
     tr.add_argument("--seed", type=int, help="same seed and data, same weights (default 0)")
-    tr.add_argument("--embedding-dim", type=int, help="embedding size (default 128)")
+    tr.add_argument("--embedding-dim", type=int, help="embedding size of each trunk (default 128)")
+    tr.add_argument("--members", type=int, help="trunks trained from consecutive seeds, exported as one model (default 3)")
     tr.add_argument("--allow-flips", action="store_true", help="augment with mirrored crops (only if the part is symmetric)")
     tr.add_argument("--input-size", type=width_by_height, metavar="WxH",
                     help="model input in pixels (default 36x26); the station resizes the ROI to it")
@@ -348,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     fi.add_argument("--budget", type=float, metavar="MINUTES", help="time for candidate training (default 10)")
     fi.add_argument("--epochs", type=int, help="epochs of every candidate (default: station train's per architecture)")
     fi.add_argument("--max-candidates", type=int, help="train at most this many candidates (default: as the budget allows)")
+    fi.add_argument("--members", type=int, help="trunks of the final model, from consecutive seeds (default 3)")
     fi.add_argument("--defect-rate", type=float, help="share of defective parts on the line (default 0.05)")
     fi.add_argument("--escape-cost", type=float, help="cost of one escape in false rejects (default 20)")
     fi.add_argument("--target-false-reject", type=float,
@@ -369,6 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--seed", type=int, default=0, help="seed of the simulated line")
     de.add_argument("--fps", type=float, default=10.0, help="parts per second on the simulated line (default 10)")
     de.set_defaults(handler=_demo)
+    co = commands.add_parser("completion", help="print a shell completion script: source <(station completion bash)")
+    co.add_argument("shell", choices=("bash", "zsh", "tcsh"))
+    co.set_defaults(handler=lambda args: print(completion_script(build_parser(), args.shell)) or 0)
+    verbose_everywhere(parser, commands)
     return parser
 
 

@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -47,3 +48,46 @@ def test_the_session_broker_relays_messages(mosquitto):
         client.loop_stop()
         client.disconnect()
     assert received == [("probe/x", b"hello")]
+
+
+@pytest.mark.parametrize("argv", [["-v", "check", "-c", "x.yaml"], ["check", "-c", "x.yaml", "-v"],
+                                  ["check", "--verbose", "-c", "x.yaml"]])
+def test_verbose_is_accepted_before_and_after_the_subcommand(argv):
+    from station.cli import build_parser
+
+    assert build_parser().parse_args(argv).verbose is True
+    quiet = [a for a in argv if a not in ("-v", "--verbose")]
+    assert build_parser().parse_args(quiet).verbose is False
+
+
+def test_verbose_after_the_subcommand_turns_on_debug_logging():
+    """The parsed flag reaches the logging configuration main() sets up."""
+    code = ("import logging, sys; from station.cli import build_parser; from station.runtime.logs import "
+            "configure_logging; configure_logging(build_parser().parse_args(sys.argv[1:]).verbose); "
+            "logging.getLogger('probe').debug('debug is on')")
+    loud = subprocess.run([sys.executable, "-c", code, "run", "-c", "x.yaml", "--verbose"], capture_output=True, text=True)
+    quiet = subprocess.run([sys.executable, "-c", code, "run", "-c", "x.yaml"], capture_output=True, text=True)
+    assert "debug is on" in loud.stderr and "debug is on" not in quiet.stderr
+
+
+def _complete(script: Path, *words: str) -> list[str]:
+    """Source the script in bash and ask its completion function, as bash does on TAB."""
+    quoted = " ".join(f"'{w}'" for w in words)
+    probe = (f"source '{script}'; COMP_WORDS=({quoted}); COMP_CWORD={len(words) - 1}; "
+             f"COMP_LINE=\"${{COMP_WORDS[*]}}\"; COMP_POINT=${{#COMP_LINE}}; _shtab_station; "
+             "printf '%s\\n' \"${COMPREPLY[@]}\"")
+    done = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=30, cwd=script.parent)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def test_bash_completion_completes_subcommands_options_and_paths(tmp_path, capsys):
+    assert main(["completion", "bash"]) == 0
+    script = tmp_path / "station.bash"
+    script.write_text(capsys.readouterr().out)
+    (tmp_path / "station.yaml").write_text("station: x\n")
+    assert _complete(script, "station", "ca") == ["calibrate"]
+    assert set(_complete(script, "station", "")) >= {"run", "check", "calibrate", "bench", "completion"}
+    assert _complete(script, "station", "run", "--c") == ["--config"]
+    assert "--verbose" in _complete(script, "station", "check", "--")
+    assert _complete(script, "station", "check", "-c", "station.y") == ["station.yaml"]
