@@ -82,6 +82,19 @@ def report_path(model_path: Path) -> Path:
     return model_path.with_name(model_path.stem + ".export.json")
 
 
+def lasting_path(path, report_dir: Path) -> str | None:
+    """A path the report may name: None for a temporary one (under the system's temp folder, or a
+    hidden working folder such as `station fit`'s .fit-*, gone once the command ends); relative to
+    the report's folder when inside it, so a moved bundle stays right."""
+    if not path:
+        return None
+    path, report_dir = Path(path).absolute(), Path(report_dir).absolute()
+    temporary = Path(tempfile.gettempdir()).absolute()
+    if path.is_relative_to(temporary) or any(part.startswith(".") for part in path.parts if part not in (".", "..")):
+        return None
+    return str(path.relative_to(report_dir)) if path.is_relative_to(report_dir) else str(path)
+
+
 # ---- sample crops ------------------------------------------------------------------------
 
 
@@ -197,6 +210,7 @@ def model_metadata(info: dict, spec: InputSpec, quantization: str) -> dict[str, 
         "pixel_scale": repr(float(spec.pixel_scale)),
         "embedding_dim": str(info["embedding_dim"]),
         "arch": info["arch"],
+        "members": str(info.get("members", 1)),  # trunks of an ensemble (export/trunk.py: Ensemble)
         "quantization": quantization,
         # fp32 and static int8 are by nature; dynamic int8 through scan_per_part.
         "batch_independent": "true",
@@ -269,6 +283,8 @@ def export_model(checkpoint: Path, out: Path, options: ExportOptions = ExportOpt
             write_metadata(fp32_path, model_metadata(info, spec, "fp32"))
         write_metadata(final_path, model_metadata(info, spec, quantization))
         report = measure(model, fp32_path, final_path, batch, is_good, options, info, data_dir, quantization)
+        report["checkpoint"]["data_path"] = lasting_path(info.get("data_path"), out.parent)
+        report["sample"]["data"] = lasting_path(data_dir, out.parent) if data_dir else "noise (no data folder)"
         failures = gate_failures(report["gate"])
         report["passed"] = not failures
         report["failures"] = failures
@@ -331,7 +347,7 @@ def summary_lines(report: dict) -> list[str]:
     gate, size, latency = report["gate"], report["size"], report["latency"]
     lines = [
         f"quantization {report['quantization']}, sample {report['sample']['images']} crops "
-        f"({report['sample']['good']} good) from {report['sample']['data']}",
+        f"({report['sample']['good']} good) from {report['sample']['data'] or 'a temporary folder'}",
         f"torch vs fp32 ONNX max |diff| {gate['torch_vs_fp32_max_abs_diff']:.2e}",
     ]
     if gate["int8"] is not None:

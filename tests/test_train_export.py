@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +12,8 @@ torch = pytest.importorskip("torch", reason="the train extra is not installed")
 
 from export import onnx_export  # noqa: E402
 from export.onnx_export import ExportOptions, export_model, report_path  # noqa: E402
-from export.train import DEFAULT_LOSS, TrainConfig, center_loss, train  # noqa: E402
+from export.losses import center_loss  # noqa: E402
+from export.train import DEFAULT_LOSS, TrainConfig, train  # noqa: E402
 from export.trunk import (  # noqa: E402
     DEFAULT_TRUNK_OPTIONS, LEGACY_TRUNK_OPTIONS, build_trunk, input_spec_for, load_checkpoint, save_checkpoint,
 )
@@ -47,7 +50,7 @@ def torch_embeddings(model, images, spec):
 def test_checkpoint_is_plain_data_that_loads_with_weights_only(checkpoints, sim_dataset):
     path = checkpoints["cnn"].checkpoint
     checkpoint = torch.load(path, weights_only=True)
-    assert checkpoint["arch"] == "cnn" and checkpoint["embedding_dim"] == 128
+    assert checkpoint["arch"] == "cnn" and checkpoint["embedding_dim"] == 128 * checkpoint["members"] == 384
     assert checkpoint["input_spec"] == {"width": 36, "height": 26, "layout": "nchw", "pixel_scale": 1.0 / 255.0}
     assert checkpoint["loss"] == DEFAULT_LOSS and checkpoint["epochs"] == TINY_EPOCHS
     assert checkpoint["trunk_options"] == DEFAULT_TRUNK_OPTIONS and checkpoint["seed"] == 0
@@ -120,6 +123,9 @@ def test_int8_export_passes_the_gate_and_reports_its_figures(checkpoints, sim_da
     assert 0 < report["size"]["int8_bytes"] < report["size"]["fp32_bytes"]
     assert report["size"]["int8_bytes"] == out.stat().st_size
     assert report["latency"]["fp32_batch1_ms"] > 0 and report["latency"]["int8_batch1_ms"] > 0
+    # The sample and training folders are under the test's temp folder: the report names neither.
+    assert tempfile.gettempdir() not in report_path(out).read_text()
+    assert report["sample"]["data"] is None and report["checkpoint"]["data_path"] is None
 
     embedder = Embedder(out)
     metadata = dict(embedder.session.get_modelmeta().custom_metadata_map)
@@ -333,3 +339,15 @@ def test_cli_input_size_reaches_the_checkpoint_and_is_refused_when_malformed(sim
     with pytest.raises(SystemExit):
         main(["train", "--data", str(sim_dataset), "--out", str(tmp_path / "u.pt"), "--input-size", "48by32"])
     assert "is not WxH" in capsys.readouterr().err
+
+
+def test_the_export_report_names_lasting_paths_only(tmp_path):
+    """station fit's linked sample folder (.fit-*/calibration-data) and temp folders are left out;
+    a folder beside the model is named relative to it, any other lasting folder as it is."""
+    bundle = Path("/srv/bundles/line1")
+    assert onnx_export.lasting_path(bundle / ".fit-abc123" / "calibration-data", bundle) is None
+    assert onnx_export.lasting_path(Path(tempfile.gettempdir()) / "tmp.zwop8LVyxW" / "train", bundle) is None
+    assert onnx_export.lasting_path(tmp_path / "photos", bundle) is None
+    assert onnx_export.lasting_path(None, bundle) is None
+    assert onnx_export.lasting_path(bundle / "photos" / "train", bundle) == "photos/train"
+    assert onnx_export.lasting_path("/data/tiles/train", bundle) == "/data/tiles/train"
