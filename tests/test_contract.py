@@ -69,3 +69,24 @@ def test_the_readme_payload_examples_follow_the_schemas():
         jsonschema.validate(example, schema(name))
         if name in PUBLISHED:
             assert next(iter(example)) == "schema_version", f"README {name} example: schema_version first"
+
+
+def test_the_broker_acl_names_every_topic_the_station_uses():
+    """docs/security.md's acl_file grants each topic of Topics (write, command read) and nothing wider
+    under the station's prefix; the README names every one of them."""
+    from dataclasses import fields
+
+    from station.runtime.publisher import Topics
+
+    acl = re.search(r"^```text acl\n(.*?)^```", (ROOT / "docs" / "security.md").read_text(), re.M | re.S).group(1)
+    entries = {tuple(line.split()[1:]) for line in acl.splitlines() if line.startswith("topic ")}
+    topics = Topics.for_station("inspection", "line1-st1")
+    needed = {("read" if f.name == "command" else "write", getattr(topics, f.name)) for f in fields(Topics)}
+    assert needed <= entries, f"missing from the acl example: {needed - entries}"
+    assert not [e for e in entries if e[1].startswith("inspection/") and e[1].endswith("#")]
+    readme = (ROOT / "README.md").read_text()
+    acl_paragraph = readme[readme.index("**Broker ACL**"):].split("\n\n")[0]
+    for _, topic in entries:
+        name = topic.removeprefix("inspection/line1-st1/")
+        assert (f"…/{name}`" in acl_paragraph or f"{{station}}/{name}`" in acl_paragraph
+                or f"`topic write {topic}`" in acl_paragraph), f"README's ACL paragraph lacks {name}"
