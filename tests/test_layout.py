@@ -26,7 +26,9 @@ ALLOWED = {
                 "calibration", "export", "fit"},
 }
 # Never in the `station run` process: the model side, the tools, and their heavy libraries.
-NOT_IN_DAEMON = ("calibration", "export", "fit", "station.tools", "torch", "scipy", "matplotlib", "sklearn", "onnx")
+# prometheus_client and asyncua only when station.yaml enables prometheus: or opcua:.
+NOT_IN_DAEMON = ("calibration", "export", "fit", "station.tools", "torch", "scipy", "matplotlib", "sklearn", "onnx",
+                 "prometheus_client", "asyncua")
 
 
 def folder_of_module(module: str) -> str | None:

@@ -25,7 +25,10 @@ from pydantic import (
 from station.core.errors import ConfigError
 from station.core.product import product_name_problem
 from station.runtime.presence import PresenceSettings
-from station.runtime.sources.kinds import SIM, URL, parse_sim_source, source_kind
+from station.runtime.regions_config import Regions
+from station.runtime.config_integrations import HomeAssistantConfig, PrometheusConfig, SnapshotConfig
+from station.runtime.sources.genicam_config import GenicamField, Trigger
+from station.runtime.sources.kinds import GENICAM, SIM, URL, parse_sim_source, source_kind
 
 KeyPath = tuple[str, ...]
 # Keys that would put a secret in the file; the message says where it goes instead.
@@ -71,13 +74,14 @@ def _camera_source(value: Any, info: ValidationInfo) -> int | str:
     if kind == URL and "@" in urlsplit(value).netloc:  # the message must not repeat the URL: it holds a password
         raise ValueError("credentials in the camera URL are refused: write user:password in a file named by "
                          "camera.credentials_file, or a systemd credential named by camera.credentials_credential")
-    if kind in (SIM, URL):
+    if kind in (SIM, URL, GENICAM):
         return value
     return str(_resolve(Path(value), info))
 
 
 class CameraConfig(_Model):
     source: Annotated[int | str, BeforeValidator(_camera_source)]
+    genicam: GenicamField = None  # genicam://DEVICE only: sources/genicam_config.py
     loop: bool = False
     fps: float = Field(0.0, ge=0)
     # A network camera's user:password, never in the URL (it would reach logs and dashboards).
@@ -183,7 +187,8 @@ class StationConfig(_Model):
     reference: ConfigPath | None = None
     products: dict[ProductName, ConfigPath] | None = None
     product: ProductName | None = None
-    trigger: Literal["continuous", "mqtt", "presence"] = "continuous"
+    rois: Regions = None  # named regions, instead of roi (regions_config.py); after roi and products
+    trigger: Trigger = "continuous"  # hardware: sources/genicam_config.py
     presence: PresenceConfig = PresenceConfig()
     state_dir: ConfigPath = Field(None, validate_default=True)  # default: $STATE_DIRECTORY or /var/lib/station/<station>
     mqtt: MqttConfig = MqttConfig()
@@ -191,6 +196,9 @@ class StationConfig(_Model):
     outbox: OutboxConfig = OutboxConfig()
     keep_crops: KeepCropsConfig = KeepCropsConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    prometheus: PrometheusConfig | None = None  # config_integrations.py: observability and plant integration
+    snapshot: SnapshotConfig = SnapshotConfig()
+    homeassistant: HomeAssistantConfig = HomeAssistantConfig()
 
     @field_validator("state_dir", mode="before")
     @classmethod

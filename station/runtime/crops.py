@@ -1,4 +1,5 @@
-"""Keep NG crops (and optionally a sample of OK ones) for review and retraining.
+"""Keep NG crops (and optionally a sample of OK ones) for review and retraining: the region
+at the camera's resolution, as the quality engineer needs to see the defect.
 
 Files are named by verdict id under STATE/crops/{NG,OK}/, and the folder is
 kept under a size bound by deleting the oldest files first. A writer thread
@@ -22,6 +23,7 @@ from station.core.verdict import NG, OK
 
 log = logging.getLogger(__name__)
 QUEUE_DEPTH = 512
+QUEUE_BYTES = 64_000_000  # crops are regions at the camera's resolution: a bound in bytes as well
 FAILURE_LOG_INTERVAL = 60.0  # seconds between "cannot keep crop" warnings
 
 
@@ -37,6 +39,7 @@ class CropKeeper:
         self._files: deque[tuple[Path, int]] = deque()  # oldest first
         self._bytes = 0
         self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
+        self._queued_bytes = 0  # of crops waiting for the writer (updated by both threads: a close estimate)
         self._thread: threading.Thread | None = None
 
     @classmethod
@@ -57,7 +60,10 @@ class CropKeeper:
             self._thread = threading.Thread(target=self._write_loop, daemon=True, name="crop-keeper")
             self._thread.start()
         try:
+            if self._queued_bytes + crop.nbytes > QUEUE_BYTES:
+                raise queue.Full
             self._queue.put_nowait((crop.copy(), verdict, verdict_id))
+            self._queued_bytes += crop.nbytes
         except queue.Full:
             self.skipped += 1
             if self.skipped % 1000 == 1:
@@ -89,6 +95,7 @@ class CropKeeper:
             return
         while (item := self._queue.get()) is not None:
             self._write(*item)
+            self._queued_bytes -= item[0].nbytes
 
     def _load_existing(self):
         existing = sorted((p for p in self.folder.glob("*/*.png") if p.is_file()), key=lambda p: p.stat().st_mtime)

@@ -26,13 +26,14 @@ from station.runtime.config import StationConfig, load_config
 from station.runtime.credentials import camera_credentials
 from station.runtime.crops import CropKeeper
 from station.core.errors import ConfigError, DataError, StationError
-from station.core.preprocess import roi_problem
+from station.core.preprocess import crop, roi_problem
 from station.core.state_dir import StateLock, open_state_dir
 from station.runtime.inspector import Inspector, load_inspector
 from station.runtime.outbox import Outbox
 from station.runtime.publisher import Publisher
 from station.runtime.recorder import VerdictRecorder
-from station.runtime.stats import StationStats
+from station.runtime.stats import StationStats, stats_message
+from station.runtime.integrations import Integrations
 from station.runtime.messages import no_verdict_message, utc_timestamp, verdict_message
 from station.runtime.presence import PresenceGate
 
@@ -45,7 +46,8 @@ TRIGGER_FRAME_WAIT = 1.0
 FIRST_FRAME_WAIT = 5.0  # seconds to wait for a frame to check the ROI against before READY
 PAUSE_FLAG = "paused"  # in the state folder while paused
 # Changes that only a restart applies: they are wired into threads and connections.
-RESTART_KEYS = ("station", "camera", "mqtt", "state_dir", "trigger", "outbox", "runtime")
+RESTART_KEYS = ("station", "camera", "mqtt", "state_dir", "trigger", "outbox", "runtime", "prometheus", "homeassistant",
+                "opcua")
 
 
 class Daemon:
@@ -88,9 +90,12 @@ class Daemon:
         self.recorder = VerdictRecorder(self.outbox, self.publisher)
         self.crop_keeper = CropKeeper.for_station(config.state_dir, config.keep_crops)
         self.stats = StationStats()
+        self.integrations = Integrations(self)  # prometheus, snapshot, homeassistant, opcua
+        self.integrations.start(state_dir)
         self.publisher.start()
         self.source = open_source(config.camera.source, config.camera.loop, config.camera.fps,
-                                  max_pixels=config.camera.max_pixels, credentials=camera_credentials(config.camera))
+                                  max_pixels=config.camera.max_pixels, credentials=camera_credentials(config.camera),
+                                  genicam=config.camera.genicam, trigger=config.trigger)
         self.finite = is_finite(self.source)
         self.feed = FrameFeed(self.source, is_lossless(self.source)) if config.trigger != "mqtt" else None
         self.gate = PresenceGate(config.presence.settings()) if config.trigger == "presence" else None
@@ -166,6 +171,7 @@ class Daemon:
         if not finished:
             self.publisher.flush(timeout=FINAL_FLUSH)
         self._publish_stats()
+        self.integrations.close()
         self.crop_keeper.close()
         self.publisher.stop(clean=True)
         left = self.outbox.depth()
@@ -197,10 +203,11 @@ class Daemon:
         pending = sorted([*zip(kept, judgements), *((frame, None) for frame in missed)], key=lambda p: p[0].frame_no)
         messages = self._store_verdicts(inspector, pending, ready, part_id)
         self.publisher.notify_outbox()
-        for message, crop in zip([m for m in messages if "verdict" in m], crops):
+        for message, frame in zip([m for m in messages if "verdict" in m], kept):
             self.stats.part_judged(message["verdict"], message["latency_ms"])
-            if self.crop_keeper.wants(message["verdict"]):
-                self.crop_keeper.keep(crop, message["verdict"], message["id"])
+            if self.crop_keeper.wants(message["verdict"]):  # the region at the camera's resolution
+                self.crop_keeper.keep(crop(frame.image, inspector.roi), message["verdict"], message["id"])
+        self.integrations.judged(inspector, messages, kept)
 
     def _check_frame_shape(self, inspector: Inspector, shape: tuple):
         """A new frame size (the first frame, or the camera changed): does the ROI still fit?"""
@@ -233,7 +240,8 @@ class Daemon:
                 return no_verdict_message(station=self.config.station, seq=seq, source=frame.source,
                                           product=inspector.product, ts=ts, reason="the part left before it settled")
             return verdict_message(
-                station=self.config.station, seq=seq, source=frame.source, part_id=part_id,
+                station=self.config.station, seq=seq, source=frame.source, part_id=part_id or frame.part_id,
+                camera_ts=frame.camera_ts,
                 product=inspector.product, judgement=judgement, threshold=reference.threshold,
                 metric=reference.metric, model_id=inspector.embedder.info.short_id,
                 reference_version=reference.version,
@@ -291,9 +299,9 @@ class Daemon:
             return f"trigger mode is {self.config.trigger}; set trigger: mqtt to judge on command"
         if self.paused:
             return "station is paused"
-        frame = self.latest.get(timeout=TRIGGER_FRAME_WAIT)
+        frame, error = self.latest.for_trigger(TRIGGER_FRAME_WAIT)  # GenICam: fires TriggerSoftware
         if frame is None:
-            return f"no fresh frame from {self.source.description} within {TRIGGER_FRAME_WAIT} s"
+            return error or f"no fresh frame from {self.source.description} within {TRIGGER_FRAME_WAIT} s"
         self._inspect([frame], part_id=command.part_id)
         return None
 
@@ -358,7 +366,9 @@ class Daemon:
 
     def _publish_state(self):
         self._camera_state = self.source.state if hasattr(self, "source") else None
-        self.publisher.publish_state(self._state())
+        state = self._state()
+        self.publisher.publish_state(state)
+        self.integrations.state(state)
 
     def _publish_state_if_camera_changed(self):
         self._set_problem("mqtt", "; ".join(self.publisher.problems) or None)
@@ -368,21 +378,8 @@ class Daemon:
             self._publish_state()
 
     def _publish_stats(self):
-        capture = self.feed or self.latest
-        stats = self.stats.report(
-            captured=getattr(capture, "captured", self.stats.processed),
-            dropped=getattr(capture, "dropped", 0) + self._unjudged_frames,
-            outbox_depth=self.outbox.depth(), camera_state=self.source.state,
-            camera_reconnects=self.source.reconnects,
-        )
-        stats["verdicts_live"] = self.recorder.live_verdicts
-        stats["crops_not_kept"] = self.crop_keeper.skipped + self.crop_keeper.failed
-        stats["mqtt_refused"] = self.publisher.delivery.refused
-        stats["outbox_write_errors"] = self.recorder.write_errors
-        if self.gate is not None:
-            stats.update(parts=self.gate.parts, no_verdicts=self.gate.missed, skipped_frames=self.gate.skipped_frames)
         self._set_problem("crops", self.crop_keeper.folder_error and f"not kept: {self.crop_keeper.folder_error}")
-        self.publisher.publish_stats({"station": self.config.station, "ts": utc_timestamp(time.time()), **stats})
+        self.publisher.publish_stats(stats_message(self))
 
     def _ping_watchdog(self):
         # Pinged from the loop itself: a stuck loop stops the pings and systemd restarts us.

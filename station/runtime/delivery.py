@@ -68,6 +68,7 @@ class Delivery:
         self._stall_logged = False
         self._careful = False  # one message at a time, after a connection was lost mid-flight
         self._sole_when_lost: tuple[int, str] | None = None
+        self.on_delivered = None  # called with the outbox id of each message the broker accepted
 
     # -- paho's network thread
 
@@ -96,6 +97,8 @@ class Delivery:
             self._last_ack = time.monotonic()
             if refusal is None:
                 self._ack_retry.append(outbox_id)
+                if self.on_delivered is not None:
+                    self.on_delivered(outbox_id)
                 self._careful, self._sole_when_lost = False, None
                 self._accepted(topic, outbox_id)
             else:

@@ -108,8 +108,9 @@ class OutboxTransaction:
             "UPDATE counters SET value = value + ? WHERE name = 'seq' RETURNING value", (count,)).fetchone()[0]
         return range(last - count + 1, last + 1)
 
-    def put_many(self, topic: str, payloads: list[bytes], qos: int = 1, retain: bool = False):
-        """Insert many messages on one topic with one statement."""
+    def put_many(self, topic: str, payloads: list[bytes], qos: int = 1, retain: bool = False) -> range:
+        """Insert many messages on one topic with one statement; their ids (consecutive: one
+        connection, one transaction, AUTOINCREMENT)."""
         if len(payloads) > self._room:
             raise self._outbox._full()
         created = time.time()
@@ -117,6 +118,8 @@ class OutboxTransaction:
             "INSERT INTO messages (topic, payload, qos, retain, created) VALUES (?, ?, ?, ?, ?)",
             [(topic, bytes(p), int(qos), int(bool(retain)), created) for p in payloads])
         self._room -= len(payloads)
+        last = self._db.execute("SELECT last_insert_rowid()").fetchone()[0]
+        return range(last - len(payloads) + 1, last + 1)
 
     def put(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
         if self._room <= 0:

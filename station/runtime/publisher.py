@@ -7,6 +7,11 @@
     {prefix}/{station}/stats            JSON, not retained, dropped while offline
     {prefix}/{station}/command          subscribed; retained commands are never acted on
     {prefix}/{station}/command/result   answers to commands
+    {prefix}/{station}/snapshot         retained JPEG of the latest NG part's region, QoS 0, live (not the
+                                        Outbox), at most one a second; emptied (retained, QoS 1) at changeover
+    {ha_prefix}/sensor/{station}/{object}/config
+                                        retained Home Assistant discovery configs, QoS 1, re-sent after every
+                                        connect; empty when homeassistant.discovery is turned off
 
 Delivery: a drain thread sends Outbox messages in id order, at most
 `max_inflight` unacknowledged at once, and acks each in the Outbox only on its
@@ -53,12 +58,18 @@ class Topics:
     stats: str
     command: str
     command_result: str
+    snapshot: str
 
     @classmethod
     def for_station(cls, prefix: str, station: str) -> "Topics":
         base = f"{prefix}/{station}"
         return cls(f"{base}/verdict", f"{base}/no_verdict", f"{base}/status", f"{base}/state", f"{base}/stats",
-                   f"{base}/command", f"{base}/command/result")
+                   f"{base}/command", f"{base}/command/result", f"{base}/snapshot")
+
+    @staticmethod
+    def discovery(ha_prefix: str, station: str, object_id: str) -> str:
+        """A Home Assistant discovery config topic (one per sensor)."""
+        return f"{ha_prefix}/sensor/{station}/{object_id}/config"
 
 
 def tls_context(config: MqttConfig) -> ssl.SSLContext | None:
@@ -93,6 +104,7 @@ class Publisher:
         self.topics = Topics.for_station(config.topic_prefix, station)
         self.outbox = outbox
         self.on_command = on_command
+        self.on_queued: Callable[[range, list[dict]], None] | None = None  # outbox ids and their messages
         self.backoff = backoff or Backoff(first=1.0, ceiling=60.0)
         self._env = env
         self._lock = threading.Lock()
@@ -100,6 +112,7 @@ class Publisher:
         self._generation = 0
         self._connected = False
         self._state_payload: bytes | None = None
+        self._retained: dict[str, bytes] = {}  # topic -> retained payload re-sent after every connect
         self.mqtt5 = config.protocol == "5"
         self.delivery = Delivery(outbox, max_inflight or config.max_inflight, config.inflight_timeout)
         self._max_packet: int | None = None  # the broker's Maximum Packet Size (MQTT 5 CONNACK)
@@ -146,7 +159,10 @@ class Publisher:
         A message without a verdict (a part seen but not judged) goes to the no_verdict topic."""
         topic_of = lambda message: self.topics.verdict if "verdict" in message else self.topics.no_verdict
         for topic, run in itertools.groupby(verdicts, key=topic_of):  # in order; one statement per run
-            transaction.put_many(topic, [encode(message) for message in run], self.config.qos)
+            run = list(run)
+            ids = transaction.put_many(topic, [encode(message) for message in run], self.config.qos)
+            if self.on_queued is not None:
+                self.on_queued(ids, run)
 
     def publish_verdict_live(self, verdict: dict) -> bool:
         """Send a verdict now, bypassing the Outbox (not durable: lost if the connection drops
@@ -157,6 +173,20 @@ class Publisher:
         """Retained station state; remembered and sent again after every reconnect."""
         self._state_payload = encode(state)
         self._send(self.topics.state, self._state_payload, qos=1, retain=True)
+
+    def publish_retained(self, topic: str, payload: bytes):
+        """A retained QoS 1 message sent now and again after every reconnect (discovery configs, clears)."""
+        self._retained[topic] = payload
+        self._send(topic, payload, qos=1, retain=True)
+
+    def publish_snapshot(self, jpeg: bytes) -> bool:
+        """The latest NG picture, retained, QoS 0, live: dropped while offline (the next one supersedes it)."""
+        self._retained.pop(self.topics.snapshot, None)  # a clear waiting for a connection is superseded
+        return self._send(self.topics.snapshot, jpeg, qos=0, retain=True)
+
+    def clear_snapshot(self):
+        """Changeover: the previous product's picture goes (an empty retained message deletes it)."""
+        self.publish_retained(self.topics.snapshot, b"")
 
     def publish_stats(self, stats: dict) -> bool:
         """Periodic stats; dropped (False) while offline, the next ones supersede them."""
@@ -272,6 +302,8 @@ class Publisher:
         client.subscribe(self.topics.command, qos=1)
         if self._state_payload is not None:
             client.publish(self.topics.state, self._state_payload, qos=1, retain=True)
+        for topic, payload in list(self._retained.items()):
+            client.publish(topic, payload, qos=1, retain=True)
         with self._lock:
             self._connected = connection.generation == self._generation
         self._wake.set()

@@ -7,6 +7,7 @@ from collections import deque
 import numpy as np
 
 from station.core.verdict import OK
+from station.runtime.messages import utc_timestamp
 
 
 class StationStats:
@@ -14,6 +15,7 @@ class StationStats:
 
     def __init__(self, latency_window: int = 2048, clock=time.monotonic):
         self._clock = clock
+        self.started, self.started_wall = clock(), time.time()  # uptime from the first, start time for people
         self._latencies = deque(maxlen=latency_window)
         self.processed = 0
         self.ok = self.ng = 0
@@ -55,4 +57,26 @@ class StationStats:
             "camera_state": camera_state,
             "camera_reconnects": camera_reconnects,
             "outbox_depth": outbox_depth,
+            "started": utc_timestamp(self.started_wall),
+            "uptime_s": round(now - self.started, 3),
         }
+
+
+def stats_message(daemon) -> dict:
+    """The stats message of a running daemon (station/runtime/daemon.py): the figures of every part of it."""
+    capture = daemon.feed or daemon.latest
+    stats = daemon.stats.report(
+        captured=getattr(capture, "captured", daemon.stats.processed),
+        dropped=getattr(capture, "dropped", 0) + daemon._unjudged_frames,
+        outbox_depth=daemon.outbox.depth(), camera_state=daemon.source.state,
+        camera_reconnects=daemon.source.reconnects,
+    )
+    stats["verdicts_live"] = daemon.recorder.live_verdicts
+    stats["crops_not_kept"] = daemon.crop_keeper.skipped + daemon.crop_keeper.failed
+    stats["mqtt_refused"] = daemon.publisher.delivery.refused
+    stats["outbox_write_errors"] = daemon.recorder.write_errors
+    stats.update(daemon.source.counters())  # GenICam: camera_lost_packets, camera_incomplete_frames
+    gate = daemon.gate
+    if gate is not None:
+        stats.update(parts=gate.parts, no_verdicts=gate.missed, skipped_frames=gate.skipped_frames)
+    return {"station": daemon.config.station, "ts": utc_timestamp(time.time()), **stats}

@@ -1,0 +1,70 @@
+"""station.yaml sections for the windows around a line: Prometheus, NG snapshots,
+Home Assistant discovery, OPC UA (docs/observability.md).
+
+Each is off by default except the NG snapshot; config.py's StationConfig has
+one field per section, and the daemon wires the enabled ones at start.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+
+# Wired into threads, servers and retained messages at start: a reload logs them and a restart applies them.
+INTEGRATION_KEYS = ("prometheus", "homeassistant", "opcua")
+
+
+def _resolve(value: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base")
+    return value if value.is_absolute() or base is None else base / value
+
+
+_Path = Annotated[Path, AfterValidator(_resolve)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+class PrometheusConfig(_Section):
+    """/metrics over HTTP while the daemon runs; 0.0.0.0 for a plant's scraper, one port per station@."""
+
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(9108, ge=1, le=65535)
+
+
+class SnapshotConfig(_Section):
+    """The latest NG part's region as a retained JPEG on {prefix}/{station}/snapshot."""
+
+    ng: bool = True
+    interval: float = Field(1.0, ge=0.1)  # seconds between snapshots, at least
+    max_kb: int = Field(200, ge=8, le=10_000)  # JPEG quality is lowered (then the picture scaled) to fit
+
+
+class HomeAssistantConfig(_Section):
+    """Retained MQTT discovery configs: the station as one device in Home Assistant."""
+
+    discovery: bool = False  # false after true: the entities are removed (empty retained configs)
+    prefix: str = Field("homeassistant", pattern=r"^[^#+/\s]+(/[^#+/\s]+)*$")
+
+
+class OpcuaConfig(_Section):
+    """An OPC UA server (the `opcua` extra) with the last verdict, counters and state."""
+
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(4840, ge=1, le=65535)
+    # Basic256Sha256 (sign and encrypt) needs the server's certificate and key; "none" only when written.
+    security: list[Literal["Basic256Sha256", "none"]] = Field(["Basic256Sha256"], min_length=1)
+    certificate: _Path | None = None  # DER or PEM
+    private_key: _Path | None = None  # PEM
+    users_file: _Path | None = None  # lines user:password (mode 0600); the only way in unless anonymous
+    anonymous: bool = False  # explicit: clients without a user may read
+
+    @model_validator(mode="after")
+    def _secured(self):
+        if "Basic256Sha256" in self.security and (self.certificate is None or self.private_key is None):
+            raise ValueError("security Basic256Sha256 needs certificate and private_key (the server's)")
+        if self.users_file is None and not self.anonymous:
+            raise ValueError("give users_file (lines user:password), or anonymous: true to let anyone read")
+        return self

@@ -1,0 +1,66 @@
+"""The windows around the line, wired to the daemon in one place: Prometheus /metrics,
+the NG snapshot, Home Assistant discovery, the OPC UA server (docs/observability.md).
+
+The daemon calls four hooks: `start` (before the publisher connects), `judged`
+(after each batch is stored), `state` (whenever the retained state is published)
+and `close`. Libraries of an integration that is off are never imported.
+"""
+from __future__ import annotations
+
+import time
+
+from station.core.preprocess import crop
+from station.core.verdict import NG
+from station.runtime.discovery import Discovery
+from station.runtime.snapshot import Snapshots
+
+
+class Integrations:
+    def __init__(self, daemon):
+        self.daemon = daemon
+        self.started_wall, self.started = daemon.stats.started_wall, daemon.stats.started
+        self.prometheus = self.snapshots = self.opcua = None
+        self.discovery: Discovery | None = None
+        self._product: str | None = None
+
+    def start(self, state_dir):
+        d, config = self.daemon, self.daemon.config
+        if config.prometheus is not None:
+            from station.runtime.prometheus_metrics import PrometheusExporter
+
+            self.prometheus = PrometheusExporter(config.prometheus, d, self.started_wall, self.started)
+            d.publisher.on_queued = self.prometheus.queued
+            d.publisher.delivery.on_delivered = self.prometheus.delivered
+            self.prometheus.start()
+        if config.snapshot.ng:
+            self.snapshots = Snapshots(d.publisher, config.snapshot.interval, config.snapshot.max_kb * 1000)
+        self.discovery = Discovery(config.homeassistant, config.station, d.publisher, state_dir)
+        self.discovery.start()
+
+    def judged(self, inspector, messages: list[dict], frames: list):
+        """A stored batch: verdict messages in order, with the frames they judged."""
+        verdicts = [m for m in messages if "verdict" in m]
+        if self.snapshots is not None:
+            for message, frame in zip(verdicts, frames):
+                if message["verdict"] == NG and self.snapshots.wants():
+                    self.snapshots.offer(crop(frame.image, inspector.roi))
+        if self.opcua is not None and verdicts:
+            stats = self.daemon.stats
+            self.opcua.update(verdict=verdicts[-1]["verdict"], score=verdicts[-1]["score"], seq=verdicts[-1]["seq"],
+                              ok=stats.ok, ng=stats.ng, processed=stats.processed)
+
+    def state(self, state: dict):
+        """The retained state changed: a changeover clears the snapshot; OPC UA shows the state."""
+        product = state.get("product")
+        if self._product is not None and product != self._product and self.snapshots is not None:
+            self.snapshots.clear()
+        self._product = product
+        if self.opcua is not None:
+            self.opcua.update(product=product, camera=state["camera"], paused=state["paused"],
+                              problems="; ".join(state["problems"]), reference=state["reference"],
+                              uptime=time.monotonic() - self.started)
+
+    def close(self):
+        for part in (self.snapshots, self.opcua, self.prometheus, self.discovery):
+            if part is not None:
+                part.close()
