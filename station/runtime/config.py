@@ -26,7 +26,7 @@ from station.core.errors import ConfigError
 from station.core.product import product_name_problem
 from station.runtime.presence import PresenceSettings
 from station.runtime.regions_config import Regions
-from station.runtime.config_integrations import HomeAssistantConfig, PrometheusConfig, SnapshotConfig
+from station.runtime.config_integrations import HomeAssistantConfig, OpcuaConfig, PrometheusConfig, SnapshotConfig
 from station.runtime.sources.genicam_config import GenicamField, Trigger
 from station.runtime.sources.kinds import GENICAM, SIM, URL, parse_sim_source, source_kind
 
@@ -199,6 +199,7 @@ class StationConfig(_Model):
     prometheus: PrometheusConfig | None = None  # config_integrations.py: observability and plant integration
     snapshot: SnapshotConfig = SnapshotConfig()
     homeassistant: HomeAssistantConfig = HomeAssistantConfig()
+    opcua: OpcuaConfig | None = None
 
     @field_validator("state_dir", mode="before")
     @classmethod

@@ -36,6 +36,10 @@ class Integrations:
             self.snapshots = Snapshots(d.publisher, config.snapshot.interval, config.snapshot.max_kb * 1000)
         self.discovery = Discovery(config.homeassistant, config.station, d.publisher, state_dir)
         self.discovery.start()
+        if config.opcua is not None:
+            from station.runtime.opcua_server import start_opcua
+
+            self.opcua = start_opcua(config.opcua, config.station, self.started_wall)
 
     def judged(self, inspector, messages: list[dict], frames: list):
         """A stored batch: verdict messages in order, with the frames they judged."""
