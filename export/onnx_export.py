@@ -1,7 +1,7 @@
 """`station export`: checkpoint -> self-describing ONNX (int8 by default), gated.
 
     torch trunk --torch.onnx.export--> fp32.onnx --quant_pre_process-->
-    --quantize_dynamic + Scan per part | quantize_static (QDQ)--> int8.onnx --metadata--> gate --> --out
+    --quantize_dynamic + per-part scales | quantize_static (QDQ)--> int8.onnx --metadata--> gate --> --out
 
 Everything is built in a temporary folder beside --out and moved into place
 only after the gate passes, so a drifting model never reaches a station.
@@ -37,7 +37,7 @@ from export.gate import (  # noqa: F401  (limits re-exported: callers read them 
     MAX_TORCH_ONNX_DIFF, MIN_MEAN_COSINE, MIN_VERDICT_AGREEMENT, REFERENCE_P, REFERENCE_QUANTILE, gate_failures,
     int8_figures,
 )
-from export.per_part import scan_per_part
+from export.per_row import per_row_dynamic
 from export.trunk import fold_batchnorm, load_checkpoint
 
 OPSET = 17  # fixed: the version onnxruntime.quantization handles for these ops
@@ -162,8 +162,8 @@ def quantize(fp32_path: Path, int8_path: Path, mode: str, calib_batch: np.ndarra
         # Shape inference and graph fusions first, as onnxruntime recommends.
         quant_pre_process(str(fp32_path), str(prepared))
         _run_quantizer(prepared, int8_path, mode, calib_batch, reduce_range)
-        if mode == "dynamic":
-            scan_per_part(int8_path)
+        if mode == "dynamic":  # one activation scale per part: batch-independent, batched (export/per_row.py)
+            per_row_dynamic(int8_path)
     finally:
         logging.disable(logging.NOTSET)
 
@@ -212,7 +212,7 @@ def model_metadata(info: dict, spec: InputSpec, quantization: str) -> dict[str, 
         "arch": info["arch"],
         "members": str(info.get("members", 1)),  # trunks of an ensemble (export/trunk.py: Ensemble)
         "quantization": quantization,
-        # fp32 and static int8 are by nature; dynamic int8 through scan_per_part.
+        # fp32 and static int8 are by nature; dynamic int8 through per_row_dynamic.
         "batch_independent": "true",
         "data_fingerprint": info.get("data_fingerprint", ""),
         "trained_on": ",".join(info.get("trained_on", [])),  # image digests; calibration sets them aside

@@ -6,6 +6,7 @@ station compares its embedding with the mean embedding of good parts.
 from __future__ import annotations
 
 import copy
+import math
 import os
 from pathlib import Path
 
@@ -113,6 +114,22 @@ class CnnTrunk(_Trunk):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.flatten(self.features(x), 1))
+
+
+class Ensemble(nn.Module):
+    """Several trunks as one model: their unit embeddings side by side, scaled back to unit length.
+
+    The distance to the mean good embedding is then the members' distances pooled
+    (squared Euclidean: their mean), so no member's seed decides alone.
+    """
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.scale = 1.0 / math.sqrt(len(members))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([member(x) for member in self.members], dim=1) * self.scale
 
 
 def input_spec_for(arch: str, width: int = 36, height: int = 26) -> InputSpec:
@@ -230,7 +247,12 @@ def load_checkpoint(path) -> tuple[nn.Module, dict]:
         raise ModelError(f"{path}: not a {CHECKPOINT_FORMAT} checkpoint (missing {', '.join(missing) or 'format'})")
     spec = InputSpec(**checkpoint["input_spec"])
     options = checkpoint.get("trunk_options", LEGACY_TRUNK_OPTIONS)
-    model = build_trunk(checkpoint["arch"], checkpoint["embedding_dim"], spec, options)
+    members = int(checkpoint.get("members", 1))  # checkpoints before ensembles hold one trunk
+    if members > 1:
+        model = Ensemble([build_trunk(checkpoint["arch"], checkpoint["embedding_dim"] // members, spec, options)
+                          for _ in range(members)])
+    else:
+        model = build_trunk(checkpoint["arch"], checkpoint["embedding_dim"], spec, options)
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as exc:

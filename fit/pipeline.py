@@ -37,6 +37,7 @@ class FitOptions:
     escape_cost: float = calibration_fit.DEFAULT_ESCAPE_COST
     target_false_reject: float = calibration_fit.DEFAULT_TARGET_FALSE_REJECT
     product: str | None = None
+    members: int | None = None  # trunks of the final model; None: export/train.py's DEFAULT_MEMBERS
     progress: bool = False
     say: object = print
 
@@ -49,6 +50,8 @@ class FitOptions:
             raise ConfigError(f"--escape-cost {self.escape_cost} must be positive (false rejects per escape)")
         if not 0 < self.target_false_reject < 0.5:
             raise ConfigError(f"--target-false-reject {self.target_false_reject} must lie between 0 and 0.5")
+        if self.members is not None and self.members < 1:
+            raise ConfigError(f"--members {self.members} must be at least 1")
         if self.epochs is not None and self.epochs < 1:
             raise ConfigError(f"--epochs {self.epochs} must be at least 1")
         if (Path(self.out) / bundle.FIT_JSON).exists():
@@ -112,9 +115,11 @@ def refit(candidate, items: list, checkpoint: Path, options: FitOptions, data_ro
     from export.trunk import load_checkpoint
     import torch
 
-    options.say(f"final model: {candidate.name} on {len(items)} photos (train and calibration parts)")
     config = train.TrainConfig(arch=candidate.arch, loss=candidate.loss, seed=candidate.seed,
-                               epochs=options.epochs, input_size=candidate.input_size)
+                               epochs=options.epochs, input_size=candidate.input_size,
+                               members=options.members if options.members is not None else train.DEFAULT_MEMBERS)
+    options.say(f"final model: {candidate.name}, {config.members} trunk{'s' if config.members > 1 else ''} from "
+                f"consecutive seeds, on {len(items)} photos (train and calibration parts)")
     previous = torch.get_num_threads()
     torch.set_num_threads(TORCH_THREADS)
     try:

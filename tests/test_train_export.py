@@ -31,7 +31,7 @@ def checkpoints(sim_dataset, tmp_path_factory):
     """One briefly trained checkpoint per architecture (shared, read only)."""
     folder = tmp_path_factory.mktemp("checkpoints")
     return {
-        arch: train(sim_dataset, folder / f"{arch}.pt", TrainConfig(arch=arch, epochs=TINY_EPOCHS), progress=False)
+        arch: train(sim_dataset, folder / f"{arch}.pt", TrainConfig(arch=arch, epochs=TINY_EPOCHS, members=1), progress=False)
         for arch in ("mlp", "cnn")
     }
 
@@ -50,7 +50,7 @@ def torch_embeddings(model, images, spec):
 def test_checkpoint_is_plain_data_that_loads_with_weights_only(checkpoints, sim_dataset):
     path = checkpoints["cnn"].checkpoint
     checkpoint = torch.load(path, weights_only=True)
-    assert checkpoint["arch"] == "cnn" and checkpoint["embedding_dim"] == 128 * checkpoint["members"] == 384
+    assert checkpoint["arch"] == "cnn" and checkpoint["embedding_dim"] == 128 and checkpoint["members"] == 1
     assert checkpoint["input_spec"] == {"width": 36, "height": 26, "layout": "nchw", "pixel_scale": 1.0 / 255.0}
     assert checkpoint["loss"] == DEFAULT_LOSS and checkpoint["epochs"] == TINY_EPOCHS
     assert checkpoint["trunk_options"] == DEFAULT_TRUNK_OPTIONS and checkpoint["seed"] == 0
@@ -208,7 +208,8 @@ def test_cli_train_then_export_end_to_end(sim_dataset, tmp_path, capsys):
     assert "verdict agreement" in out and "batch-1 latency" in out
     embedder = Embedder(model)
     assert embedder.info.arch == "cnn" and embedder.input_spec.layout == "nchw"
-    assert embedder.embed_images(images_of(sim_dataset, 8)).shape == (8, 128)
+    assert embedder.info.extra["members"] == "3"  # the default: an ensemble of three trunks
+    assert embedder.embed_images(images_of(sim_dataset, 8)).shape == (8, 3 * 128)
 
 
 def test_cli_refuses_a_drifting_model_with_a_message(sim_dataset, tmp_path, capsys):
@@ -272,7 +273,7 @@ def test_an_exported_dynamic_int8_model_judges_each_part_alone_even_when_batched
     spike = np.zeros_like(batch[:1])
     spike.reshape(-1)[0] = 1.0  # one bright pixel: ~30 after standardization, it widens a batch's int8 range
     batch = np.concatenate([batch, spike])
-    whole = embedder.session.run(None, {"input": batch})[0]  # one call, the graph loops
+    whole = embedder.session.run(None, {"input": batch})[0]  # one call, a scale per part (export/per_row.py)
     for i in range(len(batch)):
         np.testing.assert_array_equal(whole[i], embedder.session.run(None, {"input": batch[i : i + 1]})[0][0])
     np.testing.assert_array_equal(embedder.embed(batch), whole)

@@ -39,9 +39,9 @@ def test_goods_only_trains_on_synthetic_anomalies_and_exports_int8(sim_dataset, 
     assert info["best_epoch"] == result.best_epoch and info["val_auroc"] == result.val_auroc
     out = tmp_path / "goods.onnx"
     report = export_model(result.checkpoint, out)
-    assert report["passed"]
+    assert report["passed"], report["failures"]
     images = [read_image(item.path) for item in val[:5]]
-    assert Embedder(out).embed_images(images).shape == (5, 128)
+    assert Embedder(out).embed_images(images).shape == (5, 3 * 128)  # the default ensemble: three trunks
 
 
 def test_never_synthetic_without_defects_is_refused(sim_dataset, tmp_path):
@@ -69,7 +69,7 @@ def test_early_stopping_keeps_the_best_epochs_weights(sim_dataset, tmp_path, mon
     monkeypatch.setattr(train_module, "held_out_figures", fake_figures)
     monkeypatch.setattr(train_module, "EVAL_EVERY", 5)
     train, val = split(sim_dataset)
-    result = train_split(train, val, tmp_path / "es.pt", TrainConfig(epochs=40, patience=10))
+    result = train_split(train, val, tmp_path / "es.pt", TrainConfig(epochs=40, patience=10, members=1))
     assert (result.best_epoch, result.epochs_run, result.val_auroc) == (10, 20, 0.90)
     assert len(seen) == 4
     kept = torch.load(tmp_path / "es.pt", weights_only=True)
@@ -81,7 +81,7 @@ def test_early_stopping_keeps_the_best_epochs_weights(sim_dataset, tmp_path, mon
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
 def test_input_size_reaches_the_exported_metadata_and_the_embedder(sim_dataset, tmp_path, arch):
     train, val = split(sim_dataset)
-    config = TrainConfig(arch=arch, epochs=1, input_size=(48, 32))
+    config = TrainConfig(arch=arch, epochs=1, input_size=(48, 32), members=1)
     result = train_split(train, val, tmp_path / "big.pt", config, data_root=sim_dataset)
     assert torch.load(result.checkpoint, weights_only=True)["input_spec"]["width"] == 48
     out = tmp_path / "big.onnx"
@@ -162,3 +162,23 @@ def test_auroc_counts_ties_half():
     assert auroc(np.array([0.1, 0.2]), np.array([0.3, 0.4])) == 1.0
     assert auroc(np.array([0.3, 0.4]), np.array([0.1, 0.2])) == 0.0
     assert auroc(np.array([0.5, 0.5]), np.array([0.5])) == 0.5
+
+
+def test_an_ensemble_is_its_members_side_by_side_each_from_its_own_seed(sim_dataset, tmp_path):
+    """Member k trains from seed + k on the same parts and val slice; the model concatenates their
+    unit embeddings scaled back to unit length, and a one-member model is the plain trunk."""
+    train, val = split(sim_dataset)
+    single = train_split(train, val, tmp_path / "one.pt", TrainConfig(epochs=2, members=1, seed=4))
+    pair = train_split(train, val, tmp_path / "two.pt", TrainConfig(epochs=2, members=2, seed=4))
+    one, _ = load_checkpoint(single.checkpoint)
+    two, info = load_checkpoint(pair.checkpoint)
+    assert info["members"] == 2 and info["embedding_dim"] == 256 and len(info["member_best_epochs"]) == 2
+    assert info["trained_on"] == load_checkpoint(single.checkpoint)[1]["trained_on"]  # one split for all
+    crops = torch.from_numpy(np.random.default_rng(0).random((6, 1, 26, 36), dtype=np.float32))
+    with torch.no_grad():
+        joined, alone = two(crops).numpy(), one(crops).numpy()
+    np.testing.assert_allclose(np.linalg.norm(joined, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(joined[:, :128] * np.sqrt(2), alone, atol=1e-5)  # member 0 is the seed-4 trunk
+    assert not np.allclose(joined[:, :128], joined[:, 128:], atol=1e-3)  # member 1 is another trunk
+    with pytest.raises(ConfigError, match="--members"):
+        TrainConfig(members=0).check()

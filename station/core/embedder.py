@@ -17,7 +17,7 @@ from station.core.preprocess import InputSpec, Roi, preprocess
 
 # Keys of the model's metadata_props; `station export` writes every one.
 REQUIRED_METADATA = ("input_width", "input_height", "input_layout", "pixel_scale", "embedding_dim", "arch", "quantization")
-OPTIONAL_METADATA = ("batch_independent", "data_fingerprint", "trained_on", "created", "station_version")
+OPTIONAL_METADATA = ("members", "batch_independent", "data_fingerprint", "trained_on", "created", "station_version")
 INPUT_NAME = "input"
 OUTPUT_NAME = "embedding"
 
