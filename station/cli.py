@@ -241,7 +241,7 @@ def _bench(args) -> int:
 
         args.model = [DEMO_MODEL] + ([DEMO_MODEL_FP32] if DEMO_MODEL_FP32.exists() else [])
     progress = (lambda text: print(text, file=sys.stderr))
-    figures = bench.run_bench(args.model, args.reference, args.parts, args.broker, progress=progress)
+    figures = bench.run_bench(args.model, args.reference, args.parts, args.broker, progress, args.integrations)
     print(bench.to_json(figures) if args.json else bench.format_table(figures))
     return 0
 
@@ -362,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--reference", type=Path, help="reference set for the first model (default: calibrated on simulated parts)")
     be.add_argument("--parts", type=int, default=10_000, help="simulated parts for the end-to-end run (default 10000)")
     be.add_argument("--broker", type=host_port, help="HOST:PORT of a broker (default: a mosquitto started on loopback)")
+    be.add_argument("--integrations", action="store_true", help="also 3 end-to-end runs each with metrics+snapshot+discovery on/off")
     be.add_argument("--json", action="store_true")
     be.set_defaults(handler=_bench)
     de = commands.add_parser("demo", help="the station on its embedded default: broker, simulated line, dashboard")

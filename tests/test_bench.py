@@ -6,7 +6,8 @@ import sys
 
 def test_bench_reports_stages_raw_models_tuning_and_the_daemon_end_to_end(mosquitto):
     done = subprocess.run(
-        [sys.executable, "-m", "station", "bench", "--parts", "150", "--json", "--broker", f"127.0.0.1:{mosquitto.port}"],
+        [sys.executable, "-m", "station", "bench", "--parts", "150", "--json", "--broker", f"127.0.0.1:{mosquitto.port}",
+         "--integrations"],
         capture_output=True, text=True, timeout=240,
     )
     assert done.returncode == 0, done.stderr
@@ -20,3 +21,6 @@ def test_bench_reports_stages_raw_models_tuning_and_the_daemon_end_to_end(mosqui
     assert end_to_end["parts"] == 150 and end_to_end["verdicts_per_s"] > 0
     assert end_to_end["torch_loaded"] is False and end_to_end["peak_rss_mib"] > 30 and end_to_end["ready_s"] > 0
     assert figures["per_verdict_over_raw"] > 0
+    cost = figures["integrations"]  # metrics, snapshot and discovery: off and on, 3 runs each
+    assert len(cost["off_verdicts_per_s"]) == len(cost["on_verdicts_per_s"]) == 3
+    assert cost["on_median"] > 0 and cost["off_median"] > 0 and "cost_percent" in cost

@@ -162,14 +162,19 @@ def session_tuning(model: Path, runs: int = STAGE_RUNS) -> dict:
 # -- end to end --------------------------------------------------------------
 
 
-def end_to_end(model: Path, reference: Path, parts: Path, broker: tuple[str, int], workdir: Path) -> dict:
-    """The real daemon over a folder of parts to the broker at QoS 1 with the durable outbox."""
+def end_to_end(model: Path, reference: Path, parts: Path, broker: tuple[str, int], workdir: Path,
+               integrations: bool = False) -> dict:
+    """The real daemon over a folder of parts to the broker at QoS 1 with the durable outbox;
+    with `integrations`, Prometheus /metrics, the NG snapshot and Home Assistant discovery on."""
     n_parts = sum(1 for _ in parts.rglob("*.png"))
     model, reference = Path(model).resolve(), Path(reference).resolve()  # the config lives elsewhere
+    workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "station.yaml"
     config.write_text(
         f"station: bench\ncamera: {{source: {parts}}}\nmodel: {model}\nreference: {reference}\n"
         f"state_dir: {workdir / 'state'}\nmqtt: {{host: {broker[0]}, port: {broker[1]}, qos: 1}}\n"
+        + (f"prometheus: {{port: {_free_port()}}}\nhomeassistant: {{discovery: true}}\n" if integrations
+           else "snapshot: {ng: false}\n")
     )
     notify_path = workdir / "notify.sock"
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -198,6 +203,25 @@ def end_to_end(model: Path, reference: Path, parts: Path, broker: tuple[str, int
         "peak_rss_mib": round(peak_kib / 1024, 1),
         "torch_loaded": torch_loaded,
     }
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def integration_cost(model: Path, reference: Path, parts: Path, broker: tuple[str, int], workdir: Path,
+                     runs: int = 3) -> dict:
+    """verdicts/s end to end with metrics, snapshot and discovery off and on, alternating; medians."""
+    figures = {"off": [], "on": []}
+    for run in range(runs):
+        for label in ("off", "on"):
+            e2e = end_to_end(model, reference, parts, broker, workdir / f"{label}-{run}", integrations=label == "on")
+            figures[label].append(e2e["verdicts_per_s"])
+    off, on = (float(np.median(figures[label])) for label in ("off", "on"))
+    return {"runs": runs, "off_verdicts_per_s": figures["off"], "on_verdicts_per_s": figures["on"],
+            "off_median": off, "on_median": on, "cost_percent": round(100.0 * (off - on) / off, 1)}
 
 
 def _wait_ready(notify: socket.socket, process, timeout: float = 30.0) -> float:
@@ -235,7 +259,7 @@ def _maps_mention(pid: int, word: str) -> bool:
 
 
 def run_bench(models: list[Path], reference: Path | None, n_parts: int, broker: tuple[str, int] | None,
-              progress=print) -> dict:
+              progress=print, integrations: bool = False) -> dict:
     from calibration import workflow
     from station.core.embedder import Embedder
     from station.tools.simulate import write_dataset
@@ -260,7 +284,10 @@ def run_bench(models: list[Path], reference: Path | None, n_parts: int, broker: 
             raw = {str(m): raw_onnxruntime(m) for m in models}
             tuning = session_tuning(models[0])
             progress(f"running the daemon over {n_parts} parts ...")
-            e2e = end_to_end(models[0], reference, parts, broker, workdir)
+            e2e = end_to_end(models[0], reference, parts, broker, workdir / "e2e")
+            if integrations:
+                progress("metrics, snapshot and discovery off and on, 3 runs each ...")
+                cost = integration_cost(models[0], reference, parts, broker, workdir / "integrations")
         finally:
             if local:
                 local.stop()
@@ -276,6 +303,7 @@ def run_bench(models: list[Path], reference: Path | None, n_parts: int, broker: 
         "end_to_end": e2e,
         "per_verdict_us": round(per_verdict_us, 2),
         "per_verdict_over_raw": round(per_verdict_us / raw_p50, 2),
+        **({"integrations": cost} if integrations else {}),
     }
 
 
@@ -300,6 +328,10 @@ def format_table(figures: dict) -> str:
         f"per-verdict cost {figures['per_verdict_us']:.1f} µs = {figures['per_verdict_over_raw']:.1f}x raw onnxruntime",
         f"peak RSS {e2e['peak_rss_mib']:.1f} MiB, READY after {e2e['ready_s']:.2f} s, torch loaded: {e2e['torch_loaded']}",
     ]
+    if "integrations" in figures:
+        cost = figures["integrations"]
+        lines.append(f"metrics+snapshot+discovery: {cost['on_median']:.0f} verdicts/s on, {cost['off_median']:.0f} off "
+                     f"(median of {cost['runs']} each): {cost['cost_percent']:+.1f} % cost")
     return "\n".join(lines)
 
 
