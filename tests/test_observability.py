@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 import urllib.request
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -71,6 +73,10 @@ def test_metrics_count_the_verdicts_the_broker_acknowledged(tmp_path, station_fi
         assert value(samples, "station_outbox_depth") >= 0
         assert value(samples, "station_uptime_seconds") > 0
         assert abs(value(samples, "station_start_time_seconds") - time.time()) < 300
+        # The Grafana dashboard in docs/ reads only what is served.
+        dashboard = (Path(__file__).parent.parent / "docs" / "grafana-station.json").read_text()
+        wanted = set(re.findall(r"\bstation_[a-z_]+", dashboard)) - {"station_uptime_seconds, instance"}
+        assert wanted and wanted <= set(samples), f"the dashboard reads metrics not served: {wanted - set(samples)}"
     finally:
         process.terminate()
         code = output.finish(30)
