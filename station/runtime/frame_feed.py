@@ -14,6 +14,11 @@ from station.runtime.sources import Frame, FrameSource
 log = logging.getLogger(__name__)
 
 
+def _no_wait_for_a_trigger(source: FrameSource, timeout: float) -> float:
+    """A camera that waits for its trigger (GenICam, trigger: hardware or mqtt) has no frame to peek at."""
+    return 0.0 if getattr(source, "waits_for_trigger", False) else timeout
+
+
 class LatestFrame:
     """For trigger mode: drains a source in a thread and keeps only the freshest frame."""
 
@@ -45,6 +50,7 @@ class LatestFrame:
 
     def peek(self, timeout: float) -> Frame | None:
         """The freshest frame, left for get(); None when none came within timeout."""
+        timeout = _no_wait_for_a_trigger(self.source, timeout)
         with self._changed:
             self._changed.wait_for(lambda: self._ended or self._latest is not None, timeout)
             return self._latest
@@ -59,6 +65,17 @@ class LatestFrame:
                 return None  # ended with nothing new
             self._taken = self._latest.frame_no
             return self._latest
+
+    def for_trigger(self, timeout: float) -> tuple[Frame | None, str | None]:
+        """(frame, error) for an MQTT trigger: a camera with a software trigger (GenICam) takes the
+        part's frame now; other sources give their freshest frame."""
+        fire = getattr(self.source, "software_trigger", None)
+        if fire is not None:
+            self.get(timeout=0)  # a frame taken before this trigger is not this part's
+            error = fire()
+            if error is not None:
+                return None, error
+        return self.get(timeout=timeout), None
 
     def close(self, timeout: float = 3.0):
         self.source.close()
@@ -126,6 +143,7 @@ class FrameFeed:
 
     def peek(self, timeout: float) -> Frame | None:
         """The next frame, left in the queue; None when none came within timeout (or the source ended)."""
+        timeout = _no_wait_for_a_trigger(self.source, timeout)
         with self._changed:
             self._changed.wait_for(lambda: self._frames or self._ended, timeout)
             return self._frames[0] if self._frames else None

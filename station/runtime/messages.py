@@ -37,9 +37,10 @@ def _finite_or_none(value: float) -> float | None:
 def verdict_message(
     *, station: str, seq: int, source: str, part_id: str | None, product: str, judgement: Judgement,
     threshold: float, metric: str, model_id: str, reference_version: int, latency_ms: float, ts: str,
-    verdict_id: str | None = None,
+    verdict_id: str | None = None, camera_ts: int | None = None,
 ) -> dict:
-    return {
+    """`camera_ts`: the camera's own timestamp of the frame (GenICam), in ns of its clock; only then in the message."""
+    message = {
         "station": station,
         "seq": seq,
         "id": verdict_id or str(uuid.uuid4()),
@@ -56,6 +57,9 @@ def verdict_message(
         "reference": reference_version,
         "latency_ms": round(latency_ms, 3),
     }
+    if camera_ts is not None:
+        message["camera_ts_ns"] = camera_ts
+    return message
 
 
 def no_verdict_message(*, station: str, seq: int, source: str, product: str, ts: str, reason: str) -> dict:

@@ -17,7 +17,7 @@ from station.runtime.frame_feed import LatestFrame
 from station.runtime.credentials import camera_credentials, read_password
 from station.runtime.publisher import tls_context
 from station.runtime.sources import open_source
-from station.runtime.sources.kinds import DEVICE, FILE, source_kind
+from station.runtime.sources.kinds import DEVICE, FILE, GENICAM, source_kind
 
 FRAME_WAIT = 5.0  # seconds to wait for a frame of a network stream
 
@@ -82,6 +82,8 @@ def _roi_against_a_frame(config: StationConfig) -> tuple[str | None, str]:
 
     Files, folders, sim:// and network streams can be read beside a running
     station; a V4L2 device streams to one process, so it is left to `run`.
+    A GenICam camera is connected with the configured settings, in free run
+    for one frame, and named.
     """
     roi = config.roi.to_roi() if config.roi else None
     kind = source_kind(config.camera.source)
@@ -91,20 +93,23 @@ def _roi_against_a_frame(config: StationConfig) -> tuple[str | None, str]:
         return None, "roi: not checked against a frame (a V4L2 device streams to one process; `run` checks it at start)"
     try:
         source = open_source(config.camera.source, max_pixels=config.camera.max_pixels,
-                             credentials=camera_credentials(config.camera))
-    except StationError:
-        return None, ""  # reported among the file problems
+                             credentials=camera_credentials(config.camera), genicam=config.camera.genicam)
+    except StationError as exc:  # GenICam without Aravis installed; the rest is reported among the file problems
+        return (f"camera.source: {exc}" if kind == GENICAM else None), ""
     try:
         frame = next(iter(_first_frames(source)), None)
     except StationError as exc:
         return f"camera.source: {exc}", ""
     finally:
         source.close()
+    if frame is None and getattr(source, "last_error", None):  # GenICam: no camera, or a setting it refused
+        return f"camera.source: {source.last_error}", ""
     if frame is None:
         return None, f"roi: not checked: no frame from {source.description} within {FRAME_WAIT:g} s"
     height, width = frame.image.shape[:2]
     problem = roi_problem(roi, frame.image.shape)
-    return (f"roi: {problem}" if problem else None), f"roi: fits the {width}x{height} frames of {source.description}"
+    camera = f"camera {source.camera_name} ({', '.join(source.applied)}); " if kind == GENICAM else ""
+    return (f"roi: {problem}" if problem else None), f"{camera}roi: fits the {width}x{height} frames of {source.description}"
 
 
 def _first_frames(source):

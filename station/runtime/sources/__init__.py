@@ -6,8 +6,9 @@
     source.state                  # "ok" | "reconnecting" | "ended"
 
 One module per kind: folder.py (image folders), simulated.py (sim://),
-capture.py (V4L2 devices, RTSP/HTTP streams, video files); kinds.py says
-which kind a configured `camera.source` is.
+capture.py (V4L2 devices, RTSP/HTTP streams, video files), genicam.py
+(GigE Vision / USB3 Vision through Aravis, imported only when used); kinds.py
+says which kind a configured `camera.source` is.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from station.runtime.sources.base import ENDED, OK, RECONNECTING, Frame, FrameSo
 from station.runtime.sources.capture import CaptureSource
 from station.runtime.sources.folder import FolderSource
 from station.runtime.sources.kinds import (
-    DEVICE, FILE, FOLDER, SIM, URL, is_stored_media, parse_sim_source, source_kind, with_credentials,
+    DEVICE, FILE, FOLDER, GENICAM, SIM, URL, is_stored_media, parse_sim_source, source_kind, with_credentials,
 )
 from station.runtime.sources.simulated import SimSource
 
@@ -27,8 +28,9 @@ __all__ = ["ENDED", "OK", "RECONNECTING", "CaptureSource", "FolderSource", "Fram
 
 
 def open_source(source: int | str | Path, loop: bool = False, fps: float = 0.0, *, max_pixels: int | None = None,
-                credentials: tuple[str, str] | None = None) -> FrameSource:
-    """The source for a configured `camera.source`; `credentials` (user, password) for network cameras."""
+                credentials: tuple[str, str] | None = None, genicam=None, trigger: str | None = None) -> FrameSource:
+    """The source for a configured `camera.source`; `credentials` (user, password) for network cameras;
+    `genicam` (camera.genicam settings) and `trigger` (the station's trigger) for genicam:// cameras."""
     try:
         kind = source_kind(source)
         if kind == SIM:
@@ -36,6 +38,10 @@ def open_source(source: int | str | Path, loop: bool = False, fps: float = 0.0, 
             return SimSource(seed, count, loop, fps)
     except ValueError as exc:
         raise DataError(str(exc)) from None
+    if kind == GENICAM:
+        from station.runtime.sources.genicam import GenicamSource  # imports Aravis (gi): only for these cameras
+
+        return GenicamSource(str(source), genicam, trigger, fps)
     if kind == DEVICE:
         return CaptureSource(int(source) if str(source).isdigit() else str(source), DEVICE, fps=fps)
     if kind == URL:
@@ -55,5 +61,7 @@ def is_finite(source: FrameSource) -> bool:
 
 
 def is_lossless(source: FrameSource) -> bool:
-    """Every frame matters (stored media); live cameras only need the freshest."""
+    """Every frame matters (stored media, a camera's own trigger); live cameras only need the freshest."""
+    if hasattr(source, "every_frame_is_a_part"):  # GenICam: triggered by the camera, or free run
+        return source.every_frame_is_a_part
     return not isinstance(source, CaptureSource) or is_stored_media(source.kind)

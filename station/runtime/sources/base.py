@@ -30,6 +30,8 @@ class Frame:
     source: str  # file name, frame number in a video, device or URL (without credentials)
     frame_no: int  # counts every frame this source delivered, from 0
     grabbed_at: float  # time.monotonic() when grabbed
+    camera_ts: int | None = None  # the camera's own timestamp (ns, its clock): GenICam cameras
+    part_id: str | None = None  # the camera's trigger counted parts (trigger: hardware)
 
 
 class FrameSource:
@@ -60,6 +62,10 @@ class FrameSource:
 
     def _frames(self) -> Iterator[Frame]:
         raise NotImplementedError
+
+    def counters(self) -> dict:
+        """Source figures for the stats message (GenICam: lost packets, incomplete frames)."""
+        return {}
 
     def _frame(self, image: np.ndarray, source: str, grabbed_at: float | None = None) -> Frame:
         return Frame(image, source, next(self._count), time.monotonic() if grabbed_at is None else grabbed_at)

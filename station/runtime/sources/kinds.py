@@ -9,13 +9,15 @@ from pathlib import Path
 from urllib.parse import parse_qs, quote, urlsplit, urlunsplit
 
 DEVICE, URL, SIM, FOLDER, FILE = "device", "url", "sim", "folder", "file"
+GENICAM = "genicam"  # GigE Vision / USB3 Vision through Aravis: genicam://DEVICE
 URL_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://")
 SIM_SCHEME = "sim://"
+GENICAM_SCHEME = "genicam://"
 DEVICE_PREFIX = "/dev/video"
 
 
 def source_kind(source: int | str | Path) -> str:
-    """device (index or /dev/videoN), url, sim, folder (an existing directory) or file.
+    """device (index or /dev/videoN), url, sim, genicam, folder (an existing directory) or file.
 
     Raises ValueError for what no source kind accepts (booleans, unknown URL schemes).
     """
@@ -26,19 +28,31 @@ def source_kind(source: int | str | Path) -> str:
     text = str(source)
     if text.startswith(SIM_SCHEME):
         return SIM
+    if text.startswith(GENICAM_SCHEME):
+        parse_genicam_source(text)
+        return GENICAM
     if text.startswith(DEVICE_PREFIX):
         return DEVICE
     if text.startswith(URL_SCHEMES):
         return URL
     if "://" in text:
-        raise ValueError(f"{text!r}: unsupported URL scheme (rtsp, http, https or sim)")
+        raise ValueError(f"{text!r}: unsupported URL scheme (rtsp, http, https, sim or genicam)")
     return FOLDER if Path(text).is_dir() else FILE
 
 
 def is_stored_media(kind: str) -> bool:
     """Files, folders and sim:// come from storage: every frame matters and
     they can be read without disturbing anyone; devices and streams are live."""
-    return kind not in (DEVICE, URL)
+    return kind not in (DEVICE, URL, GENICAM)
+
+
+def parse_genicam_source(source: str) -> str:
+    """The Aravis device of genicam://DEVICE: a device id (Vendor-Model-Serial as arv-tool lists it) or an IP address."""
+    device = source[len(GENICAM_SCHEME):] if source.startswith(GENICAM_SCHEME) else ""
+    if not device.strip() or device != device.strip() or "/" in device:
+        raise ValueError(f"{source!r}: a GenICam camera looks like genicam://DEVICE (an Aravis device id as "
+                         "arv-tool-0.8 lists it, e.g. genicam://Basler-210ab4, or an IP address)")
+    return device
 
 
 def parse_sim_source(source: str) -> tuple[int, int | None]:

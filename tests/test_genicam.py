@@ -1,0 +1,341 @@
+"""GenICam cameras through Aravis, against Aravis's own fake GigE Vision camera (Debian's aravis-tools).
+
+No mocks: `arv-fake-gv-camera-0.8 -i 127.0.0.1` is a real GigE Vision device
+on loopback (GVCP control, GVSP stream); `arv-tool-0.8` reads its settings
+back as a second client would. The fake camera answers on 127.0.0.1 only, so
+every test holds a lock file: test runs on the same machine take turns.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from station.runtime.config import parse_config
+from station.core.errors import ConfigError
+from tests.test_daemon import broker, finish, schema, start_station, station_files, write_config  # noqa: F401 (fixtures)
+from tests.mqtt_helpers import Recorder
+
+ROOT = Path(__file__).resolve().parent.parent
+ADDRESS = "127.0.0.1"
+SOURCE = f"genicam://{ADDRESS}"
+FAKE_CAMERA, ARV_TOOL = "arv-fake-gv-camera-0.8", "arv-tool-0.8"
+LOCK = Path("/tmp/station-tests-fake-gv-camera.lock")
+
+
+def _aravis_missing() -> str | None:
+    try:
+        import gi
+
+        gi.require_version("Aravis", "0.8")
+        from gi.repository import Aravis  # noqa: F401
+    except (ImportError, ValueError) as exc:
+        return f"Aravis through PyGObject is not installed ({exc}): scripts/test installs it"
+    missing = [tool for tool in (FAKE_CAMERA, ARV_TOOL) if shutil.which(tool) is None]
+    return f"{', '.join(missing)} not installed (Debian aravis-tools, aravis-tools-cli)" if missing else None
+
+
+needs_aravis = pytest.mark.skipif(_aravis_missing() is not None, reason=str(_aravis_missing()))
+
+
+class FakeCamera:
+    """The fake camera as a process: start, kill (the camera goes away), start again."""
+
+    def __init__(self, *args: str):
+        self.args = args
+        self.process: subprocess.Popen | None = None
+
+    def start(self):
+        self.process = subprocess.Popen([FAKE_CAMERA, "-i", ADDRESS, *self.args],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while self.control("DeviceModelName") != "Fake":  # answers once its GVCP socket is up
+            assert self.process.poll() is None, f"fake camera exited: {self.process.stderr.read().decode()}"
+            assert time.monotonic() < deadline, "fake camera does not answer"
+            time.sleep(0.2)
+
+    def kill(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(5)
+
+    @staticmethod
+    def control(*features: str) -> str | None:
+        """arv-tool's `control`: 'Name=value' writes, 'Name' reads; the value read (one feature), or None."""
+        done = subprocess.run([ARV_TOOL, "-a", ADDRESS, "control", *features], capture_output=True, text=True,
+                              timeout=20)
+        if done.returncode != 0 or not done.stdout.strip():
+            return None
+        line = done.stdout.strip().splitlines()[-1]
+        return line.split(" = ", 1)[1].split(" min:")[0].strip() if " = " in line else line
+
+
+@pytest.fixture
+def fake_camera_factory():
+    LOCK.touch(exist_ok=True)
+    with LOCK.open() as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one fake camera on 127.0.0.1 at a time, across test runs
+        cameras = []
+
+        def make(*args: str) -> FakeCamera:
+            camera = FakeCamera(*args)
+            cameras.append(camera)
+            camera.start()
+            return camera
+
+        try:
+            yield make
+        finally:
+            for camera in cameras:
+                camera.kill()
+
+
+@pytest.fixture
+def fake_camera(fake_camera_factory):
+    return fake_camera_factory()
+
+
+def genicam_config(tmp_path, station_files, broker, settings: str, **extra) -> Path:  # noqa: F811
+    return write_config(tmp_path, station_files, broker, f"{{source: {SOURCE}, genicam: {{{settings}}}}}", **extra)
+
+
+# ---------------------------------------------------------------- without a camera
+
+
+def test_genicam_settings_are_checked_when_the_config_is_read():
+    base = "station: s1\nmodel: m.onnx\nreference: r\n"
+    config = parse_config(base + f"camera: {{source: {SOURCE}, genicam: {{exposure_us: 500, gain: 2}}}}\n"
+                          "trigger: hardware\n")
+    assert config.camera.source == SOURCE and config.camera.genicam.exposure_us == 500
+    assert config.camera.genicam.pixel_format == "Mono8" and config.trigger == "hardware"
+    cases = {
+        "camera: {source: 'genicam://'}\n": "station.yaml:4: camera.source: 'genicam://': a GenICam camera looks like",
+        "camera: {source: 'sim://', genicam: {gain: 2}}\n": "station.yaml:4: camera.genicam: GenICam settings apply to",
+        "camera: {source: 'sim://'}\ntrigger: hardware\n": "station.yaml:5: trigger: hardware is the camera's own trigger",
+        f"camera: {{source: {SOURCE}, genicam: {{pixel_format: RGB8}}}}\n": "camera.genicam.pixel_format: Input should be",
+        f"camera: {{source: {SOURCE}, genicam: {{exposure: 3}}}}\n": "camera.genicam.exposure: unknown key (did you mean exposure_us?)",
+    }
+    for text, expected in cases.items():
+        with pytest.raises(ConfigError) as caught:
+            parse_config(base + text)
+        assert expected in str(caught.value), (text, str(caught.value))
+
+
+def test_the_daemon_imports_aravis_only_for_a_genicam_source():
+    code = ("import sys; import station.runtime.daemon, station.runtime.sources, station.runtime.config, "
+            "station.runtime.sources.genicam_config; print('gi' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "False", done.stdout + done.stderr
+
+
+def test_without_aravis_run_and_check_say_what_to_install(tmp_path, station_files, broker):  # noqa: F811
+    config = genicam_config(tmp_path, station_files, broker, "exposure_us: 2500")
+    blocked = ("import sys; sys.modules['gi'] = None  # as on a line PC without the genicam extra\n"
+               "from station.cli import main; sys.exit(main(sys.argv[1:]))")
+    for command, code in (("run", 69), ("check", 78)):
+        done = subprocess.run([sys.executable, "-c", blocked, command, "-c", str(config)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+        output = done.stdout + done.stderr
+        assert done.returncode == code, output
+        assert "pip install '.[genicam]'" in output and "gir1.2-aravis-0.8" in output, output
+        assert "Traceback" not in output, output
+
+
+# ---------------------------------------------------------------- the source against the fake camera
+
+
+@needs_aravis
+def test_the_source_applies_settings_and_delivers_grey_frames_with_the_camera_timestamp(fake_camera):
+    from station.runtime.sources import is_finite, is_lossless, open_source
+    from station.runtime.sources.genicam_config import GenicamConfig
+
+    settings = GenicamConfig(exposure_us=3300, gain=3, pixel_format="BayerRG8", frame_rate=50)
+    source = open_source(SOURCE, genicam=settings, trigger="continuous")
+    assert not is_finite(source) and not is_lossless(source)
+    frames, started = [], time.time_ns()
+    for frame in source:
+        frames.append(frame)
+        if len(frames) == 30:
+            break
+    source.close()
+    assert all(f.image.shape == (512, 512) and f.image.dtype.name == "uint8" for f in frames)  # Bayer -> grey
+    stamps = [f.camera_ts for f in frames]
+    assert stamps == sorted(stamps) and stamps[0] > started - 10**9  # the fake camera's clock is the wall clock
+    assert source.camera_name.startswith("Aravis Fake") and "exposure 3300 us" in source.applied
+    assert "gain 3 raw" in source.applied  # the fake camera has GainRaw, no Gain (dB)
+    assert [FakeCamera.control(name) for name in ("ExposureTimeAbs", "GainRaw", "PixelFormat")] == \
+        ["3300", "3", "BayerRG8"]
+    assert source.counters() == {"camera_lost_packets": 0, "camera_incomplete_frames": 0}
+
+
+@needs_aravis
+def test_lost_packets_and_incomplete_frames_are_counted(fake_camera_factory):
+    from station.runtime.sources import open_source
+    from station.runtime.sources.genicam_config import GenicamConfig
+
+    fake_camera_factory("-r", "20")  # 20 of 1000 stream packets lost: most 512x512 frames miss one
+    source = open_source(SOURCE, genicam=GenicamConfig(frame_rate=50))
+    good, deadline = 0, time.monotonic() + 30
+    for _ in source:
+        good += 1
+        if source.incomplete_frames >= 3 and good >= 1 or time.monotonic() > deadline:
+            break
+    source.close()
+    counters = source.counters()
+    assert counters["camera_lost_packets"] >= 3 and counters["camera_incomplete_frames"] >= 3, counters
+
+
+# ---------------------------------------------------------------- station check and station run
+
+
+@needs_aravis
+def test_station_check_names_the_camera_and_applies_the_settings(tmp_path, station_files, broker, fake_camera):  # noqa: F811
+    config = genicam_config(tmp_path, station_files, broker, "exposure_us: 4200")
+    done = subprocess.run([sys.executable, "-m", "station", "check", "-c", str(config)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ok: camera Aravis Fake, serial GV01" in done.stdout and "exposure 4200 us" in done.stdout, done.stdout
+    assert f"fits the 512x512 frames of {SOURCE}" in done.stdout
+    assert FakeCamera.control("ExposureTimeAbs") == "4200"
+
+    config = genicam_config(tmp_path, station_files, broker, "exposure_us: 4200, gain: 50")
+    done = subprocess.run([sys.executable, "-m", "station", "check", "-c", str(config)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 78, done.stdout + done.stderr
+    assert "gain 50 is outside the camera's range 0 to 10 (GainRaw)" in done.stderr + done.stdout
+
+
+@needs_aravis
+def test_station_run_publishes_verdicts_and_reconnects_when_the_camera_comes_back(
+        tmp_path, station_files, broker, fake_camera):  # noqa: F811
+    recorder = Recorder(broker.host, broker.port, "plant/#")
+    config = genicam_config(tmp_path, station_files, broker, "exposure_us: 2500, frame_rate: 20")
+    process = start_station(config)
+    try:
+        recorder.wait_for(lambda: len(recorder.on("/verdict")) >= 5, timeout=30, what="verdicts from the camera")
+        assert FakeCamera.control("ExposureTimeAbs") == "2500"  # applied on connect
+        for verdict in recorder.json_on("/verdict"):
+            jsonschema.validate(verdict, schema("verdict"))
+            assert verdict["source"].startswith(f"{SOURCE}#") and verdict["camera_ts_ns"] > 0
+            assert verdict["part_id"] is None
+
+        fake_camera.kill()  # the camera goes away ...
+        recorder.wait_for(lambda: recorder.json_on("/state")[-1]["camera"] == "reconnecting", timeout=20,
+                          what="camera reconnecting")
+        fake_camera.start()  # ... and comes back as a new camera with its defaults (exposure 10000)
+        judged = len(recorder.on("/verdict"))
+        recorder.wait_for(lambda: len(recorder.on("/verdict")) >= judged + 5, timeout=40, what="verdicts after reconnect")
+        assert recorder.json_on("/state")[-1]["camera"] == "ok"
+        assert FakeCamera.control("ExposureTimeAbs") == "2500"  # applied again on reconnect
+        recorder.wait_for(lambda: recorder.json_on("/stats")[-1]["camera_reconnects"] >= 1, what="a reconnect counted")
+        stats = recorder.json_on("/stats")[-1]
+        jsonschema.validate(stats, schema("stats"))
+        assert stats["camera_lost_packets"] >= 0 and stats["camera_incomplete_frames"] >= 0
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code, output = finish(process, timeout=20)
+        recorder.close()
+    assert code == 0, output
+    assert "Aravis Fake, serial GV01; Mono8, exposure 2500 us" in output
+    assert "camera genicam://127.0.0.1 is back (reconnect 1)" in output
+
+
+@needs_aravis
+def test_hardware_trigger_makes_each_frame_a_counted_part(fake_camera):
+    """The camera's own trigger, TriggerSource Software: fired through the station's connection to the camera
+    (the fake camera, like a real one, takes writes only from the application that controls it)."""
+    import threading
+
+    from station.runtime.sources import is_lossless, open_source
+    from station.runtime.sources.genicam_config import GenicamConfig
+
+    source = open_source(SOURCE, genicam=GenicamConfig(trigger_source="Software", frame_rate=50), trigger="hardware")
+    assert is_lossless(source) and source.waits_for_trigger  # every part is judged; no frame to wait for at start
+    frames = []
+    reader = threading.Thread(target=lambda: frames.extend(source), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 15
+        while source.state != "ok" or not source.applied:
+            assert time.monotonic() < deadline, source.last_error
+            time.sleep(0.05)
+        assert [FakeCamera.control(name) for name in ("TriggerMode", "TriggerSource")] == ["On", "Software"]
+        time.sleep(1.0)
+        assert frames == []  # the camera waits for its trigger: no frame, no part
+        for count in range(1, 4):
+            assert source.software_trigger() is None
+            deadline = time.monotonic() + 5
+            while len(frames) < count:
+                assert time.monotonic() < deadline, f"no frame for trigger {count}"
+                time.sleep(0.02)
+        time.sleep(0.5)
+    finally:
+        source.close()
+        reader.join(5)
+    assert [f.part_id for f in frames] == ["1", "2", "3"]
+    assert all(f.camera_ts for f in frames) and "trigger Software" in source.applied
+
+
+@needs_aravis
+def test_station_run_with_hardware_trigger_sets_the_cameras_trigger(tmp_path, station_files, broker, fake_camera):  # noqa: F811
+    recorder = Recorder(broker.host, broker.port, "plant/#")
+    config = genicam_config(tmp_path, station_files, broker, "exposure_us: 2000, trigger_source: Line0",
+                            trigger="hardware")
+    process = start_station(config)
+    try:
+        recorder.wait_for(lambda: recorder.json_on("/state") and recorder.json_on("/state")[-1]["camera"] == "ok",
+                          timeout=30, what="the station ready")
+        assert recorder.json_on("/state")[-1]["trigger"] == "hardware"
+        assert [FakeCamera.control(name) for name in ("TriggerMode", "TriggerSource", "ExposureTimeAbs")] == \
+            ["On", "Line0", "2000"]
+        time.sleep(1.5)
+        assert recorder.on("/verdict") == []  # no pulse on Line0: no part, no verdict, and no camera "lost"
+        assert recorder.json_on("/state")[-1]["camera"] == "ok"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code, output = finish(process, timeout=20)
+        recorder.close()
+    assert code == 0, output
+    assert "trigger Line0" in output
+
+
+@needs_aravis
+def test_an_mqtt_trigger_fires_the_cameras_software_trigger(tmp_path, station_files, broker, fake_camera):  # noqa: F811
+    recorder = Recorder(broker.host, broker.port, "plant/#")
+    config = genicam_config(tmp_path, station_files, broker, "exposure_us: 2000", trigger="mqtt")
+    process = start_station(config)
+    try:
+        recorder.wait_for(lambda: recorder.json_on("/state"), timeout=30, what="the station ready")
+        probe = 0
+        while not recorder.json_on("/command/result"):  # the command subscription is in place
+            probe += 1
+            recorder.publish("plant/st1/command", json.dumps({"id": f"probe{probe}", "cmd": "resume"}))
+            time.sleep(0.2)
+            assert probe < 100, "the station never answered a command"
+        assert [FakeCamera.control(name) for name in ("TriggerMode", "TriggerSource")] == ["On", "Software"]
+        sent = []
+        for index in range(3):
+            sent.append(time.time_ns())
+            recorder.publish("plant/st1/command", json.dumps({"id": f"t{index}", "cmd": "trigger", "part_id": f"P-{index}"}))
+            recorder.wait_for(lambda: len(recorder.on("/verdict")) > index, timeout=15, what=f"verdict for P-{index}")
+        verdicts = recorder.json_on("/verdict")
+        assert [v["part_id"] for v in verdicts] == ["P-0", "P-1", "P-2"]
+        # Each frame was taken after its trigger was sent: the camera's clock is the wall clock here.
+        assert all(v["camera_ts_ns"] > t for v, t in zip(verdicts, sent)), (verdicts, sent)
+        answers = {a["id"]: a for a in recorder.json_on("/command/result")}
+        assert all(answers[f"t{i}"]["ok"] for i in range(3)), answers
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code, output = finish(process, timeout=20)
+        recorder.close()
+    assert code == 0, output
+    assert "trigger Software" in output
