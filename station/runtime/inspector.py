@@ -6,7 +6,7 @@ from another, and a bad new file leaves the old Inspector running.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +15,9 @@ from station.core import reference_set as reference_sets
 from station.core.embedder import Embedder
 from station.core.preprocess import Roi, prepare_crop, to_model_input
 from station.core.errors import StationError
-from station.core.verdict import Judgement, judge
+from station.core.verdict import judge
 from station.runtime.config import StationConfig
+from station.runtime.regions import Region, bounding_roi, crop_regions, judge_regions, split_crops
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,8 @@ class Inspector:
     embedder: Embedder
     reference_set: reference_sets.ReferenceSet
     product: str
-    roi: Roi | None
+    roi: Roi | None  # with regions: the box around them all (the daemon checks it fits the frames)
+    regions: tuple[Region, ...] = ()  # rois: in station.yaml (station/runtime/regions.py)
 
     @classmethod
     def load(cls, model: Path, reference: Path, product: str | None, roi: Roi | None, threads: int = 1,
@@ -38,11 +40,16 @@ class Inspector:
 
     def crop(self, image: np.ndarray) -> np.ndarray:
         """The uint8 crop the model sees (DataError when the frame cannot give one)."""
+        if self.regions:  # every region's crop, side by side
+            return crop_regions(image, self.embedder.input_spec, self.regions)
         return prepare_crop(image, self.embedder.input_spec, self.roi)
 
-    def judge_crops(self, crops: np.ndarray) -> list[Judgement]:
+    def judge_crops(self, crops: np.ndarray) -> list:
+        """One Judgement per crop; with regions one PartJudgement per frame, every region of every frame in ONE embedder call."""
+        if self.regions:
+            crops = split_crops(crops, len(self.regions))
         embeddings = self.embedder.embed(to_model_input(crops, self.embedder.input_spec))
-        return judge(embeddings, self.reference_set)
+        return judge_regions(embeddings, self.regions) if self.regions else judge(embeddings, self.reference_set)
 
     def describe(self) -> dict:
         return {
@@ -64,4 +71,20 @@ def load_inspector(config: StationConfig, product: str | None = None) -> Inspect
             raise StationError(f"unknown product {name!r}; configured: {', '.join(sorted(config.products))}")
         path = config.products[name]
     roi = config.roi.to_roi() if config.roi else None
-    return Inspector.load(config.model, path, name, roi, threads=config.runtime.threads)
+    inspector = Inspector.load(config.model, path, name, roi, threads=config.runtime.threads)
+    return with_regions(inspector, config) if config.rois else inspector
+
+
+def with_regions(inspector: Inspector, config: StationConfig) -> Inspector:
+    """The inspector judging config.rois, each region against its product's reference set (loaded once each)."""
+    loaded = {inspector.product: inspector.reference_set}
+    regions = []
+    for region in config.rois:
+        product = region.product or inspector.product
+        if product not in loaded:
+            loaded[product] = reference_sets.load(config.products[product])
+            reference_sets.verify_for_model(loaded[product], inspector.embedder.info.sha256,
+                                            inspector.embedder.info.embedding_dim)
+        regions.append(Region(region.name, region.to_roi(), product, loaded[product]))
+    regions = tuple(regions)
+    return replace(inspector, roi=bounding_roi(regions), regions=regions)

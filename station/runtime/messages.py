@@ -59,7 +59,19 @@ def verdict_message(
     }
     if camera_ts is not None:
         message["camera_ts_ns"] = camera_ts
+    if getattr(judgement, "regions", None):  # rois: (station/runtime/regions.py)
+        message.update(_regions_fields(judgement))
     return message
+
+
+def _regions_fields(part) -> dict:
+    """A part judged in several regions: threshold, metric and reference of its worst region, and every region."""
+    worst = part.worst
+    return {"threshold": worst.threshold, "metric": worst.metric, "reference": worst.reference, "rois": [
+        {"name": r.name, "product": r.product, "verdict": r.verdict, "score": _finite_or_none(r.score),
+         "threshold": r.threshold, "metric": r.metric, "reference": r.reference,
+         "distances": {name: _finite_or_none(value) for name, value in r.distances.items()}}
+        for r in part.regions]}
 
 
 def no_verdict_message(*, station: str, seq: int, source: str, product: str, ts: str, reason: str) -> dict:
