@@ -60,8 +60,10 @@ def soart3(x, ref) -> np.ndarray:
     ref = np.asarray(ref, dtype=np.float64)
     beta = (np.sum(rows * ref, axis=1) + SOART3_EPS) / (ref @ ref + SOART3_EPS)  # per row, not BLAS: batch-independent
     residual = rows - beta[:, None] * ref
-    eta = np.log1p(np.sum(np.abs(residual), axis=1))
-    gamma = eta - np.log1p(np.sum(residual**4, axis=1) ** 0.25)
+    magnitude = np.abs(residual)
+    eta = np.log1p(np.sum(magnitude, axis=1))
+    # |r|**4: r**4 within an ulp, several times faster (pow is slow on negative bases).
+    gamma = eta - np.log1p(np.sum(magnitude**4, axis=1) ** 0.25)
     with np.errstate(invalid="ignore", divide="ignore"):
         log_beta = np.where(beta > 0, np.log(np.where(beta > 0, beta, 1.0)), np.nan)
     return _shape_like(x, np.stack([log_beta, eta, gamma], axis=1))
