@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from station.core.errors import StationError
+from station.tools import bench_latency
 from station.tools.loopback import Mosquitto
 from station.core.verdict import judge
 from station.runtime.messages import encode, utc_timestamp, verdict_message
@@ -288,6 +289,8 @@ def run_bench(models: list[Path], reference: Path | None, n_parts: int, broker: 
             if integrations:
                 progress("metrics, snapshot and discovery off and on, 3 runs each ...")
                 cost = integration_cost(models[0], reference, parts, broker, workdir / "integrations")
+            progress(f"latency at {bench_latency.LATENCY_RATE:.0f} parts/s paced; 1 against {bench_latency.REGIONS} regions ...")
+            paced = bench_latency.run(models[0], reference, parts, broker, workdir, min(n_parts, 5000))
         finally:
             if local:
                 local.stop()
@@ -304,6 +307,7 @@ def run_bench(models: list[Path], reference: Path | None, n_parts: int, broker: 
         "per_verdict_us": round(per_verdict_us, 2),
         "per_verdict_over_raw": round(per_verdict_us / raw_p50, 2),
         **({"integrations": cost} if integrations else {}),
+        **paced,  # latency (grab -> PUBACK) and regions (station/tools/bench_latency.py)
     }
 
 
@@ -332,6 +336,8 @@ def format_table(figures: dict) -> str:
         cost = figures["integrations"]
         lines.append(f"metrics+snapshot+discovery: {cost['on_median']:.0f} verdicts/s on, {cost['off_median']:.0f} off "
                      f"(median of {cost['runs']} each): {cost['cost_percent']:+.1f} % cost")
+    if "latency" in figures:
+        lines += bench_latency.format_lines(figures)
     return "\n".join(lines)
 
 
