@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -101,3 +103,21 @@ def test_a_scada_client_reads_the_verdict_as_parts_are_judged(tmp_path, station_
         process.terminate()
         code = output.finish(30)
     assert code == 0, output.text
+
+
+def test_unusable_opcua_files_are_named_by_check_and_stop_the_start(tmp_path, station_files, broker, sim_dataset):  # noqa: F811
+    users = tmp_path / "users"
+    users.write_text("no colon here\n")
+    opcua = (f"{{port: {free_port()}, certificate: {tmp_path / 'missing.der'}, private_key: {tmp_path / 'missing.pem'}, "
+             f"users_file: {users}}}")
+    config = write_config(tmp_path, station_files, broker, f"{{source: {sim_dataset}}}", opcua=opcua)
+    check = subprocess.run([sys.executable, "-m", "station", "check", "-c", str(config)], capture_output=True,
+                           text=True, timeout=120)
+    assert check.returncode != 0
+    assert f"opcua.users_file: {users}:1: expected user:password" in check.stdout + check.stderr
+    assert "opcua.certificate:" in check.stdout + check.stderr and "does not exist" in check.stdout + check.stderr
+
+    users.write_text("scada:pw\n")
+    process = start_station(config)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 78 and "opcua: cannot load certificate" in out and "Traceback" not in out, out

@@ -179,6 +179,25 @@ class _Users:
         return None
 
 
+def opcua_problems(config) -> list[str]:
+    """For `station check`: the extra, the users file, the certificate and key files."""
+    problems = []
+    try:
+        import asyncua  # noqa: F401
+    except ImportError:
+        problems.append("opcua: the OPC UA server needs the opcua extra: pip install 'inspection-station[opcua]'")
+    if config.users_file is not None:
+        try:
+            read_users(config.users_file)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    for key in ("certificate", "private_key"):
+        path = getattr(config, key)
+        if path is not None and not Path(path).is_file():
+            problems.append(f"opcua.{key}: {path} does not exist")
+    return problems
+
+
 def start_opcua(config, station: str, started_wall: float) -> OpcuaServer:
     """The running server; MissingExtraError without asyncua, ConfigError for unusable files or ports."""
     try:

@@ -74,6 +74,10 @@ def _file_problems(config: StationConfig, env) -> list[str]:
         except StationError as exc:
             problems.append(str(exc))
     problems.append(state_dir_problem(config.state_dir))
+    if config.opcua is not None:
+        from station.runtime.opcua_server import opcua_problems
+
+        problems += opcua_problems(config.opcua)
     return [problem for problem in problems if problem]
 
 
