@@ -123,11 +123,31 @@ class LiveCalibration:
     warnings: list[str]
 
 
+def region_to_calibrate(config, region: str | None, product: str | None) -> tuple[object | None, str | None]:
+    """(the region's Roi, the product to calibrate) for `--roi NAME`; a station with rois: must name one."""
+    regions = {r.name: r for r in config.rois or ()}
+    if region is None:
+        if regions:
+            raise ConfigError(f"this station judges named regions ({', '.join(regions)}): "
+                              "name the one to calibrate with --roi NAME")
+        return (config.roi.to_roi() if config.roi is not None else None), product
+    if region not in regions:
+        known = f"its regions are {', '.join(regions)}" if regions else "it has no rois: (named regions)"
+        raise ConfigError(f"--roi {region!r} is not a region of the configuration: {known}")
+    judged_as = regions[region].product
+    if product is not None and judged_as is not None and product != judged_as:
+        raise ConfigError(f"region {region!r} is judged against product {judged_as!r}, not {product!r}: "
+                          "drop --product, or change the region's product: in the configuration")
+    return regions[region].to_roi(), product or judged_as
+
+
 def calibrate_from_camera(config, product: str | None, count: int, min_good: int = 30,
                           min_change: float = DEFAULT_MIN_CHANGE, metric: str = "auto",
                           target_false_reject: float = 0.005, progress: bool = False,
-                          credentials: tuple[str, str] | None = None) -> LiveCalibration:
-    """Grab `count` distinct parts from the configured camera and save a new reference set version."""
+                          credentials: tuple[str, str] | None = None, region: str | None = None) -> LiveCalibration:
+    """Grab `count` distinct parts from the configured camera and save a new reference set version;
+    `region`: the named region (rois:) whose crops calibrate its product's reference set."""
+    roi, product = region_to_calibrate(config, region, product)
     product, out = product_reference(config, product)
     if min_good < 1:
         raise ConfigError(f"--min-good must be at least 1, got {min_good}")
@@ -136,7 +156,6 @@ def calibrate_from_camera(config, product: str | None, count: int, min_good: int
     if min_change < 0:
         raise ConfigError(f"--min-change must be >= 0, got {min_change}")
     embedder = Embedder(config.model, threads=config.runtime.threads)
-    roi = config.roi.to_roi() if config.roi is not None else None
     # The camera is the station's: never while it runs (AlreadyRunningError, exit 75).
     with StateLock(open_state_dir(config.state_dir), f"station calibrate -c (product {product})"):
         # Never loop for calibration: a replayed folder or video would count the same parts again.
@@ -154,7 +173,8 @@ def calibrate_from_camera(config, product: str | None, count: int, min_good: int
     good_set = workflow.embed_crops(embedder, grabbed.crops, [Path(s) for s in grabbed.sources],
                                     ["good"] * len(grabbed))
     statistics = {"source": {
-        "camera": where.removeprefix("camera "), "frames_seen": grabbed.frames_seen,
+        "camera": where.removeprefix("camera "), **({"region": region} if region else {}),
+        "frames_seen": grabbed.frames_seen,
         "skipped_unchanged": grabbed.skipped, "min_change": float(min_change),
     }}
     saved, calibration = workflow.calibrate_embedded(

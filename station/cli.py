@@ -57,8 +57,8 @@ def _calibrate(args) -> int:
             raise ConfigError(f"-c/--config calibrates from the configured camera; {', '.join(folder_mode)} "
                               "belong to the folder mode (--model, --good, --out): use one or the other")
         return _calibrate_camera(args)
-    if args.count is not None or args.min_change is not None:
-        raise ConfigError("--count and --min-change need -c/--config (calibration from the camera)")
+    if args.count is not None or args.min_change is not None or args.roi is not None:
+        raise ConfigError("--count and --min-change need -c/--config (calibration from the camera), as does --roi")
     if args.out is None:
         raise ConfigError("calibrate needs --out (folder mode) or -c/--config (camera mode)")
     if args.rollback is not None:
@@ -94,7 +94,7 @@ def _calibrate_camera(args) -> int:
         config, args.product, count=DEFAULT_CAMERA_COUNT if args.count is None else args.count, min_good=args.min_good,
         min_change=live.DEFAULT_MIN_CHANGE if args.min_change is None else args.min_change,
         metric=args.metric, target_false_reject=args.target_false_reject, progress=sys.stderr.isatty(),
-        credentials=camera_credentials(config.camera),
+        credentials=camera_credentials(config.camera), region=args.roi,
     )
     grabbed = result.grabbed
     print(f"{len(grabbed)} distinct parts from {grabbed.frames_seen} frames ({grabbed.skipped} unchanged skipped)")
@@ -284,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "support the default 0.5 %% false-reject target)")
     cal.add_argument("--min-change", type=float,
                      help="camera mode: mean absolute grey-level change that makes a frame a new part (default 5.0)")
+    cal.add_argument("--roi", metavar="NAME", help="camera mode: the named region (rois:) to calibrate, for its product")
     cal.add_argument("--model", type=Path, help="the station's ONNX model")
     cal.add_argument("--good", type=Path, help="folder of known-good parts (read recursively)")
     cal.add_argument("--defects", type=Path, action="append", default=[],

@@ -162,3 +162,24 @@ def test_camera_and_folder_modes_do_not_mix(tmp_path, model, capsys):
     assert "--count and --min-change need -c/--config" in capsys.readouterr().err
     assert main(["calibrate", "--model", str(model), "--good", str(tmp_path)]) == 78
     assert "needs --out (folder mode) or -c/--config" in capsys.readouterr().err
+
+
+def test_a_named_region_calibrates_its_own_product(tmp_path, model, capsys):
+    """rois: `--roi NAME` grabs that region's crops into the reference set of the product it is judged against."""
+    config = write_config(tmp_path, model, "sim://?seed=5&count=200")
+    text = config.read_text().replace(f"roi:\n  height: {ROI.height}\n  width: {ROI.width}\n  x: {ROI.x}\n  y: {ROI.y}\n", "")
+    rois = (f"rois:\n  - {{name: body, x: {ROI.x}, y: {ROI.y}, width: {ROI.width}, height: {ROI.height}}}\n"
+            f"  - {{name: shifted, x: {ROI.x + 4}, y: {ROI.y}, width: {ROI.width}, height: {ROI.height}, product: B}}\n")
+    config.write_text(text + rois)
+    assert main(["calibrate", "-c", str(config), "--roi", "shifted", "--count", "30"]) == 0
+    saved = reference_set.load(tmp_path / "refs" / "B")
+    assert (saved.product, saved.n_good, saved.statistics["source"]["region"]) == ("B", 30, "shifted")
+    assert not (tmp_path / "refs" / "A").exists()
+    assert main(["calibrate", "-c", str(config), "--count", "30"]) == 78
+    assert "name the one to calibrate with --roi NAME" in capsys.readouterr().err
+    assert main(["calibrate", "-c", str(config), "--roi", "lid", "--count", "30"]) == 78
+    assert "'lid' is not a region of the configuration: its regions are body, shifted" in capsys.readouterr().err
+    assert main(["calibrate", "-c", str(config), "--roi", "shifted", "--product", "A", "--count", "30"]) == 78
+    assert "judged against product 'B', not 'A'" in capsys.readouterr().err
+    assert main(["calibrate", "-c", str(config), "--roi", "body", "--count", "30"]) == 0  # the station's product
+    assert reference_set.load(tmp_path / "refs" / "A").statistics["source"]["region"] == "body"
