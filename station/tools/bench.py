@@ -276,7 +276,8 @@ def run_bench(models: list[Path], reference: Path | None, n_parts: int, broker: 
             workflow.calibrate_folders(Embedder(models[0]), parts / "good", [], reference, "bench")
         local = None
         if broker is None:
-            local = Mosquitto(workdir).start()
+            # Without it mosquitto's Nagle holds a PUBACK until the station's next packet (+10 ms at 100/s).
+            local = Mosquitto(workdir, bench_latency.BROKER_CONFIG).start()
             broker = (local.host, local.port)
         try:
             progress("timing stages ...")
