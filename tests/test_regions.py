@@ -159,3 +159,15 @@ def test_bench_measures_grab_to_puback_latency_and_region_throughput(per_row_mod
     assert regions["ratio"] == pytest.approx(regions["many_regions_parts_per_s"] / regions["one_region_parts_per_s"], abs=2e-3)
     lines = bench_latency.format_lines({"latency": latency, "regions": regions})
     assert "grabbed -> PUBACK" in lines[0] and "8 regions" in lines[1]
+
+
+def test_station_check_names_a_region_outside_the_frames(tmp_path, station_files, sim_dataset, broker):  # noqa: F811
+    from station.runtime.config import load_config
+    from station.tools.check import check_station
+
+    rois = ("\n  - {name: left, x: 0, y: 0, width: 36, height: 26}"
+            "\n  - {name: far, x: 30, y: 0, width: 36, height: 26, product: B}")
+    result = check_station(load_config(write_config(tmp_path, station_files, broker, f"{{source: {sim_dataset}}}",
+                                                    rois=rois)))
+    assert result.problems == ["roi: region far: ROI x=30 y=0 36x26 does not fit in a 36x26 frame"]
+    assert any(line.startswith("product B:") for line in result.summary)

@@ -111,7 +111,8 @@ def _roi_against_a_frame(config: StationConfig) -> tuple[str | None, str]:
     if frame is None:
         return None, f"roi: not checked: no frame from {source.description} within {FRAME_WAIT:g} s"
     height, width = frame.image.shape[:2]
-    problem = roi_problem(roi, frame.image.shape)
+    problem = roi_problem(roi, frame.image.shape) or "; ".join(  # rois: each named region
+        f"region {r.name}: {p}" for r in config.rois or () if (p := roi_problem(r.to_roi(), frame.image.shape)))
     camera = f"camera {source.camera_name} ({', '.join(source.applied)}); " if kind == GENICAM else ""
     return (f"roi: {problem}" if problem else None), f"{camera}roi: fits the {width}x{height} frames of {source.description}"
 
