@@ -2,6 +2,7 @@
 import json
 import logging
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -110,6 +111,8 @@ def test_messages_arrive_in_order_with_qos1_and_are_acked(mosquitto, outbox):
         put_verdicts(outbox, publisher.topics.verdict, [300])  # later messages go out on notify
         publisher.notify_outbox()
         wait_for(lambda: len(listener.messages) == 301, timeout=5, what="the notified verdict")
+        # No Nagle on the connection: a lone verdict is not held back for the broker's delayed ACK.
+        assert publisher._client.socket().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     finally:
         publisher.stop()
         listener.close()

@@ -22,6 +22,7 @@ in-flight queue is not used because it races new publishes on reconnect.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import socket
@@ -255,7 +256,8 @@ class Publisher:
                 self._stopping.wait(self._retry_delay(f"MQTT broker {address} unreachable ({exc})"))
                 continue
             # No Nagle: it held a PUBLISH back until the broker's delayed ACK (p99 grab->PUBACK 38 -> 1.2 ms at 100/s).
-            client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with contextlib.suppress(OSError, AttributeError):  # closed at once: the loop sees it lost
+                client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 self._client = client
             client.loop_start()
