@@ -171,3 +171,12 @@ def test_station_check_names_a_region_outside_the_frames(tmp_path, station_files
                                                     rois=rois)))
     assert result.problems == ["roi: region far: ROI x=30 y=0 36x26 does not fit in a 36x26 frame"]
     assert any(line.startswith("product B:") for line in result.summary)
+
+
+def test_the_daemon_refuses_to_start_when_a_region_does_not_fit(tmp_path, station_files, sim_dataset, broker):  # noqa: F811
+    rois = ("\n  - {name: left, x: 0, y: 0, width: 36, height: 26}"
+            "\n  - {name: far, x: 30, y: 0, width: 36, height: 26}")
+    code, output = finish(start_station(write_config(tmp_path, station_files, broker, f"{{source: {sim_dataset}}}",
+                                                     rois=rois)))
+    assert code == 78, output
+    assert "roi: region far: ROI x=30 y=0 36x26 does not fit in a 36x26 frame" in output

@@ -26,7 +26,7 @@ from station.runtime.config import StationConfig, load_config
 from station.runtime.credentials import camera_credentials
 from station.runtime.crops import CropKeeper
 from station.core.errors import ConfigError, DataError, StationError
-from station.core.preprocess import crop, roi_problem
+from station.core.preprocess import crop
 from station.core.state_dir import StateLock, open_state_dir
 from station.runtime.inspector import Inspector, load_inspector
 from station.runtime.outbox import Outbox
@@ -118,7 +118,7 @@ class Daemon:
         """The ROI must fit the camera's frames: refuse to start (exit 78) rather than judge nothing."""
         frame = (self.feed or self.latest).peek(FIRST_FRAME_WAIT)
         if frame is not None:
-            problem = roi_problem(self.inspector.roi, frame.image.shape)
+            problem = self.inspector.roi_problem(frame.image.shape)
             if problem:
                 self._set_problem("roi", problem)
                 raise ConfigError(f"{self.config_path}: roi: {problem}")
@@ -214,7 +214,7 @@ class Daemon:
         if tuple(shape[:2]) == self._frame_shape:
             return
         self._frame_shape = tuple(shape[:2])
-        problem = roi_problem(inspector.roi, shape)
+        problem = inspector.roi_problem(shape)
         if problem and "roi" not in self.problems:
             log.error("nothing is judged: roi: %s", problem)
         self._set_problem("roi", problem)
@@ -328,7 +328,7 @@ class Daemon:
         sdnotify.notify(sdnotify.reloading(), f"STATUS={reason}")
         try:
             inspector = load_inspector(config, product)
-            problem = self._frame_shape and roi_problem(inspector.roi, self._frame_shape)
+            problem = self._frame_shape and inspector.roi_problem(self._frame_shape)
             if problem:
                 raise ConfigError(f"roi: {problem} (the camera's frames)")
         except StationError as exc:

@@ -13,7 +13,7 @@ import numpy as np
 
 from station.core import reference_set as reference_sets
 from station.core.embedder import Embedder
-from station.core.preprocess import Roi, prepare_crop, to_model_input
+from station.core.preprocess import Roi, prepare_crop, roi_problem, to_model_input
 from station.core.errors import StationError
 from station.core.verdict import judge
 from station.runtime.config import StationConfig
@@ -43,6 +43,12 @@ class Inspector:
         if self.regions:  # every region's crop, side by side
             return crop_regions(image, self.embedder.input_spec, self.regions)
         return prepare_crop(image, self.embedder.input_spec, self.roi)
+
+    def roi_problem(self, frame_shape: tuple) -> str | None:
+        """Why the ROI, or a named region, cannot be cut from frames of this shape; None when all can."""
+        if not self.regions:
+            return roi_problem(self.roi, frame_shape)
+        return "; ".join(f"region {r.name}: {p}" for r in self.regions if (p := roi_problem(r.roi, frame_shape))) or None
 
     def judge_crops(self, crops: np.ndarray) -> list:
         """One Judgement per crop; with regions one PartJudgement per frame, every region of every frame in ONE embedder call."""
