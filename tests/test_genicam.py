@@ -62,6 +62,9 @@ class FakeCamera:
             assert self.process.poll() is None, f"fake camera exited: {self.process.stderr.read().decode()}"
             assert time.monotonic() < deadline, "fake camera does not answer"
             time.sleep(0.2)
+        time.sleep(0.3)
+        assert self.process.poll() is None, f"fake camera exited (another one on {ADDRESS}?): " \
+                                            f"{self.process.stderr.read().decode()}"
 
     def kill(self):
         if self.process is not None and self.process.poll() is None:
@@ -339,3 +342,51 @@ def test_an_mqtt_trigger_fires_the_cameras_software_trigger(tmp_path, station_fi
         recorder.close()
     assert code == 0, output
     assert "trigger Software" in output
+
+
+# ---------------------------------------------------------------- the systemd sandbox
+
+
+GRAB = '''
+import threading, time
+from station.runtime.sources import open_source
+from station.runtime.sources.genicam_config import GenicamConfig
+source = open_source(sys.argv[1], genicam=GenicamConfig(exposure_us=3000), trigger=sys.argv[2])
+frames = []
+reader = threading.Thread(target=lambda: frames.extend(f for f, _ in zip(source, range(10))), daemon=True)
+reader.start()
+deadline = time.monotonic() + float(sys.argv[3])
+while len(frames) < 10 and time.monotonic() < deadline:
+    if sys.argv[2] == "mqtt" and source.state == "ok" and source.applied:
+        source.software_trigger()  # TriggerSoftware through the station's own connection
+    time.sleep(0.05)
+source.close()
+print("frames", len(frames), source.camera_name, source.last_error)
+'''
+# socket(AF_NETLINK, ...) refused as RestrictAddressFamilies= without AF_NETLINK refuses it (x86_64: socket is 41).
+NO_NETLINK = ("program += [(JEQ, 0, 4, 41), (LD, 0, 0, 16), (JEQ, 0, 1, 16), "
+              "(RET, 0, 0, 0x00050000 | errno.EAFNOSUPPORT), (RET, 0, 0, ALLOW)]\n")
+
+
+def sandboxed_grab(trigger: str, seconds: float, netlink: bool) -> subprocess.CompletedProcess:
+    """The GenICam source under test_systemd's seccomp filter: station@.service's MemoryDenyWriteExecute=
+    and ~@resources, and, without netlink, its RestrictAddressFamilies= as it is before the drop-in."""
+    from tests.test_systemd import SANDBOXED
+
+    prologue = SANDBOXED.split("# Only now the heavy libraries")[0]
+    if not netlink:
+        prologue = prologue.replace("program.append((RET, 0, 0, ALLOW))", NO_NETLINK + "program.append((RET, 0, 0, ALLOW))")
+    return subprocess.run([sys.executable, "-c", prologue + GRAB, SOURCE, trigger, str(seconds)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+@needs_aravis
+def test_aravis_streams_under_the_units_write_xor_execute_lock_but_needs_netlink(fake_camera):
+    import platform
+
+    if platform.machine() != "x86_64":
+        pytest.skip("the filter's syscall numbers are x86_64's")
+    done = sandboxed_grab("mqtt", 20, netlink=True)  # PyGObject's signal closure, the stream thread, the trigger
+    assert done.returncode == 0 and "frames 10 Aravis Fake" in done.stdout, done.stdout + done.stderr
+    done = sandboxed_grab("continuous", 3, netlink=False)  # why systemd/station-genicam.conf allows AF_NETLINK
+    assert done.returncode == 0 and "frames 0 None cannot open camera" in done.stdout, done.stdout + done.stderr

@@ -157,3 +157,19 @@ def test_station_pipeline_runs_with_memory_deny_write_execute(tmp_path):
                                                        "MPLCONFIGDIR": str(tmp_path / "mpl")})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "calibrated 30 " in result.stdout
+
+
+def test_the_genicam_drop_in_passes_verify_and_keeps_the_sandbox(instances, tmp_path):
+    """systemd/station-genicam.conf (docs/genicam.md), installed as station@line1.service.d/genicam.conf."""
+    unit = tmp_path / "station@line1.service"
+    unit.write_text(instances["station@.service"].read_text())
+    (tmp_path / "station@line1.service.d").mkdir()
+    (tmp_path / "station@line1.service.d" / "genicam.conf").write_text((UNITS / "station-genicam.conf").read_text())
+    result = analyze("verify", str(unit))
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), result.stdout + result.stderr
+    result = analyze("security", "--offline=true", "--no-pager", str(unit))
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+) (\w+)", result.stdout)
+    assert match and float(match.group(1)) < EXPOSURE_BOUND and match.group(2) == "OK", result.stdout
+    print(f"station@.service with the GenICam drop-in: systemd-analyze security exposure {match.group(1)}")
+    assert "✗ RestrictAddressFamilies=~AF_NETLINK" in result.stdout  # the drop-in's one widening: Aravis needs it
+    assert "char-usb_device:rw" in result.stdout and "✓ MemoryDenyWriteExecute=" in result.stdout
