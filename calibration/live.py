@@ -160,7 +160,9 @@ def calibrate_from_camera(config, product: str | None, count: int, min_good: int
     with StateLock(open_state_dir(config.state_dir), f"station calibrate -c (product {product})"):
         # Never loop for calibration: a replayed folder or video would count the same parts again.
         source = open_source(config.camera.source, loop=False, fps=config.camera.fps,
-                             max_pixels=config.camera.max_pixels, credentials=credentials)
+                             max_pixels=config.camera.max_pixels, credentials=credentials,
+                             genicam=config.camera.genicam,  # a GenICam camera set as `station run` sets it
+                             trigger="hardware" if config.trigger == "hardware" else None)  # then a frame per part
         grabbed = grab_distinct_crops(source, roi, embedder.input_spec, count, min_change, progress)
     where = f"camera {source.description}"
     if len(grabbed) < min_good:

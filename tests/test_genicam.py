@@ -390,3 +390,15 @@ def test_aravis_streams_under_the_units_write_xor_execute_lock_but_needs_netlink
     assert done.returncode == 0 and "frames 10 Aravis Fake" in done.stdout, done.stdout + done.stderr
     done = sandboxed_grab("continuous", 3, netlink=False)  # why systemd/station-genicam.conf allows AF_NETLINK
     assert done.returncode == 0 and "frames 0 None cannot open camera" in done.stdout, done.stdout + done.stderr
+
+
+@needs_aravis
+def test_camera_calibration_sets_the_camera_as_the_station_does(tmp_path, station_files, broker, fake_camera):  # noqa: F811
+    config = write_config(tmp_path, station_files, broker,
+                          f"{{source: {SOURCE}, genicam: {{exposure_us: 3100, frame_rate: 50}}}}",
+                          products=f"{{A: {tmp_path / 'refs' / 'A'}}}")
+    done = subprocess.run([sys.executable, "-m", "station", "calibrate", "-c", str(config), "--count", "30",
+                           "--min-good", "30"], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "refs" / "A" / "CURRENT").is_file()
+    assert FakeCamera.control("ExposureTimeAbs") == "3100"  # the reference set saw what `station run` will see
