@@ -402,3 +402,13 @@ def test_camera_calibration_sets_the_camera_as_the_station_does(tmp_path, statio
     assert done.returncode == 0, done.stdout + done.stderr
     assert (tmp_path / "refs" / "A" / "CURRENT").is_file()
     assert FakeCamera.control("ExposureTimeAbs") == "3100"  # the reference set saw what `station run` will see
+
+
+@needs_aravis
+def test_station_check_says_when_no_camera_answers(tmp_path, station_files, broker, fake_camera_factory):  # noqa: F811
+    config = genicam_config(tmp_path, station_files, broker, "exposure_us: 4200")  # the lock held, no camera started
+    done = subprocess.run([sys.executable, "-m", "station", "check", "-c", str(config)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 78, done.stdout + done.stderr
+    assert f"camera.source: cannot open camera {SOURCE}: Can't connect to device at address '{ADDRESS}'" in done.stderr
+    assert "Traceback" not in done.stderr
