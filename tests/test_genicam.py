@@ -216,6 +216,13 @@ def test_station_check_names_the_camera_and_applies_the_settings(tmp_path, stati
     assert done.returncode == 78, done.stdout + done.stderr
     assert "gain 50 is outside the camera's range 0 to 10 (GainRaw)" in done.stderr + done.stdout
 
+    config = genicam_config(tmp_path, station_files, broker, "trigger_source: Line7", trigger="hardware")
+    done = subprocess.run([sys.executable, "-m", "station", "check", "-c", str(config)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 78, done.stdout + done.stderr
+    assert "camera.genicam.trigger_source: trigger source Line7 is not offered (the camera has Line0, Software)" \
+        in done.stderr, done.stderr
+
 
 @needs_aravis
 def test_station_run_publishes_verdicts_and_reconnects_when_the_camera_comes_back(

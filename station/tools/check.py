@@ -87,7 +87,7 @@ def _roi_against_a_frame(config: StationConfig) -> tuple[str | None, str]:
     Files, folders, sim:// and network streams can be read beside a running
     station; a V4L2 device streams to one process, so it is left to `run`.
     A GenICam camera is connected with the configured settings, in free run
-    for one frame, and named.
+    for one frame, and named; its trigger source is checked against the camera's.
     """
     roi = config.roi.to_roi() if config.roi else None
     kind = source_kind(config.camera.source)
@@ -108,6 +108,9 @@ def _roi_against_a_frame(config: StationConfig) -> tuple[str | None, str]:
         source.close()
     if frame is None and getattr(source, "last_error", None):  # GenICam: no camera, or a setting it refused
         return f"camera.source: {source.last_error}", ""
+    trigger = source.trigger_problem(config.trigger) if kind == GENICAM else None
+    if trigger:
+        return f"camera.genicam.trigger_source: {trigger}", ""
     if frame is None:
         return None, f"roi: not checked: no frame from {source.description} within {FRAME_WAIT:g} s"
     height, width = frame.image.shape[:2]

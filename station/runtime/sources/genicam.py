@@ -78,6 +78,7 @@ class GenicamSource(FrameSource):
         self.camera_name: str | None = None  # vendor, model, serial: known once connected
         self.applied: list[str] = []  # what the last connect set, for logs and `station check`
         self.last_error: str | None = None  # why the last connect failed (None once connected)
+        self.trigger_sources: list[str] = []  # what the camera offers as TriggerSource
         self.lost_packets = self.incomplete_frames = self.parts = 0
         self._camera = None
         self._stream_lost_packets = 0  # of the current stream (its figures start at 0 on each connect)
@@ -178,6 +179,7 @@ class GenicamSource(FrameSource):
             self._control_lost.clear()
             camera.get_device().connect("control-lost", lambda *_: self._control_lost.set())
             self.camera_name = describe(camera)
+            self.trigger_sources = list(camera.dup_available_trigger_sources() or [])
             self.applied = apply_settings(camera, self.settings, self.mode)
             camera.set_acquisition_mode(Aravis.AcquisitionMode.CONTINUOUS)
             stream = camera.create_stream(None, None)
@@ -228,6 +230,13 @@ class GenicamSource(FrameSource):
             except self.GLib.Error as exc:
                 return f"camera {self.description}: TriggerSoftware failed: {exc.message}"
         return None
+
+    def trigger_problem(self, trigger: str | None) -> str | None:
+        """For `station check`, which grabs in free run: would the camera take the station's trigger?"""
+        wanted = {HARDWARE: self.settings.trigger_source, SOFTWARE: "Software"}.get(trigger_mode(trigger))
+        if wanted is None or wanted in self.trigger_sources:
+            return None
+        return f"trigger source {wanted} is not offered (the camera has {', '.join(self.trigger_sources) or 'none'})"
 
     def counters(self) -> dict:
         return {"camera_lost_packets": self.lost_packets, "camera_incomplete_frames": self.incomplete_frames}
