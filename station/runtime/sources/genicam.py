@@ -175,24 +175,20 @@ class GenicamSource(FrameSource):
     def _connect(self):
         Aravis = self.Aravis
         camera = Aravis.Camera.new(self.device)  # GLib.Error when no such camera answers
-        try:
-            self._control_lost.clear()
-            camera.get_device().connect("control-lost", lambda *_: self._control_lost.set())
-            self.camera_name = describe(camera)
-            self.trigger_sources = list(camera.dup_available_trigger_sources() or [])
-            self.applied = apply_settings(camera, self.settings, self.mode)
-            camera.set_acquisition_mode(Aravis.AcquisitionMode.CONTINUOUS)
-            stream = camera.create_stream(None, None)
-            if stream is None:
-                raise SettingError("the camera gives no stream")
-            payload = camera.get_payload()
-            for _ in range(self.settings.buffers):
-                stream.push_buffer(Aravis.Buffer.new_allocate(payload))
-            self._stream_lost_packets = 0
-            camera.start_acquisition()
-        except Exception:
-            del camera
-            raise
+        self._control_lost.clear()
+        camera.get_device().connect("control-lost", lambda *_: self._control_lost.set())
+        self.camera_name = describe(camera)
+        self.trigger_sources = available_trigger_sources(camera)
+        self.applied = apply_settings(camera, self.settings, self.mode)
+        camera.set_acquisition_mode(Aravis.AcquisitionMode.CONTINUOUS)
+        stream = camera.create_stream(None, None)
+        if stream is None:
+            raise SettingError("the camera gives no stream")
+        payload = camera.get_payload()
+        for _ in range(self.settings.buffers):
+            stream.push_buffer(Aravis.Buffer.new_allocate(payload))
+        self._stream_lost_packets = 0
+        camera.start_acquisition()
         with self._camera_lock:
             self._camera = camera
         log.info("camera %s: %s; %s", self.description, self.camera_name, ", ".join(self.applied))
@@ -275,12 +271,22 @@ def apply_settings(camera, settings: GenicamConfig, mode: str) -> list[str]:
         applied.append("free run")
     else:
         source = "Software" if mode == SOFTWARE else settings.trigger_source
-        sources = camera.dup_available_trigger_sources() or []
+        sources = available_trigger_sources(camera)
         if source not in sources:
             raise SettingError(f"trigger source {source} is not offered (the camera has {', '.join(sources) or 'none'})")
         camera.set_trigger(source)  # FrameStart: TriggerMode On from this source; other selectors Off
         applied.append(f"trigger {source}")
     return applied
+
+
+def available_trigger_sources(camera) -> list[str]:
+    """What the camera offers as TriggerSource; none for a camera without triggers."""
+    from gi.repository import GLib  # loaded already: there is a camera
+
+    try:
+        return list(camera.dup_available_trigger_sources() or [])
+    except GLib.Error:
+        return []
 
 
 def _set_gain(camera, gain: float) -> str:
