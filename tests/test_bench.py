@@ -24,3 +24,6 @@ def test_bench_reports_stages_raw_models_tuning_and_the_daemon_end_to_end(mosqui
     cost = figures["integrations"]  # metrics, snapshot and discovery: off and on, 3 runs each
     assert len(cost["off_verdicts_per_s"]) == len(cost["on_verdicts_per_s"]) == 3
     assert cost["on_median"] > 0 and cost["off_median"] > 0 and "cost_percent" in cost
+    latency, regions = figures["latency"], figures["regions"]  # grab -> PUBACK at 100/s; 1 against 8 regions
+    assert latency["parts"] == 150 and 0 < latency["p50_ms"] <= latency["p99_ms"]
+    assert regions["frames"] == 150 and regions["regions"] == 8 and regions["ratio"] > 0
