@@ -6,6 +6,7 @@ fast and the runtime never loads torch unless `train` or `export` runs.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -14,6 +15,8 @@ from station.core.version import __version__
 from station.arguments import completion_script, host_port, verbose_everywhere, width_by_height
 from station.core.errors import StationError
 from station.runtime.logs import configure_logging
+
+log = logging.getLogger("station")
 
 
 def _simulate(args) -> int:
@@ -230,7 +233,18 @@ def _check(args) -> int:
 def _run(args) -> int:
     from station.runtime.daemon import Daemon
 
-    return Daemon(args.config).run()
+    daemon = Daemon(args.config)
+    code = daemon.run()
+    if daemon.capture_stuck:
+        # A capture thread still blocked in the camera library (OpenCV/FFmpeg): interpreter shutdown
+        # would unwind it through C++ code and abort ("FATAL: exception not rethrown", exit 134) after
+        # a clean stop. Everything is flushed and closed by now; leave without finalization.
+        log.warning("the camera thread did not stop within 1 s; exiting without waiting for it")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _bench(args) -> int:
