@@ -40,9 +40,12 @@ def candidate_table(result: dict) -> list[str]:
 def summary_lines(result: dict) -> list[str]:
     lines = ["candidates (chosen on the calibration part):"] + candidate_table(result)
     lines.append(f"export: {result['export']['mode']} ({result['export']['why']})")
-    lines.append(f"threshold: {result['metric']} {result['threshold']:.6g} ({result['threshold_rule']})")
-    lines.append(f"held-out test part ({result['n_good']} good, {result['n_defect']} defective parts; "
-                 "they neither trained the model nor set its threshold):")
+    lines.append(f"bundle model: {result['n_trained']} photos; threshold {result['metric']} {result['threshold']:.6g} "
+                 f"({result['threshold_rule']})")
+    audit = result["audit_model"]
+    lines.append(f"held-out test part ({result['n_good']} good, {result['n_defect']} defective parts), judged by the "
+                 f"audit model ({audit['n_trained']} photos, {audit['metric']} {audit['threshold']:.6g}): "
+                 "no test part trained it or set its threshold")
     auroc = "n/a" if result["auroc"] is None else f"{result['auroc']:.4f}"
     confusion = result["confusion"]
     lines.append(f"  AUROC              {auroc}")

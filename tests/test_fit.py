@@ -11,11 +11,12 @@ from fit import bundle
 from fit.data_check import check_data, difference_hash, near_duplicate_groups
 from fit.pipeline import FitOptions, run_fit
 from fit.split import split_parts
+from export.trunk import load_checkpoint
 from station.cli import main
 from station.core import reference_set
 from station.core.embedder import Embedder
 from station.core.errors import DataError, ExportGateError
-from station.core.imagefolder import GOOD, read_image
+from station.core.imagefolder import GOOD, image_digest, read_image
 from station.runtime.config import parse_config
 from station.tools.simulate import write_dataset
 
@@ -57,6 +58,23 @@ def test_the_bundle_is_complete_and_fit_json_holds_the_test_figures(fitted):
     ref = reference_set.load(out / "reference")
     reference_set.verify_for_model(ref, Embedder(out / "model.onnx").info.sha256, ref.embedding_dim)
     assert ref.metric == on_disk["metric"]
+
+
+def test_cross_fitting_the_audit_model_never_saw_the_test_part_the_bundle_never_trained_on_its_threshold_parts(fitted):
+    """fit.json's figures come from the audit model, which neither trained on nor was thresholded with the
+    test part; the bundle's model trains on every photo but its own threshold slice, which sets its threshold."""
+    data, out, _ = fitted
+    on_disk = json.loads((out / "fit.json").read_text())
+    split = on_disk["split"]
+    test = {path for path, part in split["files"].items() if part == "test"}
+    audit_slice, bundle_slice = (set(split["threshold_slices"][k]) for k in ("audit_model", "bundle_model"))
+    assert audit_slice and not audit_slice & test
+    bundle_trained = set(load_checkpoint(out / "trunk.pt")[1]["trained_on"])
+    digest = {path: image_digest(data / path) for path in split["files"]}
+    assert not {digest[p] for p in bundle_slice} & bundle_trained  # the threshold comes from unseen parts
+    assert {digest[p] for p in test} & bundle_trained  # the bundle's model learnt from the test part too
+    assert len(bundle_trained) == on_disk["n_trained"] > on_disk["audit_model"]["n_trained"]
+    assert reference_set.load(out / "reference").n_good == sum(1 for p in bundle_slice if p.startswith("good/"))
 
 
 def test_station_yaml_parses_once_camera_and_roi_are_filled(fitted):
