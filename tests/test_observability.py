@@ -10,6 +10,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.daemon_helpers import Output, wait_until
@@ -133,3 +134,16 @@ def test_the_latest_ng_part_is_a_retained_jpeg_of_the_region_cleared_at_changeov
     assert kept
     crop = cv2.imread(str(kept[0]), cv2.IMREAD_UNCHANGED)
     assert crop.shape[:2] == (roi["height"], roi["width"])  # kept at the camera's resolution too
+
+
+def test_a_large_region_is_fitted_into_the_snapshot_bound():
+    from station.runtime.snapshot import encode_jpeg
+
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (2048, 2448, 3), dtype=np.uint8)  # a 5 MP colour region: worst case for JPEG
+    jpeg = encode_jpeg(noise, 200_000)
+    assert len(jpeg) <= 200_000
+    picture = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert picture.ndim == 3 and picture.shape[1] / picture.shape[0] == pytest.approx(2448 / 2048, rel=0.02)
+    small = rng.integers(0, 65536, (26, 36), dtype=np.uint16)  # 16-bit grey at native size stays native
+    assert cv2.imdecode(np.frombuffer(encode_jpeg(small, 200_000), np.uint8), cv2.IMREAD_UNCHANGED).shape == (26, 36)
