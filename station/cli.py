@@ -15,6 +15,7 @@ from station.core.version import __version__
 from station.arguments import completion_script, host_port, verbose_everywhere, width_by_height
 from station.core.errors import StationError
 from station.runtime.logs import configure_logging
+from station.model_commands import calibrate, evaluate, export, fit, train
 
 log = logging.getLogger("station")
 
@@ -39,180 +40,6 @@ def _simulate(args) -> int:
     if args.contact_sheet:
         simulate.write_contact_sheet(args.contact_sheet, args.seed, pins=args.pins)
         print(f"wrote {args.contact_sheet} (six enlarged parts of each class)")
-    return 0
-
-
-def _load_embedder(model_path: Path, threads: int = 1):
-    from station.core.embedder import Embedder
-
-    return Embedder(model_path, threads=threads)
-
-
-def _calibrate(args) -> int:
-    from calibration import workflow
-    from station.core import reference_set
-    from station.core.errors import ConfigError
-
-    if args.config is not None:
-        folder_mode = [flag for flag, value in (("--model", args.model), ("--good", args.good),
-                                                ("--defects", args.defects), ("--out", args.out)) if value]
-        if folder_mode:
-            raise ConfigError(f"-c/--config calibrates from the configured camera; {', '.join(folder_mode)} "
-                              "belong to the folder mode (--model, --good, --out): use one or the other")
-        return _calibrate_camera(args)
-    if args.count is not None or args.min_change is not None or args.roi is not None:
-        raise ConfigError("--count and --min-change need -c/--config (calibration from the camera), as does --roi")
-    if args.out is None:
-        raise ConfigError("calibrate needs --out (folder mode) or -c/--config (camera mode)")
-    if args.rollback is not None:
-        version = reference_set.rollback(args.out, args.rollback or None)
-        print(f"{args.out}: v{version:04d} is current again")
-        return 0
-    if args.model is None or args.good is None:
-        raise StationError("calibrate needs --model and --good (or --rollback)")
-    product = args.product or args.out.name
-    embedder = _load_embedder(args.model)
-    saved, calibration = workflow.calibrate_folders(
-        embedder, args.good, args.defects, args.out, product, metric=args.metric,
-        target_false_reject=args.target_false_reject, min_good=args.min_good, progress=sys.stderr.isatty(),
-    )
-    _print_calibration(saved, calibration, calibration.warnings)
-    return 0
-
-
-def _calibrate_camera(args) -> int:
-    from calibration import live
-    from calibration.fit import DEFAULT_CAMERA_COUNT
-    from station.core import reference_set
-    from station.runtime.config import load_config
-    from station.runtime.credentials import camera_credentials
-
-    config = load_config(args.config)
-    if args.rollback is not None:
-        product, root = live.product_reference(config, args.product)
-        version = reference_set.rollback(root, args.rollback or None)
-        print(f"{root}: product {product}, v{version:04d} is current again")
-        return 0
-    result = live.calibrate_from_camera(
-        config, args.product, count=DEFAULT_CAMERA_COUNT if args.count is None else args.count, min_good=args.min_good,
-        min_change=live.DEFAULT_MIN_CHANGE if args.min_change is None else args.min_change,
-        metric=args.metric, target_false_reject=args.target_false_reject, progress=sys.stderr.isatty(),
-        credentials=camera_credentials(config.camera), region=args.roi,
-    )
-    grabbed = result.grabbed
-    print(f"{len(grabbed)} distinct parts from {grabbed.frames_seen} frames ({grabbed.skipped} unchanged skipped)")
-    _print_calibration(result.saved, result.calibration, result.warnings)
-    return 0
-
-
-def _print_calibration(saved, calibration, warnings) -> None:
-    for warning in warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    print(f"{saved.path}: product {saved.product}, {saved.n_good} good parts, metric {saved.metric}, "
-          f"threshold {saved.threshold:.6g}")
-    for name, metric_fit in calibration.fits.items():
-        line = f"  {name:12s} threshold {metric_fit.threshold:10.5g}  false-reject (out of fold) {metric_fit.false_reject_rate:.3%}"
-        if metric_fit.auroc is not None:
-            line += f"  AUROC {metric_fit.auroc:.4f}  escape rate {metric_fit.escape_rate:.3%}"
-        print(line + ("   <- chosen" if name == saved.metric else ""))
-
-
-def _evaluate(args) -> int:
-    import json
-
-    from calibration import workflow
-    from station.core import reference_set
-
-    embedder = _load_embedder(args.model)
-    evaluation, embedded = workflow.evaluate_folder(
-        embedder, reference_set.load(args.reference), args.data, progress=sys.stderr.isatty() and not args.json
-    )
-    figures = evaluation.figures()
-    if args.report:
-        args.report.mkdir(parents=True, exist_ok=True)
-        for name, content in workflow.evaluation_report(evaluation, embedded).items():
-            (args.report / name).write_bytes(content)
-    if args.json:
-        print(json.dumps(figures))
-        return 0
-    print(f"{figures['n_good']} good, {figures['n_defect']} defective parts; metric {figures['metric']}, "
-          f"threshold {figures['threshold']:.6g}")
-    for key in ("auroc", "accuracy", "false_reject_rate", "escape_rate"):
-        value = figures[key]
-        print(f"  {key:18s} {'n/a' if value is None else f'{value:.4f}'}")
-    print("  confusion          " + ", ".join(f"{k} {v}" for k, v in figures["confusion"].items()))
-    print("  AUROC per metric   " + ", ".join(
-        f"{k} {'n/a' if v is None else f'{v:.4f}'}" for k, v in figures["per_metric_auroc"].items()))
-    if args.report:
-        print(f"  report             {args.report}/ (histogram.png, roc.png, worst_parts.png)")
-    return 0
-
-
-def _require_torch(command: str):
-    """train/export need the engineering extra; the line PC never has torch."""
-    from station.core.errors import MissingExtraError
-
-    try:
-        import torch  # noqa: F401
-        import onnx  # noqa: F401
-    except ImportError as exc:
-        raise MissingExtraError(f"`station {command}` needs torch and onnx: pip install '.[train]'") from exc
-
-
-def _train(args) -> int:
-    _require_torch("train")
-    from export import train
-
-    config = train.TrainConfig(
-        arch=args.arch or train.DEFAULT_ARCH, loss=args.loss or train.DEFAULT_LOSS,
-        epochs=args.epochs,
-        seed=args.seed if args.seed is not None else train.DEFAULT_SEED,
-        embedding_dim=args.embedding_dim or train.DEFAULT_EMBEDDING_DIM, allow_flips=args.allow_flips,
-        input_size=args.input_size, members=args.members if args.members is not None else train.DEFAULT_MEMBERS,
-    )
-    print(f"training {config.arch} trunk{'s' if config.members > 1 else ''} (x{config.members}), {config.loss} loss, {config.epochs} epochs, seed {config.seed}, "
-          f"{config.embedding_dim}-d embedding on {args.data}")
-    result = train.train(args.data, args.out, config, progress=sys.stderr.isatty())
-    print(f"{result.n_train} training / {result.n_val} validation images, {result.parameters} parameters, "
-          f"{result.train_seconds:.1f} s")
-    print(f"validation pair accuracy {result.val_pair_accuracy:.4f} (distance threshold {result.pair_threshold:.4f})")
-    print(f"wrote {result.checkpoint}")
-    return 0
-
-
-def _fit(args) -> int:
-    _require_torch("fit")
-    from fit.pipeline import FitOptions, run_fit
-
-    given = {"seed": args.seed, "budget_minutes": args.budget, "epochs": args.epochs,
-             "max_candidates": args.max_candidates, "defect_rate": args.defect_rate, "escape_cost": args.escape_cost,
-             "target_false_reject": args.target_false_reject, "product": args.product, "members": args.members}
-    run_fit(FitOptions(data=args.data, out=args.out, progress=sys.stderr.isatty(),
-                       **{key: value for key, value in given.items() if value is not None}))
-    return 0
-
-
-def _export(args) -> int:
-    _require_torch("export")
-    from export import onnx_export
-
-    options = onnx_export.ExportOptions(
-        fp32=args.fp32, int8=args.int8 or onnx_export.DEFAULT_INT8, calib_data=args.calib_data,
-        reduce_range=onnx_export.DEFAULT_REDUCE_RANGE if args.reduce_range is None else args.reduce_range,
-    )
-    checkpoint = args.checkpoint
-    if checkpoint.suffix == ".keras":  # the source study's Keras 3 model, imported as the mlp trunk
-        import tempfile
-
-        from export.keras_import import keras_checkpoint
-
-        imported = Path(tempfile.mkdtemp(prefix="station-keras-")) / "trunk.pt"
-        checkpoint = keras_checkpoint(args.checkpoint, imported, args.calib_data)
-        print(f"imported {args.checkpoint} as an mlp trunk (Dense 936-512-256-128)")
-    report = onnx_export.export_model(checkpoint, args.out, options)
-    for line in onnx_export.summary_lines(report):
-        print(line)
-    print(f"wrote {args.out} and {onnx_export.report_path(args.out)}")
     return 0
 
 
@@ -312,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--min-good", type=int, default=30, help="refuse with fewer good parts (default 30)")
     cal.add_argument("--rollback", type=int, nargs="?", const=0, default=None, metavar="VERSION",
                      help="make an earlier version current (default: the one before)")
-    cal.set_defaults(handler=_calibrate)
+    cal.set_defaults(handler=calibrate)
 
     ev = commands.add_parser("evaluate", help="quality figures of a model and reference set on labelled parts")
     ev.add_argument("--model", type=Path, required=True)
@@ -320,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", type=Path, required=True, help="image folder: good/ + one folder per defect class")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.add_argument("--report", type=Path, help="folder for histogram, ROC and contact-sheet PNGs")
-    ev.set_defaults(handler=_evaluate)
+    ev.set_defaults(handler=evaluate)
 
     tr = commands.add_parser("train", help="train a Siamese trunk on an image folder (needs the train extra)")
     tr.add_argument("--data", type=Path, required=True, help="image folder: good/ + one folder per defect class")
@@ -335,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--allow-flips", action="store_true", help="augment with mirrored crops (only if the part is symmetric)")
     tr.add_argument("--input-size", type=width_by_height, metavar="WxH",
                     help="model input in pixels (default 36x26); the station resizes the ROI to it")
-    tr.set_defaults(handler=_train)
+    tr.set_defaults(handler=train)
 
     ex = commands.add_parser("export", help="export a trained trunk to a self-describing ONNX model (int8 by default)")
     ex.add_argument("checkpoint", type=Path, help="checkpoint written by `station train`, or a Keras 3 model.keras")
@@ -345,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--calib-data", type=Path, help="image folder for calibration and the gate (default: the training data)")
     ex.add_argument("--reduce-range", action=argparse.BooleanOptionalAction,
                     help="7-bit int8 weights (default off: the unsigned 8-bit weights used do not saturate)")
-    ex.set_defaults(handler=_export)
+    ex.set_defaults(handler=export)
     chk = commands.add_parser("check", help="validate a station configuration, its model and reference sets")
     chk.add_argument("-c", "--config", type=Path, required=True, help="station.yaml")
     chk.set_defaults(handler=_check)
@@ -369,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     fi.add_argument("--target-false-reject", type=float,
                     help="without defects: good parts allowed to be rejected (default 0.005)")
     fi.add_argument("--product", help="product name of the reference set (default: the --out folder's name)")
-    fi.set_defaults(handler=_fit)
+    fi.set_defaults(handler=fit)
 
     be = commands.add_parser("bench", help="measure per-stage cost, raw onnxruntime, end-to-end verdicts/s, RSS")
     be.add_argument("--model", type=Path, action="append", default=[],
