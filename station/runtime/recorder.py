@@ -18,6 +18,8 @@ from station.runtime.outbox import Outbox
 from station.runtime.publisher import Publisher
 
 log = logging.getLogger(__name__)
+# Seconds the first live verdict waits for stored ones still in flight, so none is overtaken.
+LIVE_ORDER_WAIT = 2.0
 
 # build(seq, frame, judgement) -> the verdict message for that seq
 Build = Callable[[int, object, object], dict]
@@ -82,6 +84,9 @@ class VerdictRecorder:
         if not self.publisher.connected:
             return []
         if self._live_seq is None:
+            # Stored verdicts still on their way would be overtaken by live ones: let them go first
+            # (bounded: deleting acknowledged rows may itself fail on a full disk).
+            self.publisher.flush(timeout=LIVE_ORDER_WAIT)
             self._live_seq = self.outbox.last_seq()  # reading works on a full disk
             log.error("outbox %s cannot store verdicts: publishing them live, not durable, "
                       "from seq %d until it can", self.outbox.path, self._live_seq + 1)
