@@ -23,7 +23,8 @@ LARGE_SIZE = (72, 52)  # tried only when the images are at least this large
 # Seconds per epoch and image relative to the mlp at 36x26, measured with
 # export.train.train_split on 480 simulated parts (mlp 100 epochs 4.4 s, cnn 60 epochs 7.9 s).
 ARCH_COST = {"mlp": 1.0, "cnn": 3.0}
-# Sized so 2,500 images fit in 15 minutes on 2 cores: 8 candidates at ~1,300
+# Sized so 2,500 images fit in 15 minutes on 2 cores (measured 2026-12-02 with the two final
+# ensembles: 613 s, docs/fit.md). Before them: 8 candidates at ~1,300
 # training images take ~3 minutes measured; the rest is the data check, the
 # export gate and the final scoring (~1 minute); the budget leaves 3x headroom.
 DEFAULT_BUDGET_MINUTES = 10.0
