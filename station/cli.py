@@ -31,7 +31,7 @@ def _simulate(args) -> int:
     print(f"wrote {args.count} parts to {args.out}: {summary}")
     if args.video:
         truth = args.video.with_suffix(".csv")
-        if args.dwell:
+        if args.dwell is not None:
             simulate.write_dwell_video(args.video, truth, args.count, args.seed, args.dwell, pins=args.pins)
         else:
             simulate.write_video(args.video, truth, args.count, args.seed, pins=args.pins)
@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--pins", type=int, choices=(2, 3), default=3, help="pins of the simulated product")
     sim.add_argument("--video", type=Path, help="also write an MJPG video of full frames (+ ground truth .csv)")
     sim.add_argument("--dwell", type=int, metavar="FRAMES",
-                     help="video of a stop-and-go belt: parts slide in, stand FRAMES frames, slide out (trigger: presence)")
+                     help="video of a stop-and-go belt: parts slide in, stand FRAMES frames, slide out (trigger: presence); "
+                          "0: a belt that never stops (presence.judge_on: centred)")
     sim.add_argument("--contact-sheet", type=Path, metavar="PNG",
                      help="also write a picture of six enlarged parts per class (docs/simulated_parts.png)")
     sim.set_defaults(handler=_simulate)

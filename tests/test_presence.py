@@ -61,3 +61,39 @@ def test_the_gate_waits_for_the_region_to_empty_before_the_next_part():
     empty, part = np.full((26, 36), 55, np.uint8), np.full((26, 36), 185, np.uint8)
     decisions = [gate.feed(frame) for frame in [empty] * 5 + [part] * 6 + [empty] * 2 + [part] * 4]
     assert decisions.count("judge") == 2 and gate.parts == 2 and gate.state == "judged"
+
+
+def test_on_a_belt_that_never_stops_each_part_is_judged_once_when_centred(tmp_path, station_files, broker):
+    """`station simulate --dwell 0`: parts pass without stopping, one frame at the region's centre.
+    judge_on: still never sees them settle (no_verdict each); judge_on: centred judges that frame."""
+    video, frames = belt(tmp_path, count=10, dwell=0)
+    recorder = Recorder(broker.host, broker.port, "plant/#")
+    config = write_config(tmp_path, station_files, broker, f"{{source: {video}}}", roi=ROI, trigger="presence",
+                          presence="{judge_on: centred}")
+    code, output = finish(start_station(config), timeout=60)
+    assert code == 0, output
+    recorder.wait_for(lambda: len(recorder.on("/verdict")) >= 10, what="10 verdicts")
+    judged = [frames[int(v["source"])] for v in recorder.json_on("/verdict")]
+    assert [row["part"] for row in judged] == [str(i) for i in range(10)]  # each part once, in order
+    assert {row["phase"] for row in judged} == {"passing"}  # the centred frame, not one beside it
+    assert not recorder.on("/no_verdict")
+    recorder.close()
+
+
+def test_the_centre_offset_follows_a_part_across_the_region_in_either_direction():
+    import numpy as np
+
+    from station.runtime.presence import PresenceSettings, centre_offset
+
+    belt_crop = np.full((26, 36), 55, np.uint8)
+    def part_at(shift):  # a 12-pixel-wide part whose centre is `shift` pixels right of the region's
+        crop = belt_crop.copy()
+        left = 12 + shift
+        crop[:, max(left, 0):max(left + 12, 0)] = 185
+        return crop
+    assert [round(centre_offset(part_at(s), belt_crop.astype(np.float32))) for s in (-6, 0, 6)] == [-6, 0, 6]
+    for shifts in ((-20, -10, -1, 9, 19), (20, 10, 1, -9, -19)):  # left to right, right to left
+        gate = PresenceGate(PresenceSettings(judge_on="centred"))
+        crops = [belt_crop] * 5 + [part_at(s) for s in shifts] + [belt_crop] * 2
+        judged, _, missed = gate.select(list(range(len(crops))), crops)
+        assert judged == [5 + 2] and not missed  # the frame 1 px from the centre, not the one 9 px past it

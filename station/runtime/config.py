@@ -24,7 +24,7 @@ from pydantic import (
 
 from station.core.errors import ConfigError
 from station.core.product import product_name_problem
-from station.runtime.presence import PresenceSettings
+from station.runtime.presence import JUDGE_ON, PresenceSettings
 from station.runtime.regions_config import Regions
 from station.runtime.config_integrations import HomeAssistantConfig, OpcuaConfig, PrometheusConfig, SnapshotConfig
 from station.runtime.sources.genicam_config import GenicamField, Trigger
@@ -164,6 +164,7 @@ class PresenceConfig(_Model):
     still: float = Field(PresenceSettings.still, gt=0)
     still_frames: int = Field(PresenceSettings.still_frames, ge=1)
     learn_frames: int = Field(PresenceSettings.learn_frames, ge=1)
+    judge_on: Literal[JUDGE_ON] = PresenceSettings.judge_on
 
     @model_validator(mode="after")
     def _hysteresis(self):

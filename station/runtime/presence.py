@@ -4,11 +4,14 @@ The gate looks at the inspection region only (the crop the model would see):
 
     learning --(learn_frames of empty belt)--> waiting --(differs from the belt by > enter)--> entered
     entered  --(changes < still for still_frames frames)--> judge this frame --> judged
+    entered  --(judge_on: centred; the part's centre crosses the region's)--> judge the nearer frame --> judged
     entered  --(back within leave of the belt before settling)--> no_verdict (never silence) --> waiting
     judged   --(back within leave of the belt)--> waiting
 
 `enter` > `leave` is the hysteresis: a part half out of the region does not count as a new one.
-While waiting, the empty-belt reference follows slow lighting drift.
+While waiting, the empty-belt reference follows slow lighting drift. On a belt that never stops
+(`judge_on: centred`), the part's centre is the centroid of its difference from the belt along the
+region's width; the frame nearest the crossing of the region's centre is judged, either direction.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import numpy as np
 
 LEARNING, WAITING, ENTERED, JUDGED = "learning", "waiting for part", "part entered", "judged"
 DRIFT = 0.05  # share of each empty frame blended into the belt reference
+JUDGE_ON = ("still", "centred")
 
 
 @dataclass(frozen=True)
@@ -27,10 +31,20 @@ class PresenceSettings:
     still: float = 4.0  # mean absolute change between consecutive frames: the part stands still
     still_frames: int = 2  # consecutive still frames before the part is judged
     learn_frames: int = 5  # empty-belt frames learned at start
+    judge_on: str = "still"  # "still": a stop-and-go belt; "centred": a belt that never stops
 
 
 def _difference(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(np.abs(a.astype(np.float32) - b)))
+
+
+def centre_offset(crop: np.ndarray, belt: np.ndarray) -> float:
+    """Where the part's centre lies from the region's centre, in pixels along the width (- left, + right)."""
+    weights = np.abs(crop.astype(np.float32) - belt).reshape(crop.shape[0], crop.shape[1], -1).sum(axis=(0, 2))
+    total = float(weights.sum())
+    if total <= 0.0:
+        return 0.0
+    return float(np.dot(np.arange(len(weights)), weights) / total) - (len(weights) - 1) / 2.0
 
 
 class PresenceGate:
@@ -46,6 +60,8 @@ class PresenceGate:
         self._belt: np.ndarray | None = None
         self._previous: np.ndarray | None = None
         self._still = 0
+        self._offset: float | None = None  # judge_on: centred, the previous frame's centre offset
+        self._last: tuple = (None, None)  # the previous frame and its crop (it may be the one judged)
 
     def feed(self, crop: np.ndarray) -> str | None:
         """"judge" (this frame), "no_verdict" (a part left unjudged), or None (nothing to do)."""
@@ -55,6 +71,7 @@ class PresenceGate:
         if self.state == WAITING:
             if away > self.settings.enter:
                 self.state, self._previous, self._still = ENTERED, crop, 0
+                self._offset = centre_offset(crop, self._belt) if self.settings.judge_on == "centred" else None
                 self.parts += 1
             else:
                 self._belt += DRIFT * (crop - self._belt)
@@ -64,6 +81,8 @@ class PresenceGate:
             self.state = WAITING
             self.missed += missed
             return "no_verdict" if missed else None
+        if self.state == ENTERED and self.settings.judge_on == "centred":
+            return self._centred(crop)
         if self.state == ENTERED:
             moving = _difference(crop, self._previous) >= self.settings.still
             self._previous, self._still = crop, 0 if moving else self._still + 1
@@ -72,16 +91,29 @@ class PresenceGate:
                 return "judge"
         return None
 
+    def _centred(self, crop: np.ndarray) -> str | None:
+        """"judge" this frame or "judge_previous" once the part's centre has crossed the region's."""
+        offset, previous = centre_offset(crop, self._belt), self._offset
+        self._offset = offset
+        if previous is None or (offset * previous > 0.0 and offset != 0.0):
+            return None
+        self.state = JUDGED
+        return "judge_previous" if abs(previous) < abs(offset) else "judge"
+
     def select(self, frames: list, crops: list) -> tuple[list, list, list]:
         """(frames to judge, their crops, frames on which an unjudged part left), in order."""
         judge_frames, judge_crops, missed = [], [], []
         for frame, crop in zip(frames, crops):
             decision = self.feed(crop)
-            if decision == "judge":
+            if decision == "judge_previous":  # the frame before was nearer the centre
+                judge_frames.append(self._last[0])
+                judge_crops.append(self._last[1])
+            elif decision == "judge":
                 judge_frames.append(frame)
                 judge_crops.append(crop)
             elif decision == "no_verdict":
                 missed.append(frame)
+            self._last = (frame, crop)
         self.skipped_frames += len(frames) - len(judge_frames)
         return judge_frames, judge_crops, missed
 

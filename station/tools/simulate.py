@@ -56,13 +56,15 @@ def dwell_frames(dwell: int) -> list[tuple[str, int]]:
     """(phase, x offset of the part) for one part's frames, then the empty gap (offset None as 0)."""
     entering = [("entering", -SLIDE_STEP * k) for k in range(SLIDE, 0, -1)]
     leaving = [("leaving", SLIDE_STEP * k) for k in range(1, SLIDE + 1)]
-    return entering + [("settled", 0)] * dwell + leaving + [("empty", 0)] * GAP
+    centre = [("settled", 0)] * dwell if dwell else [("passing", 0)]  # 0: the belt never stops
+    return entering + centre + leaving + [("empty", 0)] * GAP
 
 
 def write_dwell_video(video: Path, truth_csv: Path, count: int, seed: int, dwell: int, pins: int = 3,
                       fps: float = 25.0):
     """An MJPG belt video where parts slide in, settle for `dwell` frames, slide out, with empty belt
-    between; the CSV gives every frame's part, phase (empty/entering/settled/leaving) and truth."""
+    between; the CSV gives every frame's part, phase (empty/entering/settled/leaving, or passing for
+    the one centred frame when dwell is 0: a belt that never stops) and truth."""
     writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), fps, (FRAME_WIDTH, FRAME_HEIGHT))
     if not writer.isOpened():
         raise OSError(f"{video}: OpenCV cannot write an MJPG video here")
@@ -78,7 +80,7 @@ def write_dwell_video(video: Path, truth_csv: Path, count: int, seed: int, dwell
             for index in range(count):
                 part = render_part(seed, index, pins)
                 for phase, offset in dwell_frames(dwell):
-                    travel += SLIDE_STEP if phase in ("entering", "leaving") else 0
+                    travel += SLIDE_STEP if phase in ("entering", "passing", "leaving") else 0
                     shown = None if phase == "empty" else part
                     writer.write(render_frame(shown, seed, index=0, x_offset=offset, travel=travel, frame_no=frame_no))
                     table.writerow([frame_no, "" if shown is None else index, phase,
