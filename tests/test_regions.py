@@ -63,17 +63,28 @@ def test_roi_and_rois_exclude_each_other_and_a_region_product_needs_products():
 
 @pytest.fixture(scope="module")
 def per_row_model(tmp_path_factory, sim_dataset):
-    """The bundled demo model (dynamic int8, a Scan per part) rewritten to per-part scales, and a reference set."""
-    pytest.importorskip("onnx", reason="the train extra is not installed")
-    from export.per_row import per_row_dynamic
-    from station.tools.demo import DEMO_MODEL
+    """A small mlp trunk quantized dynamic int8 twice: with per-part scales (what `station export` writes)
+    and as the former Scan over parts (one part per loop), with a reference set for the first."""
+    pytest.importorskip("torch", reason="the train extra is not installed")
+    import onnx
+
+    from export import onnx_export
+    from export.per_part import scan_per_part
+    from export.train import TrainConfig, train
 
     folder = tmp_path_factory.mktemp("per_row")
-    model = folder / "model.onnx"
-    shutil.copy(DEMO_MODEL, model)
-    assert per_row_dynamic(model) == 3  # the mlp's three matrix products
+    checkpoint = train(sim_dataset, folder / "t.pt", TrainConfig(arch="mlp", epochs=1, members=1), progress=False)
+    fp32 = folder / "fp32.onnx"
+    onnx_export.export_model(checkpoint.checkpoint, fp32, onnx_export.ExportOptions(fp32=True, calib_data=sim_dataset))
+    model, scan = folder / "model.onnx", folder / "scan.onnx"
+    onnx_export.quantize(fp32, model, "dynamic", None, onnx_export.DEFAULT_REDUCE_RANGE)  # per-part scales
+    onnx_export._run_quantizer(folder / "prepared.onnx", scan, "dynamic", None, onnx_export.DEFAULT_REDUCE_RANGE)
+    scan_per_part(scan)
+    props = {p.key: p.value for p in onnx.load(str(fp32)).metadata_props} | {"quantization": "int8-dynamic"}
+    for path in (model, scan):
+        onnx_export.write_metadata(path, props)
     workflow.calibrate_folders(Embedder(model), sim_dataset / "good", [], folder / "refs" / "A", "A")
-    return model, folder / "refs" / "A", Embedder(DEMO_MODEL)
+    return model, folder / "refs" / "A", Embedder(scan)
 
 
 def test_per_part_scales_give_the_scan_model_s_embeddings_alone_and_in_any_batch(per_row_model, sim_dataset):
