@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 
 from station.core.version import __version__
@@ -60,13 +61,13 @@ def _check(args) -> int:
 def _run(args) -> int:
     from station.runtime.daemon import Daemon
 
-    daemon = Daemon(args.config)
-    code = daemon.run()
-    if daemon.capture_stuck:
-        # A capture thread still blocked in the camera library (OpenCV/FFmpeg): interpreter shutdown
-        # would unwind it through C++ code and abort ("FATAL: exception not rethrown", exit 134) after
-        # a clean stop. Everything is flushed and closed by now; leave without finalization.
-        log.warning("the camera thread did not stop within 1 s; exiting without waiting for it")
+    code = Daemon(args.config).run()
+    lingering = [t.name for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()]
+    if lingering:
+        # E.g. a camera reader still blocked in OpenCV's read of a stream: interpreter shutdown would
+        # unwind it through OpenCV's catch-all and abort ("FATAL: exception not rethrown", SIGABRT)
+        # after a clean stop. The daemon has closed and flushed everything; leave without finalization.
+        log.info("threads still inside native code at exit (%s): exiting without waiting", ", ".join(lingering))
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -56,7 +56,6 @@ class Daemon:
         self.config = load_config(self.config_path)
         self.paused = False  # read from the state folder at start: a pause survives restarts
         self._stop_requested = False
-        self.capture_stuck = False  # set at shutdown: the camera thread did not stop in time
         self._reload_requested = False
         self.inbox = CommandInbox()
         self._last_ping = 0.0
@@ -168,7 +167,7 @@ class Daemon:
 
     def _shutdown(self, finished: bool):
         sdnotify.notify("STOPPING=1", "STATUS=stopping")
-        self.capture_stuck = not (self.feed or self.latest).close(timeout=1.0)
+        (self.feed or self.latest).close(timeout=1.0)
         if not finished:
             self.publisher.flush(timeout=FINAL_FLUSH)
         self._publish_stats()
