@@ -20,12 +20,18 @@ def belt(tmp_path, count: int, dwell: int):
         return video, list(csv.DictReader(handle))
 
 
-def test_each_part_is_judged_once_on_a_settled_frame(tmp_path, station_files, broker):
-    video, frames = belt(tmp_path, count=12, dwell=5)
+def run_belt(tmp_path, station_files, broker, count: int, dwell: int, **extra):
+    """The station over a belt video to its end (exit 0): (recorder with what it published, the truth rows)."""
+    video, frames = belt(tmp_path, count=count, dwell=dwell)
     recorder = Recorder(broker.host, broker.port, "plant/#")
-    config = write_config(tmp_path, station_files, broker, f"{{source: {video}}}", roi=ROI, trigger="presence")
+    config = write_config(tmp_path, station_files, broker, f"{{source: {video}}}", roi=ROI, trigger="presence", **extra)
     code, output = finish(start_station(config), timeout=60)
     assert code == 0, output
+    return recorder, frames
+
+
+def test_each_part_is_judged_once_on_a_settled_frame(tmp_path, station_files, broker):
+    recorder, frames = run_belt(tmp_path, station_files, broker, count=12, dwell=5)
     recorder.wait_for(lambda: len(recorder.on("/verdict")) >= 12, what="12 verdicts")
     verdicts = recorder.json_on("/verdict")
     judged = [frames[int(v["source"])] for v in verdicts]
@@ -40,11 +46,7 @@ def test_each_part_is_judged_once_on_a_settled_frame(tmp_path, station_files, br
 
 
 def test_a_part_that_never_settles_gets_a_no_verdict_message(tmp_path, station_files, broker):
-    video, frames = belt(tmp_path, count=4, dwell=1)  # one still frame: not enough to settle
-    recorder = Recorder(broker.host, broker.port, "plant/#")
-    config = write_config(tmp_path, station_files, broker, f"{{source: {video}}}", roi=ROI, trigger="presence")
-    code, output = finish(start_station(config), timeout=60)
-    assert code == 0, output
+    recorder, _ = run_belt(tmp_path, station_files, broker, count=4, dwell=1)  # one still frame: not enough to settle
     recorder.wait_for(lambda: len(recorder.on("/no_verdict")) >= 4, what="4 no_verdict messages")
     missed = recorder.json_on("/no_verdict")
     for message in missed:
@@ -66,12 +68,7 @@ def test_the_gate_waits_for_the_region_to_empty_before_the_next_part():
 def test_on_a_belt_that_never_stops_each_part_is_judged_once_when_centred(tmp_path, station_files, broker):
     """`station simulate --dwell 0`: parts pass without stopping, one frame at the region's centre.
     judge_on: still never sees them settle (no_verdict each); judge_on: centred judges that frame."""
-    video, frames = belt(tmp_path, count=10, dwell=0)
-    recorder = Recorder(broker.host, broker.port, "plant/#")
-    config = write_config(tmp_path, station_files, broker, f"{{source: {video}}}", roi=ROI, trigger="presence",
-                          presence="{judge_on: centred}")
-    code, output = finish(start_station(config), timeout=60)
-    assert code == 0, output
+    recorder, frames = run_belt(tmp_path, station_files, broker, count=10, dwell=0, presence="{judge_on: centred}")
     recorder.wait_for(lambda: len(recorder.on("/verdict")) >= 10, what="10 verdicts")
     judged = [frames[int(v["source"])] for v in recorder.json_on("/verdict")]
     assert [row["part"] for row in judged] == [str(i) for i in range(10)]  # each part once, in order

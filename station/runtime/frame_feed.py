@@ -77,11 +77,9 @@ class LatestFrame:
                 return None, error
         return self.get(timeout=timeout), None
 
-    def close(self, timeout: float = 3.0) -> bool:
-        """Close the source; False when the capture thread is still inside it after `timeout`."""
+    def close(self, timeout: float = 3.0):
         self.source.close()
         self._thread.join(timeout)
-        return not self._thread.is_alive()
 
 
 class FrameFeed:
@@ -170,10 +168,8 @@ class FrameFeed:
         with self._changed:
             return self._ended and not self._frames
 
-    def close(self, timeout: float = 3.0) -> bool:
-        """Close the source; False when the capture thread is still inside it after `timeout`."""
+    def close(self, timeout: float = 3.0):
         self.source.close()
         with self._changed:
             self._changed.notify_all()
         self._thread.join(timeout)
-        return not self._thread.is_alive()
