@@ -104,7 +104,7 @@ def _fit_in(data: DataCheck, parts: list[str], out: Path, workdir: Path, options
     # of the photos instead of 68 % (docs/fit.md).
     candidate = search.chosen.candidate
     audit_items = train_items + calibration_items
-    audit_groups = select(list(data.groups), parts, "train") + select(list(data.groups), parts, "calibration")
+    audit_groups = list(train_groups) + select(list(data.groups), parts, "calibration")
     audit = build_model(candidate, audit_items, audit_groups, workdir / "audit", options, data, "audit model")
     tested = workflow.embed_items(audit.embedder, test_items)
     evaluation = evaluate_embeddings(tested.embeddings, tested.classes, audit.reference_set)
