@@ -27,3 +27,26 @@ def test_a_sample_of_ok_crops_and_nothing_when_the_bound_is_zero(tmp_path):
     share = np.mean([sampled.wants("OK") for _ in range(4000)])
     assert 0.22 < share < 0.28 and not sampled.wants("NG")
     assert not CropKeeper(tmp_path / "b", keep_ng=True, ok_sample_rate=1.0, max_bytes=0).wants("NG")
+
+
+def test_crops_never_take_the_outbox_s_reserve_of_free_disk(tmp_path, monkeypatch, caplog):
+    """The state folder's disk is shared with the outbox: a crop that would leave less than the reserve
+    free is not written, counted and logged once, and writing resumes when there is room."""
+    import shutil
+
+    from station.runtime import crops
+
+    crop = np.random.default_rng(1).integers(0, 256, (26, 36), dtype=np.uint8)
+    free = shutil.disk_usage(tmp_path).free
+    monkeypatch.setattr(crops, "FREE_SPACE_RESERVE", free + (1 << 30))  # more than this disk has free
+    keeper = CropKeeper(tmp_path / "crops", keep_ng=True, ok_sample_rate=0.0, max_bytes=10**9)
+    for index in range(5):
+        keeper.keep(crop, "NG", f"id-{index}")
+    keeper.close()
+    assert keeper.failed == 5 and not list((tmp_path / "crops").glob("*/*.png"))
+    assert sum("free for the outbox" in r.getMessage() for r in caplog.records) == 1
+    monkeypatch.setattr(crops, "FREE_SPACE_RESERVE", 0)
+    keeper = CropKeeper(tmp_path / "crops", keep_ng=True, ok_sample_rate=0.0, max_bytes=10**9)
+    keeper.keep(crop, "NG", "id-later")
+    keeper.close()
+    assert [p.name for p in (tmp_path / "crops" / "NG").iterdir()] == ["id-later.png"]

@@ -8,9 +8,11 @@ the writer falls behind, crops are skipped and counted, never verdicts.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import queue
 import random
+import shutil
 import threading
 import time
 from collections import deque
@@ -25,6 +27,9 @@ log = logging.getLogger(__name__)
 QUEUE_DEPTH = 512
 QUEUE_BYTES = 64_000_000  # crops are regions at the camera's resolution: a bound in bytes as well
 FAILURE_LOG_INTERVAL = 60.0  # seconds between "cannot keep crop" warnings
+# Crops share the state folder's disk with the outbox: they never take its last FREE_SPACE_RESERVE
+# bytes, so review pictures cannot fill the disk under the verdicts (max_mb bounds only the crops).
+FREE_SPACE_RESERVE = 64 << 20
 
 
 class CropKeeper:
@@ -108,6 +113,8 @@ class CropKeeper:
             ok, encoded = cv2.imencode(".png", crop)
             if not ok:
                 raise OSError("PNG encoding failed")
+            if shutil.disk_usage(self.folder).free - len(encoded) < FREE_SPACE_RESERVE:
+                raise OSError(errno.ENOSPC, f"less than {FREE_SPACE_RESERVE >> 20} MB would stay free for the outbox")
             path.write_bytes(encoded.tobytes())
         except OSError as exc:  # a full disk loses a review picture, never a verdict
             path.unlink(missing_ok=True)  # no half-written picture left behind
