@@ -32,6 +32,24 @@ def test_a_ready_station_checks_ok(station_files, tmp_path, capsys):
     assert main(["check", "-c", str(config)]) == 0
     out = capsys.readouterr().out
     assert "product A:" in out and "v0001" in out and "ready to run" in out
+    assert "judging: 1 region(s) a part with " in out and " ms a part on this machine" in out
+
+
+def test_check_times_judging_every_region_of_a_part(station_files, tmp_path, capsys):
+    config = write_config(tmp_path, f"""
+        station: line1-st1
+        camera: {{source: "sim://?seed=1"}}
+        model: {station_files / 'model.onnx'}
+        reference: {station_files / 'refs' / 'A'}
+        state_dir: {tmp_path / 'state'}
+        rois:
+          - {{name: left, x: 0, y: 0, width: 36, height: 26}}
+          - {{name: right, x: 100, y: 0, width: 36, height: 26}}
+          - {{name: lower, x: 0, y: 100, width: 36, height: 26}}
+    """)
+    assert main(["check", "-c", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "judging: 3 region(s) a part with " in out and "parts/s before publishing" in out
 
 
 def test_every_problem_is_reported_at_once_with_exit_78(station_files, tmp_path, capsys):

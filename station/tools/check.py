@@ -6,8 +6,12 @@ plant IT can fix a station in one round instead of one error per restart.
 from __future__ import annotations
 
 import os
+import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from station.runtime.config import StationConfig
 from station.core.errors import StationError
@@ -20,6 +24,7 @@ from station.runtime.sources import open_source
 from station.runtime.sources.kinds import DEVICE, FILE, GENICAM, source_kind
 
 FRAME_WAIT = 5.0  # seconds to wait for a frame of a network stream
+JUDGING_RUNS = 30  # timed judgements of one part for the judging-rate line
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,35 @@ def check_station(config: StationConfig, env: dict[str, str] | None = None) -> C
     problem, line = _roi_against_a_frame(config)
     problems += [problem] if problem else []
     summary += [line] if line else []
+    if not problems:
+        try:
+            summary.append(_judging_rate(config))
+        except StationError as exc:
+            problems.append(f"judging: {exc}")
     return CheckResult(problems, summary)
+
+
+def _judging_rate(config: StationConfig) -> str:
+    """How long this machine takes to judge one part with this model and these regions.
+
+    An integrator adding regions (each costs the model once) sees here, before the line runs, whether
+    the station keeps up; the whole path, outbox and MQTT included, is `station bench`'s."""
+    from station.runtime.inspector import load_inspector
+
+    inspector = load_inspector(config)
+    regions = max(len(inspector.regions), 1)
+    spec = inspector.embedder.input_spec
+    part = np.zeros((1, spec.height, spec.width * regions), np.uint8)  # every region's crop, side by side
+    timings = []
+    for _ in range(JUDGING_RUNS):
+        start = time.perf_counter()
+        inspector.judge_crops(part)
+        timings.append(time.perf_counter() - start)
+    per_part = statistics.median(timings)
+    members = inspector.embedder.info.extra.get("members", "1")
+    return (f"judging: {regions} region(s) a part with {inspector.embedder.info.arch} x{members}: "
+            f"{per_part * 1e3:.2f} ms a part on this machine (~{1 / per_part:,.0f} parts/s before "
+            "publishing; `station bench` times the whole path)")
 
 
 def _file_problems(config: StationConfig, env) -> list[str]:
