@@ -166,6 +166,8 @@ class GenicamSource(FrameSource):
         return cv2.cvtColor(image, getattr(cv2, conversion))
 
     def _count_lost_packets(self, stream):
+        if not isinstance(stream, self.Aravis.GvStream):  # a USB3 Vision stream counts no packets: asking
+            return  # for n_missing_packets there logs a GLib CRITICAL for every frame
         missing = stream.get_info_uint64_by_name("n_missing_packets")
         self.lost_packets += missing - self._stream_lost_packets
         self._stream_lost_packets = missing
