@@ -9,14 +9,12 @@ opens the model, the reference sets or the password file (`station check` does).
 """
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import (
     AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo,
     field_validator, model_validator,
@@ -26,11 +24,12 @@ from station.core.errors import ConfigError
 from station.core.product import product_name_problem
 from station.runtime.presence import JUDGE_ON, PresenceSettings
 from station.runtime.regions_config import Regions
+from station.runtime.config_yaml import (KeyPath, compose, format_problem, key_lines, line_of,
+                                         validation_problems)
 from station.runtime.config_integrations import HomeAssistantConfig, OpcuaConfig, PrometheusConfig, SnapshotConfig
 from station.runtime.sources.genicam_config import GenicamField, Trigger
 from station.runtime.sources.kinds import GENICAM, SIM, URL, parse_sim_source, source_kind
 
-KeyPath = tuple[str, ...]
 # Keys that would put a secret in the file; the message says where it goes instead.
 SECRET_KEYS = frozenset({"password", "passwd", "secret", "token"})
 DEFAULT_STATE_ROOT = Path("/var/lib/station")
@@ -241,54 +240,6 @@ class StationConfig(_Model):
         return dict(self.products)
 
 
-# ---------------------------------------------------------------- YAML with lines
-
-
-def _compose(text: str, name: str) -> tuple[Any, yaml.Node | None]:
-    """The document's data and its node tree (which knows every key's line)."""
-    loader = None
-    try:
-        loader = yaml.SafeLoader(text)  # the reader already rejects control characters here
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = f":{mark.line + 1}" if mark else ""
-        problem = " ".join(str(part) for part in (exc.context, exc.problem) if part)
-        raise ConfigError(f"{name}{line}: invalid YAML: {problem}") from None
-    except yaml.reader.ReaderError as exc:
-        raise ConfigError(f"{name}: invalid YAML: {exc.reason} (character #x{exc.character:04x})") from None
-    except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError) as exc:
-        # PyYAML raises plain ValueError for e.g. a timestamp like 2024-13-45.
-        raise ConfigError(f"{name}: invalid YAML: {exc}") from None
-    finally:
-        if loader is not None:
-            loader.dispose()
-    return data, node
-
-
-def key_lines(node: yaml.Node | None) -> dict[KeyPath, int]:
-    """{key path: 1-based line} for every mapping key and sequence item."""
-    lines: dict[KeyPath, int] = {}
-    seen: set[int] = set()  # aliases share nodes: visit each once (no billion laughs)
-    stack = [((), node)]
-    while stack:
-        path, current = stack.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, yaml.MappingNode):
-            for key, value in current.value:
-                child = path + (str(key.value),)
-                lines.setdefault(child, key.start_mark.line + 1)
-                stack.append((child, value))
-        elif isinstance(current, yaml.SequenceNode):
-            for index, item in enumerate(current.value):
-                lines.setdefault(path + (str(index),), item.start_mark.line + 1)
-                stack.append((path + (str(index),), item))
-    return lines
-
-
 def _secrets(lines: dict[KeyPath, int]) -> list[tuple[KeyPath, str]]:
     found = []
     for path in lines:
@@ -297,54 +248,6 @@ def _secrets(lines: dict[KeyPath, int]) -> list[tuple[KeyPath, str]]:
             found.append((path, f"never put a secret in the configuration file: use {where} "
                                 f"or {'.'.join(path[:-1] + ('password_credential',))} (a systemd credential)"))
     return found
-
-
-# ---------------------------------------------------------------- errors with lines
-
-
-def _line_for(loc: KeyPath, lines: dict[KeyPath, int]) -> int | None:
-    """The line of the deepest part of loc that is in the file."""
-    for end in range(len(loc), 0, -1):
-        if loc[:end] in lines:
-            return lines[loc[:end]]
-    return None
-
-
-def _fields_at(loc: KeyPath) -> list[str]:
-    """The keys the schema allows in the mapping at loc (for 'did you mean')."""
-    model: Any = StationConfig
-    for part in loc:
-        field = getattr(model, "model_fields", {}).get(part)
-        if field is None:
-            return []
-        model = next((arg for arg in (*getattr(field.annotation, "__args__", ()), field.annotation)
-                      if isinstance(arg, type) and issubclass(arg, BaseModel)), None)
-    return list(getattr(model, "model_fields", {}))
-
-
-def _message(error: dict, loc: KeyPath) -> str:
-    if error["type"] == "extra_forbidden":
-        allowed = _fields_at(loc[:-1])
-        close = difflib.get_close_matches(loc[-1], allowed, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else (f" (allowed: {', '.join(allowed)})" if allowed else "")
-        return f"unknown key{hint}"
-    message = error["msg"]
-    return message.removeprefix("Value error, ")
-
-
-def _format(name: str, line: int | None, loc: KeyPath, message: str) -> str:
-    where = f"{name}:{line}" if line else name
-    key = ".".join(loc)
-    return f"{where}: {key}: {message}" if key else f"{where}: {message}"
-
-
-def _problems(error: ValidationError, name: str, lines: dict[KeyPath, int]) -> list[str]:
-    problems = []
-    for item in error.errors(include_url=False):
-        # Dict keys show up as "[key]" in loc; the key itself names the line.
-        loc = tuple(str(part) for part in item["loc"] if part != "[key]")
-        problems.append(_format(name, _line_for(loc, lines), loc, _message(item, loc)))
-    return problems
 
 
 def _state_dir_from_env(env: dict[str, str]) -> Path | None:
@@ -356,31 +259,26 @@ def _state_dir_from_env(env: dict[str, str]) -> Path | None:
 def parse_config(text: str, name: str = "station.yaml", base: Path | None = None,
                  env: dict[str, str] | None = None) -> StationConfig:
     """Parse configuration text; `base` is the folder relative paths resolve against."""
-    data, node = _compose(text, name)
+    data, node = compose(text, name)
     lines = key_lines(node)
     if data is None:
         raise ConfigError(f"{name}: the configuration is empty")
     if not isinstance(data, dict):
         raise ConfigError(f"{name}:1: the configuration must be a mapping of keys (station:, camera:, ...)")
-    problems = [_format(name, lines.get(path), path, message) for path, message in _secrets(lines)]
+    problems = [format_problem(name, lines.get(path), path, message) for path, message in _secrets(lines)]
     context = {"base": base, "state_dir": _state_dir_from_env(os.environ if env is None else env)}
     try:
         config = StationConfig.model_validate(data, context=context)
     except ValidationError as exc:
         secret_paths = {".".join(path) for path, _ in _secrets(lines)}
-        problems += [p for p in _problems(exc, name, lines) if not _names_secret(p, secret_paths)]
+        problems += [p for p in validation_problems(StationConfig, exc, name, lines) if not _names_secret(p, secret_paths)]
         config = None
     except (RecursionError, ValueError, TypeError) as exc:  # cyclic aliases and the like
         problems.append(f"{name}: cannot be read as a configuration: {exc}")
         config = None
     if problems:
-        raise ConfigError("\n".join(sorted(problems, key=lambda text: _line_of(text, name))))
+        raise ConfigError("\n".join(sorted(problems, key=lambda text: line_of(text, name))))
     return config
-
-
-def _line_of(problem: str, name: str) -> int:
-    match = re.match(rf"{re.escape(name)}:(\d+):", problem)
-    return int(match.group(1)) if match else 0
 
 
 def _names_secret(problem: str, secret_paths: set[str]) -> bool:
