@@ -71,3 +71,20 @@ def test_the_pixel_count_comes_from_the_header_of_every_common_format(ext):
     ok, encoded = cv2.imencode(ext, np.zeros((123, 457), np.uint8))
     assert ok and pixel_count(encoded.reshape(-1)) == 123 * 457
     assert pixel_count(np.frombuffer(b"not an image at all", np.uint8)) is None
+
+
+def test_float_and_32_bit_images_are_refused_by_name_not_with_a_traceback(tmp_path):
+    """A float or 32-bit TIFF decodes, but no step can use it: `station fit`'s data check crashed in
+    numpy (ValueError: Invalid integer data type 'f'), `station train` refused without naming the file."""
+    from fit.data_check import check_data
+
+    for name, pixels in (("float.tif", np.full((26, 36), 0.5, np.float32)),
+                         ("int32.tif", np.full((26, 36), 70000, np.int32))):
+        _write(tmp_path / "good" / name, pixels)
+        with pytest.raises(ImageReadError, match="8- or 16-bit") as err:
+            read_image(tmp_path / "good" / name)
+        assert name in str(err.value)
+    _write(tmp_path / "good" / "fine.png", np.zeros((26, 36), np.uint16))
+    with pytest.raises(DataError, match="2 image") as err:
+        check_data(tmp_path)
+    assert "float.tif: has float32 pixels" in str(err.value) and "int32.tif: has int32 pixels" in str(err.value)

@@ -113,6 +113,9 @@ def read_image(path: Path, max_pixels: int | None = None) -> np.ndarray:
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if image is None or image.size == 0:
         raise ImageReadError(path)
+    if image.dtype not in (np.uint8, np.uint16):  # float or 32-bit TIFFs decode, but no step can use them
+        raise ImageReadError(path, f"has {image.dtype} pixels; the station reads 8- or 16-bit images: "
+                                   "save it as an 8- or 16-bit PNG or TIFF")
     return image
 
 
