@@ -36,6 +36,26 @@ def test_missing_good_folder_and_empty_folders_are_named(tmp_path):
         list_images(tmp_path / "nope")
 
 
+def test_hidden_files_and_folders_are_neither_parts_nor_classes(tmp_path):
+    """A folder copied from a Mac or a notebook: ._* resource forks (not images, were refused as
+    unreadable), .thumbnails and .ipynb_checkpoints (were read as a class or as parts), __MACOSX."""
+    img = np.full((10, 12), 100, np.uint8)
+    _write(tmp_path / "good" / "a.png", img)
+    _write(tmp_path / "crack" / "c.png", img)
+    resource_fork = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(60)
+    (tmp_path / "good" / "._a.png").write_bytes(resource_fork)
+    (tmp_path / "__MACOSX" / "good").mkdir(parents=True)
+    (tmp_path / "__MACOSX" / "good" / "._a.png").write_bytes(resource_fork)
+    _write(tmp_path / ".thumbnails" / "a.png", img)
+    _write(tmp_path / "good" / ".ipynb_checkpoints" / "b.png", img)
+    items = scan_dataset(tmp_path)
+    assert [(i.path.relative_to(tmp_path).as_posix(), i.defect_class) for i in items] == [
+        ("crack/c.png", "crack"), ("good/a.png", "good")]
+    assert list_images(tmp_path / "good") == [tmp_path / "good" / "a.png"]
+    hidden_root = tmp_path / ".cache" / "parts"  # a dataset inside a hidden folder is still read
+    _write(hidden_root / "good" / "a.png", img)
+    assert [i.path for i in scan_dataset(hidden_root)] == [hidden_root / "good" / "a.png"]
+
 def test_unreadable_images_name_the_file(tmp_path):
     truncated = tmp_path / "truncated.png"
     ok, data = cv2.imencode(".png", np.zeros((20, 20), np.uint8))

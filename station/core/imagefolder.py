@@ -4,7 +4,8 @@
     DIR/<defect>/...    one folder per defect class (any name but good)
 
 Images may be any size, gray or colour, 8 or 16 bit. Folders are read
-recursively and listed in a sorted, reproducible order.
+recursively and listed in a sorted, reproducible order; hidden files and
+folders (a name starting with '.') are skipped.
 """
 from __future__ import annotations
 
@@ -33,11 +34,18 @@ class LabeledImage:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Every image file below a folder, recursively, sorted."""
+    """Every image file below a folder, recursively, sorted; hidden files and folders are not read."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder")
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                  and not is_hidden(p.relative_to(folder)))
+
+
+def is_hidden(relative: Path) -> bool:
+    """A name starting with '.' on the way: macOS's ._* resource forks and .DS_Store, .ipynb_checkpoints,
+    a viewer's .thumbnails. Never parts: reading them made classes of them or refused them as unreadable."""
+    return any(part.startswith(".") for part in Path(relative).parts)
 
 
 def scan_dataset(root: Path, require_good: bool = True) -> list[LabeledImage]:
@@ -46,7 +54,7 @@ def scan_dataset(root: Path, require_good: bool = True) -> list[LabeledImage]:
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder does not exist")
     items = []
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden(Path(p.name))):
         items.extend(LabeledImage(path, class_dir.name) for path in list_images(class_dir))
     if require_good and not any(not item.is_defect for item in items):
         raise DataError(f"{root}: no images under {root / GOOD}/ (known-good parts are required)")
