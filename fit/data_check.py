@@ -12,6 +12,7 @@ and chained into groups they made whole tile types one part of the split.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import cv2
 import numpy as np
 
 from station.core.errors import DataError, ImageReadError
-from station.core.imagefolder import GOOD, LabeledImage, read_image, scan_dataset
+from station.core.imagefolder import GOOD, IMAGE_SUFFIXES, LabeledImage, is_hidden, read_image, scan_dataset
 
 NEAR_DUPLICATE_BITS = 3  # of 64; simulated distinct parts lie >= 4 bits apart, most > 15
 # Mean absolute difference of 16x16 grey thumbnails: the same part shot again differs by ~1-2. On the
@@ -68,7 +69,8 @@ def check_data(root: Path, min_good: int = MIN_GOOD) -> DataCheck:
                                    np.stack([thumbnail(image) for image in images]))
     size = (int(np.median([i.shape[1] for i in images])), int(np.median([i.shape[0] for i in images])))
     data = DataCheck(root, items, groups, digests, [], size)
-    warnings = _count_warnings(data.class_counts, min_good) + _group_warnings(items, groups)
+    warnings = (_count_warnings(data.class_counts, min_good) + _group_warnings(items, groups)
+                + _unread_warnings(root, items))
     return DataCheck(root, items, groups, digests, warnings, size)
 
 
@@ -172,3 +174,19 @@ def _group_warnings(items: list[LabeledImage], groups: np.ndarray) -> list[str]:
         return []
     return [f"{grouped} images are near-duplicates of another, in {int(np.sum(sizes > 1))} groups; "
             "each group stays in one part of the split"]
+
+
+def _unread_warnings(root: Path, items: list[LabeledImage]) -> list[str]:
+    """What the scan passed over, said aloud: a class of .webp photos or an empty folder must not vanish silently."""
+    read = {item.path for item in items}
+    classes = {item.defect_class for item in items}
+    empty = [p.name for p in sorted(root.iterdir()) if p.is_dir() and not is_hidden(Path(p.name)) and p.name not in classes]
+    unread = Counter(p.suffix.lower() or p.name for p in root.rglob("*")
+                     if p.is_file() and p not in read and not is_hidden(p.relative_to(root)))
+    warnings = [f"class folder {root / name}/ holds no images: ignored" for name in empty]
+    if unread:
+        kinds = ", ".join(f"{kind} {n}" for kind, n in unread.most_common())
+        warnings.append(f"{sum(unread.values())} file(s) under {root} not read ({kinds}): only "
+                        f"{' '.join(sorted(IMAGE_SUFFIXES))} images inside a class folder are; convert or move "
+                        "any that are parts")
+    return warnings

@@ -181,6 +181,23 @@ def test_tiny_defect_classes_and_too_few_goods_are_named_with_the_numbers_needed
         check_data(data)
 
 
+def test_files_fit_passes_over_are_said_not_silently_dropped(tmp_path):
+    """A class of .webp photos, an empty class folder, stray files and images beside the class folders:
+    nothing fit reads, each named in a warning (a class must not vanish without a word)."""
+    data = simulated(tmp_path / "parts", count=80)
+    (data / "dent").mkdir()
+    cv2.imwrite(str(data / "dent" / "a.webp"), np.full((26, 36), 90, np.uint8))
+    (data / "empty").mkdir()
+    (data / GOOD / "Thumbs.db").write_bytes(b"\0" * 64)
+    cv2.imwrite(str(data / "loose.png"), np.full((26, 36), 90, np.uint8))
+    (data / ".DS_Store").write_bytes(b"\0" * 8)  # hidden: never a part, not worth a word
+    warnings = check_data(data).warnings
+    assert f"class folder {data / 'dent'}/ holds no images: ignored" in warnings
+    assert f"class folder {data / 'empty'}/ holds no images: ignored" in warnings
+    unread = [w for w in warnings if "not read" in w]
+    assert len(unread) == 1 and "3 file(s)" in unread[0] and ".webp 1" in unread[0] and ".png 1" in unread[0]
+    assert ".db 1" in unread[0] and ".png .ppm .tif" in unread[0]
+
 def test_candidates_stop_when_the_next_estimate_would_overrun_the_budget(tmp_path, monkeypatch):
     from export import train  # noqa: F401  (imported before the clock starts, as in a real run)
     from fit import candidates
