@@ -56,6 +56,24 @@ def test_hidden_files_and_folders_are_neither_parts_nor_classes(tmp_path):
     _write(hidden_root / "good" / "a.png", img)
     assert [i.path for i in scan_dataset(hidden_root)] == [hidden_root / "good" / "a.png"]
 
+def test_a_dataset_without_good_images_is_refused_with_what_to_change(tmp_path):
+    img = np.full((10, 12), 100, np.uint8)
+    _write(tmp_path / "webp" / "good" / "a.png", img)
+    (tmp_path / "webp" / "good" / "a.png").rename(tmp_path / "webp" / "good" / "a.webp")
+    _write(tmp_path / "cased" / "Good" / "a.png", img)
+    _write(tmp_path / "inside" / "good" / "a.png", img)
+    (tmp_path / "empty" / "good").mkdir(parents=True)
+    (tmp_path / "afile").write_text("x")
+    for data, hint in ((tmp_path / "webp", "it holds .webp files, the station reads .bmp"),
+                       (tmp_path / "cased", "rename " + str(tmp_path / "cased" / "Good") + "/ to good/"),
+                       (tmp_path / "inside" / "good", "holds images itself: --data takes the folder that holds good/"),
+                       (tmp_path / "empty", "good/ (known-good parts are required); it is empty"),
+                       (tmp_path / "nothing", "dataset folder does not exist"),
+                       (tmp_path / "afile", "not a folder (give the folder that holds good/")):
+        with pytest.raises(DataError) as err:
+            scan_dataset(data)
+        assert str(data) in str(err.value) and hint in str(err.value), str(err.value)
+
 def test_unreadable_images_name_the_file(tmp_path):
     truncated = tmp_path / "truncated.png"
     ok, data = cv2.imencode(".png", np.zeros((20, 20), np.uint8))

@@ -52,15 +52,32 @@ def scan_dataset(root: Path, require_good: bool = True) -> list[LabeledImage]:
     """All images of an image-folder dataset with their class (the subfolder name)."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"{root}: dataset folder does not exist")
+        raise DataError(f"{root}: {'not a folder' if root.exists() else 'dataset folder does not exist'} "
+                        f"(give the folder that holds {GOOD}/ and one folder per defect class)")
     items = []
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden(Path(p.name))):
         items.extend(LabeledImage(path, class_dir.name) for path in list_images(class_dir))
     if require_good and not any(not item.is_defect for item in items):
-        raise DataError(f"{root}: no images under {root / GOOD}/ (known-good parts are required)")
+        raise DataError(f"{root}: no images under {root / GOOD}/ (known-good parts are required){_no_good_hint(root)}")
     if not items:
         raise DataError(f"{root}: no images found in any class folder")
     return items
+
+
+def _no_good_hint(root: Path) -> str:
+    """What the folder holds instead, so the refusal says what to change."""
+    good = root / GOOD
+    if good.is_dir():
+        kinds = sorted({p.suffix.lower() or p.name for p in good.rglob("*")
+                        if p.is_file() and not is_hidden(p.relative_to(good))})
+        return (f"; it holds {', '.join(kinds)} files, the station reads {' '.join(sorted(IMAGE_SUFFIXES))}"
+                if kinds else "; it is empty")
+    cased = [p.name for p in root.iterdir() if p.is_dir() and p.name.lower() == GOOD]
+    if cased:
+        return f"; rename {root / cased[0]}/ to {GOOD}/ (folder names are case-sensitive)"
+    if any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.iterdir()):
+        return f"; {root} holds images itself: --data takes the folder that holds {GOOD}/ and the defect folders"
+    return f"; put photos of known-good parts in {good}/"
 
 
 def pixel_count(data: np.ndarray) -> int | None:
