@@ -283,3 +283,26 @@ def test_rollback_from_the_command_line(tmp_path, sim_dataset, projection, capsy
     assert main(["calibrate", "--out", str(out), "--rollback"]) == 0
     assert reference_set.load(out).version == 1
     assert "v0001 is current again" in capsys.readouterr().out
+
+
+def test_calibrate_refuses_an_out_it_cannot_write_by_name(tmp_path, sim_dataset, projection, capsys, monkeypatch):
+    """--out under a file, or a disk that fills while the set is written: exit 78 naming the folder, the
+    current version untouched (both ended in an OSError traceback)."""
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "A"):
+        assert main(["calibrate", "--model", str(projection), "--good", str(sim_dataset / "good"),
+                     "--out", str(out), "--product", "A"]) == 78
+        err = capsys.readouterr().err
+        assert err.startswith(f"station calibrate: {out}: cannot write a reference set there") and "Traceback" not in err
+    out = tmp_path / "A"
+    base = ["calibrate", "--model", str(projection), "--good", str(sim_dataset / "good"), "--out", str(out)]
+    assert main(base) == 0
+
+    def full(path, content):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(reference_set, "_write_synced", full)
+    assert main(base) == 78
+    assert "No space left on device" in capsys.readouterr().err
+    assert reference_set.versions(out) == [1] and reference_set.load(out).version == 1
+    assert not list(out.glob(".staging-*"))

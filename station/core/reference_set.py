@@ -34,7 +34,7 @@ import numpy as np
 import yaml
 
 from station.core.version import __version__
-from station.core.errors import StationError
+from station.core.errors import ConfigError, StationError
 from station.core.product import product_name_problem
 from station.core.scoring import ALL_SCORES, SCORES, ReferenceModel
 
@@ -217,10 +217,13 @@ def save(root: Path, reference_set: ReferenceSet, report_files: dict[str, bytes]
     check_product_name(reference_set.product)
     if reference_set.metric not in reference_set.model.scores:
         raise ReferenceSetError(f"unknown metric {reference_set.metric!r}; this set has {', '.join(reference_set.model.scores)}")
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
+    except OSError as exc:
+        raise _unwritable(root, exc) from exc
     version = (versions(root) or [0])[-1] + 1
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
     try:
         arrays_bytes = _npz_bytes(reference_set.model)
         _write_synced(staging / ARRAYS, arrays_bytes)
@@ -235,11 +238,18 @@ def save(root: Path, reference_set: ReferenceSet, report_files: dict[str, bytes]
         _fsync_dir(staging)
         os.rename(staging, root / _version_name(version))
         _fsync_dir(root)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError):  # a full disk: nothing changed, and the message says where
+            raise _unwritable(root, exc) from exc
         raise
     _point_current(root, version)
     return load(root, version)
+
+
+def _unwritable(root: Path, exc: OSError) -> ConfigError:
+    return ConfigError(f"{root}: cannot write a reference set there ({exc.strerror or exc}); give a folder you "
+                       "can write, with free space")
 
 
 def rollback(root: Path, version: int | None = None) -> int:
