@@ -15,6 +15,7 @@ from station.core import reference_set
 from station.core.reference_set import ReferenceSet, ReferenceSetError
 from station.cli import main
 from station.core.embedder import Embedder
+from station.core.errors import ConfigError
 from station.core.scoring import SCORES, score
 from tests.onnx_models import projection_model
 
@@ -155,7 +156,7 @@ def test_an_interrupted_write_leaves_the_previous_set_current_and_intact(tmp_pat
         real_write(path, content)
 
     monkeypatch.setattr(reference_set, "_write_synced", disk_full_on_second_file)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(ConfigError, match=f"{root}: cannot write a reference set there .No space"):
         reference_set.save(root, make_reference_set(seed=2))
     monkeypatch.undo()
     loaded = reference_set.load(root)
