@@ -13,7 +13,7 @@ from calibration import fit, report
 from calibration.evaluate import Evaluation, evaluate_embeddings
 from station.core.reference_set import ReferenceSet, check_product_name, save, verify_for_model
 from station.core.errors import DataError, ImageReadError
-from station.core.imagefolder import LabeledImage, image_digest, list_images, read_image, scan_dataset
+from station.core.imagefolder import GOOD, LabeledImage, image_digest, list_images, read_image, scan_dataset
 from station.core.preprocess import Roi, prepare_crop, to_model_input
 
 MAX_NAMED_FAILURES = 20
@@ -66,16 +66,32 @@ def folder_items(good: Path, defect_folders: list[Path]) -> tuple[list[LabeledIm
     A defect folder that follows the image-folder convention (has class subfolders)
     labels by subfolder; otherwise its name is the class.
     """
+    if _dataset_root(Path(good)):  # its defect folders would count as good parts
+        raise DataError(f"--good {good} holds a {GOOD}/ folder and the defect folders beside it: give "
+                        f"--good {Path(good) / GOOD} and each defect folder with --defects")
     good_items = [LabeledImage(p, "good") for p in list_images(good)]
     if not good_items:
         raise DataError(f"{good}: no images of good parts")
+    good_files = {item.path.resolve() for item in good_items}
     defect_items = []
     for folder in defect_folders:
         found = [LabeledImage(p, _defect_class(Path(folder), p)) for p in list_images(folder)]
         if not found:
             raise DataError(f"{folder}: no images of defective parts")
+        both = [item.path for item in found if item.path.resolve() in good_files or not item.is_defect]
+        if both:
+            raise DataError(f"--defects {folder} holds {len(both)} good part(s) ({both[0]}"
+                            f"{', ...' if len(both) > 1 else ''}), which would count as defects: give the defect "
+                            f"class folders only (--defects {Path(folder) / 'CLASS'}, repeated)")
         defect_items.extend(found)
     return good_items, defect_items
+
+
+def _dataset_root(folder: Path) -> bool:
+    """good/ beside other class folders: an image-folder dataset, not a folder of good parts."""
+    if not (folder / GOOD).is_dir():
+        return False
+    return any(p.is_dir() and p.name != GOOD and not p.name.startswith(".") for p in folder.iterdir())
 
 
 def _defect_class(folder: Path, path: Path) -> str:

@@ -307,3 +307,20 @@ def test_calibrate_refuses_an_out_it_cannot_write_by_name(tmp_path, sim_dataset,
     assert "No space left on device" in capsys.readouterr().err
     assert reference_set.versions(out) == [1] and reference_set.load(out).version == 1
     assert not list(out.glob(".staging-*"))
+
+
+def test_calibrate_refuses_good_parts_given_as_defects_and_a_dataset_root_as_good(tmp_path, sim_dataset, projection,
+                                                                                   capsys):
+    """--defects DIR (the whole dataset) counted DIR/good's parts as defects; --good DIR counted every defect
+    as a good part: both calibrated without a word. Refused, exit 65, saying which folders to give."""
+    good = str(sim_dataset / "good")
+    base = ["calibrate", "--model", str(projection), "--out", str(tmp_path / "A")]
+    assert main(base + ["--good", good, "--defects", str(sim_dataset)]) == 65
+    err = capsys.readouterr().err
+    assert f"--defects {sim_dataset} holds" in err and "would count as defects" in err
+    assert f"--defects {sim_dataset / 'CLASS'}" in err
+    assert main(base + ["--good", good, "--defects", good]) == 65
+    assert "would count as defects" in capsys.readouterr().err
+    assert main(base + ["--good", str(sim_dataset)]) == 65
+    assert f"give --good {sim_dataset / 'good'}" in capsys.readouterr().err
+    assert not (tmp_path / "A").exists()
