@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from station.core.errors import StationError
+from station.core.errors import ConfigError, StationError
 
 
 def _load_embedder(model_path: Path, threads: int = 1):
@@ -89,15 +89,16 @@ def evaluate(args) -> int:
     from calibration import workflow
     from station.core import reference_set
 
+    if args.report:  # before anything is embedded: a folder that cannot be written is said at once
+        _writable_folder(args.report, "--report")
     embedder = _load_embedder(args.model)
     evaluation, embedded = workflow.evaluate_folder(
         embedder, reference_set.load(args.reference), args.data, progress=sys.stderr.isatty() and not args.json
     )
     figures = evaluation.figures()
     if args.report:
-        args.report.mkdir(parents=True, exist_ok=True)
         for name, content in workflow.evaluation_report(evaluation, embedded).items():
-            (args.report / name).write_bytes(content)
+            _write(args.report / name, content, "--report")
     if args.json:
         print(json.dumps(figures))
         return 0
@@ -112,6 +113,20 @@ def evaluate(args) -> int:
     if args.report:
         print(f"  report             {args.report}/ (histogram.png, roc.png, worst_parts.png)")
     return 0
+
+
+def _writable_folder(folder: Path, flag: str):
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{flag} {folder}: cannot make that folder ({exc.strerror or exc}); give one you can write") from exc
+
+
+def _write(path: Path, content: bytes, flag: str):
+    try:
+        path.write_bytes(content)
+    except OSError as exc:
+        raise ConfigError(f"{flag}: cannot write {path} ({exc.strerror or exc}); give a folder you can write") from exc
 
 
 def _require_torch(command: str):

@@ -324,3 +324,16 @@ def test_calibrate_refuses_good_parts_given_as_defects_and_a_dataset_root_as_goo
     assert main(base + ["--good", str(sim_dataset)]) == 65
     assert f"give --good {sim_dataset / 'good'}" in capsys.readouterr().err
     assert not (tmp_path / "A").exists()
+
+
+def test_evaluate_refuses_a_report_folder_it_cannot_make_before_judging(tmp_path, sim_dataset, projection, capsys):
+    """--report under a file ended in a NotADirectoryError traceback after every part was judged."""
+    out = tmp_path / "A"
+    assert main(["calibrate", "--model", str(projection), "--good", str(sim_dataset / "good"), "--out", str(out)]) == 0
+    (tmp_path / "afile").write_text("x")
+    capsys.readouterr()
+    report = tmp_path / "afile" / "report"
+    assert main(["evaluate", "--model", str(projection), "--reference", str(out), "--data", str(sim_dataset),
+                 "--report", str(report)]) == 78
+    err = capsys.readouterr().err
+    assert err.startswith(f"station evaluate: --report {report}: cannot make that folder") and "Traceback" not in err
