@@ -337,3 +337,14 @@ def test_evaluate_refuses_a_report_folder_it_cannot_make_before_judging(tmp_path
                  "--report", str(report)]) == 78
     err = capsys.readouterr().err
     assert err.startswith(f"station evaluate: --report {report}: cannot make that folder") and "Traceback" not in err
+
+
+def test_a_near_miss_for_a_reference_set_says_which_folder_was_meant(tmp_path):
+    """A fit bundle or a version folder given as --reference (or reference: in station.yaml)."""
+    reference_set.save(tmp_path / "bundle" / "reference", make_reference_set(seed=1))
+    with pytest.raises(ReferenceSetError, match="a station fit bundle. its reference set is .*bundle/reference$"):
+        reference_set.load(tmp_path / "bundle")
+    with pytest.raises(ReferenceSetError, match="v0001 is one version of the reference set .*bundle/reference: give that"):
+        reference_set.load(tmp_path / "bundle" / "reference" / "v0001")
+    with pytest.raises(ReferenceSetError, match=r"no readable CURRENT: No such file or directory\)$"):
+        reference_set.load(tmp_path / "elsewhere")

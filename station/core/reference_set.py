@@ -112,11 +112,20 @@ def current_version(root: Path) -> int:
     try:
         text = pointer.read_text().strip()
     except OSError as exc:
-        raise ReferenceSetError(f"{root}: not a reference set (no readable {CURRENT}: {exc.strerror})") from exc
+        raise ReferenceSetError(f"{root}: not a reference set (no readable {CURRENT}: {exc.strerror}){_where(Path(root))}") from exc
     match = _VERSION_DIR.match(text)
     if not match:
         raise ReferenceSetError(f"{pointer}: names {text!r}, not a version folder")
     return int(match.group(1))
+
+
+def _where(root: Path) -> str:
+    """The reference set a near miss meant: a `station fit` bundle's, or the set a version folder belongs to."""
+    if (root / "reference" / CURRENT).is_file():
+        return f"; a station fit bundle? its reference set is {root / 'reference'}"
+    if _VERSION_DIR.match(root.name) and (root.parent / CURRENT).is_file():
+        return f"; {root.name} is one version of the reference set {root.parent}: give that"
+    return ""
 
 
 def load(root: Path, version: int | None = None) -> ReferenceSet:
