@@ -53,8 +53,9 @@ class FitOptions:
             raise ConfigError(f"--members {self.members} must be at least 1")
         if self.epochs is not None and self.epochs < 1:
             raise ConfigError(f"--epochs {self.epochs} must be at least 1")
-        if (Path(self.out) / bundle.FIT_JSON).exists():
-            raise ConfigError(f"{self.out} already holds a fitted bundle; give a new --out folder")
+        problem = _out_problem(Path(self.out), Path(self.data))
+        if problem:
+            raise ConfigError(problem)
         problem = product_name_problem(self.product_name)
         if problem:
             raise ConfigError(f"--product: {problem}")
@@ -62,6 +63,22 @@ class FitOptions:
     @property
     def product_name(self) -> str:
         return self.product or bundle.station_id(Path(self.out).resolve().name)
+
+
+def _out_problem(out: Path, data: Path) -> str | None:
+    """Why the bundle cannot go to --out; checked before anything is read or trained."""
+    if (out / bundle.FIT_JSON).exists():
+        return f"{out} already holds a fitted bundle; give a new --out folder"
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file; give the name of a new folder for the bundle"
+    resolved, data = out.resolve(), data.resolve()
+    if resolved == data or data in resolved.parents:
+        return (f"--out {out} lies inside --data {data}: the bundle's images would become a class of the next "
+                "fit; give a folder outside the data")
+    if out.is_dir() and any(out.iterdir()):
+        return (f"--out {out} already exists and is not empty; give a new (or empty) folder: the bundle's "
+                f"{bundle.MODEL}, {bundle.STATION_YAML} and {bundle.REFERENCE}/ would mix with what is there")
+    return None
 
 
 def run_fit(options: FitOptions) -> dict:
@@ -72,8 +89,12 @@ def run_fit(options: FitOptions) -> dict:
     parts = split_parts(data.items, data.groups, options.seed)
     require_goods(data.items, parts)
     out = Path(options.out)
-    out.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix=".fit-", dir=out))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        workdir = Path(tempfile.mkdtemp(prefix=".fit-", dir=out))
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot write there ({exc.strerror or exc}); give a folder you can "
+                          "write") from exc
     try:
         result = _fit_in(data, parts, out, workdir, options)
     finally:

@@ -168,6 +168,24 @@ def test_fit_refuses_to_overwrite_a_bundle_and_bad_options(fitted, capsys):
     assert calibration_fit.goods_needed(0.005) == 600
 
 
+def test_fit_refuses_an_out_it_cannot_or_should_not_write_before_training(tmp_path, capsys):
+    """--out a file, under a file, a non-empty folder, the data folder or inside it: exit 78 naming it,
+    nothing trained (a file or unwritable --out ended in a FileExistsError traceback)."""
+    data = simulated(tmp_path / "parts", count=80)
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "station.yaml").write_text("station: mine\n")
+    (tmp_path / "empty").mkdir()
+    for out, said in ((tmp_path / "afile", "is a file"), (tmp_path / "afile" / "bundle", "cannot write there"),
+                      (tmp_path / "full", "already exists and is not empty"), (data, "lies inside --data"),
+                      (data / "bundle", "lies inside --data")):
+        assert main(["fit", "--data", str(data), "--out", str(out)]) == 78, out
+        err = capsys.readouterr().err
+        assert err.startswith("station fit: ") and str(out.name) in err and said in err, err
+        assert "Traceback" not in err
+    assert (tmp_path / "full" / "station.yaml").read_text() == "station: mine\n" and not (data / "bundle").exists()
+    assert FitOptions(data=data, out=tmp_path / "empty").check() is None  # an empty folder is fine
+
 def test_tiny_defect_classes_and_too_few_goods_are_named_with_the_numbers_needed(tmp_path):
     data = simulated(tmp_path / "parts", count=80)
     small = next(p for p in sorted(data.iterdir()) if p.name != GOOD)
