@@ -17,7 +17,8 @@ from fit import bundle, figures, report
 from fit.candidates import DEFAULT_BUDGET_MINUTES, SearchOptions, candidate_list, run_candidates
 from fit.data_check import DataCheck, check_data
 from fit.split import DEFAULT_FRACTIONS, select, split_parts, split_table, require_goods
-from station.core.errors import ConfigError
+from station.core.errors import ConfigError, DataError
+from station.core.imagefolder import GOOD
 from station.core.product import product_name_problem
 from station.core.version import __version__
 
@@ -88,6 +89,7 @@ def run_fit(options: FitOptions) -> dict:
     data = check_data(options.data)
     parts = split_parts(data.items, data.groups, options.seed)
     require_goods(data.items, parts)
+    require_threshold_goods(data, parts, options.seed)
     out = Path(options.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -124,8 +126,7 @@ def _fit_in(data: DataCheck, parts: list[str], out: Path, workdir: Path, options
     # photo but its own threshold slice: the tiles gained 0.994 vs 0.982 AUROC from training on 85 %
     # of the photos instead of 68 % (docs/fit.md).
     candidate = search.chosen.candidate
-    audit_items = train_items + calibration_items
-    audit_groups = list(train_groups) + select(list(data.groups), parts, "calibration")
+    audit_items, audit_groups = _audit_pool(data, parts)
     audit = build_model(candidate, audit_items, audit_groups, workdir / "audit", options, data, "audit model")
     tested = workflow.embed_items(audit.embedder, test_items)
     evaluation = evaluate_embeddings(tested.embeddings, tested.classes, audit.reference_set)
@@ -136,6 +137,33 @@ def _fit_in(data: DataCheck, parts: list[str], out: Path, workdir: Path, options
     (out / bundle.STATION_YAML).write_text(bundle.station_yaml(options.product_name, data.native_size, data.fingerprint))
     warnings = data.warnings + final.calibration.warnings + _test_warnings(evaluation.figures(), options)
     return _fit_json(data, parts, options, search, audit, final, evaluation.figures(), warnings)
+
+
+def _audit_pool(data: DataCheck, parts: list[str]) -> tuple[list, list]:
+    """The audit model's photos: the train and calibration parts."""
+    return (select(data.items, parts, "train") + select(data.items, parts, "calibration"),
+            select(list(data.groups), parts, "train") + select(list(data.groups), parts, "calibration"))
+
+
+def require_threshold_goods(data: DataCheck, parts: list[str], seed: int):
+    """Every slice that sets a threshold must hold calibration's minimum of good parts. Found before anything
+    trains: 60 good parts passed the data check, trained for minutes, then the audit model's slice held 8."""
+    audit_items, audit_groups = _audit_pool(data, parts)
+    slices = {"the calibration part": [i for i, p in zip(data.items, parts) if p == "calibration"]}
+    for what, items, groups in (("the audit model's threshold slice", audit_items, audit_groups),
+                                ("the bundle model's threshold slice", data.items, list(data.groups))):
+        held = split_parts(items, np.asarray(groups), seed, VAL_FRACTIONS)
+        slices[what] = [item for item, part in zip(items, held) if part == "calibration"]
+    minimum = calibration_fit.MIN_GOOD_PARTS
+    short = {what: sum(not item.is_defect for item in items) for what, items in slices.items()}
+    short = {what: n for what, n in short.items() if n < minimum}
+    if short:
+        n_good = sum(not item.is_defect for item in data.items)
+        share = (1 - DEFAULT_FRACTIONS["test"]) * VAL_FRACTIONS["calibration"]  # the smallest slice's share
+        needed = max(int(np.ceil(minimum / share)), n_good + 1)
+        said = ", ".join(f"{what} would hold {n}" for what, n in short.items())
+        raise DataError(f"only {n_good} good parts in {data.root}/{GOOD}/: {said}, and a threshold needs at least "
+                        f"{minimum} good parts; add about {needed - n_good} more (about {needed} in all)")
 
 
 @dataclass(frozen=True)

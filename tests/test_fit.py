@@ -1,6 +1,7 @@
 """`station fit` end to end on small simulated folders: real files, torch, onnxruntime."""
 import json
 import shutil
+import time
 
 import cv2
 import numpy as np
@@ -171,7 +172,7 @@ def test_fit_refuses_to_overwrite_a_bundle_and_bad_options(fitted, capsys):
 def test_fit_refuses_an_out_it_cannot_or_should_not_write_before_training(tmp_path, capsys):
     """--out a file, under a file, a non-empty folder, the data folder or inside it: exit 78 naming it,
     nothing trained (a file or unwritable --out ended in a FileExistsError traceback)."""
-    data = simulated(tmp_path / "parts", count=80)
+    data = simulated(tmp_path / "parts", count=150)  # good parts enough for every threshold slice
     (tmp_path / "afile").write_text("x")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "station.yaml").write_text("station: mine\n")
@@ -215,6 +216,22 @@ def test_files_fit_passes_over_are_said_not_silently_dropped(tmp_path):
     unread = [w for w in warnings if "not read" in w]
     assert len(unread) == 1 and "3 file(s)" in unread[0] and ".webp 1" in unread[0] and ".png 1" in unread[0]
     assert ".db 1" in unread[0] and ".png .ppm .tif" in unread[0]
+
+def test_too_few_goods_for_a_threshold_slice_are_refused_before_anything_trains(tmp_path):
+    """60 good parts passed the data check (50), trained for three minutes, then the audit model's 15 %
+    threshold slice held 8 and calibration refused ('8 good parts are too few to calibrate')."""
+    from fit.pipeline import require_threshold_goods
+
+    data = simulated(tmp_path / "parts", count=150)
+    for extra in sorted((data / GOOD).iterdir())[60:]:
+        extra.unlink()
+    started = time.perf_counter()
+    with pytest.raises(DataError, match=r"only 60 good parts in .*/good/: .*the audit model's threshold slice would "
+                                        r"hold \d, .*at least 10 good parts; add about 24 more \(about 84 in all\)"):
+        run_fit(FitOptions(data=data, out=tmp_path / "bundle", say=lambda line: None, **QUICK))
+    assert time.perf_counter() - started < 20 and not (tmp_path / "bundle").exists()
+    check = check_data(simulated(tmp_path / "more", count=150))  # ~100 good parts: every slice holds 10
+    assert require_threshold_goods(check, split_parts(check.items, check.groups, 0), 0) is None
 
 def test_candidates_stop_when_the_next_estimate_would_overrun_the_budget(tmp_path, monkeypatch):
     from export import train  # noqa: F401  (imported before the clock starts, as in a real run)
