@@ -233,6 +233,30 @@ def test_too_few_goods_for_a_threshold_slice_are_refused_before_anything_trains(
     check = check_data(simulated(tmp_path / "more", count=150))  # ~100 good parts: every slice holds 10
     assert require_threshold_goods(check, split_parts(check.items, check.groups, 0), 0) is None
 
+def test_the_data_check_never_holds_every_decoded_photo_at_once(tmp_path, monkeypatch):
+    """It kept every decoded image until the end: 300 colour photos of 3 MP peaked at 2.7 GB, a thousand
+    from a 12 MP camera would need 36 GB. Here 80 photos decode to 9 MB each (720 MB if all were held)."""
+    import tracemalloc
+
+    from fit import data_check
+
+    data = simulated(tmp_path / "parts", count=80)
+    served = []
+
+    def large(path):
+        served.append(path)
+        return np.full((1500, 2000, 3), len(served), np.uint8)  # a 3 MP colour photo, different each time
+
+    monkeypatch.setattr(data_check, "read_image", large)
+    tracemalloc.start()
+    try:
+        check = check_data(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(served) == len(check.items) == 80 and check.native_size == (2000, 1500)
+    assert peak < 100e6, f"{peak / 1e6:.0f} MB"
+
 def test_candidates_stop_when_the_next_estimate_would_overrun_the_budget(tmp_path, monkeypatch):
     from export import train  # noqa: F401  (imported before the clock starts, as in a real run)
     from fit import candidates
