@@ -257,6 +257,20 @@ def test_the_data_check_never_holds_every_decoded_photo_at_once(tmp_path, monkey
     assert len(served) == len(check.items) == 80 and check.native_size == (2000, 1500)
     assert peak < 100e6, f"{peak / 1e6:.0f} MB"
 
+def test_16_bit_photos_filled_to_12_bits_are_warned_about(tmp_path):
+    """A 12-bit camera's frames stored in 16-bit PNGs: the station keeps the top 8 bits, the parts reach grey
+    level 15 of 255; the test AUROC fell from 1.000 to 0.948 (simulated parts) without a word."""
+    data = simulated(tmp_path / "parts", count=80)
+    paths = sorted(data.rglob("*.png"))
+    for path in paths:
+        cv2.imwrite(str(path), read_image(path).astype(np.uint16) << 4)  # 8 -> 12 bits, in a 16-bit file
+    warnings = [w for w in check_data(data).warnings if "16-bit" in w]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{len(paths)} 16-bit image(s) use only the lowest 12 bits")
+    assert "grey level 15 of 255" in warnings[0] and "scale them to the full 16-bit range" in warnings[0]
+    for path in paths:
+        cv2.imwrite(str(path), read_image(path) << 4)  # the full 16-bit range: nothing to say
+    assert not [w for w in check_data(data).warnings if "16-bit" in w]
+
 def test_candidates_stop_when_the_next_estimate_would_overrun_the_budget(tmp_path, monkeypatch):
     from export import train  # noqa: F401  (imported before the clock starts, as in a real run)
     from fit import candidates
