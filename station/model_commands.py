@@ -122,6 +122,20 @@ def _writable_folder(folder: Path, flag: str):
         raise ConfigError(f"{flag} {folder}: cannot make that folder ({exc.strerror or exc}); give one you can write") from exc
 
 
+def _writable_file(path: Path, flag: str):
+    """The file a command writes after minutes of work: said now if it cannot be written, not after."""
+    import tempfile
+
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder; give a file name in it")
+    _writable_folder(path.parent, flag)
+    try:
+        tempfile.TemporaryFile(dir=path.parent).close()
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot write in {path.parent} ({exc.strerror or exc}); give a folder you "
+                          "can write") from exc
+
+
 def _write(path: Path, content: bytes, flag: str):
     try:
         path.write_bytes(content)
@@ -142,6 +156,7 @@ def _require_torch(command: str):
 
 def train(args) -> int:
     _require_torch("train")
+    _writable_file(args.out, "--out")
     from export import train
 
     config = train.TrainConfig(
@@ -175,6 +190,7 @@ def fit(args) -> int:
 
 def export(args) -> int:
     _require_torch("export")
+    _writable_file(args.out, "--out")
     from export import onnx_export
 
     options = onnx_export.ExportOptions(

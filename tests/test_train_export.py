@@ -352,3 +352,20 @@ def test_the_export_report_names_lasting_paths_only(tmp_path):
     assert onnx_export.lasting_path(None, bundle) is None
     assert onnx_export.lasting_path(bundle / "photos" / "train", bundle) == "photos/train"
     assert onnx_export.lasting_path("/data/tiles/train", bundle) == "/data/tiles/train"
+
+
+def test_train_and_export_refuse_an_out_they_cannot_write_before_any_work(sim_dataset, tmp_path, capsys):
+    """`station train --out` under a file trained for minutes, then ended in a FileExistsError traceback;
+    export's failed at once, also as a traceback. Refused now, naming it, before anything is read."""
+    (tmp_path / "afile").write_text("x")
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for argv, said in ((["train", "--data", str(sim_dataset), "--out", str(tmp_path / "afile" / "t.pt")],
+                        "cannot make that folder"),
+                       (["train", "--data", str(sim_dataset), "--out", str(folder)], "is a folder; give a file name"),
+                       (["export", str(tmp_path / "t.pt"), "--out", str(tmp_path / "afile" / "m.onnx")],
+                        "cannot make that folder")):
+        assert main(argv) == 78
+        err = capsys.readouterr().err
+        assert err.startswith(f"station {argv[0]}: --out ") and said in err and "Traceback" not in err, err
+    assert list(folder.iterdir()) == []
