@@ -74,6 +74,20 @@ def test_a_dataset_without_good_images_is_refused_with_what_to_change(tmp_path):
             scan_dataset(data)
         assert str(data) in str(err.value) and hint in str(err.value), str(err.value)
 
+def test_linked_folders_inside_a_class_are_read_once_and_a_link_back_up_does_not_loop(tmp_path):
+    """good/batch2 -> elsewhere was skipped without a word (Path.rglob does not follow links), while a
+    linked class folder was read."""
+    img = np.full((10, 12), 100, np.uint8)
+    _write(tmp_path / "data" / "good" / "a.png", img)
+    _write(tmp_path / "elsewhere" / "b.png", img)
+    (tmp_path / "data" / "good" / "batch2").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "data" / "good" / "again").symlink_to(tmp_path / "elsewhere")  # the same folder twice: once
+    (tmp_path / "data" / "good" / "loop").symlink_to(tmp_path / "data" / "good")
+    (tmp_path / "data" / "crack").symlink_to(tmp_path / "elsewhere")
+    items = scan_dataset(tmp_path / "data")
+    assert [(i.path.relative_to(tmp_path / "data").as_posix(), i.defect_class) for i in items] == [
+        ("crack/b.png", "crack"), ("good/a.png", "good"), ("good/again/b.png", "good")]
+
 def test_unreadable_images_name_the_file(tmp_path):
     truncated = tmp_path / "truncated.png"
     ok, data = cv2.imencode(".png", np.zeros((20, 20), np.uint8))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,12 +35,26 @@ class LabeledImage:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Every image file below a folder, recursively, sorted; hidden files and folders are not read."""
+    """Every image file below a folder, recursively, sorted; hidden files and folders are not read.
+
+    Linked folders are followed (Path.rglob skipped them silently inside a class folder), each real
+    folder once, so a link back up cannot loop.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder")
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                  and not is_hidden(p.relative_to(folder)))
+    found, visited = [], set()
+    for top, folders, files in os.walk(folder, followlinks=True):
+        status = os.stat(top)
+        if (status.st_dev, status.st_ino) in visited:
+            folders[:] = []
+            continue
+        visited.add((status.st_dev, status.st_ino))
+        folders[:] = sorted(name for name in folders if not name.startswith("."))  # the same folder linked twice: the first name
+        here = Path(top)
+        found.extend(here / name for name in files if not name.startswith(".")
+                     and Path(name).suffix.lower() in IMAGE_SUFFIXES and (here / name).is_file())
+    return sorted(found)
 
 
 def is_hidden(relative: Path) -> bool:
