@@ -13,6 +13,20 @@ def host_port(text: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
+def seed(text: str) -> int:
+    """A random seed: numpy takes 0 and up (a negative one ended in a ValueError traceback)."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a seed (a whole number, 0 or more)")
+    return int(text)
+
+
+def positive(text: str) -> int:
+    """A count of at least 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
 def width_by_height(text: str) -> tuple[int, int]:
     """WxH in pixels, e.g. 36x26."""
     width, _, height = text.lower().partition("x")

@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 from station.core.version import __version__
-from station.arguments import completion_script, host_port, verbose_everywhere, width_by_height
+from station.arguments import completion_script, host_port, positive, seed, verbose_everywhere, width_by_height
 from station.core.errors import StationError
 from station.runtime.logs import configure_logging
 from station.model_commands import calibrate, evaluate, export, fit, train
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim = commands.add_parser("simulate", help="write a simulated inspection line (image folder, optional video)")
     sim.add_argument("--out", type=Path, required=True, help="dataset folder to write (good/ + one folder per defect)")
     sim.add_argument("--count", type=int, default=1000, help="number of parts (default 1000)")
-    sim.add_argument("--seed", type=int, default=0, help="same seed, byte-identical output")
+    sim.add_argument("--seed", type=seed, default=0, help="same seed, byte-identical output")
     sim.add_argument("--pins", type=int, choices=(2, 3), default=3, help="pins of the simulated product")
     sim.add_argument("--video", type=Path, help="also write an MJPG video of full frames (+ ground truth .csv)")
     sim.add_argument("--dwell", type=int, metavar="FRAMES",
@@ -158,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--loss", choices=("center", "contrastive", "triplet"),
                     help="Siamese loss: center (to the mean good embedding), contrastive (pairs), triplet (default: center)")
     tr.add_argument("--epochs", type=int, help="training epochs (default: DEFAULT_EPOCHS in export/train.py)")
-    tr.add_argument("--seed", type=int, help="same seed and data, same weights (default 0)")
-    tr.add_argument("--embedding-dim", type=int, help="embedding size of each trunk (default 128)")
+    tr.add_argument("--seed", type=seed, help="same seed and data, same weights (default 0)")
+    tr.add_argument("--embedding-dim", type=positive, help="embedding size of each trunk (default 128)")
     tr.add_argument("--members", type=int, help="trunks trained from consecutive seeds, exported as one model (default 3)")
     tr.add_argument("--allow-flips", action="store_true", help="augment with mirrored crops (only if the part is symmetric)")
     tr.add_argument("--input-size", type=width_by_height, metavar="WxH",
@@ -188,10 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "falling back to static int8 then fp32), calibrates, and reports figures of the test part only.")
     fi.add_argument("--data", type=Path, required=True, help="image folder: good/ + one folder per defect class (optional)")
     fi.add_argument("--out", type=Path, required=True, help="bundle folder to write (model, reference, report, station.yaml, fit.json)")
-    fi.add_argument("--seed", type=int, help="seed of the split (recorded in fit.json; default 0)")
+    fi.add_argument("--seed", type=seed, help="seed of the split (recorded in fit.json; default 0)")
     fi.add_argument("--budget", type=float, metavar="MINUTES", help="time for candidate training (default 10)")
     fi.add_argument("--epochs", type=int, help="epochs of every candidate (default: station train's per architecture)")
-    fi.add_argument("--max-candidates", type=int, help="train at most this many candidates (default: as the budget allows)")
+    fi.add_argument("--max-candidates", type=positive, help="train at most this many candidates (default: as the budget allows)")
     fi.add_argument("--members", type=int, help="trunks of the final model, from consecutive seeds (default 3)")
     fi.add_argument("--defect-rate", type=float, help="share of defective parts on the line (default 0.05)")
     fi.add_argument("--escape-cost", type=float, help="cost of one escape in false rejects (default 20)")
@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     de = commands.add_parser("demo", help="the station on its embedded default: broker, simulated line, dashboard")
     de.add_argument("--frames", type=int, help="stop after this many verdicts; parts already being judged are still shown (default: run until Ctrl-C)")
     de.add_argument("--broker", type=host_port, help="HOST:PORT of an MQTT broker (default: an embedded one on loopback)")
-    de.add_argument("--seed", type=int, default=0, help="seed of the simulated line")
+    de.add_argument("--seed", type=seed, default=0, help="seed of the simulated line")
     de.add_argument("--fps", type=float, default=10.0, help="parts per second on the simulated line (default 10)")
     de.set_defaults(handler=_demo)
     co = commands.add_parser("completion", help="print a shell completion script: source <(station completion bash)")

@@ -91,3 +91,17 @@ def test_bash_completion_completes_subcommands_options_and_paths(tmp_path, capsy
     assert _complete(script, "station", "run", "--c") == ["--config"]
     assert "--verbose" in _complete(script, "station", "check", "--")
     assert _complete(script, "station", "check", "-c", "station.y") == ["station.yaml"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["fit", "--data", "D", "--out", "B", "--seed", "-1"], ["train", "--data", "D", "--out", "t.pt", "--seed", "-1"],
+    ["simulate", "--out", "D", "--seed", "-3"], ["demo", "--seed", "x"],
+    ["train", "--data", "D", "--out", "t.pt", "--embedding-dim", "0"],
+    ["fit", "--data", "D", "--out", "B", "--max-candidates", "0"]])
+def test_seeds_and_counts_out_of_range_are_usage_errors_not_tracebacks(argv, capsys):
+    """A negative --seed reached numpy (ValueError traceback); --embedding-dim 0 silently meant 128 and
+    --max-candidates 0 silently meant 1."""
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and f"station {argv[0]}: error: argument {argv[-2]}: {argv[-1]!r} is not" in err
