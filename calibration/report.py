@@ -141,9 +141,13 @@ def _threshold_and_labels(figure, axes, threshold: float, metric: str, ylabel: s
     return _png(figure)
 
 
+MAX_TILE_SIDE = 640  # pixels: 24 photos of 2000x1500 enlarged 4x made a 203 MB, 1.2-gigapixel sheet
+
+
 def native_sheet(images: list[np.ndarray], captions: list[str], scale: int = 4, columns: int = 6) -> bytes:
-    """Images at native resolution, each enlarged by an integer factor with nearest-neighbour
-    (every stored pixel a visible square, nothing smoothed), captioned, tiled into one PNG."""
+    """Images at native resolution, each enlarged by an integer factor (at most `scale`, a tile's longer side
+    at most MAX_TILE_SIDE) with nearest-neighbour (every stored pixel a visible square, nothing smoothed),
+    captioned, tiled into one PNG; a photo larger than a tile is shrunk to it (INTER_AREA)."""
     import cv2
 
     tiles = []
@@ -151,7 +155,14 @@ def native_sheet(images: list[np.ndarray], captions: list[str], scale: int = 4, 
         grey = image if image.ndim == 2 else cv2.cvtColor(image[:, :, :3], cv2.COLOR_BGR2GRAY)
         if grey.dtype != np.uint8:
             grey = (grey.astype(np.float64) / max(float(grey.max()), 1.0) * 255).astype(np.uint8)
-        big = cv2.resize(grey, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+        side = max(grey.shape[:2])
+        if side > MAX_TILE_SIDE:
+            shrink = MAX_TILE_SIDE / side
+            big = cv2.resize(grey, (max(1, round(grey.shape[1] * shrink)), max(1, round(grey.shape[0] * shrink))),
+                             interpolation=cv2.INTER_AREA)
+        else:
+            factor = max(1, min(scale, MAX_TILE_SIDE // side))
+            big = cv2.resize(grey, None, fx=factor, fy=factor, interpolation=cv2.INTER_NEAREST)
         label = np.full((28, big.shape[1]), 255, np.uint8)
         for row, text in enumerate(caption.split("\n")[:2]):
             cv2.putText(label, text[: max(4, big.shape[1] // 7)], (2, 11 + 13 * row), cv2.FONT_HERSHEY_PLAIN,

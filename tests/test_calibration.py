@@ -348,3 +348,18 @@ def test_a_near_miss_for_a_reference_set_says_which_folder_was_meant(tmp_path):
         reference_set.load(tmp_path / "bundle" / "reference" / "v0001")
     with pytest.raises(ReferenceSetError, match=r"no readable CURRENT: No such file or directory\)$"):
         reference_set.load(tmp_path / "elsewhere")
+
+
+def test_the_worst_parts_sheet_stays_a_picture_whatever_the_photo_size():
+    """24 photos of 2000x1500 enlarged 4x made a 203 MB worst_parts.png of 1.2 gigapixels (OpenCV itself
+    refuses to open it) and took gigabytes to draw; crops are still enlarged 4x, pixel for pixel."""
+    import cv2
+
+    from calibration.report import MAX_TILE_SIDE, native_sheet
+
+    large = [np.full((1500, 2000, 3), 40 + i, np.uint8) for i in range(24)]
+    sheet = cv2.imdecode(np.frombuffer(native_sheet(large, ["good 1.0\nx.jpg"] * 24), np.uint8), cv2.IMREAD_GRAYSCALE)
+    assert sheet.shape[0] <= 4 * (MAX_TILE_SIDE + 40) and sheet.shape[1] <= 6 * (MAX_TILE_SIDE + 6)
+    crop = np.arange(36 * 26, dtype=np.uint8).reshape(26, 36)
+    small = cv2.imdecode(np.frombuffer(native_sheet([crop], ["good"]), np.uint8), cv2.IMREAD_GRAYSCALE)
+    np.testing.assert_array_equal(small[3 : 3 + 104, 3 : 3 + 144], np.kron(crop, np.ones((4, 4), np.uint8)))
