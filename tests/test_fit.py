@@ -233,6 +233,37 @@ def test_too_few_goods_for_a_threshold_slice_are_refused_before_anything_trains(
     check = check_data(simulated(tmp_path / "more", count=150))  # ~100 good parts: every slice holds 10
     assert require_threshold_goods(check, split_parts(check.items, check.groups, 0), 0) is None
 
+def test_good_parts_chained_into_one_near_duplicate_group_are_said_for_what_they_are(tmp_path):
+    """A uniform product under a fixed camera: 200 good parts differing by sensor noise chain into one
+    near-duplicate group, which the split keeps whole. Where it starved a threshold slice the refusal said
+    'add about 1 more' good part; elsewhere fit trained on a fraction of the goods without a word."""
+    from fit.pipeline import require_threshold_goods, skewed_split_warnings
+
+    data = simulated(tmp_path / "parts", count=150)
+    base = read_image(sorted((data / GOOD).iterdir())[0]).astype(float)
+    shutil.rmtree(data / GOOD)
+    (data / GOOD).mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(200):
+        noisy = base + rng.normal(0, 2, base.shape) + rng.normal(0, 1)
+        cv2.imwrite(str(data / GOOD / f"g{i:03d}.png"), np.clip(noisy, 0, 255).astype(np.uint8))
+    check = check_data(data)
+    refused = []
+    for seed in range(6):
+        parts = split_parts(check.items, check.groups, seed)
+        warned = skewed_split_warnings(check, parts)
+        assert len(warned) == 1 and "of the 200 good parts are near-duplicates chained into one group" in warned[0]
+        try:
+            require_threshold_goods(check, parts, seed)
+        except DataError as exc:
+            assert "near-duplicates chained into one group" in str(exc) and "add about" not in str(exc)
+            assert "station train, export and calibrate do not group them" in str(exc)
+            refused.append(seed)
+    assert refused, "no seed starved a threshold slice"
+    with pytest.raises(DataError, match="near-duplicates chained into one group"):
+        run_fit(FitOptions(data=data, out=tmp_path / "bundle", seed=refused[0], say=lambda line: None, **QUICK))
+    assert not (tmp_path / "bundle").exists()
+
 def test_the_data_check_never_holds_every_decoded_photo_at_once(tmp_path, monkeypatch):
     """It kept every decoded image until the end: 300 colour photos of 3 MP peaked at 2.7 GB, a thousand
     from a 12 MP camera would need 36 GB. Here 80 photos decode to 9 MB each (720 MB if all were held)."""
