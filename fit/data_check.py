@@ -27,7 +27,14 @@ NEAR_DUPLICATE_BITS = 3  # of 64; simulated distinct parts lie >= 4 bits apart, 
 # 1,344 magnetic-tile photos the hash alone chained 653 images into 142 groups; with this bound
 # 29 images in 13 groups remain (20 pairs within 3 grey levels; the 0.01 % quantile of all pairs is 5).
 NEAR_DUPLICATE_GREY = 3.0
+# A part photographed again makes a group of a few photos (magnetic tiles: 13 groups of 2-3). A group
+# above this share of its class, and above MIN_GROUP_CAP photos, is the check chaining different parts
+# of a uniform product under a fixed camera: kept whole it starved the split (151 of 200 good parts in
+# one group left 34 to train on) or made fit refuse; it is split as separate parts, with a warning.
+MAX_GROUP_SHARE = 0.05
+MIN_GROUP_CAP = 5
 MIN_DEFECTS_PER_CLASS = 5
+LOOKS_LIKE_IMAGES = frozenset({".webp", ".gif", ".heic", ".jp2", ".exr", ".raw", ".dng"})  # photos not read
 MIN_GOOD = 50  # the calibration part (a fifth) must hold calibration's 10 good parts
 MAX_NAMED = 20
 LOW_BITS_LIMIT = 1 << 14  # a 16-bit image with no pixel above this keeps at most 64 grey levels
@@ -67,10 +74,11 @@ def check_data(root: Path, min_good: int = MIN_GOOD) -> DataCheck:
     pixel_keys = [one.pixel_key for one in seen]
     _refuse_cross_class_duplicates(items, pixel_keys)
     groups = near_duplicate_groups([one.hash for one in seen], pixel_keys, np.stack([one.thumbnail for one in seen]))
+    groups, dissolved = dissolve_chained_groups(items, groups)
     size = (int(np.median([one.size[0] for one in seen])), int(np.median([one.size[1] for one in seen])))
     digests = [one.digest for one in seen]
     data = DataCheck(root, items, groups, digests, [], size)
-    warnings = (_count_warnings(data.class_counts, min_good) + _group_warnings(items, groups)
+    warnings = (_count_warnings(data.class_counts, min_good) + dissolved + _group_warnings(items, groups)
                 + _unread_warnings(root, items) + _low_bits_warnings(seen))
     return DataCheck(root, items, groups, digests, warnings, size)
 
@@ -171,6 +179,24 @@ def near_duplicate_groups(hashes: list[int], pixel_keys: list[str], thumbnails: 
     return np.unique(roots, return_inverse=True)[1]
 
 
+def dissolve_chained_groups(items: list[LabeledImage], groups: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Groups too large to be one part photographed again become separate parts; (groups, warnings)."""
+    groups = np.asarray(groups).copy()
+    counts = Counter(item.defect_class for item in items)
+    warnings, next_id = [], int(groups.max(initial=-1)) + 1
+    for group in np.flatnonzero(np.bincount(groups) > MIN_GROUP_CAP):
+        members = np.flatnonzero(groups == group)
+        name, size = items[int(members[0])].defect_class, len(members)
+        if size <= MAX_GROUP_SHARE * counts[name]:
+            continue
+        groups[members] = np.arange(next_id, next_id + size)
+        next_id += size
+        warnings.append(f"{size} of the {counts[name]} {name!r} images chained into one near-duplicate group, too "
+                        f"large to be one part photographed again (a uniform product?): split as separate parts. "
+                        "If they are photos of the same few parts, the test figures are optimistic: add other parts")
+    return np.unique(groups, return_inverse=True)[1], warnings
+
+
 def _count_warnings(counts: dict[str, int], min_good: int) -> list[str]:
     n_good = counts.get(GOOD, 0)
     if n_good < min_good:
@@ -198,8 +224,11 @@ def _unread_warnings(root: Path, items: list[LabeledImage]) -> list[str]:
     read = {item.path for item in items}
     classes = {item.defect_class for item in items}
     empty = [p.name for p in sorted(root.iterdir()) if p.is_dir() and not is_hidden(Path(p.name)) and p.name not in classes]
+    # Notes beside the class folders (a README.md, a LICENSE) are the dataset's, not parts: only files
+    # inside a class folder, or images beside them, are worth a word.
     unread = Counter(p.suffix.lower() or p.name for p in root.rglob("*")
-                     if p.is_file() and p not in read and not is_hidden(p.relative_to(root)))
+                     if p.is_file() and p not in read and not is_hidden(p.relative_to(root))
+                     and (p.parent != root or p.suffix.lower() in IMAGE_SUFFIXES | LOOKS_LIKE_IMAGES))
     warnings = [f"class folder {root / name}/ holds no images: ignored" for name in empty]
     if unread:
         kinds = ", ".join(f"{kind} {n}" for kind, n in unread.most_common())

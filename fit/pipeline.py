@@ -135,8 +135,7 @@ def _fit_in(data: DataCheck, parts: list[str], out: Path, workdir: Path, options
     for name, content in figures.test_report(evaluation, tested.paths).items():
         (out / bundle.REPORT / name).write_bytes(content)
     (out / bundle.STATION_YAML).write_text(bundle.station_yaml(options.product_name, data.native_size, data.fingerprint))
-    warnings = (data.warnings + skewed_split_warnings(data, parts) + final.calibration.warnings
-                + _test_warnings(evaluation.figures(), options))
+    warnings = data.warnings + final.calibration.warnings + _test_warnings(evaluation.figures(), options)
     return _fit_json(data, parts, options, search, audit, final, evaluation.figures(), warnings)
 
 
@@ -161,38 +160,11 @@ def require_threshold_goods(data: DataCheck, parts: list[str], seed: int):
     if not short:
         return
     n_good = sum(not item.is_defect for item in data.items)
-    said = ", ".join(f"{what} would hold {n}" for what, n in short.items())
-    biggest = _largest_good_group(data)
-    if biggest > DEFAULT_FRACTIONS["test"] * n_good:  # no split can keep such a group whole and fair
-        raise DataError(
-            f"{biggest} of the {n_good} good parts in {data.root}/{GOOD}/ are near-duplicates chained into one group, "
-            f"which the split keeps whole: {said} (a threshold needs at least {minimum}). {_TOO_ALIKE}")
     share = (1 - DEFAULT_FRACTIONS["test"]) * VAL_FRACTIONS["calibration"]  # the smallest slice's share
     needed = max(int(np.ceil(minimum / share)), n_good + 1)
+    said = ", ".join(f"{what} would hold {n}" for what, n in short.items())
     raise DataError(f"only {n_good} good parts in {data.root}/{GOOD}/: {said}, and a threshold needs at least "
                     f"{minimum} good parts; add about {needed - n_good} more (about {needed} in all)")
-
-
-_TOO_ALIKE = ("If they are photos of the same few parts, add photos of other parts; if they are different parts too "
-              "alike for the near-duplicate check (fit/data_check.py) to tell apart, station train, export and "
-              "calibrate do not group them")
-
-
-def _largest_good_group(data: DataCheck) -> int:
-    return int(np.bincount([g for item, g in zip(data.items, data.groups) if not item.is_defect]).max())
-
-
-def skewed_split_warnings(data: DataCheck, parts: list[str]) -> list[str]:
-    """A near-duplicate group larger than a part's share skews the split (a uniform product under a fixed camera:
-    151 of 200 good parts in one group left 34 to train on), said rather than left in the figures."""
-    goods = [part for item, part in zip(data.items, parts) if not item.is_defect]
-    biggest = _largest_good_group(data)
-    if biggest <= DEFAULT_FRACTIONS["test"] * len(goods):
-        return []
-    shares = " / ".join(f"{part} {goods.count(part)}" for part in DEFAULT_FRACTIONS)
-    wanted = "/".join(f"{share:.0%}" for share in DEFAULT_FRACTIONS.values())
-    return [f"{biggest} of the {len(goods)} good parts are near-duplicates chained into one group, which the split "
-            f"keeps whole: good parts {shares} instead of about {wanted}. {_TOO_ALIKE}"]
 
 
 @dataclass(frozen=True)
