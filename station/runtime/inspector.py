@@ -67,8 +67,9 @@ class Inspector:
         }
 
 
-def load_inspector(config: StationConfig, product: str | None = None) -> Inspector:
-    """The inspector for a configured product (default: the config's), loaded and cross-checked."""
+def load_inspector(config: StationConfig, product: str | None = None, embedder: Embedder | None = None) -> Inspector:
+    """The inspector for a configured product (default: the config's), loaded and cross-checked; `embedder`: one
+    already loaded from config.model (`station check` has), so the model is not loaded twice."""
     if config.products is None:
         path, name = config.reference, None
     else:
@@ -77,7 +78,7 @@ def load_inspector(config: StationConfig, product: str | None = None) -> Inspect
             raise StationError(f"unknown product {name!r}; configured: {', '.join(sorted(config.products))}")
         path = config.products[name]
     roi = config.roi.to_roi() if config.roi else None
-    inspector = Inspector.load(config.model, path, name, roi, threads=config.runtime.threads)
+    inspector = Inspector.load(config.model, path, name, roi, threads=config.runtime.threads, embedder=embedder)
     return with_regions(inspector, config) if config.rois else inspector
 
 

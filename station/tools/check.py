@@ -64,20 +64,20 @@ def check_station(config: StationConfig, env: dict[str, str] | None = None) -> C
     summary += [line] if line else []
     if not problems:
         try:
-            summary.append(_judging_rate(config))
+            summary.append(_judging_rate(config, embedder))
         except StationError as exc:
             problems.append(f"judging: {exc}")
     return CheckResult(problems, summary)
 
 
-def _judging_rate(config: StationConfig) -> str:
+def _judging_rate(config: StationConfig, embedder) -> str:
     """How long this machine takes to judge one part with this model and these regions.
 
     An integrator adding regions (each costs the model once) sees here, before the line runs, whether
     the station keeps up; the whole path, outbox and MQTT included, is `station bench`'s."""
     from station.runtime.inspector import load_inspector
 
-    inspector = load_inspector(config)
+    inspector = load_inspector(config, embedder=embedder)
     regions = max(len(inspector.regions), 1)
     spec = inspector.embedder.input_spec
     part = np.zeros((1, spec.height, spec.width * regions), np.uint8)  # every region's crop, side by side
