@@ -34,8 +34,8 @@ from station.core.imagefolder import scan_dataset
 from station.core.preprocess import InputSpec
 from export.dataset import CropSet, load_crops, model_batch
 from export.gate import (  # noqa: F401  (limits re-exported: callers read them here)
-    MAX_TORCH_ONNX_DIFF, MIN_MEAN_COSINE, MIN_VERDICT_AGREEMENT, REFERENCE_P, REFERENCE_QUANTILE, gate_failures,
-    int8_figures,
+    BAND_CONFIDENCE, MAX_AUROC_LOSS, MAX_TORCH_ONNX_DIFF, MIN_MEAN_COSINE, MIN_RANK_CORRELATION,
+    MIN_VERDICT_AGREEMENT, REFERENCE_P, REFERENCE_QUANTILE, gate_failures, int8_figures,
 )
 from export.per_row import per_row_dynamic
 from export.trunk import fold_batchnorm, load_checkpoint
@@ -335,7 +335,9 @@ def measure(model, fp32_path, final_path, batch, is_good, options, info, data_di
         "gate": gate,
         "limits": {
             "max_torch_vs_fp32_abs_diff": MAX_TORCH_ONNX_DIFF, "min_mean_cosine": MIN_MEAN_COSINE,
-            "min_verdict_agreement": MIN_VERDICT_AGREEMENT,
+            "min_verdict_agreement": MIN_VERDICT_AGREEMENT, "verdicts_counted": f"outside the float model's "
+            f"{BAND_CONFIDENCE:.0%} band around the threshold", "min_rank_correlation": MIN_RANK_CORRELATION,
+            "max_auroc_loss": MAX_AUROC_LOSS,
             "reference": f"minkowski p={REFERENCE_P} to mean good embedding, threshold q{REFERENCE_QUANTILE}",
         },
         "size": sizes,
@@ -354,7 +356,8 @@ def summary_lines(report: dict) -> list[str]:
         int8 = gate["int8"]
         lines += [
             f"int8 vs fp32 cosine mean {int8['cosine_mean']:.6f} min {int8['cosine_min']:.6f}, "
-            f"verdict agreement {int8['verdict_agreement']:.2%}",
+            f"verdict agreement {int8['verdict_agreement']:.2%} of {int8['resolved_parts']} parts clear of the "
+            f"threshold ({int8['verdicts_changed_in_band']} flips beside it), Spearman {int8['rank_correlation']:.4f}",
             f"size fp32 {size['fp32_bytes'] / 1024:.0f} KiB, int8 {size['int8_bytes'] / 1024:.0f} KiB "
             f"({size['int8_to_fp32']:.0%})",
             f"batch-1 latency fp32 {latency['fp32_batch1_ms']:.3f} ms, int8 {latency['int8_batch1_ms']:.3f} ms "

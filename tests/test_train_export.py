@@ -138,12 +138,19 @@ def test_int8_export_passes_the_gate_and_reports_its_figures(checkpoints, sim_da
     assert sorted(p.name for p in out.parent.iterdir()) == ["trunk.export.json", "trunk.onnx"]
 
 
-def test_static_int8_quantizes_the_layers_and_leaves_the_normalization_float(checkpoints, tmp_path):
+def test_static_int8_quantizes_the_layers_and_leaves_the_normalization_float(sim_dataset, tmp_path):
+    """What static int8 does to the graph, on fixed weights and without the gate's verdict."""
     import onnx
 
-    out = tmp_path / "cnn-static.onnx"
-    report = export_model(checkpoints["cnn"].checkpoint, out, ExportOptions(int8="static"))
-    assert report["passed"] and report["quantization"] == "int8-static"
+    from export.dataset import load_crops, model_batch
+
+    torch.manual_seed(0)
+    spec = input_spec_for("cnn")
+    fp32, out = tmp_path / "fp32.onnx", tmp_path / "cnn-static.onnx"
+    onnx_export.export_fp32(build_trunk("cnn", 128, spec).eval(), spec, fp32)
+    goods = [item for item in scan_dataset(sim_dataset) if not item.is_defect][:64]
+    calib = model_batch(load_crops(goods, spec).crops, spec)
+    onnx_export.quantize(fp32, out, "static", calib, reduce_range=False)
     nodes = onnx.load(str(out)).graph.node
     made_by = {output: node.op_type for node in nodes for output in node.output}
     convs = [node for node in nodes if node.op_type == "Conv"]
@@ -152,6 +159,7 @@ def test_static_int8_quantizes_the_layers_and_leaves_the_normalization_float(che
     normalizing = [node for node in nodes if node.op_type in ("LayerNormalization", "ReduceL2", "Clip", "Div")]
     assert len(normalizing) == 4
     assert all(made_by.get(name) != "DequantizeLinear" for node in normalizing for name in node.input)
+    assert made_by["embedding"] != "DequantizeLinear"  # the embedding stays float
 
 
 def drifting_checkpoint(path, data_dir):
@@ -369,3 +377,34 @@ def test_train_and_export_refuse_an_out_they_cannot_write_before_any_work(sim_da
         err = capsys.readouterr().err
         assert err.startswith(f"station {argv[0]}: --out ") and said in err and "Traceback" not in err, err
     assert list(folder.iterdir()) == []
+
+
+def test_the_gate_counts_no_flip_in_the_band_the_sample_cannot_resolve():
+    """A part beside the threshold may flip under any retraining: the gate does not count it."""
+    from export.gate import REFERENCE_P, gate_failures, int8_figures, quick_reference
+    from station.core.metrics import minkowski
+
+    rng = np.random.default_rng(0)
+    goods = rng.normal(size=(120, 16))
+    fp32 = np.concatenate([goods, goods[:10] + 3.0])
+    is_good = np.arange(len(fp32)) < 120
+    reference, threshold = quick_reference(fp32, is_good)
+    order = np.argsort(minkowski(goods, reference, p=REFERENCE_P))
+    # int8 swaps the two goods on either side of the threshold: same goods, same threshold, two flips.
+    below, above = order[117], order[118]  # the 0.99 quantile of 120 lies between these
+    int8 = fp32.copy()
+    int8[[below, above]] = fp32[[above, below]]
+    figures = int8_figures(fp32, int8, is_good)
+    assert figures["verdict_agreement_all_parts"] < 0.995  # what the gate used to refuse
+    assert figures["verdicts_changed"] == 0 and figures["verdicts_changed_in_band"] == 2
+    failures = gate_failures({"torch_vs_fp32_max_abs_diff": 0.0, "int8": figures})
+    assert failures == [next(f for f in failures if "cosine" in f)]  # two swapped rows; no verdict or rank failure
+    # A model that scrambles the ranking is refused whatever the band says.
+    scrambled = fp32[rng.permutation(len(fp32))]
+    refused = gate_failures({"torch_vs_fp32_max_abs_diff": 0.0, "int8": int8_figures(fp32, scrambled, is_good)})
+    assert any("rank" in failure for failure in refused) and any("AUROC" in failure for failure in refused)
+    # A good far from the threshold that int8 turns into a reject is a flip the sample resolves.
+    moved = fp32.copy()
+    moved[order[0]] = fp32[120]
+    figures = int8_figures(fp32, moved, is_good)
+    assert figures["verdicts_changed"] >= 1
