@@ -75,7 +75,9 @@ def test_fps_cap_holds_the_rate():
     frames = list(open_source("sim://?count=11", fps=25))
     elapsed = time.monotonic() - started
     assert len(frames) == 11
-    assert 0.38 <= elapsed < 1.5  # 10 intervals of 40 ms
+    # 10 intervals of 40 ms: never faster; the upper bound only catches a cap that sleeps whole seconds
+    # (a busy machine may stretch the intervals, which is no fault of the cap).
+    assert 0.38 <= elapsed < 10
     gaps = np.diff([f.grabbed_at for f in frames])
     assert gaps.min() >= 0.035
 
