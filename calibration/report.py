@@ -31,19 +31,55 @@ def _finite(values: np.ndarray) -> np.ndarray:
     return values[np.isfinite(values)]
 
 
+class ScoreBins:
+    """Histogram bins over the finite scores and the threshold, plus one bin at the right for
+    scores that are not finite (SOART3's NaN where a part points away from the reference, inf),
+    so that every part appears in the figure: such parts are NG, and the bin says so."""
+
+    def __init__(self, scores: np.ndarray, threshold: float, count: int):
+        finite = _finite(scores)
+        low = min(finite.min(), threshold) if finite.size else threshold - 1.0
+        high = max(finite.max(), threshold) if finite.size else threshold + 1.0
+        margin = 0.03 * (high - low) if high > low else 1.0
+        self.edges = np.linspace(low, high + margin, count + 1)
+        width = self.edges[1] - self.edges[0]
+        self.not_finite_bin = (self.edges[-1] + width, self.edges[-1] + 3 * width)
+        self.any_not_finite = bool(np.any(~np.isfinite(np.asarray(scores, dtype=float))))
+        if self.any_not_finite:
+            self.edges = np.append(self.edges, self.not_finite_bin)
+
+    def place(self, values: np.ndarray) -> np.ndarray:
+        """Every value, the ones that are not finite moved into their own bin."""
+        values = np.asarray(values, dtype=float)
+        return np.where(np.isfinite(values), values, sum(self.not_finite_bin) / 2.0)
+
+    @staticmethod
+    def label(name: str, values: np.ndarray) -> str:
+        not_finite = int(np.sum(~np.isfinite(np.asarray(values, dtype=float))))
+        return f"{name} (n={len(values)}" + (f", {not_finite} not finite)" if not_finite else ")")
+
+    def mark(self, axes):
+        if self.any_not_finite:
+            axes.axvspan(*self.not_finite_bin, color="0.92", zorder=0)
+            axes.annotate("not finite", (sum(self.not_finite_bin) / 2.0, 1.0), xycoords=("data", "axes fraction"),
+                          ha="center", va="bottom", fontsize=7)
+
+
 def score_histogram(scores: np.ndarray, classes: list[str], threshold: float, metric: str, title: str = "") -> bytes:
-    """Histogram of scores stratified by class (good first), with the threshold line."""
+    """Histogram of scores stratified by class (good first), with the threshold line; every part counted."""
     plt = _pyplot()
+    scores = np.asarray(scores, float)
     classes_arr = np.array(classes)
     names = ["good"] + sorted(set(classes) - {"good"})
-    finite = _finite(scores)
-    bins = np.linspace(finite.min(), max(finite.max(), threshold) * 1.02, 50) if finite.size else 10
+    bins = ScoreBins(scores, threshold, 50)
     figure, axes = plt.subplots(figsize=(8, 4.5))
     for name in names:
-        values = _finite(scores[classes_arr == name])
+        values = scores[classes_arr == name]
         if values.size:
-            axes.hist(values, bins=bins, alpha=0.55 if name == "good" else 0.5, label=f"{name} (n={values.size})",
-                      histtype="stepfilled" if name == "good" else "step", linewidth=1.6)
+            axes.hist(bins.place(values), bins=bins.edges, alpha=0.55 if name == "good" else 0.5,
+                      label=bins.label(name, values), histtype="stepfilled" if name == "good" else "step",
+                      linewidth=1.6)
+    bins.mark(axes)
     return _threshold_and_labels(figure, axes, threshold, metric, "parts", title or f"{metric} scores by class")
 
 
@@ -111,19 +147,17 @@ def roc_zoomed(good_scores: np.ndarray, defect_scores: np.ndarray, threshold: fl
 
 def log_histogram(scores: np.ndarray, classes: list[str], threshold: float, metric: str, title: str = "") -> bytes:
     """Score histogram with log counts (rare tails visible); escapes, defects at or below
-    the threshold, marked one by one with their class."""
+    the threshold, marked one by one with their class; every part counted."""
     plt = _pyplot()
     scores = np.asarray(scores, float)
     classes_arr = np.array(classes)
-    finite = _finite(scores)
-    top = max(finite.max() if finite.size else threshold, threshold) * 1.05
-    bins = np.linspace(min(finite.min(), threshold) if finite.size else 0.0, top, 60)
+    bins = ScoreBins(scores, threshold, 60)
     figure, axes = plt.subplots(figsize=(8, 4.5))
-    good = _finite(scores[classes_arr == "good"])
-    defect = _finite(scores[classes_arr != "good"])
-    axes.hist(good, bins=bins, alpha=0.6, label=f"good (n={good.size})", log=True)
+    good, defect = scores[classes_arr == "good"], scores[classes_arr != "good"]
+    axes.hist(bins.place(good), bins=bins.edges, alpha=0.6, label=bins.label("good", good), log=True)
     if defect.size:
-        axes.hist(defect, bins=bins, alpha=0.6, label=f"defect (n={defect.size})", log=True)
+        axes.hist(bins.place(defect), bins=bins.edges, alpha=0.6, label=bins.label("defect", defect), log=True)
+    bins.mark(axes)
     escaped = np.flatnonzero((classes_arr != "good") & (scores <= threshold))
     for i in escaped:
         axes.axvline(scores[i], color="black", linewidth=0.8, ymax=0.25)
