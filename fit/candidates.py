@@ -3,10 +3,9 @@
 A small ordered list (trunk x loss x input size x seed), the project's default
 first. The first candidate's wall time sets the estimate of the others (per
 architecture once one of it has run); no candidate starts once its estimate
-would overrun the budget. The choice is the lowest escape rate at the
-operating threshold on the CALIBRATION part, AUROC breaking ties; without
-defects, the lowest calibration false-reject rate, training's held-out AUROC
-(on synthetic anomalies) breaking ties. Never the training loss, never the test part.
+would overrun the budget. The choice is made on the CALIBRATION part by fit/choice.py
+(AUROC with a paired-resampling confidence; without defects, the false-reject rate).
+Never the training loss, never the test part.
 """
 from __future__ import annotations
 
@@ -14,7 +13,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from calibration import fit as calibration_fit
+from fit.choice import Choice, choose
 from station.core.errors import DataError, StationError
 from station.core.imagefolder import LabeledImage
 
@@ -47,7 +49,6 @@ class Candidate:
 
 
 DEFAULT_CANDIDATE = Candidate("cnn", "center")  # station train's defaults
-MARGIN_PARTS = 2  # calibration parts another candidate must get right beyond the default to replace it
 
 
 def candidate_list(native_size: tuple[int, int]) -> list[Candidate]:
@@ -78,18 +79,8 @@ class Outcome:
     error: str | None = None
     n_good: int = 0  # calibration parts measured
     n_defect: int = 0
-
-    def wrong_parts(self) -> int:
-        """The parts this candidate got wrong on the calibration part, by the key's first figure."""
-        if self.escape_rate is not None:
-            return round(self.escape_rate * self.n_defect)
-        return round(self.false_reject_rate * self.n_good)
-
-    def key(self) -> tuple:
-        """Lower is better: escape rate at the threshold, then AUROC (or FRR, then val AUROC)."""
-        if self.escape_rate is not None:
-            return (round(self.escape_rate, 9), -(self.auroc or 0.0))
-        return (round(self.false_reject_rate, 9), -(self.val_auroc or 0.0))
+    good_scores: np.ndarray | None = None  # the calibration part's, out of fold, by the metric chosen
+    defect_scores: np.ndarray | None = None
 
     def row(self) -> dict:
         return {"candidate": self.candidate.name, "arch": self.candidate.arch, "loss": self.candidate.loss,
@@ -117,8 +108,12 @@ class SearchOptions:
 @dataclass
 class Search:
     outcomes: list[Outcome]
-    chosen: Outcome
+    choice: Choice
     skipped: list[str] = field(default_factory=list)
+
+    @property
+    def chosen(self) -> Outcome:
+        return self.choice.chosen
 
 
 def run_candidates(candidates: list[Candidate], train: list[LabeledImage], val: list[LabeledImage],
@@ -156,17 +151,9 @@ def _search(candidates, train, val, calibration, workdir, options) -> Search:
     usable = [o for o in outcomes if o.error is None]
     if not usable:
         raise DataError("no candidate could be trained:\n  " + "\n  ".join(f"{o.candidate.name}: {o.error}" for o in outcomes))
-    return Search(outcomes, choose(usable), skipped)
-
-
-def choose(usable: list[Outcome]) -> Outcome:
-    """The best by Outcome.key, but the default candidate (the first) keeps its place unless another
-    gets at least MARGIN_PARTS fewer calibration parts wrong: with ~45 defects one part is 2 points of
-    escape rate, noise that ranked an mlp over the cnn on the tiles (judged AUROC 0.943 against 0.991)."""
-    best, default = min(usable, key=Outcome.key), usable[0]
-    if best is default or default.candidate != DEFAULT_CANDIDATE:
-        return best
-    return best if default.wrong_parts() - best.wrong_parts() >= MARGIN_PARTS else default
+    choice = choose(usable, DEFAULT_CANDIDATE)
+    options.say(choice.line())
+    return Search(outcomes, choice, skipped)
 
 
 def _epochs(candidate: Candidate, epochs: int | None) -> int:
@@ -236,4 +223,5 @@ def _measure_on_calibration(outcome: Outcome, items: list[LabeledImage], options
     outcome.escape_rate, outcome.auroc = chosen.escape_rate, chosen.auroc
     outcome.false_reject_rate, outcome.expected_cost = float(chosen.false_reject_rate), chosen.expected_cost
     outcome.n_good, outcome.n_defect = int((~defect).sum()), int(defect.sum())
+    outcome.good_scores, outcome.defect_scores = chosen.good_scores, chosen.defect_scores
 

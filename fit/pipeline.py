@@ -267,9 +267,7 @@ def _fit_json(data, parts, options, search, audit: BuiltModel, final: BuiltModel
         "per_metric_auroc": figures["per_metric_auroc"],
         "chosen_candidate": chosen.candidate.name, "candidates": [o.row() for o in search.outcomes],
         "skipped_candidates": search.skipped,
-        "choice_rule": "lowest escape rate at the operating threshold on the calibration part, AUROC breaking ties"
-                       if chosen.escape_rate is not None else
-                       "lowest false-reject rate on the calibration part, validation AUROC breaking ties",
+        "choice_rule": search.choice.rule, "choice": search.choice.summary(),
         "export": {"mode": export.mode, "why": export.why, "attempts": export.attempts},
         "calibration": {"n_good": saved.n_good, "n_defect": saved.statistics["n_defect"], "defect_rate": options.defect_rate, "escape_cost": options.escape_cost,
                         "target_false_reject": options.target_false_reject,

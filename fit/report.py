@@ -39,6 +39,7 @@ def candidate_table(result: dict) -> list[str]:
 
 def summary_lines(result: dict) -> list[str]:
     lines = ["candidates (chosen on the calibration part):"] + candidate_table(result)
+    lines.append(result["choice"]["text"])
     lines.append(f"export: {result['export']['mode']} ({result['export']['why']})")
     lines.append(f"bundle model: {result['n_trained']} photos; threshold {result['metric']} {result['threshold']:.6g} "
                  f"({result['threshold_rule']})")
