@@ -61,7 +61,13 @@ def _check(args) -> int:
 def _run(args) -> int:
     from station.runtime.daemon import Daemon
 
-    code = Daemon(args.config).run()
+    try:
+        code = Daemon(args.config).run()
+    except StationError:
+        raise
+    except Exception:  # a bug in the station: the traceback is for its developers; systemd restarts on exit 1
+        log.critical("station run crashed (a bug in the station): exit 1", exc_info=True)
+        code = 1
     lingering = [t.name for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()]
     if lingering:
         # E.g. a camera reader still blocked in OpenCV's read of a stream: interpreter shutdown would

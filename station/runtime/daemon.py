@@ -36,13 +36,13 @@ from station.runtime.stats import StationStats, stats_message
 from station.runtime.integrations import Integrations
 from station.runtime.messages import no_verdict_message, utc_timestamp, verdict_message
 from station.runtime.presence import PresenceGate
+from station.runtime.triggers import frame_for, unjudged_trigger
 
 log = logging.getLogger(__name__)
 
 BATCH = 128  # frames judged together when a stored source delivers faster than real time
 POLL = 0.1  # longest wait of the loop, seconds
 FINAL_FLUSH = 2.0  # seconds to deliver the outbox on SIGTERM; what is left goes out next start
-TRIGGER_FRAME_WAIT = 1.0
 FIRST_FRAME_WAIT = 5.0  # seconds to wait for a frame to check the ROI against before READY
 PAUSE_FLAG = "paused"  # in the state folder while paused
 # Changes that only a restart applies: they are wired into threads and connections.
@@ -100,7 +100,7 @@ class Daemon:
         self.feed = FrameFeed(self.source, is_lossless(self.source)) if config.trigger != "mqtt" else None
         self.gate = PresenceGate(config.presence.settings()) if config.trigger == "presence" else None
         self.latest = LatestFrame(self.source) if config.trigger == "mqtt" else None
-        finished = False
+        finished = clean = False
         try:
             self._check_first_frame()
             self._publish_state()
@@ -109,9 +109,9 @@ class Daemon:
             if self.paused:
                 log.warning("station %s starts PAUSED (paused before it stopped): nothing is judged "
                             "until a resume command", config.station)
-            finished = self._loop()
+            finished, clean = self._loop(), True
         finally:
-            self._shutdown(finished)
+            self._shutdown(finished, clean)
         return 0
 
     def _check_first_frame(self):
@@ -165,15 +165,16 @@ class Daemon:
         self._wait_for_command(POLL)  # also keeps this branch from spinning
         return False
 
-    def _shutdown(self, finished: bool):
+    def _shutdown(self, finished: bool, clean: bool):
         sdnotify.notify("STOPPING=1", "STATUS=stopping")
         (self.feed or self.latest).close(timeout=1.0)
+        self.inbox.close(self._record_unjudged if self.latest is not None else None)
         if not finished:
             self.publisher.flush(timeout=FINAL_FLUSH)
         self._publish_stats()
         self.integrations.close()
         self.crop_keeper.close()
-        self.publisher.stop(clean=True)
+        self.publisher.stop(clean=clean)  # after a crash the status says offline, never stopped
         left = self.outbox.depth()
         if left:
             log.warning("%d verdicts not yet delivered stay in the outbox for the next start", left)
@@ -261,13 +262,13 @@ class Daemon:
     # -- commands and reloads
 
     def _wait_for_command(self, timeout: float):
-        self.inbox.serve(self._execute, timeout)
+        self.inbox.serve(self._execute, timeout, between=self._ping_watchdog, stopping=lambda: self._stop_requested)
 
     def _handle_events(self):
         if self._reload_requested:
             self._reload_requested = False  # a storm of SIGHUPs is one reload
             self._reload(product=None, reason="SIGHUP")
-        self.inbox.serve(self._execute)
+        self._wait_for_command(0.0)
 
     def _execute(self, command: Command) -> str | None:
         """Act on a valid command; the error text, or None when it worked."""
@@ -297,13 +298,19 @@ class Daemon:
     def _trigger(self, command: Command) -> str | None:
         if self.latest is None:
             return f"trigger mode is {self.config.trigger}; set trigger: mqtt to judge on command"
-        if self.paused:
-            return "station is paused"
-        frame, error = self.latest.for_trigger(TRIGGER_FRAME_WAIT)  # GenICam: fires TriggerSoftware
+        frame, error = (None, "station is paused: not judged") if self.paused else frame_for(
+            self.latest, command, self.source.description, self._ping_watchdog, lambda: self._stop_requested)
         if frame is None:
-            return error or f"no fresh frame from {self.source.description} within {TRIGGER_FRAME_WAIT} s"
+            self._record_unjudged(command, error)
+            return error
         self._inspect([frame], part_id=command.part_id)
         return None
+
+    def _record_unjudged(self, command: Command, reason: str):
+        """A trigger's part not judged (paused, no frame in time, stopping): a no_verdict in the verdicts' seq."""
+        build = unjudged_trigger(self.config.station, self.inspector.product, command, reason)
+        self.recorder.record(build, [(None, None)], lambda: self._stop_requested, self._wait_for_outbox)
+        self.publisher.notify_outbox()
 
     def _reload(self, product: str | None, reason: str) -> str | None:
         """Re-read config, model and reference; a bad new file is refused, the old one keeps running."""

@@ -74,7 +74,11 @@ def _regions_fields(part) -> dict:
         for r in part.regions]}
 
 
-def no_verdict_message(*, station: str, seq: int, source: str, product: str, ts: str, reason: str) -> dict:
-    """A part was seen but not judged (trigger: presence): said, never silence. Shares the verdicts' seq."""
-    return {"station": station, "seq": seq, "id": str(uuid.uuid4()), "ts": ts, "source": source,
-            "product": product, "reason": reason}
+def no_verdict_message(*, station: str, seq: int, source: str, product: str, ts: str, reason: str,
+                       part_id: str | None = None) -> dict:
+    """A part seen but not judged (trigger: presence), or a trigger not judged (trigger: mqtt, with its
+    part_id when it gave one): said, never silence. Shares the verdicts' seq."""
+    message = {"station": station, "seq": seq, "id": str(uuid.uuid4()), "ts": ts, "source": source}
+    if part_id is not None:
+        message["part_id"] = part_id
+    return {**message, "product": product, "reason": reason}
