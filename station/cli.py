@@ -27,7 +27,12 @@ def _simulate(args) -> int:
 
     if args.count < 1:
         raise StationError("--count must be at least 1")
-    counts = simulate.write_dataset(args.out, args.count, args.seed, pins=args.pins)
+    if args.part == "plate" and (args.video or args.contact_sheet or args.pins != 3):
+        raise StationError("--part plate writes photos only: --video, --contact-sheet and --pins draw the terminal line")
+    if args.part == "plate":
+        counts = simulate.write_plate_dataset(args.out, args.count, args.seed)
+    else:
+        counts = simulate.write_dataset(args.out, args.count, args.seed, pins=args.pins)
     summary = ", ".join(f"{name} {n}" for name, n in sorted(counts.items()))
     print(f"wrote {args.count} parts to {args.out}: {summary}")
     if args.video:
@@ -115,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--count", type=int, default=1000, help="number of parts (default 1000)")
     sim.add_argument("--seed", type=seed, default=0, help="same seed, byte-identical output")
     sim.add_argument("--pins", type=int, choices=(2, 3), default=3, help="pins of the simulated product")
+    sim.add_argument("--part", choices=("terminal", "plate"), default="terminal",
+                     help="terminal: small 36x26 parts (default); plate: 480x192 photos of a large machined part "
+                          "with small defects (hairline cracks, pits), for native resolution and tiles")
     sim.add_argument("--video", type=Path, help="also write an MJPG video of full frames (+ ground truth .csv)")
     sim.add_argument("--dwell", type=int, metavar="FRAMES",
                      help="video of a stop-and-go belt: parts slide in, stand FRAMES frames, slide out (trigger: presence); "

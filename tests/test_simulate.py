@@ -84,3 +84,32 @@ def test_video_frames_hold_the_part_in_the_roi_and_match_the_ground_truth(tmp_pa
         assert row["label"] == ("OK" if part.defect_class == GOOD else "NG")
         seen = cv2.cvtColor(crop(frame, simulate.FRAME_ROI), cv2.COLOR_BGR2GRAY).astype(int)
         assert np.mean(np.abs(seen - part.crop)) < 6  # MJPG is lossy, but it is that part
+
+
+def test_plates_are_large_parts_whose_defects_are_small_and_local(tmp_path):
+    from station.core.simulated_surface import PLATE_HEIGHT, PLATE_WIDTH, SURFACE_DEFECT_CLASSES, render_surface
+    from station.tools.simulate import write_plate_dataset
+
+    counts = write_plate_dataset(tmp_path / "a", 60, seed=3)
+    write_plate_dataset(tmp_path / "b", 60, seed=3)
+    assert _tree_digest(tmp_path / "a") == _tree_digest(tmp_path / "b")
+    assert sum(counts.values()) == 60 and 0.15 < 1 - counts[GOOD] / 60 < 0.5
+    items = scan_dataset(tmp_path / "a")
+    assert cv2.imread(str(items[0].path), cv2.IMREAD_UNCHANGED).shape == (PLATE_HEIGHT, PLATE_WIDTH)
+    for defect in SURFACE_DEFECT_CLASSES:
+        _, good = render_surface(3, 7, GOOD)
+        _, bad = render_surface(3, 7, defect)  # the same plate, light and noise, with the defect drawn
+        changed = np.abs(bad.astype(int) - good) > 15
+        assert 5 <= changed.sum() and changed.mean() < 0.005, f"{defect}: {changed.sum()} pixels"
+        # Shrunk to the default model input the defect changes less than one good plate differs from the
+        # next: why native size and tiles matter.
+        small = [cv2.resize(image, (36, 26), interpolation=cv2.INTER_AREA).astype(int)
+                 for image in (good, bad, render_surface(3, 8, GOOD)[1])]
+        assert np.abs(small[1] - small[0]).max() < np.abs(small[2] - small[0]).max() / 2
+
+
+def test_plate_photos_refuse_the_terminal_line_s_options(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "station", "simulate", "--part", "plate", "--out", str(tmp_path / "p"),
+                           "--count", "3", "--video", str(tmp_path / "v.avi")], capture_output=True, text=True)
+    assert done.returncode != 0 and "--part plate writes photos only" in done.stderr
+    assert not (tmp_path / "p").exists()

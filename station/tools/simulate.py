@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 
 from station.core.imagefolder import GOOD
+from station.core.simulated_surface import render_surface
 from station.core.simulated_line import (
     CROP_HEIGHT, CROP_WIDTH, DEFECT_CLASSES, FRAME_HEIGHT, FRAME_WIDTH, render_frame, render_part,
 )
@@ -16,14 +17,25 @@ from station.core.simulated_line import (
 
 def write_dataset(out: Path, count: int, seed: int, pins: int = 3) -> dict[str, int]:
     """Write ``count`` parts as an image-folder dataset; returns parts per class."""
+    parts = (render_part(seed, index, pins) for index in range(count))
+    return _write_image_folder(out, ((p.defect_class, f"part_{p.index:06d}.png", p.crop) for p in parts))
+
+
+def write_plate_dataset(out: Path, count: int, seed: int) -> dict[str, int]:
+    """Write ``count`` large plates with small defects (station.core.simulated_surface) as an image folder."""
+    plates = ((index, *render_surface(seed, index)) for index in range(count))
+    return _write_image_folder(out, ((defect, f"plate_{index:06d}.png", photo) for index, defect, photo in plates))
+
+
+def _write_image_folder(out: Path, photos) -> dict[str, int]:
+    """photos: (class, file name, image); returns photos per class."""
     out = Path(out)
     counts: dict[str, int] = {}
-    for index in range(count):
-        part = render_part(seed, index, pins)
-        folder = out / part.defect_class
+    for defect_class, name, image in photos:
+        folder = out / defect_class
         folder.mkdir(parents=True, exist_ok=True)
-        _write_png(folder / f"part_{index:06d}.png", part.crop)
-        counts[part.defect_class] = counts.get(part.defect_class, 0) + 1
+        _write_png(folder / name, image)
+        counts[defect_class] = counts.get(defect_class, 0) + 1
     return counts
 
 
