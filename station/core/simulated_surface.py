@@ -54,7 +54,7 @@ def _draw_defect(plate: np.ndarray, defect: str, rng: np.random.Generator):
         points = np.vstack([[x, y], [x, y] + np.cumsum(steps, axis=0)]).round().astype(np.int32)
         cv2.polylines(plate, [points], False, float(METAL_LEVEL - rng.uniform(55, 80)), 1, cv2.LINE_AA)
     elif defect == "pit":
-        cv2.circle(plate, (int(x), int(y)), int(rng.integers(2, 4)), float(rng.uniform(50, 80)), -1, cv2.LINE_AA)
+        cv2.circle(plate, (int(x), int(y)), int(rng.integers(1, 3)), float(rng.uniform(50, 80)), -1, cv2.LINE_AA)
     elif defect == "scratch":  # short and bright, across the grain
         angle = rng.uniform(-0.5, 0.5)
         length = rng.uniform(14, 24)
@@ -63,7 +63,7 @@ def _draw_defect(plate: np.ndarray, defect: str, rng: np.random.Generator):
     elif defect == "chip":  # a notch broken out of a groove's edge
         pitch = PLATE_WIDTH / SEGMENTS
         gx = int(round(x / pitch) * pitch)
-        notch = np.array([[gx, y - 4], [gx + rng.choice([-1, 1]) * rng.uniform(5, 8), y], [gx, y + 4]], np.int32)
+        notch = np.array([[gx, y - 3], [gx + rng.choice([-1, 1]) * rng.uniform(3, 5), y], [gx, y + 3]], np.int32)
         cv2.fillPoly(plate, [notch], GROOVE_LEVEL, cv2.LINE_AA)
 
 
