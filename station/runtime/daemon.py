@@ -144,8 +144,10 @@ class Daemon:
                     self._unjudged_frames += len(frames)  # a live camera: drained so no frame is stale on resume
                 elif frames:
                     self._inspect(frames)
-                elif self.feed.ended and self.finite and self._delivered():
-                    return True
+                elif self.feed.ended and self.finite:
+                    self._end_presence("the source ended while a part was in the region")
+                    if self._delivered():
+                        return True
             else:  # trigger mode, or paused on stored media: its frames wait for resume
                 self._wait_for_command(POLL)
             self._ping_watchdog()
@@ -169,6 +171,7 @@ class Daemon:
         sdnotify.notify("STOPPING=1", "STATUS=stopping")
         (self.feed or self.latest).close(timeout=1.0)
         if not finished:
+            self._end_presence("the station stopped while a part was in the region")
             self.publisher.flush(timeout=FINAL_FLUSH)
         self._publish_stats()
         self.integrations.close()
@@ -196,11 +199,12 @@ class Daemon:
         missed = []
         if self.gate is not None:  # trigger: presence: one settled frame per part
             kept, crops, missed = self.gate.select(kept, crops)
+            self._note_presence()
         if not kept and not missed:
             return
         judgements = inspector.judge_crops(np.stack(crops)) if kept else []
         ready = time.monotonic()
-        pending = sorted([*zip(kept, judgements), *((frame, None) for frame in missed)], key=lambda p: p[0].frame_no)
+        pending = sorted([*zip(kept, judgements), *missed], key=lambda p: p[0].frame_no)
         messages = self._store_verdicts(inspector, pending, ready, part_id)
         self.publisher.notify_outbox()
         for message, frame in zip([m for m in messages if "verdict" in m], kept):
@@ -231,14 +235,14 @@ class Daemon:
             self._publish_state()
 
     def _store_verdicts(self, inspector: Inspector, pending: list, ready: float, part_id) -> list[dict]:
-        """pending: (frame, judgement) in order; judgement None for a part that left unjudged."""
+        """pending: (frame, judgement) in order; in place of a judgement, why a part got none (a no_verdict)."""
         reference = inspector.reference_set
         ts = utc_timestamp(time.time())  # one batch, one moment: formatted once
 
         def build(seq, frame, judgement) -> dict:
-            if judgement is None:
+            if isinstance(judgement, str):
                 return no_verdict_message(station=self.config.station, seq=seq, source=frame.source,
-                                          product=inspector.product, ts=ts, reason="the part left before it settled")
+                                          product=inspector.product, ts=ts, reason=judgement)
             return verdict_message(
                 station=self.config.station, seq=seq, source=frame.source, part_id=part_id or frame.part_id,
                 camera_ts=frame.camera_ts,
@@ -333,12 +337,41 @@ class Daemon:
                 raise ConfigError(f"roi: {problem} (the camera's frames)")
         except StationError as exc:
             return self._refuse(reason, exc)
-        self.inspector = inspector
+        previous, self.inspector = self.inspector, inspector
+        if self.gate is not None and inspector.view() != previous.view():
+            self._reset_presence(previous, reason)
         self._set_problem("roi", None)
         log.info("%s: now %s", reason, self._status_line())
         self._publish_state()
         sdnotify.notify("READY=1", f"STATUS={self._status_line()}")
         return None
+
+    def _reset_presence(self, previous: Inspector, reason: str):
+        """The belt was learned for the old region or input size: learn it again; a part in the region gets a no_verdict."""
+        missed = self.gate.reset(f"reloaded ({reason}) with another region or input size")
+        log.warning("%s: the region or the model's input size changed: the presence gate learns the empty belt again",
+                    reason)
+        self._store_no_verdicts(previous, missed)
+        self._note_presence()
+
+    def _note_presence(self):
+        """The gate's problem (a belt relearned or being learned again) into the state, logged when it changes."""
+        problem = self.gate.problem
+        if problem != self.problems.get("presence"):
+            log.log(logging.WARNING if problem else logging.INFO, "presence: %s",
+                    problem or "the learned empty belt has seen a part come and go: trusted again")
+        self._set_problem("presence", problem)
+
+    def _end_presence(self, reason: str):
+        """The stream stops: a part that entered and was not judged gets a no_verdict, never silence."""
+        if self.gate is not None:
+            self._store_no_verdicts(self.inspector, self.gate.finish(reason))
+
+    def _store_no_verdicts(self, inspector: Inspector, missed: list):
+        if missed:
+            log.warning("no verdict for a part (frame %s): %s", missed[0][0].source, missed[0][1])
+            self._store_verdicts(inspector, missed, time.monotonic(), None)
+            self.publisher.notify_outbox()
 
     def _refuse(self, reason: str, exc: Exception) -> str:
         message = f"{reason} refused, still running {self._status_line()}: {exc}"
