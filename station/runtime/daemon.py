@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from station.runtime import sdnotify
+from station.runtime import presence_station, sdnotify
 from station.runtime.frame_feed import FrameFeed, LatestFrame
 from station.runtime.sources import is_finite, is_lossless, open_source
 from station.runtime.commands import Command, CommandInbox
@@ -145,7 +145,7 @@ class Daemon:
                 elif frames:
                     self._inspect(frames)
                 elif self.feed.ended and self.finite:
-                    self._end_presence("the source ended while a part was in the region")
+                    presence_station.stream_ends(self, "the source ended while a part was in the region")
                     if self._delivered():
                         return True
             else:  # trigger mode, or paused on stored media: its frames wait for resume
@@ -171,7 +171,7 @@ class Daemon:
         sdnotify.notify("STOPPING=1", "STATUS=stopping")
         (self.feed or self.latest).close(timeout=1.0)
         if not finished:
-            self._end_presence("the station stopped while a part was in the region")
+            presence_station.stream_ends(self, "the station stopped while a part was in the region")
             self.publisher.flush(timeout=FINAL_FLUSH)
         self._publish_stats()
         self.integrations.close()
@@ -199,7 +199,7 @@ class Daemon:
         missed = []
         if self.gate is not None:  # trigger: presence: one settled frame per part
             kept, crops, missed = self.gate.select(kept, crops)
-            self._note_presence()
+            presence_station.note_problem(self)
         if not kept and not missed:
             return
         judgements = inspector.judge_crops(np.stack(crops)) if kept else []
@@ -338,40 +338,12 @@ class Daemon:
         except StationError as exc:
             return self._refuse(reason, exc)
         previous, self.inspector = self.inspector, inspector
-        if self.gate is not None and inspector.view() != previous.view():
-            self._reset_presence(previous, reason)
+        presence_station.inspector_swapped(self, previous, reason)
         self._set_problem("roi", None)
         log.info("%s: now %s", reason, self._status_line())
         self._publish_state()
         sdnotify.notify("READY=1", f"STATUS={self._status_line()}")
         return None
-
-    def _reset_presence(self, previous: Inspector, reason: str):
-        """The belt was learned for the old region or input size: learn it again; a part in the region gets a no_verdict."""
-        missed = self.gate.reset(f"reloaded ({reason}) with another region or input size")
-        log.warning("%s: the region or the model's input size changed: the presence gate learns the empty belt again",
-                    reason)
-        self._store_no_verdicts(previous, missed)
-        self._note_presence()
-
-    def _note_presence(self):
-        """The gate's problem (a belt relearned or being learned again) into the state, logged when it changes."""
-        problem = self.gate.problem
-        if problem != self.problems.get("presence"):
-            log.log(logging.WARNING if problem else logging.INFO, "presence: %s",
-                    problem or "the learned empty belt has seen a part come and go: trusted again")
-        self._set_problem("presence", problem)
-
-    def _end_presence(self, reason: str):
-        """The stream stops: a part that entered and was not judged gets a no_verdict, never silence."""
-        if self.gate is not None:
-            self._store_no_verdicts(self.inspector, self.gate.finish(reason))
-
-    def _store_no_verdicts(self, inspector: Inspector, missed: list):
-        if missed:
-            log.warning("no verdict for a part (frame %s): %s", missed[0][0].source, missed[0][1])
-            self._store_verdicts(inspector, missed, time.monotonic(), None)
-            self.publisher.notify_outbox()
 
     def _refuse(self, reason: str, exc: Exception) -> str:
         message = f"{reason} refused, still running {self._status_line()}: {exc}"

@@ -100,6 +100,7 @@ class PresenceGate:
         self.judged = 0  # frames judged
         self.relearned = 0  # times the belt was relearned
         self.problem: str | None = None  # why the gate cannot be trusted right now; None when all is well
+        self.notices: list[str] = []  # what it found out, to be logged (a problem may clear within one batch)
         self._start_learning()
 
     def _start_learning(self):
@@ -229,6 +230,8 @@ class PresenceGate:
         self._out.extend(("judge", v.frame, v.crop) for v in between)
         self.parts += len(between)
         if back.old_belt:  # the belt learned first was right: the relearned picture was a part standing long
+            self.notices.append(f"the empty belt learned before came back on frame {getattr(frame, 'source', '?')}: "
+                                "it is the belt again (a part had stood in the region)")
             self.parts -= self.state == ENTERED  # "entering" was that part leaving
             self.problem = None
             self._old_belt = None
@@ -272,6 +275,7 @@ class PresenceGate:
         self.relearned += 1
         self.problem = (f"relearned the empty belt on frame {getattr(frame, 'source', '?')}: {why}; "
                         "cleared once a part has come and gone")
+        self.notices.append(self.problem)
 
     def _centred(self, frame, crop, picture):
         """Judge this frame or the previous one once the part's centre has crossed the region's."""
