@@ -164,6 +164,7 @@ class PresenceConfig(_Model):
     still_frames: int = Field(PresenceSettings.still_frames, ge=1)
     learn_frames: int = Field(PresenceSettings.learn_frames, ge=1)
     judge_on: Literal[JUDGE_ON] = PresenceSettings.judge_on
+    relearn_frames: int = Field(PresenceSettings.relearn_frames, ge=1)
 
     @model_validator(mode="after")
     def _hysteresis(self):

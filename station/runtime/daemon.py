@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from station.runtime import sdnotify
+from station.runtime import presence_station, sdnotify
 from station.runtime.frame_feed import FrameFeed, LatestFrame
 from station.runtime.sources import is_finite, is_lossless, open_source
 from station.runtime.commands import Command, CommandInbox
@@ -144,8 +144,10 @@ class Daemon:
                     self._unjudged_frames += len(frames)  # a live camera: drained so no frame is stale on resume
                 elif frames:
                     self._inspect(frames)
-                elif self.feed.ended and self.finite and self._delivered():
-                    return True
+                elif self.feed.ended and self.finite:
+                    presence_station.stream_ends(self, "the source ended while a part was in the region")
+                    if self._delivered():
+                        return True
             else:  # trigger mode, or paused on stored media: its frames wait for resume
                 self._wait_for_command(POLL)
             self._ping_watchdog()
@@ -170,6 +172,7 @@ class Daemon:
         (self.feed or self.latest).close(timeout=1.0)
         self.inbox.close(self._record_unjudged if self.latest is not None else None)
         if not finished:
+            presence_station.stream_ends(self, "the station stopped while a part was in the region")
             self.publisher.flush(timeout=FINAL_FLUSH)
         self._publish_stats()
         self.integrations.close()
@@ -197,11 +200,12 @@ class Daemon:
         missed = []
         if self.gate is not None:  # trigger: presence: one settled frame per part
             kept, crops, missed = self.gate.select(kept, crops)
+            presence_station.note_problem(self)
         if not kept and not missed:
             return
         judgements = inspector.judge_crops(np.stack(crops)) if kept else []
         ready = time.monotonic()
-        pending = sorted([*zip(kept, judgements), *((frame, None) for frame in missed)], key=lambda p: p[0].frame_no)
+        pending = sorted([*zip(kept, judgements), *missed], key=lambda p: p[0].frame_no)
         messages = self._store_verdicts(inspector, pending, ready, part_id)
         self.publisher.notify_outbox()
         for message, frame in zip([m for m in messages if "verdict" in m], kept):
@@ -232,14 +236,14 @@ class Daemon:
             self._publish_state()
 
     def _store_verdicts(self, inspector: Inspector, pending: list, ready: float, part_id) -> list[dict]:
-        """pending: (frame, judgement) in order; judgement None for a part that left unjudged."""
+        """pending: (frame, judgement) in order; in place of a judgement, why a part got none (a no_verdict)."""
         reference = inspector.reference_set
         ts = utc_timestamp(time.time())  # one batch, one moment: formatted once
 
         def build(seq, frame, judgement) -> dict:
-            if judgement is None:
+            if isinstance(judgement, str):
                 return no_verdict_message(station=self.config.station, seq=seq, source=frame.source,
-                                          product=inspector.product, ts=ts, reason="the part left before it settled")
+                                          product=inspector.product, ts=ts, reason=judgement)
             return verdict_message(
                 station=self.config.station, seq=seq, source=frame.source, part_id=part_id or frame.part_id,
                 camera_ts=frame.camera_ts,
@@ -340,7 +344,8 @@ class Daemon:
                 raise ConfigError(f"roi: {problem} (the camera's frames)")
         except StationError as exc:
             return self._refuse(reason, exc)
-        self.inspector = inspector
+        previous, self.inspector = self.inspector, inspector
+        presence_station.inspector_swapped(self, previous, reason)
         self._set_problem("roi", None)
         log.info("%s: now %s", reason, self._status_line())
         self._publish_state()

@@ -44,6 +44,11 @@ class Inspector:
             return crop_regions(image, self.embedder.input_spec, self.regions)
         return prepare_crop(image, self.embedder.input_spec, self.roi)
 
+    def view(self) -> tuple:
+        """What its crops show: the regions and the model's input size (the presence gate's belt is learned for one)."""
+        spec = self.embedder.input_spec
+        return self.roi, tuple(r.roi for r in self.regions), spec.width, spec.height
+
     def roi_problem(self, frame_shape: tuple) -> str | None:
         """Why the ROI, or a named region, cannot be cut from frames of this shape; None when all can."""
         if not self.regions:

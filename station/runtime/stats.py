@@ -78,5 +78,6 @@ def stats_message(daemon) -> dict:
     stats.update(daemon.source.counters())  # GenICam: camera_lost_packets, camera_incomplete_frames
     gate = daemon.gate
     if gate is not None:
-        stats.update(parts=gate.parts, no_verdicts=gate.missed, skipped_frames=gate.skipped_frames)
+        stats.update(parts=gate.parts, no_verdicts=gate.missed, skipped_frames=gate.skipped_frames,
+                     belt_relearned=gate.relearned)
     return {"station": daemon.config.station, "ts": utc_timestamp(time.time()), **stats}
