@@ -34,7 +34,7 @@ from station.runtime.publisher import Publisher
 from station.runtime.recorder import VerdictRecorder
 from station.runtime.stats import StationStats, stats_message
 from station.runtime.integrations import Integrations
-from station.runtime.messages import no_verdict_message, utc_timestamp, verdict_message
+from station.runtime.messages import part_messages, utc_timestamp
 from station.runtime.presence import PresenceGate
 from station.runtime.triggers import frame_for, unjudged_trigger
 
@@ -237,22 +237,8 @@ class Daemon:
 
     def _store_verdicts(self, inspector: Inspector, pending: list, ready: float, part_id) -> list[dict]:
         """pending: (frame, judgement) in order; in place of a judgement, why a part got none (a no_verdict)."""
-        reference = inspector.reference_set
-        ts = utc_timestamp(time.time())  # one batch, one moment: formatted once
-
-        def build(seq, frame, judgement) -> dict:
-            if isinstance(judgement, str):
-                return no_verdict_message(station=self.config.station, seq=seq, source=frame.source,
-                                          product=inspector.product, ts=ts, reason=judgement)
-            return verdict_message(
-                station=self.config.station, seq=seq, source=frame.source, part_id=part_id or frame.part_id,
-                camera_ts=frame.camera_ts,
-                product=inspector.product, judgement=judgement, threshold=reference.threshold,
-                metric=reference.metric, model_id=inspector.embedder.info.short_id,
-                reference_version=reference.version,
-                latency_ms=(ready - frame.grabbed_at) * 1000.0, ts=ts,
-            )
-
+        build = part_messages(self.config.station, inspector.product, inspector.reference_set,
+                              inspector.embedder.info.short_id, ready, part_id)
         return self.recorder.record(build, pending, lambda: self._stop_requested, self._wait_for_outbox)
 
     def _wait_for_outbox(self, why: str):

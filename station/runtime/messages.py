@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import uuid
 from datetime import datetime, timezone
 
@@ -82,3 +83,22 @@ def no_verdict_message(*, station: str, seq: int, source: str, product: str, ts:
     if part_id is not None:
         message["part_id"] = part_id
     return {**message, "product": product, "reason": reason}
+
+
+def part_messages(station: str, product: str, reference, model_id: str, ready: float, part_id: str | None = None):
+    """build(seq, frame, judgement) for the recorder, one batch's: a verdict, or a no_verdict where the
+    judgement is the text of why the part got none. `reference` is the ReferenceSet that judged."""
+    ts = utc_timestamp(time.time())  # one batch, one moment: formatted once
+
+    def build(seq, frame, judgement) -> dict:
+        if isinstance(judgement, str):
+            return no_verdict_message(station=station, seq=seq, source=frame.source, product=product, ts=ts,
+                                      reason=judgement)
+        return verdict_message(
+            station=station, seq=seq, source=frame.source, part_id=part_id or frame.part_id,
+            camera_ts=frame.camera_ts, product=product, judgement=judgement, threshold=reference.threshold,
+            metric=reference.metric, model_id=model_id, reference_version=reference.version,
+            latency_ms=(ready - frame.grabbed_at) * 1000.0, ts=ts,
+        )
+
+    return build
