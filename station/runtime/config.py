@@ -22,6 +22,7 @@ from pydantic import (
 
 from station.core.errors import ConfigError
 from station.core.product import product_name_problem
+from station.core.user_files import read_text
 from station.runtime.presence import JUDGE_ON, PresenceSettings
 from station.runtime.regions_config import Regions
 from station.runtime.config_yaml import (KeyPath, compose, format_problem, key_lines, line_of,
@@ -289,10 +290,5 @@ def _names_secret(problem: str, secret_paths: set[str]) -> bool:
 def load_config(path: Path | str, env: dict[str, str] | None = None) -> StationConfig:
     """Read and parse a station.yaml; ConfigError lists every problem, one per line."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: is not UTF-8 text") from None
+    text = read_text(path, ConfigError, "station configuration")
     return parse_config(text, name=str(path), base=path.absolute().parent, env=env)
