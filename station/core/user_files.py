@@ -38,15 +38,12 @@ def read_bytes(path: Path, error: type[StationError], max_bytes: int, what: str)
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise error(f"{path}: the {what} cannot be read ({exc.strerror or exc})") from None
+    info = os.fstat(fd)
+    problem = _kind_problem(info, max_bytes, what)
+    if problem:
+        os.close(fd)
+        raise error(f"{path}: {problem}")
     with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(fd)
-        if stat.S_ISDIR(info.st_mode):
-            raise error(f"{path}: is a folder, not the {what} file")
-        if not stat.S_ISREG(info.st_mode):
-            raise error(f"{path}: is not a regular file (a device, pipe or socket), not the {what}")
-        if info.st_size > max_bytes:
-            raise error(f"{path}: {_size(info.st_size)} is larger than a {what} can be ({_size(max_bytes)} at most); "
-                        "is it the right file?")
         try:
             data = handle.read(max_bytes + 1)  # a file growing while read is bounded too
         except OSError as exc:
@@ -54,6 +51,16 @@ def read_bytes(path: Path, error: type[StationError], max_bytes: int, what: str)
     if len(data) > max_bytes:
         raise error(f"{path}: larger than a {what} can be ({_size(max_bytes)} at most)")
     return data
+
+
+def _kind_problem(info: os.stat_result, max_bytes: int, what: str) -> str | None:
+    if stat.S_ISDIR(info.st_mode):
+        return f"is a folder, not the {what}"
+    if not stat.S_ISREG(info.st_mode):
+        return f"is not a regular file (a device, pipe or socket), not the {what}"
+    if info.st_size > max_bytes:
+        return f"{_size(info.st_size)} is larger than a {what} can be ({_size(max_bytes)} at most); is it the right file?"
+    return None
 
 
 def read_text(path: Path, error: type[StationError], what: str, max_bytes: int = MAX_TEXT_BYTES) -> str:
