@@ -17,9 +17,9 @@ import yaml
 
 from station.core.errors import StationError
 
-# Far above any real station.yaml (a few kB), credentials file or reference.yaml (tens of kB);
-# a 50 MB station.yaml took minutes and gigabytes to refuse after parsing.
-MAX_TEXT_BYTES = 1 << 20
+# Far above any real station.yaml, credentials file or reference.yaml (a few kB each), and small
+# enough that the worst document this size is parsed and refused within seconds.
+MAX_TEXT_BYTES = 256 << 10
 # Values a YAML document may expand to through aliases before it is refused (a "billion laughs").
 MAX_YAML_VALUES = 100_000
 

@@ -34,6 +34,7 @@ from station.runtime.sources.kinds import GENICAM, SIM, URL, parse_sim_source, s
 # Keys that would put a secret in the file; the message says where it goes instead.
 SECRET_KEYS = frozenset({"password", "passwd", "secret", "token"})
 DEFAULT_STATE_ROOT = Path("/var/lib/station")
+MAX_LISTED_PROBLEMS = 100
 
 
 def _resolve(value: Path, info: ValidationInfo) -> Path:
@@ -278,8 +279,15 @@ def parse_config(text: str, name: str = "station.yaml", base: Path | None = None
         problems.append(f"{name}: cannot be read as a configuration: {exc}")
         config = None
     if problems:
-        raise ConfigError("\n".join(sorted(problems, key=lambda text: line_of(text, name))))
+        raise ConfigError(_listed(sorted(problems, key=lambda text: line_of(text, name))))
     return config
+
+
+def _listed(problems: list[str]) -> str:
+    """Every problem of a real configuration; a generated one with thousands is cut short."""
+    shown = problems[:MAX_LISTED_PROBLEMS]
+    more = len(problems) - len(shown)
+    return "\n".join(shown + ([f"... and {more} more problems"] if more else []))
 
 
 def _names_secret(problem: str, secret_paths: set[str]) -> bool:
