@@ -37,6 +37,7 @@ from station.core.version import __version__
 from station.core.errors import ConfigError, StationError
 from station.core.product import product_name_problem
 from station.core.scoring import ALL_SCORES, SCORES, ReferenceModel
+from station.core.state_dir import WriterLock
 from station.core.user_files import parse_yaml, read_bytes, read_text
 
 FORMAT = "station-reference-set/1"
@@ -228,8 +229,28 @@ def save(root: Path, reference_set: ReferenceSet, report_files: dict[str, bytes]
     check_product_name(reference_set.product)
     if reference_set.metric not in reference_set.model.scores:
         raise ReferenceSetError(f"unknown metric {reference_set.metric!r}; this set has {', '.join(reference_set.model.scores)}")
+    with writing(root, f"saving product {reference_set.product}"):
+        return _save(root, reference_set, report_files)
+
+
+def writing(root: Path, what: str) -> WriterLock:
+    """`with writing(root, what):` while this process writes the reference set at root (created if need be);
+    a second writer gets AlreadyRunningError (exit 75) naming this process."""
+    root = Path(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _unwritable(root, exc) from exc
+    return _ReferenceWriterLock(root, what)
+
+
+class _ReferenceWriterLock(WriterLock):
+    def _unwritable(self, exc: OSError) -> StationError:
+        return _unwritable(self.path.parent, exc)
+
+
+def _save(root: Path, reference_set: ReferenceSet, report_files: dict[str, bytes] | None) -> ReferenceSet:
+    try:
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
     except OSError as exc:
         raise _unwritable(root, exc) from exc
@@ -266,6 +287,12 @@ def _unwritable(root: Path, exc: OSError) -> ConfigError:
 def rollback(root: Path, version: int | None = None) -> int:
     """Make an earlier version current: the given one, or the one before current."""
     root = Path(root)
+    current_version(root)  # a folder that is not a reference set is said so, not created
+    with writing(root, "rolling back"):
+        return _rollback(root, version)
+
+
+def _rollback(root: Path, version: int | None) -> int:
     available = versions(root)
     if version is None:
         earlier = [v for v in available if v < current_version(root)]
