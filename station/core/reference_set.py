@@ -19,6 +19,7 @@ Both load, so a station rolls back across them.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -237,16 +238,28 @@ def writing(root: Path, what: str) -> WriterLock:
     """`with writing(root, what):` while this process writes the reference set at root (created if need be);
     a second writer gets AlreadyRunningError (exit 75) naming this process."""
     root = Path(root)
+    created = not root.is_dir()
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise _unwritable(root, exc) from exc
-    return _ReferenceWriterLock(root, what)
+    return _ReferenceWriterLock(root, what, created)
 
 
 class _ReferenceWriterLock(WriterLock):
+    def __init__(self, root: Path, what: str, created: bool):
+        super().__init__(root, what)
+        self.created = created
+
     def _unwritable(self, exc: OSError) -> StationError:
         return _unwritable(self.path.parent, exc)
+
+    def _released(self):
+        """A refused calibration leaves no folder behind where there was none."""
+        if self.created and [p.name for p in self.path.parent.iterdir()] == [self.lock_name]:
+            with contextlib.suppress(OSError):  # another writer came in meanwhile: the folder is its now
+                self.path.unlink()
+                self.path.parent.rmdir()
 
 
 def _save(root: Path, reference_set: ReferenceSet, report_files: dict[str, bytes] | None) -> ReferenceSet:

@@ -108,6 +108,10 @@ class FolderLock:
             if self._fd is not None:
                 os.close(self._fd)  # closing releases the flock
                 self._fd = None
+                self._released()
+
+    def _released(self):
+        """Called once the lock is given up by this process."""
 
 
 class StateLock(FolderLock):
