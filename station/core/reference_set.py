@@ -19,7 +19,6 @@ Both load, so a station rolls back across them.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -38,7 +37,7 @@ from station.core.version import __version__
 from station.core.errors import ConfigError, StationError
 from station.core.product import product_name_problem
 from station.core.scoring import ALL_SCORES, SCORES, ReferenceModel
-from station.core.state_dir import WriterLock
+from station.core.state_dir import WriterLock, unwritable_folder
 from station.core.user_files import parse_yaml, read_bytes, read_text
 
 FORMAT = "station-reference-set/1"
@@ -237,29 +236,7 @@ def save(root: Path, reference_set: ReferenceSet, report_files: dict[str, bytes]
 def writing(root: Path, what: str) -> WriterLock:
     """`with writing(root, what):` while this process writes the reference set at root (created if need be);
     a second writer gets AlreadyRunningError (exit 75) naming this process."""
-    root = Path(root)
-    created = not root.is_dir()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise _unwritable(root, exc) from exc
-    return _ReferenceWriterLock(root, what, created)
-
-
-class _ReferenceWriterLock(WriterLock):
-    def __init__(self, root: Path, what: str, created: bool):
-        super().__init__(root, what)
-        self.created = created
-
-    def _unwritable(self, exc: OSError) -> StationError:
-        return _unwritable(self.path.parent, exc)
-
-    def _released(self):
-        """A refused calibration leaves no folder behind where there was none."""
-        if self.created and [p.name for p in self.path.parent.iterdir()] == [self.lock_name]:
-            with contextlib.suppress(OSError):  # another writer came in meanwhile: the folder is its now
-                self.path.unlink()
-                self.path.parent.rmdir()
+    return WriterLock(Path(root), what, "a reference set")
 
 
 def _save(root: Path, reference_set: ReferenceSet, report_files: dict[str, bytes] | None) -> ReferenceSet:
@@ -293,8 +270,7 @@ def _save(root: Path, reference_set: ReferenceSet, report_files: dict[str, bytes
 
 
 def _unwritable(root: Path, exc: OSError) -> ConfigError:
-    return ConfigError(f"{root}: cannot write a reference set there ({exc.strerror or exc}); give a folder you "
-                       "can write, with free space")
+    return ConfigError(unwritable_folder(root, "a reference set", exc))
 
 
 def rollback(root: Path, version: int | None = None) -> int:

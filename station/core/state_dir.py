@@ -9,6 +9,7 @@ process ends, so a crashed process never leaves a stale lock behind.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -125,13 +126,36 @@ class StateLock(FolderLock):
                                    "stop it first (systemctl stop station@...)")
 
 
+def unwritable_folder(folder: Path, kind: str, exc: OSError) -> str:
+    return f"{folder}: cannot write {kind} there ({exc.strerror or exc}); give a folder you can write, with free space"
+
+
 class WriterLock(FolderLock):
     """Held while a process writes a reference set folder (a whole calibration, save, rollback): a
     second calibration of the same folder is refused at once (exit 75), not after minutes of work.
-    Re-entrant: a calibration holds it from its start and save() takes it again."""
+    Re-entrant: a calibration holds it from its start and save() takes it again. The folder is
+    created if need be, and removed again when nothing was written in it (a refused calibration)."""
 
     lock_name = ".writing.lock"
     reentrant = True
+
+    def __init__(self, folder: Path, what: str, kind: str):
+        super().__init__(folder, what)
+        self.kind = kind
+        self.created = not Path(folder).is_dir()
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise self._unwritable(exc) from exc
+
+    def _unwritable(self, exc: OSError) -> StationError:
+        return ConfigError(unwritable_folder(self.path.parent, self.kind, exc))
+
+    def _released(self):
+        if self.created and [p.name for p in self.path.parent.iterdir()] == [self.lock_name]:
+            with contextlib.suppress(OSError):  # another writer came in meanwhile: the folder is its now
+                self.path.unlink()
+                self.path.parent.rmdir()
 
     def _busy(self, pid: str, doing: str) -> AlreadyRunningError:
         return AlreadyRunningError(f"another calibration (pid {pid}) is writing {self.path.parent} "
