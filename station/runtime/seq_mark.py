@@ -36,7 +36,7 @@ class Mark:
 class SeqMark:
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.covered = 0  # seqs up to this are covered by the mark on disk
+        self.covered = -1  # seqs up to this are covered by the mark on disk (none yet: the first cover writes)
         self.problem: str | None = None  # why the mark cannot be written right now
 
     def read(self) -> Mark | None:
