@@ -26,6 +26,7 @@ import numpy as np
 
 from calibration import workflow
 from calibration.fit import CalibrationError
+from station.core.reference_set import writing
 from station.core.state_dir import StateLock, open_state_dir
 from station.runtime.sources import open_source
 from station.core.embedder import Embedder
@@ -155,6 +156,14 @@ def calibrate_from_camera(config, product: str | None, count: int, min_good: int
         raise ConfigError(f"--count {count} is below the minimum of {min_good} good parts (--min-good)")
     if min_change < 0:
         raise ConfigError(f"--min-change must be >= 0, got {min_change}")
+    # Held from the start: a second calibration of this folder is refused before the camera is taken.
+    with writing(out, f"station calibrate -c, product {product}"):
+        return _grab_and_save(config, out, product, roi, count, min_good, min_change, metric, target_false_reject,
+                              progress, credentials, region)
+
+
+def _grab_and_save(config, out: Path, product: str, roi, count: int, min_good: int, min_change: float, metric: str,
+                   target_false_reject: float, progress: bool, credentials, region: str | None) -> LiveCalibration:
     embedder = Embedder(config.model, threads=config.runtime.threads)
     # The camera is the station's: never while it runs (AlreadyRunningError, exit 75).
     with StateLock(open_state_dir(config.state_dir), f"station calibrate -c (product {product})"):

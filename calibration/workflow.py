@@ -11,7 +11,7 @@ import numpy as np
 
 from calibration import fit, report
 from calibration.evaluate import Evaluation, evaluate_embeddings
-from station.core.reference_set import ReferenceSet, check_product_name, save, verify_for_model
+from station.core.reference_set import ReferenceSet, check_product_name, save, verify_for_model, writing
 from station.core.errors import DataError, ImageReadError
 from station.core.imagefolder import GOOD, LabeledImage, image_digest, list_images, read_image, scan_dataset
 from station.core.preprocess import Roi, prepare_crop, to_model_input
@@ -105,12 +105,14 @@ def calibrate_folders(
     progress: bool = False,
 ) -> tuple[ReferenceSet, fit.Calibration]:
     check_product_name(product)
-    good_items, defect_items = folder_items(good, defect_folders)
-    good_items, defect_items, notes = set_aside_trained(embedder, good_items, defect_items, min_good)
-    good_set = embed_items(embedder, good_items, roi, progress)
-    defect_set = embed_items(embedder, defect_items, roi, progress) if defect_items else None
-    return calibrate_embedded(embedder, good_set, defect_set, out, product, metric, target_false_reject, min_good,
-                              notes=notes)
+    # Held from the start: a second calibration of this folder is refused now, not after the embedding.
+    with writing(out, f"station calibrate --good {good}, product {product}"):
+        good_items, defect_items = folder_items(good, defect_folders)
+        good_items, defect_items, notes = set_aside_trained(embedder, good_items, defect_items, min_good)
+        good_set = embed_items(embedder, good_items, roi, progress)
+        defect_set = embed_items(embedder, defect_items, roi, progress) if defect_items else None
+        return calibrate_embedded(embedder, good_set, defect_set, out, product, metric, target_false_reject, min_good,
+                                  notes=notes)
 
 
 def set_aside_trained(embedder, good_items: list, defect_items: list, min_good: int) -> tuple[list, list, list[str]]:

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -306,3 +307,77 @@ def test_an_infinite_threshold_is_refused_only_for_the_metric_that_judges(tmp_pa
     spoil(folder, lambda s: s["thresholds"].update(mahalanobis=float("inf")))
     with pytest.raises(ReferenceSetError, match="thresholds.mahalanobis: the chosen metric's threshold is infinite"):
         reference_set.load(folder)
+
+
+def test_seq_goes_on_after_the_outbox_is_moved_aside_or_lost_in_a_crash(tmp_path, station_files, broker):
+    from tests.daemon_helpers import wait_until
+
+    state = tmp_path / "state"
+    recorder = Recorder(broker.host, broker.port, "plant/+/verdict")
+    finite = write_config(tmp_path, station_files, broker, '{source: "sim://?seed=4&count=12", fps: 60}')
+    code, output = finish(start_station(finite))
+    assert code == 0 and "holds no seq: seq starts at 1" in output, output  # a new station says so
+    assert (state / "seq").read_text() == "12 last\n"  # a clean stop: the exact last seq
+    (state / "outbox.sqlite3").rename(tmp_path / "outbox.aside")  # the exit-74 advice
+    code, output = finish(start_station(finite))
+    assert code == 0 and "is new, but this station has used seqs up to 12" in output, output
+    recorder.wait_for(lambda: len({v["seq"] for v in recorder.json_on("/verdict")}) >= 24, what="24 verdicts")
+    assert sorted({v["seq"] for v in recorder.json_on("/verdict")}) == list(range(1, 25))  # no seq twice, no gap
+
+    live = tmp_path / "live.yaml"  # the same station (state folder) on an endless source
+    live.write_text(finite.read_text().replace("seed=4&count=12", "seed=5"))
+    process = start_station(live)
+    recorder.wait_for(lambda: max(v["seq"] for v in recorder.json_on("/verdict")) > 30, what="judging on")
+    process.send_signal(signal.SIGKILL)  # a crash: the mark holds a reservation, not the last seq
+    process.wait(10)
+    used = max(v["seq"] for v in recorder.json_on("/verdict"))
+    for leftover in state.glob("outbox.sqlite3*"):  # the damaged outbox moved away, -wal and -shm too
+        leftover.unlink()
+    finite.write_text(finite.read_text().replace("seed=4&count=12", "seed=6&count=3"))
+    code, output = finish(start_station(finite))
+    assert code == 0 and "is new, but this station has used seqs up to" in output, output
+    wait_until(lambda: len([v for v in recorder.json_on("/verdict") if v["source"].startswith("sim:6:")]) >= 3,
+               what="the verdicts after the crash")
+    after = sorted(v["seq"] for v in recorder.json_on("/verdict") if v["source"].startswith("sim:6:"))
+    assert used < after[0] <= used + 1001, (used, after)  # never a reuse; a gap of at most one reservation
+
+    for lost in [*state.glob("outbox.sqlite3*"), state / "seq"]:  # both gone: said at start
+        lost.unlink()
+    code, output = finish(start_station(finite))
+    assert code == 0 and "holds no seq: seq starts at 1" in output, output
+    recorder.close()
+
+
+def test_a_second_calibration_of_a_reference_folder_exits_75_naming_the_first(tmp_path, station_files, broker,
+                                                                               sim_dataset):
+    from tests.daemon_helpers import wait_until
+
+    refs = tmp_path / "refs"
+    shutil.copytree(station_files / "refs", refs)
+    config = write_config(tmp_path, station_files, broker, '{source: "sim://?seed=8", fps: 2}')
+    config.write_text(config.read_text().replace(str(station_files / "refs"), str(refs)))
+    # Camera mode at 2 frames a second holds the folder for 15 s or more.
+    first = subprocess.Popen([sys.executable, "-m", "station", "calibrate", "-c", str(config), "--count", "30"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lock = refs / "A" / ".writing.lock"
+    try:
+        wait_until(lambda: lock.exists() and lock.read_text().startswith(f"{first.pid} "), 30, "the first holding A")
+        first.send_signal(signal.SIGSTOP)  # it holds the lock however slow this machine is
+        second = subprocess.run([sys.executable, "-m", "station", "calibrate", "--model", str(station_files / "model.onnx"),
+                                 "--good", str(sim_dataset / "good"), "--out", str(refs / "A")],
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 75, second.stderr
+        assert f"another calibration (pid {first.pid}) is writing {refs / 'A'}" in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        first.kill()  # a crashed calibration: the kernel releases its lock
+        first.wait(10)
+    assert main(["calibrate", "--model", str(station_files / "model.onnx"), "--good", str(sim_dataset / "good"),
+                 "--out", str(refs / "A")]) == 0
+    assert reference_set_versions(refs / "A") == [1, 2]
+
+
+def reference_set_versions(folder) -> list[int]:
+    from station.core import reference_set
+
+    return reference_set.versions(folder)

@@ -154,3 +154,39 @@ def test_the_file_shrinks_after_a_backlog_and_old_outboxes_are_migrated(tmp_path
         assert box.depth() == 0
         after = path.stat().st_size + (tmp_path / "old.sqlite3-wal").stat().st_size
     assert backlog > 20_000_000 and after < backlog / 10, (backlog, after)
+
+
+# -- the seq mark (STATE/seq): seq never goes back when the outbox is lost
+
+
+def test_the_seq_mark_is_reserved_ahead_and_exact_after_a_clean_stop(tmp_path):
+    from station.runtime.seq_mark import RESERVE
+
+    mark = tmp_path / "seq"
+    with Outbox(tmp_path / "outbox.sqlite3", seq_mark=mark) as outbox:
+        assert mark.read_text() == f"{RESERVE} reserved\n"  # before the first seq is used
+        for _ in range(3):
+            with outbox.transaction() as tx:
+                tx.next_seqs(RESERVE // 2)
+        assert mark.read_text() == f"{RESERVE + RESERVE * 3 // 2} reserved\n"  # one write per block, ahead of use
+    assert mark.read_text() == f"{RESERVE * 3 // 2} last\n"
+    (tmp_path / "outbox.sqlite3").unlink()
+    with Outbox(tmp_path / "outbox.sqlite3", seq_mark=mark) as outbox:
+        assert outbox.next_seq() == RESERVE * 3 // 2 + 1
+
+
+def test_a_damaged_or_unwritable_seq_mark_is_said_and_verdicts_are_still_stored(tmp_path, caplog):
+    mark = tmp_path / "seq"
+    mark.write_bytes(b"\xff\x00 garbage")
+    with Outbox(tmp_path / "outbox.sqlite3", seq_mark=mark) as outbox:
+        assert "seq: ignored: " in caplog.text and "is not UTF-8 text" in caplog.text
+        assert "holds no seq: seq starts at 1" in caplog.text
+        assert outbox.next_seq() == 1 and mark.read_text().endswith(" reserved\n")  # rewritten
+    mark.unlink()
+    mark.mkdir()  # a folder in its place: the mark cannot be written
+    with Outbox(tmp_path / "outbox.sqlite3", seq_mark=mark) as outbox:
+        with outbox.transaction() as tx:
+            assert list(tx.next_seqs(2)) == [2, 3]
+            tx.put("t", b"stored all the same")
+        assert outbox.depth() == 1
+        assert "cannot be written" in outbox.seq_mark.problem and "used again" in outbox.seq_mark.problem

@@ -14,12 +14,14 @@ import numpy as np
 
 from station.core.errors import ModelError
 from station.core.preprocess import InputSpec, Roi, preprocess
+from station.core.user_files import read_bytes
 
 # Keys of the model's metadata_props; `station export` writes every one.
 REQUIRED_METADATA = ("input_width", "input_height", "input_layout", "pixel_scale", "embedding_dim", "arch", "quantization")
 OPTIONAL_METADATA = ("members", "batch_independent", "data_fingerprint", "trained_on", "created", "station_version")
 INPUT_NAME = "input"
 OUTPUT_NAME = "embedding"
+MAX_MODEL_BYTES = (2 << 30) - 1  # protobuf's limit: a larger ONNX model keeps its weights outside the file
 
 
 def file_sha256(path: Path) -> str:
@@ -95,10 +97,7 @@ class Embedder:
 
     def __init__(self, model_path: Path, threads: int = 1, spinning: bool = False, expected_sha256: str | None = None):
         model_path = Path(model_path)
-        try:
-            model_bytes = model_path.read_bytes()
-        except OSError as exc:
-            raise ModelError(f"{model_path}: cannot read the model ({exc.strerror})") from exc
+        model_bytes = read_bytes(model_path, ModelError, MAX_MODEL_BYTES, "ONNX model")
         sha256 = hashlib.sha256(model_bytes).hexdigest()
         if expected_sha256 is not None and sha256 != expected_sha256:
             raise ModelError(f"{model_path}: sha256 {sha256[:12]} is not the expected {expected_sha256[:12]}")
@@ -107,8 +106,7 @@ class Embedder:
             self.session = build_session(model_bytes, threads, spinning)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise ModelError(f"{model_path}: onnxruntime cannot load the model: {exc}") from exc
-        props = dict(self.session.get_modelmeta().custom_metadata_map)
-        self.info = _parse_metadata(model_path, sha256, props)
+        self.info = _parse_metadata(model_path, sha256, dict(self.session.get_modelmeta().custom_metadata_map))
         self._check_signature()
         self._output_names = [OUTPUT_NAME]
         # A dynamic int8 model not exported per part (before batch_independent

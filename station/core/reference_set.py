@@ -37,6 +37,8 @@ from station.core.version import __version__
 from station.core.errors import ConfigError, StationError
 from station.core.product import product_name_problem
 from station.core.scoring import ALL_SCORES, SCORES, ReferenceModel
+from station.core.state_dir import WriterLock, unwritable_folder
+from station.core.user_files import parse_yaml, read_bytes, read_text
 
 FORMAT = "station-reference-set/1"
 FORMAT_KISSME = "station-reference-set/2"  # FORMAT plus the learned "kissme" array and metric
@@ -45,6 +47,9 @@ CURRENT = "CURRENT"
 SUMMARY = "reference.yaml"
 ARRAYS = "arrays.npz"
 _VERSION_DIR = re.compile(r"^v(\d{4,})$")
+MAX_POINTER_BYTES = 256  # CURRENT holds one version name
+# Two d x d float64 matrices (precision, kissme) for d = 4096 take 256 MiB; real sets are far smaller.
+MAX_ARRAYS_BYTES = 512 << 20
 
 
 class ReferenceSetError(StationError):
@@ -108,14 +113,16 @@ def versions(root: Path) -> list[int]:
 
 
 def current_version(root: Path) -> int:
-    pointer = Path(root) / CURRENT
+    root = Path(root)
+    pointer = root / CURRENT
     try:
-        text = pointer.read_text().strip()
-    except OSError as exc:
-        raise ReferenceSetError(f"{root}: not a reference set (no readable {CURRENT}: {exc.strerror}){_where(Path(root))}") from exc
+        pointer.lstat()
+    except OSError as exc:  # missing, or the folder is a symlink loop
+        raise ReferenceSetError(f"{root}: not a reference set (no readable {CURRENT}: {exc.strerror}){_where(root)}") from None
+    text = read_text(pointer, ReferenceSetError, f"reference set's {CURRENT} file", max_bytes=MAX_POINTER_BYTES).strip()
     match = _VERSION_DIR.match(text)
     if not match:
-        raise ReferenceSetError(f"{pointer}: names {text!r}, not a version folder")
+        raise ReferenceSetError(f"{pointer}: names {text[:40]!r}, not a version folder (v0001, v0002, ...)")
     return int(match.group(1))
 
 
@@ -131,19 +138,22 @@ def _where(root: Path) -> str:
 def load(root: Path, version: int | None = None) -> ReferenceSet:
     """The current (or a given) version of a reference set, verified by checksum."""
     root = Path(root)
-    version = current_version(root) if version is None else version
+    named_by_current = version is None
+    version = current_version(root) if named_by_current else version
     folder = root / _version_name(version)
+    if not folder.is_dir():
+        where = f"{root / CURRENT}: names {folder.name}" if named_by_current else f"{root}: {folder.name}"
+        raise ReferenceSetError(f"{where}, which is not there (versions: "
+                                f"{', '.join(map(_version_name, versions(root))) or 'none'}); roll back or recalibrate")
     summary_path = folder / SUMMARY
-    try:
-        summary = yaml.safe_load(summary_path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ReferenceSetError(f"{summary_path}: cannot be read: {exc}") from exc
+    summary = parse_yaml(read_text(summary_path, ReferenceSetError, "reference set summary"), summary_path,
+                         ReferenceSetError, "reference set summary")
     if not isinstance(summary, dict) or summary.get("format") not in FORMATS:
         raise ReferenceSetError(f"{summary_path}: not a {' or '.join(FORMATS)} summary")
-    if summary.get("checksum") != _summary_checksum(summary):
+    if summary.get("checksum") != _summary_checksum(summary, summary_path):
         raise ReferenceSetError(f"{summary_path}: checksum mismatch (edited by hand or corrupted)")
     _check_summary(summary, summary_path)
-    arrays_bytes = _read_bytes(folder / ARRAYS)
+    arrays_bytes = read_bytes(folder / ARRAYS, ReferenceSetError, MAX_ARRAYS_BYTES, "reference arrays")
     if hashlib.sha256(arrays_bytes).hexdigest() != summary["arrays_sha256"]:
         raise ReferenceSetError(f"{folder / ARRAYS}: checksum mismatch (corrupted)")
     model = _model_from_npz(arrays_bytes, folder / ARRAYS, int(summary["embedding_dim"]),
@@ -192,20 +202,13 @@ def _check_summary(summary: dict, where: Path):
         refuse("product", product_name_problem(summary["product"]))
 
 
-def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise ReferenceSetError(f"{path}: cannot be read ({exc.strerror})") from exc
-
-
 def _model_from_npz(data: bytes, where: Path, dim: int, learned: bool = False) -> ReferenceModel:
     shapes = {**_ARRAY_SHAPES, **(_LEARNED_SHAPES if learned else {})}
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
             fields = {name: np.array(arrays[name], dtype=np.float64) for name in shapes}
-    except (KeyError, ValueError, OSError) as exc:
-        raise ReferenceSetError(f"{where}: unusable arrays: {exc}") from exc
+    except Exception as exc:  # numpy and zipfile raise many types for damaged bytes (BadZipFile, EOFError, ...)
+        raise ReferenceSetError(f"{where}: unusable arrays: {exc or type(exc).__name__}") from None
     for name, shape in shapes.items():
         expected = tuple(dim if s == "d" else s for s in shape)
         if fields[name].shape != expected or not np.all(np.isfinite(fields[name])):
@@ -226,8 +229,18 @@ def save(root: Path, reference_set: ReferenceSet, report_files: dict[str, bytes]
     check_product_name(reference_set.product)
     if reference_set.metric not in reference_set.model.scores:
         raise ReferenceSetError(f"unknown metric {reference_set.metric!r}; this set has {', '.join(reference_set.model.scores)}")
+    with writing(root, f"saving product {reference_set.product}"):
+        return _save(root, reference_set, report_files)
+
+
+def writing(root: Path, what: str) -> WriterLock:
+    """`with writing(root, what):` while this process writes the reference set at root (created if need be);
+    a second writer gets AlreadyRunningError (exit 75) naming this process."""
+    return WriterLock(Path(root), what, "a reference set")
+
+
+def _save(root: Path, reference_set: ReferenceSet, report_files: dict[str, bytes] | None) -> ReferenceSet:
     try:
-        root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
     except OSError as exc:
         raise _unwritable(root, exc) from exc
@@ -257,13 +270,18 @@ def save(root: Path, reference_set: ReferenceSet, report_files: dict[str, bytes]
 
 
 def _unwritable(root: Path, exc: OSError) -> ConfigError:
-    return ConfigError(f"{root}: cannot write a reference set there ({exc.strerror or exc}); give a folder you "
-                       "can write, with free space")
+    return ConfigError(unwritable_folder(root, "a reference set", exc))
 
 
 def rollback(root: Path, version: int | None = None) -> int:
     """Make an earlier version current: the given one, or the one before current."""
     root = Path(root)
+    current_version(root)  # a folder that is not a reference set is said so, not created
+    with writing(root, "rolling back"):
+        return _rollback(root, version)
+
+
+def _rollback(root: Path, version: int | None) -> int:
     available = versions(root)
     if version is None:
         earlier = [v for v in available if v < current_version(root)]
@@ -299,9 +317,12 @@ def _summary(reference_set: ReferenceSet, version: int, created: str, arrays_sha
     return summary
 
 
-def _summary_checksum(summary: dict) -> str:
+def _summary_checksum(summary: dict, where: Path | None = None) -> str:
     body = {k: v for k, v in summary.items() if k != "checksum"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+    try:
+        return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+    except (TypeError, ValueError) as exc:  # keys of mixed types (1: and a:) cannot be sorted
+        raise ReferenceSetError(f"{where}: not a reference set summary ({exc})") from None
 
 
 def _plain(value):

@@ -1,19 +1,22 @@
-"""A station's state folder (outbox, kept crops, pause flag): checked, created, locked.
+"""Folders one process at a time may own or write: the state folder, a reference set. Checked, created, locked.
 
 One process at a time owns a state folder: a second `station run` on the same
 config or state_dir (or a camera-mode calibration while the station runs)
-would judge twice and fight over the MQTT client id. The lock is an flock on
-STATE/station.lock, released by the kernel when the process ends, so a
-crashed station never leaves a stale lock behind.
+would judge twice and fight over the MQTT client id. One process at a time
+writes a reference set: two calibrations would number the same version. Each
+lock is an flock on a file in the folder, released by the kernel when the
+process ends, so a crashed process never leaves a stale lock behind.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
+import threading
 from pathlib import Path
 
-from station.core.errors import AlreadyRunningError, ConfigError
+from station.core.errors import AlreadyRunningError, ConfigError, StationError
 
 LOCK_FILE = "station.lock"
 
@@ -45,34 +48,115 @@ def open_state_dir(path: Path) -> Path:
     return path
 
 
-class StateLock:
-    """Held while a process owns a state folder; `with StateLock(path, "station run"):`."""
+class FolderLock:
+    """An flock on FOLDER/LOCK_NAME held while this process owns the folder; the holder's pid and
+    what it is doing are written in the file, for the message a second process gets."""
 
-    def __init__(self, state_dir: Path, what: str):
-        self.path = Path(state_dir) / LOCK_FILE
+    lock_name = LOCK_FILE
+    reentrant = False  # True: taking it again in the process that holds it is a no-op
+    _held: dict[str, list] = {}  # lock path -> [fd, depth], for re-entrant locks of this process
+    _guard = threading.Lock()
+
+    def __init__(self, folder: Path, what: str):
+        self.path = Path(folder) / self.lock_name
         self.what = what
         self._fd: int | None = None
+        self._key = str(self.path.absolute())
 
-    def __enter__(self) -> "StateLock":
+    def __enter__(self):
+        with self._guard:
+            held = self._held.get(self._key) if self.reentrant else None
+            if held is not None:
+                held[1] += 1
+                return self
+            self._fd = self._take()
+            if self.reentrant:
+                self._held[self._key] = [self._fd, 1]
+        return self
+
+    def _take(self) -> int:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:  # a read-only or full filesystem, a folder in the lock's place
-            raise ConfigError(f"state_dir: {self.path.parent} cannot be written ({exc.strerror}: "
-                              f"{'a read-only filesystem' if exc.errno == errno.EROFS else self.path.name})") from None
+            raise self._unwritable(exc) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise AlreadyRunningError(
-                f"already running (pid {holder.split()[0]}): {holder.partition(' ')[2] or 'a station'} "
-                f"owns {self.path.parent}; stop it first (systemctl stop station@...)") from None
+            pid, _, doing = holder.partition(" ")
+            raise self._busy(pid, doing) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {self.what}\n".encode(), 0)
-        self._fd = fd
-        return self
+        return fd
+
+    def _unwritable(self, exc: OSError) -> StationError:
+        reason = "a read-only filesystem" if exc.errno == errno.EROFS else self.path.name
+        return ConfigError(f"{self.path.parent} cannot be written ({exc.strerror}: {reason})")
+
+    def _busy(self, pid: str, doing: str) -> AlreadyRunningError:
+        return AlreadyRunningError(f"pid {pid} ({doing or 'another process'}) holds {self.path}")
 
     def __exit__(self, *exc):
-        if self._fd is not None:
-            os.close(self._fd)  # closing releases the flock
-            self._fd = None
+        with self._guard:
+            held = self._held.get(self._key) if self.reentrant else None
+            if held is not None:
+                held[1] -= 1
+                if held[1]:
+                    return
+                del self._held[self._key]
+                self._fd = held[0]
+            if self._fd is not None:
+                os.close(self._fd)  # closing releases the flock
+                self._fd = None
+                self._released()
+
+    def _released(self):
+        """Called once the lock is given up by this process."""
+
+
+class StateLock(FolderLock):
+    """Held while a process owns a state folder; `with StateLock(path, "station run"):`."""
+
+    def _unwritable(self, exc: OSError) -> StationError:
+        return ConfigError(f"state_dir: {super()._unwritable(exc)}")
+
+    def _busy(self, pid: str, doing: str) -> AlreadyRunningError:
+        return AlreadyRunningError(f"already running (pid {pid}): {doing or 'a station'} owns {self.path.parent}; "
+                                   "stop it first (systemctl stop station@...)")
+
+
+def unwritable_folder(folder: Path, kind: str, exc: OSError) -> str:
+    return f"{folder}: cannot write {kind} there ({exc.strerror or exc}); give a folder you can write, with free space"
+
+
+class WriterLock(FolderLock):
+    """Held while a process writes a reference set folder (a whole calibration, save, rollback): a
+    second calibration of the same folder is refused at once (exit 75), not after minutes of work.
+    Re-entrant: a calibration holds it from its start and save() takes it again. The folder is
+    created if need be, and removed again when nothing was written in it (a refused calibration)."""
+
+    lock_name = ".writing.lock"
+    reentrant = True
+
+    def __init__(self, folder: Path, what: str, kind: str):
+        super().__init__(folder, what)
+        self.kind = kind
+        self.created = not Path(folder).is_dir()
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise self._unwritable(exc) from exc
+
+    def _unwritable(self, exc: OSError) -> StationError:
+        return ConfigError(unwritable_folder(self.path.parent, self.kind, exc))
+
+    def _released(self):
+        if self.created and [p.name for p in self.path.parent.iterdir()] == [self.lock_name]:
+            with contextlib.suppress(OSError):  # another writer came in meanwhile: the folder is its now
+                self.path.unlink()
+                self.path.parent.rmdir()
+
+    def _busy(self, pid: str, doing: str) -> AlreadyRunningError:
+        return AlreadyRunningError(f"another calibration (pid {pid}) is writing {self.path.parent} "
+                                   f"({doing or 'station calibrate'}); wait until it has finished")

@@ -22,6 +22,7 @@ from pydantic import (
 
 from station.core.errors import ConfigError
 from station.core.product import product_name_problem
+from station.core.user_files import read_text
 from station.runtime.presence import JUDGE_ON, PresenceSettings
 from station.runtime.regions_config import Regions
 from station.runtime.config_yaml import (KeyPath, compose, format_problem, key_lines, line_of,
@@ -33,6 +34,7 @@ from station.runtime.sources.kinds import GENICAM, SIM, URL, parse_sim_source, s
 # Keys that would put a secret in the file; the message says where it goes instead.
 SECRET_KEYS = frozenset({"password", "passwd", "secret", "token"})
 DEFAULT_STATE_ROOT = Path("/var/lib/station")
+MAX_LISTED_PROBLEMS = 100
 
 
 def _resolve(value: Path, info: ValidationInfo) -> Path:
@@ -278,8 +280,15 @@ def parse_config(text: str, name: str = "station.yaml", base: Path | None = None
         problems.append(f"{name}: cannot be read as a configuration: {exc}")
         config = None
     if problems:
-        raise ConfigError("\n".join(sorted(problems, key=lambda text: line_of(text, name))))
+        raise ConfigError(_listed(sorted(problems, key=lambda text: line_of(text, name))))
     return config
+
+
+def _listed(problems: list[str]) -> str:
+    """Every problem of a real configuration; a generated one with thousands is cut short."""
+    shown = problems[:MAX_LISTED_PROBLEMS]
+    more = len(problems) - len(shown)
+    return "\n".join(shown + ([f"... and {more} more problems"] if more else []))
 
 
 def _names_secret(problem: str, secret_paths: set[str]) -> bool:
@@ -290,10 +299,5 @@ def _names_secret(problem: str, secret_paths: set[str]) -> bool:
 def load_config(path: Path | str, env: dict[str, str] | None = None) -> StationConfig:
     """Read and parse a station.yaml; ConfigError lists every problem, one per line."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: is not UTF-8 text") from None
+    text = read_text(path, ConfigError, "station configuration")
     return parse_config(text, name=str(path), base=path.absolute().parent, env=env)

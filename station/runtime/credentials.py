@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from station.core.errors import ConfigError, PublisherError
+from station.core.user_files import read_text
 from station.runtime.config import CameraConfig, MqttConfig
 
 
@@ -27,9 +28,9 @@ def _secret_path(file: Path | None, credential: str | None, key: str, env) -> Pa
 
 def _read_secret(path: Path, key: str, what: str) -> str:
     try:
-        value = path.read_text(encoding="utf-8").rstrip("\r\n")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{key}: {path}: cannot read the {what} ({getattr(exc, 'strerror', exc)})") from None
+        value = read_text(path, ConfigError, f"{what} file").rstrip("\r\n")
+    except ConfigError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
     if not value:
         raise ConfigError(f"{key}: {path}: the {what} file is empty")
     return value

@@ -30,6 +30,7 @@ from station.core.preprocess import crop
 from station.core.state_dir import StateLock, open_state_dir
 from station.runtime.inspector import Inspector, load_inspector
 from station.runtime.outbox import Outbox
+from station.runtime.seq_mark import FILE as SEQ_MARK
 from station.runtime.publisher import Publisher
 from station.runtime.recorder import VerdictRecorder
 from station.runtime.stats import StationStats, stats_message
@@ -85,7 +86,7 @@ class Daemon:
         self.inspector = load_inspector(config)
         self._pause_flag = state_dir / PAUSE_FLAG
         self.paused = self._pause_flag.exists()
-        self.outbox = Outbox(state_dir / "outbox.sqlite3", config.outbox.max_messages)
+        self.outbox = Outbox(state_dir / "outbox.sqlite3", config.outbox.max_messages, seq_mark=state_dir / SEQ_MARK)
         self.publisher = Publisher(config.mqtt, config.station, self.outbox, on_command=self.inbox.offer)
         self.recorder = VerdictRecorder(self.outbox, self.publisher)
         self.crop_keeper = CropKeeper.for_station(config.state_dir, config.keep_crops)
@@ -371,6 +372,7 @@ class Daemon:
     def _publish_state_if_camera_changed(self):
         self._set_problem("mqtt", "; ".join(self.publisher.problems) or None)
         self._set_problem("outbox", self.recorder.problem)
+        self._set_problem("seq", self.outbox.seq_mark.problem)
         if self.source.state != self._camera_state:
             log.info("camera %s: %s", self.source.description, self.source.state)
             self._publish_state()

@@ -15,6 +15,8 @@ import json
 import logging
 from pathlib import Path
 
+from station.core.errors import StationError
+from station.core.user_files import read_text
 from station.core.version import __version__
 from station.runtime.publisher import Topics
 
@@ -76,11 +78,11 @@ class Discovery:
             self.marker.unlink(missing_ok=True)
 
     def _previous_topics(self) -> list[str]:
-        try:
-            return [str(topic) for topic in json.loads(self.marker.read_text())["topics"]]
-        except FileNotFoundError:
+        if not self.marker.exists():
             return []
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        try:
+            return [str(topic) for topic in json.loads(read_text(self.marker, StationError, "discovery marker"))["topics"]]
+        except (StationError, ValueError, KeyError, TypeError) as exc:
             log.warning("%s cannot be read (%s): Home Assistant configs published before are not removed",
                         self.marker, exc)
             return []

@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from station.core.errors import ConfigError, MissingExtraError, StationError
+from station.core.user_files import read_text
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +45,9 @@ FIELDS = {"verdict": "LastVerdict", "score": "LastScore", "seq": "LastSeq", "ok"
 def read_users(path: Path) -> dict[str, str]:
     """user:password per line; blank lines and # comments skipped."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"opcua.users_file: {path} cannot be read ({exc})") from None
+        lines = read_text(Path(path), ConfigError, "users file").splitlines()
+    except ConfigError as exc:
+        raise ConfigError(f"opcua.users_file: {exc}") from None
     users = {}
     for number, line in enumerate(lines, 1):
         if not line.strip() or line.lstrip().startswith("#"):

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from station.core.errors import OutboxDiskError, OutboxError, OutboxFullError
+from station.runtime.seq_mark import SeqMark
 
 log = logging.getLogger(__name__)
 
@@ -94,18 +95,18 @@ class OutboxTransaction:
 
     def next_seq(self) -> int:
         """The next station seq: strictly increasing, never reused after a restart."""
-        return self._db.execute(
-            "UPDATE counters SET value = value + 1 WHERE name = 'seq' RETURNING value").fetchone()[0]
+        return self._outbox.cover_seq(self._db.execute(
+            "UPDATE counters SET value = value + 1 WHERE name = 'seq' RETURNING value").fetchone()[0])
 
     def advance_seq(self, at_least: int) -> int:
         """Move the persisted seq up to at least `at_least` (seqs used while it could not be stored)."""
-        return self._db.execute(
-            "UPDATE counters SET value = MAX(value, ?) WHERE name = 'seq' RETURNING value", (int(at_least),)).fetchone()[0]
+        return self._outbox.cover_seq(self._db.execute(
+            "UPDATE counters SET value = MAX(value, ?) WHERE name = 'seq' RETURNING value", (int(at_least),)).fetchone()[0])
 
     def next_seqs(self, count: int) -> range:
         """Reserve `count` consecutive seqs at once (one statement for a whole batch)."""
-        last = self._db.execute(
-            "UPDATE counters SET value = value + ? WHERE name = 'seq' RETURNING value", (count,)).fetchone()[0]
+        last = self._outbox.cover_seq(self._db.execute(
+            "UPDATE counters SET value = value + ? WHERE name = 'seq' RETURNING value", (count,)).fetchone()[0])
         return range(last - count + 1, last + 1)
 
     def put_many(self, topic: str, payloads: list[bytes], qos: int = 1, retain: bool = False) -> range:
@@ -136,10 +137,13 @@ class OutboxTransaction:
 class Outbox:
     """Messages waiting for the broker's acknowledgement, in insertion order."""
 
-    def __init__(self, path: Path | str, max_messages: int = 100_000):
+    def __init__(self, path: Path | str, max_messages: int = 100_000, seq_mark: Path | None = None):
+        """`seq_mark`: the station's STATE/seq (station/runtime/seq_mark.py), so seq survives losing this file."""
         if max_messages < 1:
             raise ValueError("max_messages must be >= 1")
         self.path = Path(path)
+        self.seq_mark = SeqMark(seq_mark) if seq_mark is not None else None
+        self._highest_seq = 0  # of every seq handed out, stored or live (a rolled-back one only makes a gap)
         self.max_messages = max_messages
         self._lock = threading.RLock()  # one connection shared by the daemon and publisher threads
         self._report_full = _RateLimitedError(FULL_LOG_INTERVAL)
@@ -153,6 +157,30 @@ class Outbox:
             self._db.execute("PRAGMA synchronous=FULL")
             self._use_incremental_vacuum()
             self._db.executescript(SCHEMA)
+        if self.seq_mark is not None:
+            self._continue_seq()
+
+    def _continue_seq(self):
+        """A new outbox (or one older than the last clean stop) continues after the seq mark, said loudly."""
+        mark, last = self.seq_mark.read(), self.last_seq()
+        if mark is None and last == 0:
+            log.warning("outbox %s is new and %s holds no seq: seq starts at 1 (right for a new station; a station "
+                        "that ran before starts its seq again)", self.path, self.seq_mark.path)
+        elif mark is not None and mark.seq > last and (last == 0 or mark.exact):
+            log.warning("outbox %s %s, but this station has used seqs up to %d (%s): seq continues at %d; verdicts "
+                        "the previous outbox held undelivered are not in this one", self.path,
+                        "is new" if last == 0 else f"is behind the last run (seq {last})", mark.seq,
+                        self.seq_mark.path, mark.seq + 1)
+            with self.transaction() as tx:
+                tx.advance_seq(mark.seq)
+        self.cover_seq(self.last_seq())
+
+    def cover_seq(self, seq: int) -> int:
+        """`seq` is about to be used: the seq mark must cover it first (one write per block); returns seq."""
+        if self.seq_mark is not None:
+            self._highest_seq = max(self._highest_seq, seq)
+            self.seq_mark.cover(seq)
+        return seq
 
     # -- writing
 
@@ -251,7 +279,17 @@ class Outbox:
 
     def close(self):
         with self._lock:
+            if self.seq_mark is not None:
+                self._write_last_seq()
             self._db.close()
+
+    def _write_last_seq(self):
+        try:
+            last = self.last_seq()
+        except OutboxError as exc:  # the reservation on disk still covers every seq used
+            log.warning("outbox %s: the last seq cannot be read for %s (%s)", self.path, self.seq_mark.path, exc)
+            return
+        self.seq_mark.stopped(max(last, self._highest_seq))
 
     def __enter__(self):
         return self
@@ -279,5 +317,6 @@ class Outbox:
                 raise OutboxDiskError(message) from exc
             raise OutboxError(f"outbox {self.path}: cannot {action} ({exc})") from exc
         except sqlite3.DatabaseError as exc:
-            raise OutboxError(f"outbox {self.path}: cannot {action}, the database is damaged ({exc}); "
-                              f"move the file aside to start a new outbox") from exc
+            raise OutboxError(f"outbox {self.path}: cannot {action}, the database is damaged ({exc}); move it "
+                              f"(and its -wal and -shm files) aside to start a new outbox: seq continues after the "
+                              f"last one used (STATE/seq), the verdicts it still holds are not sent") from exc

@@ -93,6 +93,7 @@ class VerdictRecorder:
         sent = []
         for frame, judgement in pending:
             self._live_seq += 1  # used even if the send fails: a gap, never a reuse
+            self.outbox.cover_seq(self._live_seq)
             message = build(self._live_seq, frame, judgement)
             if not self.publisher.publish_verdict_live(message):
                 break
