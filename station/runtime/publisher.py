@@ -41,6 +41,7 @@ from station.runtime.credentials import read_password
 from station.runtime.delivery import PACKET_OVERHEAD, Delivery
 from station.runtime.messages import encode
 from station.runtime.outbox import Outbox
+from station.runtime.topics import Topics  # noqa: F401 (re-exported: discovery.py, tests)
 
 log = logging.getLogger(__name__)
 
@@ -49,29 +50,6 @@ CommandHandler = Callable[[bytes, Reply], None]
 
 CONNACK_TIMEOUT = 10.0  # seconds for the broker to answer CONNECT
 NOT_AUTHORISED = {"Not authorized", "Bad user name or password"}
-
-
-@dataclass(frozen=True)
-class Topics:
-    verdict: str
-    no_verdict: str
-    status: str
-    state: str
-    stats: str
-    command: str
-    command_result: str
-    snapshot: str
-
-    @classmethod
-    def for_station(cls, prefix: str, station: str) -> "Topics":
-        base = f"{prefix}/{station}"
-        return cls(f"{base}/verdict", f"{base}/no_verdict", f"{base}/status", f"{base}/state", f"{base}/stats",
-                   f"{base}/command", f"{base}/command/result", f"{base}/snapshot")
-
-    @staticmethod
-    def discovery(ha_prefix: str, station: str, object_id: str) -> str:
-        """A Home Assistant discovery config topic (one per sensor)."""
-        return f"{ha_prefix}/sensor/{station}/{object_id}/config"
 
 
 def tls_context(config: MqttConfig) -> ssl.SSLContext | None:
