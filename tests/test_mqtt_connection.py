@@ -159,3 +159,16 @@ def test_a_prefix_of_exactly_the_topic_limit_reaches_the_broker(mosquitto, outbo
         assert publisher.flush(10) and publisher.connected and not publisher.problems
     finally:
         listener.close()
+
+
+def test_a_password_longer_than_mqtt_allows_is_a_config_error(tmp_path):
+    from station.core.errors import PublisherError
+    from station.runtime.config import MqttConfig
+    from station.runtime.credentials import read_password
+
+    secret = tmp_path / "password"
+    secret.write_text("x" * 65_536 + "\n")
+    with pytest.raises(PublisherError, match="the MQTT password is 65,536 bytes; MQTT allows at most 65,535"):
+        read_password(MqttConfig(username="u", password_file=secret), env={})
+    secret.write_text("x" * 65_535 + "\n")
+    assert len(read_password(MqttConfig(username="u", password_file=secret), env={})) == 65_535
