@@ -88,3 +88,26 @@ def test_a_config_error_names_the_line_and_key(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "station.yaml:5: camera.fsp: unknown key (did you mean fps?)" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("prefix, expected", [
+    ('"plant\\0"', "mqtt.topic_prefix: contains a NUL character (U+0000), which MQTT forbids"),
+    (f"{'p' * 65_600}", "mqtt.topic_prefix: is 65,600 bytes in UTF-8; MQTT allows at most 65,535"),
+    (f"{'p' * 65_511}", "mqtt.topic_prefix: makes the topic"),
+])
+def test_check_and_run_refuse_a_prefix_the_broker_would_refuse(station_files, tmp_path, capsys, prefix, expected):
+    config = write_config(tmp_path, f"""
+        station: line1-st1
+        camera: {{source: "sim://"}}
+        model: {station_files / 'model.onnx'}
+        reference: {station_files / 'refs' / 'A'}
+        state_dir: {tmp_path / 'state'}
+        mqtt:
+          port: 1
+          topic_prefix: {prefix}
+    """)
+    for command in ("check", "run"):
+        assert main([command, "-c", str(config)]) == 78
+        err = capsys.readouterr().err
+        assert "station.yaml:9: " + expected in err and "Traceback" not in err, err
+    assert not (tmp_path / "state").exists()  # run stopped at the configuration, before the state folder

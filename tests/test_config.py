@@ -204,3 +204,50 @@ def test_fuzz_corpus_includes_hostile_yaml(tmp_path):
     for text in (bombs, "station: &s [*s]\n", "station: 2024-13-45\n", "? [a]\n: b\n"):
         with pytest.raises(ConfigError):
             parse_config(text, env={})
+
+
+# Values the broker or paho would refuse on every reconnect are configuration errors, named by line and key.
+COMMAND_RESULT = len("/line1-st1/command/result")  # the longest topic under the prefix
+
+
+@pytest.mark.parametrize("change, expected", [
+    (("topic_prefix: inspection", 'topic_prefix: "plant\\0x"'), ":14: mqtt.topic_prefix: contains a NUL character"),
+    (("topic_prefix: inspection", f"topic_prefix: {'p' * (65_536 - COMMAND_RESULT)}"),
+     ":14: mqtt.topic_prefix: makes the topic ppp"),
+    (("topic_prefix: inspection", "topic_prefix: plant/+/x"), ":14: mqtt.topic_prefix: must not contain the MQTT wildcards"),
+    (("topic_prefix: inspection", "topic_prefix: $SYS/x"), ":14: mqtt.topic_prefix: must not start with $"),
+    (("topic_prefix: inspection", 'topic_prefix: "plant\\x7f"'), "mqtt.topic_prefix: contains the control character U+007F"),
+    (("topic_prefix: inspection", 'topic_prefix: "plant\\uffff"'), "mqtt.topic_prefix: contains the Unicode non-character"),
+    (("topic_prefix: inspection", 'topic_prefix: "plant\\ud800"'), "mqtt.topic_prefix: contains a lone surrogate"),
+    (("topic_prefix: inspection", f"topic_prefix: {'/'.join('a' * 199)}"), "has 202 levels; mosquitto drops"),
+    (("topic_prefix: inspection", "topic_prefix: a//b"), "mqtt.topic_prefix: must be levels joined by single slashes"),
+    (("username: station", 'username: "sta\\0tion"'), ":16: mqtt.username: contains a NUL character"),
+    (("username: station", f"username: {'u' * 65_536}"), ":16: mqtt.username: is 65,536 bytes in UTF-8"),
+    (("host: 127.0.0.1", 'host: "127.0.0.1\\0"'), ":12: mqtt.host: must be a host name or address: contains a NUL"),
+    (("runtime: {threads: 1}", 'runtime: {threads: 1}\nhomeassistant: {prefix: "ha\\0"}'),
+     ":24: homeassistant.prefix: contains a NUL character"),
+    (("runtime: {threads: 1}", f"runtime: {{threads: 1}}\nhomeassistant: {{prefix: {'/'.join('h' * 198)}}}"),
+     ":24: homeassistant.prefix: makes the topic h/h/h"),
+])
+def test_what_the_broker_would_refuse_is_a_config_error(tmp_path, change, expected):
+    lines = problems(tmp_path, VALID.replace(*change))
+    assert any(expected in line for line in lines), lines
+
+
+def test_a_prefix_of_exactly_the_topic_limit_is_taken_and_one_byte_more_is_not(tmp_path):
+    at_limit = "é" * ((65_535 - COMMAND_RESULT) // 2) + "p" * ((65_535 - COMMAND_RESULT) % 2)  # bytes, not characters
+    assert len(f"{at_limit}/line1-st1/command/result".encode()) == 65_535
+    assert load_config(write(tmp_path, VALID.replace("topic_prefix: inspection", f"topic_prefix: {at_limit}")),
+                       env={}).mqtt.topic_prefix == at_limit
+    lines = problems(tmp_path, VALID.replace("topic_prefix: inspection", f"topic_prefix: {at_limit}p"))
+    assert any("mqtt.topic_prefix: makes the topic" in line and "65,536 bytes in UTF-8; MQTT allows at most 65,535"
+               in line for line in lines), lines
+    deepest = "/".join("a" * 198)  # 198 + station, command, result: mosquitto's 201 levels
+    assert load_config(write(tmp_path, VALID.replace("topic_prefix: inspection", f"topic_prefix: {deepest}")), env={})
+
+
+def test_the_discovery_objects_are_the_ones_topics_checks():
+    from station.runtime.discovery import sensor_configs
+    from station.runtime.topics import DISCOVERY_OBJECTS, Topics
+
+    assert tuple(sensor_configs("st1", Topics.for_station("p", "st1"))) == DISCOVERY_OBJECTS

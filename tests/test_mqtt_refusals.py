@@ -17,6 +17,7 @@ import time
 import pytest
 
 from tests.daemon_helpers import Output
+from tests.fault_proxy import PUBACK, FaultProxy
 from tests.mqtt_helpers import Recorder
 from tests.test_daemon import finish, start_station, station_files, write_config  # noqa: F401 (fixture)
 from tests.conftest import Broker
@@ -135,6 +136,30 @@ def test_a_broker_that_drops_the_connection_on_a_message_gets_it_held(launched, 
         recorder.close()
     finally:
         broker.stop()
+
+
+def test_a_broker_that_drops_the_connection_after_every_puback_is_named_and_backed_off(launched, tmp_path, station_files,
+                                                                                       mosquitto):
+    """Each CONNACK reset the backoff (about 80 connections a minute) and the state blamed a message size limit."""
+    proxy = FaultProxy(mosquitto.port, close_after=PUBACK)
+    recorder = Recorder(mosquitto.host, mosquitto.port, "plant/#")
+    config = write_config(tmp_path, station_files, proxy, '{source: "sim://?seed=2", fps: 10}')
+    process = launch(launched, config)
+    output = Output(process)
+    try:
+        named = "drops each connection within 10 s of accepting it, after acknowledging messages"
+        recorder.wait_for(lambda: any(named in p for st in recorder.json_on("/state") for p in st["problems"]),
+                          timeout=60, what="the state naming what the broker does")
+        started = proxy.connections[0]
+        time.sleep(max(0.0, started + 20 - time.monotonic()))
+        # Backoff 1 s ... 60 s, no longer reset by a CONNACK: delays of at least 0.5, 1, 2, 4, 8 s, so at most 6 in 20 s.
+        assert 2 <= proxy.connections_between(started, started + 20) <= 6, proxy.connections
+        assert process.poll() is None and output.count("drops the connection on this message") == 0, output.text
+    finally:
+        process.terminate()
+        assert output.finish(30) == 0 and "Traceback" not in output.text
+        recorder.close()
+        proxy.shutdown()
 
 
 def test_a_broker_that_never_acknowledges_is_reported(launched, tmp_path, station_files):

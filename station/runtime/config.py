@@ -27,7 +27,10 @@ from station.runtime.presence import JUDGE_ON, PresenceSettings
 from station.runtime.regions_config import Regions
 from station.runtime.config_yaml import (KeyPath, compose, format_problem, key_lines, line_of,
                                          validation_problems)
-from station.runtime.config_integrations import HomeAssistantConfig, OpcuaConfig, PrometheusConfig, SnapshotConfig
+from station.runtime.config_integrations import (HomeAssistantConfig, OpcuaConfig, PrometheusConfig, SnapshotConfig,
+                                                 TopicPart, mqtt_checked)
+from station.runtime.mqtt_strings import string_problem, topic_problem
+from station.runtime.topics import Topics
 from station.runtime.sources.genicam_config import GenicamField, Trigger
 from station.runtime.sources.kinds import GENICAM, SIM, URL, parse_sim_source, source_kind
 
@@ -46,6 +49,13 @@ def _safe_name(value: str) -> str:
     problem = product_name_problem(value)
     if problem:
         raise ValueError(problem)
+    return value
+
+
+def _host(value: str) -> str:
+    problem = string_problem(value) or ("must not contain spaces" if any(c.isspace() for c in value) else None)
+    if problem:
+        raise ValueError(f"must be a host name or address: {problem}")
     return value
 
 
@@ -123,11 +133,11 @@ class TlsConfig(_Model):
 
 
 class MqttConfig(_Model):
-    host: str = Field("127.0.0.1", min_length=1)
+    host: Annotated[str, AfterValidator(_host)] = Field("127.0.0.1", min_length=1)
     port: int = Field(1883, ge=1, le=65535)
-    topic_prefix: str = Field("inspection", pattern=r"^[^#+/\s]+(/[^#+/\s]+)*$")
+    topic_prefix: TopicPart = "inspection"  # the whole topics are checked with the station name: _topic_problems
     qos: Literal[0, 1, 2] = 1
-    username: str | None = None
+    username: Annotated[str, AfterValidator(mqtt_checked)] | None = None  # an MQTT string in the CONNECT
     password_file: ConfigPath | None = None
     password_credential: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
     tls: TlsConfig | None = None
@@ -272,6 +282,7 @@ def parse_config(text: str, name: str = "station.yaml", base: Path | None = None
     context = {"base": base, "state_dir": _state_dir_from_env(os.environ if env is None else env)}
     try:
         config = StationConfig.model_validate(data, context=context)
+        problems += [format_problem(name, lines.get(path), path, message) for path, message in _topic_problems(config)]
     except ValidationError as exc:
         secret_paths = {".".join(path) for path, _ in _secrets(lines)}
         problems += [p for p in validation_problems(StationConfig, exc, name, lines) if not _names_secret(p, secret_paths)]
@@ -289,6 +300,24 @@ def _listed(problems: list[str]) -> str:
     shown = problems[:MAX_LISTED_PROBLEMS]
     more = len(problems) - len(shown)
     return "\n".join(shown + ([f"... and {more} more problems"] if more else []))
+
+
+def _topic_problems(config: StationConfig) -> list[tuple[KeyPath, str]]:
+    """Every topic the station would publish, as a whole, against what the broker accepts (length, levels);
+    the prefix is the key to change (a station name is at most 64 characters)."""
+    found = []
+    for key, topics in ((("mqtt", "topic_prefix"), Topics.for_station(config.mqtt.topic_prefix, config.station).names()),
+                        (("homeassistant", "prefix"), Topics.discovery_names(config.homeassistant.prefix, config.station))):
+        for topic in sorted(topics, key=lambda name: len(name.encode("utf-8")), reverse=True):
+            problem = topic_problem(topic)
+            if problem:
+                found.append((key, f"makes the topic {_shortened(topic)}, which {problem}"))
+                break
+    return found
+
+
+def _shortened(topic: str) -> str:
+    return topic if len(topic) <= 80 else f"{topic[:40]}...{topic[-30:]} ({len(topic):,} characters)"
 
 
 def _names_secret(problem: str, secret_paths: set[str]) -> bool:

@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
+from station.runtime.mqtt_strings import string_problem, topic_part_problem
+
 # Wired into threads, servers and retained messages at start: a reload logs them and a restart applies them.
 INTEGRATION_KEYS = ("prometheus", "homeassistant", "opcua")
 
@@ -20,7 +22,23 @@ def _resolve(value: Path, info: ValidationInfo) -> Path:
     return value if value.is_absolute() or base is None else base / value
 
 
+def mqtt_checked(value: str) -> str:
+    """An MQTT UTF-8 string the broker will take (mqtt_strings.py); station.yaml is where it enters."""
+    problem = string_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+def _topic_part(value: str) -> str:
+    problem = topic_part_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
 _Path = Annotated[Path, AfterValidator(_resolve)]
+TopicPart = Annotated[str, AfterValidator(_topic_part)]  # a topic prefix: levels joined by '/'
 
 
 class _Section(BaseModel):
@@ -46,7 +64,7 @@ class HomeAssistantConfig(_Section):
     """Retained MQTT discovery configs: the station as one device in Home Assistant."""
 
     discovery: bool = False  # false after true: the entities are removed (empty retained configs)
-    prefix: str = Field("homeassistant", pattern=r"^[^#+/\s]+(/[^#+/\s]+)*$")
+    prefix: TopicPart = "homeassistant"
 
 
 class OpcuaConfig(_Section):

@@ -12,6 +12,7 @@ from pathlib import Path
 from station.core.errors import ConfigError, PublisherError
 from station.core.user_files import read_text
 from station.runtime.config import CameraConfig, MqttConfig
+from station.runtime.mqtt_strings import binary_problem
 
 
 def _secret_path(file: Path | None, credential: str | None, key: str, env) -> Path | None:
@@ -42,7 +43,11 @@ def read_password(config: MqttConfig, env: dict[str, str] | None = None) -> str 
     key = "mqtt.password_file" if config.password_file is not None else "mqtt.password_credential"
     try:
         path = _secret_path(config.password_file, config.password_credential, key, env)
-        return None if path is None else _read_secret(path, key, "MQTT password")
+        password = None if path is None else _read_secret(path, key, "MQTT password")
+        problem = password and binary_problem(password.encode("utf-8"))  # paho cannot encode a CONNECT with it
+        if problem:
+            raise ConfigError(f"{key}: {path}: the MQTT password {problem}")
+        return password
     except ConfigError as exc:
         raise PublisherError(str(exc)) from None
 

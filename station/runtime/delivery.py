@@ -45,6 +45,7 @@ class Hold:
     until: float
     backoff: Backoff = field(default_factory=lambda: Backoff(first=1.0, ceiling=60.0))
     probe: int | None = None  # outbox id sent to test whether the broker accepts again
+    drops_connection: bool = False  # the broker drops the connection on it: each probe costs a connection
 
 
 def packet_size(message: Message) -> int:
@@ -86,7 +87,9 @@ class Delivery:
         self._generation, self._cursor, self.max_packet = generation, 0, max_packet
         self._last_ack = time.monotonic()
         for hold in self.holds.values():
-            hold.probe, hold.until = None, 0.0  # a new connection may allow it: probe at once
+            hold.probe = None
+            if not hold.drops_connection:  # a new connection may allow it: probe at once
+                hold.until = 0.0  # (a probe that drops the connection waits: other topics flow meanwhile)
 
     def apply_acks(self):
         while self._acks:
@@ -118,8 +121,11 @@ class Delivery:
     def _find_poison(self):
         """A broker may drop the connection on a message instead of refusing it (mosquitto's
         message_size_limit does). After a connection is lost with messages in flight, the next
-        one sends one message at a time until one is accepted; a message that was alone in
-        flight when two connections in a row were lost is held like a refused one."""
+        one sends one message at a time until one is accepted, each only once the broker has
+        acknowledged everything sent before it on that connection (the station's status and
+        state too); a message that was alone in flight when two connections in a row were lost
+        is held like a refused one. A broker that drops connections after acknowledging, before
+        it reached the message, never gets the message blamed (connection_watch.py names it)."""
         in_flight = sorted(self._inflight.values())
         if not in_flight:
             return
@@ -129,11 +135,15 @@ class Delivery:
             outbox_id, topic = sole
             self._hold(topic, outbox_id, "the broker drops the connection on this message "
                                           "(a size limit such as mosquitto's message_size_limit?)")
+            self.holds[topic].drops_connection = True
             sole = None
         self._sole_when_lost = sole
 
-    def fill(self, client: mqtt.Client):
-        """Send outbox messages until the window is full, skipping held topics."""
+    def fill(self, client: mqtt.Client, others_acknowledged: bool = True):
+        """Send outbox messages until the window is full, skipping held topics. others_acknowledged:
+        the broker has acknowledged every other QoS 1 message of this connection (status, state)."""
+        if self._careful and not others_acknowledged:
+            return  # a message sent now would share the blame for a dropped connection
         now = time.monotonic()
         for hold in self.holds.values():
             if hold.probe is None and hold.until <= now:
@@ -162,6 +172,11 @@ class Delivery:
         """The window is full and the broker has acknowledged nothing for inflight_timeout."""
         return (len(self._inflight) >= self.max_inflight
                 and time.monotonic() - self._last_ack > self.inflight_timeout)
+
+    @property
+    def drops_connection(self) -> bool:
+        """A topic is held because the broker drops the connection on its message."""
+        return any(hold.drops_connection for hold in list(self.holds.values()))
 
     def problems(self) -> list[str]:
         found = [f"{topic}: {hold.reason}; held in the outbox, retrying" for topic, hold in sorted(self.holds.items())]

@@ -30,7 +30,6 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import paho.mqtt.client as mqtt
 
@@ -38,9 +37,11 @@ from station.core.backoff import Backoff
 from station.runtime.config import MqttConfig
 from station.core.errors import OutboxDiskError, OutboxError, PublisherError
 from station.runtime.credentials import read_password
+from station.runtime.connection_watch import STABLE_AFTER, Connection, ConnectionWatch, GuardedClient
 from station.runtime.delivery import PACKET_OVERHEAD, Delivery
 from station.runtime.messages import encode
 from station.runtime.outbox import Outbox
+from station.runtime.topics import Topics  # noqa: F401 (re-exported: discovery.py, tests)
 
 log = logging.getLogger(__name__)
 
@@ -49,29 +50,6 @@ CommandHandler = Callable[[bytes, Reply], None]
 
 CONNACK_TIMEOUT = 10.0  # seconds for the broker to answer CONNECT
 NOT_AUTHORISED = {"Not authorized", "Bad user name or password"}
-
-
-@dataclass(frozen=True)
-class Topics:
-    verdict: str
-    no_verdict: str
-    status: str
-    state: str
-    stats: str
-    command: str
-    command_result: str
-    snapshot: str
-
-    @classmethod
-    def for_station(cls, prefix: str, station: str) -> "Topics":
-        base = f"{prefix}/{station}"
-        return cls(f"{base}/verdict", f"{base}/no_verdict", f"{base}/status", f"{base}/state", f"{base}/stats",
-                   f"{base}/command", f"{base}/command/result", f"{base}/snapshot")
-
-    @staticmethod
-    def discovery(ha_prefix: str, station: str, object_id: str) -> str:
-        """A Home Assistant discovery config topic (one per sensor)."""
-        return f"{ha_prefix}/sensor/{station}/{object_id}/config"
 
 
 def tls_context(config: MqttConfig) -> ssl.SSLContext | None:
@@ -87,20 +65,13 @@ def tls_context(config: MqttConfig) -> ssl.SSLContext | None:
     return context
 
 
-@dataclass
-class _Connection:
-    """What the callbacks of one paho client need: which connection they belong to."""
-
-    generation: int
-    lost: threading.Event = field(default_factory=threading.Event)
-
-
 class Publisher:
     """Connects, keeps reconnecting, drains the Outbox, answers commands."""
 
     def __init__(self, config: MqttConfig, station: str, outbox: Outbox,
                  on_command: CommandHandler | None = None, *, max_inflight: int | None = None,
-                 backoff: Backoff | None = None, env: dict[str, str] | None = None):
+                 backoff: Backoff | None = None, env: dict[str, str] | None = None,
+                 stable_after: float = STABLE_AFTER):
         self.config = config
         self.station = station
         self.topics = Topics.for_station(config.topic_prefix, station)
@@ -108,9 +79,12 @@ class Publisher:
         self.on_command = on_command
         self.on_queued: Callable[[range, list[dict]], None] | None = None  # outbox ids and their messages
         self.backoff = backoff or Backoff(first=1.0, ceiling=60.0)
+        self.client_id = f"station-{station}"  # station names are [A-Za-z0-9_-]{1,64}: a client id any broker takes
+        self.watch = ConnectionWatch(f"{config.host}:{config.port}", self.client_id, self.backoff, stable_after)
         self._env = env
         self._lock = threading.Lock()
         self._client: mqtt.Client | None = None
+        self._connection: Connection | None = None
         self._generation = 0
         self._connected = False
         self._state_payload: bytes | None = None
@@ -137,8 +111,9 @@ class Publisher:
 
     @property
     def problems(self) -> list[str]:
-        """Why messages are not being delivered right now (held topics, a stalled window)."""
-        return self.delivery.problems()
+        """Why messages are not being delivered right now (connections that do not hold, internal errors,
+        held topics, a stalled window)."""
+        return self.watch.problems(self.delivery.drops_connection) + self.delivery.problems()
 
     def start(self):
         """Read credentials and TLS files (PublisherError if unusable), then connect in the background."""
@@ -226,10 +201,11 @@ class Publisher:
 
     # -- connection
 
-    def _new_client(self, connection: _Connection) -> mqtt.Client:
+    def _new_client(self, connection: Connection) -> mqtt.Client:
         session = {"protocol": mqtt.MQTTv5} if self.mqtt5 else {"protocol": mqtt.MQTTv311, "clean_session": True}
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"station-{self.station}",
-                             userdata=connection, reconnect_on_failure=False, **session)
+        client = GuardedClient(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                                userdata=connection, reconnect_on_failure=False, **session)
+        client.on_crash = lambda exc: (self.watch.fault("the MQTT network thread", exc), connection.lost.set())
         client.max_inflight_messages_set(self.delivery.max_inflight)
         client.will_set(self.topics.status, "offline", qos=1, retain=True)
         if self.config.username is not None:
@@ -243,37 +219,51 @@ class Publisher:
         return client
 
     def _supervise(self):
-        """One paho client per connection; exponential backoff with jitter between attempts."""
-        address = f"{self.config.host}:{self.config.port}"
+        """One connection after another until stop; an unexpected exception is a fault, not the end."""
         while not self._stopping.is_set():
-            self._generation += 1
-            connection = _Connection(self._generation)
-            client = self._new_client(connection)
             try:
-                client.connect(self.config.host, self.config.port, self.config.keepalive,
-                               **({"clean_start": True} if self.mqtt5 else {}))
-            except (OSError, ValueError) as exc:  # refused, unreachable, DNS, TLS handshake
-                self._stopping.wait(self._retry_delay(f"MQTT broker {address} unreachable ({exc})"))
-                continue
-            # No Nagle: it held a PUBLISH back until the broker's delayed ACK (p99 grab->PUBACK 38 -> 1.2 ms at 100/s).
-            with contextlib.suppress(OSError, AttributeError):  # closed at once: the loop sees it lost
-                client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with self._lock:
-                self._client = client
-            client.loop_start()
-            answer_by = time.monotonic() + CONNACK_TIMEOUT
-            while not connection.lost.wait(0.2) and not self._stopping.is_set():
-                if not self._connected and time.monotonic() > answer_by:
-                    self._no_answer(address)
-                    client.disconnect()  # close the unanswered socket before the next attempt
-                    break
-            if self._stopping.is_set():
-                return  # stop() says goodbye on this client
-            client.loop_stop()
-            with self._lock:
-                self._client, self._connected = None, False
-            self._wake.set()
-            self._stopping.wait(self._retry_delay(f"MQTT connection to {address} lost"))
+                self._connect_once()
+            except Exception as exc:  # a bug here would leave a station that never connects again, silently
+                self.watch.fault("the MQTT connect loop", exc)
+                with self._lock:
+                    self._client, self._connected = None, False
+                self._stopping.wait(self.backoff.next())
+
+    def _connect_once(self):
+        """One paho client, one connection; exponential backoff with jitter before the next."""
+        address = f"{self.config.host}:{self.config.port}"
+        self._generation += 1
+        connection = Connection(self._generation)
+        client = self._new_client(connection)
+        try:
+            client.connect(self.config.host, self.config.port, self.config.keepalive,
+                           **({"clean_start": True} if self.mqtt5 else {}))
+        except (OSError, ValueError) as exc:  # refused, unreachable, DNS, TLS handshake
+            self._stopping.wait(self._retry_delay(f"MQTT broker {address} unreachable ({exc})"))
+            return
+        # No Nagle: it held a PUBLISH back until the broker's delayed ACK (p99 grab->PUBACK 38 -> 1.2 ms at 100/s).
+        with contextlib.suppress(OSError, AttributeError):  # closed at once: the loop sees it lost
+            client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self._lock:
+            self._client, self._connection = client, connection
+        client.loop_start()
+        answer_by = time.monotonic() + CONNACK_TIMEOUT
+        while not connection.lost.wait(0.2) and not self._stopping.is_set():
+            if self._connected:
+                self.watch.check()
+            elif not connection.accepted and time.monotonic() > answer_by:
+                self._no_answer(address)
+                client.disconnect()  # close the unanswered socket before the next attempt
+                break
+        if self._stopping.is_set():
+            return  # stop() says goodbye on this client
+        client.loop_stop()
+        with self._lock:
+            self._client, self._connected = None, False
+        if connection.accepted:
+            self.watch.lost(connection.broker_reason)
+        self._wake.set()
+        self._stopping.wait(self._retry_delay(f"MQTT connection to {address} lost"))
 
     def _no_answer(self, address: str):
         # An MQTT 3.1.1-only broker (amqtt, old mosquitto) may leave an MQTT 5 CONNECT unanswered.
@@ -286,7 +276,7 @@ class Publisher:
         log.warning("%s; retrying in %.1f s", why, delay)
         return delay
 
-    def _on_connect(self, client, connection: _Connection, flags, reason_code, properties):
+    def _on_connect(self, client, connection: Connection, flags, reason_code, properties):
         address = f"{self.config.host}:{self.config.port}"
         if reason_code.is_failure:
             if self.mqtt5 and str(reason_code).lower() == "unsupported protocol version":
@@ -299,21 +289,24 @@ class Publisher:
                 log.error("MQTT broker %s refused the connection: %s", address, reason_code)
             connection.lost.set()
             return
-        self.backoff.reset()
+        connection.accepted = True  # the backoff starts again only once the connection has proved itself
+        self.watch.connected()
         self._max_packet = getattr(properties, "MaximumPacketSize", None) if self.mqtt5 else None
-        log.info("connected to MQTT broker %s as %s (MQTT %s%s)", address, f"station-{self.station}",
+        log.info("connected to MQTT broker %s as %s (MQTT %s%s)", address, self.client_id,
                  self.config.protocol, f", maximum packet {self._max_packet} bytes" if self._max_packet else "")
-        client.publish(self.topics.status, "online", qos=1, retain=True)
+        connection.own.append(client.publish(self.topics.status, "online", qos=1, retain=True))
         client.subscribe(self.topics.command, qos=1)
         if self._state_payload is not None:
-            client.publish(self.topics.state, self._state_payload, qos=1, retain=True)
+            connection.own.append(client.publish(self.topics.state, self._state_payload, qos=1, retain=True))
         for topic, payload in list(self._retained.items()):
-            client.publish(topic, payload, qos=1, retain=True)
+            connection.own.append(client.publish(topic, payload, qos=1, retain=True))
         with self._lock:
             self._connected = connection.generation == self._generation
         self._wake.set()
 
-    def _on_disconnect(self, client, connection: _Connection, flags, reason_code, properties):
+    def _on_disconnect(self, client, connection: Connection, flags, reason_code, properties):
+        if getattr(flags, "is_disconnect_packet_from_server", False):
+            connection.broker_reason = str(reason_code)
         with self._lock:
             if connection.generation == self._generation:
                 self._connected = False
@@ -321,13 +314,15 @@ class Publisher:
             log.warning("MQTT disconnected: %s", reason_code)
         connection.lost.set()
 
-    def _on_publish(self, client, connection: _Connection, mid, reason_code, properties):
+    def _on_publish(self, client, connection: Connection, mid, reason_code, properties):
+        if connection.generation == self._generation:
+            self.watch.acknowledged()
         self.delivery.on_publish(connection.generation, mid, reason_code)
         self._wake.set()
 
     def _send(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> bool:
         with self._lock:
-            client = self._client if self._connected else None
+            client, connection = (self._client, self._connection) if self._connected else (None, None)
         if client is None:
             return False
         if self._max_packet is not None and len(payload) + len(topic.encode()) + PACKET_OVERHEAD > self._max_packet:
@@ -336,12 +331,20 @@ class Publisher:
                 log.error("MQTT: a %d-byte message on %s is larger than the broker's maximum packet size "
                           "(%d bytes): not sent", len(payload), topic, self._max_packet)
             return False
-        return client.publish(topic, payload, qos=qos, retain=retain).rc == mqtt.MQTT_ERR_SUCCESS
+        info = client.publish(topic, payload, qos=qos, retain=retain)
+        if qos > 0:
+            connection.own.append(info)
+        return info.rc == mqtt.MQTT_ERR_SUCCESS
 
     # -- commands
 
     def _on_message(self, client, connection, message: mqtt.MQTTMessage):
-        if message.topic != self.topics.command:
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:  # the broker should have refused it; it is not our command topic either
+            log.warning("ignoring a message whose topic is not UTF-8")
+            return
+        if topic != self.topics.command:
             return
         if message.retain:
             # A retained command would run again on every reconnect and restart.
@@ -371,12 +374,13 @@ class Publisher:
             try:
                 self.delivery.apply_acks()
                 with self._lock:
-                    client, connected, current = self._client, self._connected, self._generation
+                    client, connection = self._client, self._connection
+                    connected, current = self._connected, self._generation
                 if connected and current != generation:  # a new connection: resend everything unacked
                     self.delivery.new_connection(current, self._max_packet)
                     generation = current
                 if connected and client is not None:
-                    self.delivery.fill(client)
+                    self.delivery.fill(client, others_acknowledged=connection.own_acknowledged())
             except OutboxDiskError:
                 self._stopping.wait(1.0)  # the Outbox logs a full disk itself, rate-limited
             except OutboxError as exc:
@@ -384,6 +388,11 @@ class Publisher:
                     log.error("%s", exc)
                     last_error = str(exc)
                 self._stopping.wait(1.0)
+            except Exception as exc:  # a bug here would stop delivery while the station judges on
+                self.watch.fault("the MQTT drain", exc, reconnects=False)
+                last_error = None
+                self._stopping.wait(1.0)
             else:
                 last_error = None
+                self.watch.clear_fault("the MQTT drain")
         self.delivery.forget_delivered()
