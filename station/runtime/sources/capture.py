@@ -42,7 +42,7 @@ class _Reader(threading.Thread):
         self.keep_latest = keep_latest  # live cameras: freshest frame; files: every frame
         self.frames: queue.Queue = queue.Queue(maxsize=1 if keep_latest else 4)
         self.stopped = threading.Event()
-        self.read = 0  # frames decoded so far
+        self.read = 0  # frames decoded so far (undecodable MJPEG packets are counted apart)
         self.expected = 0  # frames a video file's header announces (0: unknown)
 
     def run(self):
@@ -51,9 +51,9 @@ class _Reader(threading.Thread):
                 ok, image = self.capture.read()
                 if not ok or image is None:
                     break
-                self.read += 1
                 if self.jpeg_packets and (image := self._decode(image)) is None:
                     continue
+                self.read += 1
                 self._put((image, time.monotonic()))
         finally:
             # Released here (VideoCapture is not safe to release from another thread), and before END:
@@ -133,9 +133,9 @@ class CaptureSource(FrameSource):
 
     def _report_end(self, reader: "_Reader") -> str | None:
         """Say how a video ended; why, when it gave no frame."""
-        if reader.read == reader.undecodable:
+        if reader.read == 0:
             return f"video {self.description} holds no frame that can be decoded (empty or damaged)"
-        if reader.read < reader.expected:
+        if reader.read + reader.undecodable < reader.expected:
             log.warning("video %s ended after %d of the %d frames its header announces: the file is "
                         "truncated or damaged", self.description, reader.read, reader.expected)
         else:
