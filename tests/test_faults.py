@@ -440,3 +440,24 @@ def test_a_frame_too_small_for_the_model_is_refused_at_check_and_at_start(tmp_pa
     assert "ROI x=10 y=10 of 8x26 pixels is too small" in capsys.readouterr().err
     code, output = finish(start_station(config))
     assert code == 78 and "roi: ROI x=10 y=10 of 8x26 pixels is too small" in output and "Traceback" not in output
+
+
+def test_a_live_camera_that_gives_nothing_keeps_the_station_up_reconnecting(tmp_path, station_files, broker):
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on: the camera is off
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    recorder = Recorder(broker.host, broker.port, "plant/#")
+    config = write_config(tmp_path, station_files, broker, f'{{source: "http://127.0.0.1:{port}/stream.mjpg"}}')
+    process = start_station(config)
+    try:
+        says = f"camera: cannot open http://127.0.0.1:{port}/stream.mjpg"
+        recorder.wait_for(lambda: any(s["camera"] == "reconnecting" and says in s["problems"]
+                                      for s in recorder.json_on("/state")), timeout=30, what="the camera's problem")
+        assert process.poll() is None  # a live camera that is off is waited for, not a reason to stop
+    finally:
+        process.terminate()
+        code, output = finish(process)
+    assert code == 0 and "Traceback" not in output, output
+    recorder.close()
