@@ -138,12 +138,13 @@ def test_removed_video_reconnects_when_restored(video, tmp_path):
     assert not reader.is_alive() and source.state == "ended"
 
 
-def test_missing_video_keeps_retrying_without_crashing(tmp_path):
-    source = CaptureSource(str(tmp_path / "absent.avi"), "file", backoff=Backoff(first=0.05, ceiling=0.1))
+def test_a_missing_looping_video_keeps_retrying_without_crashing(tmp_path):
+    source = CaptureSource(str(tmp_path / "absent.avi"), "file", loop=True, backoff=Backoff(first=0.05, ceiling=0.1))
     latest = LatestFrame(source)
     try:
         assert latest.get(timeout=0.5) is None
         assert source.state == "reconnecting" and not latest.ended
+        assert "absent.avi does not exist" in source.problem
     finally:
         latest.close()
     assert latest.ended
@@ -195,3 +196,150 @@ def test_the_frame_feed_bounds_queued_pixels_and_drops_only_for_live_cameras():
     time.sleep(0.1)
     assert len(live.get_batch(50, timeout=0.5)) == FrameFeed.LIVE_DEPTH  # only the freshest frames
     assert live.dropped == 50 - FrameFeed.LIVE_DEPTH
+
+
+def mixed_size_video(path, sizes):
+    """A motion-JPEG video (JPEGs encoded by OpenCV, one after another, as an MJPEG camera sends them)
+    whose frame size changes: sizes is a list of (width, height), one per frame."""
+    with open(path, "wb") as video:
+        for index, (width, height) in enumerate(sizes):
+            frame = cv2.resize(render_frame(render_part(3, index), 3), (width, height), interpolation=cv2.INTER_AREA)
+            video.write(cv2.imencode(".jpg", frame)[1].tobytes())
+    return path
+
+
+def test_a_video_whose_frame_size_changes_gives_each_frame_at_its_own_size(tmp_path):
+    """OpenCV's FFmpeg backend scales every frame to the first one's size: the daemon could never see the change."""
+    sizes = [(320, 240)] * 4 + [(160, 120)] * 3 + [(320, 240)] * 2
+    source = open_source(str(mixed_size_video(tmp_path / "line.mjpg", sizes)))
+    frames = list(source)
+    assert [(f.image.shape[1], f.image.shape[0]) for f in frames] == sizes
+    assert source.problem is None and [f.source for f in frames] == [str(i) for i in range(len(sizes))]
+
+
+def folder_of(root, files: dict[str, bytes]):
+    root.mkdir()
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    return root
+
+
+def file_of(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+def symlink_loop(path):
+    path.symlink_to(path)
+    return path
+
+
+NO_FRAME = {  # a finite source that never gives a frame: (make it, what its problem says)
+    "empty folder": (lambda p: folder_of(p / "images", {}), "holds no images (the station reads .bmp"),
+    "folder of other files": (lambda p: folder_of(p / "images", {"notes.txt": b"x"}), "holds no images"),
+    "all unreadable": (lambda p: folder_of(p / "images", {"a.png": b"not a png", "b.jpg": b""}),
+                       "none of its 2 images can be read (e.g. "),
+    "not a video": (lambda p: file_of(p / "line.avi", b"plain text"),
+                    "line.avi cannot be opened as a video (not a video file"),
+    "empty video": (lambda p: file_of(p / "line.avi", b""), "cannot be opened as a video"),
+    "missing video": (lambda p: p / "line.avi", "line.avi does not exist"),
+    "symlink loop": (lambda p: symlink_loop(p / "loop"), "loop does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NO_FRAME))
+def test_a_finite_source_without_a_frame_ends_saying_why(tmp_path, case):
+    make, says = NO_FRAME[case]
+    source = open_source(str(make(tmp_path)))
+    started = time.monotonic()
+    assert list(source) == []
+    assert source.state == "ended" and says in source.problem, source.problem
+    assert time.monotonic() - started < 10  # ends: no retrying on a finite source
+
+
+def run_in_thread(source):
+    frames = []
+    thread = threading.Thread(target=lambda: [frames.append(f) for f in source], daemon=True)
+    thread.start()
+    return frames, thread
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_looping_folder_renamed_away_reconnects_and_says_why(folder, tmp_path):
+    source = FolderSource(folder, loop=True, fps=100, backoff=Backoff(first=0.05, ceiling=0.1))
+    frames, thread = run_in_thread(source)
+    try:
+        wait_for(lambda: len(frames) >= 5)
+        folder.rename(tmp_path / "away")
+        wait_for(lambda: source.state == "reconnecting")
+        assert f"image folder {folder} does not exist" == source.problem
+        count_while_gone = len(frames)
+        time.sleep(0.3)
+        assert len(frames) <= count_while_gone + 3  # at most the pass under way, from images read before
+        (tmp_path / "away").rename(folder)
+        wait_for(lambda: source.state == "ok" and len(frames) > count_while_gone + 3)
+        assert source.problem is None and source.reconnects == 1
+    finally:
+        source.close()
+        thread.join(5)
+    assert not thread.is_alive() and source.state == "ended"
+
+
+def test_a_looping_folder_that_fills_slowly_waits_then_reads_what_arrives(tmp_path):
+    root = tmp_path / "incoming"
+    root.mkdir()
+    source = FolderSource(root, loop=True, backoff=Backoff(first=0.05, ceiling=0.1))
+    frames, thread = run_in_thread(source)
+    try:
+        wait_for(lambda: source.state == "reconnecting")
+        assert "holds no images" in source.problem
+        partial = cv2.imencode(".jpg", render_frame(render_part(1, 0), 1))[1].tobytes()
+        (root / "part_1.jpg").write_bytes(partial[: len(partial) // 2])  # still being written
+        time.sleep(0.3)
+        assert frames == [] and "none of its 1 images can be read" in source.problem
+        (root / "part_1.jpg").write_bytes(partial)
+        wait_for(lambda: len(frames) >= 2)
+        assert source.state == "ok" and source.problem is None and source.reconnects == 1
+        assert {f.source for f in frames} == {"part_1.jpg"}
+    finally:
+        source.close()
+        thread.join(5)
+
+
+def test_a_looping_video_emptied_reconnects_instead_of_spinning(video, tmp_path):
+    source = CaptureSource(str(video), "file", loop=True, fps=200, backoff=Backoff(first=0.2, ceiling=0.2))
+    frames, thread = run_in_thread(source)
+    try:
+        wait_for(lambda: len(frames) >= 3)
+        saved = video.read_bytes()
+        video.write_bytes(b"")
+        wait_for(lambda: source.state == "reconnecting")
+        assert "cannot be opened as a video" in source.problem or "no frame that can be decoded" in source.problem
+        video.write_bytes(saved)
+        count = len(frames)
+        wait_for(lambda: source.state == "ok" and len(frames) > count)
+    finally:
+        source.close()
+        thread.join(5)
+
+
+def test_a_finite_video_renamed_away_mid_way_is_read_to_its_end_once(tmp_path):
+    path = tmp_path / "line.avi"
+    write_video(path, tmp_path / "line.csv", count=120, seed=2)
+    source = CaptureSource(str(path), "file", fps=100, backoff=Backoff(first=0.05, ceiling=0.1))
+    frames, thread = run_in_thread(source)
+    try:
+        wait_for(lambda: len(frames) >= 5)
+        path.rename(tmp_path / "away.avi")
+        thread.join(30)
+    finally:
+        source.close()
+    assert not thread.is_alive() and source.state == "ended"
+    assert [int(f.source) for f in frames] == list(range(120))  # every frame once, never from frame 0 again
+    assert source.problem is None and source.reconnects == 0

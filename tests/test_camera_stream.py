@@ -66,3 +66,46 @@ def test_a_hanging_stream_is_noticed_and_reconnected(stream):
         source.close()
         consumer.join(5)
     assert frames[0].source == stream and frames[0].image.ndim == 3
+
+
+class ResizingStream(BaseHTTPRequestHandler):
+    """An MJPEG camera that switches from 320x240 to 160x120 after 5 frames, then keeps sending."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+        self.end_headers()
+        frame = render_frame(render_part(1, 0), 1)
+        try:
+            for index in range(400):
+                size = (320, 240) if index < 5 else (160, 120)
+                ok, jpeg = cv2.imencode(".jpg", cv2.resize(frame, size))
+                self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpeg))
+                self.wfile.write(jpeg.tobytes() + b"\r\n")
+                self.wfile.flush()
+                time.sleep(0.02)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_live_mjpeg_stream_that_changes_its_frame_size_is_seen_at_the_new_size():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ResizingStream)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    source = CaptureSource(f"http://127.0.0.1:{server.server_address[1]}/stream.mjpg", "url")
+    sizes = []
+    consumer = threading.Thread(target=lambda: [sizes.append(f.image.shape[:2]) for f in source], daemon=True)
+    consumer.start()
+    try:
+        deadline = time.monotonic() + 15
+        while (120, 160) not in sizes and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert (120, 160) in sizes, f"the new size never reached the station: {set(sizes)}"
+    finally:
+        source.close()
+        consumer.join(5)
+        server.shutdown()
+        server.server_close()

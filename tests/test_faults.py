@@ -14,6 +14,7 @@ import sys
 import time
 
 import cv2
+import jsonschema
 import numpy as np
 import pytest
 
@@ -21,7 +22,7 @@ from station.cli import main
 from tests.daemon_helpers import TimedNotify
 from tests.mqtt_helpers import Recorder
 from tests.test_security import png_header_only
-from tests.test_daemon import broker, finish, start_station, station_files, write_config  # noqa: F401 (fixtures)
+from tests.test_daemon import broker, finish, schema, start_station, station_files, write_config  # noqa: F401 (fixtures)
 
 
 def count_images(folder) -> int:
@@ -381,3 +382,157 @@ def reference_set_versions(folder) -> list[int]:
     from station.core import reference_set
 
     return reference_set.versions(folder)
+
+
+def write_images(folder, images: dict[str, np.ndarray]):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, image in images.items():
+        cv2.imwrite(str(folder / name), image)
+    return folder
+
+
+def good_crops(sim_dataset, count: int, scale: int = 1) -> dict[str, np.ndarray]:
+    """The first good parts, enlarged `scale` times a side (the same parts at another frame size)."""
+    paths = sorted((sim_dataset / "good").glob("*.png"))[:count]
+    return {p.name: cv2.resize(cv2.imread(str(p), cv2.IMREAD_GRAYSCALE), None, fx=scale, fy=scale,
+                               interpolation=cv2.INTER_NEAREST) for p in paths}
+
+
+def test_a_source_that_gives_no_frame_is_refused_by_check_and_run(tmp_path, station_files, broker, capsys):
+    recorder = Recorder(broker.host, broker.port, "plant/#")
+    empty = tmp_path / "camera"
+    empty.mkdir()
+    cases = [  # (source, exit code of run, what both say)
+        (empty, 65, f"image folder {empty} holds no images"),
+        (write_images(tmp_path / "broken", {}) , 65, "none of its 2 images can be read"),
+        (tmp_path / "notes.avi", 65, "notes.avi cannot be opened as a video (not a video file"),
+        (tmp_path / "absent.avi", 78, "absent.avi does not exist"),
+    ]
+    (tmp_path / "broken" / "a.png").write_bytes(b"not a png")
+    (tmp_path / "broken" / "b.png").write_bytes(b"")
+    (tmp_path / "notes.avi").write_text("not a video")
+    for source, exit_code, says in cases:
+        config = write_config(tmp_path, station_files, broker, f"{{source: {source}}}")
+        assert main(["check", "-c", str(config)]) == 78
+        err = capsys.readouterr().err
+        assert says in err and "camera.source: " in err, err
+        code, output = finish(start_station(config))
+        assert code == exit_code and f"camera.source: nothing to judge: " in output and says in output, output
+        assert "Traceback" not in output and "ready" not in output
+    recorder.wait_for(lambda: any("camera: " in p and "absent.avi" in p
+                                  for s in recorder.json_on("/state") for p in s["problems"]), what="state problem")
+    assert not recorder.on("/verdict")
+    recorder.close()
+
+
+def test_a_looping_folder_renamed_away_reconnects_with_a_problem_in_the_state(tmp_path, station_files, broker, sim_dataset):
+    folder = write_images(tmp_path / "camera", good_crops(sim_dataset, 5))
+    recorder = Recorder(broker.host, broker.port, "plant/#")
+    config = write_config(tmp_path, station_files, broker, f"{{source: {folder}, loop: true, fps: 20}}")
+    process = start_station(config)
+    try:
+        recorder.wait_for(lambda: len(recorder.on("/verdict")) >= 3, what="verdicts")
+        folder.rename(tmp_path / "away")
+        lost = lambda s: s["camera"] == "reconnecting" and f"camera: image folder {folder} does not exist" in s["problems"]
+        recorder.wait_for(lambda: any(lost(s) for s in recorder.json_on("/state")), what="reconnecting with a problem")
+        assert process.poll() is None  # the camera is away, the station is not
+        before = len(recorder.on("/verdict"))
+        (tmp_path / "away").rename(folder)
+        recorder.wait_for(lambda: len(recorder.on("/verdict")) > before + 3, timeout=30, what="verdicts again")
+        recorder.wait_for(lambda: recorder.json_on("/state")[-1]["camera"] == "ok"
+                          and recorder.json_on("/state")[-1]["problems"] == [], what="the state clear again")
+    finally:
+        process.terminate()
+        code, output = finish(process)
+    assert code == 0 and "is back (reconnect 1)" in output and "Traceback" not in output, output
+    recorder.close()
+
+
+def test_a_video_whose_frame_size_changes_mid_stream_gets_no_verdicts_for_the_other_size(tmp_path, station_files, broker):
+    from tests.test_camera import mixed_size_video
+
+    sizes = [(320, 240)] * 6 + [(160, 120)] * 4 + [(320, 240)] * 3
+    video = mixed_size_video(tmp_path / "line.mjpg", sizes)
+    recorder = Recorder(broker.host, broker.port, "plant/#")
+    config = write_config(tmp_path, station_files, broker, f"{{source: {video}}}",
+                          roi="{x: 20, y: 20, width: 36, height: 26}")  # fits both sizes: only the size gate refuses
+    code, output = finish(start_station(config))
+    assert code == 0 and "Traceback" not in output, output
+    recorder.wait_for(lambda: len(recorder.on("/verdict")) + len(recorder.on("/no_verdict")) >= len(sizes), what="all")
+    verdicts, refused = recorder.json_on("/verdict"), recorder.json_on("/no_verdict")
+    assert sorted(v["seq"] for v in verdicts + refused) == list(range(1, len(sizes) + 1))  # every frame accounted for
+    assert [v["source"] for v in refused] == ["6", "7", "8", "9"]
+    assert all("frame size 160x120 differs from the 320x240 the station checked" in v["reason"] for v in refused)
+    for message in refused:
+        jsonschema.validate(message, schema("no_verdict"))
+    problems = [p for s in recorder.json_on("/state") for p in s["problems"]]
+    assert any(p.startswith("frame: frame size 160x120 differs") for p in problems)
+    assert output.count("frames are not judged: frame size 160x120") == 1 and "frames are judged again (320x240)" in output
+    recorder.wait_for(lambda: recorder.json_on("/stats") and recorder.json_on("/stats")[-1]["frames_not_judged"] == 4,
+                      what="stats counting the frames not judged")
+    recorder.close()
+
+
+def test_a_new_frame_size_is_judged_once_a_reload_accepts_it(tmp_path, station_files, broker, sim_dataset):
+    folder = write_images(tmp_path / "camera", good_crops(sim_dataset, 4))
+    recorder = Recorder(broker.host, broker.port, "plant/#")
+    config = write_config(tmp_path, station_files, broker, f"{{source: {folder}, loop: true, fps: 20}}")
+    process = start_station(config)
+    try:
+        recorder.wait_for(lambda: len(recorder.on("/verdict")) >= 3, what="verdicts at 36x26")
+        larger = write_images(tmp_path / "larger", good_crops(sim_dataset, 4, scale=2))
+        folder.rename(tmp_path / "old")
+        larger.rename(folder)  # the camera now gives 72x52 frames
+        recorder.wait_for(lambda: len(recorder.on("/no_verdict")) >= 3, what="no_verdicts for 72x52")
+        assert "frame size 72x52 differs from the 36x26" in recorder.json_on("/no_verdict")[-1]["reason"]
+        assert any(p.startswith("frame: ") for p in recorder.json_on("/state")[-1]["problems"])
+        recorder.publish("plant/st1/command", json.dumps({"id": "rl", "cmd": "reload"}))
+        recorder.wait_for(lambda: any(a["id"] == "rl" and a["ok"] for a in recorder.json_on("/command/result")),
+                          what="the reload")
+        before = len(recorder.on("/verdict"))
+        recorder.wait_for(lambda: len(recorder.on("/verdict")) > before + 3, what="72x52 frames judged")
+        recorder.wait_for(lambda: recorder.json_on("/state")[-1]["problems"] == [], what="the problem cleared")
+    finally:
+        process.terminate()
+        code, output = finish(process)
+    assert code == 0 and "new frame size 72x52 is judged from now on" in output, output
+    recorder.close()
+
+
+def test_a_frame_too_small_for_the_model_is_refused_at_check_and_at_start(tmp_path, station_files, broker, capsys):
+    folder = write_images(tmp_path / "camera", {"dot.png": np.full((1, 1), 128, np.uint8)})
+    config = write_config(tmp_path, station_files, broker, f"{{source: {folder}}}")
+    says = "the whole frame (no roi is set) of 1x1 pixels is too small for the model's 36x26 input: " \
+           "a region needs at least 9x7"
+    assert main(["check", "-c", str(config)]) == 78
+    assert says in capsys.readouterr().err
+    code, output = finish(start_station(config))
+    assert code == 78 and f"roi: {says}" in output and "Traceback" not in output, output
+    # A configured ROI too small is refused from the configuration alone (a V4L2 device gives check no frame).
+    config = write_config(tmp_path, station_files, broker, '{source: "sim://?seed=1&count=3"}',
+                          roi="{x: 10, y: 10, width: 8, height: 26}")
+    assert main(["check", "-c", str(config)]) == 78
+    assert "ROI x=10 y=10 of 8x26 pixels is too small" in capsys.readouterr().err
+    code, output = finish(start_station(config))
+    assert code == 78 and "roi: ROI x=10 y=10 of 8x26 pixels is too small" in output and "Traceback" not in output
+
+
+def test_a_live_camera_that_gives_nothing_keeps_the_station_up_reconnecting(tmp_path, station_files, broker):
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on: the camera is off
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    recorder = Recorder(broker.host, broker.port, "plant/#")
+    config = write_config(tmp_path, station_files, broker, f'{{source: "http://127.0.0.1:{port}/stream.mjpg"}}')
+    process = start_station(config)
+    try:
+        says = f"camera: cannot open http://127.0.0.1:{port}/stream.mjpg"
+        recorder.wait_for(lambda: any(s["camera"] == "reconnecting" and says in s["problems"]
+                                      for s in recorder.json_on("/state")), timeout=30, what="the camera's problem")
+        assert process.poll() is None  # a live camera that is off is waited for, not a reason to stop
+    finally:
+        process.terminate()
+        code, output = finish(process)
+    assert code == 0 and "Traceback" not in output, output
+    recorder.close()

@@ -8,6 +8,8 @@ differently from the ones it was trained on fails quietly (anomalib's lesson).
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -16,6 +18,10 @@ import numpy as np
 from station.core.errors import DataError, RoiError
 
 LAYOUTS = ("flat", "nchw")
+# The most a region may be enlarged, per side, to the model's input. Beyond 4x, fewer than one in 16 of
+# the model's pixels is a camera pixel and the rest is interpolation: the model measures blur, not the
+# part, and its distances call every such part NG (a 1-pixel frame becomes a uniform crop).
+MAX_ENLARGEMENT = 4
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,35 @@ def roi_problem(roi: Roi | None, frame_shape: tuple) -> str | None:
     if roi is None or (roi.x + roi.width <= width and roi.y + roi.height <= height):
         return None
     return f"ROI x={roi.x} y={roi.y} {roi.width}x{roi.height} does not fit in a {width}x{height} frame"
+
+
+def size_problem(what: str, width: int, height: int, spec: "InputSpec") -> str | None:
+    """Why a region of width x height pixels is too small to be judged by this model; None when it is not."""
+    least_width, least_height = (math.ceil(side / MAX_ENLARGEMENT) for side in (spec.width, spec.height))
+    if width >= least_width and height >= least_height:
+        return None
+    return (f"{what} of {width}x{height} pixels is too small for the model's {spec.width}x{spec.height} input: "
+            f"a region needs at least {least_width}x{least_height} (enlarged more than {MAX_ENLARGEMENT}x a side, "
+            "the model would judge interpolated pixels, not the part)")
+
+
+def region_problem(roi: Roi | None, frame_shape: tuple | None, spec: "InputSpec") -> str | None:
+    """Why this region cannot be judged in frames of this shape (outside, or too few pixels); None when it can.
+    roi None: the whole frame. Without a frame shape only a configured ROI's own size is checked."""
+    if roi is None:
+        return None if frame_shape is None else size_problem(
+            "the whole frame (no roi is set)", frame_shape[1], frame_shape[0], spec)
+    outside = roi_problem(roi, frame_shape) if frame_shape is not None else None
+    return outside or size_problem(f"ROI x={roi.x} y={roi.y}", roi.width, roi.height, spec)
+
+
+def regions_problem(regions: Sequence[tuple[str | None, Roi | None]], frame_shape: tuple | None,
+                    spec: "InputSpec") -> str | None:
+    """The one rule for what a frame must give the model: every (name, roi) region inside it and large
+    enough (roi None: the whole frame; name None: the single roi). Used at check, at start, per frame."""
+    problems = [f"region {name}: {problem}" if name else problem
+                for name, roi in regions if (problem := region_problem(roi, frame_shape, spec))]
+    return "; ".join(problems) or None
 
 
 def crop(frame: np.ndarray, roi: Roi | None) -> np.ndarray:

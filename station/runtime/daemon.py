@@ -20,6 +20,7 @@ import numpy as np
 
 from station.runtime import presence_station, sdnotify
 from station.runtime.frame_feed import FrameFeed, LatestFrame
+from station.runtime.frame_sizes import FrameSizes
 from station.runtime.sources import is_finite, is_lossless, open_source
 from station.runtime.commands import Command, CommandInbox
 from station.runtime.config import StationConfig, load_config
@@ -61,10 +62,10 @@ class Daemon:
         self.inbox = CommandInbox()
         self._last_ping = 0.0
         self._camera_state = None
-        self._frame_shape: tuple | None = None
+        self.frame_sizes = FrameSizes(self._set_problem)  # frames of another size than the one checked: not judged
         self._ended_logged = False
         self.problems: dict[str, str] = {}  # kind -> why; in the retained state
-        self._unjudged_frames = 0  # paused, or the frame gave no crop
+        self._unjudged_frames = 0  # a live camera's frames while paused
         self.gate: PresenceGate | None = None  # trigger: presence
 
     # -- lifecycle
@@ -104,26 +105,42 @@ class Daemon:
         finished = clean = False
         try:
             self._check_first_frame()
+            self._set_problem("camera", self.source.problem)
             self._publish_state()
             sdnotify.notify("READY=1", f"STATUS={self._status_line()}")
             log.info("station %s ready: %s", config.station, self._status_line())
             if self.paused:
                 log.warning("station %s starts PAUSED (paused before it stopped): nothing is judged "
                             "until a resume command", config.station)
-            finished, clean = self._loop(), True
+            finished = self._loop()
+            if finished and self.feed is not None and self.feed.captured == 0:
+                raise self._nothing_to_judge()
+            clean = True
         finally:
             self._shutdown(finished, clean)
         return 0
 
     def _check_first_frame(self):
-        """The ROI must fit the camera's frames: refuse to start (exit 78) rather than judge nothing."""
-        frame = (self.feed or self.latest).peek(FIRST_FRAME_WAIT)
-        if frame is not None:
-            problem = self.inspector.roi_problem(frame.image.shape)
-            if problem:
-                self._set_problem("roi", problem)
-                raise ConfigError(f"{self.config_path}: roi: {problem}")
-            self._frame_shape = frame.image.shape[:2]
+        """The regions must fit the camera's frames and be large enough for the model: refuse to start (exit 78)
+        rather than judge nothing; so is a finite source that gives no frame (_nothing_to_judge)."""
+        capture = self.feed or self.latest
+        frame = capture.peek(FIRST_FRAME_WAIT)
+        if frame is None:
+            if self.finite and capture.ended:
+                raise self._nothing_to_judge()
+            return
+        problem = self.frame_sizes.accept(frame.image.shape, self.inspector)
+        if problem:
+            self._set_problem("roi", problem)
+            raise ConfigError(f"{self.config_path}: roi: {problem}")
+
+    def _nothing_to_judge(self) -> StationError:
+        """A finite source that gave no frame: not a clean finish. A path that is not there is the
+        configuration's fault (78); media that holds nothing readable is the data's (65)."""
+        why = self.source.problem or f"{self.source.description} gave no frame"
+        self._set_problem("camera", why)
+        error = DataError if Path(str(self.config.camera.source)).exists() else ConfigError
+        return error(f"{self.config_path}: camera.source: nothing to judge: {why}")
 
     def _install_signal_handlers(self):
         # Handlers only set flags; the loop acts on them between batches.
@@ -186,27 +203,20 @@ class Daemon:
 
     # -- judging
 
-    def _inspect(self, frames, part_id: str | None = None):
+    def _inspect(self, frames, part_id: str | None = None) -> list[str]:
+        """Judge a batch; the reasons of the frames that were not judged (each gets a no_verdict)."""
         inspector = self.inspector  # one snapshot per batch: reloads swap it whole
-        crops, kept = [], []
-        for frame in frames:
-            self._check_frame_shape(inspector, frame.image.shape)
-            try:
-                crops.append(inspector.crop(frame.image))
-                kept.append(frame)
-            except DataError as exc:
-                self._unjudged_frames += 1
-                if "roi" not in self.problems:  # an ROI problem is logged and published once, not per frame
-                    log.warning("frame %s cannot be judged: %s", frame.source, exc)
+        kept, crops, refused = self.frame_sizes.sort(frames, inspector)
         missed = []
         if self.gate is not None:  # trigger: presence: one settled frame per part
             kept, crops, missed = self.gate.select(kept, crops)
             presence_station.note_problem(self)
-        if not kept and not missed:
-            return
+            refused = []  # frames, not parts: the gate says which frames are parts (counted, in the state)
+        if not kept and not missed and not refused:
+            return []
         judgements = inspector.judge_crops(np.stack(crops)) if kept else []
         ready = time.monotonic()
-        pending = sorted([*zip(kept, judgements), *missed], key=lambda p: p[0].frame_no)
+        pending = sorted([*zip(kept, judgements), *missed, *refused], key=lambda p: p[0].frame_no)
         messages = self._store_verdicts(inspector, pending, ready, part_id)
         self.publisher.notify_outbox()
         for message, frame in zip([m for m in messages if "verdict" in m], kept):
@@ -214,16 +224,7 @@ class Daemon:
             if self.crop_keeper.wants(message["verdict"]):  # the region at the camera's resolution
                 self.crop_keeper.keep(crop(frame.image, inspector.roi), message["verdict"], message["id"])
         self.integrations.judged(inspector, messages, kept)
-
-    def _check_frame_shape(self, inspector: Inspector, shape: tuple):
-        """A new frame size (the first frame, or the camera changed): does the ROI still fit?"""
-        if tuple(shape[:2]) == self._frame_shape:
-            return
-        self._frame_shape = tuple(shape[:2])
-        problem = inspector.roi_problem(shape)
-        if problem and "roi" not in self.problems:
-            log.error("nothing is judged: roi: %s", problem)
-        self._set_problem("roi", problem)
+        return [reason for _, reason in refused]
 
     def _set_problem(self, kind: str, problem: str | None):
         """Problems that stop judging or delivery; in the retained state, published on change."""
@@ -237,7 +238,7 @@ class Daemon:
             self._publish_state()
 
     def _store_verdicts(self, inspector: Inspector, pending: list, ready: float, part_id) -> list[dict]:
-        """pending: (frame, judgement) in order; in place of a judgement, why a part got none (a no_verdict)."""
+        """pending: (frame, judgement) in order; in place of a judgement, why a part or frame got none (a no_verdict)."""
         build = part_messages(self.config.station, inspector.product, inspector.reference_set,
                               inspector.embedder.info.short_id, ready, part_id)
         return self.recorder.record(build, pending, lambda: self._stop_requested, self._wait_for_outbox)
@@ -294,8 +295,8 @@ class Daemon:
         if frame is None:
             self._record_unjudged(command, error)
             return error
-        self._inspect([frame], part_id=command.part_id)
-        return None
+        refused = self._inspect([frame], part_id=command.part_id)
+        return f"not judged: {refused[0]}" if refused else None
 
     def _record_unjudged(self, command: Command, reason: str):
         """A trigger's part not judged (paused, no frame in time, stopping): a no_verdict in the verdicts' seq."""
@@ -326,7 +327,8 @@ class Daemon:
         sdnotify.notify(sdnotify.reloading(), f"STATUS={reason}")
         try:
             inspector = load_inspector(config, product)
-            problem = self._frame_shape and inspector.roi_problem(self._frame_shape)
+            accepted = self.frame_sizes.accepted
+            problem = accepted and inspector.frame_problem(accepted)
             if problem:
                 raise ConfigError(f"roi: {problem} (the camera's frames)")
         except StationError as exc:
@@ -334,6 +336,7 @@ class Daemon:
         previous, self.inspector = self.inspector, inspector
         presence_station.inspector_swapped(self, previous, reason)
         self._set_problem("roi", None)
+        self.frame_sizes.after_reload(inspector, reason)
         log.info("%s: now %s", reason, self._status_line())
         self._publish_state()
         sdnotify.notify("READY=1", f"STATUS={self._status_line()}")
@@ -370,6 +373,7 @@ class Daemon:
         self.integrations.state(state)
 
     def _publish_state_if_camera_changed(self):
+        self._set_problem("camera", self.source.problem)
         self._set_problem("mqtt", "; ".join(self.publisher.problems) or None)
         self._set_problem("outbox", self.recorder.problem)
         self._set_problem("seq", self.outbox.seq_mark.problem)

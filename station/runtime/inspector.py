@@ -13,8 +13,8 @@ import numpy as np
 
 from station.core import reference_set as reference_sets
 from station.core.embedder import Embedder
-from station.core.preprocess import Roi, prepare_crop, roi_problem, to_model_input
-from station.core.errors import StationError
+from station.core.preprocess import Roi, prepare_crop, regions_problem, to_model_input
+from station.core.errors import ConfigError, StationError
 from station.core.verdict import judge
 from station.runtime.config import StationConfig
 from station.runtime.regions import Region, bounding_roi, crop_regions, judge_regions, split_crops
@@ -49,11 +49,11 @@ class Inspector:
         spec = self.embedder.input_spec
         return self.roi, tuple(r.roi for r in self.regions), spec.width, spec.height
 
-    def roi_problem(self, frame_shape: tuple) -> str | None:
-        """Why the ROI, or a named region, cannot be cut from frames of this shape; None when all can."""
-        if not self.regions:
-            return roi_problem(self.roi, frame_shape)
-        return "; ".join(f"region {r.name}: {p}" for r in self.regions if (p := roi_problem(r.roi, frame_shape))) or None
+    def frame_problem(self, frame_shape: tuple | None) -> str | None:
+        """Why frames of this shape cannot be judged (the ROI or a named region outside it, or too small for the
+        model); None when they can. Without a shape: whether the configured regions are large enough."""
+        named = [(r.name, r.roi) for r in self.regions] if self.regions else [(None, self.roi)]
+        return regions_problem(named, frame_shape, self.embedder.input_spec)
 
     def judge_crops(self, crops: np.ndarray) -> list:
         """One Judgement per crop; with regions one PartJudgement per frame, every region of every frame in ONE embedder call."""
@@ -84,7 +84,11 @@ def load_inspector(config: StationConfig, product: str | None = None, embedder: 
         path = config.products[name]
     roi = config.roi.to_roi() if config.roi else None
     inspector = Inspector.load(config.model, path, name, roi, threads=config.runtime.threads, embedder=embedder)
-    return with_regions(inspector, config) if config.rois else inspector
+    inspector = with_regions(inspector, config) if config.rois else inspector
+    problem = inspector.frame_problem(None)
+    if problem:
+        raise ConfigError(f"{'rois' if config.rois else 'roi'}: {problem}")
+    return inspector
 
 
 def with_regions(inspector: Inspector, config: StationConfig) -> Inspector:

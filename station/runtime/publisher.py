@@ -1,7 +1,7 @@
 """The station's MQTT side (paho-mqtt 2.x), topics after Frigate's:
 
     {prefix}/{station}/verdict          verdicts from the Outbox, QoS from the message, in order
-    {prefix}/{station}/no_verdict       parts seen but not judged (trigger: presence), same seq, same path
+    {prefix}/{station}/no_verdict       parts seen but not judged, with the reason; same seq, same path
     {prefix}/{station}/status           retained: "online" / will "offline" / "stopped"
     {prefix}/{station}/state            retained JSON, re-sent after every connect
     {prefix}/{station}/stats            JSON, not retained, dropped while offline

@@ -75,6 +75,7 @@ def stats_message(daemon) -> dict:
     stats["crops_not_kept"] = daemon.crop_keeper.skipped + daemon.crop_keeper.failed
     stats["mqtt_refused"] = daemon.publisher.delivery.refused
     stats["outbox_write_errors"] = daemon.recorder.write_errors
+    stats["frames_not_judged"] = daemon.frame_sizes.not_judged
     stats.update(daemon.source.counters())  # GenICam: camera_lost_packets, camera_incomplete_frames
     gate = daemon.gate
     if gate is not None:

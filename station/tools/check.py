@@ -15,13 +15,13 @@ import numpy as np
 
 from station.runtime.config import StationConfig
 from station.core.errors import StationError
-from station.core.preprocess import roi_problem
+from station.core.preprocess import InputSpec, regions_problem
 from station.core.state_dir import state_dir_problem
 from station.runtime.frame_feed import LatestFrame
 from station.runtime.credentials import camera_credentials, read_password
 from station.runtime.publisher import tls_context
 from station.runtime.sources import open_source
-from station.runtime.sources.kinds import DEVICE, FILE, GENICAM, source_kind
+from station.runtime.sources.kinds import DEVICE, FILE, GENICAM, is_stored_media, source_kind
 
 FRAME_WAIT = 5.0  # seconds to wait for a frame of a network stream
 JUDGING_RUNS = 30  # timed judgements of one part for the judging-rate line
@@ -59,7 +59,7 @@ def check_station(config: StationConfig, env: dict[str, str] | None = None) -> C
         except StationError as exc:
             problems.append(f"product {product}: {exc}")
     problems += _file_problems(config, env)
-    problem, line = _roi_against_a_frame(config)
+    problem, line = _roi_against_a_frame(config, embedder.input_spec if embedder is not None else None)
     problems += [problem] if problem else []
     summary += [line] if line else []
     if not problems:
@@ -114,20 +114,24 @@ def _file_problems(config: StationConfig, env) -> list[str]:
     return [problem for problem in problems if problem]
 
 
-def _roi_against_a_frame(config: StationConfig) -> tuple[str | None, str]:
-    """(problem, summary line): the ROI against one frame, where reading one disturbs nobody.
+def _roi_against_a_frame(config: StationConfig, spec: InputSpec | None) -> tuple[str | None, str]:
+    """(problem, summary line): the ROI against one frame, where reading one disturbs nobody; stored media
+    (files, folders) that give no frame is a problem, said with why. With the model's input (spec), the
+    regions (or the whole frame) must be large enough for it, by the rule `run` judges by.
 
     Files, folders, sim:// and network streams can be read beside a running
     station; a V4L2 device streams to one process, so it is left to `run`.
     A GenICam camera is connected with the configured settings, in free run
     for one frame, and named; its trigger source is checked against the camera's.
     """
-    roi = config.roi.to_roi() if config.roi else None
+    regions = [(r.name, r.to_roi()) for r in config.rois] if config.rois else [(None, config.roi and config.roi.to_roi())]
     kind = source_kind(config.camera.source)
     if kind == FILE and not Path(config.camera.source).exists():
         return None, ""  # reported as a camera.source problem
     if kind == DEVICE:
-        return None, "roi: not checked against a frame (a V4L2 device streams to one process; `run` checks it at start)"
+        problem = spec and regions_problem(regions, None, spec)
+        return (f"roi: {problem}" if problem else None), ("roi: not checked against a frame (a V4L2 device "
+                                                          "streams to one process; `run` checks it at start)")
     try:
         source = open_source(config.camera.source, max_pixels=config.camera.max_pixels,
                              credentials=camera_credentials(config.camera), genicam=config.camera.genicam)
@@ -144,11 +148,13 @@ def _roi_against_a_frame(config: StationConfig) -> tuple[str | None, str]:
     trigger = source.trigger_problem(config.trigger) if kind == GENICAM else None
     if trigger:
         return f"camera.genicam.trigger_source: {trigger}", ""
+    if frame is None and is_stored_media(kind):
+        return f"camera.source: cannot read a frame: {source.problem or f'no frame from {source.description}'}", ""
     if frame is None:
-        return None, f"roi: not checked: no frame from {source.description} within {FRAME_WAIT:g} s"
+        why = f" ({source.problem})" if source.problem else ""
+        return None, f"roi: not checked: no frame from {source.description} within {FRAME_WAIT:g} s{why}"
     height, width = frame.image.shape[:2]
-    problem = roi_problem(roi, frame.image.shape) or "; ".join(  # rois: each named region
-        f"region {r.name}: {p}" for r in config.rois or () if (p := roi_problem(r.to_roi(), frame.image.shape)))
+    problem = regions_problem(regions, frame.image.shape, spec or InputSpec(1, 1))  # no model: only whether they fit
     camera = f"camera {source.camera_name} ({', '.join(source.applied)}); " if kind == GENICAM else ""
     return (f"roi: {problem}" if problem else None), f"{camera}roi: fits the {width}x{height} frames of {source.description}"
 

@@ -4,14 +4,19 @@
     for frame in source:          # ends for finite sources, never raises for live ones
         ...
     source.state                  # "ok" | "reconnecting" | "ended"
+    source.problem                # why no frames come now, or why a finite source ended early; else None
 
-Live sources (device, URL, video file) read in a thread of their own: a read
-that hangs (a dead RTSP stream can block for half a minute) is noticed after
-`stall_timeout` and the source reconnects with exponential backoff + jitter.
+Every kind follows one rule when its media goes away: a live or looping source
+reconnects with exponential backoff + jitter (state "reconnecting", `problem`
+saying why); a finite source ends, and `problem` says why when it ended without
+its frames (nothing to read, gone mid-way). Live sources (device, URL, video
+file) read in a thread of their own: a read that hangs (a dead RTSP stream can
+block for half a minute) is noticed after `stall_timeout`.
 """
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from station.core.backoff import Backoff
+
+log = logging.getLogger(__name__)
 
 OK, RECONNECTING, ENDED = "ok", "reconnecting", "ended"
 STALL_TIMEOUT = 2.0  # seconds without a frame before a live source counts as lost
@@ -40,7 +48,9 @@ class FrameSource:
     def __init__(self, description: str, fps: float = 0.0):
         self.description = description
         self.state = OK
+        self.problem: str | None = None  # for the state's problems: "camera: ..."
         self.reconnects = 0
+        self.backoff = Backoff(first=0.5, ceiling=30.0)
         self._closed = threading.Event()
         self._period = 1.0 / fps if fps > 0 else 0.0
         self._next_due = 0.0
@@ -66,6 +76,26 @@ class FrameSource:
     def counters(self) -> dict:
         """Source figures for the stats message (GenICam: lost packets, incomplete frames)."""
         return {}
+
+    def _lost(self, why: str, level: int = logging.WARNING) -> bool:
+        """The media went away: say why (state and problem), wait the backoff; True, for `lost_before`."""
+        self.state, self.problem = RECONNECTING, why
+        delay = self.backoff.next()
+        log.log(level, "%s; retrying in %.1f s", why, delay)
+        self._closed.wait(delay)
+        return True
+
+    def _back(self, lost_before: bool):
+        """Frames again: a source that was lost says it is back."""
+        if lost_before:
+            self.reconnects += 1
+            log.info("camera %s is back (reconnect %d)", self.description, self.reconnects)
+        self.state, self.problem = OK, None
+
+    def _ended_without_frames(self, why: str):
+        """A finite source that cannot give (all) its frames: said once, kept in `problem`."""
+        self.problem = why
+        log.error("camera %s: %s", self.description, why)
 
     def _frame(self, image: np.ndarray, source: str, grabbed_at: float | None = None) -> Frame:
         return Frame(image, source, next(self._count), time.monotonic() if grabbed_at is None else grabbed_at)

@@ -27,7 +27,7 @@ import numpy as np
 
 from station.core.backoff import Backoff
 from station.core.errors import MissingExtraError
-from station.runtime.sources.base import OK, RECONNECTING, STALL_TIMEOUT, Frame, FrameSource
+from station.runtime.sources.base import STALL_TIMEOUT, Frame, FrameSource
 from station.runtime.sources.genicam_config import GenicamConfig
 from station.runtime.sources.kinds import parse_genicam_source
 
@@ -98,10 +98,8 @@ class GenicamSource(FrameSource):
             except self.GLib.Error as exc:
                 lost_before = self._lost(f"cannot open camera {self.description}: {exc.message}")
                 continue
-            if lost_before:
-                self.reconnects += 1
-                log.info("camera %s is back (reconnect %d)", self.description, self.reconnects)
-            self.state, lost_before, self.last_error = OK, False, None
+            self._back(lost_before)
+            lost_before, self.last_error = False, None
             try:
                 outcome = yield from self._read(stream)
             finally:  # also when the consumer stops iterating
@@ -110,11 +108,8 @@ class GenicamSource(FrameSource):
                 lost_before = self._lost(f"camera {self.description} lost")
 
     def _lost(self, why: str, level: int = logging.WARNING) -> bool:
-        self.state, self.last_error = RECONNECTING, why
-        delay = self.backoff.next()
-        log.log(level, "%s; retrying in %.1f s", why, delay)
-        self._closed.wait(delay)
-        return True
+        self.last_error = why
+        return super()._lost(why, level)
 
     def _read(self, stream) -> Iterator[Frame]:
         """Frames until the camera is lost ("lost") or the source is closed ("closed")."""
