@@ -318,7 +318,7 @@ def test_password_sources_fail_with_a_message(tmp_path):
     config = MqttConfig(username="u", password_credential="mqtt")
     with pytest.raises(PublisherError, match="CREDENTIALS_DIRECTORY is not set"):
         read_password(config, env={})
-    with pytest.raises(PublisherError, match="cannot read the MQTT password"):
+    with pytest.raises(PublisherError, match="mqtt.password_file: .*absent: the MQTT password file cannot be read"):
         read_password(MqttConfig(username="u", password_file=tmp_path / "absent"), env={})
     assert read_password(MqttConfig(), env={}) is None
 
