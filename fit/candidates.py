@@ -1,11 +1,14 @@
 """Candidate trunks within a time budget, chosen on the calibration part.
 
 A small ordered list (trunk x loss x input size x seed), the project's default
-first. The first candidate's wall time sets the estimate of the others (per
+first, then the pretrained one (EfficientNet-Lite0's ImageNet features under a trained head, at an
+input of about 96x96 with the photos' aspect ratio). The first candidate's wall time sets the estimate of the others (per
 architecture once one of it has run); no candidate starts once its estimate
 would overrun the budget. The choice is made on the CALIBRATION part by fit/choice.py
 (AUROC with a paired-resampling confidence; without defects, the false-reject rate).
-Never the training loss, never the test part.
+Never the training loss, never the test part. Each candidate's cost per part is measured with
+onnxruntime on its exported float model (batch 1, one thread, times the final model's members);
+one over --max-ms-per-part is never chosen.
 """
 from __future__ import annotations
 
@@ -24,12 +27,19 @@ DEFAULT_SIZE = (36, 26)  # export/trunk.py's input_spec_for default (width, heig
 LARGE_SIZE = (72, 52)  # tried only when the images are at least this large
 # Seconds per epoch and image relative to the mlp at 36x26, measured with
 # export.train.train_split on 480 simulated parts (mlp 100 epochs 4.4 s, cnn 60 epochs 7.9 s).
-ARCH_COST = {"mlp": 1.0, "cnn": 3.0}
+ARCH_COST = {"mlp": 1.0, "cnn": 3.0, "lite0": 6.0}
 # Sized so 2,500 images fit in 15 minutes on 2 cores (measured 2026-12-02 with the two final
 # ensembles: 613 s, docs/fit.md). Before them: 8 candidates at ~1,300
 # training images take ~3 minutes measured; the rest is the data check, the
 # export gate and the final scoring (~1 minute); the budget leaves 3x headroom.
 DEFAULT_BUDGET_MINUTES = 10.0
+# A 100 parts/s line on the line PC's 2 cores; measured on this machine, which the line PC is not:
+# the limit leaves room for the rest of the per-part path (frame, outbox, MQTT).
+DEFAULT_MAX_MS_PER_PART = 10.0
+# The pretrained candidate's input: about 96 x 96 pixels, the photos' aspect ratio kept, sides a
+# multiple of the backbone's stride 16 (solar cells, one trunk: 64x64 judged AUROC 0.863, 96x96 0.896; docs/fit.md).
+PRETRAINED_AREA = 96 * 96
+PRETRAINED_STEP = 16
 
 
 @dataclass(frozen=True)
@@ -51,9 +61,18 @@ class Candidate:
 DEFAULT_CANDIDATE = Candidate("cnn", "center")  # station train's defaults
 
 
+def pretrained_size(native_size: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) of about PRETRAINED_AREA pixels in the photos' aspect ratio, sides multiples of 16."""
+    width, height = native_size
+    scale = (PRETRAINED_AREA / max(width * height, 1)) ** 0.5
+    return tuple(max(PRETRAINED_STEP * 2, PRETRAINED_STEP * round(side * scale / PRETRAINED_STEP))
+                 for side in (width, height))
+
+
 def candidate_list(native_size: tuple[int, int]) -> list[Candidate]:
     """The ordered list; larger inputs only when the images have the pixels."""
-    first = [DEFAULT_CANDIDATE, Candidate("mlp", "center")]  # station train's default first
+    # station train's default first; the pretrained trunk next, so that a short budget still measures it.
+    first = [DEFAULT_CANDIDATE, Candidate("lite0", "center", 0, pretrained_size(native_size)), Candidate("mlp", "center")]
     large = [Candidate("cnn", "center", 0, LARGE_SIZE), Candidate("mlp", "center", 0, LARGE_SIZE)]
     # No second seeds: the final model is an ensemble of seeds (export/train.py: DEFAULT_MEMBERS), and a
     # seed chosen on ~150 calibration parts is chosen on noise.
@@ -81,6 +100,7 @@ class Outcome:
     n_defect: int = 0
     good_scores: np.ndarray | None = None  # the calibration part's, out of fold, by the metric chosen
     defect_scores: np.ndarray | None = None
+    ms_per_part: float | None = None  # the final model's: onnxruntime, fp32, batch 1, one thread, x members
 
     def row(self) -> dict:
         return {"candidate": self.candidate.name, "arch": self.candidate.arch, "loss": self.candidate.loss,
@@ -89,7 +109,7 @@ class Outcome:
                 "calibration_escape_rate": self.escape_rate, "calibration_auroc": self.auroc,
                 "calibration_false_reject_rate": self.false_reject_rate, "expected_cost": self.expected_cost,
                 "val_auroc": self.val_auroc, "best_epoch": self.best_epoch, "epochs_run": self.epochs_run,
-                "error": self.error}
+                "ms_per_part": None if self.ms_per_part is None else round(self.ms_per_part, 3), "error": self.error}
 
 
 @dataclass
@@ -100,6 +120,8 @@ class SearchOptions:
     defect_rate: float = calibration_fit.DEFAULT_DEFECT_RATE
     escape_cost: float = calibration_fit.DEFAULT_ESCAPE_COST
     target_false_reject: float = calibration_fit.DEFAULT_TARGET_FALSE_REJECT
+    max_ms_per_part: float = DEFAULT_MAX_MS_PER_PART
+    members: int | None = None  # the final model's; None: export/train.py's default_members(arch)
     progress: bool = False
     data_root: Path | None = None
     say: object = print  # where a line for the person goes
@@ -197,6 +219,11 @@ def _train_and_measure(candidate, train_items, val_items, calibration_items, che
         outcome.best_epoch, outcome.epochs_run = result.best_epoch, result.epochs_run
         outcome.seconds = time.perf_counter() - started
         _measure_on_calibration(outcome, calibration_items, options)
+        members = options.members if options.members is not None else train.default_members(candidate.arch)
+        outcome.ms_per_part = members * cost_per_part(Path(checkpoint))
+        if outcome.ms_per_part > options.max_ms_per_part:
+            outcome.error = (f"{outcome.ms_per_part:.2f} ms a part ({members} x one trunk's, measured here) is over "
+                             f"--max-ms-per-part {options.max_ms_per_part:g}")
     except StationError as exc:
         outcome.error = str(exc)
         outcome.seconds = time.perf_counter() - started
@@ -225,3 +252,32 @@ def _measure_on_calibration(outcome: Outcome, items: list[LabeledImage], options
     outcome.n_good, outcome.n_defect = int((~defect).sum()), int(defect.sum())
     outcome.good_scores, outcome.defect_scores = chosen.good_scores, chosen.defect_scores
 
+
+
+COST_WARMUP, COST_RUNS = 5, 40
+
+
+def cost_per_part(checkpoint: Path) -> float:
+    """Milliseconds one part costs the trunk: its exported float graph in onnxruntime, batch 1, one
+    thread, as the station builds its session (median of COST_RUNS)."""
+    import statistics
+    import tempfile
+
+    from export.onnx_export import export_fp32
+    from export.trunk import load_checkpoint
+    from station.core.embedder import INPUT_NAME, OUTPUT_NAME, build_session
+    from station.core.preprocess import InputSpec
+
+    model, info = load_checkpoint(checkpoint)
+    spec = InputSpec(**info["input_spec"])
+    with tempfile.TemporaryDirectory(dir=Path(checkpoint).parent) as folder:
+        path = Path(folder) / "cost.onnx"
+        export_fp32(model, spec, path)
+        session = build_session(path)
+        feed = {INPUT_NAME: np.zeros((1,) + spec.sample_shape, np.float32)}
+        times = []
+        for run in range(COST_WARMUP + COST_RUNS):
+            started = time.perf_counter()
+            session.run([OUTPUT_NAME], feed)
+            times.append(time.perf_counter() - started)
+    return statistics.median(times[COST_WARMUP:]) * 1000.0

@@ -14,7 +14,7 @@ from calibration import fit as calibration_fit
 from calibration import workflow
 from calibration.evaluate import evaluate_embeddings
 from fit import bundle, figures, report
-from fit.candidates import DEFAULT_BUDGET_MINUTES, SearchOptions, candidate_list, run_candidates
+from fit.candidates import DEFAULT_BUDGET_MINUTES, DEFAULT_MAX_MS_PER_PART, SearchOptions, candidate_list, run_candidates
 from fit.data_check import DataCheck, check_data
 from fit.split import DEFAULT_FRACTIONS, select, split_parts, split_table, require_goods
 from station.core.errors import ConfigError, DataError
@@ -37,7 +37,8 @@ class FitOptions:
     escape_cost: float = calibration_fit.DEFAULT_ESCAPE_COST
     target_false_reject: float = calibration_fit.DEFAULT_TARGET_FALSE_REJECT
     product: str | None = None
-    members: int | None = None  # trunks of the final model; None: export/train.py's DEFAULT_MEMBERS
+    members: int | None = None  # trunks of the final model; None: export/train.py's default_members(arch)
+    max_ms_per_part: float = DEFAULT_MAX_MS_PER_PART
     progress: bool = False
     say: object = print
 
@@ -52,6 +53,8 @@ class FitOptions:
             raise ConfigError(f"--target-false-reject {self.target_false_reject} must lie between 0 and 0.5")
         if self.members is not None and self.members < 1:
             raise ConfigError(f"--members {self.members} must be at least 1")
+        if not self.max_ms_per_part > 0:
+            raise ConfigError(f"--max-ms-per-part {self.max_ms_per_part} must be a positive number of milliseconds")
         if self.epochs is not None and self.epochs < 1:
             raise ConfigError(f"--epochs {self.epochs} must be at least 1")
         problem = _out_problem(Path(self.out), Path(self.data))
@@ -118,8 +121,8 @@ def _fit_in(data: DataCheck, parts: list[str], out: Path, workdir: Path, options
         calibration_items, workdir, SearchOptions(
             budget_minutes=options.budget_minutes, epochs=options.epochs, max_candidates=options.max_candidates,
             defect_rate=options.defect_rate, escape_cost=options.escape_cost,
-            target_false_reject=options.target_false_reject, progress=options.progress, data_root=data.root,
-            say=options.say))
+            target_false_reject=options.target_false_reject, max_ms_per_part=options.max_ms_per_part,
+            members=options.members, progress=options.progress, data_root=data.root, say=options.say))
     # Cross-fitting. The audit model is the chosen recipe trained without the test part (train and
     # calibration parts, less its own threshold slice), thresholded on that slice, judged on the test
     # part: fit.json's figures. The bundle's model is then the same recipe and threshold rule on every
@@ -223,7 +226,7 @@ def train_final(candidate, trained: list, held: list, checkpoint: Path, options:
 
     config = train.TrainConfig(arch=candidate.arch, loss=candidate.loss, seed=candidate.seed,
                                epochs=options.epochs, input_size=candidate.input_size,
-                               members=options.members if options.members is not None else train.DEFAULT_MEMBERS)
+                               members=options.members if options.members is not None else train.default_members(candidate.arch))
     options.say(f"{what}: {candidate.name}, {config.members} trunk{'s' if config.members > 1 else ''} from "
                 f"consecutive seeds, on {len(trained)} photos ({len(held)} held out for its threshold)")
     previous = torch.get_num_threads()

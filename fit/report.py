@@ -22,17 +22,18 @@ def data_line(data, parts: list[str], n_val: int) -> str:
 
 def candidate_table(result: dict) -> list[str]:
     lines = [f"  {'candidate':28s} {'sec':>6s} {'metric':11s} {'cal escape':>10s} {'cal AUROC':>9s} "
-             f"{'cal FRR':>8s} {'val AUROC':>9s}"]
+             f"{'cal FRR':>8s} {'val AUROC':>9s} {'ms/part':>7s}"]
     for row in result["candidates"]:
         if row["error"]:
-            lines.append(f"  {row['candidate']:28s} {row['seconds']:6.1f} failed: {row['error'][:60]}")
+            lines.append(f"  {row['candidate']:28s} {row['seconds']:6.1f} failed: {row['error'][:110]}")
             continue
         auroc = "n/a" if row["calibration_auroc"] is None else f"{row['calibration_auroc']:.4f}"
         val = "n/a" if row["val_auroc"] is None else f"{row['val_auroc']:.4f}"
         mark = "  <- chosen" if row["candidate"] == result["chosen_candidate"] else ""
+        cost = "n/a" if row.get("ms_per_part") is None else f"{row['ms_per_part']:.2f}"
         lines.append(f"  {row['candidate']:28s} {row['seconds']:6.1f} {row['metric']:11s} "
                      f"{_pct(row['calibration_escape_rate']):>10s} {auroc:>9s} "
-                     f"{_pct(row['calibration_false_reject_rate']):>8s} {val:>9s}{mark}")
+                     f"{_pct(row['calibration_false_reject_rate']):>8s} {val:>9s} {cost:>7s}{mark}")
     lines += [f"  skipped {text}" for text in result["skipped_candidates"]]
     return lines
 

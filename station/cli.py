@@ -168,13 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr = commands.add_parser("train", help="train a Siamese trunk on an image folder (needs the train extra)")
     tr.add_argument("--data", type=Path, required=True, help="image folder: good/ + one folder per defect class")
     tr.add_argument("--out", type=Path, required=True, help="checkpoint to write (trunk.pt)")
-    tr.add_argument("--arch", choices=("mlp", "cnn"), help="trunk: mlp (reference) or cnn (default: export/train.py)")
+    tr.add_argument("--arch", choices=("mlp", "cnn", "lite0"),
+                    help="trunk: mlp (reference), cnn (default: export/train.py), or lite0 (EfficientNet-Lite0's "
+                         "ImageNet features, frozen, under a trained head; one member by default)")
     tr.add_argument("--loss", choices=("center", "contrastive", "triplet"),
                     help="Siamese loss: center (to the mean good embedding), contrastive (pairs), triplet (default: center)")
     tr.add_argument("--epochs", type=int, help="training epochs (default: DEFAULT_EPOCHS in export/train.py)")
     tr.add_argument("--seed", type=seed, help="same seed and data, same weights (default 0)")
     tr.add_argument("--embedding-dim", type=positive, help="embedding size of each trunk (default 128)")
-    tr.add_argument("--members", type=int, help="trunks trained from consecutive seeds, exported as one model (default 3)")
+    tr.add_argument("--members", type=int, help="trunks trained from consecutive seeds, exported as one model (default 3; lite0: 1)")
     tr.add_argument("--allow-flips", action="store_true", help="augment with mirrored crops (only if the part is symmetric)")
     tr.add_argument("--input-size", type=width_by_height, metavar="WxH",
                     help="model input in pixels (default 36x26); the station resizes the ROI to it")
@@ -206,7 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     fi.add_argument("--budget", type=float, metavar="MINUTES", help="time for candidate training (default 10)")
     fi.add_argument("--epochs", type=int, help="epochs of every candidate (default: station train's per architecture)")
     fi.add_argument("--max-candidates", type=positive, help="train at most this many candidates (default: as the budget allows)")
-    fi.add_argument("--members", type=int, help="trunks of the final model, from consecutive seeds (default 3)")
+    fi.add_argument("--max-ms-per-part", type=float, metavar="MS",
+                    help="no candidate whose model costs more per part, measured here with onnxruntime (default 10)")
+    fi.add_argument("--members", type=int, help="trunks of the final model, from consecutive seeds (default 3; lite0: 1)")
     fi.add_argument("--defect-rate", type=float, help="share of defective parts on the line (default 0.05)")
     fi.add_argument("--escape-cost", type=float, help="cost of one escape in false rejects (default 20)")
     fi.add_argument("--target-false-reject", type=float,

@@ -164,7 +164,7 @@ def train(args) -> int:
         epochs=args.epochs,
         seed=args.seed if args.seed is not None else train.DEFAULT_SEED,
         embedding_dim=args.embedding_dim or train.DEFAULT_EMBEDDING_DIM, allow_flips=args.allow_flips,
-        input_size=args.input_size, members=args.members if args.members is not None else train.DEFAULT_MEMBERS,
+        input_size=args.input_size, members=args.members if args.members is not None else train.default_members(args.arch or train.DEFAULT_ARCH),
     )
     print(f"training {config.arch} trunk{'s' if config.members > 1 else ''} (x{config.members}), {config.loss} loss, {config.epochs} epochs, seed {config.seed}, "
           f"{config.embedding_dim}-d embedding on {args.data}")
@@ -182,7 +182,8 @@ def fit(args) -> int:
 
     given = {"seed": args.seed, "budget_minutes": args.budget, "epochs": args.epochs,
              "max_candidates": args.max_candidates, "defect_rate": args.defect_rate, "escape_cost": args.escape_cost,
-             "target_false_reject": args.target_false_reject, "product": args.product, "members": args.members}
+             "target_false_reject": args.target_false_reject, "product": args.product, "members": args.members,
+             "max_ms_per_part": args.max_ms_per_part}
     run_fit(FitOptions(data=args.data, out=args.out, progress=sys.stderr.isatty(),
                        **{key: value for key, value in given.items() if value is not None}))
     return 0

