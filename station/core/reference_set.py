@@ -15,7 +15,12 @@ with allow_pickle=False: nothing is unpickled.
 
 Format 1 holds the three fixed scores; format 2 (written only when the set
 carries a learned KISSME metric, arrays.npz then also holds "kissme") adds it.
-Both load, so a station rolls back across them.
+Format 3 is a per-position model's set (scoring.PositionReference): reference.yaml names the
+feature grid (`positions`: rows, cols, channels, stride, offset) and the one metric, `position`;
+arrays.npz holds "position_mean" (P, C), "position_precision" (P, C, C: the inverse of each
+position's OAS-shrunk covariance) and "position_typical" (P: the good parts' median distance at
+each position, out of fold, which locates a defect between cells), float32. All three load, so a station rolls back across them
+(the model must match each set, as always: a set names the model it was calibrated for).
 """
 from __future__ import annotations
 
@@ -36,13 +41,15 @@ import yaml
 from station.core.version import __version__
 from station.core.errors import ConfigError, StationError
 from station.core.product import product_name_problem
-from station.core.scoring import ALL_SCORES, SCORES, ReferenceModel
+from station.core.preprocess import FeatureGrid
+from station.core.scoring import ALL_SCORES, POSITION_SCORES, SCORES, PositionReference, ReferenceModel
 from station.core.state_dir import WriterLock, unwritable_folder
 from station.core.user_files import parse_yaml, read_bytes, read_text
 
 FORMAT = "station-reference-set/1"
 FORMAT_KISSME = "station-reference-set/2"  # FORMAT plus the learned "kissme" array and metric
-FORMATS = (FORMAT, FORMAT_KISSME)
+FORMAT_POSITIONS = "station-reference-set/3"  # a per-position model's: position_mean, position_precision
+FORMATS = (FORMAT, FORMAT_KISSME, FORMAT_POSITIONS)
 CURRENT = "CURRENT"
 SUMMARY = "reference.yaml"
 ARRAYS = "arrays.npz"
@@ -60,7 +67,7 @@ class ReferenceSetError(StationError):
 
 @dataclass(frozen=True)
 class ReferenceSet:
-    model: ReferenceModel
+    model: ReferenceModel | PositionReference
     metric: str
     thresholds: dict[str, float]
     product: str
@@ -156,8 +163,11 @@ def load(root: Path, version: int | None = None) -> ReferenceSet:
     arrays_bytes = read_bytes(folder / ARRAYS, ReferenceSetError, MAX_ARRAYS_BYTES, "reference arrays")
     if hashlib.sha256(arrays_bytes).hexdigest() != summary["arrays_sha256"]:
         raise ReferenceSetError(f"{folder / ARRAYS}: checksum mismatch (corrupted)")
-    model = _model_from_npz(arrays_bytes, folder / ARRAYS, int(summary["embedding_dim"]),
-                            learned=summary["format"] == FORMAT_KISSME)
+    if summary["format"] == FORMAT_POSITIONS:
+        model = _positions_from_npz(arrays_bytes, folder / ARRAYS, _grid(summary))
+    else:
+        model = _model_from_npz(arrays_bytes, folder / ARRAYS, int(summary["embedding_dim"]),
+                                learned=summary["format"] == FORMAT_KISSME)
     return ReferenceSet(
         model=model,
         metric=summary["metric"],
@@ -185,7 +195,18 @@ def _check_summary(summary: dict, where: Path):
             refuse(key, f"must be {kind.__name__}, is {type(summary[key]).__name__}")
     if summary["embedding_dim"] < 1 or summary["n_good"] < 1:
         refuse("embedding_dim" if summary["embedding_dim"] < 1 else "n_good", "must be at least 1")
-    known = ALL_SCORES if summary["format"] == FORMAT_KISSME else SCORES
+    known = {FORMAT_KISSME: ALL_SCORES, FORMAT_POSITIONS: POSITION_SCORES}.get(summary["format"], SCORES)
+    if summary["format"] == FORMAT_POSITIONS:
+        grid = summary.get("positions")
+        if not isinstance(grid, dict):
+            refuse("positions", "missing (rows, cols, channels, stride of the model's feature map)")
+        for key in ("rows", "cols", "channels", "stride", "offset"):
+            value = grid.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or (value < 1 and key != "offset"):
+                refuse(f"positions.{key}", f"must be an integer{'' if key == 'offset' else ' >= 1'}, is {value!r}")
+        if grid["rows"] * grid["cols"] * grid["channels"] != summary["embedding_dim"]:
+            refuse("positions", f"{grid['rows']}x{grid['cols']} positions x {grid['channels']} channels is not "
+                                f"embedding_dim {summary['embedding_dim']}")
     if summary["metric"] not in known:
         refuse("metric", f"unknown metric {summary['metric']!r} (this format knows {', '.join(known)})")
     for name, value in summary["thresholds"].items():
@@ -214,6 +235,28 @@ def _model_from_npz(data: bytes, where: Path, dim: int, learned: bool = False) -
         if fields[name].shape != expected or not np.all(np.isfinite(fields[name])):
             raise ReferenceSetError(f"{where}: {name} has shape {fields[name].shape}, expected finite {expected}")
     return ReferenceModel(**fields)
+
+
+def _grid(summary: dict) -> FeatureGrid:
+    grid = summary["positions"]
+    return FeatureGrid(grid["rows"], grid["cols"], grid["channels"], grid["stride"], grid["offset"])
+
+
+def _positions_from_npz(data: bytes, where: Path, grid: FeatureGrid) -> PositionReference:
+    expected = {"position_mean": (grid.positions, grid.channels),
+                "position_precision": (grid.positions, grid.channels, grid.channels),
+                "position_typical": (grid.positions,)}
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            fields = {name: np.array(arrays[name]) for name in expected}
+    except Exception as exc:  # numpy and zipfile raise many types for damaged bytes (BadZipFile, EOFError, ...)
+        raise ReferenceSetError(f"{where}: unusable arrays: {exc or type(exc).__name__}") from None
+    for name, shape in expected.items():
+        array = fields[name]
+        if array.dtype != np.float32 or array.shape != shape or not np.all(np.isfinite(array)):
+            raise ReferenceSetError(f"{where}: {name} is {array.dtype} {array.shape}, expected finite float32 {shape}")
+    return PositionReference(mean=fields["position_mean"], precision=fields["position_precision"],
+                             typical=fields["position_typical"], grid=grid)
 
 
 _ARRAY_SHAPES = {"reference": ("d",), "precision": ("d", "d"), "soart3_mean": (3,), "soart3_precision": (3, 3)}
@@ -295,9 +338,15 @@ def _rollback(root: Path, version: int | None) -> int:
     return version
 
 
+def _format(model) -> str:
+    if isinstance(model, PositionReference):
+        return FORMAT_POSITIONS
+    return FORMAT if model.kissme is None else FORMAT_KISSME
+
+
 def _summary(reference_set: ReferenceSet, version: int, created: str, arrays_sha256: str) -> dict:
     summary = {
-        "format": FORMAT if reference_set.model.kissme is None else FORMAT_KISSME,
+        "format": _format(reference_set.model),
         "product": reference_set.product,
         "version": version,
         "created": created,
@@ -312,6 +361,10 @@ def _summary(reference_set: ReferenceSet, version: int, created: str, arrays_sha
         "arrays": ARRAYS,
         "arrays_sha256": arrays_sha256,
     }
+    if isinstance(reference_set.model, PositionReference):
+        grid = reference_set.model.grid
+        summary["positions"] = {"rows": grid.rows, "cols": grid.cols, "channels": grid.channels, "stride": grid.stride,
+                                "offset": grid.offset}
     summary["checksum"] = _summary_checksum(summary)
     _check_summary(summary, Path(reference_set.product))  # never write what load would refuse
     return summary
@@ -336,8 +389,13 @@ def _plain(value):
     return value
 
 
-def _npz_bytes(model: ReferenceModel) -> bytes:
+def _npz_bytes(model: ReferenceModel | PositionReference) -> bytes:
     buffer = io.BytesIO()
+    if isinstance(model, PositionReference):
+        np.savez(buffer, position_mean=np.asarray(model.mean, dtype=np.float32),
+                 position_precision=np.asarray(model.precision, dtype=np.float32),
+                 position_typical=np.asarray(model.typical, dtype=np.float32))
+        return buffer.getvalue()
     names = list(_ARRAY_SHAPES) + (list(_LEARNED_SHAPES) if model.kissme is not None else [])
     np.savez(buffer, **{name: np.asarray(getattr(model, name), dtype=np.float64) for name in names})
     return buffer.getvalue()
