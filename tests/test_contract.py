@@ -51,7 +51,7 @@ def test_the_verdict_schema_names_what_the_code_produces():
                            soart3_precision=np.eye(3), kissme=np.eye(4))  # every distance, learned one too
     grid = FeatureGrid(rows=1, cols=2, channels=2, stride=8)
     positions = PositionReference(mean=np.zeros((2, 2), np.float32), precision=np.tile(np.eye(2, dtype=np.float32), (2, 1, 1)),
-                                  grid=grid)  # a per-position model's verdicts: position only
+                                  typical=np.zeros(2, np.float32), grid=grid)  # a per-position model's verdicts: position only
     described = verdict["distances"]["properties"]
     required = [alternative["required"] for alternative in verdict["distances"]["anyOf"]]
     for produced in (set(distances(rng.normal(size=(2, 4)), model)), set(distances(rng.normal(size=(2, 4)), positions))):

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
-from calibration import fit, workflow
+from calibration import fit, positions, workflow
 from export.gate import gate_failures
 from station.core import metrics
 from station.core import reference_set as reference_sets
@@ -144,7 +144,7 @@ def test_a_parts_score_is_the_same_bits_alone_and_in_a_batch():
     rng = np.random.default_rng(1)
     grid = FeatureGrid(10, 12, 32, 8)
     maps = rng.normal(size=(200, grid.size))
-    model, _ = fit.fit_position_model(maps, grid)
+    model, _ = positions.fit_position_model(maps, grid)
     batch = position_scores(maps[:70], model)
     for i in (0, 33, 69):
         alone = position_scores(maps[i : i + 1], model)
@@ -184,7 +184,7 @@ def test_calibration_fits_the_position_metric_out_of_fold_and_saves_format_3(fil
     loaded = reference_sets.load(files["root"] / "refs" / "A")
     assert isinstance(loaded.model, PositionReference) and loaded.threshold == pytest.approx(calibration.threshold)
     # out of fold: an in-sample threshold would sit below the good parts' held-out scores
-    model, _ = fit.fit_position_model(embedder.embed_images([good_frame(i) for i in range(160)], FRAME_ROI),
+    model, _ = positions.fit_position_model(embedder.embed_images([good_frame(i) for i in range(160)], FRAME_ROI),
                                       embedder.info.positions)
     in_sample = position_scores(embedder.embed_images([good_frame(i) for i in range(160)], FRAME_ROI), model).score
     assert np.quantile(in_sample, 0.995) < calibration.threshold

@@ -15,12 +15,8 @@ with allow_pickle=False: nothing is unpickled.
 
 Format 1 holds the three fixed scores; format 2 (written only when the set
 carries a learned KISSME metric, arrays.npz then also holds "kissme") adds it.
-Format 3 is a per-position model's set (scoring.PositionReference): reference.yaml names the
-feature grid (`positions`: rows, cols, channels, stride, offset) and the one metric, `position`;
-arrays.npz holds "position_mean" (P, C), "position_precision" (P, C, C: the inverse of each
-position's OAS-shrunk covariance) and "position_typical" (P: the good parts' median distance at
-each position, out of fold, which locates a defect between cells), float32. All three load, so a station rolls back across them
-(the model must match each set, as always: a set names the model it was calibrated for).
+Format 3 is a per-position model's (station/core/reference_positions.py). All three load, so a
+station rolls back across them.
 """
 from __future__ import annotations
 
@@ -41,7 +37,7 @@ import yaml
 from station.core.version import __version__
 from station.core.errors import ConfigError, StationError
 from station.core.product import product_name_problem
-from station.core.preprocess import FeatureGrid
+from station.core import reference_positions
 from station.core.scoring import ALL_SCORES, POSITION_SCORES, SCORES, PositionReference, ReferenceModel
 from station.core.state_dir import WriterLock, unwritable_folder
 from station.core.user_files import parse_yaml, read_bytes, read_text
@@ -164,7 +160,8 @@ def load(root: Path, version: int | None = None) -> ReferenceSet:
     if hashlib.sha256(arrays_bytes).hexdigest() != summary["arrays_sha256"]:
         raise ReferenceSetError(f"{folder / ARRAYS}: checksum mismatch (corrupted)")
     if summary["format"] == FORMAT_POSITIONS:
-        model = _positions_from_npz(arrays_bytes, folder / ARRAYS, _grid(summary))
+        model = reference_positions.model_from_npz(arrays_bytes, folder / ARRAYS, reference_positions.grid(summary),
+                                                   ReferenceSetError)
     else:
         model = _model_from_npz(arrays_bytes, folder / ARRAYS, int(summary["embedding_dim"]),
                                 learned=summary["format"] == FORMAT_KISSME)
@@ -196,17 +193,8 @@ def _check_summary(summary: dict, where: Path):
     if summary["embedding_dim"] < 1 or summary["n_good"] < 1:
         refuse("embedding_dim" if summary["embedding_dim"] < 1 else "n_good", "must be at least 1")
     known = {FORMAT_KISSME: ALL_SCORES, FORMAT_POSITIONS: POSITION_SCORES}.get(summary["format"], SCORES)
-    if summary["format"] == FORMAT_POSITIONS:
-        grid = summary.get("positions")
-        if not isinstance(grid, dict):
-            refuse("positions", "missing (rows, cols, channels, stride of the model's feature map)")
-        for key in ("rows", "cols", "channels", "stride", "offset"):
-            value = grid.get(key)
-            if not isinstance(value, int) or isinstance(value, bool) or (value < 1 and key != "offset"):
-                refuse(f"positions.{key}", f"must be an integer{'' if key == 'offset' else ' >= 1'}, is {value!r}")
-        if grid["rows"] * grid["cols"] * grid["channels"] != summary["embedding_dim"]:
-            refuse("positions", f"{grid['rows']}x{grid['cols']} positions x {grid['channels']} channels is not "
-                                f"embedding_dim {summary['embedding_dim']}")
+    if summary["format"] == FORMAT_POSITIONS and (problem := reference_positions.summary_problem(summary)):
+        refuse(*problem)
     if summary["metric"] not in known:
         refuse("metric", f"unknown metric {summary['metric']!r} (this format knows {', '.join(known)})")
     for name, value in summary["thresholds"].items():
@@ -235,28 +223,6 @@ def _model_from_npz(data: bytes, where: Path, dim: int, learned: bool = False) -
         if fields[name].shape != expected or not np.all(np.isfinite(fields[name])):
             raise ReferenceSetError(f"{where}: {name} has shape {fields[name].shape}, expected finite {expected}")
     return ReferenceModel(**fields)
-
-
-def _grid(summary: dict) -> FeatureGrid:
-    grid = summary["positions"]
-    return FeatureGrid(grid["rows"], grid["cols"], grid["channels"], grid["stride"], grid["offset"])
-
-
-def _positions_from_npz(data: bytes, where: Path, grid: FeatureGrid) -> PositionReference:
-    expected = {"position_mean": (grid.positions, grid.channels),
-                "position_precision": (grid.positions, grid.channels, grid.channels),
-                "position_typical": (grid.positions,)}
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
-            fields = {name: np.array(arrays[name]) for name in expected}
-    except Exception as exc:  # numpy and zipfile raise many types for damaged bytes (BadZipFile, EOFError, ...)
-        raise ReferenceSetError(f"{where}: unusable arrays: {exc or type(exc).__name__}") from None
-    for name, shape in expected.items():
-        array = fields[name]
-        if array.dtype != np.float32 or array.shape != shape or not np.all(np.isfinite(array)):
-            raise ReferenceSetError(f"{where}: {name} is {array.dtype} {array.shape}, expected finite float32 {shape}")
-    return PositionReference(mean=fields["position_mean"], precision=fields["position_precision"],
-                             typical=fields["position_typical"], grid=grid)
 
 
 _ARRAY_SHAPES = {"reference": ("d",), "precision": ("d", "d"), "soart3_mean": (3,), "soart3_precision": (3, 3)}
@@ -339,9 +305,7 @@ def _rollback(root: Path, version: int | None) -> int:
 
 
 def _format(model) -> str:
-    if isinstance(model, PositionReference):
-        return FORMAT_POSITIONS
-    return FORMAT if model.kissme is None else FORMAT_KISSME
+    return FORMAT_POSITIONS if isinstance(model, PositionReference) else FORMAT if model.kissme is None else FORMAT_KISSME
 
 
 def _summary(reference_set: ReferenceSet, version: int, created: str, arrays_sha256: str) -> dict:
@@ -362,9 +326,7 @@ def _summary(reference_set: ReferenceSet, version: int, created: str, arrays_sha
         "arrays_sha256": arrays_sha256,
     }
     if isinstance(reference_set.model, PositionReference):
-        grid = reference_set.model.grid
-        summary["positions"] = {"rows": grid.rows, "cols": grid.cols, "channels": grid.channels, "stride": grid.stride,
-                                "offset": grid.offset}
+        summary["positions"] = reference_positions.summary_grid(reference_set.model.grid)
     summary["checksum"] = _summary_checksum(summary)
     _check_summary(summary, Path(reference_set.product))  # never write what load would refuse
     return summary
@@ -392,9 +354,7 @@ def _plain(value):
 def _npz_bytes(model: ReferenceModel | PositionReference) -> bytes:
     buffer = io.BytesIO()
     if isinstance(model, PositionReference):
-        np.savez(buffer, position_mean=np.asarray(model.mean, dtype=np.float32),
-                 position_precision=np.asarray(model.precision, dtype=np.float32),
-                 position_typical=np.asarray(model.typical, dtype=np.float32))
+        np.savez(buffer, **reference_positions.arrays(model))
         return buffer.getvalue()
     names = list(_ARRAY_SHAPES) + (list(_LEARNED_SHAPES) if model.kissme is not None else [])
     np.savez(buffer, **{name: np.asarray(getattr(model, name), dtype=np.float64) for name in names})
