@@ -16,7 +16,7 @@ from scipy.stats import beta, norm, rankdata
 
 from station.core import metrics
 from station.core.errors import StationError
-from station.core.scoring import SCORES, ReferenceModel, score
+from station.core.scoring import SCORES, PositionReference, ReferenceModel, score
 
 FOLDS = 5
 MIN_GOOD_PARTS = 10
@@ -73,7 +73,7 @@ class MetricFit:
 
 @dataclass(frozen=True)
 class Calibration:
-    model: ReferenceModel
+    model: ReferenceModel | PositionReference
     covariance_shrinkage: float
     fits: dict[str, MetricFit]
     metric: str
@@ -379,3 +379,4 @@ def _check_choice(metric: str, fits: dict[str, MetricFit]):
         raise CalibrationError(f"unknown metric {metric!r}; one of {', '.join(fits)} or auto")
     if fits[metric].problem:
         raise CalibrationError(f"{metric}: {fits[metric].problem}; refusing this threshold")
+

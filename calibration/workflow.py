@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration import fit, report
+from calibration import fit, positions, report
 from calibration.evaluate import Evaluation, evaluate_embeddings
 from station.core.reference_set import ReferenceSet, check_product_name, save, verify_for_model, writing
 from station.core.errors import DataError, ImageReadError
@@ -147,10 +147,14 @@ def calibrate_embedded(
 
     `extra_statistics` (e.g. where the parts came from) is recorded in reference.yaml.
     """
-    calibration = fit.calibrate(
-        good_set.embeddings, None if defect_set is None else defect_set.embeddings,
-        metric=metric, target_false_reject=target_false_reject, min_good=min_good,
-    )
+    defects = None if defect_set is None else defect_set.embeddings
+    grid = embedder.info.positions
+    if grid is not None:  # a per-position model: its worst position (calibration/positions.py)
+        calibration = positions.calibrate_positions(good_set.embeddings, grid, defects, metric=metric,
+                                              target_false_reject=target_false_reject, min_good=min_good)
+    else:
+        calibration = fit.calibrate(good_set.embeddings, defects, metric=metric,
+                                    target_false_reject=target_false_reject, min_good=min_good)
     calibration.warnings[:0] = notes or []  # shown first and kept in reference.yaml
     return save_calibration(embedder, calibration, good_set, defect_set, out, product,
                             {"target_false_reject": target_false_reject, **(extra_statistics or {})}), calibration

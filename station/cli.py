@@ -106,7 +106,7 @@ def _demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from station.core.scoring import SCORES
+    from station.core.scoring import POSITION_SCORES, SCORES
 
     parser = argparse.ArgumentParser(
         prog="station",
@@ -147,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--defects", type=Path, action="append", default=[],
                      help="folder of defective parts (repeatable; subfolders name classes)")
     cal.add_argument("--out", type=Path, help="folder mode: reference set folder (a new version is added)")
-    cal.add_argument("--metric", choices=("auto", *SCORES), default="auto",
-                     help="score used for verdicts; auto = best AUROC on --defects (default auto)")
+    cal.add_argument("--metric", choices=("auto", *SCORES, *POSITION_SCORES), default="auto",
+                     help="score used for verdicts; auto = best AUROC on --defects (default auto; a per-position model: position)")
     cal.add_argument("--product", help="product name (default: the --out folder's name; camera mode: the config's product)")
     cal.add_argument("--target-false-reject", type=float, default=0.005,
                      help="good parts allowed to be rejected (default 0.005)")

@@ -14,7 +14,8 @@ import jsonschema
 import numpy as np
 import pytest
 
-from station.core.scoring import ALL_SCORES, ReferenceModel, distances
+from station.core.preprocess import FeatureGrid
+from station.core.scoring import ALL_SCORES, POSITION_SCORES, PositionReference, ReferenceModel, distances
 from station.core.verdict import NG, OK
 from station.runtime.commands import parse_command, CommandError
 from station.runtime.messages import SCHEMA_VERSION, encode
@@ -44,14 +45,18 @@ def test_encode_puts_the_schema_version_first():
 def test_the_verdict_schema_names_what_the_code_produces():
     verdict = schema("verdict")["properties"]
     assert verdict["verdict"]["enum"] == [OK, NG]
-    assert set(verdict["metric"]["enum"]) == set(ALL_SCORES)
+    assert set(verdict["metric"]["enum"]) == set(ALL_SCORES + POSITION_SCORES)
     rng = np.random.default_rng(0)
     model = ReferenceModel(reference=np.ones(4) / 2, precision=np.eye(4), soart3_mean=np.zeros(3),
                            soart3_precision=np.eye(3), kissme=np.eye(4))  # every distance, learned one too
-    produced = set(distances(rng.normal(size=(2, 4)), model))
+    grid = FeatureGrid(rows=1, cols=2, channels=2, stride=8)
+    positions = PositionReference(mean=np.zeros((2, 2), np.float32), precision=np.tile(np.eye(2, dtype=np.float32), (2, 1, 1)),
+                                  typical=np.zeros(2, np.float32), grid=grid)  # a per-position model's verdicts: position only
     described = verdict["distances"]["properties"]
-    assert produced <= set(described), f"distances not in the schema: {produced - set(described)}"
-    assert set(verdict["distances"]["required"]) <= produced
+    required = [alternative["required"] for alternative in verdict["distances"]["anyOf"]]
+    for produced in (set(distances(rng.normal(size=(2, 4)), model)), set(distances(rng.normal(size=(2, 4)), positions))):
+        assert produced <= set(described), f"distances not in the schema: {produced - set(described)}"
+        assert any(set(names) <= produced for names in required)
 
 
 def test_commands_speak_this_schema_version_or_none():

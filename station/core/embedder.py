@@ -13,12 +13,19 @@ from pathlib import Path
 import numpy as np
 
 from station.core.errors import ModelError
-from station.core.preprocess import InputSpec, Roi, preprocess
+from station.core.preprocess import FeatureGrid, InputSpec, Roi, preprocess
 from station.core.user_files import read_bytes
 
 # Keys of the model's metadata_props; `station export` writes every one.
 REQUIRED_METADATA = ("input_width", "input_height", "input_layout", "pixel_scale", "embedding_dim", "arch", "quantization")
-OPTIONAL_METADATA = ("members", "batch_independent", "data_fingerprint", "trained_on", "created", "station_version")
+OPTIONAL_METADATA = ("members", "batch_independent", "data_fingerprint", "trained_on", "created", "station_version",
+                     "backbone")
+# A per-position model (export/positions.py) says so with all three: its `embedding` is the feature map,
+# row-major positions then channels; `positions` "ROWSxCOLS", `position_channels` C, `position_stride` the
+# model-input pixels per cell; optionally `position_offset`, where cell 0's block starts (model-input
+# pixels, default 0: preprocess.FeatureGrid). Plain models carry none of them.
+POSITION_METADATA = ("positions", "position_channels", "position_stride")
+POSITION_OFFSET = "position_offset"
 INPUT_NAME = "input"
 OUTPUT_NAME = "embedding"
 MAX_MODEL_BYTES = (2 << 30) - 1  # protobuf's limit: a larger ONNX model keeps its weights outside the file
@@ -41,6 +48,7 @@ class ModelInfo:
     arch: str
     quantization: str
     extra: dict[str, str]
+    positions: FeatureGrid | None = None  # a per-position model's map; None for a plain embedding
 
     @property
     def short_id(self) -> str:
@@ -68,7 +76,31 @@ def _parse_metadata(path: Path, sha256: str, props: dict[str, str]) -> ModelInfo
         path=path, sha256=sha256, input_spec=spec, embedding_dim=embedding_dim,
         arch=props["arch"], quantization=props["quantization"],
         extra={key: props[key] for key in OPTIONAL_METADATA if key in props},
+        positions=_parse_positions(path, props, embedding_dim),
     )
+
+
+def _parse_positions(path: Path, props: dict[str, str], embedding_dim: int) -> FeatureGrid | None:
+    """The feature grid of a per-position model, None for a plain one; a partial or inconsistent one is refused."""
+    present = [key for key in POSITION_METADATA if key in props]
+    if not present:
+        return None
+    if len(present) != len(POSITION_METADATA):
+        missing = [key for key in POSITION_METADATA if key not in props]
+        raise ModelError(f"{path}: per-position metadata is incomplete: has {', '.join(present)}, "
+                         f"lacks {', '.join(missing)}")
+    try:
+        rows, cols = (int(part) for part in props["positions"].lower().split("x"))
+        grid = FeatureGrid(rows, cols, int(props["position_channels"]), int(props["position_stride"]),
+                           int(props.get(POSITION_OFFSET, "0")))
+    except (ValueError, Exception) as exc:  # "7x" or "ax3" (ValueError), sizes below 1 (DataError)
+        raise ModelError(f"{path}: invalid per-position metadata (positions {props['positions']!r}, "
+                         f"position_channels {props['position_channels']!r}, position_stride "
+                         f"{props['position_stride']!r}, {POSITION_OFFSET} {props.get(POSITION_OFFSET)!r}): {exc}") from exc
+    if grid.size != embedding_dim:
+        raise ModelError(f"{path}: per-position metadata {grid.rows}x{grid.cols} positions x {grid.channels} "
+                         f"channels = {grid.size} values, but embedding_dim is {embedding_dim}")
+    return grid
 
 
 def build_session(model: Path | bytes, threads: int = 1, spinning: bool = False):

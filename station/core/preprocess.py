@@ -150,3 +150,76 @@ def preprocess(frames, spec: InputSpec, roi: Roi | None = None) -> np.ndarray:
     for i, frame in enumerate(frames):
         crops[i] = prepare_crop(frame, spec, roi)
     return to_model_input(crops, spec)
+
+
+# -- where a model-input pixel came from ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FeatureGrid:
+    """A per-position model's map: rows x cols cells of `channels` each, one cell per `stride` model-input pixels.
+
+    Read from the model's metadata (station/core/embedder.py: `positions`, `position_channels`,
+    `position_stride`, `position_offset`); the embedding is the map row-major, positions then channels.
+    Cell (row, col) stands for the stride x stride block of model-input pixels starting at
+    (col * stride + offset, row * stride + offset): where a small blob moves that cell most
+    (the model's exporter measures it; -stride/2 for the pretrained backbone, export/positions.py).
+    """
+
+    rows: int
+    cols: int
+    channels: int
+    stride: int
+    offset: int = 0
+
+    def __post_init__(self):
+        if min(self.rows, self.cols, self.channels, self.stride) < 1:
+            raise DataError(f"feature grid {self.rows}x{self.cols}x{self.channels}, stride {self.stride}: "
+                            "every size must be at least 1")
+
+    @property
+    def positions(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def size(self) -> int:
+        return self.positions * self.channels
+
+    def box_around(self, row: float, col: float, spec: InputSpec, cells: float = 1.5) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1) in model-input pixels: a box `cells` strides wide centred where the map says
+        (fractional row and column: scoring.locate_worst), rounded outwards and clipped to the input."""
+        half = cells * self.stride / 2.0
+        cx = col * self.stride + self.offset + self.stride / 2.0
+        cy = row * self.stride + self.offset + self.stride / 2.0
+        x0, y0 = max(math.floor(cx - half), 0), max(math.floor(cy - half), 0)
+        x1, y1 = min(math.ceil(cx + half), spec.width), min(math.ceil(cy + half), spec.height)
+        x0, y0 = min(x0, spec.width - 1), min(y0, spec.height - 1)
+        return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
+
+    def cell_box(self, index: int, spec: InputSpec) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1) in model-input pixels of position `index` (row-major): the stride x stride
+        block the cell stands for, clipped to the input; the cells of the first and last row and column
+        reach the input's edge (they stand for what lies beyond the grid too)."""
+        row, col = divmod(int(index), self.cols)
+        x0, y0 = col * self.stride + self.offset, row * self.stride + self.offset
+        x1 = spec.width if col == self.cols - 1 else x0 + self.stride
+        y1 = spec.height if row == self.rows - 1 else y0 + self.stride
+        x0, y0 = (0 if col == 0 else min(max(x0, 0), spec.width - 1)), (0 if row == 0 else min(max(y0, 0), spec.height - 1))
+        return x0, y0, min(max(x1, x0 + 1), spec.width), min(max(y1, y0 + 1), spec.height)
+
+
+def box_in_frame(box: tuple[int, int, int, int], spec: InputSpec, roi: Roi | None,
+                 frame_shape: tuple) -> tuple[int, int, int, int]:
+    """A box of model-input pixels (x0, y0, x1, y1) -> (x, y, width, height) in frame pixels.
+
+    The inverse of prepare_crop: the crop is the ROI (the whole frame without one) resized to the
+    model's input, model pixel j covering ROI pixels [j * roi/input, (j + 1) * roi/input)
+    (INTER_AREA's pixel-edge convention); the box is rounded outwards, so it always holds its cells.
+    """
+    if roi is None:
+        roi = Roi(0, 0, int(frame_shape[1]), int(frame_shape[0]))
+    sx, sy = roi.width / spec.width, roi.height / spec.height
+    x0, y0, x1, y1 = box
+    left, top = math.floor(x0 * sx + 1e-9), math.floor(y0 * sy + 1e-9)
+    right, bottom = math.ceil(x1 * sx - 1e-9), math.ceil(y1 * sy - 1e-9)
+    return roi.x + left, roi.y + top, max(right - left, 1), max(bottom - top, 1)

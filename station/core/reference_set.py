@@ -15,7 +15,8 @@ with allow_pickle=False: nothing is unpickled.
 
 Format 1 holds the three fixed scores; format 2 (written only when the set
 carries a learned KISSME metric, arrays.npz then also holds "kissme") adds it.
-Both load, so a station rolls back across them.
+Format 3 is a per-position model's (station/core/reference_positions.py). All three load, so a
+station rolls back across them.
 """
 from __future__ import annotations
 
@@ -36,13 +37,15 @@ import yaml
 from station.core.version import __version__
 from station.core.errors import ConfigError, StationError
 from station.core.product import product_name_problem
-from station.core.scoring import ALL_SCORES, SCORES, ReferenceModel
+from station.core import reference_positions
+from station.core.scoring import ALL_SCORES, POSITION_SCORES, SCORES, PositionReference, ReferenceModel
 from station.core.state_dir import WriterLock, unwritable_folder
 from station.core.user_files import parse_yaml, read_bytes, read_text
 
 FORMAT = "station-reference-set/1"
 FORMAT_KISSME = "station-reference-set/2"  # FORMAT plus the learned "kissme" array and metric
-FORMATS = (FORMAT, FORMAT_KISSME)
+FORMAT_POSITIONS = "station-reference-set/3"  # a per-position model's: position_mean, position_precision
+FORMATS = (FORMAT, FORMAT_KISSME, FORMAT_POSITIONS)
 CURRENT = "CURRENT"
 SUMMARY = "reference.yaml"
 ARRAYS = "arrays.npz"
@@ -60,7 +63,7 @@ class ReferenceSetError(StationError):
 
 @dataclass(frozen=True)
 class ReferenceSet:
-    model: ReferenceModel
+    model: ReferenceModel | PositionReference
     metric: str
     thresholds: dict[str, float]
     product: str
@@ -156,8 +159,12 @@ def load(root: Path, version: int | None = None) -> ReferenceSet:
     arrays_bytes = read_bytes(folder / ARRAYS, ReferenceSetError, MAX_ARRAYS_BYTES, "reference arrays")
     if hashlib.sha256(arrays_bytes).hexdigest() != summary["arrays_sha256"]:
         raise ReferenceSetError(f"{folder / ARRAYS}: checksum mismatch (corrupted)")
-    model = _model_from_npz(arrays_bytes, folder / ARRAYS, int(summary["embedding_dim"]),
-                            learned=summary["format"] == FORMAT_KISSME)
+    if summary["format"] == FORMAT_POSITIONS:
+        model = reference_positions.model_from_npz(arrays_bytes, folder / ARRAYS, reference_positions.grid(summary),
+                                                   ReferenceSetError)
+    else:
+        model = _model_from_npz(arrays_bytes, folder / ARRAYS, int(summary["embedding_dim"]),
+                                learned=summary["format"] == FORMAT_KISSME)
     return ReferenceSet(
         model=model,
         metric=summary["metric"],
@@ -185,7 +192,9 @@ def _check_summary(summary: dict, where: Path):
             refuse(key, f"must be {kind.__name__}, is {type(summary[key]).__name__}")
     if summary["embedding_dim"] < 1 or summary["n_good"] < 1:
         refuse("embedding_dim" if summary["embedding_dim"] < 1 else "n_good", "must be at least 1")
-    known = ALL_SCORES if summary["format"] == FORMAT_KISSME else SCORES
+    known = {FORMAT_KISSME: ALL_SCORES, FORMAT_POSITIONS: POSITION_SCORES}.get(summary["format"], SCORES)
+    if summary["format"] == FORMAT_POSITIONS and (problem := reference_positions.summary_problem(summary)):
+        refuse(*problem)
     if summary["metric"] not in known:
         refuse("metric", f"unknown metric {summary['metric']!r} (this format knows {', '.join(known)})")
     for name, value in summary["thresholds"].items():
@@ -295,9 +304,13 @@ def _rollback(root: Path, version: int | None) -> int:
     return version
 
 
+def _format(model) -> str:
+    return FORMAT_POSITIONS if isinstance(model, PositionReference) else FORMAT if model.kissme is None else FORMAT_KISSME
+
+
 def _summary(reference_set: ReferenceSet, version: int, created: str, arrays_sha256: str) -> dict:
     summary = {
-        "format": FORMAT if reference_set.model.kissme is None else FORMAT_KISSME,
+        "format": _format(reference_set.model),
         "product": reference_set.product,
         "version": version,
         "created": created,
@@ -312,6 +325,8 @@ def _summary(reference_set: ReferenceSet, version: int, created: str, arrays_sha
         "arrays": ARRAYS,
         "arrays_sha256": arrays_sha256,
     }
+    if isinstance(reference_set.model, PositionReference):
+        summary["positions"] = reference_positions.summary_grid(reference_set.model.grid)
     summary["checksum"] = _summary_checksum(summary)
     _check_summary(summary, Path(reference_set.product))  # never write what load would refuse
     return summary
@@ -336,8 +351,11 @@ def _plain(value):
     return value
 
 
-def _npz_bytes(model: ReferenceModel) -> bytes:
+def _npz_bytes(model: ReferenceModel | PositionReference) -> bytes:
     buffer = io.BytesIO()
+    if isinstance(model, PositionReference):
+        np.savez(buffer, **reference_positions.arrays(model))
+        return buffer.getvalue()
     names = list(_ARRAY_SHAPES) + (list(_LEARNED_SHAPES) if model.kissme is not None else [])
     np.savez(buffer, **{name: np.asarray(getattr(model, name), dtype=np.float64) for name in names})
     return buffer.getvalue()

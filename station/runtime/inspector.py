@@ -60,7 +60,10 @@ class Inspector:
         if self.regions:
             crops = split_crops(crops, len(self.regions))
         embeddings = self.embedder.embed(to_model_input(crops, self.embedder.input_spec))
-        return judge_regions(embeddings, self.regions) if self.regions else judge(embeddings, self.reference_set)
+        spec = self.embedder.input_spec  # with a per-position model, the worst position is placed through it
+        if self.regions:
+            return judge_regions(embeddings, self.regions, spec)
+        return judge(embeddings, self.reference_set, spec, self.roi)
 
     def describe(self) -> dict:
         return {

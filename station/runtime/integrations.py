@@ -15,6 +15,15 @@ from station.runtime.discovery import Discovery
 from station.runtime.snapshot import Snapshots
 
 
+def _box_in_region(message: dict, roi) -> tuple[int, int, int, int] | None:
+    """A per-position verdict's worst position (frame pixels) in the pixels of the snapshot's region."""
+    box = message.get("worst_position")
+    if box is None:
+        return None
+    x0, y0 = (roi.x, roi.y) if roi is not None else (0, 0)
+    return box["x"] - x0, box["y"] - y0, box["width"], box["height"]
+
+
 class Integrations:
     def __init__(self, daemon):
         self.daemon = daemon
@@ -47,7 +56,7 @@ class Integrations:
         if self.snapshots is not None:
             for message, frame in zip(verdicts, frames):
                 if message["verdict"] == NG and self.snapshots.wants():
-                    self.snapshots.offer(crop(frame.image, inspector.roi))
+                    self.snapshots.offer(crop(frame.image, inspector.roi), _box_in_region(message, inspector.roi))
         if self.opcua is not None and verdicts:
             stats = self.daemon.stats
             self.opcua.update(verdict=verdicts[-1]["verdict"], score=verdicts[-1]["score"], seq=verdicts[-1]["seq"],

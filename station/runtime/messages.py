@@ -38,9 +38,11 @@ def _finite_or_none(value: float) -> float | None:
 def verdict_message(
     *, station: str, seq: int, source: str, part_id: str | None, product: str, judgement: Judgement,
     threshold: float, metric: str, model_id: str, reference_version: int, latency_ms: float, ts: str,
-    verdict_id: str | None = None, camera_ts: int | None = None,
+    verdict_id: str | None = None, camera_ts: int | None = None, frame_shape: tuple | None = None,
 ) -> dict:
-    """`camera_ts`: the camera's own timestamp of the frame (GenICam), in ns of its clock; only then in the message."""
+    """`camera_ts`: the camera's own timestamp of the frame (GenICam), in ns of its clock; only then in the message.
+    `frame_shape`: the judged frame's (height, width, ...), to place a per-position model's worst cell
+    (`worst_position`, frame pixels) when the crop was the whole frame."""
     message = {
         "station": station,
         "seq": seq,
@@ -60,18 +62,30 @@ def verdict_message(
     }
     if camera_ts is not None:
         message["camera_ts_ns"] = camera_ts
+    if getattr(judgement, "position", None) is not None:  # a per-position model
+        message["worst_position"] = worst_position(judgement.position, frame_shape)
     if getattr(judgement, "regions", None):  # rois: (station/runtime/regions.py)
-        message.update(_regions_fields(judgement))
+        message.update(_regions_fields(judgement, frame_shape))
     return message
 
 
-def _regions_fields(part) -> dict:
+def worst_position(position, frame_shape: tuple | None) -> dict:
+    """Where a per-position model found the part least like the good ones: a box in frame pixels, and the
+    feature-map cell (row, col) it stands for. Without a frame shape a whole-frame crop is placed at the
+    model's input size."""
+    shape = frame_shape if frame_shape is not None else (position.spec.height, position.spec.width)
+    x, y, width, height = position.in_frame(shape)
+    return {"x": x, "y": y, "width": width, "height": height, "row": position.row, "col": position.col}
+
+
+def _regions_fields(part, frame_shape: tuple | None) -> dict:
     """A part judged in several regions: threshold, metric and reference of its worst region, and every region."""
     worst = part.worst
     return {"threshold": worst.threshold, "metric": worst.metric, "reference": worst.reference, "rois": [
         {"name": r.name, "product": r.product, "verdict": r.verdict, "score": _finite_or_none(r.score),
          "threshold": r.threshold, "metric": r.metric, "reference": r.reference,
-         "distances": {name: _finite_or_none(value) for name, value in r.distances.items()}}
+         "distances": {name: _finite_or_none(value) for name, value in r.distances.items()},
+         **({} if r.position is None else {"worst_position": worst_position(r.position, frame_shape)})}
         for r in part.regions]}
 
 
@@ -98,7 +112,7 @@ def part_messages(station: str, product: str, reference, model_id: str, ready: f
             station=station, seq=seq, source=frame.source, part_id=part_id or frame.part_id,
             camera_ts=frame.camera_ts, product=product, judgement=judgement, threshold=reference.threshold,
             metric=reference.metric, model_id=model_id, reference_version=reference.version,
-            latency_ms=(ready - frame.grabbed_at) * 1000.0, ts=ts,
+            latency_ms=(ready - frame.grabbed_at) * 1000.0, ts=ts, frame_shape=frame.image.shape,
         )
 
     return build

@@ -10,13 +10,13 @@ and in the batch), and scores each region against its own product's reference se
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from station.core import reference_set as reference_sets
 from station.core.preprocess import Roi, prepare_crop
-from station.core.verdict import NG, OK, judge
+from station.core.verdict import NG, OK, WorstPosition, judge
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class RegionJudgement:
     threshold: float
     metric: str
     reference: int  # reference set version
+    position: WorstPosition | None = None  # per-position models: the region's worst cell, placed in its own ROI
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,11 @@ class PartJudgement:
     distances: dict[str, float]
     worst: RegionJudgement
     regions: tuple[RegionJudgement, ...]
+
+    @property
+    def position(self) -> WorstPosition | None:
+        """The worst region's worst position (per-position models), as a single crop's judgement has it."""
+        return self.worst.position
 
 
 def _margin(region: RegionJudgement) -> float:
@@ -84,9 +90,10 @@ def split_crops(pictures: np.ndarray, count: int) -> np.ndarray:
     return pictures.reshape(frames, height, count, width).transpose(0, 2, 1, 3).reshape(frames * count, height, width)
 
 
-def judge_regions(embeddings: np.ndarray, regions: tuple[Region, ...]) -> list[PartJudgement]:
+def judge_regions(embeddings: np.ndarray, regions: tuple[Region, ...], spec=None) -> list[PartJudgement]:
     """(frames*regions, dim) embeddings, frame-major -> one PartJudgement per frame.
-    Regions of one product are scored together, in one vectorized pass per reference set."""
+    Regions of one product are scored together, in one vectorized pass per reference set; `spec`
+    (the model's input) places a per-position model's worst cell in each region's ROI."""
     count = len(regions)
     frames = len(embeddings) // count
     per_frame: list[list] = [[None] * count for _ in range(frames)]
@@ -96,9 +103,10 @@ def judge_regions(embeddings: np.ndarray, regions: tuple[Region, ...]) -> list[P
     for indices in by_product.values():
         references = regions[indices[0]].reference_set
         rows = (np.arange(frames)[:, None] * count + np.asarray(indices)[None, :]).reshape(-1)
-        for row, judgement in zip(rows.tolist(), judge(embeddings[rows], references)):
+        for row, judgement in zip(rows.tolist(), judge(embeddings[rows], references, spec)):
             frame, index = divmod(row, count)
+            position = judgement.position and replace(judgement.position, roi=regions[index].roi)  # its own ROI
             per_frame[frame][index] = RegionJudgement(
                 regions[index].name, regions[index].product, judgement.verdict, judgement.score,
-                judgement.distances, references.threshold, references.metric, references.version)
+                judgement.distances, references.threshold, references.metric, references.version, position)
     return [part_judgement(judgements) for judgements in per_frame]

@@ -5,6 +5,8 @@ JPEG quality steps down, then the picture is scaled down, until it fits.
 The loop only hands over the region (a copy); a thread encodes and publishes,
 so a large region never holds up judging. Published live (QoS 0, retained):
 while offline a snapshot is dropped and the next NG part's supersedes it.
+With a per-position model the verdict's worst position is drawn on it (a red box), so an operator
+sees where the defect is.
 """
 from __future__ import annotations
 
@@ -19,6 +21,25 @@ log = logging.getLogger(__name__)
 
 QUALITIES = (90, 75, 60, 45, 30)
 SHRINK = 0.7  # scale per step once the lowest quality is still too large
+MARK_BGR = (0, 0, 255)  # the worst position's box: red
+
+
+def mark_box(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """A BGR copy of the picture with a box (x, y, width, height, picture pixels) drawn around it: a red
+    frame about 1/100 of the picture's larger side thick (at least 2 pixels: JPEG keeps colour at half
+    resolution, and a 1-pixel red line fades to grey), just outside the box where there is room, so
+    what is inside stays visible."""
+    picture = to_bgr8(image)
+    picture = cv2.cvtColor(picture, cv2.COLOR_GRAY2BGR) if picture.ndim == 2 else picture.copy()
+    height, width = picture.shape[:2]
+    thickness = max(2, round(max(height, width) / 100))
+    x, y, w, h = box
+    outer = (max(y - thickness, 0), min(y + h + thickness, height), max(x - thickness, 0), min(x + w + thickness, width))
+    inner = (max(y, 0), min(y + h, height), max(x, 0), min(x + w, width))
+    inside = picture[inner[0] : inner[1], inner[2] : inner[3]].copy()
+    picture[outer[0] : outer[1], outer[2] : outer[3]] = MARK_BGR
+    picture[inner[0] : inner[1], inner[2] : inner[3]] = inside
+    return picture
 
 
 def to_bgr8(image: np.ndarray) -> np.ndarray:
@@ -54,7 +75,7 @@ class Snapshots:
         self.publisher, self.interval, self.max_bytes, self._clock = publisher, interval, max_bytes, clock
         self.published = 0
         self._last = -float("inf")
-        self._slot: np.ndarray | None = None
+        self._slot: tuple | None = None  # (region, box)
         self._ready = threading.Condition()
         self._closed = False
         self._generation = 0  # advanced by clear(): a picture taken before a changeover is not published after it
@@ -65,11 +86,12 @@ class Snapshots:
         """Is it time for another snapshot? (cheap: called for every NG part)"""
         return self._clock() - self._last >= self.interval
 
-    def offer(self, region: np.ndarray):
-        """The region of an NG part (a view is fine: it is copied here)."""
+    def offer(self, region: np.ndarray, box: tuple[int, int, int, int] | None = None):
+        """The region of an NG part (a view is fine: it is copied here); `box`: where its worst position is,
+        (x, y, width, height) in the region's pixels, drawn by the encoding thread."""
         self._last = self._clock()
         with self._ready:
-            self._slot = region.copy()
+            self._slot = (region.copy(), box)
             self._ready.notify()
 
     def clear(self):
@@ -92,9 +114,9 @@ class Snapshots:
                     self._ready.wait()
                 if self._closed:
                     return
-                region, self._slot, generation = self._slot, None, self._generation
+                (region, box), self._slot, generation = self._slot, None, self._generation
             try:
-                jpeg = encode_jpeg(region, self.max_bytes)
+                jpeg = encode_jpeg(region if box is None else mark_box(region, box), self.max_bytes)
             except cv2.error as exc:  # an image OpenCV cannot encode: the verdict stands, the picture is skipped
                 log.warning("NG snapshot not encoded: %s", exc)
                 continue
