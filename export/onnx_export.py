@@ -218,7 +218,16 @@ def model_metadata(info: dict, spec: InputSpec, quantization: str) -> dict[str, 
         "trained_on": ",".join(info.get("trained_on", [])),  # image digests; calibration sets them aside
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "station_version": __version__,
+        "backbone": backbone_description() if info["arch"] == "lite0" else "none (trained from scratch)",
     }
+
+
+def backbone_description() -> str:
+    """Where a pretrained trunk's weights came from: the pinned package and the file's digest."""
+    from export.backbone import WEIGHTS_LICENCE, WEIGHTS_PACKAGE, WEIGHTS_SHA256, WEIGHTS_VERSION
+
+    return (f"efficientnet-lite0 ({WEIGHTS_PACKAGE}=={WEIGHTS_VERSION}, sha256 {WEIGHTS_SHA256[:16]}, "
+            f"{WEIGHTS_LICENCE}), ImageNet weights, frozen")
 
 
 # ---- gate --------------------------------------------------------------------------------
