@@ -44,7 +44,10 @@ class Choice:
 
     def line(self) -> str:
         text = f"chose {self.chosen.candidate.name}"
-        if self.runner_up is not None and self.confidence is not None:
+        if self.runner_up is not None and self.runner_up.auroc == self.chosen.auroc:
+            text += (f": tied on calibration AUROC ({self.chosen.auroc:.4f}) with {self.runner_up.candidate.name}; "
+                     "fewer escapes at the threshold, then the list's order, decided")
+        elif self.runner_up is not None and self.confidence is not None:
             text += (f": AUROC above the runner-up {self.runner_up.candidate.name} in {self.confidence:.0%} of "
                      f"{RESAMPLES} paired resamples of the calibration part")
         return text + (f" ({self.note})" if self.note else "")
