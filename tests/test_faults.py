@@ -476,7 +476,9 @@ def test_a_video_whose_frame_size_changes_mid_stream_gets_no_verdicts_for_the_ot
 def test_a_new_frame_size_is_judged_once_a_reload_accepts_it(tmp_path, station_files, broker, sim_dataset):
     folder = write_images(tmp_path / "camera", good_crops(sim_dataset, 4))
     recorder = Recorder(broker.host, broker.port, "plant/#")
-    config = write_config(tmp_path, station_files, broker, f"{{source: {folder}, loop: true, fps: 20}}")
+    # An ROI set on the first frames (without one, each photo is the whole part at its own size).
+    config = write_config(tmp_path, station_files, broker, f"{{source: {folder}, loop: true, fps: 20}}",
+                          roi="{x: 0, y: 0, width: 36, height: 26}")
     process = start_station(config)
     try:
         recorder.wait_for(lambda: len(recorder.on("/verdict")) >= 3, what="verdicts at 36x26")

@@ -1,9 +1,12 @@
 """The frame size the station judges: the one it checked at start. Frames of another size are not judged.
 
-A camera reconfigured, a stream renegotiated or a folder of mixed photos changes the frame size mid-run;
-judging such a frame would resize another picture to the model's input without a word and flip verdicts
-(the ROI may still fit). Such frames get a no_verdict with the reason and the state a `frame` problem,
-until the size returns or a reload or changeover accepts the new size (when every region fits it).
+A camera reconfigured or a stream renegotiated changes the frame size mid-run; with an ROI (or named
+regions) set on the first frames, judging such a frame would cut another picture's region and resize it
+to the model's input without a word and flip verdicts (the ROI may still fit). Such frames get a
+no_verdict with the reason and the state a `frame` problem, until the size returns or a reload or
+changeover accepts the new size (when every region fits it). Without an ROI the whole frame is the
+part, as in training, so a folder of photos of many sizes is judged photo by photo (each checked
+against the model's input, too small being refused).
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ class FrameSizes:
         size = self.latest = tuple(shape[:2])
         if size == self.accepted:
             return None
-        if self.accepted is None:  # no frame came before READY: the first one seen is checked now
+        if self.accepted is None or inspector.whole_frame:  # the first frame seen, or every photo its own part
             return self.accept(shape, inspector)
         accepted = size_text(self.accepted)
         return (f"frame size {size_text(size)} differs from the {accepted} the station checked: not judged "

@@ -49,6 +49,11 @@ class Inspector:
         spec = self.embedder.input_spec
         return self.roi, tuple(r.roi for r in self.regions), spec.width, spec.height
 
+    @property
+    def whole_frame(self) -> bool:
+        """No ROI and no regions: each frame is the part, at its own size (a folder of photos)."""
+        return self.roi is None and not self.regions
+
     def frame_problem(self, frame_shape: tuple | None) -> str | None:
         """Why frames of this shape cannot be judged (the ROI or a named region outside it, or too small for the
         model); None when they can. Without a shape: whether the configured regions are large enough."""
