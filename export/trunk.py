@@ -6,6 +6,7 @@ station compares its embedding with the mean embedding of good parts.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import os
 from pathlib import Path
@@ -129,6 +130,7 @@ class PretrainedTrunk(_Trunk):
 
     CUT = 16
     WIDTH = 128
+    MAX_REMEMBERED = 20_000  # feature maps kept while training (~16 KB each at 96x96)
 
     def __init__(self, height: int, width: int, embedding_dim: int = 128, batchnorm: bool = False,
                  standardize: bool = False, l2_normalize: bool = False):
@@ -146,6 +148,7 @@ class PretrainedTrunk(_Trunk):
 
         self.head = nn.Sequential(*conv(self.backbone.channels, 1), *conv(self.WIDTH, 3))
         self.project = nn.Linear(2 * self.WIDTH, embedding_dim)
+        self._features: dict[bytes, torch.Tensor] = {}  # the backbone's map of each crop seen
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -156,9 +159,24 @@ class PretrainedTrunk(_Trunk):
         if self.recentre:
             x = 0.5 + 0.2 * standardize(x, self.sample_shape)
         with torch.no_grad():  # frozen: no gradient is kept for the backbone's activations
-            features = self.backbone(x)
+            features = self.backbone(x) if torch.jit.is_tracing() else self._remembered(x)
         responses = self.head(features)
         return self.project(torch.cat([responses.amax(dim=(2, 3)), responses.mean(dim=(2, 3))], dim=1))
+
+    def _remembered(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen backbone's map of each crop, computed once: every epoch, and every validation, shows
+        the same crops again (export/train.py gives this trunk no augmentation), and the backbone is
+        nearly all of the cost. Synthetic anomalies are new each time; at most MAX_REMEMBERED are kept.
+        The exported graph (traced) always runs the backbone."""
+        keys = [hashlib.blake2b(row.numpy().tobytes(), digest_size=16).digest() for row in x]
+        missing = [i for i, key in enumerate(keys) if key not in self._features]
+        if missing:
+            computed = self.backbone(x[missing])
+            if len(self._features) + len(missing) <= self.MAX_REMEMBERED:
+                self._features.update((keys[i], computed[j]) for j, i in enumerate(missing))
+            fresh = dict(zip(missing, computed))
+            return torch.stack([fresh[i] if i in fresh else self._features[key] for i, key in enumerate(keys)])
+        return torch.stack([self._features[key] for key in keys])
 
 
 class Ensemble(nn.Module):

@@ -223,6 +223,17 @@ def test_the_pretrained_trunk_trains_its_head_only_and_exports_as_one_graph(sim_
     assert trained and all(torch.equal(value, pristine[name]) for name, value in trained.items())  # weights and BN stats
     head = model.head[0].weight
     assert not torch.equal(head, torch.nn.Conv2d(head.shape[1], head.shape[0], 1).weight)  # the head did train
+    # The backbone's maps are remembered per crop (training shows the same crops every epoch): the same
+    # embeddings as computing them afresh, in a batch or alone.
+    from export.trunk import standardize
+
+    x = torch.rand(5, 1, 32, 48)
+    with torch.no_grad():
+        maps = model.backbone(0.5 + 0.2 * standardize(x, model.sample_shape))
+        fresh = model.project(torch.cat([(r := model.head(maps)).amax(dim=(2, 3)), r.mean(dim=(2, 3))], 1))
+        fresh = fresh / torch.linalg.vector_norm(fresh, dim=1, keepdim=True)
+        assert torch.allclose(model(x), fresh, atol=1e-6) and torch.allclose(model(x[2:3]), fresh[2:3], atol=1e-6)
+    assert len(model._features) >= 5
     out = tmp_path / "lite.onnx"
     report = export_model(result.checkpoint, out, ExportOptions(fp32=True))
     assert report["passed"] and report["gate"]["torch_vs_fp32_max_abs_diff"] <= 1e-4
