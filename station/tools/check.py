@@ -162,8 +162,11 @@ def _roi_against_a_frame(config: StationConfig, spec: InputSpec | None) -> tuple
 def _first_frames(source):
     """At most one frame, waiting at most FRAME_WAIT seconds (a stream may not answer)."""
     feed = LatestFrame(source)
+    deadline = time.monotonic() + FRAME_WAIT
     try:
         frame = feed.peek(FRAME_WAIT)
+        while frame is not None and frame.problem is not None:  # an unreadable image: the next one tells the size
+            frame = feed.get(timeout=max(0.0, deadline - time.monotonic()))
         return [frame] if frame is not None else []
     finally:
         feed.close(timeout=1.0)
