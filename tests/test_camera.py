@@ -349,3 +349,17 @@ def test_a_finite_video_renamed_away_mid_way_is_read_to_its_end_once(tmp_path):
     assert not thread.is_alive() and source.state == "ended"
     assert [int(f.source) for f in frames] == list(range(120))  # every frame once, never from frame 0 again
     assert source.problem is None and source.reconnects == 0
+
+
+def test_a_file_too_large_for_any_image_is_refused_before_it_is_read(tmp_path):
+    folder = tmp_path / "camera"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), render_frame(render_part(1, 0), 1))
+    with open(folder / "b.png", "wb") as huge:  # sparse: 3 GB on paper, nothing on disk
+        huge.truncate(3_000_000_000)
+    started = time.monotonic()
+    frames = list(FolderSource(folder))
+    assert [f.source for f in frames] == ["a.png", "b.png"]
+    assert frames[0].problem is None
+    assert "b.png: is 3000 MB, more than an image of 50 MP can be: refused before reading" in frames[1].problem
+    assert time.monotonic() - started < 5  # refused from its size, not after reading 3 GB

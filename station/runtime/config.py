@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from station.core.errors import ConfigError
+from station.core.imagefolder import DEFAULT_MAX_PIXELS
 from station.core.product import product_name_problem
 from station.core.user_files import read_text
 from station.runtime.presence import JUDGE_ON, PresenceSettings
@@ -99,7 +100,7 @@ class CameraConfig(_Model):
     credentials_file: ConfigPath | None = None
     credentials_credential: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
     # Images larger than this are refused from their header, before decoding (decompression bombs).
-    max_pixels: int = Field(50_000_000, ge=1)
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
 
     @model_validator(mode="after")
     def _one_credentials_source(self):
