@@ -29,9 +29,8 @@ from calibration import workflow
 from calibration.fit import CalibrationError
 from station.core.reference_set import writing
 from station.core.state_dir import StateLock, open_state_dir
-from station.runtime.model_forms import same_input
 from station.runtime.sources import open_source
-from station.core.embedder import Embedder
+from station.core.embedder import Embedder, same_input
 from station.core.errors import ConfigError
 from station.core.preprocess import InputSpec, Roi, prepare_crop
 

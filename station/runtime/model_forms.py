@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from station.core.embedder import Embedder
+from station.core.embedder import Embedder, same_input
 from station.core.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -80,17 +80,9 @@ def _load(form: str, path, threads: int) -> Embedder:
     embedder = Embedder(path, threads=threads)
     found = form_of(embedder.info.quantization)
     if found != form:  # a swapped pair would judge with another form's thresholds
-        raise ModelError(f"{path}: model.{form} names a {embedder.info.quantization} model; give the {found} "
-                         f"file as model.{found}")
+        raise ModelError(f"{path} (model.{form}) is a {embedder.info.quantization} model, not the {form} form: "
+                         f"give it as model.{found}")
     return embedder
-
-
-def same_input(embedders: dict[str, Embedder], paths):
-    """Every form must see the same crop: frame sizes, regions and calibration are checked against one input."""
-    specs = {form: embedder.input_spec for form, embedder in embedders.items()}
-    if len(set(specs.values())) > 1:
-        said = "; ".join(f"{paths[form]}: {spec.width}x{spec.height} {spec.layout}" for form, spec in specs.items())
-        raise ModelError(f"the model's forms take different inputs ({said}): they must be forms of one model")
 
 
 def time_forms(embedders: dict[str, Embedder], regions: int = 1) -> dict[str, float]:
