@@ -352,7 +352,7 @@ class Daemon:
 
     def _status_line(self) -> str:
         d = self.inspector.describe()
-        return f"product {d['product']}, model {d['model']}, reference v{d['reference']:04d} ({d['metric']})"
+        return f"product {d['product']}, model {d['model']} {d['model_form']}, reference v{d['reference']:04d} ({d['metric']})"
 
     def _state(self) -> dict:
         return {

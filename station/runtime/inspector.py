@@ -17,6 +17,7 @@ from station.core.preprocess import Roi, prepare_crop, regions_problem, to_model
 from station.core.errors import ConfigError, StationError
 from station.core.verdict import judge
 from station.runtime.config import StationConfig
+from station.runtime.model_forms import FormChoice, choose, form_of
 from station.runtime.regions import Region, bounding_roi, crop_regions, judge_regions, split_crops
 
 
@@ -27,6 +28,7 @@ class Inspector:
     product: str
     roi: Roi | None  # with regions: the box around them all (the daemon checks it fits the frames)
     regions: tuple[Region, ...] = ()  # rois: in station.yaml (station/runtime/regions.py)
+    form: FormChoice | None = None  # with model: {FORM: PATH}, the form judging and what each cost here
 
     @classmethod
     def load(cls, model: Path, reference: Path, product: str | None, roi: Roi | None, threads: int = 1,
@@ -77,12 +79,18 @@ class Inspector:
             "reference": self.reference_set.version,
             "metric": self.reference_set.metric,
             "threshold": self.reference_set.threshold,
+            **(self.form.describe() if self.form else {"model_form": form_of(self.embedder.info.quantization)}),
         }
 
 
 def load_inspector(config: StationConfig, product: str | None = None, embedder: Embedder | None = None) -> Inspector:
     """The inspector for a configured product (default: the config's), loaded and cross-checked; `embedder`: one
-    already loaded from config.model (`station check` has), so the model is not loaded twice."""
+    already loaded from config.model (`station check` has), so the model is not loaded twice. With a model in
+    several forms, the faster on this CPU (or the pinned one) judges, with its own reference sets."""
+    form = None
+    if isinstance(config.model, dict):
+        form = choose(config)
+        config, embedder = config.for_form(form.form), form.embedder
     if config.products is None:
         path, name = config.reference, None
     else:
@@ -93,6 +101,7 @@ def load_inspector(config: StationConfig, product: str | None = None, embedder: 
     roi = config.roi.to_roi() if config.roi else None
     inspector = Inspector.load(config.model, path, name, roi, threads=config.runtime.threads, embedder=embedder)
     inspector = with_regions(inspector, config) if config.rois else inspector
+    inspector = replace(inspector, form=form) if form else inspector
     problem = inspector.frame_problem(None)
     if problem:
         raise ConfigError(f"{'rois' if config.rois else 'roi'}: {problem}")
