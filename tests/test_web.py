@@ -217,7 +217,6 @@ def test_the_open_page_live_view_filmstrip_statistics_and_pause(tmp_path, statio
         assert js(driver, "return document.getElementById('live-crop').naturalWidth") == 36 * 4  # the model's input
         assert driver.find_element("id", "live-verdict").text in ("OK", "NG")
         assert driver.find_element("id", "run-state").text == "running"
-        shot(driver, "live")
 
         # Filmstrip: an NG part with its kept crop; open it; freeze and step.
         driver.find_element("css selector", "nav button[data-tab=filmstrip]").click()
@@ -409,3 +408,59 @@ def test_a_second_station_on_the_same_port_is_told_which_key_to_change(tmp_path,
         out, _ = process.communicate(timeout=60)
     assert process.returncode == 78, out
     assert f"web: cannot serve the page on 127.0.0.1:{port}" in out and "web.port" in out and "Traceback" not in out
+
+
+@needs_chromium
+def test_the_live_view_marks_a_per_position_verdicts_worst_position(tmp_path, broker, chromium):  # noqa: F811
+    pytest.importorskip("torch")  # the per-position model is exported from a frozen torch backbone
+    from calibration import workflow
+    from export.positions import export_position_model
+    from station.core.embedder import Embedder
+    from station.core.simulated_line import FRAME_ROI
+    from tests.test_positions import BLOB, good_frame, with_blob
+
+    good, parts = tmp_path / "good", tmp_path / "parts"
+    good.mkdir()
+    parts.mkdir()
+    for index in range(160):
+        cv2.imwrite(str(good / f"good_{index:04d}.png"), good_frame(index))
+    export_position_model(8, (36, 26), tmp_path / "model.onnx")
+    workflow.calibrate_folders(Embedder(tmp_path / "model.onnx"), good, [], tmp_path / "refs" / "A", "A", roi=FRAME_ROI)
+    cv2.imwrite(str(parts / "b_blob.png"), with_blob(good_frame(3100)))
+    port = free_port()
+    roi = FRAME_ROI
+    config = tmp_path / "station.yaml"
+    config.write_text(
+        f"station: st1\ncamera: {{source: {parts}, loop: true, fps: 4}}\nmodel: {tmp_path / 'model.onnx'}\n"
+        f"reference: {tmp_path / 'refs' / 'A'}\nroi: {{x: {roi.x}, y: {roi.y}, width: {roi.width}, height: {roi.height}}}\n"
+        f"state_dir: {tmp_path / 'state'}\nmqtt: {{host: 127.0.0.1, port: {broker.port}, topic_prefix: plant}}\n"
+        f"web: {{port: {port}}}\n")
+    process = start_station(config)
+    output = Output(process)
+    driver = chromium
+    try:
+        output.wait_for("the station's page on http://127.0.0.1", WAIT)
+        driver.get(f"http://127.0.0.1:{port}/")
+        until(driver, lambda d: d.find_element("id", "live-verdict").text == "NG", "the blob's NG verdict")
+        box = fetch(driver, "GET", "/api/live")["data"]["verdict"]["worst_position"]
+        assert box["x"] <= BLOB[0] < box["x"] + box["width"] and box["y"] <= BLOB[1] < box["y"] + box["height"]
+        # The red box is drawn where the verdict says, on the picture the browser shows.
+        red = driver.execute_script("""
+            const img = document.getElementById('live-frame');
+            const canvas = document.createElement('canvas');
+            canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+            const g = canvas.getContext('2d'); g.drawImage(img, 0, 0);
+            const px = g.getImageData(0, 0, canvas.width, canvas.height).data;
+            let xs = [], ys = [];
+            for (let i = 0; i < px.length; i += 4) {
+              if (px[i] - px[i + 1] > 80) { xs.push((i / 4) % canvas.width); ys.push(Math.floor(i / 4 / canvas.width)); }
+            }
+            return xs.length ? [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)] : null;""")
+        assert red is not None, "no red box on the live picture"
+        assert box["x"] - 3 <= red[0] and red[1] <= box["x"] + box["width"] + 2
+        assert box["y"] - 3 <= red[2] and red[3] <= box["y"] + box["height"] + 2
+        shot(driver, "live")
+    finally:
+        process.terminate()
+        code = output.finish(30)
+    assert code == 0, output.text

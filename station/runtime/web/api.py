@@ -99,10 +99,11 @@ async def _checked(page, request: web.Request, handler):
     public = request.path in PUBLIC or request.path.startswith("/static/")
     if not page.open and session is None and not public:
         return _error(401, "log in first", login=True)
-    if request.method not in ("GET", "HEAD") and request.path != "/api/login":
+    if request.method not in ("GET", "HEAD"):
         origin = request.headers.get("Origin")
         if origin is not None and origin != f"{request.scheme}://{request.host}":
             return _error(403, "a request from another site's page is refused")
+    if request.method not in ("GET", "HEAD") and request.path != "/api/login":  # a login has no session yet
         expected = page.open_csrf if page.open else session.csrf
         if not csrf_matches(expected, request.headers.get("X-CSRF-Token")):
             return _error(403, "missing or wrong X-CSRF-Token (GET /api/me gives it)")

@@ -12,6 +12,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from station.core.verdict import NG
 
@@ -28,18 +29,15 @@ class Tally:
     latency_max: float | None = None
     latency_sum: float = 0.0
 
-    def add(self, verdicts: list[dict], no_verdicts: int):
-        self.no_verdicts += no_verdicts
-        if not verdicts:
-            return
-        ng = sum(1 for m in verdicts if m["verdict"] == NG)
+    def add(self, ok: int, ng: int, no_verdicts: int, low: float | None, high: float | None, total: float):
+        """One batch's figures (worked out once for both tallies: the loop pays for them once)."""
+        self.ok += ok
         self.ng += ng
-        self.ok += len(verdicts) - ng
-        latencies = [m["latency_ms"] for m in verdicts]
-        low, high = min(latencies), max(latencies)
-        self.latency_min = low if self.latency_min is None else min(self.latency_min, low)
-        self.latency_max = high if self.latency_max is None else max(self.latency_max, high)
-        self.latency_sum += sum(latencies)
+        self.no_verdicts += no_verdicts
+        if low is not None:
+            self.latency_min = low if self.latency_min is None or low < self.latency_min else self.latency_min
+            self.latency_max = high if self.latency_max is None or high > self.latency_max else self.latency_max
+            self.latency_sum += total
 
     def figures(self) -> dict:
         judged = self.ok + self.ng
@@ -51,8 +49,7 @@ class Tally:
         }
 
 
-@dataclass(frozen=True)
-class Latest:
+class Latest(NamedTuple):
     """The latest judged frame, its verdict message and the inspector that judged it (never copied: the
     frame is immutable once grabbed, and an Inspector is swapped whole at a reload)."""
 
@@ -79,11 +76,15 @@ class WebFeed:
     def judged(self, inspector, messages: list[dict], frames: list):
         """A stored batch (Integrations.judged): verdict and no_verdict messages in order, the frames judged."""
         verdicts = [m for m in messages if "verdict" in m]
+        ng = [m for m in verdicts if m["verdict"] == NG]
+        latencies = [m["latency_ms"] for m in verdicts]
+        figures = (len(verdicts) - len(ng), len(ng), len(messages) - len(verdicts),
+                   min(latencies, default=None), max(latencies, default=None), sum(latencies))
         with self._lock:
             self._results.extend(messages)
-            self._ng.extend(m for m in verdicts if m["verdict"] == NG)
-            for tally in (self.since_start, self.since_reset):
-                tally.add(verdicts, len(messages) - len(verdicts))
+            self._ng.extend(ng)
+            self.since_start.add(*figures)
+            self.since_reset.add(*figures)
         shown = min(len(verdicts), len(frames))  # verdicts and the frames they judged, pair by pair
         if shown:
             self._handed += 1

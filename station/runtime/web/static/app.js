@@ -261,7 +261,7 @@ async function pollStats() {  // on every tab: the header's broker badge comes f
   $("reset-since").textContent = `since reset: ${new Date(s.since_reset.since * 1000).toLocaleString()}`;
   const now = [["outbox depth", text(s.outbox_depth)], ["broker", s.broker], ["camera", s.camera],
                ["paused", s.paused ? "yes" : "no"], ["problems", s.problems.length ? s.problems.join("; ") : "none"],
-               ["up", `${Math.round(s.uptime_s)} s`]];
+               ["started", new Date(s.started * 1000).toLocaleString()], ["up", `${Math.round(s.uptime_s)} s`]];
   $("stats-now").replaceChildren(...now.flatMap(([k, v]) => {
     const dt = document.createElement("dt"); dt.textContent = k;
     const dd = document.createElement("dd"); dd.textContent = v; dd.dataset.key = k;
