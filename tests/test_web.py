@@ -1,7 +1,7 @@
 """The station's own page (issue 24): a real daemon process against a real mosquitto, its page driven in
 Debian's headless chromium through Debian's chromedriver (Selenium, given both by path: never a download).
 
-Screenshots of each page go to docs/ (docs/web-*.png) when WEB_SCREENSHOTS=1 is set.
+Screenshots of each page go to docs/ (docs/web-live.png, -filmstrip, -stats, -login) with WEB_SCREENSHOTS=1, else to $TMPDIR.
 """
 from __future__ import annotations
 

@@ -146,7 +146,7 @@ async function pollLive() {
 async function pollStrip() {
   if (tab !== "filmstrip" || frozen) return;
   const answer = await api("GET", `/api/results${$("ng-only").checked ? "?ng=1" : ""}`);
-  if (answer.status !== 200) return;
+  if (answer.status !== 200 || frozen) return;  // frozen while the answer was on its way: it is not shown
   const results = answer.data.results;
   if (results.length && strip.length && results[0].id === strip[0].id && results.length === strip.length) return;
   strip = results;
