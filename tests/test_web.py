@@ -464,3 +464,63 @@ def test_the_live_view_marks_a_per_position_verdicts_worst_position(tmp_path, br
         process.terminate()
         code = output.finish(30)
     assert code == 0, output.text
+
+
+def test_bad_requests_and_stalled_clients_neither_crash_nor_slow_the_station(tmp_path, station_files, broker):  # noqa: F811
+    import socket
+
+    port = free_port()
+    config = write_config(tmp_path, station_files, broker, '{source: "sim://?seed=5", fps: 40}', web=f"{{port: {port}}}")
+    recorder = Recorder(broker.host, broker.port, "plant/st1/verdict")
+    process = start_station(config)
+    output = Output(process)
+    base = f"http://127.0.0.1:{port}"
+    stalled = []
+    try:
+        output.wait_for("the station's page on http://127.0.0.1", WAIT)
+        with urllib.request.urlopen(f"{base}/api/me", timeout=10) as response:
+            csrf = json.loads(response.read())["csrf"]
+
+        def post(path: str, data: bytes) -> int:
+            return _status(urllib.request.Request(f"{base}{path}", data=data, headers={
+                "X-CSRF-Token": csrf, "Content-Type": "application/json"}))
+
+        for body in (b"\xff\xfe", b"[1, 2]", b'{"cmd": ["pause"]}', b'{"cmd": {"a": 1}}', b"{" * 5000, b"null"):
+            assert post("/api/command", body) == 400, body
+        assert post("/api/command", b'{"cmd": "' + b"x" * 100_000 + b'"}') == 413
+        assert post("/api/login", b'{"name": "a", "password": "b"}') == 400  # the open page has no users
+        for path in ("/static/..%2fserver.py", "/static/server.py", "/api/crops/..%2f..%2fetc%2fpasswd.jpg",
+                     "/api/crops/" + "a" * 5000 + ".jpg", "/api/results/" + "%00" * 100, "/api/stats/reset"):
+            assert _status(urllib.request.Request(f"{base}{path}")) in (404, 405), path
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:  # not HTTP at all
+            raw.sendall(b"\x16\x03\x01\x00garbage\r\n\r\n")
+            try:
+                answer = raw.recv(100)
+            except ConnectionResetError:
+                answer = b""
+            assert answer == b"" or answer.split(b" ")[1] == b"400", answer  # refused or closed
+        # Browsers that stall: requests never finished, answers never read.
+        for _ in range(30):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(b"GET /api/live/frame.jpg HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # no blank line: never ends
+            stalled.append(sock)
+        for _ in range(5):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(b"GET /api/results HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 50)  # answers pile up unread
+            stalled.append(sock)
+        before = max((v["seq"] for v in recorder.json_on("/verdict")), default=0)
+        wait_until(lambda: max((v["seq"] for v in recorder.json_on("/verdict")), default=0) > before + 40, WAIT,
+                   "verdicts while browsers stall")
+        with urllib.request.urlopen(f"{base}/api/state", timeout=10) as response:  # and the page answers others
+            assert json.loads(response.read())["station"] == "st1"
+        assert process.poll() is None
+    finally:
+        for sock in stalled:
+            sock.close()
+        process.terminate()
+        code = output.finish(30)
+        recorder.close()
+    assert code == 0, output.text
+    assert "Traceback" not in output.text

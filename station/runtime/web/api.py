@@ -307,7 +307,7 @@ async def _command(request):
     except DataError as exc:
         return _error(400, str(exc))
     cmd = body.get("cmd")
-    if cmd not in COMMANDS:
+    if not isinstance(cmd, str) or cmd not in COMMANDS:  # a list or object would not even hash
         return _error(400, f"cmd must be one of {', '.join(COMMANDS)}")
     if not _may(request, COMMANDS[cmd]):
         return _refused(request, cmd)
