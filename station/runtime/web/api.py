@@ -23,7 +23,7 @@ import reprlib
 from aiohttp import web
 
 from station.runtime.web.auth import csrf_matches
-from station.runtime.web.users import MAX_PASSWORD, dummy_hash, ROLES, check_password
+from station.runtime.web.users import MAX_PASSWORD, check_password, dummy_hash, role_may
 from station.core.errors import DataError
 
 log = logging.getLogger("station.runtime.web")
@@ -48,7 +48,8 @@ def _error(status: int, text: str, **extra) -> web.Response:
 
 
 def application(page) -> web.Application:
-    app = web.Application(middlewares=[_guarded(page)], client_max_size=16 * 1024)  # a login or a command is a few dozen bytes
+    # A login or a command is a few dozen bytes: anything much larger is refused before it is read.
+    app = web.Application(middlewares=[_guarded(page)], client_max_size=16 * 1024)
     app["page"] = page
     get, post = app.router.add_get, app.router.add_post
     get("/", _index)
@@ -116,7 +117,7 @@ def _who(request) -> tuple[str, str]:
 
 
 def _may(request, role: str) -> bool:
-    return ROLES.index(_who(request)[1]) >= ROLES.index(role)
+    return role_may(_who(request)[1], role)
 
 
 async def _body(request) -> dict:

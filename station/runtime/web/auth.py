@@ -57,10 +57,6 @@ class Sessions:
     def close(self, token: str | None):
         self._sessions.pop(token, None)
 
-    def close_user(self, user: str):
-        for token in [t for t, s in self._sessions.items() if s.user == user]:
-            del self._sessions[token]
-
 
 def csrf_matches(expected: str, given: str | None) -> bool:
     return given is not None and hmac.compare_digest(expected.encode(), given.encode("utf-8", "replace"))

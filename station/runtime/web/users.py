@@ -36,7 +36,12 @@ class User:
     hash: str
 
     def may(self, role: str) -> bool:
-        return ROLES.index(self.role) >= ROLES.index(role)
+        return role_may(self.role, role)
+
+
+def role_may(role: str, needed: str) -> bool:
+    """May a user of `role` do what `needed` may?"""
+    return ROLES.index(role) >= ROLES.index(needed)
 
 
 def _scrypt(password: str, salt: bytes, n: int, r: int, p: int) -> bytes:
