@@ -265,6 +265,20 @@ def test_the_open_page_live_view_filmstrip_statistics_and_pause(tmp_path, statio
         driver.find_element("id", "resume").click()
         recorder.wait_for(lambda: state_on_mqtt(recorder).get("paused") is False, WAIT, "resumed on MQTT")
 
+        # A changeover through the button, to one of the configured products, as the product command.
+        from selenium.webdriver.support.ui import Select
+
+        assert [o.text for o in Select(driver.find_element("id", "product-choice")).options] == ["A", "B"]
+        Select(driver.find_element("id", "product-choice")).select_by_visible_text("B")
+        driver.find_element("id", "change-over").click()
+        recorder.wait_for(lambda: state_on_mqtt(recorder).get("product") == "B", WAIT, "product B on MQTT")
+        until(driver, lambda d: d.find_element("id", "message").text == "changeover to B: done", "the answer")
+        until(driver, lambda d: d.find_element("id", "product").text.startswith("product B"), "product B shown")
+        output.wait_for("web: local (integrator) asks product 'B'", WAIT)
+        unknown = fetch(driver, "POST", "/api/command", {"cmd": "product", "product": "../etc"})
+        assert unknown["status"] == 200 and unknown["data"]["ok"] is False  # answered as the MQTT command is
+        assert "unknown product '../etc'" in unknown["data"]["error"]
+
         # The open page answers to loopback names only (a DNS-rebinding site gets nothing), and changes
         # nothing without the page's CSRF token.
         request = urllib.request.Request(f"http://127.0.0.1:{port}/api/state", headers={"Host": f"evil.example:{port}"})

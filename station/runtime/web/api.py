@@ -6,7 +6,9 @@
     GET  /api/stats              since start and since the last reset
     GET  /api/live               the latest judged part; /api/live/frame.jpg, /api/live/crop.png its pictures
     GET  /api/crops/{id}.jpg     a kept crop's thumbnail ({id}.png: the crop itself)
-    POST /api/command            {"cmd": "pause" | "resume" | "reload"}: the MQTT command's path and answer
+    POST /api/command            {"cmd": "pause" | "resume" | "reload" | "product", "product": NAME}: the MQTT
+                                 command's path and answer
+    GET  /api/products           the configured products (a changeover's choices) and the current one
     POST /api/stats/reset        the since-reset figures start again
     GET  /api/me, POST /api/login, POST /api/logout
 
@@ -31,7 +33,7 @@ log = logging.getLogger("station.runtime.web")
 COOKIE = "station_session"
 STATIC = {"app.js": "text/javascript", "style.css": "text/css", "index.html": "text/html"}
 OPEN_USER = "local"  # who acts on the open page (loopback, no users)
-COMMANDS = {"pause": "operator", "resume": "operator", "reload": "operator"}
+COMMANDS = {"pause": "operator", "resume": "operator", "reload": "operator", "product": "operator"}
 COMMAND_TIMEOUT = 30.0  # seconds: a reload loads a model; longer than that the station is stuck, and says so
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 SECURITY_HEADERS = {
@@ -66,6 +68,7 @@ def application(page) -> web.Application:
     get("/api/live/{kind:frame\\.jpg|crop\\.png}", _live_picture)
     get("/api/crops/{id}.{ext:jpg|png}", _crop)
     post("/api/command", _command)
+    get("/api/products", _products)
     return app
 
 
@@ -312,23 +315,34 @@ async def _command(request):
         return _error(400, f"cmd must be one of {', '.join(COMMANDS)}")
     if not _may(request, COMMANDS[cmd]):
         return _refused(request, cmd)
+    product = body.get("product")
+    if cmd == "product" and not isinstance(product, str):
+        return _error(400, "cmd product needs a product (GET /api/products lists them)")
     user, role = _who(request)
     page.commands += 1
     command_id = f"web-{page.commands}"
+    command = {"id": command_id, "cmd": cmd, **({"product": product} if cmd == "product" else {})}
     loop = asyncio.get_running_loop()
     answered = loop.create_future()
 
     def reply(answer: dict):  # from the judging loop's thread, or at once when the inbox refuses
         loop.call_soon_threadsafe(lambda: answered.done() or answered.set_result(answer))
 
-    log.info("web: %s (%s) asks %s (%s)", user, role, cmd, command_id)
-    page.daemon.inbox.offer(json.dumps({"id": command_id, "cmd": cmd}).encode(), reply)
+    what = f"{cmd} {_shown.repr(product)}" if cmd == "product" else cmd
+    log.info("web: %s (%s) asks %s (%s)", user, role, what, command_id)
+    page.daemon.inbox.offer(json.dumps(command).encode(), reply)  # parsed and checked there, as MQTT's are
     try:
         answer = await asyncio.wait_for(answered, COMMAND_TIMEOUT)
     except asyncio.TimeoutError:
-        log.warning("web: %s (%s) %s (%s): no answer within %g s", user, role, cmd, command_id, COMMAND_TIMEOUT)
+        log.warning("web: %s (%s) %s (%s): no answer within %g s", user, role, what, command_id, COMMAND_TIMEOUT)
         return web.json_response({"id": command_id, "ok": False,
                                   "error": f"no answer from the station within {COMMAND_TIMEOUT:g} s"}, status=504)
-    log.info("web: %s (%s) %s (%s): %s", user, role, cmd, command_id,
+    log.info("web: %s (%s) %s (%s): %s", user, role, what, command_id,
              "done" if answer["ok"] else f"refused: {answer['error']}")
     return web.json_response(answer)
+
+
+async def _products(request):
+    config = request.app["page"].daemon.config  # swapped whole by a reload: one read
+    state = request.app["page"].feed.state or {}
+    return web.json_response({"products": sorted(config.products or ()), "current": state.get("product")})

@@ -3,7 +3,7 @@
     alice:operator:scrypt$16384$8$1$<salt, base64>$<hash, base64>
 
 Only hashes are stored (hashlib.scrypt: memory-hard, so a stolen file is slow to attack); `#` starts a
-comment. Roles grow: a viewer sees, an operator also pauses, resumes, reloads and resets the statistics,
+comment. Roles grow: a viewer sees, an operator also pauses, resumes, reloads, changes over and resets the statistics,
 an integrator also edits (later slices). A file a person damaged is refused at start with its line.
 """
 from __future__ import annotations

@@ -65,10 +65,11 @@ function started(who) {
   $("user").textContent = who.open ? "open page (this PC only)" : `${who.user} (${who.role})`;
   $("logout").hidden = who.open;
   $("operations").hidden = $("badges").hidden = false;
-  for (const id of ["pause", "resume", "reload", "reset-stats"]) {
+  for (const id of ["pause", "resume", "reload", "change-over", "reset-stats"]) {
     $(id).disabled = !may("operator");
     $(id).title = may("operator") ? "" : "an operator or integrator may";
   }
+  loadProducts();
   if (!started.polling) {
     started.polling = true;
     poll(pollState, 1000);
@@ -277,14 +278,30 @@ $("reset-stats").addEventListener("click", async () => {
 
 // -- operations: answered as the MQTT command is
 
-for (const id of ["pause", "resume", "reload"]) {
+async function loadProducts() {  // a changeover's choices: the products station.yaml configures
+  const answer = await api("GET", "/api/products");
+  if (answer.status !== 200) return;
+  const choice = $("product-choice");
+  choice.replaceChildren(...answer.data.products.map((name) => {
+    const option = document.createElement("option");
+    option.value = option.textContent = name;
+    option.selected = name === answer.data.current;
+    return option;
+  }));
+  $("changeover").hidden = !answer.data.products.length;
+}
+
+for (const id of ["pause", "resume", "reload", "change-over"]) {
   $(id).addEventListener("click", async () => {
     $(id).disabled = true;
+    const command = { cmd: $(id).dataset.cmd };
+    if (id === "change-over") command.product = $("product-choice").value;
     try {
-      const answer = await api("POST", "/api/command", { cmd: $(id).dataset.cmd });
+      const answer = await api("POST", "/api/command", command);
       const result = answer.data;
-      if (result.ok) say(`${id}: done`, true);
-      else say(`${id}: ${result.error}`, false);
+      const label = id === "change-over" ? `changeover to ${command.product}` : id;
+      if (result.ok) say(`${label}: done`, true);
+      else say(`${label}: ${result.error}`, false);
       pollState();
     } finally { $(id).disabled = !may("operator"); }
   });
