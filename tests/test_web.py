@@ -107,9 +107,9 @@ def test_users_are_hashed_lines_written_by_station_web_user(tmp_path):
 def test_the_feed_keeps_bounded_rings_and_figures_since_start_and_since_a_reset():
     feed = WebFeed(results=3)
     frames = [SimpleNamespace(image=np.zeros((4, 4), np.uint8)) for _ in range(4)]
-    messages = [{"id": str(i), "verdict": v, "latency_ms": ms} for i, (v, ms) in enumerate(
-        [("OK", 2.0), ("NG", 4.0), ("OK", 9.0), ("NG", 1.0)])]
-    feed.judged("inspector", messages[:2] + [{"id": "nv", "reason": "no part"}], frames[:2])
+    messages = [{"id": str(i), "seq": seq, "verdict": v, "latency_ms": ms} for i, (seq, v, ms) in enumerate(
+        [(1, "OK", 2.0), (2, "NG", 4.0), (4, "OK", 9.0), (5, "NG", 1.0)])]
+    feed.judged("inspector", messages[:2] + [{"id": "nv", "seq": 3, "reason": "no part"}], frames[:2])
     feed.reset(dropped_now=7)
     feed.judged("inspector", messages[2:], frames[2:])
     assert [m["id"] for m in feed.results(10)] == ["3", "2", "nv"]  # newest first, 3 kept

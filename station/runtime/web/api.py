@@ -1,7 +1,7 @@
 """The page's routes: `/` and the JSON beside it (pinned by issue 24, docs/observability.md).
 
     GET  /api/state              the retained state the daemon publishes
-    GET  /api/results?n=&ng=1    the last N results (newest first), with thumbnail URLs
+    GET  /api/results?n=&ng=1&after=SEQ  the last N results (newest first; after: only later ones), thumbnails
     GET  /api/results/{id}       one result's full verdict message
     GET  /api/stats              since start and since the last reset
     GET  /api/live               the latest judged part; /api/live/frame.jpg, /api/live/crop.png its pictures
@@ -221,19 +221,21 @@ def summary(message: dict) -> dict:
 
 def _count(text: str | None, default: int, largest: int) -> int:
     try:
-        return max(1, min(int(text), largest)) if text is not None else default
+        return max(0, min(int(text), largest)) if text is not None else default
     except ValueError:
-        raise DataError(f"n must be a whole number, got {_shown.repr(text)}") from None
+        raise DataError(f"n and after must be whole numbers, got {_shown.repr(text)}") from None
 
 
 async def _results(request):
     page = request.app["page"]
     try:
         count = _count(request.query.get("n"), page.config.results, page.config.results)
+        after = _count(request.query.get("after"), 0, 2**63) if "after" in request.query else None
     except DataError as exc:
         return _error(400, str(exc))
     ng_only = request.query.get("ng") in ("1", "true")
-    return web.json_response({"results": [summary(m) for m in page.feed.results(count, ng_only)]})
+    return web.json_response({"results": [summary(m) for m in page.feed.results(count, ng_only, after)],
+                              "kept": page.config.results})
 
 
 async def _result(request):

@@ -95,12 +95,16 @@ class WebFeed:
 
     # -- the page's side: called from the web thread
 
-    def results(self, count: int, ng_only: bool = False) -> list[dict]:
-        """The newest `count` results, newest first."""
-        with self._lock:
-            ring = self._ng if ng_only else self._results
-            newest = list(ring)[-count:] if count < len(ring) else list(ring)
-        return newest[::-1]
+    def results(self, count: int, ng_only: bool = False, after: int | None = None) -> list[dict]:
+        """The newest `count` results, newest first; with `after`, only those of a later seq (a page that has
+        the others asks for what is new: a few results a second instead of the whole ring)."""
+        newest = []
+        with self._lock:  # walked from the newest end: with `after`, only as far as what is new
+            for message in reversed(self._ng if ng_only else self._results):
+                if len(newest) >= count or (after is not None and message["seq"] <= after):
+                    break
+                newest.append(message)
+        return newest
 
     def result(self, verdict_id: str) -> dict | None:
         with self._lock:

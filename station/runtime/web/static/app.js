@@ -146,11 +146,16 @@ async function pollLive() {
 
 async function pollStrip() {
   if (tab !== "filmstrip" || frozen) return;
-  const answer = await api("GET", `/api/results${$("ng-only").checked ? "?ng=1" : ""}`);
-  if (answer.status !== 200 || frozen) return;  // frozen while the answer was on its way: it is not shown
-  const results = answer.data.results;
-  if (results.length && strip.length && results[0].id === strip[0].id && results.length === strip.length) return;
-  strip = results;
+  // The whole strip once, then only what is newer than its newest: a few results a second, not 300.
+  const query = [$("ng-only").checked ? "ng=1" : "", strip.length ? `after=${strip[0].seq}` : ""].filter(Boolean);
+  const ngOnly = $("ng-only").checked;
+  const answer = await api("GET", `/api/results${query.length ? "?" + query.join("&") : ""}`);
+  // Frozen, or the filter changed, while the answer was on its way: it is not shown.
+  if (answer.status !== 200 || frozen || ngOnly !== $("ng-only").checked) return;
+  // Two polls may overlap (the filter's change starts one): only what is newer than the strip is added.
+  const newer = answer.data.results.filter((r) => !strip.length || r.seq > strip[0].seq);
+  if (!newer.length) return;
+  strip = newer.concat(strip).slice(0, answer.data.kept);
   renderStrip();
 }
 
