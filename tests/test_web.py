@@ -136,6 +136,26 @@ def test_the_live_picture_shows_the_region_and_the_worst_position():
     assert xs.min() in range(98, 102) and xs.max() in range(117, 122) and ys.min() in range(88, 92)
 
 
+def test_the_verdict_beside_a_live_picture_is_that_pictures_own():
+    from station.runtime.web.pictures import LIVE_INTERVAL, LivePictures
+
+    now = [100.0]
+    pictures = LivePictures(clock=lambda: now[0])
+    inspector = SimpleNamespace(regions=(), roi=None, crop=lambda image: image[:26, :36])
+    part = lambda number, level: SimpleNamespace(  # noqa: E731
+        frame=SimpleNamespace(image=np.full((60, 80), level, np.uint8)), number=number, inspector=inspector,
+        message={})
+    dark, bright, brighter = part(1, 10), part(2, 240), part(3, 120)
+    level = lambda jpeg: cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_GRAYSCALE).mean()  # noqa: E731
+    assert pictures.current(dark)[0] is dark
+    assert pictures.current(bright)[0] is dark  # not due yet: every browser shares the last picture
+    now[0] += LIVE_INTERVAL
+    assert pictures.current(bright)[0] is bright
+    # A page that was told about part 1 gets part 1's picture, though part 3 is the latest by now.
+    assert level(pictures.picture("frame", 1, brighter)) < 20 and level(pictures.picture("frame", 2, brighter)) > 230
+    assert pictures.picture("frame", None, brighter) == pictures.current(brighter)[2]  # part 2's: not due
+
+
 # -- the page in a browser, against the real daemon ---------------------------------------------------
 
 @pytest.fixture(scope="module")

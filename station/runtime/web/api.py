@@ -275,9 +275,10 @@ def _refused(request, what: str) -> web.Response:
 
 
 async def _live(request):
-    latest = request.app["page"].feed.latest
-    if latest is None:
+    page = request.app["page"]
+    if page.feed.latest is None:
         return web.json_response({"number": None})
+    latest = (await page.in_worker(page.pictures.current, page.feed.latest))[0]  # the part the pictures show
     image = latest.frame.image
     return web.json_response({"number": latest.number, "verdict": summary(latest.message),
                               "frame": {"width": int(image.shape[1]), "height": int(image.shape[0])},
@@ -290,7 +291,9 @@ async def _live_picture(request):
     if latest is None:
         return _error(404, "no part judged yet")
     kind = request.match_info["kind"]
-    data = await page.in_worker(page.pictures.get, kind.split(".")[0], latest)
+    asked = request.query.get("n", "")  # the part /api/live named: its own picture, not a newer part's
+    number = int(asked) if asked.isascii() and asked.isdigit() and len(asked) < 19 else None
+    data = await page.in_worker(page.pictures.picture, kind.split(".")[0], number, latest)
     return web.Response(body=data, content_type="image/jpeg" if kind.endswith("jpg") else "image/png")
 
 

@@ -89,21 +89,31 @@ def model_crop(latest) -> bytes:
 
 
 class LivePictures:
-    """The last live picture and crop, shared by every browser, remade at most every LIVE_INTERVAL seconds."""
+    """The live frame and the model's crop of one judged part, made together at most every LIVE_INTERVAL
+    seconds and shared by every browser. /api/live answers with the part these pictures show, and the
+    pictures asked for by its number are that part's: the verdict beside a picture is always its own."""
 
     def __init__(self, clock=time.monotonic):
         self._clock = clock
-        self._lock = threading.Lock()  # the worker may run two requests at once: one makes, the other waits
-        self._made: dict[str, tuple[int, float, bytes]] = {}
+        self._lock = threading.Lock()  # two requests at once: one makes, the other waits and shares
+        self._shown: list[tuple] = []  # (latest, made at, frame JPEG, crop PNG): the last two made
 
-    def get(self, kind: str, latest) -> bytes:
-        make = live_picture if kind == "frame" else model_crop
+    def current(self, latest) -> tuple:
+        """(latest, made at, frame JPEG, crop PNG) of the part shown now; made anew from `latest` when due."""
         with self._lock:
-            number, when, data = self._made.get(kind, (-1, -1e9, b""))
-            if number != latest.number and self._clock() - when >= LIVE_INTERVAL:
-                data = make(latest)
-                self._made[kind] = (latest.number, self._clock(), data)
-            return data
+            shown = self._shown[-1] if self._shown else None
+            if shown is None or (shown[0].number != latest.number and self._clock() - shown[1] >= LIVE_INTERVAL):
+                shown = (latest, self._clock(), live_picture(latest), model_crop(latest))
+                self._shown = [*self._shown[-1:], shown]
+            return shown
+
+    def picture(self, kind: str, number: int | None, latest) -> bytes:
+        """The frame ("frame") or crop ("crop") of the part `number` when it is one of the last two shown,
+        else of the part shown now."""
+        with self._lock:
+            found = next((shown for shown in self._shown if shown[0].number == number), None)
+        shown = found or self.current(latest)
+        return shown[2] if kind == "frame" else shown[3]
 
 
 class Thumbnails:
