@@ -525,6 +525,8 @@ def test_bad_requests_and_stalled_clients_neither_crash_nor_slow_the_station(tmp
         for path in ("/static/..%2fserver.py", "/static/server.py", "/api/crops/..%2f..%2fetc%2fpasswd.jpg",
                      "/api/crops/" + "a" * 5000 + ".jpg", "/api/results/" + "%00" * 100, "/api/stats/reset"):
             assert _status(urllib.request.Request(f"{base}{path}")) in (404, 405), path
+        for path in ("/api/live/frame.jpg?n=%C2%B2", "/api/live/crop.png?n=-1", "/api/results?after=x%00"):
+            assert _status(urllib.request.Request(f"{base}{path}")) in (200, 400, 404), path
         with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:  # not HTTP at all
             raw.sendall(b"\x16\x03\x01\x00garbage\r\n\r\n")
             try:
