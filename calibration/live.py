@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from calibration import workflow
-from calibration.fit import CalibrationError
+from calibration.fit import DEFAULT_TARGET_FALSE_REJECT, MIN_GOOD_PARTS_CALIBRATE, CalibrationError
 from station.core.reference_set import writing
 from station.core.state_dir import StateLock, open_state_dir
 from station.runtime.sources import open_source
@@ -142,9 +142,9 @@ def region_to_calibrate(config, region: str | None, product: str | None) -> tupl
     return regions[region].to_roi(), product or judged_as
 
 
-def calibrate_from_camera(config, product: str | None, count: int, min_good: int = 30,
+def calibrate_from_camera(config, product: str | None, count: int, min_good: int = MIN_GOOD_PARTS_CALIBRATE,
                           min_change: float = DEFAULT_MIN_CHANGE, metric: str = "auto",
-                          target_false_reject: float = 0.005, progress: bool = False,
+                          target_false_reject: float = DEFAULT_TARGET_FALSE_REJECT, progress: bool = False,
                           credentials: tuple[str, str] | None = None, region: str | None = None) -> LiveCalibration:
     """Grab `count` distinct parts from the configured camera and save a new reference set version;
     `region`: the named region (rois:) whose crops calibrate its product's reference set."""

@@ -101,7 +101,7 @@ def _defect_class(folder: Path, path: Path) -> str:
 
 def calibrate_folders(
     embedder, good: Path, defect_folders: list[Path], out: Path, product: str, metric: str = "auto",
-    target_false_reject: float = 0.005, roi: Roi | None = None, min_good: int = fit.MIN_GOOD_PARTS,
+    target_false_reject: float = fit.DEFAULT_TARGET_FALSE_REJECT, roi: Roi | None = None, min_good: int = fit.MIN_GOOD_PARTS,
     progress: bool = False,
 ) -> tuple[ReferenceSet, fit.Calibration]:
     check_product_name(product)

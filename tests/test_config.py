@@ -56,7 +56,7 @@ def test_the_documented_example_parses_into_frozen_typed_models(tmp_path):
     assert config.mqtt.port == 1883 and config.mqtt.qos == 1
     # Relative paths resolve against the config file's folder, absolute ones stay.
     assert config.model == tmp_path / "model.onnx"
-    assert config.reference_path == tmp_path / "refs" / "A"
+    assert config.reference_for()[1] == tmp_path / "refs" / "A"
     assert config.mqtt.tls.key == tmp_path / "tls" / "st1.key"
     assert config.state_dir == Path("/var/lib/station/line1-st1")
     with pytest.raises(Exception):
@@ -66,7 +66,7 @@ def test_the_documented_example_parses_into_frozen_typed_models(tmp_path):
 
 def test_parsing_never_touches_the_model_or_reference_files(tmp_path):
     config = load_config(write(tmp_path, VALID), env={})
-    assert not config.model.exists() and not config.reference_path.exists()
+    assert not config.model.exists() and not config.reference_for()[1].exists()
 
 
 def test_minimal_config_takes_defaults_and_state_dir_from_systemd(tmp_path):
@@ -80,7 +80,7 @@ def test_minimal_config_takes_defaults_and_state_dir_from_systemd(tmp_path):
 
 def test_products_select_the_reference(tmp_path):
     text = VALID.replace("reference: refs/A", "products: {A: refs/A, B: /srv/refs/B}\nproduct: B")
-    assert load_config(write(tmp_path, text), env={}).reference_path == Path("/srv/refs/B")
+    assert load_config(write(tmp_path, text), env={}).reference_for()[1] == Path("/srv/refs/B")
 
 
 def test_wrong_type_names_line_and_key_path(tmp_path):

@@ -86,7 +86,7 @@ def test_station_yaml_parses_once_camera_and_roi_are_filled(fitted):
     filled = text.replace("# camera:", "camera:").replace("#   source: /dev/video0", "  source: 0")
     filled = filled.replace("# roi:", "roi:")
     config = parse_config(filled, base=out)
-    assert config.model == out / "model.onnx" and config.reference_path == out / "reference"
+    assert config.model == out / "model.onnx" and config.reference_for()[1] == out / "reference"
     assert config.roi.width == 36 and config.roi.height == 26
 
 

@@ -20,7 +20,7 @@ from pydantic import (
     field_validator, model_validator,
 )
 
-from station.core.errors import ConfigError
+from station.core.errors import ConfigError, StationError
 from station.core.product import product_name_problem
 from station.core.user_files import read_text
 from station.runtime.presence import JUDGE_ON, PresenceSettings
@@ -239,18 +239,34 @@ class StationConfig(_Model):
             raise ValueError(f"product must be one of the products ({known}), got {self.product!r}")
         return self
 
-    @property
-    def reference_path(self) -> Path:
-        """The reference set the station scores against (the active product's)."""
-        return self.reference if self.products is None else self.products[self.product]
+    def reference_for(self, product: str | None = None) -> tuple[str | None, Path]:
+        """(product, reference set folder) the station judges `product` with, default the configured one: the one
+        lookup of a product's reference set. A single `reference:` names no product here (None): its reference
+        set's own product is the product, what verdicts carry."""
+        if self.products is None:
+            return None, self.reference
+        name = product or self.product
+        if name not in self.products:
+            raise ConfigError(f"unknown product {name!r}; configured: {', '.join(sorted(self.products))}")
+        return name, self.products[name]
 
     @property
     def product_references(self) -> dict[str, Path]:
-        """Every product the station may switch to, with its reference set folder.
-        A single `reference:` is one product named by its folder."""
+        """Every product the station may switch to, with its reference set folder. A single `reference:` is one
+        product named as the station names it: by its reference set (by its folder before the first calibration,
+        the name calibration then gives it). Reads the set, so `station check` and calibration ask, not the loop."""
         if self.products is None:
-            return {Path(self.reference).name: self.reference}
+            return {_product_of(self.reference): self.reference}
         return dict(self.products)
+
+
+def _product_of(reference: Path) -> str:
+    from station.core.reference_set import load
+
+    try:
+        return load(reference).product
+    except StationError:  # nothing saved yet, or unreadable (loading it again says why)
+        return Path(reference).name
 
 
 def _secrets(lines: dict[KeyPath, int]) -> list[tuple[KeyPath, str]]:

@@ -283,8 +283,10 @@ class Daemon:
     def _changeover(self, command: Command) -> str | None:
         if self.config.products is None:
             return "this station has a single reference set; configure products: to switch"
-        if command.product not in self.config.products:
-            return f"unknown product {command.product!r}; configured: {', '.join(sorted(self.config.products))}"
+        try:
+            self.config.reference_for(command.product)
+        except ConfigError as exc:  # not configured: refused before anything reloads
+            return str(exc)
         return self._swap_inspector(self.config, command.product, reason=f"changeover to {command.product}")
 
     def _trigger(self, command: Command) -> str | None:

@@ -52,9 +52,7 @@ def check_station(config: StationConfig, env: dict[str, str] | None = None) -> C
         problems.append(f"model: {exc}")
     for product, path in config.product_references.items():
         try:
-            loaded = reference_set.load(path)
-            if embedder is not None:
-                reference_set.verify_for_model(loaded, embedder.info.sha256, embedder.info.embedding_dim)
+            loaded = reference_set.load(path, model=embedder.info if embedder is not None else None)
             summary.append(f"product {product}: {path} v{loaded.version:04d}, {loaded.metric} threshold {loaded.threshold:.6g}")
         except StationError as exc:
             problems.append(f"product {product}: {exc}")
