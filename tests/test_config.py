@@ -132,6 +132,28 @@ def test_secret_in_yaml_is_refused_with_where_it_belongs(tmp_path, key):
     assert "hunter2" not in lines[0]
 
 
+@pytest.mark.parametrize("where, text, advice", [
+    ("camera", VALID.replace("  fps: 0\n", "  fps: 0\n  password: hunter2\n"),
+     ": use camera.credentials_file or camera.credentials_credential (a systemd credential)"),
+    ("opcua", VALID + "opcua: {users_file: users, password: hunter2}\n", ": use opcua.users_file"),
+    ("keep_crops", VALID.replace("keep_crops: {", "keep_crops: {password: hunter2, "), " (no key here takes one)"),
+])
+def test_a_secret_is_told_a_key_its_section_has(tmp_path, where, text, advice):
+    lines = problems(tmp_path, text)
+    assert any(f"{where}.password: never put a secret in the configuration file{advice}" in line
+               for line in lines), lines
+    assert not any("hunter2" in line for line in lines)
+
+
+def test_every_secret_home_is_a_key_of_its_section():
+    from station.runtime.config import SECRET_HOMES, StationConfig
+
+    for (section,), keys in SECRET_HOMES.items():
+        model = StationConfig.model_fields[section].annotation
+        model = next(arg for arg in getattr(model, "__args__", (model,)) if arg is not type(None))
+        assert {key for key in keys if key} <= set(model.model_fields), section
+
+
 @pytest.mark.parametrize("name", ["../A", "a/b", "..", "x..y", "a\\\\b"])
 def test_unsafe_product_names_are_refused(tmp_path, name):
     as_product = VALID.replace("reference: refs/A", f'products: {{"{name}": refs/A}}\nproduct: "{name}"')
