@@ -36,7 +36,7 @@ from station.runtime.publisher import Publisher
 from station.runtime.recorder import VerdictRecorder
 from station.runtime.stats import StationStats, stats_message
 from station.runtime.integrations import Integrations
-from station.runtime.messages import part_messages, utc_timestamp
+from station.runtime.messages import is_verdict, part_messages, utc_timestamp
 from station.runtime.presence import PresenceGate
 from station.runtime.triggers import frame_for, unjudged_trigger
 
@@ -219,7 +219,7 @@ class Daemon:
         pending = sorted([*zip(kept, judgements), *missed, *refused], key=lambda p: p[0].frame_no)
         messages = self._store_verdicts(inspector, pending, ready, part_id)
         self.publisher.notify_outbox()
-        for message, frame in zip([m for m in messages if "verdict" in m], kept):
+        for message, frame in zip(filter(is_verdict, messages), kept):
             self.stats.part_judged(message["verdict"], message["latency_ms"])
             if self.crop_keeper.wants(message["verdict"]):  # the region at the camera's resolution
                 self.crop_keeper.keep(crop(frame.image, inspector.roi), message["verdict"], message["id"])

@@ -12,6 +12,7 @@ import time
 from station.core.preprocess import crop
 from station.core.verdict import NG
 from station.runtime.discovery import Discovery
+from station.runtime.messages import is_verdict
 from station.runtime.snapshot import Snapshots
 
 
@@ -52,7 +53,7 @@ class Integrations:
 
     def judged(self, inspector, messages: list[dict], frames: list):
         """A stored batch: verdict messages in order, with the frames they judged."""
-        verdicts = [m for m in messages if "verdict" in m]
+        verdicts = list(filter(is_verdict, messages))
         if self.snapshots is not None:
             for message, frame in zip(verdicts, frames):
                 if message["verdict"] == NG and self.snapshots.wants():

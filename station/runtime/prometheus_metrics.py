@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from station.core.errors import ConfigError
+from station.runtime.messages import is_verdict
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ class PrometheusExporter:
         """Verdicts put into the outbox (inside its transaction, before the drain can send them)."""
         now = time.monotonic()
         for outbox_id, message in zip(ids, messages):
-            if "verdict" in message:
+            if is_verdict(message):
                 self._pending[outbox_id] = ((message["verdict"], message["product"]),
                                             now - message["latency_ms"] / 1000.0)
 
