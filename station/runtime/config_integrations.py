@@ -13,10 +13,6 @@ from pydantic import AfterValidator, Field, model_validator
 from station.core.config_model import ConfigModel, ConfigPath
 from station.runtime.mqtt_strings import string_problem, topic_part_problem
 
-# Wired into threads, servers and retained messages at start: a reload logs them and a restart applies them.
-INTEGRATION_KEYS = ("prometheus", "homeassistant", "opcua")
-
-
 def mqtt_checked(value: str) -> str:
     """An MQTT UTF-8 string the broker will take (mqtt_strings.py); station.yaml is where it enters."""
     problem = string_problem(value)

@@ -22,6 +22,7 @@ from station.runtime import presence_station, sdnotify
 from station.runtime.frame_feed import FrameFeed, LatestFrame
 from station.runtime.frame_sizes import FrameSizes
 from station.runtime.sources import is_finite, is_lossless, open_source
+from station.runtime.sources.base import STARTING
 from station.runtime.commands import Command, CommandInbox
 from station.runtime.config import StationConfig, load_config
 from station.runtime.credentials import camera_credentials
@@ -360,7 +361,7 @@ class Daemon:
         return {
             "station": self.config.station,
             **self.inspector.describe(),
-            "camera": self.source.state if hasattr(self, "source") else "starting",
+            "camera": self.source.state if hasattr(self, "source") else STARTING,
             "trigger": self.config.trigger,
             "paused": self.paused,
             "problems": [f"{kind}: {text}" for kind, text in self.problems.items()],
