@@ -69,7 +69,7 @@ def per_row_model(tmp_path_factory, sim_dataset):
     import onnx
 
     from export import onnx_export
-    from export.per_part import scan_per_part
+    from tests.onnx_models import scan_per_part
     from export.train import TrainConfig, train
 
     folder = tmp_path_factory.mktemp("per_row")
