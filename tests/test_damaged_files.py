@@ -21,9 +21,8 @@ from station.core.embedder import Embedder
 from station.core.errors import ConfigError, ModelError
 from station.core.reference_set import ReferenceSetError
 from station.runtime.config import load_config
-from tests.daemon_helpers import Output, wait_until
+from tests.daemon_helpers import Output, start_station, wait_until, write_config
 from tests.mqtt_helpers import Recorder
-from tests.test_daemon import broker, start_station, station_files, write_config  # noqa: F401 (fixtures)
 
 # file (relative to the copied station files) -> the exit code `station run` gives for it
 FILES = {

@@ -337,7 +337,7 @@ def test_the_snapshot_marks_the_box_in_red():
 def test_the_daemon_names_the_ng_parts_box_and_the_snapshot_marks_it(tmp_path, files, calibrated, broker):
     from tests.daemon_helpers import wait_until
     from tests.mqtt_helpers import Recorder
-    from tests.test_daemon import finish, start_station
+    from tests.daemon_helpers import finish, start_station
 
     embedder, saved, _ = calibrated
     candidates = [good_frame(3000 + index) for index in range(12)]
