@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from station.runtime.config import StationConfig, load_config, parse_config
 from station.core.errors import ConfigError
@@ -59,8 +60,8 @@ def test_the_documented_example_parses_into_frozen_typed_models(tmp_path):
     assert config.reference_for()[1] == tmp_path / "refs" / "A"
     assert config.mqtt.tls.key == tmp_path / "tls" / "st1.key"
     assert config.state_dir == Path("/var/lib/station/line1-st1")
-    with pytest.raises(Exception):
-        config.mqtt.port = 1  # frozen
+    with pytest.raises(ValidationError, match="frozen"):
+        config.mqtt.port = 1
     assert StationConfig.model_config["extra"] == "forbid"
 
 

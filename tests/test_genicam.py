@@ -252,7 +252,7 @@ def test_an_mqtt_trigger_fires_the_cameras_software_trigger(tmp_path, station_fi
         for index in range(3):
             sent.append(time.time_ns())
             recorder.publish("plant/st1/command", json.dumps({"id": f"t{index}", "cmd": "trigger", "part_id": f"P-{index}"}))
-            recorder.wait_for(lambda: len(recorder.on("/verdict")) > index, timeout=15, what=f"verdict for P-{index}")
+            recorder.wait_for(lambda index=index: len(recorder.on("/verdict")) > index, timeout=15, what=f"verdict for P-{index}")
         verdicts = recorder.json_on("/verdict")
         assert [v["part_id"] for v in verdicts] == ["P-0", "P-1", "P-2"]
         # Each frame was taken after its trigger was sent: the camera's clock is the wall clock here.

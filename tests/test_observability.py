@@ -60,7 +60,7 @@ def test_metrics_count_the_verdicts_the_broker_acknowledged(tmp_path, station_fi
             counted = sum(v for _, v in samples["station_verdicts_total"])
             assert counted >= received_before - MAX_INFLIGHT, (counted, received_before)
             # Everything the broker acknowledged reaches the subscriber (it may lag behind the scrape).
-            wait_until(lambda: max_seq(recorder) >= counted, 30, f"verdict seq {counted} at the subscriber")
+            wait_until(lambda counted=counted: max_seq(recorder) >= counted, 30, f"verdict seq {counted} at the subscriber")
             time.sleep(0.3)
         assert {labels["verdict"] for labels, _ in samples["station_verdicts_total"]} <= {"OK", "NG"}
         assert {labels["product"] for labels, _ in samples["station_verdicts_total"]} == {"A"}

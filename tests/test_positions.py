@@ -154,19 +154,19 @@ def test_a_parts_score_is_the_same_bits_alone_and_in_a_batch():
 
 def test_scoring_one_part_stays_well_under_a_millisecond():
     rng = np.random.default_rng(2)
-    for positions, channels in ((100, 32), (400, 64)):
-        grid = FeatureGrid(positions // 20, 20, channels, 8)
-        factor = rng.normal(size=(positions, channels, channels)).astype(np.float32) / channels
+    for n_positions, channels in ((100, 32), (400, 64)):
+        grid = FeatureGrid(n_positions // 20, 20, channels, 8)
+        factor = rng.normal(size=(n_positions, channels, channels)).astype(np.float32) / channels
         precision = factor @ factor.transpose(0, 2, 1) + np.eye(channels, dtype=np.float32)
-        model = PositionReference(np.zeros((positions, channels), np.float32), precision,
-                                  np.zeros(positions, np.float32), grid)
+        model = PositionReference(np.zeros((n_positions, channels), np.float32), precision,
+                                  np.zeros(n_positions, np.float32), grid)
         part = rng.normal(size=(1, grid.size)).astype(np.float32)
         position_scores(part, model)
         started = time.perf_counter()
         for _ in range(50):
             position_scores(part, model)
         ms = (time.perf_counter() - started) / 50 * 1e3
-        assert ms < 2.0, f"{positions} x {channels}: {ms:.2f} ms a part"  # 0.3 ms at 400 x 64 when idle
+        assert ms < 2.0, f"{n_positions} x {channels}: {ms:.2f} ms a part"  # 0.3 ms at 400 x 64 when idle
 
 
 # -- calibration and the reference set ----------------------------------------------------------

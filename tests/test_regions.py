@@ -1,8 +1,6 @@
 """rois: several named regions per part: configuration, one embedder call, batch independence, the daemon."""
 from __future__ import annotations
 
-import shutil
-
 import cv2
 import jsonschema
 import numpy as np

@@ -156,7 +156,7 @@ def session_tuning(model: Path, runs: int = STAGE_RUNS) -> dict:
         for spinning in (False, True):
             session = build_session(model, threads, spinning)
             figures[f"threads={threads} spinning={'on' if spinning else 'off'}"] = time_calls(
-                lambda _: session.run(None, feed), list(range(runs)), warmup=200)
+                lambda _, session=session: session.run(None, feed), list(range(runs)), warmup=200)
     return figures
 
 
@@ -234,7 +234,7 @@ def _wait_ready(notify: socket.socket, process, timeout: float = 30.0) -> float:
                 return time.monotonic()
         except socket.timeout:
             if process.poll() is not None:
-                raise StationError(f"the daemon exited before READY: {process.stderr.read().decode()[-2000:]}")
+                raise StationError(f"the daemon exited before READY: {process.stderr.read().decode()[-2000:]}") from None
     process.kill()
     raise StationError(f"the daemon did not say READY within {timeout} s")
 
@@ -319,7 +319,7 @@ def format_table(figures: dict) -> str:
     for name, stage in figures["stages"].items():
         lines.append(f"{name:34s} {stage['p50_us']:10.1f} {stage['p99_us']:10.1f}")
     lines += ["", f"{'raw onnxruntime, batch 1':34s} {'p50 µs':>10s} {'p99 µs':>10s} {'size':>10s}"]
-    for path, raw in figures["raw_onnxruntime"].items():
+    for raw in figures["raw_onnxruntime"].values():
         label = f"{raw['arch']} {raw['quantization']}"
         lines.append(f"{label:34s} {raw['p50_us']:10.1f} {raw['p99_us']:10.1f} {raw['size_bytes'] / 1024:8.0f} KiB")
     lines += ["", f"{'session (first model), batch 1':34s} {'p50 µs':>10s} {'p99 µs':>10s}"]
