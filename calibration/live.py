@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from calibration import workflow
-from calibration.fit import DEFAULT_TARGET_FALSE_REJECT, MIN_GOOD_PARTS_CALIBRATE, CalibrationError
+from calibration.thresholds import DEFAULT_TARGET_FALSE_REJECT, MIN_GOOD_PARTS_CALIBRATE, CalibrationError
 from station.core.reference_set import writing
 from station.core.state_dir import StateLock, open_state_dir
 from station.runtime.sources import open_source
@@ -119,7 +119,7 @@ def product_reference(config, product: str | None) -> tuple[str, Path]:
 @dataclass(frozen=True)
 class LiveCalibration:
     saved: object  # station.core.reference_set.ReferenceSet
-    calibration: object  # calibration.fit.Calibration
+    calibration: object  # calibration.thresholds.Calibration
     grabbed: GrabbedCrops
     warnings: list[str]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration import fit as calibration_fit
+from calibration import thresholds as calibration_fit
 from fit.choice import Choice, choose
 from station.core.errors import DataError, StationError
 from station.core.imagefolder import LabeledImage

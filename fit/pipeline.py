@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration import fit as calibration_fit
+from calibration import thresholds as calibration_fit
 from calibration import workflow
 from calibration.evaluate import evaluate_embeddings
 from fit import bundle, figures, report

@@ -16,7 +16,7 @@ def _load_embedder(model_path: Path, threads: int = 1):
 
 def _calibration_limits(args) -> dict:
     """--target-false-reject and --min-good, calibration's defaults where not given."""
-    from calibration.fit import DEFAULT_TARGET_FALSE_REJECT, MIN_GOOD_PARTS_CALIBRATE
+    from calibration.thresholds import DEFAULT_TARGET_FALSE_REJECT, MIN_GOOD_PARTS_CALIBRATE
 
     return {"target_false_reject": DEFAULT_TARGET_FALSE_REJECT if args.target_false_reject is None
             else args.target_false_reject,
@@ -57,7 +57,7 @@ def calibrate(args) -> int:
 
 def _calibrate_camera(args) -> int:
     from calibration import live
-    from calibration.fit import DEFAULT_CAMERA_COUNT
+    from calibration.thresholds import DEFAULT_CAMERA_COUNT
     from station.core import reference_set
     from station.runtime.config import load_config
     from station.runtime.credentials import camera_credentials

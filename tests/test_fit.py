@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from calibration import fit as calibration_fit
+from calibration import thresholds as calibration_fit
 from fit import bundle
 from fit.data_check import check_data, difference_hash, near_duplicate_groups
 from fit.pipeline import FitOptions, run_fit
@@ -362,7 +362,7 @@ def test_the_choice_is_not_noise_and_says_how_sure_it_is():
     def outcome(candidate, shift, escaped, n_defect=10, own_noise=0.0):
         defect = np.random.default_rng(2).normal(size=n_defect) + shift
         defect += own_noise * np.random.default_rng(4).normal(size=n_defect)  # where this candidate differs
-        from calibration.fit import auroc
+        from calibration.thresholds import auroc
         return Outcome(candidate, escape_rate=escaped / n_defect, auroc=auroc(good, defect), false_reject_rate=0.01,
                        n_good=150, n_defect=n_defect, good_scores=good, defect_scores=defect)
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
-from calibration import fit, positions, workflow
+from calibration import positions, thresholds, workflow
 from export.gate import gate_failures
 from station.core import metrics
 from station.core import reference_set as reference_sets
@@ -194,7 +194,7 @@ def test_calibration_fits_the_position_metric_out_of_fold_and_saves_format_3(fil
 
 def test_a_whole_embedding_metric_is_refused_for_a_per_position_model(files):
     embedder = Embedder(files["model"])
-    with pytest.raises(fit.CalibrationError, match="judged by 'position'"):
+    with pytest.raises(thresholds.CalibrationError, match="judged by 'position'"):
         workflow.calibrate_folders(embedder, files["good"], [], files["root"] / "refs" / "X", "X",
                                    metric="mahalanobis", roi=FRAME_ROI)
 
