@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from calibration.fit import auroc, clopper_pearson
+from calibration.thresholds import auroc, clopper_pearson
 from station.core.scoring import distances, is_defect
 
 

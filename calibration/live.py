@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from calibration import workflow
-from calibration.fit import CalibrationError
+from calibration.thresholds import DEFAULT_TARGET_FALSE_REJECT, MIN_GOOD_PARTS_CALIBRATE, CalibrationError
 from station.core.reference_set import writing
 from station.core.state_dir import StateLock, open_state_dir
 from station.runtime.sources import open_source
@@ -120,7 +120,7 @@ def product_reference(config, product: str | None) -> tuple[str, Path]:
 @dataclass(frozen=True)
 class LiveCalibration:
     saved: object  # station.core.reference_set.ReferenceSet (the first form's, with several)
-    calibration: object  # calibration.fit.Calibration
+    calibration: object  # calibration.thresholds.Calibration
     grabbed: GrabbedCrops
     warnings: list[str]
     # form -> (saved, calibration): with model: {FORM: PATH} each form's own reference set, from the same
@@ -146,9 +146,9 @@ def region_to_calibrate(config, region: str | None, product: str | None) -> tupl
     return regions[region].to_roi(), product or judged_as
 
 
-def calibrate_from_camera(config, product: str | None, count: int, min_good: int = 30,
+def calibrate_from_camera(config, product: str | None, count: int, min_good: int = MIN_GOOD_PARTS_CALIBRATE,
                           min_change: float = DEFAULT_MIN_CHANGE, metric: str = "auto",
-                          target_false_reject: float = 0.005, progress: bool = False,
+                          target_false_reject: float = DEFAULT_TARGET_FALSE_REJECT, progress: bool = False,
                           credentials: tuple[str, str] | None = None, region: str | None = None) -> LiveCalibration:
     """Grab `count` distinct parts from the configured camera and save a new reference set version;
     `region`: the named region (rois:) whose crops calibrate its product's reference set."""

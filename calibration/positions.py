@@ -3,14 +3,14 @@
 A per-position model's embedding is its feature map (station/core/embedder.py: the `positions`
 metadata). Each position gets the good parts' mean and OAS-shrunk covariance; a part scores its worst
 position's Mahalanobis distance (the `position` metric, station/core/scoring.py). As for the other
-metrics (calibration/fit.py), the threshold comes from the good parts' OUT-OF-FOLD scores: each is
+metrics (calibration/thresholds.py), the threshold comes from the good parts' OUT-OF-FOLD scores: each is
 scored by Gaussians fitted without it. The whole-embedding metrics are not fitted on a map.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from calibration.fit import (
+from calibration.thresholds import (
     DEFAULT_DEFECT_RATE, DEFAULT_ESCAPE_COST, DEFAULT_TARGET_FALSE_REJECT, FOLDS, MIN_GOOD_PARTS, Calibration,
     CalibrationError, _check_choice, _require_varied, cost_fit, fit_metric, supported_target, too_few_goods_warning,
 )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration import fit, positions, report
+from calibration import positions, report, thresholds
 from calibration.evaluate import Evaluation, evaluate_embeddings
 from station.core.reference_set import ReferenceSet, check_product_name, save, verify_for_model, writing
 from station.core.errors import DataError, ImageReadError
@@ -101,9 +101,9 @@ def _defect_class(folder: Path, path: Path) -> str:
 
 def calibrate_folders(
     embedder, good: Path, defect_folders: list[Path], out: Path, product: str, metric: str = "auto",
-    target_false_reject: float = 0.005, roi: Roi | None = None, min_good: int = fit.MIN_GOOD_PARTS,
-    progress: bool = False,
-) -> tuple[ReferenceSet, fit.Calibration]:
+    target_false_reject: float = thresholds.DEFAULT_TARGET_FALSE_REJECT, roi: Roi | None = None,
+    min_good: int = thresholds.MIN_GOOD_PARTS, progress: bool = False,
+) -> tuple[ReferenceSet, thresholds.Calibration]:
     check_product_name(product)
     # Held from the start: a second calibration of this folder is refused now, not after the embedding.
     with writing(out, f"station calibrate --good {good}, product {product}"):
@@ -142,7 +142,7 @@ def calibrate_embedded(
     embedder, good_set: EmbeddedImages, defect_set: EmbeddedImages | None, out: Path, product: str,
     metric: str, target_false_reject: float, min_good: int, extra_statistics: dict | None = None,
     notes: list[str] | None = None,
-) -> tuple[ReferenceSet, fit.Calibration]:
+) -> tuple[ReferenceSet, thresholds.Calibration]:
     """Fit, build the reference set and its report, save it as a new version.
 
     `extra_statistics` (e.g. where the parts came from) is recorded in reference.yaml.
@@ -153,14 +153,14 @@ def calibrate_embedded(
         calibration = positions.calibrate_positions(good_set.embeddings, grid, defects, metric=metric,
                                               target_false_reject=target_false_reject, min_good=min_good)
     else:
-        calibration = fit.calibrate(good_set.embeddings, defects, metric=metric,
+        calibration = thresholds.calibrate(good_set.embeddings, defects, metric=metric,
                                     target_false_reject=target_false_reject, min_good=min_good)
     calibration.warnings[:0] = notes or []  # shown first and kept in reference.yaml
     return save_calibration(embedder, calibration, good_set, defect_set, out, product,
                             {"target_false_reject": target_false_reject, **(extra_statistics or {})}), calibration
 
 
-def save_calibration(embedder, calibration: fit.Calibration, good_set: EmbeddedImages, defect_set: EmbeddedImages | None,
+def save_calibration(embedder, calibration: thresholds.Calibration, good_set: EmbeddedImages, defect_set: EmbeddedImages | None,
                      out: Path, product: str, extra_statistics: dict | None = None) -> ReferenceSet:
     """A fitted calibration as a new reference-set version, with its report."""
     statistics = {
@@ -179,7 +179,7 @@ def save_calibration(embedder, calibration: fit.Calibration, good_set: EmbeddedI
     return save(out, reference_set, _calibration_report(calibration, good_set, defect_set))
 
 
-def _calibration_report(calibration: fit.Calibration, good_set: EmbeddedImages, defect_set) -> dict[str, bytes]:
+def _calibration_report(calibration: thresholds.Calibration, good_set: EmbeddedImages, defect_set) -> dict[str, bytes]:
     chosen = calibration.fits[calibration.metric]
     scores = chosen.good_scores
     classes = ["good"] * len(scores)

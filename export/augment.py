@@ -37,14 +37,12 @@ class Augmentation:
     blur_sigma: tuple[float, float] = (0.3, 0.7)  # pixels of the model input
 
 
-# Named recipes (TrainConfig.augmentation). Measured for issue 15 (export/train.py,
-# GENERALIZATION): on simulated lines, magnetic-tile photos and leave-one-defect-
-# class-out, "light" was as good as "medium" and better than "strong" (rotations
-# and blur erased part of what separates thin defects at 36 x 26): the default.
+# Named recipes (TrainConfig.augmentation). "light" is the default: rotations and blur erase part of what
+# separates thin defects at 36 x 26 (the measurements: docs/model.md, "Generalization (issue 15)").
 STRONG_AUGMENTATION = Augmentation()
 MEDIUM_AUGMENTATION = Augmentation(shift=0.06, rotate_deg=1.5, scale=0.02, brightness=0.10, contrast=0.10,
                                    gamma=0.1, noise_sigma=3.0, blur_p=0.0)
-# The recipe before issue 15: shift +-6 % (2 px), light +-10 %, noise up to 3 grey levels.
+# Shifts of +-6 % (2 px), light +-10 %, noise up to 3 grey levels.
 LIGHT_AUGMENTATION = Augmentation(shift=0.06, rotate_deg=0.0, scale=0.0, brightness=0.10, contrast=0.10,
                                   gamma=0.0, noise_sigma=3.0, blur_p=0.0)
 NO_AUGMENTATION = Augmentation(shift=0.0, rotate_deg=0.0, scale=0.0, brightness=0.0, contrast=0.0, gamma=0.0,

@@ -69,7 +69,7 @@ def block_table() -> list[tuple[int, int, int, int, int]]:
 
 def _stride_after(index: int) -> int:
     stride = 2  # the stem
-    for kernel, block_stride, *_ in block_table()[: index + 1]:
+    for _kernel, block_stride, *_ in block_table()[: index + 1]:
         stride *= block_stride
     return stride
 

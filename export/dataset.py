@@ -6,13 +6,12 @@ seed draws the same splits, pairs and augmentations.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from station.core.errors import DataError
-from station.core.imagefolder import LabeledImage, read_image, scan_dataset
+from station.core.imagefolder import LabeledImage, read_image
 from station.core.preprocess import InputSpec, prepare_crop, to_model_input
 
 @dataclass
@@ -43,10 +42,6 @@ def load_crops(items: list[LabeledImage], spec: InputSpec, progress: bool = Fals
     return CropSet(crops, np.array([item.defect_class for item in items], dtype=str), list(items))
 
 
-def load_dataset(root: Path, spec: InputSpec, progress: bool = False) -> CropSet:
-    return load_crops(scan_dataset(root), spec, progress)
-
-
 def stratified_split(classes: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(train, val) indices; every class keeps about `fraction` of its images for
     validation, at least one when it has two or more."""
@@ -67,15 +62,6 @@ def require_goods(crop_set: CropSet, what: str, minimum: int = 2):
     n_good = int(np.sum(~crop_set.is_defect))
     if n_good < minimum:
         raise DataError(f"{what} needs at least {minimum} good images, found {n_good}")
-
-
-def require_both_kinds(crop_set: CropSet, what: str):
-    n_good = int(np.sum(~crop_set.is_defect))
-    n_defect = int(np.sum(crop_set.is_defect))
-    if n_good < 2 or n_defect < 1:
-        raise DataError(
-            f"{what} needs at least 2 good and 1 defect image, found {n_good} good and {n_defect} defect"
-        )
 
 
 def sample_pairs(is_defect: np.ndarray, count: int, rng: np.random.Generator):

@@ -65,10 +65,6 @@ def unresolved_band(good_distances: np.ndarray, quantile: float = REFERENCE_QUAN
     return float(ordered[max(low_rank - 1, 0)]), float(ordered[min(high_rank, n) - 1])
 
 
-def defect_verdicts(embeddings: np.ndarray, reference: np.ndarray, threshold: float) -> np.ndarray:
-    return minkowski(embeddings, reference, p=REFERENCE_P) > threshold
-
-
 def _side(embeddings: np.ndarray, is_good: np.ndarray) -> dict:
     """One model's quick reference and what it says of every part."""
     reference, threshold = quick_reference(embeddings, is_good)

@@ -3,8 +3,9 @@
 Dynamic int8 (onnxruntime.quantization.quantize_dynamic) quantizes each matrix
 product's input with ONE scale and zero point taken from the whole input
 tensor, so in a batch a part's embedding depends on its neighbours. The Scan
-wrapper (export/per_part.py) fixed that by running the graph once per part:
-exact, but a batch of 8 regions then costs ~8 single calls.
+wrapper this version exported before fixed that by running the graph once per part:
+exact, but a batch of 8 regions then costs ~8 single calls. Such a model is still read
+(its loop body unwrapped) and rewritten here.
 
 This rewrite gives every row (every part) its own scale and zero point instead,
 computed exactly as DynamicQuantizeLinear does for a batch of one:
@@ -34,11 +35,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from export.per_part import BODY_INPUT, BODY_OUTPUT
+# The loop body's input and output in the Scan form (one part per loop) exported before.
+BODY_INPUT, BODY_OUTPUT = "part_input", "part_embedding"
 
 
 def _unwrap_scan(model: onnx.ModelProto) -> onnx.GraphProto:
-    """The per-part graph of a Scan-wrapped model (export/per_part.py) as a plain batched graph."""
+    """The per-part graph of a Scan-wrapped model (exported before per-row scales) as a plain batched graph."""
     graph = model.graph
     if not (len(graph.node) == 1 and graph.node[0].op_type == "Scan"):
         return graph

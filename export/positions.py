@@ -5,7 +5,7 @@
 Nothing is trained: the ImageNet weights of export/backbone.py, cut at stride 8 or 16. The output
 is the map row-major, positions then channels, and the model's metadata says so (`positions`
 "ROWSxCOLS", `position_channels`, `position_stride`: station/core/embedder.py), so calibration
-fits one Gaussian per position (calibration/fit.py: calibrate_positions, a format-3 reference set)
+fits one Gaussian per position (calibration/positions.py: calibrate_positions, a format-3 reference set)
 and the verdict names the worst position's box in frame pixels.
 
 A per-position covariance costs C x C per position to store and to score; `channels` keeps a fixed

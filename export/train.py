@@ -45,25 +45,8 @@ from export.trunk import Ensemble, build_trunk, count_parameters, input_spec_for
 
 log = logging.getLogger(__name__)
 
-# ---- defaults in one place (chosen on held-out data, never on a test split) ----
-# GENERALIZATION (issue 15). Test = a part never used for a choice; threshold at
-# q99.5 of held-out goods; torch float; 1 torch thread, busy 2-core machine.
-# sim = simulated lines 800 parts, seeds 5/9/13 and 5 with 2 pins, train 48 % /
-# val 12 % / test 40 %; tile = magnetic-tile train part re-split 60/15/25 (the
-# 40 % test part untouched); lodo = tile, one defect class left out of training,
-# tested on it (mean of 5). AUROC / accuracy:
-#                                      sim          tile         lodo
-#   mlp, old recipe (no early stop)   0.963/0.936  0.992/0.977  0.811/0.810
-#   mlp, strong augmentation, wd 1e-4 0.936/0.926  0.989/0.948  0.753/0.821
-#   cnn, strong augmentation          0.999/0.984  0.983/0.930  0.887/0.827
-#   cnn, medium augmentation          1.000/0.994  0.988/0.948  0.852/0.840
-#   cnn, light augmentation (default) 1.000/0.996  0.986/0.958  0.869/0.840
-#   cnn, light, weight decay 1e-3     1.000/0.995  0.987/0.962  0.867/0.841
-#   cnn, light, synthetic always      0.999/0.978  0.965/0.911  0.866/0.838
-# Seed noise on tile is ~0.01 AUROC (cnn light seed 1: 0.976/0.944), so
-# medium/light/weight decay are ties; strong augmentation and always-synthetic
-# lose. The tile test part (40 %), trained on its whole train part: old default
-# (mlp) 0.996/0.966, this default (cnn) 0.999/0.988.
+# ---- defaults in one place, chosen on held-out parts only (never a test split): the measurements that chose
+# them are in docs/model.md, "Generalization (issue 15)".
 DEFAULT_ARCH = "cnn"
 DEFAULT_LOSS = "center"
 DEFAULT_EPOCHS = {"mlp": 100, "cnn": 60, "lite0": 10}  # the most; early stopping usually ends sooner

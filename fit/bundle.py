@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from station.core.config_model import MAX_STATION_ID, STATION_ID_CHARACTERS
 from station.core.errors import ExportGateError
 from station.core.imagefolder import LabeledImage
 
@@ -102,7 +103,7 @@ def link_folder(items: list[LabeledImage], folder: Path) -> Path:
 
 
 def station_id(name: str) -> str:
-    cleaned = re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-")[:64]
+    cleaned = re.sub(rf"[^{STATION_ID_CHARACTERS}]+", "-", name).strip("-")[:MAX_STATION_ID]
     return cleaned or "station"
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration import fit as calibration_fit
+from calibration import thresholds as calibration_fit
 from fit.choice import Choice, choose
 from station.core.errors import DataError, StationError
 from station.core.imagefolder import LabeledImage
@@ -276,7 +276,7 @@ def cost_per_part(checkpoint: Path) -> float:
         session = build_session(path)
         feed = {INPUT_NAME: np.zeros((1,) + spec.sample_shape, np.float32)}
         times = []
-        for run in range(COST_WARMUP + COST_RUNS):
+        for _ in range(COST_WARMUP + COST_RUNS):
             started = time.perf_counter()
             session.run([OUTPUT_NAME], feed)
             times.append(time.perf_counter() - started)

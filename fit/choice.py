@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from calibration.fit import auroc
+from calibration.thresholds import auroc
 
 RESAMPLES = 400
 CONFIDENT = 0.9

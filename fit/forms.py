@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from calibration import fit as calibration_fit
+from calibration import thresholds as calibration_fit
 from calibration import workflow
 from calibration.evaluate import evaluate_embeddings
 from fit import bundle

@@ -10,9 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration import fit as calibration_fit
-from calibration import workflow
-from calibration.evaluate import evaluate_embeddings
+from calibration import thresholds as calibration_fit
 from fit import bundle, forms as model_forms, figures, report
 from fit.candidates import DEFAULT_BUDGET_MINUTES, DEFAULT_MAX_MS_PER_PART, SearchOptions, candidate_list, run_candidates
 from fit.data_check import DataCheck, check_data

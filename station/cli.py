@@ -168,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "adds a version to that product's reference set.")
     cal.add_argument("-c", "--config", type=Path,
                      help="station.yaml: calibrate from its camera, ROI and model (camera mode)")
-    cal.add_argument("--count", type=int, help="camera mode: distinct parts to grab (default 600: the fewest that "
-                                                "support the default 0.5 %% false-reject target)")
+    cal.add_argument("--count", type=int, help="camera mode: distinct parts to grab (default: DEFAULT_CAMERA_COUNT in "
+                                                "calibration/thresholds.py, the fewest that support the default false-reject target)")
     cal.add_argument("--min-change", type=float,
                      help="camera mode: mean absolute grey-level change that makes a frame a new part (default 5.0)")
     cal.add_argument("--roi", metavar="NAME", help="camera mode: the named region (rois:) to calibrate, for its product")
@@ -181,9 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--metric", choices=("auto", *SCORES, *POSITION_SCORES), default="auto",
                      help="score used for verdicts; auto = best AUROC on --defects (default auto; a per-position model: position)")
     cal.add_argument("--product", help="product name (default: the --out folder's name; camera mode: the config's product)")
-    cal.add_argument("--target-false-reject", type=float, default=0.005,
-                     help="good parts allowed to be rejected (default 0.005)")
-    cal.add_argument("--min-good", type=int, default=30, help="refuse with fewer good parts (default 30)")
+    # The defaults are calibration's (named in calibration/thresholds.py): read by the handler, not here, as
+    # `station run` parses these arguments too and must not load calibration.
+    cal.add_argument("--target-false-reject", type=float,
+                     help="good parts allowed to be rejected (default: DEFAULT_TARGET_FALSE_REJECT in calibration/thresholds.py)")
+    cal.add_argument("--min-good", type=int,
+                     help="refuse with fewer good parts (default: MIN_GOOD_PARTS_CALIBRATE in calibration/thresholds.py)")
     cal.add_argument("--rollback", type=int, nargs="?", const=0, default=None, metavar="VERSION",
                      help="make an earlier version current (default: the one before)")
     cal.set_defaults(handler=calibrate)
@@ -250,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     fi.add_argument("--defect-rate", type=float, help="share of defective parts on the line (default 0.05)")
     fi.add_argument("--escape-cost", type=float, help="cost of one escape in false rejects (default 20)")
     fi.add_argument("--target-false-reject", type=float,
-                    help="without defects: good parts allowed to be rejected (default 0.005)")
+                    help="without defects: good parts allowed to be rejected "
+                         "(default: DEFAULT_TARGET_FALSE_REJECT in calibration/thresholds.py)")
     fi.add_argument("--product", help="product name of the reference set (default: the --out folder's name)")
     fi.set_defaults(handler=fit)
 

@@ -14,6 +14,15 @@ def _load_embedder(model_path: Path, threads: int = 1):
     return Embedder(model_path, threads=threads)
 
 
+def _calibration_limits(args) -> dict:
+    """--target-false-reject and --min-good, calibration's defaults where not given."""
+    from calibration.thresholds import DEFAULT_TARGET_FALSE_REJECT, MIN_GOOD_PARTS_CALIBRATE
+
+    return {"target_false_reject": DEFAULT_TARGET_FALSE_REJECT if args.target_false_reject is None
+            else args.target_false_reject,
+            "min_good": MIN_GOOD_PARTS_CALIBRATE if args.min_good is None else args.min_good}
+
+
 def calibrate(args) -> int:
     from calibration import workflow
     from station.core import reference_set
@@ -39,8 +48,8 @@ def calibrate(args) -> int:
     product = args.product or args.out.name
     embedder = _load_embedder(args.model)
     saved, calibration = workflow.calibrate_folders(
-        embedder, args.good, args.defects, args.out, product, metric=args.metric,
-        target_false_reject=args.target_false_reject, min_good=args.min_good, progress=sys.stderr.isatty(),
+        embedder, args.good, args.defects, args.out, product, metric=args.metric, progress=sys.stderr.isatty(),
+        **_calibration_limits(args),
     )
     _print_calibration(saved, calibration, calibration.warnings)
     return 0
@@ -48,7 +57,7 @@ def calibrate(args) -> int:
 
 def _calibrate_camera(args) -> int:
     from calibration import live
-    from calibration.fit import DEFAULT_CAMERA_COUNT
+    from calibration.thresholds import DEFAULT_CAMERA_COUNT
     from station.core import reference_set
     from station.runtime.config import load_config
     from station.runtime.credentials import camera_credentials
@@ -61,10 +70,10 @@ def _calibrate_camera(args) -> int:
             print(f"{root}: product {product}{f' ({form})' if form else ''}, v{version:04d} is current again")
         return 0
     result = live.calibrate_from_camera(
-        config, args.product, count=DEFAULT_CAMERA_COUNT if args.count is None else args.count, min_good=args.min_good,
+        config, args.product, count=DEFAULT_CAMERA_COUNT if args.count is None else args.count,
         min_change=live.DEFAULT_MIN_CHANGE if args.min_change is None else args.min_change,
-        metric=args.metric, target_false_reject=args.target_false_reject, progress=sys.stderr.isatty(),
-        credentials=camera_credentials(config.camera), region=args.roi,
+        metric=args.metric, progress=sys.stderr.isatty(),
+        credentials=camera_credentials(config.camera), region=args.roi, **_calibration_limits(args),
     )
     grabbed = result.grabbed
     print(f"{len(grabbed)} distinct parts from {grabbed.frames_seen} frames ({grabbed.skipped} unchanged skipped)")

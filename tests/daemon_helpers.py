@@ -1,18 +1,60 @@
 """Helpers for tests that run the daemon as a real process (reliability and security tests).
 
-The daemon itself is started with tests.test_daemon's start_station / write_config;
-these add what fault tests need: the daemon's output read while it runs, sd_notify
+start_station runs `station run` on a configuration write_config writes (for the broker and
+station_files fixtures of tests/conftest.py); the rest is what fault tests need: the daemon's output read while it runs, sd_notify
 datagrams with their arrival times, a TCP gate in front of the broker, and the
 outbox read from outside the process.
 """
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
+
+SCHEMAS = Path(__file__).parent.parent / "station" / "runtime" / "schemas"
+
+
+def schema(name):
+    return json.loads((SCHEMAS / f"{name}.schema.json").read_text())
+
+
+def write_config(folder: Path, files: Path, broker, camera: str, **extra) -> Path:
+    """station.yaml for products A and B of `files` (station_files), publishing to `broker`."""
+    lines = {
+        "station": "st1",
+        "camera": camera,
+        "model": str(files / "model.onnx"),
+        "products": f"{{A: {files / 'refs' / 'A'}, B: {files / 'refs' / 'B'}}}",
+        "product": "A",
+        "state_dir": str(folder / "state"),
+        "mqtt": f"{{host: 127.0.0.1, port: {broker.port}, topic_prefix: plant}}",
+        "stats_interval": "0.5",
+        **extra,
+    }
+    path = folder / "station.yaml"
+    path.write_text("".join(f"{key}: {value}\n" for key, value in lines.items()))
+    return path
+
+
+def start_station(config: Path, notify: TimedNotify | None = None, watchdog_usec: int | None = None):
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+    if notify is not None:
+        env["NOTIFY_SOCKET"] = str(notify.path)
+    if watchdog_usec:
+        env["WATCHDOG_USEC"] = str(watchdog_usec)
+    return subprocess.Popen([sys.executable, "-m", "station", "run", "-c", str(config)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process, timeout=30):
+    output, _ = process.communicate(timeout=timeout)
+    return process.returncode, output
 
 
 def wait_until(predicate, timeout: float = 15.0, what: str = "condition", interval: float = 0.02):

@@ -12,6 +12,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from station.core.preprocess import Roi, prepare_crop, to_model_input
+
 
 def projection_model(path: Path, seed: int = 0, embedding_dim: int = 32, width: int = 36, height: int = 26,
                      metadata: dict[str, str] | None = None, layout: str = "flat") -> Path:
@@ -77,3 +79,50 @@ def int8_twin(fp32_path: Path, path: Path, seed: int = 0) -> Path:
         model.metadata_props.add(key=key, value=value)
     onnx.save(model, str(path))
     return Path(path)
+
+
+def model_input(frames, spec, roi: Roi | None = None) -> np.ndarray:
+    """Frames (any size, grey or colour) -> the model's float32 batch, as the station makes it."""
+    return to_model_input(np.stack([prepare_crop(frame, spec, roi) for frame in frames]), spec)
+
+
+def embed_frames(embedder, frames, roi: Roi | None = None) -> np.ndarray:
+    """Embeddings of frames through the station's own path (prepare_crop, to_model_input, Embedder.embed)."""
+    return embedder.embed(model_input(frames, embedder.input_spec, roi))
+
+
+def scan_per_part(path: Path):
+    """The Scan form `station export` wrote before per-row scales (export/per_row.py reads it): the model at
+    `path` rewritten in place to run its graph once per part, (batch, ...) -> Scan(one part) -> (batch, dim)."""
+    from export.per_row import BODY_INPUT, BODY_OUTPUT
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    outer_input, outer_output = graph.input[0], graph.output[0]
+    part_shape = [d.dim_value for d in outer_input.type.tensor_type.shape.dim[1:]]
+    embedding_dim = outer_output.type.tensor_type.shape.dim[1].dim_value
+
+    # Inside the loop body the graph sees a batch of one under its own names
+    # (names must not repeat the outer graph's).
+    renamed = {outer_input.name: "one_part_batch", outer_output.name: "one_part_embedding"}
+    nodes = [helper.make_node("Unsqueeze", [BODY_INPUT, "batch_axis"], ["one_part_batch"])]
+    for node in graph.node:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.input[:] = [renamed.get(name, name) for name in copy.input]
+        copy.output[:] = [renamed.get(name, name) for name in copy.output]
+        nodes.append(copy)
+    nodes.append(helper.make_node("Squeeze", ["one_part_embedding", "batch_axis"], [BODY_OUTPUT]))
+    body = helper.make_graph(
+        nodes, "one_part",
+        [helper.make_tensor_value_info(BODY_INPUT, TensorProto.FLOAT, part_shape)],
+        [helper.make_tensor_value_info(BODY_OUTPUT, TensorProto.FLOAT, [embedding_dim])],
+        initializer=list(graph.initializer) + [helper.make_tensor("batch_axis", TensorProto.INT64, [1], [0])],
+    )
+    scan = helper.make_node("Scan", [outer_input.name], [outer_output.name], num_scan_inputs=1, body=body,
+                            name="each_part")
+    wrapped = helper.make_graph([scan], graph.name, [outer_input], [outer_output])
+    result = helper.make_model(wrapped, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    result.metadata_props.extend(model.metadata_props)
+    onnx.checker.check_model(result)
+    onnx.save(result, str(path))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from calibration import fit
+from calibration import thresholds
 from station.core import reference_set
 from station.core.reference_set import ReferenceSet, ReferenceSetError
 from station.cli import main
@@ -35,8 +35,8 @@ def test_auroc_equals_the_pairwise_definition_with_ties():
     good = np.round(rng.normal(0, 1, 60), 1)
     bad = np.round(rng.normal(1, 1, 40), 1)
     pairwise = np.mean([(b > g) + 0.5 * (b == g) for g in good for b in bad])
-    assert fit.auroc(good, bad) == pytest.approx(pairwise, abs=1e-12)
-    assert fit.auroc(good, np.array([np.nan])) == 1.0  # a NaN score is NG
+    assert thresholds.auroc(good, bad) == pytest.approx(pairwise, abs=1e-12)
+    assert thresholds.auroc(good, np.array([np.nan])) == 1.0  # a NaN score is NG
 
 
 def correlated_parts(n, d, seed, mixing_seed=1):
@@ -48,7 +48,7 @@ def correlated_parts(n, d, seed, mixing_seed=1):
 @pytest.mark.parametrize("metric", SCORES)
 def test_out_of_fold_threshold_holds_on_new_good_parts(metric):
     train, fresh = correlated_parts(60, 64, seed=1), correlated_parts(4000, 64, seed=2)
-    calibration = fit.calibrate(train, target_false_reject=0.05, metric=metric)
+    calibration = thresholds.calibrate(train, target_false_reject=0.05, metric=metric)
     fresh_false_reject = np.mean(score(fresh, calibration.model, metric) > calibration.threshold)
     assert fresh_false_reject < 0.12  # target 5 %, estimated from 60 parts
 
@@ -56,7 +56,7 @@ def test_out_of_fold_threshold_holds_on_new_good_parts(metric):
 def test_an_in_sample_mahalanobis_threshold_would_reject_most_new_good_parts():
     """Why thresholds are estimated out of fold: the known failure, measured."""
     train, fresh = correlated_parts(30, 128, seed=1), correlated_parts(4000, 128, seed=2)
-    calibration = fit.calibrate(train, target_false_reject=0.05, metric="mahalanobis")
+    calibration = thresholds.calibrate(train, target_false_reject=0.05, metric="mahalanobis")
     in_sample_threshold = np.quantile(score(train, calibration.model, "mahalanobis"), 0.95)
     fresh_scores = score(fresh, calibration.model, "mahalanobis")
     assert np.mean(fresh_scores > in_sample_threshold) > 0.5
@@ -65,38 +65,38 @@ def test_an_in_sample_mahalanobis_threshold_would_reject_most_new_good_parts():
 
 def test_auto_picks_the_metric_with_the_best_auroc_and_reports_escapes():
     good, defects = gaussian_parts(200, seed=4), gaussian_parts(60, seed=5, shift=1.5)
-    calibration = fit.calibrate(good, defects, metric="auto")
+    calibration = thresholds.calibrate(good, defects, metric="auto")
     aurocs = {name: f.auroc for name, f in calibration.fits.items()}
     assert calibration.metric == max(aurocs, key=aurocs.get)
     assert aurocs[calibration.metric] > 0.95
     chosen = calibration.fits[calibration.metric]
     assert chosen.escape_rate == pytest.approx(np.mean(chosen.defect_scores <= chosen.threshold))
-    assert fit.calibrate(good, metric="auto").metric == "mahalanobis"  # no defects: the default
+    assert thresholds.calibrate(good, metric="auto").metric == "mahalanobis"  # no defects: the default
 
 
 def test_too_few_parts_and_bad_targets_are_refused():
-    with pytest.raises(fit.CalibrationError, match="too few"):
-        fit.calibrate(gaussian_parts(5))
-    with pytest.raises(fit.CalibrationError, match="between 0 and 0.5"):
-        fit.calibrate(gaussian_parts(40), target_false_reject=0.7)
+    with pytest.raises(thresholds.CalibrationError, match="too few"):
+        thresholds.calibrate(gaussian_parts(5))
+    with pytest.raises(thresholds.CalibrationError, match="between 0 and 0.5"):
+        thresholds.calibrate(gaussian_parts(40), target_false_reject=0.7)
 
 
 def test_a_threshold_that_flags_most_good_parts_is_refused():
     scores = np.array([np.inf] * 8 + [1.0, 2.0])  # most good parts score not-finite
-    refused = fit.fit_metric(scores, None, 0.005)
+    refused = thresholds.fit_metric(scores, None, 0.005)
     assert refused.problem and "not-finite" in refused.problem
-    usable = fit.fit_metric(np.array([1.0, 2.0, 3.0, 4.0, 5.0]), None, 0.4)  # 0.6 quantile of 5 parts: 4
+    usable = thresholds.fit_metric(np.array([1.0, 2.0, 3.0, 4.0, 5.0]), None, 0.4)  # 0.6 quantile of 5 parts: 4
     assert usable.problem is None and usable.threshold == 4.0 and usable.false_reject_rate == 0.2
     away = np.vstack([correlated_parts(40, 8, seed=3), -correlated_parts(40, 8, seed=4)])
-    with pytest.raises(fit.CalibrationError, match="soart3: .*refusing this threshold"):
-        fit.calibrate(away, metric="soart3")
+    with pytest.raises(thresholds.CalibrationError, match="soart3: .*refusing this threshold"):
+        thresholds.calibrate(away, metric="soart3")
 
 
 # -- reference sets on disk --------------------------------------------------
 
 
 def make_reference_set(seed=0, d=16, product="A", model_sha="ab" * 32) -> ReferenceSet:
-    calibration = fit.calibrate(gaussian_parts(60, d, seed=seed), metric="minkowski")
+    calibration = thresholds.calibrate(gaussian_parts(60, d, seed=seed), metric="minkowski")
     return ReferenceSet(
         model=calibration.model, metric=calibration.metric,
         thresholds={n: f.threshold for n, f in calibration.fits.items()},

@@ -21,9 +21,8 @@ from station.runtime.frame_feed import LatestFrame
 from station.runtime.sources import open_source
 from station.runtime.triggers import frame_for
 from tests.conftest import Broker
-from tests.daemon_helpers import Output, TimedNotify, largest_gap, wait_until
+from tests.daemon_helpers import Output, TimedNotify, largest_gap, start_station, wait_until, write_config
 from tests.mqtt_helpers import Recorder
-from tests.test_daemon import broker, start_station, station_files, write_config  # noqa: F401 (fixtures)
 
 COMMAND = "plant/st1/command"
 WATCHDOG_USEC = 600_000  # a ping every 0.2 s: a longer gap is the loop held up

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from station.runtime.config import StationConfig, load_config, parse_config
 from station.core.errors import ConfigError
@@ -56,17 +57,17 @@ def test_the_documented_example_parses_into_frozen_typed_models(tmp_path):
     assert config.mqtt.port == 1883 and config.mqtt.qos == 1
     # Relative paths resolve against the config file's folder, absolute ones stay.
     assert config.model == tmp_path / "model.onnx"
-    assert config.reference_path == tmp_path / "refs" / "A"
+    assert config.reference_for()[1] == tmp_path / "refs" / "A"
     assert config.mqtt.tls.key == tmp_path / "tls" / "st1.key"
     assert config.state_dir == Path("/var/lib/station/line1-st1")
-    with pytest.raises(Exception):
-        config.mqtt.port = 1  # frozen
+    with pytest.raises(ValidationError, match="frozen"):
+        config.mqtt.port = 1
     assert StationConfig.model_config["extra"] == "forbid"
 
 
 def test_parsing_never_touches_the_model_or_reference_files(tmp_path):
     config = load_config(write(tmp_path, VALID), env={})
-    assert not config.model.exists() and not config.reference_path.exists()
+    assert not config.model.exists() and not config.reference_for()[1].exists()
 
 
 def test_minimal_config_takes_defaults_and_state_dir_from_systemd(tmp_path):
@@ -80,7 +81,7 @@ def test_minimal_config_takes_defaults_and_state_dir_from_systemd(tmp_path):
 
 def test_products_select_the_reference(tmp_path):
     text = VALID.replace("reference: refs/A", "products: {A: refs/A, B: /srv/refs/B}\nproduct: B")
-    assert load_config(write(tmp_path, text), env={}).reference_path == Path("/srv/refs/B")
+    assert load_config(write(tmp_path, text), env={}).reference_for()[1] == Path("/srv/refs/B")
 
 
 def test_wrong_type_names_line_and_key_path(tmp_path):
@@ -130,6 +131,28 @@ def test_secret_in_yaml_is_refused_with_where_it_belongs(tmp_path, key):
     assert ":17: mqtt." + key in lines[0]
     assert "password_file" in lines[0] and "password_credential" in lines[0]
     assert "hunter2" not in lines[0]
+
+
+@pytest.mark.parametrize("where, text, advice", [
+    ("camera", VALID.replace("  fps: 0\n", "  fps: 0\n  password: hunter2\n"),
+     ": use camera.credentials_file or camera.credentials_credential (a systemd credential)"),
+    ("opcua", VALID + "opcua: {users_file: users, password: hunter2}\n", ": use opcua.users_file"),
+    ("keep_crops", VALID.replace("keep_crops: {", "keep_crops: {password: hunter2, "), " (no key here takes one)"),
+])
+def test_a_secret_is_told_a_key_its_section_has(tmp_path, where, text, advice):
+    lines = problems(tmp_path, text)
+    assert any(f"{where}.password: never put a secret in the configuration file{advice}" in line
+               for line in lines), lines
+    assert not any("hunter2" in line for line in lines)
+
+
+def test_every_secret_home_is_a_key_of_its_section():
+    from station.runtime.config import SECRET_HOMES, StationConfig
+
+    for (section,), keys in SECRET_HOMES.items():
+        model = StationConfig.model_fields[section].annotation
+        model = next(arg for arg in getattr(model, "__args__", (model,)) if arg is not type(None))
+        assert {key for key in keys if key} <= set(model.model_fields), section
 
 
 @pytest.mark.parametrize("name", ["../A", "a/b", "..", "x..y", "a\\\\b"])

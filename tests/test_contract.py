@@ -19,6 +19,7 @@ from station.core.scoring import ALL_SCORES, POSITION_SCORES, PositionReference,
 from station.core.verdict import NG, OK
 from station.runtime.commands import parse_command, CommandError
 from station.runtime.messages import SCHEMA_VERSION, encode
+from station.runtime.sources.base import STATES
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMAS = ROOT / "station" / "runtime" / "schemas"
@@ -57,6 +58,12 @@ def test_the_verdict_schema_names_what_the_code_produces():
     for produced in (set(distances(rng.normal(size=(2, 4)), model)), set(distances(rng.normal(size=(2, 4)), positions))):
         assert produced <= set(described), f"distances not in the schema: {produced - set(described)}"
         assert any(set(names) <= produced for names in required)
+
+
+def test_the_schemas_name_the_camera_states_the_sources_have():
+    """sources/base.py owns the states; /metrics labels one gauge per state from the same tuple."""
+    assert schema("state")["properties"]["camera"]["enum"] == list(STATES)
+    assert schema("stats")["properties"]["camera_state"]["enum"] == list(STATES)
 
 
 def test_commands_speak_this_schema_version_or_none():

@@ -2,81 +2,14 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import jsonschema
-import pytest
 
-from calibration import workflow
-from station.core.embedder import Embedder
-from tests.conftest import Broker
-from tests.daemon_helpers import TimedNotify
+from tests.daemon_helpers import TimedNotify, finish, schema, start_station, write_config
 from tests.mqtt_helpers import Recorder
-from tests.onnx_models import projection_model
-
-SCHEMAS = Path(__file__).parent.parent / "station" / "runtime" / "schemas"
-
-
-def schema(name):
-    return json.loads((SCHEMAS / f"{name}.schema.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def station_files(tmp_path_factory, sim_dataset):
-    """A model and two products' reference sets (A and B) for it."""
-    root = tmp_path_factory.mktemp("files")
-    model = projection_model(root / "model.onnx", embedding_dim=32)
-    embedder = Embedder(model)
-    for product, metric in (("A", "mahalanobis"), ("B", "minkowski")):
-        workflow.calibrate_folders(embedder, sim_dataset / "good", [], root / "refs" / product, product, metric=metric)
-    return root
-
-
-def write_config(folder: Path, files: Path, broker: Broker, camera: str, **extra) -> Path:
-    lines = {
-        "station": "st1",
-        "camera": camera,
-        "model": str(files / "model.onnx"),
-        "products": f"{{A: {files / 'refs' / 'A'}, B: {files / 'refs' / 'B'}}}",
-        "product": "A",
-        "state_dir": str(folder / "state"),
-        "mqtt": f"{{host: 127.0.0.1, port: {broker.port}, topic_prefix: plant}}",
-        "stats_interval": "0.5",
-        **extra,
-    }
-    path = folder / "station.yaml"
-    path.write_text("".join(f"{key}: {value}\n" for key, value in lines.items()))
-    return path
-
-
-def start_station(config: Path, notify: TimedNotify | None = None, watchdog_usec: int | None = None):
-    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
-    if notify is not None:
-        env["NOTIFY_SOCKET"] = str(notify.path)
-    if watchdog_usec:
-        env["WATCHDOG_USEC"] = str(watchdog_usec)
-    return subprocess.Popen([sys.executable, "-m", "station", "run", "-c", str(config)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def finish(process, timeout=30):
-    output, _ = process.communicate(timeout=timeout)
-    return process.returncode, output
-
-
-@pytest.fixture
-def broker(tmp_path):
-    folder = tmp_path / "broker"
-    folder.mkdir()
-    broker = Broker(folder)
-    broker.start()
-    yield broker
-    broker.stop()
 
 
 def test_a_folder_of_parts_gives_one_verdict_each_then_stopped(tmp_path, station_files, sim_dataset, broker):

@@ -21,9 +21,8 @@ from station.core.embedder import Embedder
 from station.core.errors import ConfigError, ModelError
 from station.core.reference_set import ReferenceSetError
 from station.runtime.config import load_config
-from tests.daemon_helpers import Output, wait_until
+from tests.daemon_helpers import Output, start_station, wait_until, write_config
 from tests.mqtt_helpers import Recorder
-from tests.test_daemon import broker, start_station, station_files, write_config  # noqa: F401 (fixtures)
 
 # file (relative to the copied station files) -> the exit code `station run` gives for it
 FILES = {
@@ -68,7 +67,7 @@ def test_a_damaged_file_stops_the_start_with_its_code_and_check_names_it(files, 
         done = run_cli("run", "-c", str(config))
         shown = f"{name} {how}: {done.stderr[-2000:]}"
         assert done.returncode == code and "Traceback" not in done.stderr, shown
-        assert f"station run: " in done.stderr and os.path.basename(name) in done.stderr, shown  # names the file
+        assert "station run: " in done.stderr and os.path.basename(name) in done.stderr, shown  # names the file
         assert main(["check", "-c", str(config)]) == 78
         err = capsys.readouterr().err
         assert err.startswith("station check: ") and os.path.basename(name) in err, f"{name} {how}: {err}"
@@ -90,11 +89,11 @@ def test_damaged_files_on_reload_are_refused_and_the_old_ones_keep_judging(files
                 spoil(files / name, how, seed=refused)
                 process.send_signal(signal.SIGHUP)
                 refused += 1
-                wait_until(lambda: output.count("SIGHUP refused") >= refused, 30, f"{name} {how} refused")
+                wait_until(lambda refused=refused: output.count("SIGHUP refused") >= refused, 30, f"{name} {how} refused")
                 refusal = [line for line in output.lines if "SIGHUP refused" in line][-1]
                 assert os.path.basename(name) in refusal, refusal
                 before = len(recorder.on("/verdict"))
-                recorder.wait_for(lambda: len(recorder.on("/verdict")) > before + 3, 30, f"judging on after {name}")
+                recorder.wait_for(lambda before=before: len(recorder.on("/verdict")) > before + 3, 30, f"judging on after {name}")
             (files / name).write_bytes(original)
         # The product command reads the other product's set through the same path.
         spoil(files / "refs/B/CURRENT", "random bytes")

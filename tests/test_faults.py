@@ -19,10 +19,9 @@ import numpy as np
 import pytest
 
 from station.cli import main
-from tests.daemon_helpers import TimedNotify
+from tests.daemon_helpers import TimedNotify, finish, schema, start_station, write_config
 from tests.mqtt_helpers import Recorder
 from tests.test_security import png_header_only
-from tests.test_daemon import broker, finish, schema, start_station, station_files, write_config  # noqa: F401 (fixtures)
 
 
 def count_images(folder) -> int:
@@ -417,7 +416,7 @@ def test_a_source_that_gives_no_frame_is_refused_by_check_and_run(tmp_path, stat
         err = capsys.readouterr().err
         assert says in err and "camera.source: " in err, err
         code, output = finish(start_station(config))
-        assert code == exit_code and f"camera.source: nothing to judge: " in output and says in output, output
+        assert code == exit_code and "camera.source: nothing to judge: " in output and says in output, output
         assert "Traceback" not in output and "ready" not in output
     recorder.wait_for(lambda: any("camera: " in p and "absent.avi" in p
                                   for s in recorder.json_on("/state") for p in s["problems"]), what="state problem")

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from calibration import fit as calibration_fit
+from calibration import thresholds as calibration_fit
 from fit import bundle
 from fit.data_check import check_data, difference_hash, near_duplicate_groups
 from fit.pipeline import FitOptions, run_fit
@@ -88,7 +88,7 @@ def test_station_yaml_parses_once_camera_and_roi_are_filled(fitted):
     config = parse_config(filled, base=out)
     forms = json.loads((out / "fit.json").read_text())["forms"]
     assert config.for_form(None if list(forms) == ["fp32"] else "fp32").model == out / "model.onnx"
-    assert config.for_form(None if list(forms) == ["fp32"] else "fp32").reference_path == out / "reference"
+    assert config.for_form(None if list(forms) == ["fp32"] else "fp32").reference_for()[1] == out / "reference"
     assert sorted(config.model_paths) == (sorted(forms) if len(forms) > 1 else [None])
     assert config.model_form == "auto" and config.roi.width == 36 and config.roi.height == 26
 
@@ -362,7 +362,7 @@ def test_16_bit_photos_filled_to_12_bits_are_warned_about(tmp_path):
     assert not [w for w in check_data(data).warnings if "16-bit" in w]
 
 def test_candidates_stop_when_the_next_estimate_would_overrun_the_budget(tmp_path, monkeypatch):
-    from export import train  # noqa: F401  (imported before the clock starts, as in a real run)
+    import export.train  # noqa: F401  (imported before the clock starts, as in a real run)
     from fit import candidates
 
     def fake(candidate, train, val, calibration, checkpoint, options):
@@ -412,7 +412,7 @@ def test_the_choice_is_not_noise_and_says_how_sure_it_is():
     def outcome(candidate, shift, escaped, n_defect=10, own_noise=0.0):
         defect = np.random.default_rng(2).normal(size=n_defect) + shift
         defect += own_noise * np.random.default_rng(4).normal(size=n_defect)  # where this candidate differs
-        from calibration.fit import auroc
+        from calibration.thresholds import auroc
         return Outcome(candidate, escape_rate=escaped / n_defect, auroc=auroc(good, defect), false_reject_rate=0.01,
                        n_good=150, n_defect=n_defect, good_scores=good, defect_scores=defect)
 

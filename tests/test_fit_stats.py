@@ -4,7 +4,7 @@ import pytest
 import yaml
 from scipy.stats import binomtest
 
-from calibration import fit
+from calibration import thresholds
 from station.core import metrics, reference_set
 from station.core.reference_set import ReferenceSet
 from station.core.scoring import ALL_SCORES, SCORES, distances, score
@@ -20,9 +20,9 @@ def parts(n, d=8, seed=0, shift=0.0):
 @pytest.mark.parametrize("k,n", [(0, 10), (1, 10), (3, 57), (10, 10), (0, 600), (12, 400)])
 def test_clopper_pearson_matches_scipy(k, n):
     exact = binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
-    low, high = fit.clopper_pearson(k, n)
+    low, high = thresholds.clopper_pearson(k, n)
     assert low == pytest.approx(exact.low, abs=1e-9) and high == pytest.approx(exact.high, abs=1e-9)
-    assert fit.clopper_pearson(0, 0) == (None, None)
+    assert thresholds.clopper_pearson(0, 0) == (None, None)
 
 
 def empirical_cost(good, defect, threshold, defect_rate, escape_cost):
@@ -32,12 +32,12 @@ def empirical_cost(good, defect, threshold, defect_rate, escape_cost):
 def test_the_cost_threshold_is_near_the_empirical_optimum_where_classes_overlap():
     rng = np.random.default_rng(1)
     good, defect = rng.lognormal(0, 0.3, 3000), rng.lognormal(1.2, 0.3, 600)
-    threshold, _ = fit.cost_threshold(good, defect, defect_rate=0.05, escape_cost=20)
+    threshold, _ = thresholds.cost_threshold(good, defect, defect_rate=0.05, escape_cost=20)
     cuts = np.exp(np.linspace(-1, 3, 4001))
     best = min(empirical_cost(good, defect, t, 0.05, 20) for t in cuts)
     assert empirical_cost(good, defect, threshold, 0.05, 20) <= best * 1.15  # smoothing widens the tails a little
     # Dearer escapes move the threshold down (more false rejects, fewer escapes).
-    cheap, _ = fit.cost_threshold(good, defect, 0.05, 1)
+    cheap, _ = thresholds.cost_threshold(good, defect, 0.05, 1)
     assert cheap > threshold
 
 
@@ -46,7 +46,7 @@ def test_between_separated_classes_the_cut_follows_their_tails_not_their_extreme
     good = rng.lognormal(np.log(0.07), 0.15, 160)  # tight, like unit-length embeddings of good parts
     defect = rng.lognormal(np.log(1.0), 0.6, 60)
     defect = defect[defect > good.max() * 2.5]  # no overlap on the sample: every cut between costs nothing
-    threshold, cost = fit.cost_threshold(good, defect, 0.05, 20)
+    threshold, cost = thresholds.cost_threshold(good, defect, 0.05, 20)
     midpoint = (good.max() + defect.min()) / 2
     assert good.max() < threshold < midpoint  # nearer the tight good tail than the sample's midpoint
     assert empirical_cost(good, defect, threshold, 0.05, 20) == 0 and cost > 0
@@ -63,13 +63,13 @@ def test_kissme_matrix_is_symmetric_psd_and_separates_a_partial_defect():
     assert np.linalg.eigvalsh(matrix).min() >= -1e-10
     reference = good.mean(axis=0)
     new_good, new_defect = parts(100, seed=3), parts(100, seed=4, shift=3.0)
-    auroc = fit.auroc(metrics.mahalanobis(new_good, reference, matrix), metrics.mahalanobis(new_defect, reference, matrix))
+    auroc = thresholds.auroc(metrics.mahalanobis(new_good, reference, matrix), metrics.mahalanobis(new_defect, reference, matrix))
     assert auroc > 0.95
 
 
 def test_held_out_calibration_learns_kissme_and_picks_by_cost():
     good, defect = parts(120, seed=5), parts(30, seed=6, shift=2.5)
-    calibration = fit.calibrate_held_out(good, defect)
+    calibration = thresholds.calibrate_held_out(good, defect)
     assert set(calibration.fits) == set(ALL_SCORES) and calibration.model.kissme is not None
     chosen = calibration.fits[calibration.metric]
     assert chosen.expected_cost == min(f.expected_cost for f in calibration.fits.values())
@@ -78,17 +78,17 @@ def test_held_out_calibration_learns_kissme_and_picks_by_cost():
 
 
 def test_goods_only_calibration_never_uses_a_target_the_sample_cannot_support():
-    calibration = fit.calibrate_held_out(parts(60, seed=7), None, target_false_reject=0.005)
+    calibration = thresholds.calibrate_held_out(parts(60, seed=7), None, target_false_reject=0.005)
     assert "needs at least 600" in calibration.warnings[0] and "5.00%" in calibration.warnings[0]
     assert calibration.model.kissme is None and set(calibration.fits) == set(SCORES)
     assert calibration.fits[calibration.metric].defect_scores is None
-    assert fit.goods_needed(0.005) == 600 and fit.too_few_goods_warning(600, 0.005) is None
+    assert thresholds.goods_needed(0.005) == 600 and thresholds.too_few_goods_warning(600, 0.005) is None
 
 
 def test_station_calibrate_warns_when_too_few_goods_for_its_target():
-    calibration = fit.calibrate(parts(100, seed=8), target_false_reject=0.005)
+    calibration = thresholds.calibrate(parts(100, seed=8), target_false_reject=0.005)
     assert any("needs at least 600" in w for w in calibration.warnings)
-    assert not fit.calibrate(parts(100, seed=8), target_false_reject=0.05).warnings
+    assert not thresholds.calibrate(parts(100, seed=8), target_false_reject=0.05).warnings
 
 
 def _reference_set(model, metric="minkowski"):
@@ -98,8 +98,8 @@ def _reference_set(model, metric="minkowski"):
 
 def test_kissme_sets_get_a_new_format_and_older_sets_still_load_and_roll_back(tmp_path):
     root = tmp_path / "A"
-    old = fit.calibrate(parts(60, seed=9)).model
-    learned = fit.calibrate_held_out(parts(60, seed=9), parts(20, seed=10, shift=3.0)).model
+    old = thresholds.calibrate(parts(60, seed=9)).model
+    learned = thresholds.calibrate_held_out(parts(60, seed=9), parts(20, seed=10, shift=3.0)).model
     reference_set.save(root, _reference_set(old))
     reference_set.save(root, _reference_set(learned, "kissme"))
     formats = [yaml.safe_load((root / v / "reference.yaml").read_text())["format"] for v in ("v0001", "v0002")]
@@ -116,8 +116,8 @@ def test_kissme_sets_get_a_new_format_and_older_sets_still_load_and_roll_back(tm
 
 
 def test_the_camera_default_count_supports_the_default_target():
-    assert fit.DEFAULT_CAMERA_COUNT == fit.goods_needed(fit.DEFAULT_TARGET_FALSE_REJECT) == 600
-    assert fit.too_few_goods_warning(fit.DEFAULT_CAMERA_COUNT, fit.DEFAULT_TARGET_FALSE_REJECT) is None
+    assert thresholds.DEFAULT_CAMERA_COUNT == thresholds.goods_needed(thresholds.DEFAULT_TARGET_FALSE_REJECT) == 600
+    assert thresholds.too_few_goods_warning(thresholds.DEFAULT_CAMERA_COUNT, thresholds.DEFAULT_TARGET_FALSE_REJECT) is None
 
 
 def test_the_shipped_demo_reference_set_written_before_kissme_still_loads(tmp_path):
@@ -129,7 +129,7 @@ def test_the_shipped_demo_reference_set_written_before_kissme_still_loads(tmp_pa
     assert loaded.model.kissme is None and set(loaded.thresholds) == set(SCORES)
     copy = tmp_path / "demo"
     shutil.copytree(DEMO_REFERENCE, copy)
-    learned = fit.calibrate_held_out(parts(60, d=loaded.embedding_dim, seed=1),
+    learned = thresholds.calibrate_held_out(parts(60, d=loaded.embedding_dim, seed=1),
                                      parts(20, d=loaded.embedding_dim, seed=2, shift=3.0)).model
     reference_set.save(copy, _reference_set(learned, "kissme"))
     assert reference_set.rollback(copy) == 1
@@ -138,7 +138,7 @@ def test_the_shipped_demo_reference_set_written_before_kissme_still_loads(tmp_pa
 
 def test_infinite_scores_count_as_highest_and_never_crash_the_cut():
     good = np.array([0.10, 0.12, 0.15, 0.11])
-    threshold, _ = fit.cost_threshold(good, np.array([np.inf, np.inf, np.nan]), 0.05, 20)
+    threshold, _ = thresholds.cost_threshold(good, np.array([np.inf, np.inf, np.nan]), 0.05, 20)
     assert threshold > good.max()  # every defect is above any finite cut
-    threshold, _ = fit.cost_threshold(good, np.array([np.inf, 0.5, 0.6]), 0.05, 20)
+    threshold, _ = thresholds.cost_threshold(good, np.array([np.inf, 0.5, 0.6]), 0.05, 20)
     assert good.max() < threshold < 0.5

@@ -25,9 +25,8 @@ import jsonschema
 import pytest
 
 from tests.mqtt_helpers import Recorder
-from tests.test_daemon import broker, finish, schema, station_files, write_config  # noqa: F401 (fixtures)
-from tests.test_genicam import (ROOT, SOURCE, FakeCamera, fake_camera_factory, genicam_config,  # noqa: F401
-                                needs_aravis)
+from tests.daemon_helpers import finish, schema, write_config
+from tests.genicam_helpers import ROOT, SOURCE, FakeCamera, genicam_config, needs_aravis
 
 GAIN_DB = '''\t<Float Name="Gain" NameSpace="Standard">
 \t\t<Description>Gain in dB: 2 dB per GainRaw step.</Description>
@@ -48,7 +47,7 @@ GAIN_RAW = '\t<Integer Name="GainRaw" NameSpace="Standard">'
 
 
 @pytest.fixture
-def camera_with_gain_in_db(tmp_path, fake_camera_factory):  # noqa: F811
+def camera_with_gain_in_db(tmp_path, fake_camera_factory):
     """The fake GigE Vision camera serving its own XML plus Gain (dB) on the GainRaw register."""
     import gi
 
@@ -85,7 +84,7 @@ def test_the_source_sets_gain_in_db_through_the_cameras_gain_feature(camera_with
 
 @needs_aravis
 def test_station_check_applies_gain_in_db_and_refuses_one_above_the_cameras_gain_maximum(
-        tmp_path, station_files, broker, camera_with_gain_in_db):  # noqa: F811
+        tmp_path, station_files, broker, camera_with_gain_in_db):
     config = genicam_config(tmp_path, station_files, broker, "gain: 6")
     done = subprocess.run([sys.executable, "-m", "station", "check", "-c", str(config)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
@@ -131,7 +130,7 @@ def start_station_with_pulses(config: Path) -> subprocess.Popen:
 
 
 @needs_aravis
-def test_station_run_with_hardware_trigger_judges_each_pulse_as_the_next_part(tmp_path, station_files, broker):  # noqa: F811
+def test_station_run_with_hardware_trigger_judges_each_pulse_as_the_next_part(tmp_path, station_files, broker):
     recorder = Recorder(broker.host, broker.port, "plant/#")
     config = write_config(tmp_path, station_files, broker,
                           "{source: genicam://Fake_1, genicam: {exposure_us: 2000, trigger_source: Line0}}",

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import json
 
-from tests.daemon_helpers import wait_until
+from tests.daemon_helpers import finish, schema, start_station, wait_until, write_config
 from tests.mqtt_helpers import Recorder
-from tests.test_daemon import broker, finish, schema, start_station, station_files, write_config  # noqa: F401
 
 # The configuration variables Home Assistant documents for an MQTT sensor
 # (https://www.home-assistant.io/integrations/sensor.mqtt/, "Configuration Variables"),
@@ -31,7 +30,7 @@ def configs(recorder) -> dict[str, bytes]:
 
 
 def test_the_station_is_one_device_whose_entities_stay_until_discovery_is_turned_off(
-        tmp_path, station_files, broker, sim_dataset):  # noqa: F811
+        tmp_path, station_files, broker, sim_dataset):
     source = f"{{source: {sim_dataset / 'good'}}}"
     config = write_config(tmp_path, station_files, broker, source, homeassistant="{discovery: true}")
     code, output = finish(start_station(config))

@@ -11,7 +11,7 @@ from station.cli import main  # noqa: E402
 from station.core.embedder import Embedder  # noqa: E402
 from station.core.errors import ModelError  # noqa: E402
 from station.core.imagefolder import list_images, read_image  # noqa: E402
-from station.core.preprocess import preprocess  # noqa: E402
+from tests.onnx_models import model_input  # noqa: E402
 
 
 def siamese(path, units=(512, 256, 128), activations=("relu", "relu", None)):
@@ -39,7 +39,7 @@ def test_a_keras_siamese_model_exports_to_the_same_embeddings(tmp_path, sim_data
     embedder = Embedder(out)
     assert embedder.info.arch == "mlp" and embedder.input_spec.layout == "flat"
     images = [read_image(p) for p in list_images(sim_dataset / "good")[:32]]
-    batch = preprocess(images, embedder.input_spec)
+    batch = model_input(images, embedder.input_spec)
     expected = np.asarray(base.predict(batch, verbose=0))
     np.testing.assert_allclose(embedder.embed(batch), expected, atol=1e-4)
     # int8 goes through the same gate as a trained trunk, and passes it

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.test_daemon import broker, station_files, write_config  # noqa: F401 (fixtures)
+from tests.daemon_helpers import write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("station", "calibration", "export", "fit")
@@ -105,7 +105,7 @@ sys.exit(code)
 """
 
 
-def test_the_daemon_loads_only_what_judging_needs(tmp_path, station_files, broker, sim_dataset):  # noqa: F811 (fixtures)
+def test_the_daemon_loads_only_what_judging_needs(tmp_path, station_files, broker, sim_dataset):
     config = write_config(tmp_path, station_files, broker, f"{{source: {sim_dataset / 'good'}}}")
     listing = tmp_path / "modules.json"
     done = subprocess.run([sys.executable, "-c", RUNNER, str(config), str(listing)], cwd=ROOT,

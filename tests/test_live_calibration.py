@@ -1,6 +1,7 @@
 """`station calibrate -c station.yaml`: distinct parts from the configured camera into a reference set."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -148,9 +149,22 @@ def test_refuses_a_product_the_config_does_not_list(tmp_path, model, capsys):
     config = write_config(single, model, "sim://?seed=1&count=50", products=None)
     with pytest.raises(ConfigError, match="single reference"):
         live.calibrate_from_camera(load_config(config), "A", count=40)
-    # The single reference's product is its folder's name, as `station check` reports it.
+    # A single reference not calibrated yet is named by its folder, as `station check` reports it.
     result = live.calibrate_from_camera(load_config(config), None, count=30)
     assert (result.saved.product, result.saved.path.parent) == ("single", single / "refs" / "single")
+
+
+def test_a_single_reference_keeps_the_product_its_set_names(tmp_path, model):
+    """A `station fit` bundle's reference/ holds product P: the station's verdicts say P, so recalibrating it from
+    the camera (and `station check`) must call it P too, not 'reference'."""
+    config = write_config(tmp_path, model, "sim://?seed=1&count=50", products=None)
+    first = live.calibrate_from_camera(load_config(config), None, count=30)
+    saved = reference_set.load(first.saved.path.parent)
+    reference_set.save(tmp_path / "refs" / "single", replace(saved, product="P"))
+    loaded = load_config(config)
+    assert loaded.product_references == {"P": tmp_path / "refs" / "single"}
+    assert loaded.reference_for() == (None, tmp_path / "refs" / "single")  # the runtime reads P from the set
+    assert live.calibrate_from_camera(loaded, None, count=30).saved.product == "P"
 
 
 def test_camera_and_folder_modes_do_not_mix(tmp_path, model, capsys):

@@ -23,9 +23,6 @@ def data():
     [
         (lambda x, r: metrics.minkowski(x, r, p=4), lambda u, v: distance.minkowski(u, v, p=4)),
         (lambda x, r: metrics.minkowski(x, r, p=3), lambda u, v: distance.minkowski(u, v, p=3)),
-        (metrics.euclidean, distance.euclidean),
-        (metrics.manhattan, distance.cityblock),
-        (metrics.chebyshev, distance.chebyshev),
         (metrics.cosine, distance.cosine),
     ],
 )
@@ -43,7 +40,7 @@ def test_minkowski_p4_ranks_a_partial_anomaly_above_equal_energy_diffuse_noise()
     partial = np.zeros(100)
     partial[:4] = 1.0  # energy 4 in four dimensions
     diffuse = np.full(100, 0.2)  # energy 4 spread over all
-    assert metrics.euclidean(partial, ref) == pytest.approx(metrics.euclidean(diffuse, ref))
+    assert np.linalg.norm(partial - ref) == pytest.approx(np.linalg.norm(diffuse - ref))  # equal energy
     assert metrics.minkowski(partial, ref, p=4) > 2 * metrics.minkowski(diffuse, ref, p=4)
 
 

@@ -25,7 +25,7 @@ from station.runtime.inspector import load_inspector
 from station.runtime.model_forms import choose, form_of
 from station.tools import bench
 from tests.onnx_models import int8_twin, projection_model
-from tests.test_daemon import broker, finish, schema, start_station  # noqa: F401  (broker: a fixture)
+from tests.daemon_helpers import finish, schema, start_station
 from tests.mqtt_helpers import Recorder
 
 
@@ -67,7 +67,7 @@ def test_a_pin_or_a_reference_the_forms_lack_is_refused_naming_the_line_and_key(
     assert f"station.yaml:{len(lines) + 1}: model_form: pins int8, but model: has only fp32" in str(caught.value)
     with pytest.raises(ConfigError) as caught:  # product B without its int8 reference set
         parse_config(text.replace(f", int8: {files / 'refs.int8' / 'B'}", ""))
-    line = next(i for i, l in enumerate(lines, 1) if l.strip().startswith("B:"))
+    line = next(i for i, text_line in enumerate(lines, 1) if text_line.strip().startswith("B:"))
     assert f"station.yaml:{line}: products.B: needs {{fp32: PATH, int8: PATH}}" in str(caught.value)
     with pytest.raises(ConfigError, match=r"station.yaml:3: model: a model form is one of fp32, int8, got 'int4'"):
         parse_config(text.replace("int8: ", "int4: ", 1))
@@ -135,7 +135,7 @@ def test_camera_calibration_builds_a_reference_set_for_each_form_from_the_same_p
     config = load_config(station_yaml(tmp_path, copied, camera=f"{{source: {sim_dataset / 'good'}}}"))
     result = live.calibrate_from_camera(config, "B", count=40)
     assert set(result.forms) == {"fp32", "int8"}
-    for form, (saved, _) in result.forms.items():
+    for form in result.forms:
         loaded = reference_set.load(copied / f"refs.{form}" / "B")
         assert loaded.version == 2 and loaded.n_good == len(result.grabbed) == 40 and loaded.product == "B"
         assert loaded.model_sha256 == Embedder(copied / ("model.onnx" if form == "fp32" else "model.int8.onnx")).info.sha256
@@ -155,7 +155,7 @@ def test_bench_of_a_station_puts_the_form_it_runs_first(files, tmp_path):
 
 
 def test_the_daemon_says_its_form_in_the_state_and_keeps_it_through_changeover_and_a_refused_reload(
-        files, tmp_path, broker):  # noqa: F811
+        files, tmp_path, broker):
     copied = tmp_path / "copied"
     shutil.copytree(files, copied)
     recorder = Recorder(broker.host, broker.port, "plant/#")

@@ -16,10 +16,9 @@ import time
 
 import pytest
 
-from tests.daemon_helpers import Output
+from tests.daemon_helpers import Output, finish, start_station, write_config
 from tests.fault_proxy import PUBACK, FaultProxy
 from tests.mqtt_helpers import Recorder
-from tests.test_daemon import finish, start_station, station_files, write_config  # noqa: F401 (fixture)
 from tests.conftest import Broker
 
 STATION_TOPICS = """topic read #

@@ -8,8 +8,7 @@ import sys
 
 import pytest
 
-from tests.daemon_helpers import Output
-from tests.test_daemon import broker, start_station, station_files, write_config  # noqa: F401 (fixtures)
+from tests.daemon_helpers import Output, start_station, write_config
 
 asyncua = pytest.importorskip("asyncua")
 from asyncua import Client, ua  # noqa: E402
@@ -74,7 +73,7 @@ async def refused(url: str, client_files, user, password) -> bool:
     return False
 
 
-def test_a_scada_client_reads_the_verdict_as_parts_are_judged(tmp_path, station_files, broker, sim_dataset):  # noqa: F811
+def test_a_scada_client_reads_the_verdict_as_parts_are_judged(tmp_path, station_files, broker, sim_dataset):
     server_files = certificate(tmp_path, "server", ExtendedKeyUsageOID.SERVER_AUTH)
     client_files = certificate(tmp_path, "client", ExtendedKeyUsageOID.CLIENT_AUTH)
     users = tmp_path / "opcua-users"
@@ -105,7 +104,7 @@ def test_a_scada_client_reads_the_verdict_as_parts_are_judged(tmp_path, station_
     assert code == 0, output.text
 
 
-def test_unusable_opcua_files_are_named_by_check_and_stop_the_start(tmp_path, station_files, broker, sim_dataset):  # noqa: F811
+def test_unusable_opcua_files_are_named_by_check_and_stop_the_start(tmp_path, station_files, broker, sim_dataset):
     users = tmp_path / "users"
     users.write_text("no colon here\n")
     opcua = (f"{{port: {free_port()}, certificate: {tmp_path / 'missing.der'}, private_key: {tmp_path / 'missing.pem'}, "

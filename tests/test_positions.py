@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
-from calibration import fit, positions, workflow
+from calibration import positions, thresholds, workflow
 from export.gate import gate_failures
 from station.core import metrics
 from station.core import reference_set as reference_sets
@@ -29,7 +29,7 @@ from station.core.preprocess import FeatureGrid, InputSpec, Roi, box_in_frame, p
 from station.core.scoring import PositionReference, position_scores
 from station.core.simulated_line import FRAME_ROI, render_frame, render_part
 from station.core.verdict import NG, judge
-from tests.onnx_models import projection_model
+from tests.onnx_models import embed_frames, projection_model
 
 torch = pytest.importorskip("torch")
 from export.positions import PositionMap, export_position_model, position_offset  # noqa: E402
@@ -154,19 +154,19 @@ def test_a_parts_score_is_the_same_bits_alone_and_in_a_batch():
 
 def test_scoring_one_part_stays_well_under_a_millisecond():
     rng = np.random.default_rng(2)
-    for positions, channels in ((100, 32), (400, 64)):
-        grid = FeatureGrid(positions // 20, 20, channels, 8)
-        factor = rng.normal(size=(positions, channels, channels)).astype(np.float32) / channels
+    for n_positions, channels in ((100, 32), (400, 64)):
+        grid = FeatureGrid(n_positions // 20, 20, channels, 8)
+        factor = rng.normal(size=(n_positions, channels, channels)).astype(np.float32) / channels
         precision = factor @ factor.transpose(0, 2, 1) + np.eye(channels, dtype=np.float32)
-        model = PositionReference(np.zeros((positions, channels), np.float32), precision,
-                                  np.zeros(positions, np.float32), grid)
+        model = PositionReference(np.zeros((n_positions, channels), np.float32), precision,
+                                  np.zeros(n_positions, np.float32), grid)
         part = rng.normal(size=(1, grid.size)).astype(np.float32)
         position_scores(part, model)
         started = time.perf_counter()
         for _ in range(50):
             position_scores(part, model)
         ms = (time.perf_counter() - started) / 50 * 1e3
-        assert ms < 2.0, f"{positions} x {channels}: {ms:.2f} ms a part"  # 0.3 ms at 400 x 64 when idle
+        assert ms < 2.0, f"{n_positions} x {channels}: {ms:.2f} ms a part"  # 0.3 ms at 400 x 64 when idle
 
 
 # -- calibration and the reference set ----------------------------------------------------------
@@ -184,17 +184,17 @@ def test_calibration_fits_the_position_metric_out_of_fold_and_saves_format_3(fil
     loaded = reference_sets.load(files["root"] / "refs" / "A")
     assert isinstance(loaded.model, PositionReference) and loaded.threshold == pytest.approx(calibration.threshold)
     # out of fold: an in-sample threshold would sit below the good parts' held-out scores
-    model, _ = positions.fit_position_model(embedder.embed_images([good_frame(i) for i in range(160)], FRAME_ROI),
+    model, _ = positions.fit_position_model(embed_frames(embedder, [good_frame(i) for i in range(160)], FRAME_ROI),
                                       embedder.info.positions)
-    in_sample = position_scores(embedder.embed_images([good_frame(i) for i in range(160)], FRAME_ROI), model).score
+    in_sample = position_scores(embed_frames(embedder, [good_frame(i) for i in range(160)], FRAME_ROI), model).score
     assert np.quantile(in_sample, 0.995) < calibration.threshold
-    new_good = embedder.embed_images([good_frame(i) for i in range(500, 560)], FRAME_ROI)
+    new_good = embed_frames(embedder, [good_frame(i) for i in range(500, 560)], FRAME_ROI)
     assert np.mean(position_scores(new_good, loaded.model).score > loaded.threshold) < 0.1
 
 
 def test_a_whole_embedding_metric_is_refused_for_a_per_position_model(files):
     embedder = Embedder(files["model"])
-    with pytest.raises(fit.CalibrationError, match="judged by 'position'"):
+    with pytest.raises(thresholds.CalibrationError, match="judged by 'position'"):
         workflow.calibrate_folders(embedder, files["good"], [], files["root"] / "refs" / "X", "X",
                                    metric="mahalanobis", roi=FRAME_ROI)
 
@@ -274,7 +274,7 @@ def test_an_ng_part_is_judged_ng_with_a_box_around_its_blob(calibrated):
     rng = np.random.default_rng(3)
     spots = [(FRAME_ROI.x + int(rng.integers(4, 32)), FRAME_ROI.y + int(rng.integers(4, 22))) for _ in range(12)]
     frames = [with_blob(good_frame(1000 + k), spot, level=int(rng.choice([10, 250]))) for k, spot in enumerate(spots)]
-    judgements = judge(embedder.embed_images(frames, FRAME_ROI), loaded, spec, FRAME_ROI)
+    judgements = judge(embed_frames(embedder, frames, FRAME_ROI), loaded, spec, FRAME_ROI)
     for (x, y), judgement, frame in zip(spots, judgements, frames):
         assert judgement.verdict == NG and set(judgement.distances) == {"position"}
         bx, by, bw, bh = judgement.position.in_frame(frame.shape)
@@ -337,11 +337,11 @@ def test_the_snapshot_marks_the_box_in_red():
 def test_the_daemon_names_the_ng_parts_box_and_the_snapshot_marks_it(tmp_path, files, calibrated, broker):
     from tests.daemon_helpers import wait_until
     from tests.mqtt_helpers import Recorder
-    from tests.test_daemon import finish, start_station
+    from tests.daemon_helpers import finish, start_station
 
     embedder, saved, _ = calibrated
     candidates = [good_frame(3000 + index) for index in range(12)]
-    ok = [frame for frame, j in zip(candidates, judge(embedder.embed_images(candidates, FRAME_ROI), saved,
+    ok = [frame for frame, j in zip(candidates, judge(embed_frames(embedder, candidates, FRAME_ROI), saved,
                                                        embedder.input_spec, FRAME_ROI)) if j.verdict == "OK"]
     parts = tmp_path / "parts"
     parts.mkdir()
@@ -366,7 +366,7 @@ def test_the_daemon_names_the_ng_parts_box_and_the_snapshot_marks_it(tmp_path, f
         assert verdict["metric"] == "position" and "worst_position" in verdict
     # the daemon judges as calibration's own code does
     names = sorted(verdicts)
-    expected = judge(embedder.embed_images([cv2.imread(str(parts / n), cv2.IMREAD_UNCHANGED) for n in names], FRAME_ROI),
+    expected = judge(embed_frames(embedder, [cv2.imread(str(parts / n), cv2.IMREAD_UNCHANGED) for n in names], FRAME_ROI),
                      reference_sets.load(files["root"] / "refs" / "A"), embedder.input_spec, FRAME_ROI)
     assert [verdicts[n]["verdict"] for n in names] == [j.verdict for j in expected]
     assert [verdicts[n]["score"] for n in names] == pytest.approx([j.score for j in expected], rel=1e-6)

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from station.core.errors import DataError, RoiError
-from station.core.preprocess import InputSpec, Roi, crop, prepare_crop, preprocess, to_gray8
+from station.core.preprocess import InputSpec, Roi, crop, prepare_crop, to_gray8
+from tests.onnx_models import model_input
 
 SPEC = InputSpec()
 
@@ -18,10 +19,10 @@ def test_roi_crop_then_scale_and_layout():
     frame = np.zeros((240, 320), np.uint8)
     frame[107:133, 142:178] = np.arange(36, dtype=np.uint8)[None, :]  # the part
     roi = Roi(142, 107, 36, 26)
-    flat = preprocess([frame], SPEC, roi)
+    flat = model_input([frame], SPEC, roi)
     assert flat.shape == (1, 936) and flat.dtype == np.float32
     np.testing.assert_allclose(flat[0, :36], np.arange(36) / 255.0, rtol=1e-6)
-    nchw = preprocess([frame, frame], InputSpec(layout="nchw"), roi)
+    nchw = model_input([frame, frame], InputSpec(layout="nchw"), roi)
     assert nchw.shape == (2, 1, 26, 36)
     np.testing.assert_array_equal(nchw[1].reshape(-1), flat[0])
 
@@ -31,7 +32,7 @@ def test_colour_and_16_bit_images_give_the_same_gray_input():
     bgr = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
     bgra = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGRA)
     sixteen = gray.astype(np.uint16) * 257
-    outs = [preprocess([img], SPEC) for img in (gray, bgr, bgra, sixteen, gray[:, :, None])]
+    outs = [model_input([img], SPEC) for img in (gray, bgr, bgra, sixteen, gray[:, :, None])]
     for out in outs[1:]:
         np.testing.assert_array_equal(out, outs[0])
 

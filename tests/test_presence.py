@@ -9,7 +9,6 @@ import pytest
 from station.runtime.presence import PresenceGate
 from station.tools.simulate import write_dwell_video
 from tests.mqtt_helpers import Recorder
-from tests.test_daemon import broker, finish, schema, start_station, station_files, write_config  # noqa: F401
 
 ROI = "{x: 142, y: 107, width: 36, height: 26}"
 
@@ -107,7 +106,7 @@ import numpy as np  # noqa: E402
 from station.core.simulated_line import FRAME_HEIGHT, FRAME_WIDTH, render_frame, render_part  # noqa: E402
 from station.runtime.presence import PresenceSettings  # noqa: E402
 from station.tools.simulate import SLIDE_STEP, dwell_frames  # noqa: E402
-from tests.daemon_helpers import Output, wait_until  # noqa: E402
+from tests.daemon_helpers import Output, finish, schema, start_station, write_config  # noqa: E402
 
 SEED = 3
 

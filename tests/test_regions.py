@@ -1,8 +1,6 @@
 """rois: several named regions per part: configuration, one embedder call, batch independence, the daemon."""
 from __future__ import annotations
 
-import shutil
-
 import cv2
 import jsonschema
 import numpy as np
@@ -19,7 +17,7 @@ from station.runtime.config import parse_config
 from station.runtime.inspector import Inspector
 from station.runtime.regions import Region
 from tests.mqtt_helpers import Recorder
-from tests.test_daemon import broker, finish, schema, start_station, station_files, write_config  # noqa: F401
+from tests.daemon_helpers import finish, schema, start_station, write_config
 
 BASE = "station: s\ncamera: {source: /tmp}\nmodel: m.onnx\n"
 PRODUCTS = "products: {A: r/A, B: r/B}\nproduct: A\n"
@@ -69,7 +67,7 @@ def per_row_model(tmp_path_factory, sim_dataset):
     import onnx
 
     from export import onnx_export
-    from export.per_part import scan_per_part
+    from tests.onnx_models import scan_per_part
     from export.train import TrainConfig, train
 
     folder = tmp_path_factory.mktemp("per_row")
@@ -121,7 +119,7 @@ def test_a_region_scores_the_same_alone_and_among_eight(per_row_model, sim_datas
 # -- the daemon over MQTT: two regions, two reference sets ---------------------------------------
 
 
-def test_the_daemon_judges_two_regions_against_two_reference_sets(tmp_path, station_files, sim_dataset, broker):  # noqa: F811
+def test_the_daemon_judges_two_regions_against_two_reference_sets(tmp_path, station_files, sim_dataset, broker):
     frames = tmp_path / "frames"
     frames.mkdir()
     paths = list_images(sim_dataset)
@@ -172,7 +170,7 @@ def test_bench_measures_grab_to_puback_latency_and_region_throughput(per_row_mod
     assert "grabbed -> PUBACK" in lines[0] and "8 regions" in lines[1]
 
 
-def test_station_check_names_a_region_outside_the_frames(tmp_path, station_files, sim_dataset, broker):  # noqa: F811
+def test_station_check_names_a_region_outside_the_frames(tmp_path, station_files, sim_dataset, broker):
     from station.runtime.config import load_config
     from station.tools.check import check_station
 
@@ -184,7 +182,7 @@ def test_station_check_names_a_region_outside_the_frames(tmp_path, station_files
     assert any(line.startswith("product B:") for line in result.summary)
 
 
-def test_the_daemon_refuses_to_start_when_a_region_does_not_fit(tmp_path, station_files, sim_dataset, broker):  # noqa: F811
+def test_the_daemon_refuses_to_start_when_a_region_does_not_fit(tmp_path, station_files, sim_dataset, broker):
     rois = ("\n  - {name: left, x: 0, y: 0, width: 36, height: 26}"
             "\n  - {name: far, x: 30, y: 0, width: 36, height: 26}")
     code, output = finish(start_station(write_config(tmp_path, station_files, broker, f"{{source: {sim_dataset}}}",

@@ -22,10 +22,10 @@ from station.runtime.outbox import Outbox
 from station.core.simulated_line import render_frame, render_part
 from station.tools.simulate import write_video
 from tests.daemon_helpers import (
-    Output, TcpGate, TimedNotify, assert_complete_and_ordered, largest_gap, outbox_counters, wait_until,
+    Output, TcpGate, TimedNotify, assert_complete_and_ordered, largest_gap, outbox_counters, schema, start_station,
+    wait_until, write_config,
 )
 from tests.mqtt_helpers import Recorder
-from tests.test_daemon import broker, schema, start_station, station_files, write_config  # noqa: F401 (fixtures)
 
 
 def resubscriptions(recorder: Recorder) -> list[float]:

@@ -34,9 +34,8 @@ from station.core.reference_set import ReferenceSetError
 from station.core.errors import ConfigError, StationError
 from station.runtime.inspector import Inspector
 from tests.conftest import Broker
-from tests.daemon_helpers import Output, wait_until
+from tests.daemon_helpers import Output, start_station, wait_until, write_config
 from tests.mqtt_helpers import Recorder
-from tests.test_daemon import broker, start_station, station_files, write_config  # noqa: F401 (fixtures)
 from tests.test_publisher import make_certificates
 
 ROOT = Path(__file__).parent.parent

@@ -21,7 +21,7 @@ from station.cli import main  # noqa: E402
 from station.core.embedder import OPTIONAL_METADATA, REQUIRED_METADATA, Embedder  # noqa: E402
 from station.core.errors import DataError, ExportGateError  # noqa: E402
 from station.core.imagefolder import dataset_fingerprint, read_image, scan_dataset  # noqa: E402
-from station.core.preprocess import preprocess  # noqa: E402
+from tests.onnx_models import embed_frames, model_input  # noqa: E402
 
 TINY_EPOCHS = 2
 
@@ -44,7 +44,7 @@ def images_of(dataset, limit=64):
 
 def torch_embeddings(model, images, spec):
     with torch.no_grad():
-        return model(torch.from_numpy(preprocess(images, spec))).numpy()
+        return model(torch.from_numpy(model_input(images, spec))).numpy()
 
 
 def test_checkpoint_is_plain_data_that_loads_with_weights_only(checkpoints, sim_dataset):
@@ -89,7 +89,7 @@ def test_fp32_export_runs_in_the_embedder_like_torch(checkpoints, sim_dataset, t
     assert embedder.input_spec == input_spec_for(arch)
     assert embedder.info.quantization == "fp32" and embedder.info.arch == arch
     images = images_of(sim_dataset)
-    onnx_emb = embedder.embed_images(images)
+    onnx_emb = embed_frames(embedder, images)
     assert onnx_emb.shape == (len(images), 128)
     assert np.max(np.abs(onnx_emb - torch_embeddings(model, images, embedder.input_spec))) <= 1e-4
     assert report["gate"]["int8"] is None and report["passed"]
@@ -217,7 +217,7 @@ def test_cli_train_then_export_end_to_end(sim_dataset, tmp_path, capsys):
     embedder = Embedder(model)
     assert embedder.info.arch == "cnn" and embedder.input_spec.layout == "nchw"
     assert embedder.info.extra["members"] == "3"  # the default: an ensemble of three trunks
-    assert embedder.embed_images(images_of(sim_dataset, 8)).shape == (8, 3 * 128)
+    assert embed_frames(embedder, images_of(sim_dataset, 8)).shape == (8, 3 * 128)
 
 
 def test_cli_refuses_a_drifting_model_with_a_message(sim_dataset, tmp_path, capsys):
@@ -277,7 +277,7 @@ def test_an_exported_dynamic_int8_model_judges_each_part_alone_even_when_batched
     export_model(checkpoints["mlp"].checkpoint, out, ExportOptions(int8="dynamic"))
     embedder = Embedder(out)
     assert embedder.info.extra["batch_independent"] == "true"
-    batch = preprocess(images_of(sim_dataset, limit=24), embedder.input_spec)
+    batch = model_input(images_of(sim_dataset, limit=24), embedder.input_spec)
     spike = np.zeros_like(batch[:1])
     spike.reshape(-1)[0] = 1.0  # one bright pixel: ~30 after standardization, it widens a batch's int8 range
     batch = np.concatenate([batch, spike])
@@ -292,7 +292,6 @@ def test_a_part_gets_the_same_int8_embedding_whatever_else_is_in_its_batch(tmp_p
     """Dynamic int8 scales activations per input tensor: the embedder must not let batch neighbours in."""
     from station.core.embedder import Embedder
     from station.core.imagefolder import list_images, read_image
-    from station.core.preprocess import preprocess
     from tests.onnx_models import projection_model
     from onnxruntime.quantization import QuantType, quantize_dynamic
     import onnx
@@ -306,7 +305,7 @@ def test_a_part_gets_the_same_int8_embedding_whatever_else_is_in_its_batch(tmp_p
             prop.value = "int8-dynamic"
     onnx.save(model, str(int8))
     embedder = Embedder(int8)
-    batch = preprocess([read_image(p) for p in list_images(sim_dataset)[:40]], embedder.input_spec)
+    batch = model_input([read_image(p) for p in list_images(sim_dataset)[:40]], embedder.input_spec)
     whole = embedder.embed(batch)
     alone = np.concatenate([embedder.embed(batch[i : i + 1]) for i in range(len(batch))])
     with_bright_neighbour = embedder.embed(np.concatenate([batch[:1], np.ones_like(batch[:1]) * 3.0]))[0]

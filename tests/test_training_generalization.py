@@ -18,6 +18,7 @@ from export.train import TrainConfig, train_split  # noqa: E402
 from export.trunk import load_checkpoint  # noqa: E402
 from station.core.embedder import Embedder  # noqa: E402
 from station.core.errors import ConfigError, DataError  # noqa: E402
+from tests.onnx_models import embed_frames  # noqa: E402
 from station.core.imagefolder import read_image, scan_dataset  # noqa: E402
 
 
@@ -41,7 +42,7 @@ def test_goods_only_trains_on_synthetic_anomalies_and_exports_int8(sim_dataset, 
     report = export_model(result.checkpoint, out)
     assert report["passed"], report["failures"]
     images = [read_image(item.path) for item in val[:5]]
-    assert Embedder(out).embed_images(images).shape == (5, 3 * 128)  # the default ensemble: three trunks
+    assert embed_frames(Embedder(out), images).shape == (5, 3 * 128)  # the default ensemble: three trunks
 
 
 def test_never_synthetic_without_defects_is_refused(sim_dataset, tmp_path):
@@ -92,7 +93,7 @@ def test_input_size_reaches_the_exported_metadata_and_the_embedder(sim_dataset, 
     assert (embedder.input_spec.width, embedder.input_spec.height) == (48, 32)
     images = [read_image(item.path) for item in val[:4]]  # any size: the station resizes to the model input
     assert images[0].shape[:2] != (32, 48)
-    assert embedder.embed_images(images).shape == (4, 128)
+    assert embed_frames(embedder, images).shape == (4, 128)
 
 
 def test_a_bad_input_size_or_mode_is_a_config_error():

@@ -29,7 +29,7 @@ from station.runtime.web.users import check_password, load_users, parse_users, u
 from station.tools.loopback import free_port
 from tests.daemon_helpers import Output, wait_until
 from tests.mqtt_helpers import Recorder
-from tests.test_daemon import broker, start_station, station_files, write_config  # noqa: F401 (fixtures)
+from tests.daemon_helpers import start_station, write_config
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -213,7 +213,7 @@ def state_on_mqtt(recorder) -> dict:
 
 
 @needs_chromium
-def test_the_open_page_live_view_filmstrip_statistics_and_pause(tmp_path, station_files, broker, chromium):  # noqa: F811
+def test_the_open_page_live_view_filmstrip_statistics_and_pause(tmp_path, station_files, broker, chromium):
     port = free_port()
     config = write_config(tmp_path, station_files, broker, '{source: "sim://?seed=3", fps: 25}',
                           roi="{x: 142, y: 107, width: 36, height: 26}", keep_crops="{ng: true, ok_sample_rate: 1.0}",
@@ -355,7 +355,7 @@ def log_in(driver, name: str, password: str):
 
 
 @needs_chromium
-def test_users_log_in_over_https_a_viewer_is_refused_and_an_operator_pauses(tmp_path, station_files, broker,  # noqa: F811
+def test_users_log_in_over_https_a_viewer_is_refused_and_an_operator_pauses(tmp_path, station_files, broker,
                                                                             chromium):
     port = free_port()
     cert, key = _certificate(tmp_path)
@@ -429,7 +429,7 @@ def _login_status(base: str, name: str, password: str) -> int:
     return _status(urllib.request.Request(f"{base}/api/login", data=body, headers={"Content-Type": "application/json"}))
 
 
-def test_a_second_station_on_the_same_port_is_told_which_key_to_change(tmp_path, station_files, broker):  # noqa: F811
+def test_a_second_station_on_the_same_port_is_told_which_key_to_change(tmp_path, station_files, broker):
     import socket
 
     with socket.socket() as taken:
@@ -444,7 +444,7 @@ def test_a_second_station_on_the_same_port_is_told_which_key_to_change(tmp_path,
 
 
 @needs_chromium
-def test_the_live_view_marks_a_per_position_verdicts_worst_position(tmp_path, broker, chromium):  # noqa: F811
+def test_the_live_view_marks_a_per_position_verdicts_worst_position(tmp_path, broker, chromium):
     pytest.importorskip("torch")  # the per-position model is exported from a frozen torch backbone
     from calibration import workflow
     from export.positions import export_position_model
@@ -499,7 +499,7 @@ def test_the_live_view_marks_a_per_position_verdicts_worst_position(tmp_path, br
     assert code == 0, output.text
 
 
-def test_bad_requests_and_stalled_clients_neither_crash_nor_slow_the_station(tmp_path, station_files, broker):  # noqa: F811
+def test_bad_requests_and_stalled_clients_neither_crash_nor_slow_the_station(tmp_path, station_files, broker):
     import socket
 
     port = free_port()

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from station.core.errors import ModelError
-from station.core.preprocess import FeatureGrid, InputSpec, Roi, preprocess
+from station.core.preprocess import FeatureGrid, InputSpec
 from station.core.user_files import read_bytes
 
 # Keys of the model's metadata_props; `station export` writes every one.
@@ -174,9 +174,9 @@ class Embedder:
         """Preprocessed float32 batch -> (n, embedding_dim) float32 embeddings.
 
         Dynamic int8 models quantize activations with a scale taken from the
-        whole input tensor. `station export` wraps them to run each part on
-        its own inside the graph (export/per_part.py); older ones are run here
-        one part per call. Either way a part gets the same embedding at
+        whole input tensor. `station export` gives each part its own scale
+        inside the graph (export/per_row.py; before it, a Scan ran the graph
+        once per part); older ones are run here one part per call. Either way a part gets the same embedding at
         calibration, evaluation and in the daemon, whatever its neighbours.
         """
         if len(batch) == 0:  # onnxruntime's Scan refuses an empty batch
@@ -186,16 +186,6 @@ class Embedder:
         return np.concatenate([
             self.session.run(self._output_names, {INPUT_NAME: batch[i : i + 1]})[0] for i in range(len(batch))
         ])
-
-    def embed_images(self, images, roi: Roi | None = None, batch_size: int = 256) -> np.ndarray:
-        """Raw images (any size, gray or colour) -> embeddings, in batches."""
-        chunks = [
-            self.embed(preprocess(images[start : start + batch_size], self.input_spec, roi))
-            for start in range(0, len(images), batch_size)
-        ]
-        if not chunks:
-            return np.empty((0, self.info.embedding_dim), np.float32)
-        return np.concatenate(chunks)
 
     def warm_up(self, runs: int = 3):
         """First runs allocate; do them before the station says READY."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 
 SOART3_EPS = 1e-4
-SOART3_FEATURES = ("log_beta", "eta", "gamma")
 
 
 def _rows(x: np.ndarray) -> np.ndarray:
@@ -24,18 +23,6 @@ def minkowski(x, ref, p: float = 4) -> np.ndarray:
     """(sum |x - ref|^p)^(1/p); p=4 weighs a few large differences, i.e. partial defects."""
     diff = np.abs(_rows(x) - np.asarray(ref, dtype=np.float64))
     return _shape_like(x, np.sum(diff**p, axis=1) ** (1.0 / p))
-
-
-def euclidean(x, ref) -> np.ndarray:
-    return _shape_like(x, np.linalg.norm(_rows(x) - np.asarray(ref, dtype=np.float64), axis=1))
-
-
-def manhattan(x, ref) -> np.ndarray:
-    return _shape_like(x, np.sum(np.abs(_rows(x) - np.asarray(ref, dtype=np.float64)), axis=1))
-
-
-def chebyshev(x, ref) -> np.ndarray:
-    return _shape_like(x, np.max(np.abs(_rows(x) - np.asarray(ref, dtype=np.float64)), axis=1))
 
 
 def cosine(x, ref) -> np.ndarray:

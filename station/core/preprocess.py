@@ -144,14 +144,6 @@ def to_model_input(crops: np.ndarray, spec: InputSpec) -> np.ndarray:
     return batch.reshape((len(crops),) + spec.sample_shape)
 
 
-def preprocess(frames, spec: InputSpec, roi: Roi | None = None) -> np.ndarray:
-    """Frames (any size, gray or colour) -> float32 model batch of len(frames)."""
-    crops = np.empty((len(frames), spec.height, spec.width), dtype=np.uint8)
-    for i, frame in enumerate(frames):
-        crops[i] = prepare_crop(frame, spec, roi)
-    return to_model_input(crops, spec)
-
-
 # -- where a model-input pixel came from ------------------------------------------------------
 
 
@@ -195,17 +187,6 @@ class FeatureGrid:
         x1, y1 = min(math.ceil(cx + half), spec.width), min(math.ceil(cy + half), spec.height)
         x0, y0 = min(x0, spec.width - 1), min(y0, spec.height - 1)
         return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
-
-    def cell_box(self, index: int, spec: InputSpec) -> tuple[int, int, int, int]:
-        """(x0, y0, x1, y1) in model-input pixels of position `index` (row-major): the stride x stride
-        block the cell stands for, clipped to the input; the cells of the first and last row and column
-        reach the input's edge (they stand for what lies beyond the grid too)."""
-        row, col = divmod(int(index), self.cols)
-        x0, y0 = col * self.stride + self.offset, row * self.stride + self.offset
-        x1 = spec.width if col == self.cols - 1 else x0 + self.stride
-        y1 = spec.height if row == self.rows - 1 else y0 + self.stride
-        x0, y0 = (0 if col == 0 else min(max(x0, 0), spec.width - 1)), (0 if row == 0 else min(max(y0, 0), spec.height - 1))
-        return x0, y0, min(max(x1, x0 + 1), spec.width), min(max(y1, y0 + 1), spec.height)
 
 
 def box_in_frame(box: tuple[int, int, int, int], spec: InputSpec, roi: Roi | None,

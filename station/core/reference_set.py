@@ -138,8 +138,9 @@ def _where(root: Path) -> str:
     return ""
 
 
-def load(root: Path, version: int | None = None) -> ReferenceSet:
-    """The current (or a given) version of a reference set, verified by checksum."""
+def load(root: Path, version: int | None = None, model=None) -> ReferenceSet:
+    """The current (or a given) version of a reference set, verified by checksum; with `model` (an Embedder's
+    info: sha256, embedding_dim) refused when calibrated with another model."""
     root = Path(root)
     named_by_current = version is None
     version = current_version(root) if named_by_current else version
@@ -160,23 +161,19 @@ def load(root: Path, version: int | None = None) -> ReferenceSet:
     if hashlib.sha256(arrays_bytes).hexdigest() != summary["arrays_sha256"]:
         raise ReferenceSetError(f"{folder / ARRAYS}: checksum mismatch (corrupted)")
     if summary["format"] == FORMAT_POSITIONS:
-        model = reference_positions.model_from_npz(arrays_bytes, folder / ARRAYS, reference_positions.grid(summary),
-                                                   ReferenceSetError)
+        arrays = reference_positions.model_from_npz(arrays_bytes, folder / ARRAYS, reference_positions.grid(summary),
+                                                    ReferenceSetError)
     else:
-        model = _model_from_npz(arrays_bytes, folder / ARRAYS, int(summary["embedding_dim"]),
-                                learned=summary["format"] == FORMAT_KISSME)
-    return ReferenceSet(
-        model=model,
-        metric=summary["metric"],
-        thresholds={k: float(v) for k, v in summary["thresholds"].items()},
-        product=summary["product"],
-        model_sha256=summary["model_sha256"],
-        n_good=int(summary["n_good"]),
-        statistics=summary.get("statistics", {}),
-        created=summary["created"],
-        version=version,
-        path=folder,
+        arrays = _model_from_npz(arrays_bytes, folder / ARRAYS, int(summary["embedding_dim"]),
+                                 learned=summary["format"] == FORMAT_KISSME)
+    loaded = ReferenceSet(
+        model=arrays, metric=summary["metric"], thresholds={k: float(v) for k, v in summary["thresholds"].items()},
+        product=summary["product"], model_sha256=summary["model_sha256"], n_good=int(summary["n_good"]),
+        statistics=summary.get("statistics", {}), created=summary["created"], version=version, path=folder,
     )
+    if model is not None:
+        verify_for_model(loaded, model.sha256, model.embedding_dim)
+    return loaded
 
 
 def _check_summary(summary: dict, where: Path):

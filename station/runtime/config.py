@@ -16,11 +16,12 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
-    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo,
-    field_validator, model_validator,
+    AfterValidator, BeforeValidator, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
+    model_validator,
 )
 
-from station.core.errors import ConfigError
+from station.core.config_model import ConfigModel, ConfigPath, CredentialName, StationId, resolve_path
+from station.core.errors import ConfigError, StationError
 from station.core.imagefolder import DEFAULT_MAX_PIXELS
 from station.core.product import product_name_problem
 from station.core.user_files import read_text
@@ -39,13 +40,15 @@ from station.runtime.sources.kinds import GENICAM, SIM, URL, parse_sim_source, s
 
 # Keys that would put a secret in the file; the message says where it goes instead.
 SECRET_KEYS = frozenset({"password", "passwd", "secret", "token"})
+# Where each section takes its secret: (a file it names, a systemd credential it names or None). A section
+# not listed has no secret of its own: the advice then names no key.
+SECRET_HOMES = {
+    ("mqtt",): ("password_file", "password_credential"),
+    ("camera",): ("credentials_file", "credentials_credential"),  # the file holds user:password
+    ("opcua",): ("users_file", None),  # lines user:password
+}
 DEFAULT_STATE_ROOT = Path("/var/lib/station")
 MAX_LISTED_PROBLEMS = 100
-
-
-def _resolve(value: Path, info: ValidationInfo) -> Path:
-    base = (info.context or {}).get("base")
-    return value if value.is_absolute() or base is None else base / value
 
 
 def _safe_name(value: str) -> str:
@@ -62,15 +65,8 @@ def _host(value: str) -> str:
     return value
 
 
-ConfigPath = Annotated[Path, AfterValidator(_resolve)]
-FormPaths = Annotated[Any, BeforeValidator(lambda value, info: form_paths(value, info, _resolve))]  # Path | {FORM: Path}
+FormPaths = Annotated[Any, BeforeValidator(lambda value, info: form_paths(value, info, resolve_path))]  # Path | {FORM: Path}
 ProductName = Annotated[str, AfterValidator(_safe_name)]
-StationId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$", max_length=64)]
-
-
-class _Model(BaseModel):
-    # No inf or NaN in any number: `max_mb: .inf` would pass `ge=0` and break the size bound.
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 def _camera_source(value: Any, info: ValidationInfo) -> int | str:
@@ -91,17 +87,17 @@ def _camera_source(value: Any, info: ValidationInfo) -> int | str:
                          "camera.credentials_file, or a systemd credential named by camera.credentials_credential")
     if kind in (SIM, URL, GENICAM):
         return value
-    return str(_resolve(Path(value), info))
+    return str(resolve_path(Path(value), info))
 
 
-class CameraConfig(_Model):
+class CameraConfig(ConfigModel):
     source: Annotated[int | str, BeforeValidator(_camera_source)]
     genicam: GenicamField = None  # genicam://DEVICE only: sources/genicam_config.py
     loop: bool = False
     fps: float = Field(0.0, ge=0)
     # A network camera's user:password, never in the URL (it would reach logs and dashboards).
     credentials_file: ConfigPath | None = None
-    credentials_credential: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
+    credentials_credential: CredentialName | None = None
     # Images larger than this are refused from their header, before decoding (decompression bombs).
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
 
@@ -112,7 +108,7 @@ class CameraConfig(_Model):
         return self
 
 
-class RoiConfig(_Model):
+class RoiConfig(ConfigModel):
     x: int = Field(ge=0)
     y: int = Field(ge=0)
     width: int = Field(ge=1)
@@ -124,7 +120,7 @@ class RoiConfig(_Model):
         return Roi(self.x, self.y, self.width, self.height)
 
 
-class TlsConfig(_Model):
+class TlsConfig(ConfigModel):
     ca: ConfigPath | None = None  # None: the system's trusted CAs
     cert: ConfigPath | None = None
     key: ConfigPath | None = None
@@ -136,14 +132,14 @@ class TlsConfig(_Model):
         return self
 
 
-class MqttConfig(_Model):
+class MqttConfig(ConfigModel):
     host: Annotated[str, AfterValidator(_host)] = Field("127.0.0.1", min_length=1)
     port: int = Field(1883, ge=1, le=65535)
     topic_prefix: TopicPart = "inspection"  # the whole topics are checked with the station name: _topic_problems
     qos: Literal[0, 1, 2] = 1
     username: Annotated[str, AfterValidator(mqtt_checked)] | None = None  # an MQTT string in the CONNECT
     password_file: ConfigPath | None = None
-    password_credential: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
+    password_credential: CredentialName | None = None
     tls: TlsConfig | None = None
     keepalive: int = Field(30, ge=5, le=3600)
     # MQTT 5 lets the broker say when it refuses a message; 3.1.1 brokers acknowledge and drop it.
@@ -161,17 +157,17 @@ class MqttConfig(_Model):
         return self
 
 
-class OutboxConfig(_Model):
+class OutboxConfig(ConfigModel):
     max_messages: int = Field(100_000, ge=1)
 
 
-class KeepCropsConfig(_Model):
+class KeepCropsConfig(ConfigModel):
     ng: bool = True
     ok_sample_rate: float = Field(0.0, ge=0.0, le=1.0)
     max_mb: float = Field(200.0, ge=0)
 
 
-class PresenceConfig(_Model):
+class PresenceConfig(ConfigModel):
     """trigger: presence (station/runtime/presence.py has the defaults and what each means)."""
 
     enter: float = Field(PresenceSettings.enter, gt=0)
@@ -192,11 +188,11 @@ class PresenceConfig(_Model):
         return PresenceSettings(**self.model_dump())
 
 
-class RuntimeConfig(_Model):
+class RuntimeConfig(ConfigModel):
     threads: int = Field(1, ge=1, le=64)
 
 
-class StationConfig(_Model):
+class StationConfig(ConfigModel):
     station: StationId
     camera: CameraConfig
     roi: RoiConfig | None = None
@@ -264,30 +260,52 @@ class StationConfig(_Model):
         single._reference_name = next(iter(self.product_references))  # one product whatever the form
         return single
 
-    @property
-    def reference_path(self) -> Path:
-        """The reference set the station scores against (the active product's)."""
-        return self.reference if self.products is None else self.products[self.product]
+    def reference_for(self, product: str | None = None) -> tuple[str | None, Path]:
+        """(product, reference set folder) the station judges `product` with, default the configured one: the one
+        lookup of a product's reference set. A single `reference:` names no product here (None): its reference
+        set's own product is the product, what verdicts carry."""
+        if self.products is None:
+            return None, self.reference
+        name = product or self.product
+        if name not in self.products:
+            raise ConfigError(f"unknown product {name!r}; configured: {', '.join(sorted(self.products))}")
+        return name, self.products[name]
 
     @property
     def product_references(self) -> dict[str, Path]:
-        """Every product the station may switch to, with its reference set folder ({FORM: folder} with a
-        model in several forms: for_form picks one). A single `reference:` is one product named by its folder."""
-        if self.products is None:  # with a reference set per form, named as the fp32 set's folder
+        """Every product the station may switch to, with its reference set folder ({FORM: folder} with a model in
+        several forms: for_form picks one). A single `reference:` is one product named as the station names it: by
+        its reference set (the fp32 form's with several; by its folder before the first calibration, the name
+        calibration then gives it). Reads the set, so `station check` and calibration ask, not the loop."""
+        if self.products is None:
             named = self.reference.get("fp32", self.reference[min(self.reference)]) if isinstance(
                 self.reference, dict) else self.reference
-            return {self._reference_name or Path(named).name: self.reference}
+            return {self._reference_name or _product_of(named): self.reference}
         return dict(self.products)
+
+
+def _product_of(reference: Path) -> str:
+    from station.core.reference_set import load
+
+    try:
+        return load(reference).product
+    except StationError:  # nothing saved yet, or unreadable (loading it again says why)
+        return Path(reference).name
 
 
 def _secrets(lines: dict[KeyPath, int]) -> list[tuple[KeyPath, str]]:
     found = []
     for path in lines:
         if path[-1].lower() in SECRET_KEYS and path[:1] != ("products",):
-            where = ".".join(path[:-1] + ("password_file",))
-            found.append((path, f"never put a secret in the configuration file: use {where} "
-                                f"or {'.'.join(path[:-1] + ('password_credential',))} (a systemd credential)"))
+            found.append((path, "never put a secret in the configuration file" + _secret_home(path[:-1])))
     return found
+
+
+def _secret_home(section: KeyPath) -> str:
+    if section not in SECRET_HOMES:
+        return " (no key here takes one)"
+    file, credential = (".".join(section + (key,)) if key else None for key in SECRET_HOMES[section])
+    return f": use {file}" + (f" or {credential} (a systemd credential)" if credential else "")
 
 
 def _state_dir_from_env(env: dict[str, str]) -> Path | None:

@@ -6,21 +6,12 @@ one field per section, and the daemon wires the enabled ones at start.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
+from station.core.config_model import ConfigModel, ConfigPath
 from station.runtime.mqtt_strings import string_problem, topic_part_problem
-
-# Wired into threads, servers and retained messages at start: a reload logs them and a restart applies them.
-INTEGRATION_KEYS = ("prometheus", "homeassistant", "opcua")
-
-
-def _resolve(value: Path, info: ValidationInfo) -> Path:
-    base = (info.context or {}).get("base")
-    return value if value.is_absolute() or base is None else base / value
-
 
 def mqtt_checked(value: str) -> str:
     """An MQTT UTF-8 string the broker will take (mqtt_strings.py); station.yaml is where it enters."""
@@ -37,22 +28,17 @@ def _topic_part(value: str) -> str:
     return value
 
 
-_Path = Annotated[Path, AfterValidator(_resolve)]
 TopicPart = Annotated[str, AfterValidator(_topic_part)]  # a topic prefix: levels joined by '/'
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
-
-
-class PrometheusConfig(_Section):
+class PrometheusConfig(ConfigModel):
     """/metrics over HTTP while the daemon runs; 0.0.0.0 for a plant's scraper, one port per station@."""
 
     host: str = Field("127.0.0.1", min_length=1)
     port: int = Field(9108, ge=1, le=65535)
 
 
-class SnapshotConfig(_Section):
+class SnapshotConfig(ConfigModel):
     """The latest NG part's region as a retained JPEG on {prefix}/{station}/snapshot."""
 
     ng: bool = True
@@ -60,23 +46,23 @@ class SnapshotConfig(_Section):
     max_kb: int = Field(200, ge=8, le=10_000)  # JPEG quality is lowered (then the picture scaled) to fit
 
 
-class HomeAssistantConfig(_Section):
+class HomeAssistantConfig(ConfigModel):
     """Retained MQTT discovery configs: the station as one device in Home Assistant."""
 
     discovery: bool = False  # false after true: the entities are removed (empty retained configs)
     prefix: TopicPart = "homeassistant"
 
 
-class OpcuaConfig(_Section):
+class OpcuaConfig(ConfigModel):
     """An OPC UA server (the `opcua` extra) with the last verdict, counters and state."""
 
     host: str = Field("127.0.0.1", min_length=1)
     port: int = Field(4840, ge=1, le=65535)
     # Basic256Sha256 (sign and encrypt) needs the server's certificate and key; "none" only when written.
     security: list[Literal["Basic256Sha256", "none"]] = Field(["Basic256Sha256"], min_length=1)
-    certificate: _Path | None = None  # DER or PEM
-    private_key: _Path | None = None  # PEM
-    users_file: _Path | None = None  # lines user:password (mode 0600); the only way in unless anonymous
+    certificate: ConfigPath | None = None  # DER or PEM
+    private_key: ConfigPath | None = None  # PEM
+    users_file: ConfigPath | None = None  # lines user:password (mode 0600); the only way in unless anonymous
     anonymous: bool = False  # explicit: clients without a user may read
 
     @model_validator(mode="after")

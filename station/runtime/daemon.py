@@ -22,6 +22,7 @@ from station.runtime import presence_station, sdnotify
 from station.runtime.frame_feed import FrameFeed, LatestFrame
 from station.runtime.frame_sizes import FrameSizes
 from station.runtime.sources import is_finite, is_lossless, open_source
+from station.runtime.sources.base import STARTING
 from station.runtime.commands import Command, CommandInbox
 from station.runtime.config import StationConfig, load_config
 from station.runtime.credentials import camera_credentials
@@ -36,7 +37,7 @@ from station.runtime.publisher import Publisher
 from station.runtime.recorder import VerdictRecorder
 from station.runtime.stats import StationStats, stats_message
 from station.runtime.integrations import Integrations
-from station.runtime.messages import part_messages, utc_timestamp
+from station.runtime.messages import is_verdict, part_messages, utc_timestamp
 from station.runtime.presence import PresenceGate
 from station.runtime.triggers import frame_for, unjudged_trigger
 
@@ -219,7 +220,7 @@ class Daemon:
         pending = sorted([*zip(kept, judgements), *missed, *refused], key=lambda p: p[0].frame_no)
         messages = self._store_verdicts(inspector, pending, ready, part_id)
         self.publisher.notify_outbox()
-        for message, frame in zip([m for m in messages if "verdict" in m], kept):
+        for message, frame in zip(filter(is_verdict, messages), kept):
             self.stats.part_judged(message["verdict"], message["latency_ms"])
             if self.crop_keeper.wants(message["verdict"]):  # the region at the camera's resolution
                 self.crop_keeper.keep(crop(frame.image, inspector.roi), message["verdict"], message["id"])
@@ -283,8 +284,10 @@ class Daemon:
     def _changeover(self, command: Command) -> str | None:
         if self.config.products is None:
             return "this station has a single reference set; configure products: to switch"
-        if command.product not in self.config.products:
-            return f"unknown product {command.product!r}; configured: {', '.join(sorted(self.config.products))}"
+        try:
+            self.config.reference_for(command.product)
+        except ConfigError as exc:  # not configured: refused before anything reloads
+            return str(exc)
         return self._swap_inspector(self.config, command.product, reason=f"changeover to {command.product}")
 
     def _trigger(self, command: Command) -> str | None:
@@ -358,7 +361,7 @@ class Daemon:
         return {
             "station": self.config.station,
             **self.inspector.describe(),
-            "camera": self.source.state if hasattr(self, "source") else "starting",
+            "camera": self.source.state if hasattr(self, "source") else STARTING,
             "trigger": self.config.trigger,
             "paused": self.paused,
             "problems": [f"{kind}: {text}" for kind, text in self.problems.items()],

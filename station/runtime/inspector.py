@@ -14,7 +14,7 @@ import numpy as np
 from station.core import reference_set as reference_sets
 from station.core.embedder import Embedder
 from station.core.preprocess import Roi, prepare_crop, regions_problem, to_model_input
-from station.core.errors import ConfigError, StationError
+from station.core.errors import ConfigError
 from station.core.verdict import judge
 from station.runtime.config import StationConfig
 from station.runtime.model_forms import FormChoice, choose, form_of
@@ -35,8 +35,7 @@ class Inspector:
              embedder: Embedder | None = None) -> "Inspector":
         """Load and cross-check model and reference set; StationError when they do not fit."""
         embedder = embedder or Embedder(model, threads=threads)
-        loaded = reference_sets.load(reference)
-        reference_sets.verify_for_model(loaded, embedder.info.sha256, embedder.info.embedding_dim)
+        loaded = reference_sets.load(reference, model=embedder.info)
         embedder.warm_up()
         return cls(embedder, loaded, product or loaded.product, roi)
 
@@ -91,13 +90,7 @@ def load_inspector(config: StationConfig, product: str | None = None, embedder: 
     if isinstance(config.model, dict):
         form = choose(config)
         config, embedder = config.for_form(form.form), form.embedder
-    if config.products is None:
-        path, name = config.reference, None
-    else:
-        name = product or config.product
-        if name not in config.products:
-            raise StationError(f"unknown product {name!r}; configured: {', '.join(sorted(config.products))}")
-        path = config.products[name]
+    name, path = config.reference_for(product)
     roi = config.roi.to_roi() if config.roi else None
     inspector = Inspector.load(config.model, path, name, roi, threads=config.runtime.threads, embedder=embedder)
     inspector = with_regions(inspector, config) if config.rois else inspector
@@ -115,9 +108,7 @@ def with_regions(inspector: Inspector, config: StationConfig) -> Inspector:
     for region in config.rois:
         product = region.product or inspector.product
         if product not in loaded:
-            loaded[product] = reference_sets.load(config.products[product])
-            reference_sets.verify_for_model(loaded[product], inspector.embedder.info.sha256,
-                                            inspector.embedder.info.embedding_dim)
+            loaded[product] = reference_sets.load(config.reference_for(product)[1], model=inspector.embedder.info)
         regions.append(Region(region.name, region.to_roi(), product, loaded[product]))
     regions = tuple(regions)
     return replace(inspector, roi=bounding_roi(regions), regions=regions)

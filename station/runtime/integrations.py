@@ -12,6 +12,7 @@ import time
 from station.core.preprocess import crop
 from station.core.verdict import NG
 from station.runtime.discovery import Discovery
+from station.runtime.messages import is_verdict
 from station.runtime.snapshot import Snapshots
 
 
@@ -57,7 +58,7 @@ class Integrations:
 
     def judged(self, inspector, messages: list[dict], frames: list):
         """A stored batch: verdict messages in order, with the frames they judged."""
-        verdicts = [m for m in messages if "verdict" in m]
+        verdicts = list(filter(is_verdict, messages))
         if self.web is not None:
             self.web.feed.judged(inspector, messages, frames)
         if self.snapshots is not None:

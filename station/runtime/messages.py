@@ -24,6 +24,11 @@ def encode(message: dict) -> bytes:
     return json.dumps(versioned, separators=(",", ":"), allow_nan=False).encode()
 
 
+def is_verdict(message: dict) -> bool:
+    """A verdict message, not a no_verdict (a part seen but not judged): only a verdict carries `verdict`."""
+    return "verdict" in message
+
+
 def utc_timestamp(epoch_seconds: float) -> str:
     """ISO 8601 UTC with milliseconds, e.g. 2026-11-22T06:30:00.123Z."""
     moment = datetime.fromtimestamp(epoch_seconds, tz=timezone.utc)

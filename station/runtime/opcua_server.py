@@ -22,6 +22,7 @@ from pathlib import Path
 
 from station.core.errors import ConfigError, MissingExtraError, StationError
 from station.core.user_files import read_text
+from station.runtime.sources.base import STARTING
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ START_TIMEOUT = 30.0
 NODES = {
     "LastVerdict": ("String", ""), "LastScore": ("Double", math.nan), "LastSeq": ("Int64", 0),
     "OkCount": ("Int64", 0), "NgCount": ("Int64", 0), "Processed": ("Int64", 0),
-    "Product": ("String", ""), "Camera": ("String", "starting"), "Paused": ("Boolean", False),
+    "Product": ("String", ""), "Camera": ("String", STARTING), "Paused": ("Boolean", False),
     "Problems": ("String", ""), "ReferenceVersion": ("Int64", 0), "StartTime": ("DateTime", None),
     "UptimeSeconds": ("Double", 0.0),
 }

@@ -22,10 +22,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from station.core.errors import ConfigError
+from station.runtime.messages import is_verdict
+from station.runtime.sources.base import STARTING, STATES as CAMERA_STATES
+from station.runtime.stats import figures
 
 log = logging.getLogger(__name__)
 
-CAMERA_STATES = ("starting", "ok", "reconnecting", "ended")
 # Grab to PUBACK, seconds: a LAN broker answers in milliseconds, a backlog takes seconds to minutes.
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
@@ -38,24 +40,22 @@ class _DaemonCollector:
 
     def collect(self):
         d = self.daemon
-        capture = getattr(d, "feed", None) or getattr(d, "latest", None)
-        source = getattr(d, "source", None)
-        yield _counter("station_frames", "frames the camera delivered", getattr(capture, "captured", 0))
+        counted = figures(d)
+        yield _counter("station_frames", "frames the camera delivered", counted.captured or 0)
         yield _counter("station_parts", "parts judged (each gave a verdict)", d.stats.processed)
-        dropped = getattr(capture, "dropped", 0) + d._unjudged_frames
         yield _counter("station_frames_dropped", "frames not judged (live camera faster than judging, paused, "
-                                                 "no crop)", dropped)
+                                                 "no crop)", counted.dropped)
         errors = CounterMetricFamily("station_errors", "faults since start, by kind", labels=["kind"])
-        for kind, value in (("camera_reconnect", getattr(source, "reconnects", 0)),
-                            ("mqtt_refused", d.publisher.delivery.refused),
-                            ("outbox_write", d.recorder.write_errors),
-                            ("crop_not_kept", d.crop_keeper.skipped + d.crop_keeper.failed)):
+        for kind, value in (("camera_reconnect", counted.camera_reconnects),
+                            ("mqtt_refused", counted.mqtt_refused),
+                            ("outbox_write", counted.outbox_write_errors),
+                            ("crop_not_kept", counted.crops_not_kept)):
             errors.add_metric([kind], value)
         yield errors
         yield _gauge("station_outbox_depth", "verdicts waiting for the broker's PUBACK", self._depth())
         yield _gauge("station_broker_connected", "1 while connected to the MQTT broker", int(d.publisher.connected))
         camera = GaugeMetricFamily("station_camera_state", "1 for the camera's current state", labels=["state"])
-        current = getattr(source, "state", "starting")
+        current = getattr(getattr(d, "source", None), "state", STARTING)
         for state in CAMERA_STATES:
             camera.add_metric([state], int(state == current))
         yield camera
@@ -112,7 +112,7 @@ class PrometheusExporter:
         """Verdicts put into the outbox (inside its transaction, before the drain can send them)."""
         now = time.monotonic()
         for outbox_id, message in zip(ids, messages):
-            if "verdict" in message:
+            if is_verdict(message):
                 self._pending[outbox_id] = ((message["verdict"], message["product"]),
                                             now - message["latency_ms"] / 1000.0)
 

@@ -38,8 +38,8 @@ from station.runtime.config import MqttConfig
 from station.core.errors import OutboxDiskError, OutboxError, PublisherError
 from station.runtime.credentials import read_password
 from station.runtime.connection_watch import STABLE_AFTER, Connection, ConnectionWatch, GuardedClient
-from station.runtime.delivery import PACKET_OVERHEAD, Delivery
-from station.runtime.messages import encode
+from station.runtime.delivery import Delivery, packet_size
+from station.runtime.messages import encode, is_verdict
 from station.runtime.outbox import Outbox
 from station.runtime.topics import Topics  # noqa: F401 (re-exported: discovery.py, tests)
 
@@ -134,7 +134,7 @@ class Publisher:
     def queue_verdicts(self, transaction, verdicts: list[dict]):
         """Put verdict messages into an open Outbox transaction, for the drain to send in order.
         A message without a verdict (a part seen but not judged) goes to the no_verdict topic."""
-        topic_of = lambda message: self.topics.verdict if "verdict" in message else self.topics.no_verdict
+        topic_of = lambda message: self.topics.verdict if is_verdict(message) else self.topics.no_verdict
         for topic, run in itertools.groupby(verdicts, key=topic_of):  # in order; one statement per run
             run = list(run)
             ids = transaction.put_many(topic, [encode(message) for message in run], self.config.qos)
@@ -325,7 +325,7 @@ class Publisher:
             client, connection = (self._client, self._connection) if self._connected else (None, None)
         if client is None:
             return False
-        if self._max_packet is not None and len(payload) + len(topic.encode()) + PACKET_OVERHEAD > self._max_packet:
+        if self._max_packet is not None and packet_size(topic, payload) > self._max_packet:
             if topic not in self._too_large:  # the broker would drop the connection: never sent, said once
                 self._too_large.add(topic)
                 log.error("MQTT: a %d-byte message on %s is larger than the broker's maximum packet size "

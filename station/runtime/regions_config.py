@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo, field_validator
 
+from station.core.config_model import ConfigModel
 from station.core.product import product_name_problem
 
 MAX_REGIONS = 32
@@ -20,9 +21,7 @@ _PRODUCTS = "_station_products"  # validation context: the products: mapping, fo
 _NAMES = "_region_names"  # validation context: the names seen so far, for the uniqueness check
 
 
-class RegionConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
-
+class RegionConfig(ConfigModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=64)
     x: int = Field(ge=0)
     y: int = Field(ge=0)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -62,19 +63,44 @@ class StationStats:
         }
 
 
+@dataclass(frozen=True)
+class Figures:
+    """The counts the stats topic and /metrics both report, read once from the daemon's parts."""
+
+    captured: int | None  # frames the camera delivered; None before the capture has started
+    dropped: int  # frames not judged: a live camera faster than judging, frames drained while paused
+    camera_reconnects: int
+    crops_not_kept: int
+    mqtt_refused: int
+    outbox_write_errors: int
+
+
+def figures(daemon) -> Figures:
+    """Also read from /metrics' HTTP thread, from the moment the daemon starts: parts made only when the loop
+    starts (the capture, the source) may not be there yet."""
+    capture = getattr(daemon, "feed", None) or getattr(daemon, "latest", None)
+    return Figures(
+        captured=getattr(capture, "captured", None),
+        dropped=getattr(capture, "dropped", 0) + daemon._unjudged_frames,
+        camera_reconnects=getattr(getattr(daemon, "source", None), "reconnects", 0),
+        crops_not_kept=daemon.crop_keeper.skipped + daemon.crop_keeper.failed,
+        mqtt_refused=daemon.publisher.delivery.refused,
+        outbox_write_errors=daemon.recorder.write_errors,
+    )
+
+
 def stats_message(daemon) -> dict:
     """The stats message of a running daemon (station/runtime/daemon.py): the figures of every part of it."""
-    capture = daemon.feed or daemon.latest
+    counted = figures(daemon)
     stats = daemon.stats.report(
-        captured=getattr(capture, "captured", daemon.stats.processed),
-        dropped=getattr(capture, "dropped", 0) + daemon._unjudged_frames,
-        outbox_depth=daemon.outbox.depth(), camera_state=daemon.source.state,
-        camera_reconnects=daemon.source.reconnects,
+        captured=daemon.stats.processed if counted.captured is None else counted.captured,
+        dropped=counted.dropped, outbox_depth=daemon.outbox.depth(), camera_state=daemon.source.state,
+        camera_reconnects=counted.camera_reconnects,
     )
     stats["verdicts_live"] = daemon.recorder.live_verdicts
-    stats["crops_not_kept"] = daemon.crop_keeper.skipped + daemon.crop_keeper.failed
-    stats["mqtt_refused"] = daemon.publisher.delivery.refused
-    stats["outbox_write_errors"] = daemon.recorder.write_errors
+    stats["crops_not_kept"] = counted.crops_not_kept
+    stats["mqtt_refused"] = counted.mqtt_refused
+    stats["outbox_write_errors"] = counted.outbox_write_errors
     stats["frames_not_judged"] = daemon.frame_sizes.not_judged
     stats.update(daemon.source.counters())  # GenICam: camera_lost_packets, camera_incomplete_frames
     gate = daemon.gate

@@ -160,7 +160,7 @@ def session_tuning(model: Path, runs: int = STAGE_RUNS) -> dict:
         for spinning in (False, True):
             session = build_session(model, threads, spinning)
             figures[f"threads={threads} spinning={'on' if spinning else 'off'}"] = time_calls(
-                lambda _: session.run(None, feed), list(range(runs)), warmup=200)
+                lambda _, session=session: session.run(None, feed), list(range(runs)), warmup=200)
     return figures
 
 
@@ -238,7 +238,7 @@ def _wait_ready(notify: socket.socket, process, timeout: float = 30.0) -> float:
                 return time.monotonic()
         except socket.timeout:
             if process.poll() is not None:
-                raise StationError(f"the daemon exited before READY: {process.stderr.read().decode()[-2000:]}")
+                raise StationError(f"the daemon exited before READY: {process.stderr.read().decode()[-2000:]}") from None
     process.kill()
     raise StationError(f"the daemon did not say READY within {timeout} s")
 
@@ -270,10 +270,10 @@ def station_models(config) -> tuple[list[Path], Path, str, int]:
 
     regions = len(config.rois or ()) if config.rois and len(config.rois) > 1 else bench_latency.REGIONS
     if not isinstance(config.model, dict):
-        return [config.model], config.reference_path, f"model {config.model}", regions
+        return [config.model], config.reference_for()[1], f"model {config.model}", regions
     choice = choose(config)
     others = [path for form, path in sorted(config.model_paths.items()) if form != choice.form]
-    return [config.model[choice.form], *others], config.for_form(choice.form).reference_path, choice.line(), regions
+    return [config.model[choice.form], *others], config.for_form(choice.form).reference_for()[1], choice.line(), regions
 
 
 def run_bench(models: list[Path], reference: Path | None, n_parts: int, broker: tuple[str, int] | None,
@@ -342,7 +342,7 @@ def format_table(figures: dict) -> str:
     first = next(iter(figures["raw_onnxruntime"].values()))
     lines += ["", f"{'raw onnxruntime, batch 1':34s} {'p50 µs':>10s} {'p99 µs':>10s} {'size':>10s} "
                   f"{'part of ' + str(first['regions']['n']) + ' regions':>18s} {'a region':>9s}"]
-    for path, raw in figures["raw_onnxruntime"].items():
+    for raw in figures["raw_onnxruntime"].values():
         label = f"{raw['arch']} {raw['quantization']}"
         lines.append(f"{label:34s} {raw['p50_us']:10.1f} {raw['p99_us']:10.1f} {raw['size_bytes'] / 1024:8.0f} KiB "
                      f"{raw['regions']['per_part_us']:15.1f} µs {raw['regions']['per_region_us']:6.1f} µs")

@@ -31,6 +31,7 @@ BROKER_CONFIG = "set_tcp_nodelay true\n"
 RUNNER = """
 import json, sys, time
 from station.runtime import daemon, frame_feed, publisher
+from station.runtime.messages import is_verdict
 grabbed, queued, samples = {}, {}, []
 
 class TracedFeed(frame_feed.FrameFeed):
@@ -47,7 +48,7 @@ class TracedPublisher(publisher.Publisher):
 
     def _queued(self, ids, messages):
         for outbox_id, message in zip(ids, messages):
-            if "verdict" in message:
+            if is_verdict(message):
                 queued[outbox_id] = grabbed.pop(message["source"], None)
 
     def _delivered(self, outbox_id):

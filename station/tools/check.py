@@ -60,9 +60,7 @@ def check_station(config: StationConfig, env: dict[str, str] | None = None) -> C
             loaded_model = None
         for product, path in config.for_form(form).product_references.items():
             try:
-                loaded = reference_set.load(path)
-                if loaded_model is not None:
-                    reference_set.verify_for_model(loaded, loaded_model.info.sha256, loaded_model.info.embedding_dim)
+                loaded = reference_set.load(path, model=loaded_model.info if loaded_model is not None else None)
                 summary.append(f"product {product}{f' ({form})' if form else ''}: {path} v{loaded.version:04d}, "
                                f"{loaded.metric} threshold {loaded.threshold:.6g}")
             except StationError as exc:

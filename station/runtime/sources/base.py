@@ -29,6 +29,8 @@ from station.core.backoff import Backoff
 log = logging.getLogger(__name__)
 
 OK, RECONNECTING, ENDED = "ok", "reconnecting", "ended"
+STARTING = "starting"  # no source yet: the daemon has not opened its camera
+STATES = (STARTING, OK, RECONNECTING, ENDED)  # what state, stats and /metrics may say of the camera
 STALL_TIMEOUT = 2.0  # seconds without a frame before a live source counts as lost
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
+from pydantic import AfterValidator, Field, ValidationInfo
 
+from station.core.config_model import ConfigModel
 from station.runtime.sources.kinds import GENICAM, source_kind
 
 # Mono8 as it comes; Bayer mosaics are converted to grey (the model judges grey levels).
@@ -22,9 +23,7 @@ PIXEL_FORMATS = ("Mono8", "BayerRG8", "BayerGR8", "BayerGB8", "BayerBG8")
 CAMERA_TRIGGERS = ("hardware",)
 
 
-class GenicamConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)  # as config.py's _Model
-
+class GenicamConfig(ConfigModel):
     exposure_us: float | None = Field(None, gt=0)  # ExposureTime(Abs), microseconds; None: the camera's own
     gain: float | None = Field(None, ge=0)  # dB where the camera has Gain, GainRaw steps otherwise
     pixel_format: Literal[PIXEL_FORMATS] = "Mono8"

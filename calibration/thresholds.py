@@ -19,7 +19,14 @@ from station.core.errors import StationError
 from station.core.scoring import SCORES, PositionReference, ReferenceModel, score
 
 FOLDS = 5
+# The fewest good parts a threshold is computed from: five folds of two, and MIN_DISTINCT_PARTS for a spread.
+# `station fit` calibrates with it: its data check (fit/data_check.py MIN_GOOD) already asks for 50 good parts,
+# a fifth of which set the threshold, and its figures come from a test part kept out of everything.
 MIN_GOOD_PARTS = 10
+# `station calibrate`'s default --min-good: there the parts given are all the station's thresholds rest on,
+# with no test part behind them, so the command asks for three times the floor (with none rejected, 30 good
+# parts bound the false-reject rate at about 10 %, rule of three; 10 bound it only at 30 %).
+MIN_GOOD_PARTS_CALIBRATE = 30
 MIN_DISTINCT_PARTS = 10  # distinct good embeddings needed for a spread
 # Above this out-of-fold false-reject rate a threshold is refused outright.
 MAX_ACCEPTABLE_FALSE_REJECT = 0.5
@@ -167,7 +174,7 @@ def calibrate(
     good_embeddings: np.ndarray,
     defect_embeddings: np.ndarray | None = None,
     metric: str = "auto",
-    target_false_reject: float = 0.005,
+    target_false_reject: float = DEFAULT_TARGET_FALSE_REJECT,
     default_metric: str = "mahalanobis",
     min_good: int = MIN_GOOD_PARTS,
 ) -> Calibration:
