@@ -32,6 +32,7 @@ from station.runtime.sources import open_source
 from station.core.embedder import Embedder
 from station.core.errors import ConfigError
 from station.core.preprocess import InputSpec, Roi, prepare_crop
+from station.core.tiles import crop_tiles, split_tiles
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,11 @@ def mean_abs_difference(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def grab_distinct_crops(frames: Iterable, roi: Roi | None, spec: InputSpec, count: int,
-                        min_change: float = DEFAULT_MIN_CHANGE, progress: bool = False) -> GrabbedCrops:
+                        min_change: float = DEFAULT_MIN_CHANGE, progress: bool = False,
+                        tiles: list[Roi] | None = None) -> GrabbedCrops:
     """Up to `count` crops of distinct parts from `frames` (a FrameSource, or Frames, or images).
+    `tiles`: a tiled station's tiles (frame pixels): each crop is every tile's, side by side
+    (height, tiles * width), as the station's own crop of a tiled part is.
 
     Stops as soon as `count` parts are in (a FrameSource is closed then); fewer
     come back when the frames end first: the caller decides whether that is enough.
@@ -75,7 +79,7 @@ def grab_distinct_crops(frames: Iterable, roi: Roi | None, spec: InputSpec, coun
         for item in iterator:
             image = getattr(item, "image", item)
             seen += 1
-            crop = prepare_crop(image, spec, roi)
+            crop = prepare_crop(image, spec, roi) if tiles is None else np.hstack(list(crop_tiles(image, spec, tiles)))
             if crops and mean_abs_difference(crop, crops[-1]) < min_change:
                 skipped += 1
                 if bar is not None:
@@ -97,7 +101,8 @@ def grab_distinct_crops(frames: Iterable, roi: Roi | None, spec: InputSpec, coun
             if close is not None:
                 close()
     log.info("grabbed %d distinct parts from %d frames (%d unchanged skipped)", len(crops), seen, skipped)
-    stacked = np.stack(crops) if crops else np.empty((0, spec.height, spec.width), np.uint8)
+    width = spec.width * (1 if tiles is None else len(tiles))
+    stacked = np.stack(crops) if crops else np.empty((0, spec.height, width), np.uint8)
     return GrabbedCrops(stacked, sources, seen, skipped)
 
 
@@ -165,6 +170,7 @@ def calibrate_from_camera(config, product: str | None, count: int, min_good: int
 def _grab_and_save(config, out: Path, product: str, roi, count: int, min_good: int, min_change: float, metric: str,
                    target_false_reject: float, progress: bool, credentials, region: str | None) -> LiveCalibration:
     embedder = Embedder(config.model, threads=config.runtime.threads)
+    geometry = config.tiles.geometry(config.roi) if config.tiles is not None else None
     # The camera is the station's: never while it runs (AlreadyRunningError, exit 75).
     with StateLock(open_state_dir(config.state_dir), f"station calibrate -c (product {product})"):
         # Never loop for calibration: a replayed folder or video would count the same parts again.
@@ -172,7 +178,8 @@ def _grab_and_save(config, out: Path, product: str, roi, count: int, min_good: i
                              max_pixels=config.camera.max_pixels, credentials=credentials,
                              genicam=config.camera.genicam,  # a GenICam camera set as `station run` sets it
                              trigger="hardware" if config.trigger == "hardware" else None)  # then a frame per part
-        grabbed = grab_distinct_crops(source, roi, embedder.input_spec, count, min_change, progress)
+        grabbed = grab_distinct_crops(source, roi, embedder.input_spec, count, min_change, progress,
+                                      None if geometry is None else [tile for _, tile in geometry.tiles(roi.x, roi.y)])
     where = f"camera {source.description}"
     if len(grabbed) < min_good:
         raise CalibrationError(
@@ -181,13 +188,20 @@ def _grab_and_save(config, out: Path, product: str, roi, count: int, min_good: i
     warnings = []
     if len(grabbed) < count:
         warnings.append(f"{where} ended after {len(grabbed)} of the {count} parts asked for")
-    good_set = workflow.embed_crops(embedder, grabbed.crops, [Path(s) for s in grabbed.sources],
-                                    ["good"] * len(grabbed))
+    paths, classes = [Path(s) for s in grabbed.sources], ["good"] * len(grabbed)
+    if geometry is None:
+        good_set = workflow.embed_crops(embedder, grabbed.crops, paths, classes)
+    else:  # side-by-side tiles -> (parts, tiles, dim), the station's own split (station/core/tiles.py)
+        split = split_tiles(grabbed.crops, geometry.count)
+        embedded = workflow.embed_crops(embedder, split, paths * geometry.count, classes * geometry.count)
+        good_set = workflow.EmbeddedImages(embedded.embeddings.reshape(len(grabbed), geometry.count, -1), None,
+                                           paths, classes)
     statistics = {"source": {
         "camera": where.removeprefix("camera "), **({"region": region} if region else {}),
         "frames_seen": grabbed.frames_seen,
         "skipped_unchanged": grabbed.skipped, "min_change": float(min_change),
     }}
     saved, calibration = workflow.calibrate_embedded(
-        embedder, good_set, None, out, product, metric, target_false_reject, min_good, extra_statistics=statistics)
+        embedder, good_set, None, out, product, metric, target_false_reject, min_good, extra_statistics=statistics,
+        tiles=geometry)
     return LiveCalibration(saved, calibration, grabbed, warnings + list(calibration.warnings))

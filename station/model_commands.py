@@ -21,7 +21,8 @@ def calibrate(args) -> int:
 
     if args.config is not None:
         folder_mode = [flag for flag, value in (("--model", args.model), ("--good", args.good),
-                                                ("--defects", args.defects), ("--out", args.out)) if value]
+                                                ("--defects", args.defects), ("--out", args.out),
+                                                ("--tiles", args.tiles)) if value]
         if folder_mode:
             raise ConfigError(f"-c/--config calibrates from the configured camera; {', '.join(folder_mode)} "
                               "belong to the folder mode (--model, --good, --out): use one or the other")
@@ -41,9 +42,34 @@ def calibrate(args) -> int:
     saved, calibration = workflow.calibrate_folders(
         embedder, args.good, args.defects, args.out, product, metric=args.metric,
         target_false_reject=args.target_false_reject, min_good=args.min_good, progress=sys.stderr.isatty(),
+        tiles=_tiles_option(args.tiles, args.good) if args.tiles else None,
     )
     _print_calibration(saved, calibration, calibration.warnings)
     return 0
+
+
+def _tiles_option(text: str, good: Path):
+    """--tiles W,H[,SX,SY] over the good photos' own size (each photo is the part's region)."""
+    from station.core.errors import DataError
+    from station.core.imagefolder import list_images, read_image
+    from station.core.tiles import TileGeometry
+
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (2, 4):
+        raise ConfigError(f"--tiles {text!r}: give WIDTH,HEIGHT or WIDTH,HEIGHT,STRIDE_X,STRIDE_Y in pixels")
+    width, height = values[:2]
+    stride_x, stride_y = values[2:] or (-(-width // 2), -(-height // 2))
+    photos = list_images(good)
+    if not photos:
+        raise DataError(f"{good}: no images of good parts")
+    region_height, region_width = read_image(photos[0]).shape[:2]
+    try:
+        return TileGeometry(width, height, stride_x, stride_y, region_width, region_height)
+    except DataError as exc:
+        raise ConfigError(f"--tiles {text} over the {region_width}x{region_height} photos: {exc}") from None
 
 
 def _calibrate_camera(args) -> int:

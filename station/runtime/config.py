@@ -25,6 +25,7 @@ from station.core.product import product_name_problem
 from station.core.user_files import read_text
 from station.runtime.presence import JUDGE_ON, PresenceSettings
 from station.runtime.regions_config import Regions
+from station.runtime.tiles_config import Tiles
 from station.runtime.config_yaml import (KeyPath, compose, format_problem, key_lines, line_of,
                                          validation_problems)
 from station.runtime.config_integrations import (HomeAssistantConfig, OpcuaConfig, PrometheusConfig, SnapshotConfig,
@@ -201,6 +202,7 @@ class StationConfig(_Model):
     products: dict[ProductName, ConfigPath] | None = None
     product: ProductName | None = None
     rois: Regions = None  # named regions, instead of roi (regions_config.py); after roi and products
+    tiles: Tiles = None  # the roi cut into overlapping tiles (tiles_config.py); after roi and rois
     trigger: Trigger = "continuous"  # hardware: sources/genicam_config.py
     presence: PresenceConfig = PresenceConfig()
     state_dir: ConfigPath = Field(None, validate_default=True)  # default: $STATE_DIRECTORY or /var/lib/station/<station>

@@ -15,6 +15,7 @@ from station.core import reference_set as reference_sets
 from station.core.embedder import Embedder
 from station.core.preprocess import Roi, prepare_crop, regions_problem, to_model_input
 from station.core.errors import ConfigError, StationError
+from station.core.tiles import TileGeometry, reference_geometry_problem
 from station.core.verdict import judge
 from station.runtime.config import StationConfig
 from station.runtime.regions import Region, bounding_roi, crop_regions, judge_regions, split_crops
@@ -92,11 +93,28 @@ def load_inspector(config: StationConfig, product: str | None = None, embedder: 
         path = config.products[name]
     roi = config.roi.to_roi() if config.roi else None
     inspector = Inspector.load(config.model, path, name, roi, threads=config.runtime.threads, embedder=embedder)
-    inspector = with_regions(inspector, config) if config.rois else inspector
+    geometry = config.tiles.geometry(config.roi) if config.tiles else None
+    problem = reference_geometry_problem(inspector.reference_set.statistics, geometry,
+                                         f"the reference set {path} (v{inspector.reference_set.version:04d})")
+    if problem:
+        raise ConfigError(f"{'tiles' if geometry else 'reference'}: {problem}")
+    if geometry is not None:
+        inspector = with_tiles(inspector, geometry)
+    elif config.rois:
+        inspector = with_regions(inspector, config)
     problem = inspector.frame_problem(None)
     if problem:
-        raise ConfigError(f"{'rois' if config.rois else 'roi'}: {problem}")
+        raise ConfigError(f"{'rois' if config.rois else 'tiles' if geometry else 'roi'}: {problem}")
     return inspector
+
+
+def with_tiles(inspector: Inspector, geometry: TileGeometry) -> Inspector:
+    """The inspector judging the roi cut into tiles (station/core/tiles.py): every tile a region of the
+    station's product, all against its ONE reference set, calibrated on these tiles."""
+    roi = inspector.roi
+    regions = tuple(Region(name, tile, inspector.product, inspector.reference_set)
+                    for name, tile in geometry.tiles(roi.x, roi.y))
+    return replace(inspector, regions=regions)
 
 
 def with_regions(inspector: Inspector, config: StationConfig) -> Inspector:
@@ -107,6 +125,10 @@ def with_regions(inspector: Inspector, config: StationConfig) -> Inspector:
         product = region.product or inspector.product
         if product not in loaded:
             loaded[product] = reference_sets.load(config.products[product])
+            problem = reference_geometry_problem(loaded[product].statistics, None,
+                                                 f"the reference set {config.products[product]}")
+            if problem:
+                raise ConfigError(f"rois: region {region.name}: {problem}")
             reference_sets.verify_for_model(loaded[product], inspector.embedder.info.sha256,
                                             inspector.embedder.info.embedding_dim)
         regions.append(Region(region.name, region.to_roi(), product, loaded[product]))
