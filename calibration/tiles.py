@@ -145,3 +145,18 @@ def calibrate_tiles_held_out(
         metric = min(usable, key=lambda n: (round(fits[n].expected_cost, 9), -fits[n].auroc))
     _check_choice(metric, fits)
     return Calibration(model=model, covariance_shrinkage=shrinkage, fits=fits, metric=metric, warnings=warnings)
+
+
+def evaluate_tiled(embeddings: np.ndarray, classes: list[str], reference_set):
+    """calibration/evaluate.py's Evaluation of tiled parts, (parts, tiles, dim): every metric's score of a
+    part is its worst tile's, as the station judges it."""
+    from calibration.evaluate import Evaluation
+    from station.core.scoring import distances
+
+    parts = _parts(embeddings, "parts")
+    tiles = parts.shape[1]
+    per_metric = {name: part_maxima(values, tiles)
+                  for name, values in distances(parts.reshape(-1, parts.shape[2]), reference_set.model).items()}
+    return Evaluation(scores=per_metric[reference_set.metric], is_defect_truth=np.array([c != "good" for c in classes]),
+                      classes=list(classes), threshold=reference_set.threshold, metric=reference_set.metric,
+                      per_metric_scores={name: per_metric[name] for name in reference_set.model.scores})
