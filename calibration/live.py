@@ -170,6 +170,10 @@ def calibrate_from_camera(config, product: str | None, count: int, min_good: int
 def _grab_and_save(config, out: Path, product: str, roi, count: int, min_good: int, min_change: float, metric: str,
                    target_false_reject: float, progress: bool, credentials, region: str | None) -> LiveCalibration:
     embedder = Embedder(config.model, threads=config.runtime.threads)
+    if config.tiles is not None and config.roi is None:
+        raise ConfigError("tiles: without roi: the tiles' region comes from the photos calibrated on: set roi: "
+                          "(where the part sits in the camera's frames) to calibrate from the camera, or "
+                          "calibrate photos with station calibrate --tiles")
     geometry = config.tiles.geometry(config.roi) if config.tiles is not None else None
     # The camera is the station's: never while it runs (AlreadyRunningError, exit 75).
     with StateLock(open_state_dir(config.state_dir), f"station calibrate -c (product {product})"):

@@ -46,8 +46,8 @@ def embed_items(embedder, items: list[LabeledImage], roi: Roi | None = None, pro
 def embed_tiled_items(embedder, items: list[LabeledImage], roi: Roi | None, geometry: TileGeometry,
                       progress: bool = False) -> EmbeddedImages:
     """Read, cut into tiles (station/core/tiles.py, prepare_crop per tile) and embed: embeddings are
-    (parts, tiles, dim). The tiles are not kept (hundreds a part): crops is None. Without an roi each
-    photo is the region, and must have the geometry's size."""
+    (parts, tiles, dim). The tiles are not kept (hundreds a part): crops is None. Without an roi the
+    region is at each photo's top-left, as the station cuts it (station/runtime/inspector.py)."""
     if not items:
         raise DataError("no images to embed")
     origin = (roi.x, roi.y) if roi is not None else (0, 0)
@@ -56,8 +56,8 @@ def embed_tiled_items(embedder, items: list[LabeledImage], roi: Roi | None, geom
     for item in tqdm_if(items, progress):
         try:
             image = read_image(item.path)
-            if roi is None and image.shape[:2] != (geometry.region_height, geometry.region_width):
-                raise DataError(f"a {image.shape[1]}x{image.shape[0]} photo, not the tiles' "
+            if roi is None and (image.shape[0] < geometry.region_height or image.shape[1] < geometry.region_width):
+                raise DataError(f"a {image.shape[1]}x{image.shape[0]} photo does not hold the tiles' "
                                 f"{geometry.region_width}x{geometry.region_height} region")
             tiles = crop_tiles(image, embedder.input_spec, rois)
         except (ImageReadError, DataError) as exc:
@@ -67,6 +67,14 @@ def embed_tiled_items(embedder, items: list[LabeledImage], roi: Roi | None, geom
     if failures:
         raise DataError(_failures_text(failures))
     return EmbeddedImages(np.stack(embeddings), None, [i.path for i in items], [i.defect_class for i in items])
+
+
+def common_size(paths: list[Path]) -> tuple[int, int]:
+    """(width, height) every photo holds from its top-left corner: a tiled calibration's region."""
+    if not paths:
+        raise DataError("no images to measure")
+    shapes = [read_image(path).shape[:2] for path in paths]
+    return min(shape[1] for shape in shapes), min(shape[0] for shape in shapes)
 
 
 def tqdm_if(items, progress: bool):

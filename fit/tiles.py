@@ -172,10 +172,8 @@ def tiled_candidates(items, workdir: Path, max_ms_per_part: float, say=print) ->
 def embed_parts(embedder, items, geometry: TileGeometry, progress: bool = False):
     """(parts, tiles, dim) embeddings of photos cut as the station cuts them (calibration/workflow.py)."""
     from calibration import workflow
-    from station.core.preprocess import Roi
 
-    roi = Roi(0, 0, geometry.region_width, geometry.region_height)
-    return workflow.embed_tiled_items(embedder, items, roi, geometry, progress)
+    return workflow.embed_tiled_items(embedder, items, None, geometry, progress)
 
 
 def measure(candidate: TiledCandidate, calibration_items, workdir: Path, options, outcome):
@@ -251,12 +249,14 @@ def evaluate(embedder, reference_set, items, geometry: TileGeometry):
 
 
 def station_yaml_section(candidate: TiledCandidate) -> str:
+    """No roi: as the photos were fitted, each frame is the part, its tiles from the top-left corner over
+    the region the reference set records (every fitted photo held it)."""
     (width, height), (stride_x, stride_y) = candidate.tile, candidate.stride
     region_width, region_height = candidate.region
-    return (f"roi: {{x: 0, y: 0, width: {region_width}, height: {region_height}}}   # the tiles' region: "
-            "the box every fitted photo held; move it to where the part sits\n"
-            f"tiles: {{width: {width}, height: {height}, stride_x: {stride_x}, stride_y: {stride_y}}}   "
-            f"# {candidate.geometry.count} tiles, chosen by station fit; the reference set was calibrated on them\n")
+    return (f"# {candidate.geometry.count} tiles over the {region_width}x{region_height} region at each frame's "
+            "top-left (an roi: of that size places it); chosen by station fit, the reference set was calibrated "
+            "on them\n"
+            f"tiles: {{width: {width}, height: {height}, stride_x: {stride_x}, stride_y: {stride_y}}}\n")
 
 
 # -- the tile embedder ----------------------------------------------------------------------------

@@ -42,16 +42,17 @@ def calibrate(args) -> int:
     saved, calibration = workflow.calibrate_folders(
         embedder, args.good, args.defects, args.out, product, metric=args.metric,
         target_false_reject=args.target_false_reject, min_good=args.min_good, progress=sys.stderr.isatty(),
-        tiles=_tiles_option(args.tiles, args.good) if args.tiles else None,
+        tiles=_tiles_option(args.tiles, args.good, args.defects) if args.tiles else None,
     )
     _print_calibration(saved, calibration, calibration.warnings)
     return 0
 
 
-def _tiles_option(text: str, good: Path):
-    """--tiles W,H[,SX,SY] over the good photos' own size (each photo is the part's region)."""
+def _tiles_option(text: str, good: Path, defects: list[Path]):
+    """--tiles W,H[,SX,SY] over the region every photo holds from its top-left corner (each photo is its part)."""
+    from calibration.workflow import common_size
     from station.core.errors import DataError
-    from station.core.imagefolder import list_images, read_image
+    from station.core.imagefolder import list_images
     from station.core.tiles import TileGeometry
 
     try:
@@ -65,7 +66,7 @@ def _tiles_option(text: str, good: Path):
     photos = list_images(good)
     if not photos:
         raise DataError(f"{good}: no images of good parts")
-    region_height, region_width = read_image(photos[0]).shape[:2]
+    region_width, region_height = common_size(photos + [p for folder in defects for p in list_images(folder)])
     try:
         return TileGeometry(width, height, stride_x, stride_y, region_width, region_height)
     except DataError as exc:

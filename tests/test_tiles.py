@@ -69,8 +69,7 @@ def test_tile_problems_name_the_line_and_the_key():
     assert found[0] == "station.yaml:9: tiles.stride_x: Input should be greater than or equal to 1"
     assert found[1].startswith("station.yaml:10: tiles.stride_y: 31 is larger than the tile's height (30): the tiles "
                                "would leave gaps")
-    assert problems(BASE + "tiles: {width: 4, height: 4}\n").startswith(
-        "station.yaml:5: tiles: tiles cut the roi: into tiles: give roi:")
+    assert parse_config(BASE + "tiles: {width: 4, height: 4}\n").tiles.strides == (2, 2)  # no roi: the frame's
     rois = "station: s\ncamera: {source: /tmp}\nmodel: m.onnx\nreference: r/A\nrois:\n  - {name: a, x: 0, y: 0, width: 9, height: 9}\n"
     assert problems(rois + "tiles: {width: 4, height: 4}\n") == (
         "station.yaml:7: tiles: tiles cut one roi: into tiles; with rois: (named regions) give no tiles")
@@ -196,7 +195,7 @@ def test_folder_calibration_with_tiles_refuses_photos_of_another_size(tiled_stat
     root, geometry = tiled_station
     odd = tmp_path / "odd.png"
     cv2.imwrite(str(odd), np.zeros((50, 72), np.uint8))
-    with pytest.raises(DataError, match="odd.png: a 72x50 photo, not the tiles' 72x52 region"):
+    with pytest.raises(DataError, match="odd.png: a 72x50 photo does not hold the tiles' 72x52 region"):
         workflow.embed_tiled_items(Embedder(root / "model.onnx"), [LabeledImage(odd, "good")], None, geometry)
 
 
@@ -281,3 +280,24 @@ def test_the_ng_snapshot_marks_the_worst_tile():
     message = {"worst_roi": {"name": "tile-r1c2", "x": 118, "y": 53, "width": 96, "height": 96}}
     assert _box_in_region(message, Roi(10, 5, 500, 400)) == (108, 48, 96, 96)  # in the snapshot's (roi's) pixels
     assert _box_in_region({}, Roi(10, 5, 500, 400)) is None
+
+
+def test_tiles_without_an_roi_cover_the_reference_s_region_in_frames_of_any_size_holding_it(tiled_station, tmp_path):
+    """As photos were fitted (station fit's bundle): each frame is the part, its tiles from the top-left."""
+    root, geometry = tiled_station
+    config = parse_config(f"station: s\ncamera: {{source: {root / 'frames'}}}\nmodel: {root / 'model.onnx'}\n"
+                          f"reference: {root / 'refs' / 'A'}\ntiles: {{width: 36, height: 26, stride_x: 18, stride_y: 13}}\n")
+    inspector = load_inspector(config)
+    assert inspector.whole_frame and inspector.roi == Roi(0, 0, 72, 52) and len(inspector.regions) == 9
+    frame = read_image(root / "frames" / "d003.png")
+    larger = np.pad(frame, ((0, 7), (0, 3)), mode="edge")  # a photo a few pixels larger: the same part
+    (part,), (same,) = inspector.judge_crops(inspector.crop(frame)[None]), inspector.judge_crops(inspector.crop(larger)[None])
+    assert same.score == part.score and inspector.frame_problem(larger.shape) is None
+    assert "does not fit in a 72x50 frame" in inspector.frame_problem((50, 72))
+    with pytest.raises(ConfigError, match="was calibrated on whole parts, not tiles"):
+        load_inspector(parse_config(f"station: s\ncamera: {{source: /tmp}}\nmodel: {root / 'model.onnx'}\n"
+                                    f"reference: {root / 'refs' / 'whole'}\ntiles: {{width: 36, height: 26}}\n"))
+    from calibration import live
+
+    with pytest.raises(ConfigError, match="tiles: without roi: .* set roi:"):
+        live.calibrate_from_camera(config, None, count=40, min_good=30)

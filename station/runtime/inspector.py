@@ -15,7 +15,7 @@ from station.core import reference_set as reference_sets
 from station.core.embedder import Embedder
 from station.core.preprocess import Roi, prepare_crop, regions_problem, to_model_input
 from station.core.errors import ConfigError, StationError
-from station.core.tiles import TileGeometry, reference_geometry_problem
+from station.core.tiles import TileGeometry, recorded_geometry, reference_geometry_problem
 from station.core.verdict import judge
 from station.runtime.config import StationConfig
 from station.runtime.regions import Region, bounding_roi, crop_regions, judge_regions, split_crops
@@ -28,6 +28,7 @@ class Inspector:
     product: str
     roi: Roi | None  # with regions: the box around them all (the daemon checks it fits the frames)
     regions: tuple[Region, ...] = ()  # rois: in station.yaml (station/runtime/regions.py)
+    tiles_over_frame: bool = False  # tiles: without roi: any frame holding the tiles' region is judged
 
     @classmethod
     def load(cls, model: Path, reference: Path, product: str | None, roi: Roi | None, threads: int = 1,
@@ -53,7 +54,7 @@ class Inspector:
     @property
     def whole_frame(self) -> bool:
         """No ROI and no regions: each frame is the part, at its own size (a folder of photos)."""
-        return self.roi is None and not self.regions
+        return (self.roi is None and not self.regions) or self.tiles_over_frame
 
     def frame_problem(self, frame_shape: tuple | None) -> str | None:
         """Why frames of this shape cannot be judged (the ROI or a named region outside it, or too small for the
@@ -93,7 +94,7 @@ def load_inspector(config: StationConfig, product: str | None = None, embedder: 
         path = config.products[name]
     roi = config.roi.to_roi() if config.roi else None
     inspector = Inspector.load(config.model, path, name, roi, threads=config.runtime.threads, embedder=embedder)
-    geometry = config.tiles.geometry(config.roi) if config.tiles else None
+    geometry = tile_geometry(config, inspector.reference_set, path)
     problem = reference_geometry_problem(inspector.reference_set.statistics, geometry,
                                          f"the reference set {path} (v{inspector.reference_set.version:04d})")
     if problem:
@@ -108,13 +109,31 @@ def load_inspector(config: StationConfig, product: str | None = None, embedder: 
     return inspector
 
 
+def tile_geometry(config: StationConfig, reference_set, path) -> TileGeometry | None:
+    """The configured tiles over the roi, or without one over the region the reference set records."""
+    if not config.tiles:
+        return None
+    if config.roi is not None:
+        return config.tiles.geometry(config.roi)
+    recorded = recorded_geometry(reference_set.statistics)
+    if recorded is None:
+        raise ConfigError(f"tiles: the reference set {path} (v{reference_set.version:04d}) was calibrated on whole "
+                          "parts, not tiles: recalibrate with these tiles (station calibrate --tiles)")
+    try:
+        return config.tiles.geometry(Roi(0, 0, int(recorded["region_width"]), int(recorded["region_height"])))
+    except (KeyError, TypeError, ValueError, StationError) as exc:
+        raise ConfigError(f"tiles: the reference set {path} records tiles that do not fit its own region ({exc}): "
+                          "recalibrate") from None
+
+
 def with_tiles(inspector: Inspector, geometry: TileGeometry) -> Inspector:
     """The inspector judging the roi cut into tiles (station/core/tiles.py): every tile a region of the
-    station's product, all against its ONE reference set, calibrated on these tiles."""
-    roi = inspector.roi
+    station's product, all against its ONE reference set, calibrated on these tiles. Without an roi the
+    tiles sit at the frame's top-left, and any frame holding them is judged (each photo is its part)."""
+    roi = inspector.roi or Roi(0, 0, geometry.region_width, geometry.region_height)
     regions = tuple(Region(name, tile, inspector.product, inspector.reference_set)
                     for name, tile in geometry.tiles(roi.x, roi.y))
-    return replace(inspector, regions=regions)
+    return replace(inspector, roi=roi, regions=regions, tiles_over_frame=inspector.roi is None)
 
 
 def with_regions(inspector: Inspector, config: StationConfig) -> Inspector:

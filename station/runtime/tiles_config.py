@@ -3,7 +3,10 @@
     roi: {x: 0, y: 0, width: 500, height: 1240}
     tiles: {width: 96, height: 96, stride_x: 64, stride_y: 64}   # strides default to half a tile
 
-The tiles become the part's regions (`tile-r0c0`, `tile-r0c1`, ...: station/runtime/regions.py),
+Without an roi the whole frame is the part, as everywhere: the tiles then cover the region the
+reference set was calibrated on (its reference.yaml records it: the box every calibration photo
+held) from the frame's top-left corner, and every frame that holds it is judged, as photos of
+several sizes are without an roi. The tiles become the part's regions (`tile-r0c0`, `tile-r0c1`, ...: station/runtime/regions.py),
 all judged against the station's product and ONE reference set, calibrated on these tiles
 (its reference.yaml records them; a set calibrated otherwise is refused at load). Every problem
 names the line and key it is about, as every other configuration problem does.
@@ -51,7 +54,7 @@ class TilesConfig(BaseModel):
         return (self.stride_x or -(-self.width // 2), self.stride_y or -(-self.height // 2))
 
     def geometry(self, roi):
-        """The TileGeometry over a configured roi (a RoiConfig or Roi)."""
+        """The TileGeometry over a region of roi.width x roi.height (a RoiConfig or Roi)."""
         from station.core.tiles import TileGeometry
 
         stride_x, stride_y = self.strides
@@ -64,11 +67,8 @@ def _before(value: Any, info: ValidationInfo) -> Any:
         return None
     if info.data.get("rois") is not None:
         raise ValueError("tiles cut one roi: into tiles; with rois: (named regions) give no tiles")
-    if "roi" not in info.data:
-        return value  # roi: itself is wrong and reported; the tiles' own keys are still checked
-    if info.data["roi"] is None:
-        raise ValueError("tiles cut the roi: into tiles: give roi: {x, y, width, height} too (the part's region "
-                         "at the camera's resolution)")
+    if info.data.get("roi") is None:
+        return value  # no roi: the reference set's region at the frame's top-left (station/runtime/inspector.py)
     if info.context is not None:
         info.context[_ROI] = info.data.get("roi")
     return value
