@@ -153,7 +153,10 @@ def tiled_candidates(items, workdir: Path, max_ms_per_part: float, say=print) ->
             shape = geometry_at(region, scale, overlap)
             if shape is None:
                 break
-            geometry = TileGeometry(*shape[0], *shape[1], *region)
+            try:
+                geometry = TileGeometry(*shape[0], *shape[1], *region)
+            except DataError:  # more tiles than a station takes: far over any cost limit too
+                continue
             if per_tile * geometry.count > HEADROOM * max_ms_per_part:
                 continue
             cost = measured_ms(embedder, geometry.count)
