@@ -152,12 +152,15 @@ def calibrate_folders(
     with writing(out, f"station calibrate --good {good}, product {product}"):
         good_items, defect_items = folder_items(good, defect_folders)
         good_items, defect_items, notes = set_aside_trained(embedder, good_items, defect_items, min_good)
-        embed = embed_items if tiles is None else (
-            lambda embedder, items, roi, progress: embed_tiled_items(embedder, items, roi, tiles, progress))
-        good_set = embed(embedder, good_items, roi, progress)
-        defect_set = embed(embedder, defect_items, roi, progress) if defect_items else None
+        good_set = _embed(embedder, good_items, roi, tiles, progress)
+        defect_set = _embed(embedder, defect_items, roi, tiles, progress) if defect_items else None
         return calibrate_embedded(embedder, good_set, defect_set, out, product, metric, target_false_reject, min_good,
                                   notes=notes, tiles=tiles)
+
+
+def _embed(embedder, items: list[LabeledImage], roi: Roi | None, tiles: TileGeometry | None, progress: bool):
+    return embed_items(embedder, items, roi, progress) if tiles is None else embed_tiled_items(
+        embedder, items, roi, tiles, progress)
 
 
 def set_aside_trained(embedder, good_items: list, defect_items: list, min_good: int) -> tuple[list, list, list[str]]:
