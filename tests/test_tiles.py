@@ -301,3 +301,17 @@ def test_tiles_without_an_roi_cover_the_reference_s_region_in_frames_of_any_size
 
     with pytest.raises(ConfigError, match="tiles: without roi: .* set roi:"):
         live.calibrate_from_camera(config, None, count=40, min_good=30)
+
+
+def test_a_per_position_model_s_tiles_are_calibrated_per_part_too():
+    from station.core.preprocess import FeatureGrid
+
+    rng = np.random.default_rng(3)
+    grid = FeatureGrid(rows=2, cols=2, channels=3, stride=8)
+    good = rng.normal(size=(40, 6, grid.size))
+    defect = rng.normal(size=(12, 6, grid.size))
+    defect[:, 2, :3] += 9.0  # one position of one tile
+    calibration = calibrate_tiles(good, defect, grid=grid, target_false_reject=0.05)
+    fitted = calibration.fits["position"]
+    assert calibration.metric == "position" and fitted.good_scores.shape == (40,) and fitted.auroc > 0.95
+    assert calibration.model.typical.shape == (grid.positions,) and np.all(calibration.model.typical > 0)
