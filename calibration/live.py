@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from calibration.fit import CalibrationError
 from station.core.reference_set import writing
 from station.core.state_dir import StateLock, open_state_dir
 from station.runtime.sources import open_source
-from station.core.embedder import Embedder
+from station.core.embedder import Embedder, same_input
 from station.core.errors import ConfigError
 from station.core.preprocess import InputSpec, Roi, prepare_crop
 from station.core.tiles import crop_tiles, split_tiles
@@ -118,15 +119,18 @@ def product_reference(config, product: str | None) -> tuple[str, Path]:
                 f"{config.reference} (product {next(iter(products))!r}); list several under products:")
         raise ConfigError(f"product {product!r} is not in the configuration's products: "
                           f"{', '.join(sorted(products))}; add it under products: first")
-    return product, Path(products[product])
+    return product, products[product] if isinstance(products[product], dict) else Path(products[product])
 
 
 @dataclass(frozen=True)
 class LiveCalibration:
-    saved: object  # station.core.reference_set.ReferenceSet
+    saved: object  # station.core.reference_set.ReferenceSet (the first form's, with several)
     calibration: object  # calibration.fit.Calibration
     grabbed: GrabbedCrops
     warnings: list[str]
+    # form -> (saved, calibration): with model: {FORM: PATH} each form's own reference set, from the same
+    # parts (an int8 embedding is not the fp32 one: neither's threshold fits the other); {None: ...} else.
+    forms: dict = None
 
 
 def region_to_calibrate(config, region: str | None, product: str | None) -> tuple[object | None, str | None]:
@@ -154,22 +158,28 @@ def calibrate_from_camera(config, product: str | None, count: int, min_good: int
     """Grab `count` distinct parts from the configured camera and save a new reference set version;
     `region`: the named region (rois:) whose crops calibrate its product's reference set."""
     roi, product = region_to_calibrate(config, region, product)
-    product, out = product_reference(config, product)
+    product, _ = product_reference(config, product)
     if min_good < 1:
         raise ConfigError(f"--min-good must be at least 1, got {min_good}")
     if count < min_good:
         raise ConfigError(f"--count {count} is below the minimum of {min_good} good parts (--min-good)")
     if min_change < 0:
         raise ConfigError(f"--min-change must be >= 0, got {min_change}")
-    # Held from the start: a second calibration of this folder is refused before the camera is taken.
-    with writing(out, f"station calibrate -c, product {product}"):
-        return _grab_and_save(config, out, product, roi, count, min_good, min_change, metric, target_false_reject,
+    # Every form of the model gets its reference set from the same parts, each in the folder the configuration names.
+    outs = {form: product_reference(config.for_form(form), product)[1] for form in config.model_paths}
+    # Held from the start: a second calibration of these folders is refused before the camera is taken.
+    with ExitStack() as held:
+        for form_out in outs.values():
+            held.enter_context(writing(form_out, f"station calibrate -c, product {product}"))
+        return _grab_and_save(config, outs, product, roi, count, min_good, min_change, metric, target_false_reject,
                               progress, credentials, region)
 
 
-def _grab_and_save(config, out: Path, product: str, roi, count: int, min_good: int, min_change: float, metric: str,
+def _grab_and_save(config, outs: dict, product: str, roi, count: int, min_good: int, min_change: float, metric: str,
                    target_false_reject: float, progress: bool, credentials, region: str | None) -> LiveCalibration:
-    embedder = Embedder(config.model, threads=config.runtime.threads)
+    embedders = {form: Embedder(path, threads=config.runtime.threads) for form, path in config.model_paths.items()}
+    same_input(embedders, config.model_paths)
+    embedder = next(iter(embedders.values()))  # every form takes the same crop
     if config.tiles is not None and config.roi is None:
         raise ConfigError("tiles: without roi: the tiles' region comes from the photos calibrated on: set roi: "
                           "(where the part sits in the camera's frames) to calibrate from the camera, or "
@@ -192,20 +202,27 @@ def _grab_and_save(config, out: Path, product: str, roi, count: int, min_good: i
     warnings = []
     if len(grabbed) < count:
         warnings.append(f"{where} ended after {len(grabbed)} of the {count} parts asked for")
-    paths, classes = [Path(s) for s in grabbed.sources], ["good"] * len(grabbed)
-    if geometry is None:
-        good_set = workflow.embed_crops(embedder, grabbed.crops, paths, classes)
-    else:  # side-by-side tiles -> (parts, tiles, dim), the station's own split (station/core/tiles.py)
-        split = split_tiles(grabbed.crops, geometry.count)
-        embedded = workflow.embed_crops(embedder, split, paths * geometry.count, classes * geometry.count)
-        good_set = workflow.EmbeddedImages(embedded.embeddings.reshape(len(grabbed), geometry.count, -1), None,
-                                           paths, classes)
     statistics = {"source": {
         "camera": where.removeprefix("camera "), **({"region": region} if region else {}),
         "frames_seen": grabbed.frames_seen,
         "skipped_unchanged": grabbed.skipped, "min_change": float(min_change),
     }}
-    saved, calibration = workflow.calibrate_embedded(
-        embedder, good_set, None, out, product, metric, target_false_reject, min_good, extra_statistics=statistics,
-        tiles=geometry)
-    return LiveCalibration(saved, calibration, grabbed, warnings + list(calibration.warnings))
+    forms = {}
+    for form, form_embedder in embedders.items():
+        forms[form] = workflow.calibrate_embedded(form_embedder, _good_set(form_embedder, grabbed, geometry), None,
+                                                  outs[form], product, metric, target_false_reject, min_good,
+                                                  extra_statistics=statistics, tiles=geometry)
+    saved, calibration = next(iter(forms.values()))
+    said = list(dict.fromkeys(warning for _, fitted in forms.values() for warning in fitted.warnings))
+    return LiveCalibration(saved, calibration, grabbed, warnings + said, forms)
+
+
+def _good_set(embedder, grabbed: GrabbedCrops, geometry):
+    """The grabbed crops embedded: (parts, dim), or for a tiled station (parts, tiles, dim) from the
+    side-by-side tiles, split as the station splits them (station/core/tiles.py)."""
+    paths, classes = [Path(s) for s in grabbed.sources], ["good"] * len(grabbed)
+    if geometry is None:
+        return workflow.embed_crops(embedder, grabbed.crops, paths, classes)
+    split = split_tiles(grabbed.crops, geometry.count)
+    embedded = workflow.embed_crops(embedder, split, paths * geometry.count, classes * geometry.count)
+    return workflow.EmbeddedImages(embedded.embeddings.reshape(len(grabbed), geometry.count, -1), None, paths, classes)

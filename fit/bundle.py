@@ -1,9 +1,13 @@
 """What `station fit` writes: the model (export never dead-ends), station.yaml, fit.json.
 
-    BUNDLE/model.onnx            the chosen trunk, gated (int8 dynamic, else static, else fp32)
+    BUNDLE/model.onnx            the chosen trunk in fp32, gated against torch
     BUNDLE/model.export.json     its export report
+    BUNDLE/model.int8.onnx       the same trunk in int8, when an int8 mode passed the gate (the pretrained conv
+                                 backbone: static QDQ first, else dynamic; the others: dynamic first, else static)
+    BUNDLE/model.int8.export.json  its export report
     BUNDLE/trunk.pt              the checkpoint it was exported from
-    BUNDLE/reference/            the reference set (station.yaml's reference:)
+    BUNDLE/reference/            the fp32 form's reference set (station.yaml's reference: {fp32: ...})
+    BUNDLE/reference.int8/       the int8 form's, calibrated on the same threshold slice
     BUNDLE/report/               roc.png, histogram.png, worst_parts.png of the test part
     BUNDLE/station.yaml          model and reference filled in; camera and roi to fill
     BUNDLE/fit.json              the held-out test figures and how they were made
@@ -24,6 +28,13 @@ from station.core.imagefolder import LabeledImage
 
 MODEL = "model.onnx"
 REFERENCE = "reference"
+# The station runs whichever form is faster on its own CPU (station/runtime/model_forms.py): which one is
+# depends on the CPU, not the model, so the bundle carries every form that passed the gate.
+FORM_FILES = {"fp32": (MODEL, REFERENCE), "int8": ("model.int8.onnx", "reference.int8")}
+# Static QDQ first for the pretrained conv backbone: its convolutions hold the cost, and dynamic int8
+# quantizes only the matrix products. The small from-scratch trunks keep dynamic first: on a 3-member
+# cnn static ran 0.71x fp32's speed against dynamic's 0.88x (2-core EPYC, docs/fit.md).
+STATIC_FIRST_ARCHS = ("lite0",)
 REPORT = "report"
 STATION_YAML = "station.yaml"
 FIT_JSON = "fit.json"
@@ -40,12 +51,25 @@ class ExportChoice:
     report: dict
 
 
-def export_with_fallback(checkpoint: Path, out: Path, sample_dir: Path, say=print) -> ExportChoice:
-    """int8 dynamic (the default); if its gate refuses, int8 static; then fp32. Says which and why."""
+def export_forms(checkpoint: Path, folder: Path, sample_dir: Path, arch: str, say=print) -> dict[str, ExportChoice]:
+    """{form: export} of every form that passed the gate: fp32 always (else ExportGateError), int8 when one
+    of its modes passes. `sample_dir` (the train part) calibrates static int8 and feeds the gates."""
+    int8_order = EXPORT_MODES[:2] if arch not in STATIC_FIRST_ARCHS else (EXPORT_MODES[1], EXPORT_MODES[0])
+    forms = {"fp32": export_with_fallback(checkpoint, folder / FORM_FILES["fp32"][0], sample_dir, say,
+                                          (EXPORT_MODES[2],))}
+    try:
+        forms["int8"] = export_with_fallback(checkpoint, folder / FORM_FILES["int8"][0], sample_dir, say, int8_order)
+    except ExportGateError as exc:
+        say(f"export: no int8 form in the bundle: {exc}")
+    return forms
+
+
+def export_with_fallback(checkpoint: Path, out: Path, sample_dir: Path, say=print, modes=EXPORT_MODES) -> ExportChoice:
+    """The first of `modes` that passes the gate (default: int8 dynamic, else static, else fp32). Says which and why."""
     from export import onnx_export
 
     attempts, refusals = [], []
-    for mode, kwargs in EXPORT_MODES:
+    for mode, kwargs in modes:
         options = onnx_export.ExportOptions(calib_data=sample_dir, **kwargs)
         try:
             report = onnx_export.export_model(checkpoint, out, options)
@@ -56,7 +80,7 @@ def export_with_fallback(checkpoint: Path, out: Path, sample_dir: Path, say=prin
             say(f"export: {refusals[-1]}; trying the next mode")
             continue
         attempts.append({"mode": mode, "passed": True, "failures": []})
-        why = "the default; it passed the export gate" if not refusals else "; ".join(refusals) + f"; {mode} passed"
+        why = "the first mode tried; it passed the export gate" if not refusals else "; ".join(refusals) + f"; {mode} passed"
         return ExportChoice(mode, why, attempts, report)
     raise ExportGateError(f"{checkpoint}: no export mode passed the gate: " + "; ".join(refusals))
 
@@ -82,7 +106,7 @@ def station_id(name: str) -> str:
     return cleaned or "station"
 
 
-def station_yaml(product: str, roi_size: tuple[int, int], fingerprint: str) -> str:
+def station_yaml(product: str, roi_size: tuple[int, int], fingerprint: str, forms=("fp32",)) -> str:
     width, height = roi_size
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return f"""\
@@ -93,9 +117,18 @@ station: {station_id(product)}
 # camera:
 #   source: /dev/video0   # device index, /dev/videoN, rtsp://..., a video file or an image folder
 # roi: {{x: 0, y: 0, width: {width}, height: {height}}}   # where the part sits in the frame (pixels)
-model: {MODEL}
-reference: {REFERENCE}
-"""
+{forms_yaml(forms)}"""
+
+
+def forms_yaml(forms) -> str:
+    """station.yaml's model and reference for the forms the bundle holds (one form: today's two lines)."""
+    if list(forms) == ["fp32"]:
+        return f"model: {MODEL}\nreference: {REFERENCE}\n"
+    models = ", ".join(f"{form}: {FORM_FILES[form][0]}" for form in forms)
+    references = ", ".join(f"{form}: {FORM_FILES[form][1]}" for form in forms)
+    return (f"# A model in each form, each with its reference set: the station runs the faster on its own CPU\n"
+            f"# (timed at start: the log, the state and `station check` say which); model_form: int8 or fp32 pins one.\n"
+            f"model: {{{models}}}\nreference: {{{references}}}\nmodel_form: auto\n")
 
 
 def write_json(path: Path, content: dict):

@@ -13,7 +13,7 @@ import numpy as np
 from calibration import fit as calibration_fit
 from calibration import workflow
 from calibration.evaluate import evaluate_embeddings
-from fit import bundle, figures, report, tiles
+from fit import bundle, forms as model_forms, figures, report, tiles
 from fit.candidates import DEFAULT_BUDGET_MINUTES, DEFAULT_MAX_MS_PER_PART, SearchOptions, candidate_list, run_candidates
 from fit.data_check import DataCheck, check_data
 from fit.split import DEFAULT_FRACTIONS, select, split_parts, split_table, require_goods
@@ -136,18 +136,20 @@ def _fit_in(data: DataCheck, parts: list[str], out: Path, workdir: Path, options
     audit_items, audit_groups = _audit_pool(data, parts)
     audit = build_model(candidate, audit_items, audit_groups, workdir / "audit", options, data, "audit model")
     if tiles.is_tiled(candidate):  # each test photo judged by its worst tile, as the station will
-        tested, evaluation = tiles.evaluate(audit.embedder, audit.reference_set, test_items, candidate.geometry)
+        per_form = {"fp32": tiles.evaluate(audit.embedder, audit.reference_set, test_items, candidate.geometry)}
     else:
-        tested = workflow.embed_items(audit.embedder, test_items)
-        evaluation = evaluate_embeddings(tested.embeddings, tested.classes, audit.reference_set)
+        per_form = model_forms.test_figures(audit.forms, test_items)
+    evaluation, tested = per_form[model_forms.headline(audit.forms)]
     final = build_model(candidate, data.items, list(data.groups), out, options, data, "bundle model")
     (out / bundle.REPORT).mkdir(exist_ok=True)
     for name, content in figures.test_report(evaluation, tested.paths).items():
         (out / bundle.REPORT / name).write_bytes(content)
-    (out / bundle.STATION_YAML).write_text(bundle.station_yaml(options.product_name, data.native_size, data.fingerprint)
+    (out / bundle.STATION_YAML).write_text(bundle.station_yaml(options.product_name, data.native_size, data.fingerprint,
+                                                               list(final.forms))
                                            + (tiles.station_yaml_section(candidate) if tiles.is_tiled(candidate) else ""))
     warnings = data.warnings + final.calibration.warnings + _test_warnings(evaluation.figures(), options)
-    return _fit_json(data, parts, options, search, audit, final, evaluation.figures(), warnings)
+    return {**_fit_json(data, parts, options, search, audit, final, evaluation.figures(), warnings),
+            "forms": model_forms.fit_json(final.forms, per_form)}
 
 
 def _audit_pool(data: DataCheck, parts: list[str]) -> tuple[list, list]:
@@ -189,6 +191,7 @@ class BuiltModel:
     n_trained: int
     rule: str
     held: list  # the threshold slice: parts this model never trained on
+    forms: dict = None  # {form: fit/forms.py BuiltForm}, every form in the bundle; the fields above: the headline's
 
     def summary(self) -> dict:
         return {"metric": self.reference_set.metric, "threshold": self.reference_set.threshold,
@@ -200,8 +203,6 @@ def build_model(candidate, items: list, groups: list, folder: Path, options: Fit
                 what: str) -> BuiltModel:
     """Train `candidate` on `items` less a 15 % threshold slice (near-duplicates kept whole), export it
     (never dead-ending) and calibrate it on the slice: parts this model never trained on."""
-    from station.core.embedder import Embedder
-
     parts = split_parts(items, np.asarray(groups), options.seed, VAL_FRACTIONS)
     trained, held = select(items, parts, "train"), select(items, parts, "calibration")
     if tiles.is_tiled(candidate):
@@ -209,23 +210,16 @@ def build_model(candidate, items: list, groups: list, folder: Path, options: Fit
     folder.mkdir(parents=True, exist_ok=True)
     checkpoint = folder / bundle.CHECKPOINT
     train_final(candidate, trained, held, checkpoint, options, data.root, what)
-    sample = bundle.link_folder(items, Path(tempfile.mkdtemp(prefix=".fit-sample-", dir=folder)))
+    # The gates' sample and static int8's calibration: the train part, never the threshold slice.
+    sample = bundle.link_folder(trained, Path(tempfile.mkdtemp(prefix=".fit-sample-", dir=folder)))
     try:
-        export = bundle.export_with_fallback(checkpoint, folder / bundle.MODEL, sample, options.say)
+        exports = bundle.export_forms(checkpoint, folder, sample, candidate.arch, options.say)
     finally:
         shutil.rmtree(sample, ignore_errors=True)
-    embedder = Embedder(folder / bundle.MODEL)
-    good_set = workflow.embed_items(embedder, [i for i in held if not i.is_defect])
-    defects = [i for i in held if i.is_defect]
-    defect_set = workflow.embed_items(embedder, defects) if defects else None
-    calibration = calibration_fit.calibrate_held_out(
-        good_set.embeddings, None if defect_set is None else defect_set.embeddings,
-        target_false_reject=options.target_false_reject, defect_rate=options.defect_rate,
-        escape_cost=options.escape_cost)
-    rule = _threshold_rule(calibration, options)
-    saved = workflow.save_calibration(embedder, calibration, good_set, defect_set, folder / bundle.REFERENCE,
-                                      options.product_name, {"fit": rule, "data_fingerprint": data.fingerprint})
-    return BuiltModel(export, calibration, saved, embedder, len(trained), rule, held)
+    built = model_forms.calibrate_forms(exports, folder, held, options, data, _threshold_rule)
+    first = built[model_forms.headline(built)]
+    return BuiltModel(first.export, first.calibration, first.reference_set, first.embedder, len(trained), first.rule,
+                      held, built)
 
 
 def train_final(candidate, trained: list, held: list, checkpoint: Path, options: FitOptions, data_root: Path, what: str):

@@ -42,6 +42,10 @@ def summary_lines(result: dict) -> list[str]:
     lines = ["candidates (chosen on the calibration part):"] + candidate_table(result)
     lines.append(result["choice"]["text"])
     lines.append(f"export: {result['export']['mode']} ({result['export']['why']})")
+    if result.get("forms"):
+        from fit.forms import summary_lines as form_lines
+
+        lines += ["model forms in the bundle (test part, audit model):"] + form_lines(result["forms"])
     lines.append(f"bundle model: {result['n_trained']} photos; threshold {result['metric']} {result['threshold']:.6g} "
                  f"({result['threshold_rule']})")
     audit = result["audit_model"]
@@ -59,6 +63,7 @@ def summary_lines(result: dict) -> list[str]:
         lines.append("  escapes per class  " + ", ".join(
             f"{name} {c['escaped']}/{c['n']}" for name, c in result["escapes_by_class"].items()))
     lines += [f"warning: {text}" for text in result["warnings"]]
-    lines.append(f"wrote the bundle (model.onnx, reference/, report/, station.yaml, fit.json) "
+    lines.append(f"wrote the bundle (model.onnx{', model.int8.onnx' if 'int8' in result.get('forms', {}) else ''}, "
+                 "their reference sets, report/, station.yaml, fit.json) "
                  f"in {result['seconds']:.0f} s")
     return lines

@@ -219,6 +219,7 @@ def build(candidate: TiledCandidate, held: list, folder: Path, options, data, tr
     from calibration import workflow
     from calibration.tiles import calibrate_tiles_held_out
     from fit import bundle
+    from fit.forms import BuiltForm
     from fit.pipeline import BuiltModel, _threshold_rule
     from station.core.embedder import Embedder
 
@@ -237,10 +238,12 @@ def build(candidate: TiledCandidate, held: list, folder: Path, options, data, tr
     rule = _threshold_rule(calibration, options) + "; on each part's worst tile"
     saved = workflow.save_calibration(embedder, calibration, good_set, defect_set, folder / bundle.REFERENCE,
                                       options.product_name, {"fit": rule, "data_fingerprint": data.fingerprint,
-                                                             "tiles": geometry.record()})
+                                                             "model_form": "fp32", "tiles": geometry.record()})
+    # One form: the frozen backbone in fp32 (its int8 forms are not gated here yet).
     export = bundle.ExportChoice("fp32", "a frozen backbone: fp32, gated against torch", [
         {"mode": "fp32", "passed": True, "failures": []}], report)
-    return BuiltModel(export, calibration, saved, embedder, trained, rule, held)
+    form = BuiltForm("fp32", export, embedder, calibration, saved, rule)
+    return BuiltModel(export, calibration, saved, embedder, trained, rule, held, {"fp32": form})
 
 
 def evaluate(embedder, reference_set, items, geometry: TileGeometry):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from station.core.version import __version__
 from station.arguments import completion_script, host_port, positive, seed, verbose_everywhere, width_by_height
-from station.core.errors import StationError
+from station.core.errors import ConfigError, StationError
 from station.runtime.logs import configure_logging
 from station.model_commands import calibrate, evaluate, export, fit, train
 
@@ -89,12 +89,20 @@ def _run(args) -> int:
 def _bench(args) -> int:
     from station.tools import bench
 
+    chosen, regions = None, bench.bench_latency.REGIONS
+    if args.config:  # the station's own model: the form it runs here first, its other forms timed raw
+        from station.runtime.config import load_config
+
+        if args.model or args.reference:
+            raise ConfigError("give -c/--config or --model/--reference, not both")
+        args.model, args.reference, chosen, regions = bench.station_models(load_config(args.config))
     if not args.model:  # the bundled demo models: int8 as the station's, its fp32 twin timed raw
         from station.tools.demo import DEMO_MODEL, DEMO_MODEL_FP32
 
         args.model = [DEMO_MODEL] + ([DEMO_MODEL_FP32] if DEMO_MODEL_FP32.exists() else [])
     progress = (lambda text: print(text, file=sys.stderr))
-    figures = bench.run_bench(args.model, args.reference, args.parts, args.broker, progress, args.integrations)
+    figures = bench.run_bench(args.model, args.reference, args.parts, args.broker, progress, args.integrations,
+                              regions, chosen)
     print(bench.to_json(figures) if args.json else bench.format_table(figures))
     return 0
 
@@ -225,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--model", type=Path, action="append", default=[],
                     help="ONNX model; the first is the station's, others are timed raw (default: the bundled demo int8 and fp32)")
     be.add_argument("--reference", type=Path, help="reference set for the first model (default: calibrated on simulated parts)")
+    be.add_argument("-c", "--config", type=Path, help="station.yaml: bench its model (the form it would run here first, "
+                    "others raw) and its product's reference set")
     be.add_argument("--parts", type=int, default=10_000, help="simulated parts for the end-to-end run (default 10000)")
     be.add_argument("--broker", type=host_port, help="HOST:PORT of a broker (default: a mosquitto started on loopback)")
     be.add_argument("--integrations", action="store_true", help="also 3 end-to-end runs each with metrics+snapshot+discovery on/off")

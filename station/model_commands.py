@@ -81,10 +81,11 @@ def _calibrate_camera(args) -> int:
     from station.runtime.credentials import camera_credentials
 
     config = load_config(args.config)
-    if args.rollback is not None:
-        product, root = live.product_reference(config, args.product)
-        version = reference_set.rollback(root, args.rollback or None)
-        print(f"{root}: product {product}, v{version:04d} is current again")
+    if args.rollback is not None:  # every form's reference set of the product, as calibration made them together
+        for form in config.model_paths:
+            product, root = live.product_reference(config.for_form(form), args.product)
+            version = reference_set.rollback(root, args.rollback or None)
+            print(f"{root}: product {product}{f' ({form})' if form else ''}, v{version:04d} is current again")
         return 0
     result = live.calibrate_from_camera(
         config, args.product, count=DEFAULT_CAMERA_COUNT if args.count is None else args.count, min_good=args.min_good,
@@ -94,7 +95,10 @@ def _calibrate_camera(args) -> int:
     )
     grabbed = result.grabbed
     print(f"{len(grabbed)} distinct parts from {grabbed.frames_seen} frames ({grabbed.skipped} unchanged skipped)")
-    _print_calibration(result.saved, result.calibration, result.warnings)
+    for index, (form, (saved, calibration)) in enumerate(result.forms.items()):
+        if form:
+            print(f"model form {form}:")
+        _print_calibration(saved, calibration, result.warnings if index == 0 else [])
     return 0
 
 

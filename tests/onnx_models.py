@@ -49,3 +49,31 @@ def projection_model(path: Path, seed: int = 0, embedding_dim: int = 32, width: 
         entry.key, entry.value = key, value
     onnx.save(model, str(path))
     return Path(path)
+
+
+def int8_twin(fp32_path: Path, path: Path, seed: int = 0) -> Path:
+    """The static int8 (QDQ, per channel) form of a projection model, quantized by onnxruntime as `station
+    export` does, with the fp32 model's metadata and quantization int8-static: a real second form."""
+    from onnxruntime import quantization as q
+
+    source = onnx.load(str(fp32_path))
+    props = {p.key: p.value for p in source.metadata_props}
+    shape = [int(d.dim_value) for d in source.graph.input[0].type.tensor_type.shape.dim[1:]]
+    crops = np.random.default_rng(seed).random((64, *shape), dtype=np.float32)
+
+    class Reader(q.CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"input": crops[i : i + 16]} for i in range(0, len(crops), 16)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    q.quantize_static(str(fp32_path), str(path), Reader(), quant_format=q.QuantFormat.QDQ, per_channel=True,
+                      activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QUInt8,
+                      op_types_to_quantize=["MatMul", "Add"])
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for key, value in {**props, "quantization": "int8-static"}.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(path))
+    return Path(path)

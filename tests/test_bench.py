@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+from station.tools import bench
+
 
 def test_bench_reports_stages_raw_models_tuning_and_the_daemon_end_to_end(mosquitto):
     done = subprocess.run(
@@ -21,6 +23,14 @@ def test_bench_reports_stages_raw_models_tuning_and_the_daemon_end_to_end(mosqui
     assert end_to_end["parts"] == 150 and end_to_end["verdicts_per_s"] > 0
     assert end_to_end["torch_loaded"] is False and end_to_end["peak_rss_mib"] > 30 and end_to_end["ready_s"] > 0
     assert figures["per_verdict_over_raw"] > 0
+    # Raw onnxruntime (session.run alone, batch 1) beside the end-to-end cost, per part and per region.
+    first = figures["raw_onnxruntime"][figures["model"]]
+    assert figures["raw_per_part_us"] == first["p50_us"] > 0
+    assert first["regions"]["n"] == 8 and first["regions"]["per_part_us"] > 0
+    assert first["regions"]["per_region_us"] == round(first["regions"]["per_part_us"] / 8, 2)
+    table = bench.format_table(figures)
+    assert f"raw onnxruntime {first['p50_us']:.1f} µs a part (session.run alone, batch 1)" in table
+    assert f"8 regions in one call: {first['regions']['per_part_us']:.1f} µs a part" in table
     cost = figures["integrations"]  # metrics, snapshot and discovery: off and on, 3 runs each
     assert len(cost["off_verdicts_per_s"]) == len(cost["on_verdicts_per_s"]) == 3
     assert cost["on_median"] > 0 and cost["off_median"] > 0 and "cost_percent" in cost

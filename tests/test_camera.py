@@ -49,12 +49,16 @@ def test_folder_source_loops(folder):
     assert [f.frame_no for f in frames] == list(range(7))
 
 
-def test_unreadable_image_is_named_and_skipped(folder, caplog):
+def test_an_unreadable_image_is_named_and_passed_on_as_a_part_without_pixels(folder, caplog):
     (folder / "b" / "broken.png").write_bytes(b"not a png")
     with caplog.at_level(logging.WARNING, logger="station.runtime.sources"):
         source = open_source(folder)
         frames = list(source)
-    assert [f.source for f in frames] == ["a1.png", "b/c2.png", "z3.png"]
+    # In its place in the order, so that the daemon gives that part a no_verdict rather than losing it.
+    assert [f.source for f in frames] == ["a1.png", "b/broken.png", "b/c2.png", "z3.png"]
+    assert [f.problem is None for f in frames] == [True, False, True, True]
+    assert "broken.png" in frames[1].problem and "cannot be decoded" in frames[1].problem
+    assert frames[1].image.size == 0
     assert source.skipped == 1
     assert any("broken.png" in r.getMessage() for r in caplog.records)
 
@@ -252,7 +256,7 @@ def test_a_finite_source_without_a_frame_ends_saying_why(tmp_path, case):
     make, says = NO_FRAME[case]
     source = open_source(str(make(tmp_path)))
     started = time.monotonic()
-    assert list(source) == []
+    assert [frame for frame in source if frame.problem is None] == []  # unreadable files come as parts without pixels
     assert source.state == "ended" and says in source.problem, source.problem
     assert time.monotonic() - started < 10  # ends: no retrying on a finite source
 
@@ -302,9 +306,11 @@ def test_a_looping_folder_that_fills_slowly_waits_then_reads_what_arrives(tmp_pa
         partial = cv2.imencode(".jpg", render_frame(render_part(1, 0), 1))[1].tobytes()
         (root / "part_1.jpg").write_bytes(partial[: len(partial) // 2])  # still being written
         time.sleep(0.3)
-        assert frames == [] and "none of its 1 images can be read" in source.problem
+        # The half-written file is named as a part without pixels (the daemon's no_verdict), never judged.
+        assert frames and all(f.problem and "part_1.jpg" in f.problem for f in frames)
+        assert "none of its 1 images can be read" in source.problem
         (root / "part_1.jpg").write_bytes(partial)
-        wait_for(lambda: len(frames) >= 2)
+        wait_for(lambda: sum(f.problem is None for f in frames) >= 2)
         assert source.state == "ok" and source.problem is None and source.reconnects == 1
         assert {f.source for f in frames} == {"part_1.jpg"}
     finally:
@@ -343,3 +349,17 @@ def test_a_finite_video_renamed_away_mid_way_is_read_to_its_end_once(tmp_path):
     assert not thread.is_alive() and source.state == "ended"
     assert [int(f.source) for f in frames] == list(range(120))  # every frame once, never from frame 0 again
     assert source.problem is None and source.reconnects == 0
+
+
+def test_a_file_too_large_for_any_image_is_refused_before_it_is_read(tmp_path):
+    folder = tmp_path / "camera"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), render_frame(render_part(1, 0), 1))
+    with open(folder / "b.png", "wb") as huge:  # sparse: 3 GB on paper, nothing on disk
+        huge.truncate(3_000_000_000)
+    started = time.monotonic()
+    frames = list(FolderSource(folder))
+    assert [f.source for f in frames] == ["a.png", "b.png"]
+    assert frames[0].problem is None
+    assert "b.png: is 3000 MB, more than an image of 50 MP can be: refused before reading" in frames[1].problem
+    assert time.monotonic() - started < 5  # refused from its size, not after reading 3 GB

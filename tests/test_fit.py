@@ -86,8 +86,58 @@ def test_station_yaml_parses_once_camera_and_roi_are_filled(fitted):
     filled = text.replace("# camera:", "camera:").replace("#   source: /dev/video0", "  source: 0")
     filled = filled.replace("# roi:", "roi:")
     config = parse_config(filled, base=out)
-    assert config.model == out / "model.onnx" and config.reference_path == out / "reference"
-    assert config.roi.width == 36 and config.roi.height == 26
+    forms = json.loads((out / "fit.json").read_text())["forms"]
+    assert config.for_form(None if list(forms) == ["fp32"] else "fp32").model == out / "model.onnx"
+    assert config.for_form(None if list(forms) == ["fp32"] else "fp32").reference_path == out / "reference"
+    assert sorted(config.model_paths) == (sorted(forms) if len(forms) > 1 else [None])
+    assert config.model_form == "auto" and config.roi.width == 36 and config.roi.height == 26
+
+
+def test_the_bundle_carries_each_form_that_passed_with_its_own_reference_set_from_the_same_slice(fitted):
+    """fp32 always, int8 when a mode passed its gate; each form's reference set is bound to its own model and
+    calibrated on the same threshold slice; a form whose gate refused is not in the bundle."""
+    _, out, result = fitted
+    forms = result["forms"]
+    assert "fp32" in forms and forms["fp32"]["export_mode"] == "fp32"
+    passed_int8 = [a for a in result["export"]["attempts"] if a["passed"] and a["mode"].startswith("int8")]
+    assert ("int8" in forms) == (result["export"]["mode"].startswith("int8"))
+    slices = set()
+    for form, item in forms.items():
+        model, ref = out / item["model"], reference_set.load(out / item["reference"])
+        reference_set.verify_for_model(ref, Embedder(model).info.sha256, ref.embedding_dim)
+        assert Embedder(model).info.quantization == item["export_mode"] and ref.statistics["model_form"] == form
+        assert set(item["test"]) == {"auroc", "escape_rate", "false_reject_rate"}
+        slices.add(ref.n_good)
+    assert len(slices) == 1  # the same good parts set each form's threshold
+    if "int8" in forms:
+        assert passed_int8 and (out / "model.int8.export.json").is_file()
+        assert Embedder(out / "model.int8.onnx").info.sha256 != Embedder(out / "model.onnx").info.sha256
+    else:
+        assert not (out / "model.int8.onnx").exists() and not (out / "reference.int8").exists()
+
+
+def test_the_conv_backbone_tries_static_int8_first_and_a_refused_int8_leaves_fp32_alone(tmp_path, monkeypatch):
+    from export import onnx_export
+
+    calls = []
+
+    def gate(checkpoint, out, options):
+        calls.append("fp32" if options.fp32 else options.int8)
+        if not options.fp32:
+            onnx_export.report_path(out).write_text(json.dumps({"failures": [f"{options.int8} drifted"]}))
+            raise ExportGateError("refused")
+        return {"quantization": "fp32"}
+
+    monkeypatch.setattr(onnx_export, "export_model", gate)
+    said = []
+    exports = bundle.export_forms(tmp_path / "t.pt", tmp_path, tmp_path, "lite0", say=said.append)
+    assert list(exports) == ["fp32"] and calls == ["fp32", "static", "dynamic"]
+    assert any("no int8 form" in line for line in said)
+    calls.clear()
+    for arch in ("cnn", "mlp"):  # the small from-scratch trunks: dynamic first
+        calls.clear()
+        bundle.export_forms(tmp_path / "t.pt", tmp_path, tmp_path, arch, say=said.append)
+        assert calls == ["fp32", "dynamic", "static"]
 
 
 def test_duplicates_across_classes_are_refused_naming_both_files(tmp_path):

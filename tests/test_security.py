@@ -280,7 +280,7 @@ def test_broken_odd_and_huge_images_in_a_camera_folder(tmp_path, station_files, 
     judged = {"gray8.png", "color.png", "gray16.png", "huge_gray.png", "huge_color.jpg"}
     refused = {"truncated.png", "truncated.jpg", "empty.png", "zero_by_zero.png"}
 
-    recorder = Recorder(broker.host, broker.port, "plant/+/verdict")
+    recorder = Recorder(broker.host, broker.port, "plant/+/+")
     config = write_config(tmp_path, station_files, broker, f"{{source: {folder}, loop: true}}")
     process = subprocess.Popen([sys.executable, "-c", AUDITED_RUN, "run", "-c", str(config)],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -303,6 +303,11 @@ def test_broken_odd_and_huge_images_in_a_camera_folder(tmp_path, station_files, 
     assert by_name["gray8.png"]["score"] == pytest.approx(by_name["gray16.png"]["score"], rel=1e-6)
     for name in refused:
         assert any(name in line and "skipped" in line for line in output.lines), f"{name} not named in the log"
+    # Each unreadable image is a part that got no verdict: a no_verdict naming it and why, every round.
+    no_verdicts = recorder.json_on("/no_verdict")
+    for name in refused:
+        reasons = [m["reason"] for m in no_verdicts if m["source"] == name]
+        assert len(reasons) >= 2 and all(name in r and "unreadable image" in r for r in reasons), (name, reasons)
     assert peak_mb < 1500, f"peak memory {peak_mb:.0f} MB for a folder with 8000x6000 images"
     assert "UNPICKLED" not in output.text, "something was unpickled while the station ran"
     assert "Traceback" not in output.text

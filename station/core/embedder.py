@@ -203,3 +203,10 @@ class Embedder:
         for _ in range(runs):
             self.embed(dummy)
 
+
+def same_input(embedders: dict, paths):
+    """Every form must see the same crop: frame sizes, regions and calibration are checked against one input."""
+    specs = {form: embedder.input_spec for form, embedder in embedders.items()}
+    if len(set(specs.values())) > 1:
+        said = "; ".join(f"{paths[form]}: {spec.width}x{spec.height} {spec.layout}" for form, spec in specs.items())
+        raise ModelError(f"the model's forms take different inputs ({said}): they must be forms of one model")

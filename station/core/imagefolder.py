@@ -132,6 +132,14 @@ def _jpeg_pixels(data: bytes) -> int | None:
     return None
 
 
+DEFAULT_MAX_PIXELS = 50_000_000  # camera.max_pixels' default: far above any inspection camera's frame
+
+
+def max_file_bytes(max_pixels: int | None) -> int:
+    """The largest file an image of max_pixels can be: 16-bit RGBA uncompressed, and room for metadata."""
+    return (max_pixels or DEFAULT_MAX_PIXELS) * 8 + (1 << 20)
+
+
 def read_image(path: Path, max_pixels: int | None = None) -> np.ndarray:
     """Decode an image as stored (gray, colour, 8 or 16 bit); name the file on failure.
 
@@ -139,7 +147,12 @@ def read_image(path: Path, max_pixels: int | None = None) -> np.ndarray:
     before anything is decoded: a small file can unpack to gigabytes.
     """
     path = Path(path)
+    limit = max_file_bytes(max_pixels)
     try:
+        size = path.stat().st_size
+        if size > limit:  # read whole, a 20 GB file named part.png would take the line PC's memory
+            raise ImageReadError(path, f"is {size / 1e6:.0f} MB, more than an image of "
+                                       f"{(max_pixels or DEFAULT_MAX_PIXELS) / 1e6:g} MP can be: refused before reading")
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:
         raise ImageReadError(path, f"cannot be read ({exc.strerror})") from exc

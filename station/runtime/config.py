@@ -16,16 +16,18 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
-    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo,
+    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo,
     field_validator, model_validator,
 )
 
 from station.core.errors import ConfigError
+from station.core.imagefolder import DEFAULT_MAX_PIXELS
 from station.core.product import product_name_problem
 from station.core.user_files import read_text
 from station.runtime.presence import JUDGE_ON, PresenceSettings
 from station.runtime.regions_config import Regions
 from station.runtime.tiles_config import Tiles
+from station.runtime.config_forms import MODEL_FORMS, form_paths, form_problems
 from station.runtime.config_yaml import (KeyPath, compose, format_problem, key_lines, line_of,
                                          validation_problems)
 from station.runtime.config_integrations import (HomeAssistantConfig, OpcuaConfig, PrometheusConfig, SnapshotConfig,
@@ -61,6 +63,7 @@ def _host(value: str) -> str:
 
 
 ConfigPath = Annotated[Path, AfterValidator(_resolve)]
+FormPaths = Annotated[Any, BeforeValidator(lambda value, info: form_paths(value, info, _resolve))]  # Path | {FORM: Path}
 ProductName = Annotated[str, AfterValidator(_safe_name)]
 StationId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$", max_length=64)]
 
@@ -100,7 +103,7 @@ class CameraConfig(_Model):
     credentials_file: ConfigPath | None = None
     credentials_credential: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
     # Images larger than this are refused from their header, before decoding (decompression bombs).
-    max_pixels: int = Field(50_000_000, ge=1)
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
 
     @model_validator(mode="after")
     def _one_credentials_source(self):
@@ -197,9 +200,10 @@ class StationConfig(_Model):
     station: StationId
     camera: CameraConfig
     roi: RoiConfig | None = None
-    model: ConfigPath
-    reference: ConfigPath | None = None
-    products: dict[ProductName, ConfigPath] | None = None
+    model: FormPaths
+    model_form: Literal[MODEL_FORMS] = "auto"  # with model: {FORM: PATH}; _form_problems
+    reference: FormPaths = None
+    products: dict[ProductName, FormPaths] | None = None
     product: ProductName | None = None
     rois: Regions = None  # named regions, instead of roi (regions_config.py); after roi and products
     tiles: Tiles = None  # the roi cut into overlapping tiles (tiles_config.py); after roi and rois
@@ -215,6 +219,7 @@ class StationConfig(_Model):
     snapshot: SnapshotConfig = SnapshotConfig()
     homeassistant: HomeAssistantConfig = HomeAssistantConfig()
     opcua: OpcuaConfig | None = None
+    _reference_name: str | None = PrivateAttr(None)  # for_form: the product's name, the same in every form
 
     @field_validator("state_dir", mode="before")
     @classmethod
@@ -227,12 +232,12 @@ class StationConfig(_Model):
     @model_validator(mode="after")
     def _one_reference(self):
         if self.products is None:
-            if self.reference is None:
+            if self.reference is None or self.reference == {}:
                 raise ValueError("give reference: PATH, or products: {NAME: PATH} with product: NAME")
             if self.product is not None:
                 raise ValueError("product: needs products: {NAME: PATH}")
             return self
-        if self.reference is not None:
+        if self.reference is not None and self.reference != {}:
             raise ValueError("give reference or products, not both")
         if not self.products:
             raise ValueError("products must name at least one product")
@@ -242,16 +247,36 @@ class StationConfig(_Model):
         return self
 
     @property
+    def model_paths(self) -> dict[str | None, Path]:
+        """{form: model file}; a single `model: PATH` is the one form None (its file says what it is)."""
+        return dict(self.model) if isinstance(self.model, dict) else {None: self.model}
+
+    def for_form(self, form: str | None) -> "StationConfig":
+        """This configuration with one form's model and reference sets, as a single-model station.yaml says
+        them: everything that judges, calibrates or checks works on it unchanged."""
+        if form is None:
+            return self
+        pick = lambda paths: paths[form] if isinstance(paths, dict) else paths
+        products = None if self.products is None else {name: pick(path) for name, path in self.products.items()}
+        single = self.model_copy(update={"model": self.model[form], "model_form": form,
+                                         "reference": None if self.reference is None else pick(self.reference),
+                                         "products": products})
+        single._reference_name = next(iter(self.product_references))  # one product whatever the form
+        return single
+
+    @property
     def reference_path(self) -> Path:
         """The reference set the station scores against (the active product's)."""
         return self.reference if self.products is None else self.products[self.product]
 
     @property
     def product_references(self) -> dict[str, Path]:
-        """Every product the station may switch to, with its reference set folder.
-        A single `reference:` is one product named by its folder."""
-        if self.products is None:
-            return {Path(self.reference).name: self.reference}
+        """Every product the station may switch to, with its reference set folder ({FORM: folder} with a
+        model in several forms: for_form picks one). A single `reference:` is one product named by its folder."""
+        if self.products is None:  # with a reference set per form, named as the fp32 set's folder
+            named = self.reference.get("fp32", self.reference[min(self.reference)]) if isinstance(
+                self.reference, dict) else self.reference
+            return {self._reference_name or Path(named).name: self.reference}
         return dict(self.products)
 
 
@@ -284,7 +309,8 @@ def parse_config(text: str, name: str = "station.yaml", base: Path | None = None
     context = {"base": base, "state_dir": _state_dir_from_env(os.environ if env is None else env)}
     try:
         config = StationConfig.model_validate(data, context=context)
-        problems += [format_problem(name, lines.get(path), path, message) for path, message in _topic_problems(config)]
+        problems += [format_problem(name, lines.get(path), path, message)
+                     for path, message in _topic_problems(config) + form_problems(config)]
     except ValidationError as exc:
         secret_paths = {".".join(path) for path, _ in _secrets(lines)}
         problems += [p for p in validation_problems(StationConfig, exc, name, lines) if not _names_secret(p, secret_paths)]

@@ -113,7 +113,7 @@ class Daemon:
                 log.warning("station %s starts PAUSED (paused before it stopped): nothing is judged "
                             "until a resume command", config.station)
             finished = self._loop()
-            if finished and self.feed is not None and self.feed.captured == 0:
+            if finished and self.feed is not None and self.feed.readable == 0:
                 raise self._nothing_to_judge()
             clean = True
         finally:
@@ -125,8 +125,8 @@ class Daemon:
         rather than judge nothing; so is a finite source that gives no frame (_nothing_to_judge)."""
         capture = self.feed or self.latest
         frame = capture.peek(FIRST_FRAME_WAIT)
-        if frame is None:
-            if self.finite and capture.ended:
+        if frame is None or frame.problem is not None:  # LatestFrame's freshest may be unreadable
+            if self.finite and capture.exhausted:
                 raise self._nothing_to_judge()
             return
         problem = self.frame_sizes.accept(frame.image.shape, self.inspector)
@@ -352,7 +352,7 @@ class Daemon:
 
     def _status_line(self) -> str:
         d = self.inspector.describe()
-        return f"product {d['product']}, model {d['model']}, reference v{d['reference']:04d} ({d['metric']})"
+        return f"product {d['product']}, model {d['model']} {d['model_form']}, reference v{d['reference']:04d} ({d['metric']})"
 
     def _state(self) -> dict:
         return {

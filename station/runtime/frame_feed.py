@@ -48,6 +48,13 @@ class LatestFrame:
     def ended(self) -> bool:
         return self._ended
 
+    @property
+    def exhausted(self) -> bool:
+        """The source ended with no readable frame left to take."""
+        with self._changed:
+            return self._ended and (self._latest is None or self._latest.problem is not None
+                                    or self._latest.frame_no <= self._taken)
+
     def peek(self, timeout: float) -> Frame | None:
         """The freshest frame, left for get(); None when none came within timeout."""
         timeout = _no_wait_for_a_trigger(self.source, timeout)
@@ -103,6 +110,7 @@ class FrameFeed:
         self.max_bytes = max_bytes
         self.dropped = 0
         self.captured = 0
+        self.readable = 0  # captured frames with pixels (an unreadable file is captured, not readable)
         self._frames: deque[Frame] = deque()
         self._bytes = 0
         self._changed = threading.Condition()
@@ -114,6 +122,7 @@ class FrameFeed:
         try:
             for frame in self.source:
                 self.captured += 1
+                self.readable += frame.problem is None
                 self._put(frame)
         except Exception:  # a source bug ends the feed; the daemon reports it, never hangs
             log.exception("frame source %s failed", self.source.description)
@@ -142,11 +151,20 @@ class FrameFeed:
             self._changed.notify_all()
 
     def peek(self, timeout: float) -> Frame | None:
-        """The next frame, left in the queue; None when none came within timeout (or the source ended)."""
+        """The first readable frame, left in the queue; None when none came within timeout (or the source ended)."""
         timeout = _no_wait_for_a_trigger(self.source, timeout)
         with self._changed:
-            self._changed.wait_for(lambda: self._frames or self._ended, timeout)
-            return self._frames[0] if self._frames else None
+            self._changed.wait_for(lambda: self._first_readable() is not None or self._ended, timeout)
+            return self._first_readable()
+
+    def _first_readable(self) -> Frame | None:
+        return next((frame for frame in self._frames if frame.problem is None), None)
+
+    @property
+    def exhausted(self) -> bool:
+        """The source ended and no readable frame waits (unreadable files may)."""
+        with self._changed:
+            return self._ended and self._first_readable() is None
 
     def get_batch(self, max_frames: int, timeout: float) -> list[Frame]:
         """Wait up to `timeout` for a frame, then take whatever else is ready (up to max_frames)."""

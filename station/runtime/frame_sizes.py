@@ -54,7 +54,7 @@ class FrameSizes:
         """(frames to judge, their crops, [(frame, why not)]) of a batch, the refusals reported."""
         kept, crops, refused = [], [], []
         for frame in frames:
-            reason = self.refusal(frame.image.shape, inspector)
+            reason = frame.problem or self.refusal(frame.image.shape, inspector)
             if reason is None:
                 try:
                     crops.append(inspector.crop(frame.image))

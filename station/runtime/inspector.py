@@ -18,6 +18,7 @@ from station.core.errors import ConfigError, StationError
 from station.core.tiles import TileGeometry, recorded_geometry, reference_geometry_problem
 from station.core.verdict import judge
 from station.runtime.config import StationConfig
+from station.runtime.model_forms import FormChoice, choose, form_of
 from station.runtime.regions import Region, bounding_roi, crop_regions, judge_regions, split_crops
 
 
@@ -29,6 +30,7 @@ class Inspector:
     roi: Roi | None  # with regions: the box around them all (the daemon checks it fits the frames)
     regions: tuple[Region, ...] = ()  # rois: in station.yaml (station/runtime/regions.py)
     tiles_over_frame: bool = False  # tiles: without roi: any frame holding the tiles' region is judged
+    form: FormChoice | None = None  # with model: {FORM: PATH}, the form judging and what each cost here
 
     @classmethod
     def load(cls, model: Path, reference: Path, product: str | None, roi: Roi | None, threads: int = 1,
@@ -79,12 +81,18 @@ class Inspector:
             "reference": self.reference_set.version,
             "metric": self.reference_set.metric,
             "threshold": self.reference_set.threshold,
+            **(self.form.describe() if self.form else {"model_form": form_of(self.embedder.info.quantization)}),
         }
 
 
 def load_inspector(config: StationConfig, product: str | None = None, embedder: Embedder | None = None) -> Inspector:
     """The inspector for a configured product (default: the config's), loaded and cross-checked; `embedder`: one
-    already loaded from config.model (`station check` has), so the model is not loaded twice."""
+    already loaded from config.model (`station check` has), so the model is not loaded twice. With a model in
+    several forms, the faster on this CPU (or the pinned one) judges, with its own reference sets."""
+    form = None
+    if isinstance(config.model, dict):
+        form = choose(config)
+        config, embedder = config.for_form(form.form), form.embedder
     if config.products is None:
         path, name = config.reference, None
     else:
@@ -103,6 +111,7 @@ def load_inspector(config: StationConfig, product: str | None = None, embedder: 
         inspector = with_tiles(inspector, geometry)
     elif config.rois:
         inspector = with_regions(inspector, config)
+    inspector = replace(inspector, form=form) if form else inspector
     problem = inspector.frame_problem(None)
     if problem:
         raise ConfigError(f"{'rois' if config.rois else 'tiles' if geometry else 'roi'}: {problem}")

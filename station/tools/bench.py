@@ -131,17 +131,21 @@ def publish_round_trips(broker: tuple[str, int], payloads: list[bytes]) -> dict:
         client.disconnect()
 
 
-def raw_onnxruntime(model: Path, runs: int = STAGE_RUNS) -> dict:
-    """The model alone: a bare session.run at batch 1, same session options as the station."""
+def raw_onnxruntime(model: Path, runs: int = STAGE_RUNS, regions: int = bench_latency.REGIONS) -> dict:
+    """The model alone: a bare session.run at batch 1, same session options as the station; and a part of
+    `regions` regions, judged as the daemon does (every region's crop in one call), per part and per region."""
     from station.core.embedder import INPUT_NAME, Embedder, build_session
 
     embedder = Embedder(model)
     session = build_session(model)
-    x = np.random.default_rng(0).random((1,) + embedder.input_spec.sample_shape, dtype=np.float32)
-    feed = {INPUT_NAME: x}
+    x = np.random.default_rng(0).random((regions,) + embedder.input_spec.sample_shape, dtype=np.float32)
+    feed = {INPUT_NAME: x[:1]}
     figures = time_calls(lambda _: session.run(None, feed), list(range(runs)), warmup=200)
+    # A dynamic int8 model exported before batch_independent runs a part per call: the Embedder knows.
+    wide = time_calls(lambda _: embedder.embed(x), list(range(max(runs // regions, 50))), warmup=20)
     figures.update(quantization=embedder.info.quantization, arch=embedder.info.arch,
-                   size_bytes=model.stat().st_size)
+                   size_bytes=model.stat().st_size,
+                   regions={"n": regions, "per_part_us": wide["p50_us"], "per_region_us": round(wide["p50_us"] / regions, 2)})
     return figures
 
 
@@ -259,8 +263,22 @@ def _maps_mention(pid: int, word: str) -> bool:
 # -- the whole bench ---------------------------------------------------------
 
 
+def station_models(config) -> tuple[list[Path], Path, str, int]:
+    """(models, reference, why, regions) of a station.yaml: the form the station would run here first (timed as
+    at start, station/runtime/model_forms.py), then its other forms, timed raw; the active product's reference."""
+    from station.runtime.model_forms import choose
+
+    regions = len(config.rois or ()) if config.rois and len(config.rois) > 1 else bench_latency.REGIONS
+    if not isinstance(config.model, dict):
+        return [config.model], config.reference_path, f"model {config.model}", regions
+    choice = choose(config)
+    others = [path for form, path in sorted(config.model_paths.items()) if form != choice.form]
+    return [config.model[choice.form], *others], config.for_form(choice.form).reference_path, choice.line(), regions
+
+
 def run_bench(models: list[Path], reference: Path | None, n_parts: int, broker: tuple[str, int] | None,
-              progress=print, integrations: bool = False) -> dict:
+              progress=print, integrations: bool = False, regions: int = bench_latency.REGIONS,
+              chosen: str | None = None) -> dict:
     from calibration import workflow
     from station.core.embedder import Embedder
     from station.tools.simulate import write_dataset
@@ -283,7 +301,7 @@ def run_bench(models: list[Path], reference: Path | None, n_parts: int, broker: 
             progress("timing stages ...")
             stages = stage_figures(models[0], reference, parts, broker)
             progress("timing raw onnxruntime ...")
-            raw = {str(m): raw_onnxruntime(m) for m in models}
+            raw = {str(m): raw_onnxruntime(m, regions=regions) for m in models}
             tuning = session_tuning(models[0])
             progress(f"running the daemon over {n_parts} parts ...")
             e2e = end_to_end(models[0], reference, parts, broker, workdir / "e2e")
@@ -300,6 +318,8 @@ def run_bench(models: list[Path], reference: Path | None, n_parts: int, broker: 
     return {
         "machine": machine(),
         "model": str(models[0]),
+        **({"model_form": chosen} if chosen else {}),
+        "raw_per_part_us": raw_p50,  # session.run alone, batch 1: beside the end-to-end per-verdict cost
         "stages": stages,
         "raw_onnxruntime": raw,
         "session_tuning": tuning,
@@ -314,14 +334,18 @@ def run_bench(models: list[Path], reference: Path | None, n_parts: int, broker: 
 
 def format_table(figures: dict) -> str:
     lines = [f"machine: {figures['machine']['cpu']}, {figures['machine']['cores']} cores, "
-             f"onnxruntime {figures['machine']['onnxruntime']}", "",
+             f"onnxruntime {figures['machine']['onnxruntime']}",
+             *([figures["model_form"]] if figures.get("model_form") else []), "",
              f"{'stage (batch 1)':34s} {'p50 µs':>10s} {'p99 µs':>10s}"]
     for name, stage in figures["stages"].items():
         lines.append(f"{name:34s} {stage['p50_us']:10.1f} {stage['p99_us']:10.1f}")
-    lines += ["", f"{'raw onnxruntime, batch 1':34s} {'p50 µs':>10s} {'p99 µs':>10s} {'size':>10s}"]
+    first = next(iter(figures["raw_onnxruntime"].values()))
+    lines += ["", f"{'raw onnxruntime, batch 1':34s} {'p50 µs':>10s} {'p99 µs':>10s} {'size':>10s} "
+                  f"{'part of ' + str(first['regions']['n']) + ' regions':>18s} {'a region':>9s}"]
     for path, raw in figures["raw_onnxruntime"].items():
         label = f"{raw['arch']} {raw['quantization']}"
-        lines.append(f"{label:34s} {raw['p50_us']:10.1f} {raw['p99_us']:10.1f} {raw['size_bytes'] / 1024:8.0f} KiB")
+        lines.append(f"{label:34s} {raw['p50_us']:10.1f} {raw['p99_us']:10.1f} {raw['size_bytes'] / 1024:8.0f} KiB "
+                     f"{raw['regions']['per_part_us']:15.1f} µs {raw['regions']['per_region_us']:6.1f} µs")
     lines += ["", f"{'session (first model), batch 1':34s} {'p50 µs':>10s} {'p99 µs':>10s}"]
     for name, tuned in figures["session_tuning"].items():
         lines.append(f"{name:34s} {tuned['p50_us']:10.1f} {tuned['p99_us']:10.1f}")
@@ -330,7 +354,8 @@ def format_table(figures: dict) -> str:
         "",
         f"end to end: {e2e['parts']} parts, {e2e['verdicts_per_s']:.0f} verdicts/s "
         f"(daemon, folder source, mosquitto QoS 1, durable outbox)",
-        f"per-verdict cost {figures['per_verdict_us']:.1f} µs = {figures['per_verdict_over_raw']:.1f}x raw onnxruntime",
+        f"per-verdict cost {figures['per_verdict_us']:.1f} µs end to end, raw onnxruntime {figures['raw_per_part_us']:.1f} µs "
+        f"a part (session.run alone, batch 1): {figures['per_verdict_over_raw']:.1f}x",
         f"peak RSS {e2e['peak_rss_mib']:.1f} MiB, READY after {e2e['ready_s']:.2f} s, torch loaded: {e2e['torch_loaded']}",
     ]
     if "integrations" in figures:
@@ -339,6 +364,9 @@ def format_table(figures: dict) -> str:
                      f"(median of {cost['runs']} each): {cost['cost_percent']:+.1f} % cost")
     if "latency" in figures:
         lines += bench_latency.format_lines(figures)
+        regions = first["regions"]
+        lines.append(f"  raw onnxruntime, {regions['n']} regions in one call: {regions['per_part_us']:.1f} µs a part, "
+                     f"{regions['per_region_us']:.1f} µs a region")
     return "\n".join(lines)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from station.runtime.config import StationConfig
-from station.core.errors import StationError
+from station.core.errors import ModelError, StationError
 from station.core.preprocess import InputSpec, regions_problem
 from station.core.state_dir import state_dir_problem
 from station.runtime.frame_feed import LatestFrame
@@ -40,44 +40,54 @@ class CheckResult:
 def check_station(config: StationConfig, env: dict[str, str] | None = None) -> CheckResult:
     from station.core import reference_set
     from station.core.embedder import Embedder
+    from station.runtime.model_forms import form_of
 
     env = os.environ if env is None else env
     problems, summary = [], []
     embedder = None
-    try:
-        embedder = Embedder(config.model)
-        info = embedder.info
-        summary.append(f"model {config.model}: {info.arch}, {info.quantization}, {info.embedding_dim}-d, sha256 {info.short_id}")
-    except StationError as exc:
-        problems.append(f"model: {exc}")
-    for product, path in config.product_references.items():
+    for form, model in config.model_paths.items():  # every form the bundle carries, each with its own references
+        named = f"model.{form}" if form else "model"
         try:
-            loaded = reference_set.load(path)
-            if embedder is not None:
-                reference_set.verify_for_model(loaded, embedder.info.sha256, embedder.info.embedding_dim)
-            summary.append(f"product {product}: {path} v{loaded.version:04d}, {loaded.metric} threshold {loaded.threshold:.6g}")
+            loaded_model = Embedder(model)
+            info = loaded_model.info
+            summary.append(f"{named} {model}: {info.arch}, {info.quantization}, {info.embedding_dim}-d, "
+                           f"sha256 {info.short_id}")
+            if form and form_of(info.quantization) != form:
+                raise ModelError(f"{model} is a {info.quantization} model, not the {form} form")
+            embedder = embedder or loaded_model
         except StationError as exc:
-            problems.append(f"product {product}: {exc}")
+            problems.append(f"{named}: {exc}")
+            loaded_model = None
+        for product, path in config.for_form(form).product_references.items():
+            try:
+                loaded = reference_set.load(path)
+                if loaded_model is not None:
+                    reference_set.verify_for_model(loaded, loaded_model.info.sha256, loaded_model.info.embedding_dim)
+                summary.append(f"product {product}{f' ({form})' if form else ''}: {path} v{loaded.version:04d}, "
+                               f"{loaded.metric} threshold {loaded.threshold:.6g}")
+            except StationError as exc:
+                problems.append(f"product {product}{f' ({form})' if form else ''}: {exc}")
     problems += _file_problems(config, env)
     problem, line = _roi_against_a_frame(config, embedder.input_spec if embedder is not None else None)
     problems += [problem] if problem else []
     summary += [line] if line else []
     if not problems:
         try:
-            summary.append(_judging_rate(config, embedder))
+            summary += _judging_rate(config, embedder)
         except StationError as exc:
             problems.append(f"judging: {exc}")
     return CheckResult(problems, summary)
 
 
-def _judging_rate(config: StationConfig, embedder) -> str:
+def _judging_rate(config: StationConfig, embedder) -> list[str]:
     """How long this machine takes to judge one part with this model and these regions.
 
     An integrator adding regions (each costs the model once) sees here, before the line runs, whether
     the station keeps up; the whole path, outbox and MQTT included, is `station bench`'s."""
     from station.runtime.inspector import load_inspector
 
-    inspector = load_inspector(config, embedder=embedder)
+    # With a model in several forms the station's own choice, timed here as at start (model_forms.py).
+    inspector = load_inspector(config, embedder=None if isinstance(config.model, dict) else embedder)
     regions = max(len(inspector.regions), 1)
     spec = inspector.embedder.input_spec
     part = np.zeros((1, spec.height, spec.width * regions), np.uint8)  # every region's crop, side by side
@@ -88,9 +98,12 @@ def _judging_rate(config: StationConfig, embedder) -> str:
         timings.append(time.perf_counter() - start)
     per_part = statistics.median(timings)
     members = inspector.embedder.info.extra.get("members", "1")
-    return (f"judging: {regions} region(s) a part with {inspector.embedder.info.arch} x{members}: "
-            f"{per_part * 1e3:.2f} ms a part on this machine (~{1 / per_part:,.0f} parts/s before "
-            "publishing; `station bench` times the whole path)")
+    form = inspector.describe()["model_form"]
+    per_region = f", {per_part / regions * 1e3:.3f} ms a region" if regions > 1 else ""
+    chosen = [inspector.form.line()] if inspector.form else []
+    return chosen + [f"judging: {regions} region(s) a part with {inspector.embedder.info.arch} x{members} {form}: "
+            f"{per_part * 1e3:.2f} ms a part{per_region} on this machine (~{1 / per_part:,.0f} parts/s before "
+            "publishing; `station bench` times the whole path)"]
 
 
 def _file_problems(config: StationConfig, env) -> list[str]:
@@ -162,8 +175,11 @@ def _roi_against_a_frame(config: StationConfig, spec: InputSpec | None) -> tuple
 def _first_frames(source):
     """At most one frame, waiting at most FRAME_WAIT seconds (a stream may not answer)."""
     feed = LatestFrame(source)
+    deadline = time.monotonic() + FRAME_WAIT
     try:
         frame = feed.peek(FRAME_WAIT)
+        while frame is not None and frame.problem is not None:  # an unreadable image: the next one tells the size
+            frame = feed.get(timeout=max(0.0, deadline - time.monotonic()))
         return [frame] if frame is not None else []
     finally:
         feed.close(timeout=1.0)

@@ -40,6 +40,8 @@ class Frame:
     grabbed_at: float  # time.monotonic() when grabbed
     camera_ts: int | None = None  # the camera's own timestamp (ns, its clock): GenICam cameras
     part_id: str | None = None  # the camera's trigger counted parts (trigger: hardware)
+    # Why this part's image cannot be judged (an unreadable file): it still gets a no_verdict, never a silent skip.
+    problem: str | None = None
 
 
 class FrameSource:
@@ -99,6 +101,10 @@ class FrameSource:
 
     def _frame(self, image: np.ndarray, source: str, grabbed_at: float | None = None) -> Frame:
         return Frame(image, source, next(self._count), time.monotonic() if grabbed_at is None else grabbed_at)
+
+    def _unreadable(self, source: str, why: str) -> Frame:
+        """A part whose image cannot be read: no pixels, the reason for its no_verdict."""
+        return Frame(np.zeros((0, 0), np.uint8), source, next(self._count), time.monotonic(), problem=why)
 
     def _pace(self) -> bool:
         """Hold to the fps cap; False when closed meanwhile."""

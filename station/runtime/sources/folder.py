@@ -47,6 +47,9 @@ class FolderSource(FrameSource):
                         self.skipped += 1
                         first_error = first_error or str(exc)
                         log.warning("skipped unreadable image %s", exc)
+                        if not self._pace():
+                            return
+                        yield self._unreadable(str(path.relative_to(self.folder)), f"unreadable image {exc}")
                         continue
                     if not self._pace():
                         return
