@@ -247,11 +247,12 @@ def build(candidate: TiledCandidate, held: list, folder: Path, options, data, tr
 
 
 def evaluate(embedder, reference_set, items, geometry: TileGeometry):
-    """The test part judged as the station judges a tiled part: each photo's worst tile."""
+    """(evaluation, embedded parts) of the test part judged as the station judges a tiled part: each photo's
+    worst tile (the pair fit/forms.py: test_figures gives per form)."""
     from calibration.tiles import evaluate_tiled
 
     tested = embed_parts(embedder, items, geometry)
-    return tested, evaluate_tiled(tested.embeddings, tested.classes, reference_set)
+    return evaluate_tiled(tested.embeddings, tested.classes, reference_set), tested
 
 
 def station_yaml_section(candidate: TiledCandidate) -> str:

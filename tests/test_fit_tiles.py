@@ -59,3 +59,27 @@ def test_a_tiled_candidate_is_measured_per_part_and_its_station_yaml_parses(plat
     limit = candidates.SearchOptions(say=lambda line: None, max_ms_per_part=1e-6)
     over = tiles.measure(candidate, items, tmp_path, limit, candidates.Outcome(candidate))
     assert "is over --max-ms-per-part" in over.error  # held to the limit like every candidate
+
+
+def test_station_fit_builds_a_tiled_bundle_the_station_judges_as_it_was_fitted(tmp_path_factory, monkeypatch):
+    from fit import pipeline
+    from station.core import reference_set as reference_sets
+    from station.runtime.config import load_config
+    from station.runtime.inspector import load_inspector
+
+    data = tmp_path_factory.mktemp("many") / "plates"
+    simulate.write_plate_dataset(data, 150, seed=8)  # ~100 good: enough for every threshold slice
+    monkeypatch.setattr(pipeline, "candidate_list", lambda native_size: [])  # the tiled candidates alone
+    monkeypatch.setattr(tiles, "SCALES", (2.5,))  # 80x80 tiles: a fixed, quick geometry
+    out = tmp_path_factory.mktemp("bundle") / "b"
+    result = pipeline.run_fit(pipeline.FitOptions(data=data, out=out, max_ms_per_part=1000.0, say=lambda line: None))
+    assert result["chosen_candidate"] in ("lite0-tiles/80x80@60x60/24tiles", "lite0-tiles/80x80@40x40/44tiles")
+    assert {row["candidate"] for row in result["candidates"]} == {"lite0-tiles/80x80@60x60/24tiles",
+                                                                   "lite0-tiles/80x80@40x40/44tiles"}
+    assert result["n_good"] + result["n_defect"] == len([p for p in result["split"]["files"].values() if p == "test"])
+    saved = reference_sets.load(out / "reference")
+    assert saved.statistics["tiles"]["region_width"] == 480 and saved.statistics["tiles"]["width"] == 80
+    yaml_text = (out / "station.yaml").read_text()
+    (out / "station.yaml").write_text(yaml_text + f"camera: {{source: {data / 'good'}}}\nstate_dir: {out / 'state'}\n")
+    inspector = load_inspector(load_config(out / "station.yaml"))
+    assert inspector.whole_frame and len(inspector.regions) == saved.statistics["tiles"]["count"]
