@@ -16,6 +16,7 @@ from station.core.version import __version__
 from station.arguments import completion_script, host_port, positive, seed, verbose_everywhere, width_by_height
 from station.core.errors import ConfigError, StationError
 from station.runtime.logs import configure_logging
+from station.runtime.web.users import ROLES
 from station.model_commands import calibrate, evaluate, export, fit, train
 
 log = logging.getLogger("station")
@@ -113,6 +114,28 @@ def _demo(args) -> int:
     return run_demo(args.frames, args.broker, args.seed, args.fps)
 
 
+def _web_user(args) -> int:
+    """A users-file line for the station's page; the password from stdin (piped) or asked twice (a terminal)."""
+    import getpass
+
+    from station.core.errors import ConfigError
+    from station.runtime.web.users import add_user, user_line
+
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"password for {args.name}: ")
+        if getpass.getpass("again: ") != password:
+            raise ConfigError("the two passwords differ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    line = user_line(args.name, args.role, password)
+    if args.file is None:
+        print(line)
+    else:
+        add_user(args.file, line)
+        print(f"{args.file}: {args.name} ({args.role}) written", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from station.core.scoring import POSITION_SCORES, SCORES
 
@@ -208,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the station: camera -> verdicts over MQTT (the systemd service)")
     run.add_argument("-c", "--config", type=Path, required=True, help="station.yaml")
     run.set_defaults(handler=_run)
+    wu = commands.add_parser("web-user", help="a user line for the station's page (web.users_file); password from stdin")
+    wu.add_argument("name")
+    wu.add_argument("role", choices=ROLES)
+    wu.add_argument("--file", type=Path, help="put the line in this users file (replacing the user's old one)")
+    wu.set_defaults(handler=_web_user)
     fi = commands.add_parser(
         "fit", help="image folder -> bundle: checked data, honest split, trained, exported, calibrated, tested",
         description="Checks the data, splits it train/calibration/test (stratified, near-duplicates kept together), "

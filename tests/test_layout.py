@@ -17,18 +17,19 @@ PACKAGES = ("station", "calibration", "export", "fit")
 ALLOWED = {
     "station/core": set(),
     "station/runtime/sources": {"station/core"},
-    "station/runtime": {"station/core", "station/runtime/sources"},
+    "station/runtime/web": {"station/core"},  # the page: handed the daemon's figures, imports none of its modules
+    "station/runtime": {"station/core", "station/runtime/sources", "station/runtime/web"},
     "export": {"station/core"},
     "calibration": {"station/core", "station/runtime/sources"},
     "fit": {"station/core", "export", "calibration"},
     "station/tools": {"station/core", "station/runtime", "station/runtime/sources", "calibration"},
-    "station": {"station/core", "station/runtime", "station/runtime/sources", "station/tools",
+    "station": {"station/core", "station/runtime", "station/runtime/sources", "station/runtime/web", "station/tools",
                 "calibration", "export", "fit"},
 }
 # Never in the `station run` process: the model side, the tools, and their heavy libraries.
-# prometheus_client and asyncua only when station.yaml enables prometheus: or opcua:.
+# prometheus_client, asyncua and aiohttp only when station.yaml enables prometheus:, opcua: or web:.
 NOT_IN_DAEMON = ("calibration", "export", "fit", "station.tools", "torch", "scipy", "matplotlib", "sklearn", "onnx",
-                 "prometheus_client", "asyncua")
+                 "prometheus_client", "asyncua", "aiohttp")
 
 
 def folder_of_module(module: str) -> str | None:

@@ -32,6 +32,7 @@ from station.runtime.config_yaml import (KeyPath, compose, format_problem, key_l
                                          validation_problems)
 from station.runtime.config_integrations import (HomeAssistantConfig, OpcuaConfig, PrometheusConfig, SnapshotConfig,
                                                  TopicPart, mqtt_checked)
+from station.runtime.config_web import WebConfig
 from station.runtime.mqtt_strings import string_problem, topic_problem
 from station.runtime.topics import Topics
 from station.runtime.sources.genicam_config import GenicamField, Trigger
@@ -219,6 +220,7 @@ class StationConfig(_Model):
     snapshot: SnapshotConfig = SnapshotConfig()
     homeassistant: HomeAssistantConfig = HomeAssistantConfig()
     opcua: OpcuaConfig | None = None
+    web: WebConfig | None = None  # config_web.py: the station's own page, off unless present
     _reference_name: str | None = PrivateAttr(None)  # for_form: the product's name, the same in every form
 
     @field_validator("state_dir", mode="before")

@@ -49,7 +49,7 @@ FIRST_FRAME_WAIT = 5.0  # seconds to wait for a frame to check the ROI against b
 PAUSE_FLAG = "paused"  # in the state folder while paused
 # Changes that only a restart applies: they are wired into threads and connections.
 RESTART_KEYS = ("station", "camera", "mqtt", "state_dir", "trigger", "outbox", "runtime", "prometheus", "homeassistant",
-                "opcua", "snapshot")
+                "opcua", "snapshot", "web")
 
 
 class Daemon:

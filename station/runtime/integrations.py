@@ -1,5 +1,5 @@
 """The windows around the line, wired to the daemon in one place: Prometheus /metrics,
-the NG snapshot, Home Assistant discovery, the OPC UA server (docs/observability.md).
+the NG snapshot, Home Assistant discovery, the OPC UA server, the station's page (docs/observability.md).
 
 The daemon calls four hooks: `start` (before the publisher connects), `judged`
 (after each batch is stored), `state` (whenever the retained state is published)
@@ -29,7 +29,7 @@ class Integrations:
     def __init__(self, daemon):
         self.daemon = daemon
         self.started_wall, self.started = daemon.stats.started_wall, daemon.stats.started
-        self.prometheus = self.snapshots = self.opcua = None
+        self.prometheus = self.snapshots = self.opcua = self.web = None
         self.discovery: Discovery | None = None
         self._product: str | None = None
 
@@ -50,10 +50,17 @@ class Integrations:
             from station.runtime.opcua_server import start_opcua
 
             self.opcua = start_opcua(config.opcua, config.station, self.started_wall)
+        if config.web is not None:  # the station's own page (station/runtime/web/)
+            from station.runtime.web.server import WebPage
+
+            self.web = WebPage(config.web, d, state_dir)
+            self.web.start()
 
     def judged(self, inspector, messages: list[dict], frames: list):
         """A stored batch: verdict messages in order, with the frames they judged."""
         verdicts = [m for m in messages if "verdict" in m]
+        if self.web is not None:
+            self.web.feed.judged(inspector, messages, frames)
         if self.snapshots is not None:
             for message, frame in zip(verdicts, frames):
                 if message["verdict"] == NG and self.snapshots.wants():
@@ -69,12 +76,14 @@ class Integrations:
         if self._product is not None and product != self._product and self.snapshots is not None:
             self.snapshots.clear()
         self._product = product
+        if self.web is not None:
+            self.web.feed.state_changed(state)
         if self.opcua is not None:
             self.opcua.update(product=product, camera=state["camera"], paused=state["paused"],
                               problems="; ".join(state["problems"]), reference=state["reference"],
                               uptime=time.monotonic() - self.started)
 
     def close(self):
-        for part in (self.snapshots, self.opcua, self.prometheus, self.discovery):
+        for part in (self.web, self.snapshots, self.opcua, self.prometheus, self.discovery):
             if part is not None:
                 part.close()
