@@ -33,6 +33,7 @@ from station.runtime.sources import open_source
 from station.core.embedder import Embedder, same_input
 from station.core.errors import ConfigError
 from station.core.preprocess import InputSpec, Roi, prepare_crop
+from station.core.tiles import crop_tiles, split_tiles
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,11 @@ def mean_abs_difference(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def grab_distinct_crops(frames: Iterable, roi: Roi | None, spec: InputSpec, count: int,
-                        min_change: float = DEFAULT_MIN_CHANGE, progress: bool = False) -> GrabbedCrops:
+                        min_change: float = DEFAULT_MIN_CHANGE, progress: bool = False,
+                        tiles: list[Roi] | None = None) -> GrabbedCrops:
     """Up to `count` crops of distinct parts from `frames` (a FrameSource, or Frames, or images).
+    `tiles`: a tiled station's tiles (frame pixels): each crop is every tile's, side by side
+    (height, tiles * width), as the station's own crop of a tiled part is.
 
     Stops as soon as `count` parts are in (a FrameSource is closed then); fewer
     come back when the frames end first: the caller decides whether that is enough.
@@ -76,7 +80,7 @@ def grab_distinct_crops(frames: Iterable, roi: Roi | None, spec: InputSpec, coun
         for item in iterator:
             image = getattr(item, "image", item)
             seen += 1
-            crop = prepare_crop(image, spec, roi)
+            crop = prepare_crop(image, spec, roi) if tiles is None else np.hstack(list(crop_tiles(image, spec, tiles)))
             if crops and mean_abs_difference(crop, crops[-1]) < min_change:
                 skipped += 1
                 if bar is not None:
@@ -98,7 +102,8 @@ def grab_distinct_crops(frames: Iterable, roi: Roi | None, spec: InputSpec, coun
             if close is not None:
                 close()
     log.info("grabbed %d distinct parts from %d frames (%d unchanged skipped)", len(crops), seen, skipped)
-    stacked = np.stack(crops) if crops else np.empty((0, spec.height, spec.width), np.uint8)
+    width = spec.width * (1 if tiles is None else len(tiles))
+    stacked = np.stack(crops) if crops else np.empty((0, spec.height, width), np.uint8)
     return GrabbedCrops(stacked, sources, seen, skipped)
 
 
@@ -175,6 +180,11 @@ def _grab_and_save(config, outs: dict, product: str, roi, count: int, min_good: 
     embedders = {form: Embedder(path, threads=config.runtime.threads) for form, path in config.model_paths.items()}
     same_input(embedders, config.model_paths)
     embedder = next(iter(embedders.values()))  # every form takes the same crop
+    if config.tiles is not None and config.roi is None:
+        raise ConfigError("tiles: without roi: the tiles' region comes from the photos calibrated on: set roi: "
+                          "(where the part sits in the camera's frames) to calibrate from the camera, or "
+                          "calibrate photos with station calibrate --tiles")
+    geometry = config.tiles.geometry(config.roi) if config.tiles is not None else None
     # The camera is the station's: never while it runs (AlreadyRunningError, exit 75).
     with StateLock(open_state_dir(config.state_dir), f"station calibrate -c (product {product})"):
         # Never loop for calibration: a replayed folder or video would count the same parts again.
@@ -182,7 +192,8 @@ def _grab_and_save(config, outs: dict, product: str, roi, count: int, min_good: 
                              max_pixels=config.camera.max_pixels, credentials=credentials,
                              genicam=config.camera.genicam,  # a GenICam camera set as `station run` sets it
                              trigger="hardware" if config.trigger == "hardware" else None)  # then a frame per part
-        grabbed = grab_distinct_crops(source, roi, embedder.input_spec, count, min_change, progress)
+        grabbed = grab_distinct_crops(source, roi, embedder.input_spec, count, min_change, progress,
+                                      None if geometry is None else [tile for _, tile in geometry.tiles(roi.x, roi.y)])
     where = f"camera {source.description}"
     if len(grabbed) < min_good:
         raise CalibrationError(
@@ -198,10 +209,20 @@ def _grab_and_save(config, outs: dict, product: str, roi, count: int, min_good: 
     }}
     forms = {}
     for form, form_embedder in embedders.items():
-        good_set = workflow.embed_crops(form_embedder, grabbed.crops, [Path(s) for s in grabbed.sources],
-                                        ["good"] * len(grabbed))
-        forms[form] = workflow.calibrate_embedded(form_embedder, good_set, None, outs[form], product, metric,
-                                                  target_false_reject, min_good, extra_statistics=statistics)
+        forms[form] = workflow.calibrate_embedded(form_embedder, _good_set(form_embedder, grabbed, geometry), None,
+                                                  outs[form], product, metric, target_false_reject, min_good,
+                                                  extra_statistics=statistics, tiles=geometry)
     saved, calibration = next(iter(forms.values()))
     said = list(dict.fromkeys(warning for _, fitted in forms.values() for warning in fitted.warnings))
     return LiveCalibration(saved, calibration, grabbed, warnings + said, forms)
+
+
+def _good_set(embedder, grabbed: GrabbedCrops, geometry):
+    """The grabbed crops embedded: (parts, dim), or for a tiled station (parts, tiles, dim) from the
+    side-by-side tiles, split as the station splits them (station/core/tiles.py)."""
+    paths, classes = [Path(s) for s in grabbed.sources], ["good"] * len(grabbed)
+    if geometry is None:
+        return workflow.embed_crops(embedder, grabbed.crops, paths, classes)
+    split = split_tiles(grabbed.crops, geometry.count)
+    embedded = workflow.embed_crops(embedder, split, paths * geometry.count, classes * geometry.count)
+    return workflow.EmbeddedImages(embedded.embeddings.reshape(len(grabbed), geometry.count, -1), None, paths, classes)

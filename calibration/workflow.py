@@ -9,12 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration import positions, report, thresholds
+from calibration import positions, report, thresholds, tiles as tiled
 from calibration.evaluate import Evaluation, evaluate_embeddings
 from station.core.reference_set import ReferenceSet, check_product_name, save, verify_for_model, writing
 from station.core.errors import DataError, ImageReadError
 from station.core.imagefolder import GOOD, LabeledImage, image_digest, list_images, read_image, scan_dataset
 from station.core.preprocess import Roi, prepare_crop, to_model_input
+from station.core.tiles import RECORD_KEY, TileGeometry, crop_tiles
 
 MAX_NAMED_FAILURES = 20
 
@@ -22,7 +23,7 @@ MAX_NAMED_FAILURES = 20
 @dataclass(frozen=True)
 class EmbeddedImages:
     embeddings: np.ndarray
-    crops: np.ndarray  # uint8 (n, h, w): what the model saw, for contact sheets
+    crops: np.ndarray | None  # uint8 (n, h, w): what the model saw, for contact sheets (None: tiled parts)
     paths: list[Path]
     classes: list[str]
 
@@ -32,21 +33,62 @@ def embed_items(embedder, items: list[LabeledImage], roi: Roi | None = None, pro
     if not items:
         raise DataError("no images to embed")
     crops, failures = [], []
-    iterator = items
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(items, desc="reading", unit="img", leave=False)
-    for item in iterator:
+    for item in tqdm_if(items, progress):
         try:
             crops.append(prepare_crop(read_image(item.path), embedder.input_spec, roi))
         except (ImageReadError, DataError) as exc:
             failures.append(str(exc) if isinstance(exc, ImageReadError) else f"{item.path}: {exc}")
     if failures:
-        shown = "\n  ".join(failures[:MAX_NAMED_FAILURES])
-        more = f"\n  ... and {len(failures) - MAX_NAMED_FAILURES} more" if len(failures) > MAX_NAMED_FAILURES else ""
-        raise DataError(f"{len(failures)} image(s) cannot be used:\n  {shown}{more}")
+        raise DataError(_failures_text(failures))
     return embed_crops(embedder, np.stack(crops), [i.path for i in items], [i.defect_class for i in items])
+
+
+def embed_tiled_items(embedder, items: list[LabeledImage], roi: Roi | None, geometry: TileGeometry,
+                      progress: bool = False) -> EmbeddedImages:
+    """Read, cut into tiles (station/core/tiles.py, prepare_crop per tile) and embed: embeddings are
+    (parts, tiles, dim). The tiles are not kept (hundreds a part): crops is None. Without an roi the
+    region is at each photo's top-left, as the station cuts it (station/runtime/inspector.py)."""
+    if not items:
+        raise DataError("no images to embed")
+    origin = (roi.x, roi.y) if roi is not None else (0, 0)
+    rois = [tile for _, tile in geometry.tiles(*origin)]
+    embeddings, failures = [], []
+    for item in tqdm_if(items, progress):
+        try:
+            image = read_image(item.path)
+            if roi is None and (image.shape[0] < geometry.region_height or image.shape[1] < geometry.region_width):
+                raise DataError(f"a {image.shape[1]}x{image.shape[0]} photo does not hold the tiles' "
+                                f"{geometry.region_width}x{geometry.region_height} region")
+            tiles = crop_tiles(image, embedder.input_spec, rois)
+        except (ImageReadError, DataError) as exc:
+            failures.append(str(exc) if isinstance(exc, ImageReadError) else f"{item.path}: {exc}")
+            continue
+        embeddings.append(embedder.embed(to_model_input(tiles, embedder.input_spec)))
+    if failures:
+        raise DataError(_failures_text(failures))
+    return EmbeddedImages(np.stack(embeddings), None, [i.path for i in items], [i.defect_class for i in items])
+
+
+def common_size(paths: list[Path]) -> tuple[int, int]:
+    """(width, height) every photo holds from its top-left corner: a tiled calibration's region."""
+    if not paths:
+        raise DataError("no images to measure")
+    shapes = [read_image(path).shape[:2] for path in paths]
+    return min(shape[1] for shape in shapes), min(shape[0] for shape in shapes)
+
+
+def tqdm_if(items, progress: bool):
+    if not progress:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc="reading", unit="img", leave=False)
+
+
+def _failures_text(failures: list[str]) -> str:
+    shown = "\n  ".join(failures[:MAX_NAMED_FAILURES])
+    more = f"\n  ... and {len(failures) - MAX_NAMED_FAILURES} more" if len(failures) > MAX_NAMED_FAILURES else ""
+    return f"{len(failures)} image(s) cannot be used:\n  {shown}{more}"
 
 
 def embed_crops(embedder, crops: np.ndarray, paths: list[Path], classes: list[str]) -> EmbeddedImages:
@@ -101,18 +143,24 @@ def _defect_class(folder: Path, path: Path) -> str:
 
 def calibrate_folders(
     embedder, good: Path, defect_folders: list[Path], out: Path, product: str, metric: str = "auto",
-    target_false_reject: float = thresholds.DEFAULT_TARGET_FALSE_REJECT, roi: Roi | None = None,
-    min_good: int = thresholds.MIN_GOOD_PARTS, progress: bool = False,
+    target_false_reject: float = thresholds.DEFAULT_TARGET_FALSE_REJECT, roi: Roi | None = None, min_good: int = thresholds.MIN_GOOD_PARTS,
+    progress: bool = False, tiles: TileGeometry | None = None,
 ) -> tuple[ReferenceSet, thresholds.Calibration]:
+    """`tiles`: a tiled station's geometry: each photo (its roi) cut into tiles, the threshold per part."""
     check_product_name(product)
     # Held from the start: a second calibration of this folder is refused now, not after the embedding.
     with writing(out, f"station calibrate --good {good}, product {product}"):
         good_items, defect_items = folder_items(good, defect_folders)
         good_items, defect_items, notes = set_aside_trained(embedder, good_items, defect_items, min_good)
-        good_set = embed_items(embedder, good_items, roi, progress)
-        defect_set = embed_items(embedder, defect_items, roi, progress) if defect_items else None
+        good_set = _embed(embedder, good_items, roi, tiles, progress)
+        defect_set = _embed(embedder, defect_items, roi, tiles, progress) if defect_items else None
         return calibrate_embedded(embedder, good_set, defect_set, out, product, metric, target_false_reject, min_good,
-                                  notes=notes)
+                                  notes=notes, tiles=tiles)
+
+
+def _embed(embedder, items: list[LabeledImage], roi: Roi | None, tiles: TileGeometry | None, progress: bool):
+    return embed_items(embedder, items, roi, progress) if tiles is None else embed_tiled_items(
+        embedder, items, roi, tiles, progress)
 
 
 def set_aside_trained(embedder, good_items: list, defect_items: list, min_good: int) -> tuple[list, list, list[str]]:
@@ -141,15 +189,21 @@ def set_aside_trained(embedder, good_items: list, defect_items: list, min_good: 
 def calibrate_embedded(
     embedder, good_set: EmbeddedImages, defect_set: EmbeddedImages | None, out: Path, product: str,
     metric: str, target_false_reject: float, min_good: int, extra_statistics: dict | None = None,
-    notes: list[str] | None = None,
+    notes: list[str] | None = None, tiles: TileGeometry | None = None,
 ) -> tuple[ReferenceSet, thresholds.Calibration]:
     """Fit, build the reference set and its report, save it as a new version.
 
-    `extra_statistics` (e.g. where the parts came from) is recorded in reference.yaml.
+    `extra_statistics` (e.g. where the parts came from) is recorded in reference.yaml; `tiles`: the
+    sets' embeddings are (parts, tiles, dim), and the geometry is recorded too (the station refuses
+    a set calibrated on other tiles).
     """
     defects = None if defect_set is None else defect_set.embeddings
     grid = embedder.info.positions
-    if grid is not None:  # a per-position model: its worst position (calibration/positions.py)
+    if tiles is not None:  # every tile to the reference, the threshold on each part's worst tile
+        calibration = tiled.calibrate_tiles(good_set.embeddings, defects, grid, metric=metric,
+                                            target_false_reject=target_false_reject, min_good=min_good)
+        extra_statistics = {**(extra_statistics or {}), RECORD_KEY: tiles.record()}
+    elif grid is not None:  # a per-position model: its worst position (calibration/positions.py)
         calibration = positions.calibrate_positions(good_set.embeddings, grid, defects, metric=metric,
                                               target_false_reject=target_false_reject, min_good=min_good)
     else:

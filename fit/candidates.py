@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from calibration import thresholds as calibration_fit
+from fit import tiles
 from fit.choice import Choice, choose
 from station.core.errors import DataError, StationError
 from station.core.imagefolder import LabeledImage
@@ -165,9 +166,12 @@ def _search(candidates, train, val, calibration, workdir, options) -> Search:
             break
         hint = f", ~{estimate:.0f} s estimated" if estimate is not None else ""
         options.say(f"candidate {index + 1}/{limit} {candidate.name}{hint}")
-        outcome = _train_and_measure(candidate, train, val, calibration, workdir / f"c{index}.pt", options)
+        if tiles.is_tiled(candidate):  # frozen, nothing to train: fit/tiles.py measures it per part
+            outcome = tiles.measure(candidate, calibration, workdir, options, Outcome(candidate))
+        else:
+            outcome = _train_and_measure(candidate, train, val, calibration, workdir / f"c{index}.pt", options)
         outcomes.append(outcome)
-        if outcome.error is None:
+        if outcome.error is None and candidate.arch in ARCH_COST:
             unit_costs.setdefault(candidate.arch, _unit_cost(candidate, outcome.seconds, len(train), options.epochs))
     skipped += [f"{c.name}: --max-candidates {limit}" for c in candidates[limit:]]
     usable = [o for o in outcomes if o.error is None]
@@ -194,7 +198,7 @@ def _unit_cost(candidate: Candidate, seconds: float, n_train: int, epochs: int |
 
 
 def _estimate(candidate: Candidate, unit_costs: dict, n_train: int, epochs: int | None) -> float | None:
-    if not unit_costs:
+    if not unit_costs or candidate.arch not in ARCH_COST:  # a tiled candidate trains nothing
         return None
     if candidate.arch in unit_costs:
         unit = unit_costs[candidate.arch]

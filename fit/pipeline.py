@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from calibration import thresholds as calibration_fit
-from fit import bundle, forms as model_forms, figures, report
+from fit import bundle, forms as model_forms, figures, report, tiles
 from fit.candidates import DEFAULT_BUDGET_MINUTES, DEFAULT_MAX_MS_PER_PART, SearchOptions, candidate_list, run_candidates
 from fit.data_check import DataCheck, check_data
 from fit.split import DEFAULT_FRACTIONS, select, split_parts, split_table, require_goods
@@ -114,13 +114,17 @@ def _fit_in(data: DataCheck, parts: list[str], out: Path, workdir: Path, options
     inner = split_parts(train_items, train_groups, options.seed, VAL_FRACTIONS)
     calibration_items, test_items = select(data.items, parts, "calibration"), select(data.items, parts, "test")
     options.say(report.data_line(data, parts, sum(p == "calibration" for p in inner)))
+    candidates = candidate_list(data.native_size)
+    tiled, tile_notes = tiles.tiled_candidates(data.items, workdir, options.max_ms_per_part, options.say)
+    candidates[1:1] = tiled  # after the default: cheap (nothing trained), so a short budget still measures them
     search = run_candidates(
-        candidate_list(data.native_size), select(train_items, inner, "train"), select(train_items, inner, "calibration"),
+        candidates, select(train_items, inner, "train"), select(train_items, inner, "calibration"),
         calibration_items, workdir, SearchOptions(
             budget_minutes=options.budget_minutes, epochs=options.epochs, max_candidates=options.max_candidates,
             defect_rate=options.defect_rate, escape_cost=options.escape_cost,
             target_false_reject=options.target_false_reject, max_ms_per_part=options.max_ms_per_part,
             members=options.members, progress=options.progress, data_root=data.root, say=options.say))
+    search.skipped += tile_notes
     # Cross-fitting. The audit model is the chosen recipe trained without the test part (train and
     # calibration parts, less its own threshold slice), thresholded on that slice, judged on the test
     # part: fit.json's figures. The bundle's model is then the same recipe and threshold rule on every
@@ -129,14 +133,18 @@ def _fit_in(data: DataCheck, parts: list[str], out: Path, workdir: Path, options
     candidate = search.chosen.candidate
     audit_items, audit_groups = _audit_pool(data, parts)
     audit = build_model(candidate, audit_items, audit_groups, workdir / "audit", options, data, "audit model")
-    per_form = model_forms.test_figures(audit.forms, test_items)
+    if tiles.is_tiled(candidate):  # each test photo judged by its worst tile, as the station will
+        per_form = {"fp32": tiles.evaluate(audit.embedder, audit.reference_set, test_items, candidate.geometry)}
+    else:
+        per_form = model_forms.test_figures(audit.forms, test_items)
     evaluation, tested = per_form[model_forms.headline(audit.forms)]
     final = build_model(candidate, data.items, list(data.groups), out, options, data, "bundle model")
     (out / bundle.REPORT).mkdir(exist_ok=True)
     for name, content in figures.test_report(evaluation, tested.paths).items():
         (out / bundle.REPORT / name).write_bytes(content)
     (out / bundle.STATION_YAML).write_text(bundle.station_yaml(options.product_name, data.native_size, data.fingerprint,
-                                                               list(final.forms)))
+                                                               list(final.forms))
+                                           + (tiles.station_yaml_section(candidate) if tiles.is_tiled(candidate) else ""))
     warnings = data.warnings + final.calibration.warnings + _test_warnings(evaluation.figures(), options)
     return {**_fit_json(data, parts, options, search, audit, final, evaluation.figures(), warnings),
             "forms": model_forms.fit_json(final.forms, per_form)}
@@ -195,6 +203,8 @@ def build_model(candidate, items: list, groups: list, folder: Path, options: Fit
     (never dead-ending) and calibrate it on the slice: parts this model never trained on."""
     parts = split_parts(items, np.asarray(groups), options.seed, VAL_FRACTIONS)
     trained, held = select(items, parts, "train"), select(items, parts, "calibration")
+    if tiles.is_tiled(candidate):
+        return tiles.build(candidate, items, folder, options, data, 0, what)  # frozen: every photo is unseen
     folder.mkdir(parents=True, exist_ok=True)
     checkpoint = folder / bundle.CHECKPOINT
     train_final(candidate, trained, held, checkpoint, options, data.root, what)

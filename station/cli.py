@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--min-change", type=float,
                      help="camera mode: mean absolute grey-level change that makes a frame a new part (default 5.0)")
     cal.add_argument("--roi", metavar="NAME", help="camera mode: the named region (rois:) to calibrate, for its product")
+    cal.add_argument("--tiles", metavar="W,H[,SX,SY]",
+                     help="folder mode: a tiled station's tiles (station.yaml tiles:): each photo, the part's region, "
+                          "cut into W x H tiles every SX, SY pixels (default half a tile), the threshold per part")
     cal.add_argument("--model", type=Path, help="the station's ONNX model")
     cal.add_argument("--good", type=Path, help="folder of known-good parts (read recursively)")
     cal.add_argument("--defects", type=Path, action="append", default=[],

@@ -30,7 +30,8 @@ def calibrate(args) -> int:
 
     if args.config is not None:
         folder_mode = [flag for flag, value in (("--model", args.model), ("--good", args.good),
-                                                ("--defects", args.defects), ("--out", args.out)) if value]
+                                                ("--defects", args.defects), ("--out", args.out),
+                                                ("--tiles", args.tiles)) if value]
         if folder_mode:
             raise ConfigError(f"-c/--config calibrates from the configured camera; {', '.join(folder_mode)} "
                               "belong to the folder mode (--model, --good, --out): use one or the other")
@@ -50,9 +51,35 @@ def calibrate(args) -> int:
     saved, calibration = workflow.calibrate_folders(
         embedder, args.good, args.defects, args.out, product, metric=args.metric, progress=sys.stderr.isatty(),
         **_calibration_limits(args),
+        tiles=_tiles_option(args.tiles, args.good, args.defects) if args.tiles else None,
     )
     _print_calibration(saved, calibration, calibration.warnings)
     return 0
+
+
+def _tiles_option(text: str, good: Path, defects: list[Path]):
+    """--tiles W,H[,SX,SY] over the region every photo holds from its top-left corner (each photo is its part)."""
+    from calibration.workflow import common_size
+    from station.core.errors import DataError
+    from station.core.imagefolder import list_images
+    from station.core.tiles import TileGeometry
+
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (2, 4):
+        raise ConfigError(f"--tiles {text!r}: give WIDTH,HEIGHT or WIDTH,HEIGHT,STRIDE_X,STRIDE_Y in pixels")
+    width, height = values[:2]
+    stride_x, stride_y = values[2:] or (-(-width // 2), -(-height // 2))
+    photos = list_images(good)
+    if not photos:
+        raise DataError(f"{good}: no images of good parts")
+    region_width, region_height = common_size(photos + [p for folder in defects for p in list_images(folder)])
+    try:
+        return TileGeometry(width, height, stride_x, stride_y, region_width, region_height)
+    except DataError as exc:
+        raise ConfigError(f"--tiles {text} over the {region_width}x{region_height} photos: {exc}") from None
 
 
 def _calibrate_camera(args) -> int:

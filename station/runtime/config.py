@@ -27,6 +27,7 @@ from station.core.product import product_name_problem
 from station.core.user_files import read_text
 from station.runtime.presence import JUDGE_ON, PresenceSettings
 from station.runtime.regions_config import Regions
+from station.runtime.tiles_config import Tiles
 from station.runtime.config_forms import MODEL_FORMS, form_paths, form_problems
 from station.runtime.config_yaml import (KeyPath, compose, format_problem, key_lines, line_of,
                                          validation_problems)
@@ -202,6 +203,7 @@ class StationConfig(ConfigModel):
     products: dict[ProductName, FormPaths] | None = None
     product: ProductName | None = None
     rois: Regions = None  # named regions, instead of roi (regions_config.py); after roi and products
+    tiles: Tiles = None  # the roi cut into overlapping tiles (tiles_config.py); after roi and rois
     trigger: Trigger = "continuous"  # hardware: sources/genicam_config.py
     presence: PresenceConfig = PresenceConfig()
     state_dir: ConfigPath = Field(None, validate_default=True)  # default: $STATE_DIRECTORY or /var/lib/station/<station>

@@ -14,7 +14,8 @@ import numpy as np
 from station.core import reference_set as reference_sets
 from station.core.embedder import Embedder
 from station.core.preprocess import Roi, prepare_crop, regions_problem, to_model_input
-from station.core.errors import ConfigError
+from station.core.errors import ConfigError, StationError
+from station.core.tiles import TileGeometry, recorded_geometry, reference_geometry_problem
 from station.core.verdict import judge
 from station.runtime.config import StationConfig
 from station.runtime.model_forms import FormChoice, choose, form_of
@@ -28,6 +29,7 @@ class Inspector:
     product: str
     roi: Roi | None  # with regions: the box around them all (the daemon checks it fits the frames)
     regions: tuple[Region, ...] = ()  # rois: in station.yaml (station/runtime/regions.py)
+    tiles_over_frame: bool = False  # tiles: without roi: any frame holding the tiles' region is judged
     form: FormChoice | None = None  # with model: {FORM: PATH}, the form judging and what each cost here
 
     @classmethod
@@ -53,7 +55,7 @@ class Inspector:
     @property
     def whole_frame(self) -> bool:
         """No ROI and no regions: each frame is the part, at its own size (a folder of photos)."""
-        return self.roi is None and not self.regions
+        return (self.roi is None and not self.regions) or self.tiles_over_frame
 
     def frame_problem(self, frame_shape: tuple | None) -> str | None:
         """Why frames of this shape cannot be judged (the ROI or a named region outside it, or too small for the
@@ -93,12 +95,47 @@ def load_inspector(config: StationConfig, product: str | None = None, embedder: 
     name, path = config.reference_for(product)
     roi = config.roi.to_roi() if config.roi else None
     inspector = Inspector.load(config.model, path, name, roi, threads=config.runtime.threads, embedder=embedder)
-    inspector = with_regions(inspector, config) if config.rois else inspector
+    geometry = tile_geometry(config, inspector.reference_set, path)
+    problem = reference_geometry_problem(inspector.reference_set.statistics, geometry,
+                                         f"the reference set {path} (v{inspector.reference_set.version:04d})")
+    if problem:
+        raise ConfigError(f"{'tiles' if geometry else 'reference'}: {problem}")
+    if geometry is not None:
+        inspector = with_tiles(inspector, geometry)
+    elif config.rois:
+        inspector = with_regions(inspector, config)
     inspector = replace(inspector, form=form) if form else inspector
     problem = inspector.frame_problem(None)
     if problem:
-        raise ConfigError(f"{'rois' if config.rois else 'roi'}: {problem}")
+        raise ConfigError(f"{'rois' if config.rois else 'tiles' if geometry else 'roi'}: {problem}")
     return inspector
+
+
+def tile_geometry(config: StationConfig, reference_set, path) -> TileGeometry | None:
+    """The configured tiles over the roi, or without one over the region the reference set records."""
+    if not config.tiles:
+        return None
+    if config.roi is not None:
+        return config.tiles.geometry(config.roi)
+    recorded = recorded_geometry(reference_set.statistics)
+    if recorded is None:
+        raise ConfigError(f"tiles: the reference set {path} (v{reference_set.version:04d}) was calibrated on whole "
+                          "parts, not tiles: recalibrate with these tiles (station calibrate --tiles)")
+    try:
+        return config.tiles.geometry(Roi(0, 0, int(recorded["region_width"]), int(recorded["region_height"])))
+    except (KeyError, TypeError, ValueError, StationError) as exc:
+        raise ConfigError(f"tiles: the reference set {path} records tiles that do not fit its own region ({exc}): "
+                          "recalibrate") from None
+
+
+def with_tiles(inspector: Inspector, geometry: TileGeometry) -> Inspector:
+    """The inspector judging the roi cut into tiles (station/core/tiles.py): every tile a region of the
+    station's product, all against its ONE reference set, calibrated on these tiles. Without an roi the
+    tiles sit at the frame's top-left, and any frame holding them is judged (each photo is its part)."""
+    roi = inspector.roi or Roi(0, 0, geometry.region_width, geometry.region_height)
+    regions = tuple(Region(name, tile, inspector.product, inspector.reference_set)
+                    for name, tile in geometry.tiles(roi.x, roi.y))
+    return replace(inspector, roi=roi, regions=regions, tiles_over_frame=inspector.roi is None)
 
 
 def with_regions(inspector: Inspector, config: StationConfig) -> Inspector:
@@ -108,7 +145,11 @@ def with_regions(inspector: Inspector, config: StationConfig) -> Inspector:
     for region in config.rois:
         product = region.product or inspector.product
         if product not in loaded:
-            loaded[product] = reference_sets.load(config.reference_for(product)[1], model=inspector.embedder.info)
+            path = config.reference_for(product)[1]
+            loaded[product] = reference_sets.load(path, model=inspector.embedder.info)
+            problem = reference_geometry_problem(loaded[product].statistics, None, f"the reference set {path}")
+            if problem:
+                raise ConfigError(f"rois: region {region.name}: {problem}")
         regions.append(Region(region.name, region.to_roi(), product, loaded[product]))
     regions = tuple(regions)
     return replace(inspector, roi=bounding_roi(regions), regions=regions)

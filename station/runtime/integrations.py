@@ -17,9 +17,10 @@ from station.runtime.snapshot import Snapshots
 
 
 def _box_in_region(message: dict, roi) -> tuple[int, int, int, int] | None:
-    """A per-position verdict's worst position (frame pixels) in the pixels of the snapshot's region."""
-    box = message.get("worst_position")
-    if box is None:
+    """A per-position verdict's worst position (frame pixels) in the pixels of the snapshot's region;
+    without one, the worst of several regions (rois:, tiles:) that judged the part."""
+    box = message.get("worst_position") or message.get("worst_roi")
+    if box is None or "x" not in box:
         return None
     x0, y0 = (roi.x, roi.y) if roi is not None else (0, 0)
     return box["x"] - x0, box["y"] - y0, box["width"], box["height"]

@@ -86,12 +86,17 @@ def worst_position(position, frame_shape: tuple | None) -> dict:
 def _regions_fields(part, frame_shape: tuple | None) -> dict:
     """A part judged in several regions: threshold, metric and reference of its worst region, and every region."""
     worst = part.worst
-    return {"threshold": worst.threshold, "metric": worst.metric, "reference": worst.reference, "rois": [
+    return {"threshold": worst.threshold, "metric": worst.metric, "reference": worst.reference,
+            "worst_roi": {"name": worst.name, **_box(worst.roi)}, "rois": [
         {"name": r.name, "product": r.product, "verdict": r.verdict, "score": _finite_or_none(r.score),
          "threshold": r.threshold, "metric": r.metric, "reference": r.reference,
          "distances": {name: _finite_or_none(value) for name, value in r.distances.items()},
          **({} if r.position is None else {"worst_position": worst_position(r.position, frame_shape)})}
         for r in part.regions]}
+
+
+def _box(roi) -> dict:
+    return {} if roi is None else {"x": roi.x, "y": roi.y, "width": roi.width, "height": roi.height}
 
 
 def no_verdict_message(*, station: str, seq: int, source: str, product: str, ts: str, reason: str,

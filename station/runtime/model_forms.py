@@ -69,6 +69,8 @@ def choose(config) -> FormChoice:
     embedders = {form: _load(form, paths[form], config.runtime.threads) for form in forms}
     same_input(embedders, paths)
     regions = max(len(config.rois or ()), 1)
+    if config.tiles is not None and config.roi is not None:  # every tile is a crop of the part's one call
+        regions = config.tiles.geometry(config.roi).count  # (without an roi the count is the reference set's)
     per_part_us = time_forms(embedders, regions)
     chosen = min(per_part_us, key=per_part_us.get)
     choice = FormChoice(chosen, embedders[chosen], per_part_us, regions, pinned=config.model_form != "auto")

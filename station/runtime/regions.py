@@ -16,6 +16,7 @@ import numpy as np
 
 from station.core import reference_set as reference_sets
 from station.core.preprocess import Roi, prepare_crop
+from station.core.tiles import split_tiles
 from station.core.verdict import NG, OK, WorstPosition, judge
 
 
@@ -38,6 +39,7 @@ class RegionJudgement:
     metric: str
     reference: int  # reference set version
     position: WorstPosition | None = None  # per-position models: the region's worst cell, placed in its own ROI
+    roi: Roi | None = None  # where the region is in the frame (a verdict names its worst region's)
 
 
 @dataclass(frozen=True)
@@ -85,9 +87,7 @@ def crop_regions(image: np.ndarray, spec, regions: tuple[Region, ...]) -> np.nda
 
 def split_crops(pictures: np.ndarray, count: int) -> np.ndarray:
     """(frames, height, count*width) side-by-side crops -> (frames*count, height, width), frame-major."""
-    frames, height, total = pictures.shape
-    width = total // count
-    return pictures.reshape(frames, height, count, width).transpose(0, 2, 1, 3).reshape(frames * count, height, width)
+    return split_tiles(pictures, count)  # the one split, shared with the calibration of tiles
 
 
 def judge_regions(embeddings: np.ndarray, regions: tuple[Region, ...], spec=None) -> list[PartJudgement]:
@@ -108,5 +108,6 @@ def judge_regions(embeddings: np.ndarray, regions: tuple[Region, ...], spec=None
             position = judgement.position and replace(judgement.position, roi=regions[index].roi)  # its own ROI
             per_frame[frame][index] = RegionJudgement(
                 regions[index].name, regions[index].product, judgement.verdict, judgement.score,
-                judgement.distances, references.threshold, references.metric, references.version, position)
+                judgement.distances, references.threshold, references.metric, references.version, position,
+                regions[index].roi)
     return [part_judgement(judgements) for judgements in per_frame]
