@@ -2,13 +2,17 @@
 
 A small ordered list (trunk x loss x input size x seed), the project's default
 first, then the pretrained one (EfficientNet-Lite0's ImageNet features under a trained head, at an
-input of about 96x96 with the photos' aspect ratio). The first candidate's wall time sets the estimate of the others (per
+input of about 96x96 with the photos' aspect ratio), the frozen per-position models (fit/positions.py),
+the from-scratch alternatives, and last the pretrained trunk at larger inputs up to the photos' own
+size (fit/sizes.py), cheapest first: what is left of the budget after the list goes up that ladder.
+The first candidate's wall time sets the estimate of the others (per
 architecture once one of it has run); no candidate starts once its estimate
 would overrun the budget. The choice is made on the CALIBRATION part by fit/choice.py
 (AUROC with a paired-resampling confidence; without defects, the false-reject rate).
 Never the training loss, never the test part. Each candidate's cost per part is measured with
-onnxruntime on its exported float model (batch 1, one thread, times the final model's members);
-one over --max-ms-per-part is never chosen.
+onnxruntime on its exported float graph (batch 1, one thread, times the final model's members)
+BEFORE it trains (the untrained graph has the same operations): one over --max-ms-per-part is
+never trained, nor is a larger input of the same trunk after it.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import numpy as np
 
 from calibration import fit as calibration_fit
 from fit.choice import Choice, choose
+from fit.sizes import PRETRAINED_AREA, larger_pretrained_sizes, pretrained_size  # noqa: F401 (PRETRAINED_AREA: tests)
 from station.core.errors import DataError, StationError
 from station.core.imagefolder import LabeledImage
 
@@ -27,7 +32,8 @@ DEFAULT_SIZE = (36, 26)  # export/trunk.py's input_spec_for default (width, heig
 LARGE_SIZE = (72, 52)  # tried only when the images are at least this large
 # Seconds per epoch and image relative to the mlp at 36x26, measured with
 # export.train.train_split on 480 simulated parts (mlp 100 epochs 4.4 s, cnn 60 epochs 7.9 s).
-ARCH_COST = {"mlp": 1.0, "cnn": 3.0, "lite0": 6.0}
+# A per-position model trains nothing: one pass of the frozen backbone, priced as a lite0 epoch (an upper bound).
+ARCH_COST = {"mlp": 1.0, "cnn": 3.0, "lite0": 6.0, "positions": 6.0}
 # Sized so 2,500 images fit in 15 minutes on 2 cores (measured 2026-12-02 with the two final
 # ensembles: 613 s, docs/fit.md). Before them: 8 candidates at ~1,300
 # training images take ~3 minutes measured; the rest is the data check, the
@@ -36,10 +42,6 @@ DEFAULT_BUDGET_MINUTES = 10.0
 # A 100 parts/s line on the line PC's 2 cores; measured on this machine, which the line PC is not:
 # the limit leaves room for the rest of the per-part path (frame, outbox, MQTT).
 DEFAULT_MAX_MS_PER_PART = 10.0
-# The pretrained candidate's input: about 96 x 96 pixels, the photos' aspect ratio kept, sides a
-# multiple of the backbone's stride 16 (solar cells, one trunk: 64x64 judged AUROC 0.863, 96x96 0.896; docs/fit.md).
-PRETRAINED_AREA = 96 * 96
-PRETRAINED_STEP = 16
 
 
 @dataclass(frozen=True)
@@ -61,24 +63,21 @@ class Candidate:
 DEFAULT_CANDIDATE = Candidate("cnn", "center")  # station train's defaults
 
 
-def pretrained_size(native_size: tuple[int, int]) -> tuple[int, int]:
-    """(width, height) of about PRETRAINED_AREA pixels in the photos' aspect ratio, sides multiples of 16."""
-    width, height = native_size
-    scale = (PRETRAINED_AREA / max(width * height, 1)) ** 0.5
-    return tuple(max(PRETRAINED_STEP * 2, PRETRAINED_STEP * round(side * scale / PRETRAINED_STEP))
-                 for side in (width, height))
-
-
 def candidate_list(native_size: tuple[int, int]) -> list[Candidate]:
     """The ordered list; larger inputs only when the images have the pixels."""
+    from fit.positions import position_candidates
+
     # station train's default first; the pretrained trunk next, so that a short budget still measures it.
-    first = [DEFAULT_CANDIDATE, Candidate("lite0", "center", 0, pretrained_size(native_size)), Candidate("mlp", "center")]
+    first = [DEFAULT_CANDIDATE, Candidate("lite0", "center", 0, pretrained_size(native_size))]
+    first += position_candidates(native_size) + [Candidate("mlp", "center")]
     large = [Candidate("cnn", "center", 0, LARGE_SIZE), Candidate("mlp", "center", 0, LARGE_SIZE)]
     # No second seeds: the final model is an ensemble of seeds (export/train.py: DEFAULT_MEMBERS), and a
     # seed chosen on ~150 calibration parts is chosen on noise.
     rest = [Candidate("cnn", "contrastive"), Candidate("mlp", "contrastive"), Candidate("cnn", "triplet")]
     fits = native_size[0] >= LARGE_SIZE[0] and native_size[1] >= LARGE_SIZE[1]
-    return first + (large if fits else []) + rest
+    # What the list leaves of the budget goes to the pretrained trunk at larger inputs, cheapest first.
+    ladder = [Candidate("lite0", "center", 0, size) for size in larger_pretrained_sizes(native_size)]
+    return first + (large if fits else []) + rest + ladder
 
 
 @dataclass
@@ -101,6 +100,7 @@ class Outcome:
     good_scores: np.ndarray | None = None  # the calibration part's, out of fold, by the metric chosen
     defect_scores: np.ndarray | None = None
     ms_per_part: float | None = None  # the final model's: onnxruntime, fp32, batch 1, one thread, x members
+    over_limit: bool = False  # ms_per_part is over --max-ms-per-part (then `error` says so)
 
     def row(self) -> dict:
         return {"candidate": self.candidate.name, "arch": self.candidate.arch, "loss": self.candidate.loss,
@@ -155,18 +155,25 @@ def run_candidates(candidates: list[Candidate], train: list[LabeledImage], val: 
 def _search(candidates, train, val, calibration, workdir, options) -> Search:
     budget = options.budget_minutes * 60.0
     started, outcomes, skipped, unit_costs = time.perf_counter(), [], [], {}
+    over = {}  # (arch, loss) -> the smallest input (pixels) found over --max-ms-per-part
     limit = len(candidates) if options.max_candidates is None else max(1, options.max_candidates)
     for index, candidate in enumerate(candidates[:limit]):
+        pixels = candidate.size[0] * candidate.size[1]
+        if pixels >= over.get((candidate.arch, candidate.loss), np.inf):
+            skipped.append(f"{candidate.name}: a smaller input of {candidate.arch} was already over --max-ms-per-part")
+            continue
         estimate = _estimate(candidate, unit_costs, len(train), options.epochs)
         left = budget - (time.perf_counter() - started)
         if outcomes and estimate is not None and estimate > left:
-            skipped = [f"{candidate.name}: budget ({left:.0f} s left, ~{estimate:.0f} s estimated)"]
+            skipped += [f"{candidate.name}: budget ({left:.0f} s left, ~{estimate:.0f} s estimated)"]
             skipped += [f"{c.name}: budget reached" for c in candidates[index + 1 : limit]]
             break
         hint = f", ~{estimate:.0f} s estimated" if estimate is not None else ""
         options.say(f"candidate {index + 1}/{limit} {candidate.name}{hint}")
         outcome = _train_and_measure(candidate, train, val, calibration, workdir / f"c{index}.pt", options)
         outcomes.append(outcome)
+        if outcome.over_limit:
+            over[candidate.arch, candidate.loss] = min(pixels, over.get((candidate.arch, candidate.loss), pixels))
         if outcome.error is None:
             unit_costs.setdefault(candidate.arch, _unit_cost(candidate, outcome.seconds, len(train), options.epochs))
     skipped += [f"{c.name}: --max-candidates {limit}" for c in candidates[limit:]]
@@ -207,27 +214,45 @@ def _estimate(candidate: Candidate, unit_costs: dict, n_train: int, epochs: int 
 def _train_and_measure(candidate, train_items, val_items, calibration_items, checkpoint, options) -> Outcome:
     from export import train
 
+    if candidate.arch == "positions":  # nothing to train: fit/positions.py
+        from fit.positions import measure_position_candidate
+
+        return measure_position_candidate(candidate, calibration_items, Path(checkpoint).with_suffix(".onnx"), options)
     # One trunk each: candidates compare recipes; the final model is the chosen recipe's ensemble.
     config = train.TrainConfig(arch=candidate.arch, loss=candidate.loss, seed=candidate.seed,
                                epochs=options.epochs, input_size=candidate.input_size, members=1)
     outcome = Outcome(candidate)
     started = time.perf_counter()
     try:
+        members = options.members if options.members is not None else train.default_members(candidate.arch)
+        outcome.ms_per_part = members * cost_per_part(_untrained(config, Path(checkpoint)))
+        if outcome.ms_per_part > options.max_ms_per_part:
+            outcome.error = (f"{outcome.ms_per_part:.2f} ms a part ({members} x one trunk's, measured here before "
+                             f"training) is over --max-ms-per-part {options.max_ms_per_part:g}: not trained")
+            outcome.over_limit = True
+            outcome.seconds = time.perf_counter() - started
+            return outcome
         result = train.train_split(train_items, val_items, checkpoint, config, progress=options.progress,
                                    data_root=options.data_root)
         outcome.checkpoint, outcome.val_auroc = Path(checkpoint), result.val_auroc
         outcome.best_epoch, outcome.epochs_run = result.best_epoch, result.epochs_run
         outcome.seconds = time.perf_counter() - started
         _measure_on_calibration(outcome, calibration_items, options)
-        members = options.members if options.members is not None else train.default_members(candidate.arch)
-        outcome.ms_per_part = members * cost_per_part(Path(checkpoint))
-        if outcome.ms_per_part > options.max_ms_per_part:
-            outcome.error = (f"{outcome.ms_per_part:.2f} ms a part ({members} x one trunk's, measured here) is over "
-                             f"--max-ms-per-part {options.max_ms_per_part:g}")
     except StationError as exc:
         outcome.error = str(exc)
         outcome.seconds = time.perf_counter() - started
     return outcome
+
+
+def _untrained(config, checkpoint: Path) -> Path:
+    """The candidate's trunk as it starts (same operations as trained), saved beside its checkpoint."""
+    from export.trunk import build_trunk, save_checkpoint
+
+    spec = config.spec()
+    path = checkpoint.with_name(checkpoint.stem + ".untrained.pt")
+    save_checkpoint(path, build_trunk(config.arch, config.embedding_dim, spec, config.trunk_options), config.arch,
+                    config.embedding_dim, spec)
+    return path
 
 
 def _measure_on_calibration(outcome: Outcome, items: list[LabeledImage], options: SearchOptions):
