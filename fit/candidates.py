@@ -132,6 +132,7 @@ class Search:
     outcomes: list[Outcome]
     choice: Choice
     skipped: list[str] = field(default_factory=list)
+    complete: bool = True  # every candidate of the list ran or was over --max-ms-per-part (none cut by budget or count)
 
     @property
     def chosen(self) -> Outcome:
@@ -155,7 +156,7 @@ def run_candidates(candidates: list[Candidate], train: list[LabeledImage], val: 
 def _search(candidates, train, val, calibration, workdir, options) -> Search:
     budget = options.budget_minutes * 60.0
     started, outcomes, skipped, unit_costs = time.perf_counter(), [], [], {}
-    over = {}  # (arch, loss) -> the smallest input (pixels) found over --max-ms-per-part
+    over, budget_reached = {}, False  # over: (arch, loss) -> the smallest input (pixels) over --max-ms-per-part
     limit = len(candidates) if options.max_candidates is None else max(1, options.max_candidates)
     for index, candidate in enumerate(candidates[:limit]):
         pixels = candidate.size[0] * candidate.size[1]
@@ -167,6 +168,7 @@ def _search(candidates, train, val, calibration, workdir, options) -> Search:
         if outcomes and estimate is not None and estimate > left:
             skipped += [f"{candidate.name}: budget ({left:.0f} s left, ~{estimate:.0f} s estimated)"]
             skipped += [f"{c.name}: budget reached" for c in candidates[index + 1 : limit]]
+            budget_reached = True
             break
         hint = f", ~{estimate:.0f} s estimated" if estimate is not None else ""
         options.say(f"candidate {index + 1}/{limit} {candidate.name}{hint}")
@@ -182,7 +184,7 @@ def _search(candidates, train, val, calibration, workdir, options) -> Search:
         raise DataError("no candidate could be trained:\n  " + "\n  ".join(f"{o.candidate.name}: {o.error}" for o in outcomes))
     choice = choose(usable, DEFAULT_CANDIDATE)
     options.say(choice.line())
-    return Search(outcomes, choice, skipped)
+    return Search(outcomes, choice, skipped, not budget_reached and limit == len(candidates))
 
 
 def _epochs(candidate: Candidate, epochs: int | None) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -14,6 +14,7 @@ from calibration import fit as calibration_fit
 from calibration import workflow
 from calibration.evaluate import evaluate_embeddings
 from fit import bundle, figures, report
+from fit.budget import plan_members
 from fit.candidates import DEFAULT_BUDGET_MINUTES, DEFAULT_MAX_MS_PER_PART, SearchOptions, candidate_list, run_candidates
 from fit.data_check import DataCheck, check_data
 from fit.split import DEFAULT_FRACTIONS, select, split_parts, split_table, require_goods
@@ -116,6 +117,7 @@ def _fit_in(data: DataCheck, parts: list[str], out: Path, workdir: Path, options
     inner = split_parts(train_items, train_groups, options.seed, VAL_FRACTIONS)
     calibration_items, test_items = select(data.items, parts, "calibration"), select(data.items, parts, "test")
     options.say(report.data_line(data, parts, sum(p == "calibration" for p in inner)))
+    searched = time.perf_counter()
     search = run_candidates(
         candidate_list(data.native_size), select(train_items, inner, "train"), select(train_items, inner, "calibration"),
         calibration_items, workdir, SearchOptions(
@@ -129,6 +131,11 @@ def _fit_in(data: DataCheck, parts: list[str], out: Path, workdir: Path, options
     # photo but its own threshold slice: the tiles gained 0.994 vs 0.982 AUROC from training on 85 %
     # of the photos instead of 68 % (docs/fit.md).
     candidate = search.chosen.candidate
+    n_pools = len(_audit_pool(data, parts)[0]) + len(data.items)
+    plan = _member_plan(search, options, time.perf_counter() - searched, len(select(train_items, inner, "train")), n_pools)
+    if plan.added:
+        options.say(f"budget: {plan.why}: the final models get {plan.members} trunks")
+        options = replace(options, members=plan.members)
     build = build_model
     if candidate.arch == "positions":  # frozen: nothing to train (fit/positions.py)
         from fit.positions import build_position_model as build
@@ -142,7 +149,20 @@ def _fit_in(data: DataCheck, parts: list[str], out: Path, workdir: Path, options
         (out / bundle.REPORT / name).write_bytes(content)
     (out / bundle.STATION_YAML).write_text(bundle.station_yaml(options.product_name, data.native_size, data.fingerprint))
     warnings = data.warnings + final.calibration.warnings + _test_warnings(evaluation.figures(), options)
-    return _fit_json(data, parts, options, search, audit, final, evaluation.figures(), warnings)
+    result = _fit_json(data, parts, options, search, audit, final, evaluation.figures(), warnings)
+    added = (audit.train_seconds + final.train_seconds) * plan.added / plan.members if plan.added else None
+    result["budget"] = plan.summary(added)
+    return result
+
+
+def _member_plan(search, options: FitOptions, search_seconds: float, n_search_train: int, n_pools: int):
+    """fit/budget.py's rule: what the list left of --budget adds trunks to the chosen ensemble."""
+    from export.train import default_members
+
+    chosen = search.chosen
+    default = 1 if chosen.candidate.arch == "positions" else default_members(chosen.candidate.arch)
+    return plan_members(chosen, default, options.members, options.budget_minutes * 60.0, search_seconds,
+                        n_search_train, n_pools, options.max_ms_per_part, search.complete)
 
 
 def _audit_pool(data: DataCheck, parts: list[str]) -> tuple[list, list]:
@@ -184,6 +204,7 @@ class BuiltModel:
     n_trained: int
     rule: str
     held: list  # the threshold slice: parts this model never trained on
+    train_seconds: float = 0.0
 
     def summary(self) -> dict:
         return {"metric": self.reference_set.metric, "threshold": self.reference_set.threshold,
@@ -201,7 +222,7 @@ def build_model(candidate, items: list, groups: list, folder: Path, options: Fit
     trained, held = select(items, parts, "train"), select(items, parts, "calibration")
     folder.mkdir(parents=True, exist_ok=True)
     checkpoint = folder / bundle.CHECKPOINT
-    train_final(candidate, trained, held, checkpoint, options, data.root, what)
+    trained_in = train_final(candidate, trained, held, checkpoint, options, data.root, what).train_seconds
     sample = bundle.link_folder(items, Path(tempfile.mkdtemp(prefix=".fit-sample-", dir=folder)))
     try:
         export = bundle.export_with_fallback(checkpoint, folder / bundle.MODEL, sample, options.say)
@@ -218,7 +239,7 @@ def build_model(candidate, items: list, groups: list, folder: Path, options: Fit
     rule = _threshold_rule(calibration, options)
     saved = workflow.save_calibration(embedder, calibration, good_set, defect_set, folder / bundle.REFERENCE,
                                       options.product_name, {"fit": rule, "data_fingerprint": data.fingerprint})
-    return BuiltModel(export, calibration, saved, embedder, len(trained), rule, held)
+    return BuiltModel(export, calibration, saved, embedder, len(trained), rule, held, trained_in)
 
 
 def train_final(candidate, trained: list, held: list, checkpoint: Path, options: FitOptions, data_root: Path, what: str):
@@ -235,7 +256,7 @@ def train_final(candidate, trained: list, held: list, checkpoint: Path, options:
     previous = torch.get_num_threads()
     torch.set_num_threads(TORCH_THREADS)
     try:
-        train.train_split(trained, held, checkpoint, config, progress=options.progress, data_root=data_root)
+        return train.train_split(trained, held, checkpoint, config, progress=options.progress, data_root=data_root)
     finally:
         torch.set_num_threads(previous)
 
