@@ -51,6 +51,7 @@ def export_frozen(candidate: Candidate, items: list, out: Path) -> dict:
     """The per-position model for the candidate's input at `out`, its export checked on up to GATE_SAMPLE of `items`."""
     from export.positions import export_position_model
 
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     picked = items
     if len(items) > GATE_SAMPLE:
         picked = [items[i] for i in np.linspace(0, len(items) - 1, GATE_SAMPLE).round().astype(int)]
@@ -98,7 +99,8 @@ def measure_position_candidate(candidate: Candidate, calibration_items: list, mo
             outcome.checkpoint, outcome.metric, outcome.threshold = Path(model_path), calibration.metric, float(chosen.threshold)
             outcome.escape_rate, outcome.auroc = chosen.escape_rate, chosen.auroc
             outcome.false_reject_rate, outcome.expected_cost = float(chosen.false_reject_rate), chosen.expected_cost
-            outcome.n_good, outcome.n_defect = len(good_set.embeddings), len(chosen.defect_scores if chosen.defect_scores is not None else [])
+            outcome.n_good = len(good_set.embeddings)
+            outcome.n_defect = 0 if chosen.defect_scores is None else len(chosen.defect_scores)
             outcome.good_scores, outcome.defect_scores = chosen.good_scores, chosen.defect_scores
     except StationError as exc:
         outcome.error = str(exc)

@@ -37,6 +37,19 @@ def test_its_calibration_figures_are_out_of_fold_and_comparable_with_the_trained
     assert search.chosen is outcome and outcome.row()["ms_per_part"] > 0
 
 
+def test_without_defects_it_is_held_to_the_false_reject_target_and_over_the_time_limit_it_is_refused(sim_dataset,
+                                                                                                     tmp_path):
+    goods = [item for item in scan_dataset(sim_dataset) if not item.is_defect]
+    search = run_candidates([S8], goods[::2], [], goods[1::2], tmp_path, SearchOptions(say=lambda line: None))
+    (outcome,) = search.outcomes
+    assert outcome.defect_scores is None and outcome.auroc is None and 0 <= outcome.false_reject_rate < 0.2
+    large = Candidate("positions", "frozen-s8", 0, (160, 160))  # ~2 ms a part; one mlp trunk ~0.05 ms
+    over = run_candidates([large, Candidate("mlp", "center")], goods[::2], [], goods[1::2], tmp_path / "over",
+                          SearchOptions(epochs=1, members=1, max_ms_per_part=0.5, say=lambda line: None))
+    assert over.outcomes[0].over_limit and "--max-ms-per-part 0.5" in over.outcomes[0].error
+    assert over.chosen.candidate.arch == "mlp"
+
+
 @pytest.fixture(scope="module")
 def positions_bundle(tmp_path_factory):
     base = tmp_path_factory.mktemp("fit-positions")
