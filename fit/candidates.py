@@ -3,11 +3,12 @@
 A small ordered list (trunk x loss x input size x seed), the project's default
 first, then the pretrained one (EfficientNet-Lite0's ImageNet features under a trained head, at an
 input of about 96x96 with the photos' aspect ratio), the frozen per-position models (fit/positions.py),
-the from-scratch alternatives, and last the pretrained trunk at larger inputs up to the photos' own
-size (fit/sizes.py), cheapest first: what is left of the budget after the list goes up that ladder.
-The first candidate's wall time sets the estimate of the others (per
-architecture once one of it has run); no candidate starts once its estimate
-would overrun the budget. The choice is made on the CALIBRATION part by fit/choice.py
+the from-scratch ones at 36x26 and 72x52, the pretrained trunk at larger inputs up to the photos' own
+size (fit/sizes.py), cheapest first, and last the other losses. The first candidate's wall time sets
+the estimate of the others (per architecture once one of it has run, scaled by photos, epochs,
+pixels and the loss's crops per image), corrected by how far the earlier estimates were off; a
+candidate whose estimate would overrun the budget is skipped, a later cheaper one may still run.
+What the whole list leaves goes to the final ensemble (fit/budget.py). The choice is made on the CALIBRATION part by fit/choice.py
 (AUROC with a paired-resampling confidence; without defects, the false-reject rate).
 Never the training loss, never the test part. Each candidate's cost per part is measured with
 onnxruntime on its exported float graph (batch 1, one thread, times the final model's members)
@@ -32,6 +33,9 @@ DEFAULT_SIZE = (36, 26)  # export/trunk.py's input_spec_for default (width, heig
 LARGE_SIZE = (72, 52)  # tried only when the images are at least this large
 # Seconds per epoch and image relative to the mlp at 36x26, measured with
 # export.train.train_split on 480 simulated parts (mlp 100 epochs 4.4 s, cnn 60 epochs 7.9 s).
+# Crops embedded per training image and epoch, relative to the center loss (export/losses.py: contrastive
+# draws two pairs per image, triplet a positive and a negative).
+LOSS_COST = {"contrastive": 4.0, "triplet": 2.0}
 # A per-position model trains nothing: one pass of the frozen backbone, priced as a lite0 epoch (an upper bound).
 ARCH_COST = {"mlp": 1.0, "cnn": 3.0, "lite0": 6.0, "positions": 6.0}
 # Sized so 2,500 images fit in 15 minutes on 2 cores (measured 2026-12-02 with the two final
@@ -75,9 +79,10 @@ def candidate_list(native_size: tuple[int, int]) -> list[Candidate]:
     # seed chosen on ~150 calibration parts is chosen on noise.
     rest = [Candidate("cnn", "contrastive"), Candidate("mlp", "contrastive"), Candidate("cnn", "triplet")]
     fits = native_size[0] >= LARGE_SIZE[0] and native_size[1] >= LARGE_SIZE[1]
-    # What the list leaves of the budget goes to the pretrained trunk at larger inputs, cheapest first.
+    # The pretrained trunk at larger inputs, cheapest first, before the other losses: a larger input
+    # helped it (docs/fit.md), no other loss has yet been chosen on any measured dataset.
     ladder = [Candidate("lite0", "center", 0, size) for size in larger_pretrained_sizes(native_size)]
-    return first + (large if fits else []) + rest + ladder
+    return first + (large if fits else []) + ladder + rest
 
 
 @dataclass
@@ -157,6 +162,7 @@ def _search(candidates, train, val, calibration, workdir, options) -> Search:
     budget = options.budget_minutes * 60.0
     started, outcomes, skipped, unit_costs = time.perf_counter(), [], [], {}
     over, budget_reached = {}, False  # over: (arch, loss) -> the smallest input (pixels) over --max-ms-per-part
+    ratios = []  # measured / estimated seconds of the candidates run so far
     limit = len(candidates) if options.max_candidates is None else max(1, options.max_candidates)
     for index, candidate in enumerate(candidates[:limit]):
         pixels = candidate.size[0] * candidate.size[1]
@@ -164,18 +170,21 @@ def _search(candidates, train, val, calibration, workdir, options) -> Search:
             skipped.append(f"{candidate.name}: a smaller input of {candidate.arch} was already over --max-ms-per-part")
             continue
         estimate = _estimate(candidate, unit_costs, len(train), options.epochs)
+        if estimate is not None and ratios:  # as far off as the list's earlier estimates were (never lower)
+            estimate *= max(1.0, float(np.median(ratios)))
         left = budget - (time.perf_counter() - started)
-        if outcomes and estimate is not None and estimate > left:
-            skipped += [f"{candidate.name}: budget ({left:.0f} s left, ~{estimate:.0f} s estimated)"]
-            skipped += [f"{c.name}: budget reached" for c in candidates[index + 1 : limit]]
+        if outcomes and estimate is not None and estimate > left:  # a later, cheaper one may still fit
+            skipped.append(f"{candidate.name}: budget ({left:.0f} s left, ~{estimate:.0f} s estimated)")
             budget_reached = True
-            break
+            continue
         hint = f", ~{estimate:.0f} s estimated" if estimate is not None else ""
         options.say(f"candidate {index + 1}/{limit} {candidate.name}{hint}")
         outcome = _train_and_measure(candidate, train, val, calibration, workdir / f"c{index}.pt", options)
         outcomes.append(outcome)
         if outcome.over_limit:
             over[candidate.arch, candidate.loss] = min(pixels, over.get((candidate.arch, candidate.loss), pixels))
+        if outcome.error is None and estimate is not None:
+            ratios.append(outcome.seconds / max(estimate, 1e-9))
         if outcome.error is None:
             unit_costs.setdefault(candidate.arch, _unit_cost(candidate, outcome.seconds, len(train), options.epochs))
     skipped += [f"{c.name}: --max-candidates {limit}" for c in candidates[limit:]]
@@ -195,7 +204,8 @@ def _epochs(candidate: Candidate, epochs: int | None) -> int:
 
 def _work(candidate: Candidate, n_train: int, epochs: int | None) -> float:
     width, height = candidate.size
-    return _epochs(candidate, epochs) * max(n_train, 1) * width * height / (DEFAULT_SIZE[0] * DEFAULT_SIZE[1])
+    crops = LOSS_COST.get(candidate.loss, 1.0) * max(n_train, 1)
+    return _epochs(candidate, epochs) * crops * width * height / (DEFAULT_SIZE[0] * DEFAULT_SIZE[1])
 
 
 def _unit_cost(candidate: Candidate, seconds: float, n_train: int, epochs: int | None) -> float:

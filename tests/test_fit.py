@@ -326,7 +326,7 @@ def test_candidates_stop_when_the_next_estimate_would_overrun_the_budget(tmp_pat
     monkeypatch.setattr(candidates, "_train_and_measure", fake)
     items = list(range(10))
     order = [candidates.Candidate("mlp", "center"), candidates.Candidate("mlp", "center", 1),
-             candidates.Candidate("cnn", "center"), candidates.Candidate("mlp", "triplet")]
+             candidates.Candidate("cnn", "center"), candidates.Candidate("cnn", "triplet")]
     # 5 s: the second mlp (~2 s) fits, the cnn (~6 s, three times the mlp's cost) does not.
     search = candidates.run_candidates(order, items, [], [], tmp_path, candidates.SearchOptions(
         budget_minutes=5 / 60, epochs=3, say=lambda line: None))

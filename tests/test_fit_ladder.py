@@ -38,7 +38,9 @@ def test_the_list_measures_the_cheap_pretrained_input_early_and_climbs_the_ladde
     names = [c.name for c in candidate_list((300, 300))]
     assert names[:4] == ["cnn/center/36x26/seed0", "lite0/center/96x96/seed0",
                          "positions/frozen-s8/160x160/seed0", "positions/frozen-s16/160x160/seed0"]
-    assert names[-2:] == ["lite0/center/160x160/seed0", "lite0/center/288x288/seed0"]
+    assert names[-5:] == ["lite0/center/160x160/seed0", "lite0/center/288x288/seed0", "cnn/contrastive/36x26/seed0",
+                          "mlp/contrastive/36x26/seed0", "cnn/triplet/36x26/seed0"]
+    assert names.index("cnn/center/72x52/seed0") < names.index("lite0/center/160x160/seed0")
     assert [c.name for c in candidate_list((36, 26))][-1] == "cnn/triplet/36x26/seed0"
 
 
@@ -111,3 +113,27 @@ def test_the_budget_a_small_dataset_leaves_adds_trunks_within_time_and_cost():
                  plan_members(Outcome(Candidate("lite0", "center"), seconds=10.0, ms_per_part=2.0), 1, None,
                               600.0, 100.0, 500, 2000, 10.0)):
         assert plan.added == 0 and plan.why
+
+
+def test_estimates_follow_how_far_off_the_earlier_ones_were_and_a_skipped_one_leaves_room_for_cheaper(tmp_path,
+                                                                                                      monkeypatch):
+    from export import train  # noqa: F401
+
+    clock = [0.0]
+    monkeypatch.setattr(candidates.time, "perf_counter", lambda: clock[0])
+    order = [Candidate("mlp", "center"), Candidate("mlp", "center", 0, (72, 52)), Candidate("cnn", "center", 0, (72, 52)),
+             Candidate("mlp", "center", 1)]
+    took = {order[0]: 10.0, order[1]: 80.0, order[2]: 120.0, order[3]: 10.0}  # the 72x52 mlp: twice its estimate
+
+    def timed(candidate, *args):
+        outcome = _fake(0.0)(candidate, *args)
+        outcome.seconds = took[candidate]
+        clock[0] += outcome.seconds
+        return outcome
+
+    monkeypatch.setattr(candidates, "_train_and_measure", timed)
+    search = run_candidates(order, list(range(10)), [], [], tmp_path, SearchOptions(
+        budget_minutes=5, epochs=1, say=lambda line: None))
+    # The cnn's 120 s (3 x the mlp's per pixel) doubled to 240 s does not fit the 210 s left; the second mlp does.
+    assert [o.candidate for o in search.outcomes] == [order[0], order[1], order[3]]
+    assert search.skipped == ["cnn/center/72x52/seed0: budget (210 s left, ~240 s estimated)"] and not search.complete
