@@ -43,7 +43,7 @@ def test_without_defects_it_is_held_to_the_false_reject_target_and_over_the_time
     search = run_candidates([S8], goods[::2], [], goods[1::2], tmp_path, SearchOptions(say=lambda line: None))
     (outcome,) = search.outcomes
     assert outcome.defect_scores is None and outcome.auroc is None and 0 <= outcome.false_reject_rate < 0.2
-    large = Candidate("positions", "frozen-s8", 0, (160, 160))  # ~2 ms a part; one mlp trunk ~0.05 ms
+    large = Candidate("positions", "frozen-s8", 0, (128, 128))  # ~1.3 ms a part; one mlp trunk ~0.05 ms
     over = run_candidates([large, Candidate("mlp", "center")], goods[::2], [], goods[1::2], tmp_path / "over",
                           SearchOptions(epochs=1, members=1, max_ms_per_part=0.5, say=lambda line: None))
     assert over.outcomes[0].over_limit and "--max-ms-per-part 0.5" in over.outcomes[0].error
