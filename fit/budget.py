@@ -1,8 +1,9 @@
 """What `station fit` does with the budget the candidate list leaves (docs/fit.md, "The budget").
 
-1. The list ends with the pretrained trunk at larger inputs, cheapest first, up to the photos' own
-   size (fit/sizes.py): a larger input helped it, and each rung starts only while its estimate fits
-   what is left (fit/candidates.py), after its cost per part was measured within --max-ms-per-part.
+1. After the from-scratch trunks the list climbs the pretrained trunk's inputs, cheapest first, up to
+   the photos' own size (fit/sizes.py): a larger input helped it. Each candidate starts only while
+   its estimate fits what is left, a skipped one leaving room for later cheaper ones
+   (fit/candidates.py), and only after its cost per part was measured within --max-ms-per-part.
 2. What is left after the whole list goes to more trunks in the chosen recipe's ensemble, both final
    models (audit and bundle), up to MAX_MEMBERS: an ensemble evens out its seeds' lottery (tiles, one
    trunk 0.958-0.993 by seed, three 0.983, four 0.988; docs/fit.md). Added only while their estimated training
@@ -19,9 +20,9 @@ from dataclasses import dataclass
 
 MAX_MEMBERS = 6  # twice export/train.py's DEFAULT_MEMBERS
 THRESHOLD_SHARE = 0.85  # each final model trains on its pool less a 15 % threshold slice (fit/pipeline.py)
-RULE = ("the list ends with the pretrained trunk at larger inputs (cheapest first); what is left after it adds "
-        f"trunks to the chosen ensemble, up to {MAX_MEMBERS}, while their estimated training fits the budget left "
-        "and the cost per part --max-ms-per-part")
+RULE = ("candidates in order while each one's estimate fits what is left, the pretrained trunk at larger inputs "
+        "after the from-scratch ones (cheapest first); what the whole list leaves adds trunks to the chosen ensemble, "
+        f"up to {MAX_MEMBERS}, while their estimated training fits it and the cost per part --max-ms-per-part")
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ def plan_members(chosen, default_members: int, fixed_members: int | None, budget
     if fixed_members is not None:
         return MemberPlan(**plan, why="--members was given")
     if not complete:
-        return MemberPlan(**plan, why="the candidate list did not finish (budget or --max-candidates)")
+        return MemberPlan(**plan, why="the budget or --max-candidates skipped some of the list: nothing left to add")
     if default_members < 2:
         return MemberPlan(**plan, why=f"{chosen.candidate.arch} is one member: nothing to add")
     per_member = chosen.seconds * THRESHOLD_SHARE * n_pools / max(n_search_train, 1)
