@@ -237,7 +237,8 @@ def _train_and_measure(candidate, train_items, val_items, calibration_items, che
     started = time.perf_counter()
     try:
         members = options.members if options.members is not None else train.default_members(candidate.arch)
-        outcome.ms_per_part = members * cost_per_part(_untrained(config, Path(checkpoint)))
+        outcome.ms_per_part = members * cost_per_part(_untrained(config, Path(checkpoint)),
+                                                      options.max_ms_per_part / members)
         if outcome.ms_per_part > options.max_ms_per_part:
             outcome.error = (f"{outcome.ms_per_part:.2f} ms a part ({members} x one trunk's, measured here before "
                              f"training) is over --max-ms-per-part {options.max_ms_per_part:g}: not trained")
@@ -292,17 +293,18 @@ def _measure_on_calibration(outcome: Outcome, items: list[LabeledImage], options
 
 
 COST_WARMUP, COST_RUNS = 5, 40
+# A busy machine slows a measurement, never speeds it up: one over the limit is taken again, and the
+# lowest median kept (under other work one lite0 measured 16.5 ms where it measures 1.7 ms alone).
+COST_TRIES = 3
 
 
-def cost_per_part(checkpoint: Path) -> float:
+def cost_per_part(checkpoint: Path, limit_ms: float | None = None) -> float:
     """Milliseconds one part costs the trunk: its exported float graph in onnxruntime, batch 1, one
-    thread, as the station builds its session (median of COST_RUNS)."""
-    import statistics
+    thread, as the station builds its session (median of COST_RUNS; see onnx_ms for `limit_ms`)."""
     import tempfile
 
     from export.onnx_export import export_fp32
     from export.trunk import load_checkpoint
-    from station.core.embedder import INPUT_NAME, OUTPUT_NAME, build_session
     from station.core.preprocess import InputSpec
 
     model, info = load_checkpoint(checkpoint)
@@ -310,11 +312,26 @@ def cost_per_part(checkpoint: Path) -> float:
     with tempfile.TemporaryDirectory(dir=Path(checkpoint).parent) as folder:
         path = Path(folder) / "cost.onnx"
         export_fp32(model, spec, path)
-        session = build_session(path)
-        feed = {INPUT_NAME: np.zeros((1,) + spec.sample_shape, np.float32)}
+        return onnx_ms(path, spec.sample_shape, limit_ms)
+
+
+def onnx_ms(path: Path, sample_shape: tuple, limit_ms: float | None = None) -> float:
+    """Median milliseconds of one batch-1 run of the ONNX model at `path` (one thread, the station's session);
+    while over `limit_ms`, measured again up to COST_TRIES times in all, the lowest median kept."""
+    import statistics
+
+    from station.core.embedder import INPUT_NAME, OUTPUT_NAME, build_session
+
+    session = build_session(path)
+    feed = {INPUT_NAME: np.zeros((1,) + tuple(sample_shape), np.float32)}
+    best = np.inf
+    for attempt in range(COST_TRIES):
         times = []
         for run in range(COST_WARMUP + COST_RUNS):
             started = time.perf_counter()
             session.run([OUTPUT_NAME], feed)
             times.append(time.perf_counter() - started)
-    return statistics.median(times[COST_WARMUP:]) * 1000.0
+        best = min(best, statistics.median(times[COST_WARMUP:]) * 1000.0)
+        if limit_ms is None or best <= limit_ms:
+            break
+    return best

@@ -137,3 +137,32 @@ def test_estimates_follow_how_far_off_the_earlier_ones_were_and_a_skipped_one_le
     # The cnn's 120 s (3 x the mlp's per pixel) doubled to 240 s does not fit the 210 s left; the second mlp does.
     assert [o.candidate for o in search.outcomes] == [order[0], order[1], order[3]]
     assert search.skipped == ["cnn/center/72x52/seed0: budget (210 s left, ~240 s estimated)"] and not search.complete
+
+
+def test_a_cost_over_the_limit_is_measured_again_and_the_lowest_median_kept(tmp_path, monkeypatch):
+    """A busy machine slows a measurement, never speeds it up (one lite0 measured 16.5 ms under other work)."""
+    from export.positions import export_position_model
+    from station.core import embedder
+
+    export_position_model(8, (36, 26), tmp_path / "m.onnx")
+    alone = candidates.onnx_ms(tmp_path / "m.onnx", (1, 26, 36))
+    real = embedder.build_session
+    runs = []
+
+    class Busy:  # the first of three measurements runs beside other work
+        def __init__(self, path):
+            self.session = real(path)
+
+        def run(self, names, feed):
+            runs.append(1)
+            if len(runs) <= candidates.COST_WARMUP + candidates.COST_RUNS:
+                candidates.time.sleep(0.02)
+            return self.session.run(names, feed)
+
+    monkeypatch.setattr(embedder, "build_session", Busy)
+    limit = alone * 3 + 1.0
+    measured = candidates.onnx_ms(tmp_path / "m.onnx", (1, 26, 36), limit)
+    assert measured <= limit and len(runs) == 2 * (candidates.COST_WARMUP + candidates.COST_RUNS)
+    runs.clear()
+    assert candidates.onnx_ms(tmp_path / "m.onnx", (1, 26, 36), 1e-6) > 0  # never under: three tries, then the lowest
+    assert len(runs) == candidates.COST_TRIES * (candidates.COST_WARMUP + candidates.COST_RUNS)
