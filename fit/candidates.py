@@ -169,9 +169,9 @@ def _search(candidates, train, val, calibration, workdir, options) -> Search:
         if pixels >= over.get((candidate.arch, candidate.loss), np.inf):
             skipped.append(f"{candidate.name}: a smaller input of {candidate.arch} was already over --max-ms-per-part")
             continue
-        estimate = _estimate(candidate, unit_costs, len(train), options.epochs)
-        if estimate is not None and ratios:  # as far off as the list's earlier estimates were (never lower)
-            estimate *= max(1.0, float(np.median(ratios)))
+        raw = _estimate(candidate, unit_costs, len(train), options.epochs)
+        # As far off as the list's earlier estimates were (a busy machine, a loss's own cost), never lower.
+        estimate = raw if raw is None or not ratios else raw * max(1.0, float(np.median(ratios)))
         left = budget - (time.perf_counter() - started)
         if outcomes and estimate is not None and estimate > left:  # a later, cheaper one may still fit
             skipped.append(f"{candidate.name}: budget ({left:.0f} s left, ~{estimate:.0f} s estimated)")
@@ -183,8 +183,8 @@ def _search(candidates, train, val, calibration, workdir, options) -> Search:
         outcomes.append(outcome)
         if outcome.over_limit:
             over[candidate.arch, candidate.loss] = min(pixels, over.get((candidate.arch, candidate.loss), pixels))
-        if outcome.error is None and estimate is not None:
-            ratios.append(outcome.seconds / max(estimate, 1e-9))
+        if outcome.error is None and raw is not None:
+            ratios.append(outcome.seconds / max(raw, 1e-9))
         if outcome.error is None:
             unit_costs.setdefault(candidate.arch, _unit_cost(candidate, outcome.seconds, len(train), options.epochs))
     skipped += [f"{c.name}: --max-candidates {limit}" for c in candidates[limit:]]
