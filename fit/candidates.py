@@ -2,13 +2,18 @@
 
 A small ordered list (trunk x loss x input size x seed), the project's default
 first, then the pretrained one (EfficientNet-Lite0's ImageNet features under a trained head, at an
-input of about 96x96 with the photos' aspect ratio). The first candidate's wall time sets the estimate of the others (per
-architecture once one of it has run); no candidate starts once its estimate
-would overrun the budget. The choice is made on the CALIBRATION part by fit/choice.py
+input of about 96x96 with the photos' aspect ratio), the frozen per-position models (fit/positions.py),
+the from-scratch ones at 36x26 and 72x52, the pretrained trunk at larger inputs up to the photos' own
+size (fit/sizes.py), cheapest first, and last the other losses. The first candidate's wall time sets
+the estimate of the others (per architecture once one of it has run, scaled by photos, epochs,
+pixels and the loss's crops per image), corrected by how far the earlier estimates were off; a
+candidate whose estimate would overrun the budget is skipped, a later cheaper one may still run.
+What the whole list leaves goes to the final ensemble (fit/budget.py). The choice is made on the CALIBRATION part by fit/choice.py
 (AUROC with a paired-resampling confidence; without defects, the false-reject rate).
 Never the training loss, never the test part. Each candidate's cost per part is measured with
-onnxruntime on its exported float model (batch 1, one thread, times the final model's members);
-one over --max-ms-per-part is never chosen.
+onnxruntime on its exported float graph (batch 1, one thread, times the final model's members)
+BEFORE it trains (the untrained graph has the same operations): one over --max-ms-per-part is
+never trained, nor is a larger input of the same trunk after it.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import numpy as np
 from calibration import thresholds as calibration_fit
 from fit import tiles
 from fit.choice import Choice, choose
+from fit.sizes import PRETRAINED_AREA, larger_pretrained_sizes, pretrained_size  # noqa: F401 (PRETRAINED_AREA: tests)
 from station.core.errors import DataError, StationError
 from station.core.imagefolder import LabeledImage
 
@@ -28,7 +34,11 @@ DEFAULT_SIZE = (36, 26)  # export/trunk.py's input_spec_for default (width, heig
 LARGE_SIZE = (72, 52)  # tried only when the images are at least this large
 # Seconds per epoch and image relative to the mlp at 36x26, measured with
 # export.train.train_split on 480 simulated parts (mlp 100 epochs 4.4 s, cnn 60 epochs 7.9 s).
-ARCH_COST = {"mlp": 1.0, "cnn": 3.0, "lite0": 6.0}
+# Crops embedded per training image and epoch, relative to the center loss (export/losses.py: contrastive
+# draws two pairs per image, triplet a positive and a negative).
+LOSS_COST = {"contrastive": 4.0, "triplet": 2.0}
+# A per-position model trains nothing: one pass of the frozen backbone, priced as a lite0 epoch (an upper bound).
+ARCH_COST = {"mlp": 1.0, "cnn": 3.0, "lite0": 6.0, "positions": 6.0}
 # Sized so 2,500 images fit in 15 minutes on 2 cores (measured 2026-12-02 with the two final
 # ensembles: 613 s, docs/fit.md). Before them: 8 candidates at ~1,300
 # training images take ~3 minutes measured; the rest is the data check, the
@@ -37,10 +47,6 @@ DEFAULT_BUDGET_MINUTES = 10.0
 # A 100 parts/s line on the line PC's 2 cores; measured on this machine, which the line PC is not:
 # the limit leaves room for the rest of the per-part path (frame, outbox, MQTT).
 DEFAULT_MAX_MS_PER_PART = 10.0
-# The pretrained candidate's input: about 96 x 96 pixels, the photos' aspect ratio kept, sides a
-# multiple of the backbone's stride 16 (solar cells, one trunk: 64x64 judged AUROC 0.863, 96x96 0.896; docs/fit.md).
-PRETRAINED_AREA = 96 * 96
-PRETRAINED_STEP = 16
 
 
 @dataclass(frozen=True)
@@ -62,24 +68,22 @@ class Candidate:
 DEFAULT_CANDIDATE = Candidate("cnn", "center")  # station train's defaults
 
 
-def pretrained_size(native_size: tuple[int, int]) -> tuple[int, int]:
-    """(width, height) of about PRETRAINED_AREA pixels in the photos' aspect ratio, sides multiples of 16."""
-    width, height = native_size
-    scale = (PRETRAINED_AREA / max(width * height, 1)) ** 0.5
-    return tuple(max(PRETRAINED_STEP * 2, PRETRAINED_STEP * round(side * scale / PRETRAINED_STEP))
-                 for side in (width, height))
-
-
 def candidate_list(native_size: tuple[int, int]) -> list[Candidate]:
     """The ordered list; larger inputs only when the images have the pixels."""
+    from fit.positions import position_candidates
+
     # station train's default first; the pretrained trunk next, so that a short budget still measures it.
-    first = [DEFAULT_CANDIDATE, Candidate("lite0", "center", 0, pretrained_size(native_size)), Candidate("mlp", "center")]
+    first = [DEFAULT_CANDIDATE, Candidate("lite0", "center", 0, pretrained_size(native_size))]
+    first += position_candidates(native_size) + [Candidate("mlp", "center")]
     large = [Candidate("cnn", "center", 0, LARGE_SIZE), Candidate("mlp", "center", 0, LARGE_SIZE)]
     # No second seeds: the final model is an ensemble of seeds (export/train.py: DEFAULT_MEMBERS), and a
     # seed chosen on ~150 calibration parts is chosen on noise.
     rest = [Candidate("cnn", "contrastive"), Candidate("mlp", "contrastive"), Candidate("cnn", "triplet")]
     fits = native_size[0] >= LARGE_SIZE[0] and native_size[1] >= LARGE_SIZE[1]
-    return first + (large if fits else []) + rest
+    # The pretrained trunk at larger inputs, cheapest first, before the other losses: a larger input
+    # helped it (docs/fit.md), no other loss has yet been chosen on any measured dataset.
+    ladder = [Candidate("lite0", "center", 0, size) for size in larger_pretrained_sizes(native_size)]
+    return first + (large if fits else []) + ladder + rest
 
 
 @dataclass
@@ -102,6 +106,7 @@ class Outcome:
     good_scores: np.ndarray | None = None  # the calibration part's, out of fold, by the metric chosen
     defect_scores: np.ndarray | None = None
     ms_per_part: float | None = None  # the final model's: onnxruntime, fp32, batch 1, one thread, x members
+    over_limit: bool = False  # ms_per_part is over --max-ms-per-part (then `error` says so)
 
     def row(self) -> dict:
         return {"candidate": self.candidate.name, "arch": self.candidate.arch, "loss": self.candidate.loss,
@@ -133,6 +138,7 @@ class Search:
     outcomes: list[Outcome]
     choice: Choice
     skipped: list[str] = field(default_factory=list)
+    complete: bool = True  # every candidate of the list ran or was over --max-ms-per-part (none cut by budget or count)
 
     @property
     def chosen(self) -> Outcome:
@@ -156,14 +162,22 @@ def run_candidates(candidates: list[Candidate], train: list[LabeledImage], val: 
 def _search(candidates, train, val, calibration, workdir, options) -> Search:
     budget = options.budget_minutes * 60.0
     started, outcomes, skipped, unit_costs = time.perf_counter(), [], [], {}
+    over, budget_reached = {}, False  # over: (arch, loss) -> the smallest input (pixels) over --max-ms-per-part
+    ratios = []  # measured / estimated seconds of the candidates run so far
     limit = len(candidates) if options.max_candidates is None else max(1, options.max_candidates)
     for index, candidate in enumerate(candidates[:limit]):
-        estimate = _estimate(candidate, unit_costs, len(train), options.epochs)
+        pixels = candidate.size[0] * candidate.size[1]
+        if pixels >= over.get((candidate.arch, candidate.loss), np.inf):
+            skipped.append(f"{candidate.name}: a smaller input of {candidate.arch} was already over --max-ms-per-part")
+            continue
+        raw = _estimate(candidate, unit_costs, len(train), options.epochs)
+        # As far off as the list's earlier estimates were (a busy machine, a loss's own cost), never lower.
+        estimate = raw if raw is None or not ratios else raw * max(1.0, float(np.median(ratios)))
         left = budget - (time.perf_counter() - started)
-        if outcomes and estimate is not None and estimate > left:
-            skipped = [f"{candidate.name}: budget ({left:.0f} s left, ~{estimate:.0f} s estimated)"]
-            skipped += [f"{c.name}: budget reached" for c in candidates[index + 1 : limit]]
-            break
+        if outcomes and estimate is not None and estimate > left:  # a later, cheaper one may still fit
+            skipped.append(f"{candidate.name}: budget ({left:.0f} s left, ~{estimate:.0f} s estimated)")
+            budget_reached = True
+            continue
         hint = f", ~{estimate:.0f} s estimated" if estimate is not None else ""
         options.say(f"candidate {index + 1}/{limit} {candidate.name}{hint}")
         if tiles.is_tiled(candidate):  # frozen, nothing to train: fit/tiles.py measures it per part
@@ -171,6 +185,10 @@ def _search(candidates, train, val, calibration, workdir, options) -> Search:
         else:
             outcome = _train_and_measure(candidate, train, val, calibration, workdir / f"c{index}.pt", options)
         outcomes.append(outcome)
+        if outcome.over_limit:
+            over[candidate.arch, candidate.loss] = min(pixels, over.get((candidate.arch, candidate.loss), pixels))
+        if outcome.error is None and raw is not None:
+            ratios.append(outcome.seconds / max(raw, 1e-9))
         if outcome.error is None and candidate.arch in ARCH_COST:
             unit_costs.setdefault(candidate.arch, _unit_cost(candidate, outcome.seconds, len(train), options.epochs))
     skipped += [f"{c.name}: --max-candidates {limit}" for c in candidates[limit:]]
@@ -179,7 +197,7 @@ def _search(candidates, train, val, calibration, workdir, options) -> Search:
         raise DataError("no candidate could be trained:\n  " + "\n  ".join(f"{o.candidate.name}: {o.error}" for o in outcomes))
     choice = choose(usable, DEFAULT_CANDIDATE)
     options.say(choice.line())
-    return Search(outcomes, choice, skipped)
+    return Search(outcomes, choice, skipped, not budget_reached and limit == len(candidates))
 
 
 def _epochs(candidate: Candidate, epochs: int | None) -> int:
@@ -190,7 +208,8 @@ def _epochs(candidate: Candidate, epochs: int | None) -> int:
 
 def _work(candidate: Candidate, n_train: int, epochs: int | None) -> float:
     width, height = candidate.size
-    return _epochs(candidate, epochs) * max(n_train, 1) * width * height / (DEFAULT_SIZE[0] * DEFAULT_SIZE[1])
+    crops = LOSS_COST.get(candidate.loss, 1.0) * max(n_train, 1)
+    return _epochs(candidate, epochs) * crops * width * height / (DEFAULT_SIZE[0] * DEFAULT_SIZE[1])
 
 
 def _unit_cost(candidate: Candidate, seconds: float, n_train: int, epochs: int | None) -> float:
@@ -211,27 +230,46 @@ def _estimate(candidate: Candidate, unit_costs: dict, n_train: int, epochs: int 
 def _train_and_measure(candidate, train_items, val_items, calibration_items, checkpoint, options) -> Outcome:
     from export import train
 
+    if candidate.arch == "positions":  # nothing to train: fit/positions.py
+        from fit.positions import measure_position_candidate
+
+        return measure_position_candidate(candidate, calibration_items, Path(checkpoint).with_suffix(".onnx"), options)
     # One trunk each: candidates compare recipes; the final model is the chosen recipe's ensemble.
     config = train.TrainConfig(arch=candidate.arch, loss=candidate.loss, seed=candidate.seed,
                                epochs=options.epochs, input_size=candidate.input_size, members=1)
     outcome = Outcome(candidate)
     started = time.perf_counter()
     try:
+        members = options.members if options.members is not None else train.default_members(candidate.arch)
+        outcome.ms_per_part = members * cost_per_part(_untrained(config, Path(checkpoint)),
+                                                      options.max_ms_per_part / members)
+        if outcome.ms_per_part > options.max_ms_per_part:
+            outcome.error = (f"{outcome.ms_per_part:.2f} ms a part ({members} x one trunk's, measured here before "
+                             f"training) is over --max-ms-per-part {options.max_ms_per_part:g}: not trained")
+            outcome.over_limit = True
+            outcome.seconds = time.perf_counter() - started
+            return outcome
         result = train.train_split(train_items, val_items, checkpoint, config, progress=options.progress,
                                    data_root=options.data_root)
         outcome.checkpoint, outcome.val_auroc = Path(checkpoint), result.val_auroc
         outcome.best_epoch, outcome.epochs_run = result.best_epoch, result.epochs_run
         outcome.seconds = time.perf_counter() - started
         _measure_on_calibration(outcome, calibration_items, options)
-        members = options.members if options.members is not None else train.default_members(candidate.arch)
-        outcome.ms_per_part = members * cost_per_part(Path(checkpoint))
-        if outcome.ms_per_part > options.max_ms_per_part:
-            outcome.error = (f"{outcome.ms_per_part:.2f} ms a part ({members} x one trunk's, measured here) is over "
-                             f"--max-ms-per-part {options.max_ms_per_part:g}")
     except StationError as exc:
         outcome.error = str(exc)
         outcome.seconds = time.perf_counter() - started
     return outcome
+
+
+def _untrained(config, checkpoint: Path) -> Path:
+    """The candidate's trunk as it starts (same operations as trained), saved beside its checkpoint."""
+    from export.trunk import build_trunk, save_checkpoint
+
+    spec = config.spec()
+    path = checkpoint.with_name(checkpoint.stem + ".untrained.pt")
+    save_checkpoint(path, build_trunk(config.arch, config.embedding_dim, spec, config.trunk_options), config.arch,
+                    config.embedding_dim, spec)
+    return path
 
 
 def _measure_on_calibration(outcome: Outcome, items: list[LabeledImage], options: SearchOptions):
@@ -259,17 +297,18 @@ def _measure_on_calibration(outcome: Outcome, items: list[LabeledImage], options
 
 
 COST_WARMUP, COST_RUNS = 5, 40
+# A busy machine slows a measurement, never speeds it up: one over the limit is taken again, and the
+# lowest median kept (under other work one lite0 measured 16.5 ms where it measures 1.7 ms alone).
+COST_TRIES = 3
 
 
-def cost_per_part(checkpoint: Path) -> float:
+def cost_per_part(checkpoint: Path, limit_ms: float | None = None) -> float:
     """Milliseconds one part costs the trunk: its exported float graph in onnxruntime, batch 1, one
-    thread, as the station builds its session (median of COST_RUNS)."""
-    import statistics
+    thread, as the station builds its session (median of COST_RUNS; see onnx_ms for `limit_ms`)."""
     import tempfile
 
     from export.onnx_export import export_fp32
     from export.trunk import load_checkpoint
-    from station.core.embedder import INPUT_NAME, OUTPUT_NAME, build_session
     from station.core.preprocess import InputSpec
 
     model, info = load_checkpoint(checkpoint)
@@ -277,11 +316,26 @@ def cost_per_part(checkpoint: Path) -> float:
     with tempfile.TemporaryDirectory(dir=Path(checkpoint).parent) as folder:
         path = Path(folder) / "cost.onnx"
         export_fp32(model, spec, path)
-        session = build_session(path)
-        feed = {INPUT_NAME: np.zeros((1,) + spec.sample_shape, np.float32)}
+        return onnx_ms(path, spec.sample_shape, limit_ms)
+
+
+def onnx_ms(path: Path, sample_shape: tuple, limit_ms: float | None = None) -> float:
+    """Median milliseconds of one batch-1 run of the ONNX model at `path` (one thread, the station's session);
+    while over `limit_ms`, measured again up to COST_TRIES times in all, the lowest median kept."""
+    import statistics
+
+    from station.core.embedder import INPUT_NAME, OUTPUT_NAME, build_session
+
+    session = build_session(path)
+    feed = {INPUT_NAME: np.zeros((1,) + tuple(sample_shape), np.float32)}
+    best = np.inf
+    for _ in range(COST_TRIES):
         times = []
         for _ in range(COST_WARMUP + COST_RUNS):
             started = time.perf_counter()
             session.run([OUTPUT_NAME], feed)
             times.append(time.perf_counter() - started)
-    return statistics.median(times[COST_WARMUP:]) * 1000.0
+        best = min(best, statistics.median(times[COST_WARMUP:]) * 1000.0)
+        if limit_ms is None or best <= limit_ms:
+            break
+    return best

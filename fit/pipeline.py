@@ -4,7 +4,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -12,6 +12,7 @@ import numpy as np
 
 from calibration import thresholds as calibration_fit
 from fit import bundle, forms as model_forms, figures, report, tiles
+from fit.budget import plan_members
 from fit.candidates import DEFAULT_BUDGET_MINUTES, DEFAULT_MAX_MS_PER_PART, SearchOptions, candidate_list, run_candidates
 from fit.data_check import DataCheck, check_data
 from fit.split import DEFAULT_FRACTIONS, select, split_parts, split_table, require_goods
@@ -117,6 +118,7 @@ def _fit_in(data: DataCheck, parts: list[str], out: Path, workdir: Path, options
     candidates = candidate_list(data.native_size)
     tiled, tile_notes = tiles.tiled_candidates(data.items, workdir, options.max_ms_per_part, options.say)
     candidates[1:1] = tiled  # after the default: cheap (nothing trained), so a short budget still measures them
+    searched = time.perf_counter()
     search = run_candidates(
         candidates, select(train_items, inner, "train"), select(train_items, inner, "calibration"),
         calibration_items, workdir, SearchOptions(
@@ -131,14 +133,22 @@ def _fit_in(data: DataCheck, parts: list[str], out: Path, workdir: Path, options
     # photo but its own threshold slice: the tiles gained 0.994 vs 0.982 AUROC from training on 85 %
     # of the photos instead of 68 % (docs/fit.md).
     candidate = search.chosen.candidate
+    n_pools = len(_audit_pool(data, parts)[0]) + len(data.items)
+    plan = _member_plan(search, options, time.perf_counter() - searched, len(select(train_items, inner, "train")), n_pools)
+    if plan.added:
+        options.say(f"budget: {plan.why}: the final models get {plan.members} trunks")
+        options = replace(options, members=plan.members)
+    build = build_model
+    if candidate.arch == "positions":  # frozen: nothing to train (fit/positions.py)
+        from fit.positions import build_position_model as build
     audit_items, audit_groups = _audit_pool(data, parts)
-    audit = build_model(candidate, audit_items, audit_groups, workdir / "audit", options, data, "audit model")
+    audit = build(candidate, audit_items, audit_groups, workdir / "audit", options, data, "audit model")
     if tiles.is_tiled(candidate):  # each test photo judged by its worst tile, as the station will
         per_form = {"fp32": tiles.evaluate(audit.embedder, audit.reference_set, test_items, candidate.geometry)}
     else:
         per_form = model_forms.test_figures(audit.forms, test_items)
     evaluation, tested = per_form[model_forms.headline(audit.forms)]
-    final = build_model(candidate, data.items, list(data.groups), out, options, data, "bundle model")
+    final = build(candidate, data.items, list(data.groups), out, options, data, "bundle model")
     (out / bundle.REPORT).mkdir(exist_ok=True)
     for name, content in figures.test_report(evaluation, tested.paths).items():
         (out / bundle.REPORT / name).write_bytes(content)
@@ -146,8 +156,21 @@ def _fit_in(data: DataCheck, parts: list[str], out: Path, workdir: Path, options
                                                                list(final.forms))
                                            + (tiles.station_yaml_section(candidate) if tiles.is_tiled(candidate) else ""))
     warnings = data.warnings + final.calibration.warnings + _test_warnings(evaluation.figures(), options)
-    return {**_fit_json(data, parts, options, search, audit, final, evaluation.figures(), warnings),
-            "forms": model_forms.fit_json(final.forms, per_form)}
+    result = {**_fit_json(data, parts, options, search, audit, final, evaluation.figures(), warnings),
+              "forms": model_forms.fit_json(final.forms, per_form)}
+    added = (audit.train_seconds + final.train_seconds) * plan.added / plan.members if plan.added else None
+    result["budget"] = plan.summary(added)
+    return result
+
+
+def _member_plan(search, options: FitOptions, search_seconds: float, n_search_train: int, n_pools: int):
+    """fit/budget.py's rule: what the list left of --budget adds trunks to the chosen ensemble."""
+    from export.train import default_members
+
+    chosen = search.chosen
+    default = 1 if chosen.candidate.arch == "positions" or tiles.is_tiled(chosen.candidate) else default_members(chosen.candidate.arch)
+    return plan_members(chosen, default, options.members, options.budget_minutes * 60.0, search_seconds,
+                        n_search_train, n_pools, options.max_ms_per_part, search.complete)
 
 
 def _audit_pool(data: DataCheck, parts: list[str]) -> tuple[list, list]:
@@ -190,6 +213,7 @@ class BuiltModel:
     rule: str
     held: list  # the threshold slice: parts this model never trained on
     forms: dict = None  # {form: fit/forms.py BuiltForm}, every form in the bundle; the fields above: the headline's
+    train_seconds: float = 0.0
 
     def summary(self) -> dict:
         return {"metric": self.reference_set.metric, "threshold": self.reference_set.threshold,
@@ -207,7 +231,7 @@ def build_model(candidate, items: list, groups: list, folder: Path, options: Fit
         return tiles.build(candidate, items, folder, options, data, 0, what)  # frozen: every photo is unseen
     folder.mkdir(parents=True, exist_ok=True)
     checkpoint = folder / bundle.CHECKPOINT
-    train_final(candidate, trained, held, checkpoint, options, data.root, what)
+    trained_in = train_final(candidate, trained, held, checkpoint, options, data.root, what).train_seconds
     # The gates' sample and static int8's calibration: the train part, never the threshold slice.
     sample = bundle.link_folder(trained, Path(tempfile.mkdtemp(prefix=".fit-sample-", dir=folder)))
     try:
@@ -217,7 +241,7 @@ def build_model(candidate, items: list, groups: list, folder: Path, options: Fit
     built = model_forms.calibrate_forms(exports, folder, held, options, data, _threshold_rule)
     first = built[model_forms.headline(built)]
     return BuiltModel(first.export, first.calibration, first.reference_set, first.embedder, len(trained), first.rule,
-                      held, built)
+                      held, built, trained_in)
 
 
 def train_final(candidate, trained: list, held: list, checkpoint: Path, options: FitOptions, data_root: Path, what: str):
@@ -234,7 +258,7 @@ def train_final(candidate, trained: list, held: list, checkpoint: Path, options:
     previous = torch.get_num_threads()
     torch.set_num_threads(TORCH_THREADS)
     try:
-        train.train_split(trained, held, checkpoint, config, progress=options.progress, data_root=data_root)
+        return train.train_split(trained, held, checkpoint, config, progress=options.progress, data_root=data_root)
     finally:
         torch.set_num_threads(previous)
 
@@ -285,7 +309,8 @@ def _fit_json(data, parts, options, search, audit: BuiltModel, final: BuiltModel
                  "classes": data.class_counts, "native_size": list(data.native_size),
                  "near_duplicate_groups": int(np.sum(np.bincount(data.groups) > 1))},
         "bundle": {"model": bundle.MODEL, "reference": bundle.REFERENCE, "reference_version": saved.version,
-                   "report": bundle.REPORT, "station_yaml": bundle.STATION_YAML, "checkpoint": bundle.CHECKPOINT},
+                   "report": bundle.REPORT, "station_yaml": bundle.STATION_YAML,
+                   "checkpoint": bundle.CHECKPOINT if (Path(options.out) / bundle.CHECKPOINT).is_file() else None},
         "product": saved.product,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "station_version": __version__,
     }

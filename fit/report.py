@@ -41,6 +41,11 @@ def candidate_table(result: dict) -> list[str]:
 def summary_lines(result: dict) -> list[str]:
     lines = ["candidates (chosen on the calibration part):"] + candidate_table(result)
     lines.append(result["choice"]["text"])
+    if result.get("budget"):
+        spent = result["budget"]
+        lines.append(f"budget: {spent['spent_seconds']:.0f} of {spent['budget_seconds']:.0f} s spent on candidates"
+                     + (f" and {spent['added_members']} added trunks" if spent["added_members"] else "")
+                     + f" ({spent['why']})")
     lines.append(f"export: {result['export']['mode']} ({result['export']['why']})")
     if result.get("forms"):
         from fit.forms import summary_lines as form_lines

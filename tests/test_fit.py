@@ -376,7 +376,7 @@ def test_candidates_stop_when_the_next_estimate_would_overrun_the_budget(tmp_pat
     monkeypatch.setattr(candidates, "_train_and_measure", fake)
     items = list(range(10))
     order = [candidates.Candidate("mlp", "center"), candidates.Candidate("mlp", "center", 1),
-             candidates.Candidate("cnn", "center"), candidates.Candidate("mlp", "triplet")]
+             candidates.Candidate("cnn", "center"), candidates.Candidate("cnn", "triplet")]
     # 5 s: the second mlp (~2 s) fits, the cnn (~6 s, three times the mlp's cost) does not.
     search = candidates.run_candidates(order, items, [], [], tmp_path, candidates.SearchOptions(
         budget_minutes=5 / 60, epochs=3, say=lambda line: None))
@@ -458,4 +458,4 @@ def test_a_candidate_over_the_time_per_part_is_measured_and_never_chosen(sim_dat
         candidates.run_candidates([candidates.Candidate("mlp", "center")], train_items, [], calibration, tmp_path,
                                   options)
     assert "ms a part" in str(refused.value) and "--max-ms-per-part" in str(refused.value)
-    assert 0 < candidates.cost_per_part(tmp_path / "c0.pt") < 50
+    assert 0 < candidates.cost_per_part(tmp_path / "c0.untrained.pt") < 50  # measured before training
