@@ -95,17 +95,22 @@ class FaultProxy:
                 kind = packet[0] >> 4
                 if truncate and kind == truncate[0]:
                     client.sendall(packet[:truncate[1]])
-                    self.cuts += 1
-                    return
+                    break
                 client.sendall(packet)
                 if kind == CONNACK and inject:
                     client.sendall(inject)
                 if kind == close_after:
-                    self.cuts += 1
-                    return
+                    break
         except OSError:
-            pass
-        finally:
+            _close(client, upstream)
+            return
+        # The cut: a FIN after what was sent, as a broker closing gracefully does. Closing at once while the
+        # station's next packets sit unread here would send an RST, and a busy station would lose the packet
+        # it had not read yet (the PUBACK this fault is about). _pump_up closes both once the station has.
+        self.cuts += 1
+        try:
+            client.shutdown(socket.SHUT_WR)
+        except OSError:
             _close(client, upstream)
 
     def shutdown(self):
