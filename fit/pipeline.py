@@ -22,6 +22,11 @@ from station.core.product import product_name_problem
 from station.core.version import __version__
 
 VAL_FRACTIONS = {"train": 0.85, "calibration": 0.15, "test": 0.0}  # early stopping, inside the train part
+# A model's threshold slice: 15 % of its photos, but at least THRESHOLD_GOODS good parts where the photos allow
+# (up to MAX_THRESHOLD_SHARE of them). A threshold set on n good parts places the false-reject rate only to
+# about 1/n: on the commutators a slice of 31 good parts gave 14.7 % false rejects on new parts (docs/fit.md).
+THRESHOLD_GOODS = 100
+MAX_THRESHOLD_SHARE = 0.4
 
 
 @dataclass
@@ -179,6 +184,13 @@ def _audit_pool(data: DataCheck, parts: list[str]) -> tuple[list, list]:
             select(list(data.groups), parts, "train") + select(list(data.groups), parts, "calibration"))
 
 
+def threshold_fractions(items: list) -> dict[str, float]:
+    """A model's train / threshold-slice split of `items` (THRESHOLD_GOODS above)."""
+    n_good = sum(not item.is_defect for item in items)
+    share = min(MAX_THRESHOLD_SHARE, max(VAL_FRACTIONS["calibration"], THRESHOLD_GOODS / max(n_good, 1)))
+    return {"train": 1.0 - share, "calibration": share, "test": 0.0}
+
+
 def require_threshold_goods(data: DataCheck, parts: list[str], seed: int):
     """Every slice that sets a threshold must hold calibration's minimum of good parts. Found before anything
     trains: 60 good parts passed the data check, trained for minutes, then the audit model's slice held 8."""
@@ -186,7 +198,7 @@ def require_threshold_goods(data: DataCheck, parts: list[str], seed: int):
     slices = {"the calibration part": [i for i, p in zip(data.items, parts) if p == "calibration"]}
     for what, items, groups in (("the audit model's threshold slice", audit_items, audit_groups),
                                 ("the bundle model's threshold slice", data.items, list(data.groups))):
-        held = split_parts(items, np.asarray(groups), seed, VAL_FRACTIONS)
+        held = split_parts(items, np.asarray(groups), seed, threshold_fractions(items))
         slices[what] = [item for item, part in zip(items, held) if part == "calibration"]
     minimum = calibration_fit.MIN_GOOD_PARTS
     short = {what: sum(not item.is_defect for item in items) for what, items in slices.items()}
@@ -225,7 +237,7 @@ def build_model(candidate, items: list, groups: list, folder: Path, options: Fit
                 what: str) -> BuiltModel:
     """Train `candidate` on `items` less a 15 % threshold slice (near-duplicates kept whole), export it
     (never dead-ending) and calibrate it on the slice: parts this model never trained on."""
-    parts = split_parts(items, np.asarray(groups), options.seed, VAL_FRACTIONS)
+    parts = split_parts(items, np.asarray(groups), options.seed, threshold_fractions(items))
     trained, held = select(items, parts, "train"), select(items, parts, "calibration")
     if tiles.is_tiled(candidate):
         return tiles.build(candidate, items, folder, options, data, 0, what)  # frozen: every photo is unseen
