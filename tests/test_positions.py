@@ -386,13 +386,3 @@ def test_the_daemon_names_the_ng_parts_box_and_the_snapshot_marks_it(tmp_path, f
     recorder.close()
 
 
-@pytest.fixture
-def broker(tmp_path):
-    from tests.conftest import Broker
-
-    folder = tmp_path / "broker"
-    folder.mkdir()
-    broker = Broker(folder)
-    broker.start()
-    yield broker
-    broker.stop()
