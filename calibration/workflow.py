@@ -170,20 +170,28 @@ def set_aside_trained(embedder, good_items: list, defect_items: list, min_good: 
     trained = set(filter(None, embedder.info.extra.get("trained_on", "").split(",")))
     if not trained:
         return good_items, defect_items, []
-    seen_good = [item for item in good_items if image_digest(item.path) in trained]
+    seen_good = [item for item in good_items if _digest(item) in trained]
     if not seen_good:
         return good_items, defect_items, []
-    unseen_good = [item for item in good_items if image_digest(item.path) not in trained]
+    unseen_good = [item for item in good_items if _digest(item) not in trained]
     if len(unseen_good) < min_good:
         return good_items, defect_items, [
             f"{len(seen_good)} of the {len(good_items)} good parts trained the model and only {len(unseen_good)} did "
             f"not (at least {min_good} are needed to set them aside): thresholds set on trained parts reject more "
             "good parts on the line than these figures say; calibrate on parts kept out of training (station fit does)"]
-    unseen_defects = [item for item in defect_items if image_digest(item.path) not in trained]
+    unseen_defects = [item for item in defect_items if _digest(item) not in trained]
     return unseen_good, unseen_defects, [
         f"{len(seen_good)} of the {len(good_items)} good parts and {len(defect_items) - len(unseen_defects)} of the "
         f"{len(defect_items)} defective parts trained the model: set aside; thresholds come from the "
         f"{len(unseen_good)} good and {len(unseen_defects)} defective parts it never saw"]
+
+
+def _digest(item: LabeledImage) -> str | None:
+    """None for a file that cannot be read: it trained nothing, and embedding names it with the rest."""
+    try:
+        return image_digest(item.path)
+    except ImageReadError:
+        return None
 
 
 def calibrate_embedded(

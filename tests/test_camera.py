@@ -1,4 +1,5 @@
 import logging
+import os
 import shutil
 import threading
 import time
@@ -363,3 +364,16 @@ def test_a_file_too_large_for_any_image_is_refused_before_it_is_read(tmp_path):
     assert frames[0].problem is None
     assert "b.png: is 3000 MB, more than an image of 50 MP can be: refused before reading" in frames[1].problem
     assert time.monotonic() - started < 5  # refused from its size, not after reading 3 GB
+
+
+def test_a_link_to_nothing_and_a_named_pipe_are_parts_without_pixels_not_lost_or_waited_on(folder):
+    (folder / "b" / "gone.png").symlink_to(folder / "on-the-nas" / "gone.png")  # the share went away
+    os.mkfifo(folder / "b" / "pipe.png")  # reading it would wait for a writer forever
+    started = time.monotonic()
+    frames = take(open_source(folder), 6)
+    assert time.monotonic() - started < 5
+    assert [f.source for f in frames] == ["a1.png", "b/c2.png", "b/gone.png", "b/pipe.png", "z3.png"]
+    problems = {f.source: f.problem for f in frames}
+    assert "is a link to" in problems["b/gone.png"] and "which does not exist" in problems["b/gone.png"]
+    assert "is not a file but a named pipe" in problems["b/pipe.png"]
+    assert problems["a1.png"] is None and problems["z3.png"] is None

@@ -1,5 +1,6 @@
 """`station fit` end to end on small simulated folders: real files, torch, onnxruntime."""
 import json
+import os
 import shutil
 
 import cv2
@@ -202,12 +203,20 @@ def test_export_falls_back_and_says_why(tmp_path, monkeypatch):
     assert [a["passed"] for a in choice.attempts] == [False, False, True]
 
 
-def test_station_fit_names_an_unreadable_image(tmp_path, capsys):
+@pytest.mark.parametrize("kind, said", [("damaged", "cannot be decoded"), ("link to nothing", "which does not exist"),
+                                        ("named pipe", "not a file but a named pipe")])
+def test_station_fit_names_an_unreadable_image(tmp_path, capsys, kind, said):
     data = simulated(tmp_path / "parts", count=80)
     broken = data / GOOD / "broken.png"
-    broken.write_bytes(b"not a png")
+    if kind == "damaged":
+        broken.write_bytes(b"not a png")
+    elif kind == "link to nothing":
+        broken.symlink_to(tmp_path / "elsewhere.png")
+    else:
+        os.mkfifo(broken)  # a read would wait forever
     assert main(["fit", "--data", str(data), "--out", str(tmp_path / "bundle")]) == 65
-    assert str(broken) in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert str(broken) in err and said in err, err
     assert not (tmp_path / "bundle" / "fit.json").exists()
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +39,8 @@ def list_images(folder: Path) -> list[Path]:
     """Every image file below a folder, recursively, sorted; hidden files and folders are not read.
 
     Linked folders are followed (Path.rglob skipped them silently inside a class folder), each real
-    folder once, so a link back up cannot loop.
+    folder once, so a link back up cannot loop. An image's name that is not a readable file (a link to
+    nothing, a named pipe) is listed too: reading it says why, where skipping it lost a part unnamed.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -53,7 +55,7 @@ def list_images(folder: Path) -> list[Path]:
         folders[:] = sorted(name for name in folders if not name.startswith("."))  # the same folder linked twice: the first name
         here = Path(top)
         found.extend(here / name for name in files if not name.startswith(".")
-                     and Path(name).suffix.lower() in IMAGE_SUFFIXES and (here / name).is_file())
+                     and Path(name).suffix.lower() in IMAGE_SUFFIXES)
     return sorted(found)
 
 
@@ -149,7 +151,7 @@ def read_image(path: Path, max_pixels: int | None = None) -> np.ndarray:
     path = Path(path)
     limit = max_file_bytes(max_pixels)
     try:
-        size = path.stat().st_size
+        size = regular_file_size(path)
         if size > limit:  # read whole, a 20 GB file named part.png would take the line PC's memory
             raise ImageReadError(path, f"is {size / 1e6:.0f} MB, more than an image of "
                                        f"{(max_pixels or DEFAULT_MAX_PIXELS) / 1e6:g} MP can be: refused before reading")
@@ -172,9 +174,33 @@ def read_image(path: Path, max_pixels: int | None = None) -> np.ndarray:
     return image
 
 
+def regular_file_size(path: Path) -> int:
+    """The size of a regular file; ImageReadError (naming it) for what cannot be read as one: a link to
+    nothing, or a named pipe, socket or device, whose read would block the station or never end."""
+    try:
+        status = os.stat(path)
+    except FileNotFoundError as exc:
+        if os.path.islink(path):
+            raise ImageReadError(path, f"is a link to {os.readlink(path)}, which does not exist") from exc
+        raise
+    if not stat.S_ISREG(status.st_mode):
+        raise ImageReadError(path, f"is not a file but a {_file_kind(status.st_mode)}: nothing to read")
+    return status.st_size
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "named pipe"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+             (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "folder"))
+    return next((name for test, name in kinds if test(mode)), "special file")
+
+
 def image_digest(path: Path) -> str:
     """A short content digest of an image file: which photos trained a model (its metadata)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    try:
+        regular_file_size(path)
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    except OSError as exc:
+        raise ImageReadError(path, f"cannot be read ({exc.strerror})") from exc
 
 
 def dataset_fingerprint(items: list[LabeledImage], root: Path) -> str:
