@@ -53,6 +53,20 @@ def test_a_folder_of_parts_gives_one_verdict_each_then_stopped(tmp_path, station
     recorder.close()
 
 
+def test_an_outbox_smaller_than_a_batch_stores_it_in_parts_and_loses_nothing(tmp_path, station_files, sim_dataset, broker):
+    """A folder judged in batches larger than outbox.max_messages: each batch is stored as room comes.
+    Stored whole, a batch waited forever (with the broker up) for more room than the outbox could give."""
+    recorder = Recorder(broker.host, broker.port, "plant/+/verdict")
+    config = write_config(tmp_path, station_files, broker, f"{{source: {sim_dataset}}}", outbox="{max_messages: 3}")
+    code, output = finish(start_station(config), timeout=120)
+    assert code == 0, output
+    n_images = sum(1 for p in sim_dataset.rglob("*.png"))
+    recorder.wait_for(lambda: len(recorder.on("/verdict")) >= n_images, what="all verdicts")
+    assert [v["seq"] for v in recorder.json_on("/verdict")] == list(range(1, n_images + 1))
+    assert "not stored" not in output and "Traceback" not in output
+    recorder.close()
+
+
 def test_commands_are_answered_and_a_malformed_one_changes_nothing(tmp_path, station_files, broker):
     recorder = Recorder(broker.host, broker.port, "plant/#")
     config = write_config(tmp_path, station_files, broker, '{source: "sim://?seed=5", fps: 50}')

@@ -90,6 +90,11 @@ class OutboxTransaction:
         self._db = outbox._db
         self._room = outbox.max_messages - self._counter("depth")
 
+    @property
+    def room(self) -> int:
+        """Messages this transaction can still put before the outbox holds its maximum."""
+        return self._room
+
     def _counter(self, name: str) -> int:
         return self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()[0]
 

@@ -43,8 +43,10 @@ class VerdictRecorder:
         while True:
             try:
                 stored = self._store(build, pending)
-                self._set_problem(None)
-                return done + stored
+                done, pending = done + stored, pending[len(stored):]
+                if not pending:
+                    self._set_problem(None)
+                    return done
             except OutboxError as exc:
                 self.write_errors += 1
                 self._set_problem(str(exc))
@@ -68,11 +70,15 @@ class VerdictRecorder:
         self.problem = problem
 
     def _store(self, build: Build, pending: list) -> list[dict]:
+        """The first of `pending` that fit in the outbox, stored; OutboxFullError when none fits. A batch
+        larger than the outbox's room goes in parts: stored whole, it waited forever for more room than
+        outbox.max_messages can ever give."""
         with self.outbox.transaction() as tx:
             if self._live_seq is not None:
                 tx.advance_seq(self._live_seq)
+            fitting = pending[:max(tx.room, 1)]  # none fits: one, refused as full
             messages = [build(seq, frame, judgement)
-                        for seq, (frame, judgement) in zip(tx.next_seqs(len(pending)), pending)]
+                        for seq, (frame, judgement) in zip(tx.next_seqs(len(fitting)), fitting)]
             self.publisher.queue_verdicts(tx, messages)
         if self._live_seq is not None:
             log.info("seqs up to %d were published live", self._live_seq)
