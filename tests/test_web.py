@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import ssl
 import stat
 import subprocess
@@ -559,3 +560,32 @@ def test_bad_requests_and_stalled_clients_neither_crash_nor_slow_the_station(tmp
         recorder.close()
     assert code == 0, output.text
     assert "Traceback" not in output.text
+
+
+def test_malformed_requests_get_a_400_and_one_log_line_never_a_traceback(tmp_path, station_files, broker):
+    """What any client on the plant network can send: the station answers 400, goes on judging, and its
+    log says so in a line (aiohttp logged each with a whole stack: read as a crash by plant IT)."""
+    port = free_port()
+    config = write_config(tmp_path, station_files, broker, '{source: "sim://?seed=4", fps: 20}', web=f"{{port: {port}}}")
+    recorder = Recorder(broker.host, broker.port, "plant/st1/verdict")
+    process = start_station(config)
+    output = Output(process)
+    garbage = [b"GET /" + b"a" * 10_000 + b" HTTP/1.1\r\n\r\n", b"GET / HTTP/1.1\r\nX: " + b"b" * 20_000 + b"\r\n\r\n",
+               b"GET / HTTP/9.9\r\n\r\n", b"GET / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+               b"POST /api/login HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+               b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(100)]  # a TLS hello to plain HTTP
+    try:
+        output.wait_for(f"the station's page on http://127.0.0.1:{port}/", WAIT)
+        for data in garbage:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+                client.sendall(data)
+                assert client.recv(64).startswith(b"HTTP/1.0 400") or data.startswith(b"\x16"), data[:40]
+        output.wait_for("web: Error handling request", WAIT)
+        before = len(recorder.on("/verdict"))
+        recorder.wait_for(lambda: len(recorder.on("/verdict")) > before + 3, WAIT, "verdicts after the garbage")
+    finally:
+        process.terminate()
+        code = output.finish(30)
+        recorder.close()
+    assert code == 0, output.text
+    assert "Traceback" not in output.text, output.text

@@ -38,6 +38,41 @@ log = logging.getLogger(__name__)
 START_TIMEOUT = 10.0
 
 
+class ClientFaults(logging.Filter):
+    """What a client on the network causes (a malformed request, a connection dropped or a TLS
+    handshake gone wrong) is one warning line in the station's log, never a traceback: aiohttp and
+    asyncio log those with the whole stack, which told plant IT the station had crashed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is None or not is_client_fault(error):
+            return True
+        record.msg, record.args = "web: %s: %s", (record.getMessage(), _one_line(error))
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info = record.exc_text = None
+        return True
+
+
+def is_client_fault(error: BaseException) -> bool:
+    from aiohttp.http_exceptions import HttpProcessingError
+
+    return isinstance(error, (HttpProcessingError, ssl.SSLError, ConnectionError, TimeoutError))
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict):
+    """The web loop's handler: a client's fault is one line; anything else keeps asyncio's report."""
+    error = context.get("exception")
+    if error is not None and is_client_fault(error):
+        log.warning("web: a connection ended badly: %s", _one_line(error))
+        return
+    loop.default_exception_handler(context)
+
+
 class WebPage:
     """Started by Integrations (station/runtime/integrations.py) when station.yaml has `web:`."""
 
@@ -107,6 +142,11 @@ class WebPage:
     def _serve(self, started: threading.Event, failure: list):
         loop = self._loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
+        loop.set_exception_handler(_loop_exception)
+        for name in ("aiohttp.server", "aiohttp.web"):
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, ClientFaults) for f in logger.filters):
+                logger.addFilter(ClientFaults())
         try:
             self._runner = web.AppRunner(api.application(self), access_log=None, handle_signals=False,
                                          shutdown_timeout=1.0)
