@@ -67,10 +67,13 @@ def test_pause_on_a_finite_source_holds_its_frames_and_survives_a_restart(tmp_pa
     process.terminate()
     code, output = finish(process)
     assert code == 0, output
-    # Restarted, the station says it is paused and judges nothing until resumed.
+    # Restarted, the station says it is paused and judges nothing until resumed. Its first state follows
+    # its command subscription: a resume sent before it (a fixed sleep under load) reached nobody.
+    states_before = len(recorder.on("/state"))
     process = start_station(config)
-    time.sleep(2.0)
+    recorder.wait_for(lambda: len(recorder.on("/state")) > states_before, what="the restarted station's state")
     assert recorder.json_on("/state")[-1]["paused"] is True
+    time.sleep(1.0)
     assert len(recorder.on("/verdict")) == judged_while_paused
     recorder.publish("plant/st1/command", json.dumps({"id": "r", "cmd": "resume"}))
     code, output = finish(process, timeout=60)
