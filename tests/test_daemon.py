@@ -152,6 +152,25 @@ def test_a_corrupt_reference_on_reload_is_refused_and_the_old_one_keeps_running(
     recorder.close()
 
 
+def test_signals_with_no_meaning_are_said_and_ignored_not_a_silent_death(tmp_path, station_files, broker):
+    recorder = Recorder(broker.host, broker.port, "plant/st1/verdict")
+    config = write_config(tmp_path, station_files, broker, '{source: "sim://?seed=6", fps: 50}')
+    process = start_station(config)
+    try:
+        recorder.wait_for(lambda: recorder.on("/verdict"), what="first verdict")
+        for unused in (signal.SIGUSR1, signal.SIGUSR2):  # each would end the process unsaid by default
+            process.send_signal(unused)
+        before = len(recorder.on("/verdict"))
+        recorder.wait_for(lambda: len(recorder.on("/verdict")) > before + 10, what="still judging")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code, output = finish(process, timeout=30)
+        recorder.close()
+    assert code == 0, output
+    for name in ("SIGUSR1", "SIGUSR2"):
+        assert f"{name} means nothing to the station: ignored" in output, output
+
+
 def test_the_daemon_with_the_bundled_int8_model_judges_simulated_parts_accurately(tmp_path, broker):
     """Through the whole path: folder camera -> daemon -> MQTT, against the simulated truth."""
     from station.tools.demo import DEMO_MODEL, DEMO_REFERENCE

@@ -148,6 +148,9 @@ class Daemon:
         signal.signal(signal.SIGTERM, lambda *_: self._request_stop())
         signal.signal(signal.SIGINT, lambda *_: self._request_stop())
         signal.signal(signal.SIGHUP, lambda *_: setattr(self, "_reload_requested", True))
+        # By default these end a process without a word (a log-rotation habit sends SIGUSR1): said, not obeyed.
+        for unused in (signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(unused, _say_unused_signal)
 
     def _request_stop(self):
         self._stop_requested = True
@@ -395,3 +398,8 @@ class Daemon:
         if interval and now - self._last_ping >= interval / 3:
             sdnotify.notify("WATCHDOG=1")
             self._last_ping = now
+
+
+def _say_unused_signal(number, _frame):
+    log.warning("%s means nothing to the station: ignored (SIGTERM stops it, SIGHUP reloads)",
+                signal.Signals(number).name)
