@@ -6,6 +6,9 @@ through a CONNACK; this proxy does, on the broker-to-client side, packet by pack
     FaultProxy(broker_port, close_after=PUBACK)     every PUBACK forwarded, then the connection closed
     FaultProxy(broker_port, truncate=(CONNACK, 2))  the first 2 bytes of the CONNACK, then closed
     FaultProxy(broker_port, inject=PACKET)          PACKET sent to the client after each CONNACK
+    FaultProxy(broker_port, refuse_subscriptions=True)  every SUBACK's reason codes made 0x87 (Not authorized),
+                                                    as EMQX or HiveMQ answer a subscription their ACL denies
+                                                    (mosquitto 2.0 grants it and filters what it delivers)
 
 `heal()` makes it a plain proxy for the connections that follow.
 
@@ -17,7 +20,8 @@ import socket
 import threading
 import time
 
-CONNACK, PUBACK = 0x2, 0x4  # MQTT control packet types (the high nibble of the first byte)
+CONNACK, PUBACK, SUBACK = 0x2, 0x4, 0x9  # MQTT control packet types (the high nibble of the first byte)
+NOT_AUTHORIZED = 0x87
 
 
 def _read_exactly(sock: socket.socket, count: int) -> bytes:
@@ -46,8 +50,10 @@ def read_packet(sock: socket.socket) -> bytes:
 
 class FaultProxy:
     def __init__(self, broker_port: int, *, close_after: int | None = None,
-                 truncate: tuple[int, int] | None = None, inject: bytes | None = None):
+                 truncate: tuple[int, int] | None = None, inject: bytes | None = None,
+                 refuse_subscriptions: bool = False):
         self.broker_port = broker_port
+        self.refuse_subscriptions = refuse_subscriptions
         self.close_after, self.truncate, self.inject = close_after, truncate, inject
         self.connections: list[float] = []  # time.monotonic() of each accepted connection
         self.cuts = 0  # connections this proxy broke
@@ -58,6 +64,7 @@ class FaultProxy:
 
     def heal(self):
         self.close_after = self.truncate = self.inject = None
+        self.refuse_subscriptions = False
 
     def connections_between(self, start: float, end: float) -> int:
         return sum(start <= t < end for t in list(self.connections))
@@ -96,6 +103,8 @@ class FaultProxy:
                 if truncate and kind == truncate[0]:
                     client.sendall(packet[:truncate[1]])
                     break
+                if kind == SUBACK and self.refuse_subscriptions:
+                    packet = refused_suback(packet)
                 client.sendall(packet)
                 if kind == CONNACK and inject:
                     client.sendall(inject)
@@ -116,6 +125,24 @@ class FaultProxy:
     def shutdown(self):
         self._closed = True
         self.listener.close()
+
+
+def _varint_end(data: bytes, start: int) -> tuple[int, int]:
+    """(value, index after it) of the MQTT variable byte integer at `start`."""
+    value, shift, index = 0, 0, start
+    while True:
+        value |= (data[index] & 0x7F) << shift
+        shift, index = shift + 7, index + 1
+        if not data[index - 1] & 0x80:
+            return value, index
+
+
+def refused_suback(packet: bytes) -> bytes:
+    """An MQTT 5 SUBACK with every reason code Not authorized (fixed header, packet id, properties kept)."""
+    _, body = _varint_end(packet, 1)
+    properties, codes = _varint_end(packet, body + 2)
+    codes += properties
+    return packet[:codes] + bytes([NOT_AUTHORIZED]) * (len(packet) - codes)
 
 
 def _close(*sockets: socket.socket):

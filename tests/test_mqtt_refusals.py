@@ -246,3 +246,23 @@ def test_a_broker_that_leaves_an_mqtt5_connect_unanswered_gets_a_hint(launched, 
         process.terminate()
         assert output.finish(30) == 0
         listener.close()
+
+
+def test_a_refused_command_subscription_is_said_in_the_log_and_the_state(launched, tmp_path, station_files, broker):
+    """A broker whose ACL lets the station publish but not read its command topic, and says so in its
+    SUBACK: every command and trigger from the plant would vanish without a word. Said, and in the state."""
+    proxy = FaultProxy(broker.port, refuse_subscriptions=True)
+    recorder = Recorder(broker.host, broker.port, "plant/st1/state")
+    config = write_config(tmp_path, station_files, proxy, '{source: "sim://?seed=3", fps: 20}', stats_interval="0.3")
+    process = launch(launched, config)
+    output = Output(process)
+    try:
+        output.wait_for("the broker refused the subscription to plant/st1/command (Not authorized)", timeout=30)
+        recorder.wait_for(lambda: any("refused the subscription to plant/st1/command" in p
+                                      for st in recorder.json_on("/state") for p in st["problems"]), what="state")
+        process.send_signal(signal.SIGTERM)
+        assert output.finish(30) == 0, output.text
+        assert output.count("refused the subscription") == 1 and "Traceback" not in output.text
+    finally:
+        recorder.close()
+        proxy.shutdown()

@@ -98,6 +98,7 @@ class Publisher:
         self._threads: list[threading.Thread] = []
         self._password: str | None = None
         self._tls: ssl.SSLContext | None = None
+        self._commands_refused: str | None = None  # the broker refused the command subscription: why
 
     # -- public interface
 
@@ -113,7 +114,8 @@ class Publisher:
     def problems(self) -> list[str]:
         """Why messages are not being delivered right now (connections that do not hold, internal errors,
         held topics, a stalled window)."""
-        return self.watch.problems(self.delivery.drops_connection) + self.delivery.problems()
+        refused = [self._commands_refused] if self._commands_refused else []
+        return self.watch.problems(self.delivery.drops_connection) + self.delivery.problems() + refused
 
     def start(self):
         """Read credentials and TLS files (PublisherError if unusable), then connect in the background."""
@@ -216,6 +218,7 @@ class Publisher:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         return client
 
     def _supervise(self):
@@ -303,6 +306,21 @@ class Publisher:
         with self._lock:
             self._connected = connection.generation == self._generation
         self._wake.set()
+
+    def _on_subscribe(self, client, connection: Connection, mid, reason_codes, properties):
+        """A refused command subscription leaves the station deaf to the plant: commands and triggers sent
+        to it reach nobody, and nobody would be told. Said once, and in the state until a SUBACK grants it."""
+        refusals = [str(code) for code in reason_codes if code.is_failure]
+        if refusals:
+            problem = (f"the broker refused the subscription to {self.topics.command} ({refusals[0]}): commands "
+                       "and triggers sent to the station cannot arrive; let the station read that topic in the "
+                       "broker's ACL")
+            if problem != self._commands_refused:
+                log.error("%s", problem)
+            self._commands_refused = problem
+        elif self._commands_refused:
+            log.warning("the broker grants the subscription to %s again: commands arrive", self.topics.command)
+            self._commands_refused = None
 
     def _on_disconnect(self, client, connection: Connection, flags, reason_code, properties):
         if getattr(flags, "is_disconnect_packet_from_server", False):
