@@ -8,8 +8,9 @@ count. The rule, owned here and restated in fit.json's `budget`:
    recipe's two final models are estimated to cost (`final_seconds`: the candidate's own measured
    search training time scaled by the photos both final models train on, fit/pipeline.py's
    threshold_fractions owning their threshold slices, times their trunks; its measured calibration
-   embedding scaled by the photos they embed, per form; its measured export times the final models'
-   exports; a frozen candidate's measured seconds scaled by the photos both final models embed).
+   embedding scaled by the photos they embed, per form, and by their export gates' samples; its
+   measured export times the final models' exports; a frozen candidate's measured seconds scaled by
+   the photos both final models embed).
    A candidate starts only while its own estimate plus that reserve (for the best candidate so far,
    or for itself if it would win: the larger) fits what is left; a skipped one leaves room for later
    cheaper ones (fit/candidates.py), and only after its cost per part was measured within
@@ -23,7 +24,8 @@ count. The rule, owned here and restated in fit.json's `budget`:
    model trains nothing), nor when --members is given or the list did not finish.
 3. When the chosen recipe's final models are estimated not to fit what is left (the first candidate
    always runs; an estimate can be off), fit says so on screen and in fit.json (`budget.over`, a
-   warning) and goes on: never a silent overrun.
+   warning) and goes on: never a silent overrun. So does the audit model, once measured, when the
+   bundle model at its pace would end the fit over --budget (after_audit).
 """
 from __future__ import annotations
 
@@ -37,6 +39,9 @@ FORMS = 2
 # Exports per final model, each priced at the candidate's measured fp32 export and timing: fp32, then
 # int8 modes until one passes (fit/bundle.py), each gated against torch and timed.
 EXPORTS = 3
+# Each export's gate embeds its sample (the model's trained photos, up to export/onnx_export.py's
+# MAX_GATE_IMAGES) in torch, fp32 and int8: priced at the candidate's calibration embedding per photo.
+GATE_PASSES = 3
 TOLERANCE = 0.10  # the issue's bound: the whole fit within --budget plus 10 %
 FROZEN = ("positions", "lite0-tiles")  # nothing trains: their cost is embedding photos
 RULE = ("--budget bounds the whole station fit from its start: a candidate starts only while its estimate plus "
@@ -58,6 +63,7 @@ class Pools:
     n_final_held: int  # their threshold slices, together (each form embeds them)
     n_final_all: int  # both pools, together (a frozen model embeds every photo of its pool)
     n_test: int  # the test part, judged by the audit model in each form
+    n_final_gate: int = 0  # photos the final models' export gates embed, together (each model's up to MAX_GATE_IMAGES)
 
 
 def is_frozen(candidate) -> bool:
@@ -75,7 +81,8 @@ def final_seconds(pools: Pools, candidate, members: int, train_seconds: float, e
         return train_seconds * (pools.n_final_all + pools.n_test) * per_calibration_photo
     train = train_seconds * members * pools.n_final_train / max(pools.n_search_train, 1)
     embed = embed_seconds * FORMS * (pools.n_final_held + pools.n_test) * per_calibration_photo
-    return train + embed + 2 * EXPORTS * members * export_seconds
+    gates = embed_seconds * EXPORTS * GATE_PASSES * pools.n_final_gate * per_calibration_photo
+    return train + embed + gates + 2 * EXPORTS * members * export_seconds
 
 
 class Budget:
@@ -115,6 +122,19 @@ class Budget:
         """(whether a candidate of `estimate` seconds starts with `reserve` kept for the final models, left)."""
         left = self.left()
         return estimate is None or estimate + reserve <= left, left
+
+
+def after_audit(budget: Budget, audit_seconds: float, audit_estimate: float, bundle_share: float) -> str | None:
+    """Said when the audit model, measured, shows the bundle model will end the fit over --budget (its
+    estimate corrected by how far the audit model's was off; `bundle_share`: the bundle's share of both)."""
+    ratio = audit_seconds / audit_estimate if audit_estimate > 0 else 1.0
+    expected = audit_seconds * bundle_share / max(1.0 - bundle_share, 1e-9)
+    left = budget.left()
+    if expected <= left * (1 + TOLERANCE):
+        return None
+    return (f"the audit model took {audit_seconds:.0f} s (~{audit_estimate:.0f} s estimated, x{ratio:.2f}); the bundle "
+            f"model, ~{expected:.0f} s at that pace, will end the fit ~{expected - left:.0f} s over --budget "
+            f"{budget.seconds / 60:g} min")
 
 
 @dataclass(frozen=True)

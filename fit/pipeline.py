@@ -12,7 +12,7 @@ import numpy as np
 
 from calibration import thresholds as calibration_fit
 from fit import bundle, forms as model_forms, figures, report, tiles
-from fit.budget import Budget, Pools, plan_members
+from fit.budget import Budget, Pools, after_audit, plan_members
 from fit.candidates import DEFAULT_BUDGET_MINUTES, DEFAULT_MAX_MS_PER_PART, SearchOptions, candidate_list, run_candidates
 from fit.data_check import DataCheck, check_data
 from fit.split import DEFAULT_FRACTIONS, select, split_parts, split_table, require_goods
@@ -158,6 +158,10 @@ def _fit_in(data: DataCheck, parts: list[str], out: Path, workdir: Path, options
     else:
         per_form = model_forms.test_figures(audit.forms, test_items)
     evaluation, tested = per_form[model_forms.headline(audit.forms)]
+    audit_share = len(audit_items) / (len(audit_items) + len(data.items))  # of both models' photos
+    late = after_audit(budget, time.perf_counter() - finals, plan.final_estimated * audit_share, 1 - audit_share)
+    if late:
+        options.say(f"budget: {late}")
     final = build(candidate, data.items, list(data.groups), out, options, data, "bundle model")
     (out / bundle.REPORT).mkdir(exist_ok=True)
     for name, content in figures.test_report(evaluation, tested.paths).items():
@@ -166,7 +170,7 @@ def _fit_in(data: DataCheck, parts: list[str], out: Path, workdir: Path, options
                                                                list(final.forms))
                                            + (tiles.station_yaml_section(candidate) if tiles.is_tiled(candidate) else ""))
     warnings = (data.warnings + final.calibration.warnings + _test_warnings(evaluation.figures(), options)
-                + ([f"budget: {plan.over}"] if plan.over else []))
+                + [f"budget: {text}" for text in (plan.over, late) if text])
     result = {**_fit_json(data, parts, options, search, audit, final, evaluation.figures(), warnings),
               "forms": model_forms.fit_json(final.forms, per_form)}
     added = (audit.train_seconds + final.train_seconds) * plan.added / plan.members if plan.added else None
@@ -187,9 +191,12 @@ def _pools(data: DataCheck, parts: list[str], n_search_train: int, n_calibration
     """fit/budget.py's photo counts, each final model's threshold slice by threshold_fractions (its owner)."""
     pools = (_audit_pool(data, parts)[0], data.items)
     trained = [len(items) * threshold_fractions(items)["train"] for items in pools]
+    from export.onnx_export import MAX_GATE_IMAGES
+
     return Pools(n_search_train=n_search_train, n_calibration=n_calibration, n_final_train=round(sum(trained)),
                  n_final_held=round(sum(len(items) for items in pools) - sum(trained)),
-                 n_final_all=sum(len(items) for items in pools), n_test=n_test)
+                 n_final_all=sum(len(items) for items in pools), n_test=n_test,
+                 n_final_gate=round(sum(min(n, MAX_GATE_IMAGES) for n in trained)))
 
 
 def _member_plan(search, options: FitOptions, budget: Budget):

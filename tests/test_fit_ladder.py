@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from fit import candidates
-from fit.budget import Budget, Pools, final_seconds, plan_members
+from fit.budget import Budget, Pools, after_audit, final_seconds, plan_members
 from fit.candidates import Candidate, Outcome, SearchOptions, candidate_list, run_candidates
 from fit.sizes import MIN_GAIN, PRETRAINED_STEP, larger_pretrained_sizes, native_ceiling, pretrained_size
 from station.core.errors import DataError
@@ -142,6 +142,16 @@ def test_the_final_models_scale_by_their_photos_trunks_forms_and_a_frozen_model_
     assert trained == pytest.approx(120.0 + 1.0 * 2 * 650 / 250 + 2 * 3 * 3 * 0.5)
     frozen = final_seconds(pools, Candidate("positions", "frozen-s8"), 1, 5.0)
     assert frozen == pytest.approx(5.0 * (2400 + 250) / 250)
+    gated = Pools(**{**pools.__dict__, "n_final_gate": 1500})  # the export gates embed their samples too
+    assert final_seconds(gated, Candidate("cnn", "center"), 3, 10.0, 1.0, 0.5) == pytest.approx(
+        trained + 1.0 * 3 * 3 * 1500 / 250)
+
+
+def test_an_audit_model_slower_than_estimated_says_the_bundle_model_will_overrun():
+    budget = _budget(600.0, 400.0)  # 200 s left when the audit model is done
+    assert after_audit(budget, 100.0, 100.0, 0.5) is None  # the bundle's ~100 s fit
+    said = after_audit(budget, 300.0, 100.0, 0.5)
+    assert "took 300 s (~100 s estimated, x3.00)" in said and "~100 s over --budget 10 min" in said
 
 
 def test_a_candidate_starts_only_while_it_and_the_final_models_fit(tmp_path, monkeypatch):
