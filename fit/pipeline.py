@@ -12,7 +12,7 @@ import numpy as np
 
 from calibration import thresholds as calibration_fit
 from fit import bundle, forms as model_forms, figures, report, tiles
-from fit.budget import plan_members
+from fit.budget import Budget, Pools, after_audit, plan_members
 from fit.candidates import DEFAULT_BUDGET_MINUTES, DEFAULT_MAX_MS_PER_PART, SearchOptions, candidate_list, run_candidates
 from fit.data_check import DataCheck, check_data
 from fit.split import DEFAULT_FRACTIONS, select, split_parts, split_table, require_goods
@@ -105,32 +105,35 @@ def run_fit(options: FitOptions) -> dict:
         raise ConfigError(f"--out {out}: cannot write there ({exc.strerror or exc}); give a folder you can "
                           "write") from exc
     try:
-        result = _fit_in(data, parts, out, workdir, options)
+        result = _fit_in(data, parts, out, workdir, options, Budget(options.budget_minutes * 60.0, started=started))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     result["seconds"] = round(time.perf_counter() - started, 1)
+    result["budget"].update(_budget_total(result["budget"], result["seconds"]))
     bundle.write_json(out / bundle.FIT_JSON, result)
     for line in report.summary_lines(result):
         options.say(line)
     return result
 
 
-def _fit_in(data: DataCheck, parts: list[str], out: Path, workdir: Path, options: FitOptions) -> dict:
+def _fit_in(data: DataCheck, parts: list[str], out: Path, workdir: Path, options: FitOptions,
+            budget: Budget | None = None) -> dict:
     train_items, train_groups = select(data.items, parts, "train"), np.asarray(select(list(data.groups), parts, "train"))
     inner = split_parts(train_items, train_groups, options.seed, VAL_FRACTIONS)
     calibration_items, test_items = select(data.items, parts, "calibration"), select(data.items, parts, "test")
+    budget = budget or Budget(options.budget_minutes * 60.0)
+    budget.pools = _pools(data, parts, len(select(train_items, inner, "train")), len(calibration_items), len(test_items))
     options.say(report.data_line(data, parts, sum(p == "calibration" for p in inner)))
     candidates = candidate_list(data.native_size)
     tiled, tile_notes = tiles.tiled_candidates(data.items, workdir, options.max_ms_per_part, options.say)
     candidates[1:1] = tiled  # after the default: cheap (nothing trained), so a short budget still measures them
-    searched = time.perf_counter()
     search = run_candidates(
         candidates, select(train_items, inner, "train"), select(train_items, inner, "calibration"),
         calibration_items, workdir, SearchOptions(
             budget_minutes=options.budget_minutes, epochs=options.epochs, max_candidates=options.max_candidates,
             defect_rate=options.defect_rate, escape_cost=options.escape_cost,
             target_false_reject=options.target_false_reject, max_ms_per_part=options.max_ms_per_part,
-            members=options.members, progress=options.progress, data_root=data.root, say=options.say))
+            members=options.members, progress=options.progress, data_root=data.root, say=options.say, budget=budget))
     search.skipped += tile_notes
     # Cross-fitting. The audit model is the chosen recipe trained without the test part (train and
     # calibration parts, less its own threshold slice), thresholded on that slice, judged on the test
@@ -138,11 +141,13 @@ def _fit_in(data: DataCheck, parts: list[str], out: Path, workdir: Path, options
     # photo but its own threshold slice: the tiles gained 0.994 vs 0.982 AUROC from training on 85 %
     # of the photos instead of 68 % (docs/fit.md).
     candidate = search.chosen.candidate
-    n_pools = len(_audit_pool(data, parts)[0]) + len(data.items)
-    plan = _member_plan(search, options, time.perf_counter() - searched, len(select(train_items, inner, "train")), n_pools)
+    plan = _member_plan(search, options, budget)
     if plan.added:
         options.say(f"budget: {plan.why}: the final models get {plan.members} trunks")
         options = replace(options, members=plan.members)
+    if plan.over:
+        options.say(f"budget: {plan.over}")
+    finals = time.perf_counter()
     build = build_model
     if candidate.arch == "positions":  # frozen: nothing to train (fit/positions.py)
         from fit.positions import build_position_model as build
@@ -153,6 +158,10 @@ def _fit_in(data: DataCheck, parts: list[str], out: Path, workdir: Path, options
     else:
         per_form = model_forms.test_figures(audit.forms, test_items)
     evaluation, tested = per_form[model_forms.headline(audit.forms)]
+    audit_share = len(audit_items) / (len(audit_items) + len(data.items))  # of both models' photos
+    late = after_audit(budget, time.perf_counter() - finals, plan.final_estimated * audit_share, 1 - audit_share)
+    if late:
+        options.say(f"budget: {late}")
     final = build(candidate, data.items, list(data.groups), out, options, data, "bundle model")
     (out / bundle.REPORT).mkdir(exist_ok=True)
     for name, content in figures.test_report(evaluation, tested.paths).items():
@@ -160,22 +169,43 @@ def _fit_in(data: DataCheck, parts: list[str], out: Path, workdir: Path, options
     (out / bundle.STATION_YAML).write_text(bundle.station_yaml(options.product_name, data.native_size, data.fingerprint,
                                                                list(final.forms))
                                            + (tiles.station_yaml_section(candidate) if tiles.is_tiled(candidate) else ""))
-    warnings = data.warnings + final.calibration.warnings + _test_warnings(evaluation.figures(), options)
+    warnings = (data.warnings + final.calibration.warnings + _test_warnings(evaluation.figures(), options)
+                + [f"budget: {text}" for text in (plan.over, late) if text])
     result = {**_fit_json(data, parts, options, search, audit, final, evaluation.figures(), warnings),
               "forms": model_forms.fit_json(final.forms, per_form)}
     added = (audit.train_seconds + final.train_seconds) * plan.added / plan.members if plan.added else None
-    result["budget"] = plan.summary(added)
+    result["budget"] = plan.summary(time.perf_counter() - finals, budget.elapsed(), added)
     return result
 
 
-def _member_plan(search, options: FitOptions, search_seconds: float, n_search_train: int, n_pools: int):
-    """fit/budget.py's rule: what the list left of --budget adds trunks to the chosen ensemble."""
+def _budget_total(summary: dict, total_seconds: float) -> dict:
+    """fit.json's budget with the whole run's measured seconds (fit.json written included, nearly)."""
+    from fit.budget import TOLERANCE
+
+    return {"total_seconds": total_seconds, "spent_seconds": total_seconds,
+            "spent_share": round(total_seconds / summary["budget_seconds"], 3),
+            "within": total_seconds <= summary["budget_seconds"] * (1 + TOLERANCE)}
+
+
+def _pools(data: DataCheck, parts: list[str], n_search_train: int, n_calibration: int, n_test: int) -> Pools:
+    """fit/budget.py's photo counts, each final model's threshold slice by threshold_fractions (its owner)."""
+    pools = (_audit_pool(data, parts)[0], data.items)
+    trained = [len(items) * threshold_fractions(items)["train"] for items in pools]
+    from export.onnx_export import MAX_GATE_IMAGES
+
+    return Pools(n_search_train=n_search_train, n_calibration=n_calibration, n_final_train=round(sum(trained)),
+                 n_final_held=round(sum(len(items) for items in pools) - sum(trained)),
+                 n_final_all=sum(len(items) for items in pools), n_test=n_test,
+                 n_final_gate=round(sum(min(n, MAX_GATE_IMAGES) for n in trained)))
+
+
+def _member_plan(search, options: FitOptions, budget: Budget):
+    """fit/budget.py's rule: what the list and the chosen recipe's final models leave of --budget adds trunks."""
     from export.train import default_members
 
     chosen = search.chosen
     default = 1 if chosen.candidate.arch == "positions" or tiles.is_tiled(chosen.candidate) else default_members(chosen.candidate.arch)
-    return plan_members(chosen, default, options.members, options.budget_minutes * 60.0, search_seconds,
-                        n_search_train, n_pools, options.max_ms_per_part, search.complete)
+    return plan_members(chosen, default, options.members, budget, options.max_ms_per_part, search.complete)
 
 
 def _audit_pool(data: DataCheck, parts: list[str]) -> tuple[list, list]:

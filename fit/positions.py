@@ -4,7 +4,7 @@ Nothing trains. As a candidate the model is exported, embeds the calibration par
 calibrated on it by calibration/positions.py as the trained candidates are by calibration/fit.py:
 the good parts' scores out of fold, the defects scored by the Gaussians of every good part, never
 fitted on; so fit/choice.py compares its AUROC with theirs on the same parts. Its cost per part is
-the exported graph's, measured with onnxruntime as the others' (fit/candidates.py: onnx_ms) before anything is embedded,
+the exported graph's, measured with onnxruntime as the others' (fit/cost.py: onnx_ms) before anything is embedded,
 plus scoring one part against Gaussians of its grid (one (1xC)(CxC) product per position).
 
 Chosen, its audit and bundle models are the same frozen network, each calibrated on its whole pool
@@ -25,7 +25,8 @@ import numpy as np
 from calibration import workflow
 from calibration.positions import calibrate_positions_held_out
 from fit import bundle
-from fit.candidates import Candidate, Outcome, onnx_ms, pretrained_size
+from fit.candidates import Candidate, Outcome, pretrained_size
+from fit.cost import onnx_ms
 from fit.sizes import larger_pretrained_sizes
 from station.core.errors import StationError
 

@@ -43,9 +43,15 @@ def summary_lines(result: dict) -> list[str]:
     lines.append(result["choice"]["text"])
     if result.get("budget"):
         spent = result["budget"]
-        lines.append(f"budget: {spent['spent_seconds']:.0f} of {spent['budget_seconds']:.0f} s spent on candidates"
-                     + (f" and {spent['added_members']} added trunks" if spent["added_members"] else "")
-                     + f" ({spent['why']})")
+        total = spent.get("total_seconds")
+        lines.append(f"budget: {spent['spent_seconds']:.0f} of {spent['budget_seconds']:.0f} s spent "
+                     f"({spent['spent_share']:.0%}: search {spent['search_seconds']:.0f} s, final models "
+                     + ("n/a" if spent.get("final_seconds_measured") is None else f"{spent['final_seconds_measured']:.0f} s")
+                     + ("" if spent.get("final_seconds_estimated") is None else
+                        f" of ~{spent['final_seconds_estimated']:.0f} s estimated") + ")"
+                     + (f", {spent['added_members']} added trunks" if spent["added_members"] else "")
+                     + f" ({spent['why']})" + ("" if total is None or spent.get("within") else
+                                               " -- over --budget by more than 10 %"))
     lines.append(f"export: {result['export']['mode']} ({result['export']['why']})")
     if result.get("forms"):
         from fit.forms import summary_lines as form_lines

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import shutil
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -45,7 +44,6 @@ MIN_AREA_RATIO = 8.0
 WHOLE_IMAGE_AREA = 96 * 96  # fit/candidates.py: PRETRAINED_AREA, the whole-image pretrained input
 SCALES = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0)  # photo pixels per input pixel
 OVERLAPS = (0.25, 0.5)  # of a tile side; a defect up to `overlap` tiles across lies whole in some tile
-COST_RUNS = 15
 HEADROOM = 0.9  # a geometry is measured when its estimate is within this share of the limit
 
 
@@ -122,17 +120,13 @@ def tile_model(workdir: Path):
     return path, Embedder(path)
 
 
-def measured_ms(embedder, count: int) -> float:
-    """Milliseconds one part's `count` tiles take in ONE onnxruntime batch (median of COST_RUNS)."""
-    from station.core.embedder import INPUT_NAME, OUTPUT_NAME
+def measured_ms(embedder, count: int, limit_ms: float | None = None) -> float:
+    """Milliseconds one part's `count` tiles take in ONE onnxruntime batch: fit/cost.py's measurement,
+    the one every candidate gets (re-measured while over `limit_ms`, the lowest median kept)."""
+    from fit.cost import session_ms
 
-    feed = {INPUT_NAME: np.random.default_rng(0).random((count,) + embedder.input_spec.sample_shape, np.float32)}
-    times = []
-    for _ in range(3 + COST_RUNS):
-        started = time.perf_counter()
-        embedder.session.run([OUTPUT_NAME], feed)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times[3:]) * 1000.0
+    batch = np.random.default_rng(0).random((count,) + embedder.input_spec.sample_shape, np.float32)
+    return session_ms(embedder.session, batch, limit_ms)
 
 
 def tiled_candidates(items, workdir: Path, max_ms_per_part: float, say=print) -> tuple[list[TiledCandidate], list[str]]:
@@ -159,7 +153,7 @@ def tiled_candidates(items, workdir: Path, max_ms_per_part: float, say=print) ->
                 continue
             if per_tile * geometry.count > HEADROOM * max_ms_per_part:
                 continue
-            cost = measured_ms(embedder, geometry.count)
+            cost = measured_ms(embedder, geometry.count, max_ms_per_part)
             if cost <= max_ms_per_part:
                 chosen = TiledCandidate(shape[0], shape[1], region, overlap)
                 say(f"tiles: {geometry.text()} ({scale:g} photo pixels per input pixel) cost {cost:.2f} ms a part")
@@ -202,7 +196,7 @@ def measure(candidate: TiledCandidate, calibration_items, workdir: Path, options
         outcome.false_reject_rate, outcome.expected_cost = float(chosen.false_reject_rate), chosen.expected_cost
         outcome.n_good, outcome.n_defect = len(goods), len(defects)
         outcome.good_scores, outcome.defect_scores = chosen.good_scores, chosen.defect_scores
-        outcome.ms_per_part = measured_ms(embedder, geometry.count)
+        outcome.ms_per_part = measured_ms(embedder, geometry.count, options.max_ms_per_part)
         if outcome.ms_per_part > options.max_ms_per_part:
             outcome.error = (f"{outcome.ms_per_part:.2f} ms a part ({geometry.count} tiles in one batch, measured "
                              f"here) is over --max-ms-per-part {options.max_ms_per_part:g}")

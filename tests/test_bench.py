@@ -31,6 +31,8 @@ def test_bench_reports_stages_raw_models_tuning_and_the_daemon_end_to_end(mosqui
     table = bench.format_table(figures)
     assert f"raw onnxruntime {first['p50_us']:.1f} µs a part (session.run alone, batch 1)" in table
     assert f"8 regions in one call: {first['regions']['per_part_us']:.1f} µs a part" in table
+    assert figures["cost_per_part"] == {"ms_per_part": round(first["p50_us"] / 1000, 4), "tiles": None}
+    assert f"cost per part: {figures['cost_per_part']['ms_per_part']:.3f} ms (" in table
     cost = figures["integrations"]  # metrics, snapshot and discovery: off and on, 3 runs each
     assert len(cost["off_verdicts_per_s"]) == len(cost["on_verdicts_per_s"]) == 3
     assert cost["on_median"] > 0 and cost["off_median"] > 0 and "cost_percent" in cost

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from fit import candidates
-from fit.budget import MAX_MEMBERS, plan_members
+from fit.budget import Budget, Pools, after_audit, final_seconds, plan_members
 from fit.candidates import Candidate, Outcome, SearchOptions, candidate_list, run_candidates
 from fit.sizes import MIN_GAIN, PRETRAINED_STEP, larger_pretrained_sizes, native_ceiling, pretrained_size
 from station.core.errors import DataError
@@ -99,20 +99,88 @@ def test_a_candidate_over_the_time_per_part_is_never_trained_nor_a_larger_input_
     assert 0 < candidates.cost_per_part(tmp_path / "c0.untrained.pt") < 50
 
 
-def test_the_budget_a_small_dataset_leaves_adds_trunks_within_time_and_cost():
+def _budget(seconds, elapsed, pools=None):
+    """A Budget `elapsed` seconds into its `seconds` (pools: 500 search photos, 2,000 final ones)."""
+    pools = pools or Pools(n_search_train=500, n_calibration=250, n_final_train=2000, n_final_held=400,
+                           n_final_all=2400, n_test=250)
+    return Budget(seconds, pools, started=candidates.time.perf_counter() - elapsed)
+
+
+def test_the_budget_a_small_dataset_leaves_adds_trunks_after_reserving_the_final_models():
     chosen = Outcome(Candidate("cnn", "center"), seconds=10.0, ms_per_part=0.6)  # 3 trunks of 0.2 ms
-    # one more trunk: 10 s x 0.85 x 2000 / 500 = 34 s for both final models.
-    plan = plan_members(chosen, 3, None, 600.0, 500.0, 500, 2000, 10.0)
-    assert plan.members == 5 and plan.added == 2 and plan.seconds_per_member == pytest.approx(34.0)
-    assert plan.summary(70.0)["spent_seconds"] == 570.0 and plan.summary(70.0)["spent_share"] == 0.95
-    assert plan_members(chosen, 3, None, 600.0, 100.0, 500, 2000, 10.0).members == MAX_MEMBERS
-    assert plan_members(chosen, 3, None, 600.0, 100.0, 500, 2000, 0.9).members == 4  # 4 x 0.2 ms fit 0.9 ms
-    for plan in (plan_members(chosen, 3, None, 600.0, 590.0, 500, 2000, 10.0),  # 10 s left: no trunk fits
-                 plan_members(chosen, 3, 2, 600.0, 100.0, 500, 2000, 10.0),  # --members decides
-                 plan_members(chosen, 3, None, 600.0, 100.0, 500, 2000, 10.0, complete=False),
+    # one trunk for both final models: 10 s x 2,000 / 500 = 40 s; the default three: 120 s, reserved first.
+    plan = plan_members(chosen, 3, None, _budget(600.0, 350.0), 10.0)  # 250 s left
+    assert plan.members == 6 and plan.added == 3 and plan.seconds_per_member == pytest.approx(40.0, rel=1e-3)
+    assert plan.final_estimated == pytest.approx(240.0, rel=1e-3) and plan.over is None
+    plan = plan_members(chosen, 3, None, _budget(600.0, 390.0), 10.0)  # 210 s left: 120 s reserved, 2 more fit
+    assert plan.members == 5 and plan.added == 2
+    summary = plan.summary(190.0, 590.0, 70.0)
+    assert summary["spent_seconds"] == 590.0 and summary["spent_share"] == pytest.approx(0.983) and summary["within"]
+    assert summary["final_seconds_estimated"] == pytest.approx(200.0, rel=1e-3) and "whole" in summary["rule"]
+    assert plan_members(chosen, 3, None, _budget(600.0, 100.0), 0.9).members == 4  # 4 x 0.2 ms fit 0.9 ms
+    for plan in (plan_members(chosen, 3, None, _budget(600.0, 470.0), 10.0),  # 130 s left: the default's 120 s only
+                 plan_members(chosen, 3, 2, _budget(600.0, 100.0), 10.0),  # --members decides
+                 plan_members(chosen, 3, None, _budget(600.0, 100.0), 10.0, complete=False),
                  plan_members(Outcome(Candidate("lite0", "center"), seconds=10.0, ms_per_part=2.0), 1, None,
-                              600.0, 100.0, 500, 2000, 10.0)):
-        assert plan.added == 0 and plan.why
+                              _budget(600.0, 100.0), 10.0)):
+        assert plan.added == 0 and plan.why and plan.over is None
+
+
+def test_a_chosen_recipe_whose_final_models_cannot_fit_is_said_never_a_silent_overrun():
+    chosen = Outcome(Candidate("cnn", "center"), seconds=100.0, ms_per_part=0.6)  # final models: 3 x 400 s
+    plan = plan_members(chosen, 3, None, _budget(600.0, 300.0), 10.0)
+    assert plan.added == 0 and "overrun" in plan.over and "1200 s" in plan.over
+    summary = plan.summary(1200.0, 1500.0)
+    assert summary["over"] == plan.over and summary["within"] is False
+
+
+def test_the_final_models_scale_by_their_photos_trunks_forms_and_a_frozen_model_by_what_it_embeds():
+    pools = Pools(n_search_train=500, n_calibration=250, n_final_train=2000, n_final_held=400, n_final_all=2400,
+                  n_test=250)
+    trained = final_seconds(pools, Candidate("cnn", "center"), 3, 10.0, embed_seconds=1.0, export_seconds=0.5)
+    # training 3 x 10 x 4; embedding 1 s a calibration part, (400 + 250) photos in 2 forms; 2 models x 3 exports x 3.
+    assert trained == pytest.approx(120.0 + 1.0 * 2 * 650 / 250 + 2 * 3 * 3 * 0.5)
+    frozen = final_seconds(pools, Candidate("positions", "frozen-s8"), 1, 5.0)
+    assert frozen == pytest.approx(5.0 * (2400 + 250) / 250)
+    gated = Pools(**{**pools.__dict__, "n_final_gate": 1500})  # the export gates embed their samples too
+    assert final_seconds(gated, Candidate("cnn", "center"), 3, 10.0, 1.0, 0.5) == pytest.approx(
+        trained + 1.0 * 3 * 3 * 1500 / 250)
+
+
+def test_an_audit_model_slower_than_estimated_says_the_bundle_model_will_overrun():
+    budget = _budget(600.0, 400.0)  # 200 s left when the audit model is done
+    assert after_audit(budget, 100.0, 100.0, 0.5) is None  # the bundle's ~100 s fit
+    said = after_audit(budget, 300.0, 100.0, 0.5)
+    assert "took 300 s (~100 s estimated, x3.00)" in said and "~100 s over --budget 10 min" in said
+
+
+def test_a_candidate_starts_only_while_it_and_the_final_models_fit(tmp_path, monkeypatch):
+    """The first candidate's final models are kept aside: a second one that fits the budget alone but not
+    beside them is skipped, a cheaper third still runs (fit/budget.py)."""
+    from export import train  # noqa: F401
+
+    clock = [0.0]
+    monkeypatch.setattr(candidates.time, "perf_counter", lambda: clock[0])
+    order = [Candidate("mlp", "center"), Candidate("mlp", "center", 0, (72, 52)), Candidate("mlp", "center", 1)]
+    took = {order[0]: 10.0, order[1]: 40.0, order[2]: 10.0}
+
+    def timed(candidate, *args):
+        outcome = _fake(0.0)(candidate, *args)
+        outcome.seconds = took[candidate]
+        clock[0] += outcome.seconds
+        return outcome
+
+    monkeypatch.setattr(candidates, "_train_and_measure", timed)
+    pools = Pools(n_search_train=10, n_calibration=10, n_final_train=30, n_final_held=6, n_final_all=36, n_test=4)
+    # mlp, 3 trunks: 3 x 10 s x 30 / 10 = 90 s of final models for the first; 120 s budget.
+    budget = Budget(120.0, pools, started=0.0)
+    search = run_candidates(order, list(range(10)), [], [], tmp_path, SearchOptions(
+        budget_minutes=2, epochs=1, say=lambda line: None, budget=budget))
+    # The 72x52 mlp (~40 s) alone fits the 110 s left, not beside 4 x its own 40 s x 3 trunks reserved.
+    assert [o.candidate for o in search.outcomes] == [order[0], order[2]]
+    assert search.skipped[0].startswith("mlp/center/72x52/seed0: budget (110 s left, ~40 s estimated, ~")
+    assert "kept for the final models" in search.skipped[0] and not search.complete
+    # The third: 10 s, with the first's 90 s reserved, fits the 110 s left.
 
 
 def test_estimates_follow_how_far_off_the_earlier_ones_were_and_a_skipped_one_leaves_room_for_cheaper(tmp_path,

@@ -270,10 +270,27 @@ def station_models(config) -> tuple[list[Path], Path, str, int]:
 
     regions = len(config.rois or ()) if config.rois and len(config.rois) > 1 else bench_latency.REGIONS
     if not isinstance(config.model, dict):
-        return [config.model], config.reference_for()[1], f"model {config.model}", regions
-    choice = choose(config)
-    others = [path for form, path in sorted(config.model_paths.items()) if form != choice.form]
-    return [config.model[choice.form], *others], config.for_form(choice.form).reference_for()[1], choice.line(), regions
+        models, reference, why = [config.model], config.reference_for()[1], f"model {config.model}"
+    else:
+        choice = choose(config)
+        others = [path for form, path in sorted(config.model_paths.items()) if form != choice.form]
+        models, reference, why = ([config.model[choice.form], *others], config.for_form(choice.form).reference_for()[1],
+                                  choice.line())
+    if config.tiles:  # a part is its tiles, judged in one batch: raw onnxruntime times that part
+        geometry = _tile_geometry(config, reference)
+        # The daemon's stages run on bench's simulated parts, whole: a reference set for them is calibrated there.
+        return models, None, f"{why}\n{TILES_MARK}{geometry.text()}", geometry.count
+    return models, reference, why, regions
+
+
+TILES_MARK = "tiles: "  # the line station_models adds for a tiled station.yaml
+
+
+def _tile_geometry(config, reference: Path):
+    from station.core import reference_set
+    from station.runtime.inspector import tile_geometry
+
+    return tile_geometry(config, reference_set.load(reference), reference)
 
 
 def run_bench(models: list[Path], reference: Path | None, n_parts: int, broker: tuple[str, int] | None,
@@ -315,11 +332,14 @@ def run_bench(models: list[Path], reference: Path | None, n_parts: int, broker: 
                 local.stop()
     raw_p50 = raw[str(models[0])]["p50_us"]
     per_verdict_us = 1e6 / e2e["verdicts_per_s"]
+    tiled = next((line[len(TILES_MARK):] for line in (chosen or "").splitlines() if line.startswith(TILES_MARK)), None)
     return {
         "machine": machine(),
         "model": str(models[0]),
         **({"model_form": chosen} if chosen else {}),
         "raw_per_part_us": raw_p50,  # session.run alone, batch 1: beside the end-to-end per-verdict cost
+        # The station's model's cost per part: batch 1, or a tiled part's tiles in one batch (per tile beside it).
+        "cost_per_part": _cost_per_part(raw[str(models[0])], tiled),
         "stages": stages,
         "raw_onnxruntime": raw,
         "session_tuning": tuning,
@@ -330,6 +350,23 @@ def run_bench(models: list[Path], reference: Path | None, n_parts: int, broker: 
         **({"integrations": cost} if integrations else {}),
         **paced,  # latency (grab -> PUBACK) and regions (station/tools/bench_latency.py)
     }
+
+
+def _cost_per_part(raw: dict, tiled: str | None) -> dict:
+    if tiled is None:
+        return {"ms_per_part": round(raw["p50_us"] / 1000.0, 4), "tiles": None}
+    return {"ms_per_part": round(raw["regions"]["per_part_us"] / 1000.0, 4), "tiles": raw["regions"]["n"],
+            "ms_per_tile": round(raw["regions"]["per_region_us"] / 1000.0, 4), "geometry": tiled}
+
+
+def cost_line(figures: dict) -> str:
+    """The station's model's cost per part (and per tile for a tiled part), one line."""
+    cost, model = figures["cost_per_part"], next(iter(figures["raw_onnxruntime"].values()))
+    named = f"{model['arch']} {model['quantization']}"
+    if not cost["tiles"]:
+        return f"cost per part: {cost['ms_per_part']:.3f} ms ({named}, batch 1, raw onnxruntime)"
+    return (f"cost per part: {cost['ms_per_part']:.3f} ms = {cost['tiles']} tiles x {cost['ms_per_tile']:.4f} ms a tile "
+            f"in one batch ({named}, raw onnxruntime; {cost['geometry']})")
 
 
 def format_table(figures: dict) -> str:
@@ -346,6 +383,7 @@ def format_table(figures: dict) -> str:
         label = f"{raw['arch']} {raw['quantization']}"
         lines.append(f"{label:34s} {raw['p50_us']:10.1f} {raw['p99_us']:10.1f} {raw['size_bytes'] / 1024:8.0f} KiB "
                      f"{raw['regions']['per_part_us']:15.1f} µs {raw['regions']['per_region_us']:6.1f} µs")
+    lines += ["", cost_line(figures)]
     lines += ["", f"{'session (first model), batch 1':34s} {'p50 µs':>10s} {'p99 µs':>10s}"]
     for name, tuned in figures["session_tuning"].items():
         lines.append(f"{name:34s} {tuned['p50_us']:10.1f} {tuned['p99_us']:10.1f}")
@@ -355,7 +393,9 @@ def format_table(figures: dict) -> str:
         f"end to end: {e2e['parts']} parts, {e2e['verdicts_per_s']:.0f} verdicts/s "
         f"(daemon, folder source, mosquitto QoS 1, durable outbox)",
         f"per-verdict cost {figures['per_verdict_us']:.1f} µs end to end, raw onnxruntime {figures['raw_per_part_us']:.1f} µs "
-        f"a part (session.run alone, batch 1): {figures['per_verdict_over_raw']:.1f}x",
+        f"a part (session.run alone, batch 1): {figures['per_verdict_over_raw']:.1f}x"
+        + (" (bench's simulated parts, each one crop, not tiled: a tiled part's cost is the line above)"
+           if figures.get("cost_per_part", {}).get("tiles") else ""),
         f"peak RSS {e2e['peak_rss_mib']:.1f} MiB, READY after {e2e['ready_s']:.2f} s, torch loaded: {e2e['torch_loaded']}",
     ]
     if "integrations" in figures:

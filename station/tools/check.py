@@ -97,11 +97,19 @@ def _judging_rate(config: StationConfig, embedder) -> list[str]:
     per_part = statistics.median(timings)
     members = inspector.embedder.info.extra.get("members", "1")
     form = inspector.describe()["model_form"]
-    per_region = f", {per_part / regions * 1e3:.3f} ms a region" if regions > 1 else ""
     chosen = [inspector.form.line()] if inspector.form else []
-    return chosen + [f"judging: {regions} region(s) a part with {inspector.embedder.info.arch} x{members} {form}: "
-            f"{per_part * 1e3:.2f} ms a part{per_region} on this machine (~{1 / per_part:,.0f} parts/s before "
-            "publishing; `station bench` times the whole path)"]
+    model = f"{inspector.embedder.info.arch} x{members} {form}"
+    rate = (f"on this machine (~{1 / per_part:,.0f} parts/s before publishing; `station bench` times the whole "
+            "path)")
+    if config.tiles:  # a tiled part: every tile in one batch, what fit held to --max-ms-per-part
+        from station.runtime.inspector import tile_geometry
+
+        geometry = tile_geometry(config, inspector.reference_set, config.reference_for()[1])
+        return chosen + [f"judging: {geometry.text()}, every tile of a part in one batch, with {model}: "
+                         f"{per_part * 1e3:.2f} ms a part, {per_part / regions * 1e3:.3f} ms a tile {rate}"]
+    per_region = f", {per_part / regions * 1e3:.3f} ms a region" if regions > 1 else ""
+    return chosen + [f"judging: {regions} region(s) a part with {model}: {per_part * 1e3:.2f} ms a part{per_region} "
+                     + rate]
 
 
 def _file_problems(config: StationConfig, env) -> list[str]:
