@@ -59,6 +59,7 @@ class MetricFit:
     escape_rate: float | None
     problem: str | None = None  # why this metric cannot be used, if it cannot
     expected_cost: float | None = None  # (1-p) FRR + p c ER at the threshold, when chosen by cost
+    kernel_widths: tuple[float, float] | None = None  # (good, defect) in log-score space, when chosen by cost
 
     def summary(self) -> dict:
         good = self.good_scores[np.isfinite(self.good_scores)]
@@ -75,6 +76,8 @@ class MetricFit:
             out["escape_rate"] = round(float(self.escape_rate), 6)
         if self.expected_cost is not None:
             out["expected_cost"] = round(float(self.expected_cost), 6)
+        if self.kernel_widths is not None:
+            out["kernel_widths_log"] = {"good": round(self.kernel_widths[0], 6), "defect": round(self.kernel_widths[1], 6)}
         return out
 
 
@@ -392,8 +395,9 @@ def cost_fit(good_oof: np.ndarray, defect_scores: np.ndarray, defect_rate: float
     if false_reject > MAX_ACCEPTABLE_FALSE_REJECT:
         problem = f"the threshold {threshold:.4g} would flag {false_reject:.0%} of good parts"
     escape = float(np.mean(defect_scores <= threshold))
+    widths = class_widths(_log_scores(good_oof)[0], _log_scores(defect_scores)[0])
     return MetricFit(threshold, good_oof, defect_scores, auroc(good_oof, defect_scores), false_reject, escape,
-                     problem, expected_cost=cost)
+                     problem, expected_cost=cost, kernel_widths=widths)
 
 
 def _goods_only(model, shrinkage, oof, metric, target_false_reject) -> Calibration:

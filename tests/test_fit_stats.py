@@ -161,3 +161,7 @@ def test_defects_that_score_among_the_good_parts_do_not_drag_the_cut_into_the_go
     g, d = np.log(good), np.log(np.concatenate([seen, hidden]))
     width_g, width_d = thresholds.class_widths(g, d)
     assert width_d / width_g == pytest.approx((82 / 14) ** 0.2)
+    # fit.json records the widths the cut was smoothed with, per metric.
+    summary = thresholds.cost_fit(good, np.concatenate([seen, hidden]), 0.05, 20).summary()
+    assert summary["kernel_widths_log"] == {"good": pytest.approx(width_g, abs=1e-6),
+                                            "defect": pytest.approx(width_d, abs=1e-6)}
