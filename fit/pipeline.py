@@ -309,7 +309,8 @@ def _threshold_rule(calibration, options: FitOptions) -> str:
     chosen = calibration.fits[calibration.metric]
     if chosen.expected_cost is not None:
         return (f"least expected cost on parts the final model never saw: (1-p) FRR + p c ER with defect rate p "
-                f"{options.defect_rate:g} and escape cost c {options.escape_cost:g} false rejects")
+                f"{options.defect_rate:g} and escape cost c {options.escape_cost:g} false rejects, each class's scores "
+                "smoothed in log space by Silverman's rule with its own count and the good parts' spread")
     return f"false-reject target on good parts the final model never saw (out of fold); requested {options.target_false_reject:g}"
 
 

@@ -142,3 +142,26 @@ def test_infinite_scores_count_as_highest_and_never_crash_the_cut():
     assert threshold > good.max()  # every defect is above any finite cut
     threshold, _ = thresholds.cost_threshold(good, np.array([np.inf, 0.5, 0.6]), 0.05, 20)
     assert good.max() < threshold < 0.5
+
+
+def test_defects_that_score_among_the_good_parts_do_not_drag_the_cut_into_the_good_tail():
+    # 82 good parts and 11 defects the metric sees, as on a small threshold slice; then 3 defects that
+    # score like good parts (no threshold catches them). With each class's kernel as wide as its own
+    # spread, those 3 made the defect kernel several times the goods' and smeared them into the cut.
+    rng = np.random.default_rng(3)
+    good = rng.lognormal(np.log(0.1), 0.25, 82)
+    seen = rng.lognormal(np.log(0.3), 0.4, 11)
+    hidden = np.quantile(good, [0.55, 0.6, 0.8])
+    alone, _ = thresholds.cost_threshold(good, seen, 0.05, 20)
+    mixed, _ = thresholds.cost_threshold(good, np.concatenate([seen, hidden]), 0.05, 20)
+    new_good = rng.lognormal(np.log(0.1), 0.25, 20000)
+    # (each class on its own spread: 3.5 % -> 5.1 % of new good parts rejected; the goods' spread: 3.2 % -> 2.8 %)
+    assert np.mean(new_good > mixed) <= np.mean(new_good > alone) + 0.005
+    # Both kernels take the good parts' spread; the smaller class's kernel is wider (Silverman's n ** -0.2).
+    g, d = np.log(good), np.log(np.concatenate([seen, hidden]))
+    width_g, width_d = thresholds.class_widths(g, d)
+    assert width_d / width_g == pytest.approx((82 / 14) ** 0.2)
+    # fit.json records the widths the cut was smoothed with, per metric.
+    summary = thresholds.cost_fit(good, np.concatenate([seen, hidden]), 0.05, 20).summary()
+    assert summary["kernel_widths_log"] == {"good": pytest.approx(width_g, abs=1e-6),
+                                            "defect": pytest.approx(width_d, abs=1e-6)}
