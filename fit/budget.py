@@ -11,8 +11,8 @@ count. The rule, owned here and restated in fit.json's `budget`:
    embedding scaled by the photos they embed, per form, and by their export gates' samples; its
    measured export times the final models' exports; a frozen candidate's measured seconds scaled by
    the photos both final models embed).
-   A candidate starts only while its own estimate plus that reserve (for the best candidate so far,
-   or for itself if it would win: the larger) fits what is left; a skipped one leaves room for later
+   A candidate starts only while its own estimate plus that reserve (for the likely winner so far:
+   a candidate's own final models are known only once it ran) fits what is left; a skipped one leaves room for later
    cheaper ones (fit/candidates.py), and only after its cost per part was measured within
    --max-ms-per-part. After the from-scratch trunks the list climbs the pretrained trunk's inputs,
    cheapest first, up to the photos' own size (fit/sizes.py): a larger input helped it.
@@ -105,18 +105,6 @@ class Budget:
             return 0.0
         return final_seconds(self.pools, outcome.candidate, members, outcome.train_seconds, outcome.embed_seconds,
                              outcome.export_seconds)
-
-    def final_unmeasured(self, candidate, members: int, estimate: float | None, like=None) -> float:
-        """The final models' estimate for a candidate before it runs: its estimated training, the
-        overheads of `like` (a measured Outcome, the same trunk where one ran) scaled by input pixels."""
-        if self.pools is None or estimate is None:
-            return 0.0
-        scale = 1.0
-        embed = export = 0.0
-        if like is not None and not is_frozen(like.candidate):
-            scale = candidate.size[0] * candidate.size[1] / max(like.candidate.size[0] * like.candidate.size[1], 1)
-            embed, export = like.embed_seconds * scale, like.export_seconds * scale
-        return final_seconds(self.pools, candidate, members, estimate, embed, export)
 
     def starts(self, estimate: float | None, reserve: float) -> tuple[bool, float]:
         """(whether a candidate of `estimate` seconds starts with `reserve` kept for the final models, left)."""
