@@ -264,6 +264,24 @@ class PretrainedFeatures(nn.Module):
             out.update({stride: y for stride, last in CUTS.items() if last == index})
         return out
 
+    def split_at(self, stride: int) -> tuple[nn.ModuleList, nn.ModuleList]:
+        """(the blocks up to `stride`'s cut, the blocks after it): a trunk may fine-tune the second."""
+        last = CUTS[stride]
+        return self._blocks[: last + 1], self._blocks[last + 1:]
+
+    def prefix(self, x: torch.Tensor, stride: int) -> torch.Tensor:
+        """Grey (n, 1, H, W) -> the map at `stride` (a cut below this module's)."""
+        y = F.relu6(self._bn0(self._conv_stem(self.to_rgb(x))))
+        for block in self.split_at(stride)[0]:
+            y = block(y)
+        return y
+
+    def suffix(self, y: torch.Tensor, stride: int) -> torch.Tensor:
+        """The map at `stride` -> this module's map (the blocks after `stride`'s cut)."""
+        for block in self.split_at(stride)[1]:
+            y = block(y)
+        return y
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.rgb_features(self.to_rgb(x))
         return features.mean(dim=(2, 3)) if self.head == "pooled" else features

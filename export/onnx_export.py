@@ -38,7 +38,7 @@ from export.gate import (  # noqa: F401  (limits re-exported: callers read them 
     MIN_VERDICT_AGREEMENT, REFERENCE_P, REFERENCE_QUANTILE, gate_failures, int8_figures,
 )
 from export.per_row import per_row_dynamic
-from export.trunk import fold_batchnorm, load_checkpoint
+from export.trunk import PRETRAINED_ARCHS, fold_batchnorm, load_checkpoint
 
 OPSET = 17  # fixed: the version onnxruntime.quantization handles for these ops
 INT8_MODES = ("dynamic", "static")
@@ -220,16 +220,18 @@ def model_metadata(info: dict, spec: InputSpec, quantization: str) -> dict[str, 
         "trained_on": ",".join(info.get("trained_on", [])),  # image digests; calibration sets them aside
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "station_version": __version__,
-        "backbone": backbone_description() if info["arch"] == "lite0" else "none (trained from scratch)",
+        "backbone": (backbone_description(fine_tuned=info["arch"] == "lite0ft") if info["arch"] in PRETRAINED_ARCHS
+                     else "none (trained from scratch)"),
     }
 
 
-def backbone_description() -> str:
+def backbone_description(fine_tuned: bool = False) -> str:
     """Where a pretrained trunk's weights came from: the pinned package and the file's digest."""
     from export.backbone import WEIGHTS_LICENCE, WEIGHTS_PACKAGE, WEIGHTS_SHA256, WEIGHTS_VERSION
 
+    how = "the stage from stride 8 to 16 fine-tuned on these parts" if fine_tuned else "frozen"
     return (f"efficientnet-lite0 ({WEIGHTS_PACKAGE}=={WEIGHTS_VERSION}, sha256 {WEIGHTS_SHA256[:16]}, "
-            f"{WEIGHTS_LICENCE}), ImageNet weights, frozen")
+            f"{WEIGHTS_LICENCE}), ImageNet weights, {how}")
 
 
 # ---- gate --------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 # them are in docs/model.md, "Generalization (issue 15)".
 DEFAULT_ARCH = "cnn"
 DEFAULT_LOSS = "center"
-DEFAULT_EPOCHS = {"mlp": 100, "cnn": 60, "lite0": 10}  # the most; early stopping usually ends sooner
+DEFAULT_EPOCHS = {"mlp": 100, "cnn": 60, "lite0": 10, "lite0ft": 10}  # the most; early stopping usually ends sooner
 DEFAULT_SEED = 0
 DEFAULT_EMBEDDING_DIM = 128
 BATCH_SIZE = 64
@@ -60,7 +60,7 @@ DEFAULT_AUGMENTATION = "light"
 # The pretrained trunk's backbone is frozen: its features of the same crops are computed once and
 # reused every epoch (export/trunk.py), which augmentation would defeat; ImageNet features are
 # already robust to small shifts and light.
-ARCH_AUGMENTATION = {"lite0": "none"}
+ARCH_AUGMENTATION = {"lite0": "none", "lite0ft": "none"}
 # An ensemble: DEFAULT_MEMBERS trunks from seeds seed, seed+1, ..., their unit embeddings concatenated
 # (scaled to unit length) in one exported model. One trunk's quality is a lottery of its seed (tiles,
 # cnn/center, four seeds on the same parts: judged AUROC 0.968 / 0.985 / 0.958 / 0.993); three
@@ -68,7 +68,23 @@ ARCH_AUGMENTATION = {"lite0": "none"}
 DEFAULT_MEMBERS = 3  # export/augment.py: shifts of 2 px, light +-10 %, noise
 # A pretrained trunk is one member: its backbone is the same ImageNet network in every member, so
 # members would differ by their small heads only, for three times the backbone's cost per part.
-ARCH_MEMBERS = {"lite0": 1}
+ARCH_MEMBERS = {"lite0": 1, "lite0ft": 1}
+# A fine-tuned backbone stage learns at this share of the head's rate: adjusted by a few hundred photos,
+# not overwritten (ImageNet's weights are what make it worth more than a trunk trained from scratch).
+BACKBONE_LR_SHARE = 0.1
+
+
+def parameter_groups(model: torch.nn.Module, learning_rate: float) -> list[dict]:
+    """What trains, and how fast: a pretrained backbone's fine-tuned blocks at BACKBONE_LR_SHARE of the
+    rate (export/trunk.py: FineTunedTrunk), the rest at the full rate; frozen weights not at all."""
+    backbone, rest = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (backbone if name.startswith("backbone.") else rest).append(parameter)
+    groups = [{"params": rest}]
+    if backbone:
+        groups.append({"params": backbone, "lr": learning_rate * BACKBONE_LR_SHARE})
+    return groups
 
 
 def default_members(arch: str) -> int:
@@ -316,7 +332,8 @@ def _train_member(context: _MemberContext, index: int) -> _Member:
         torch.manual_seed(config.seed + index)
         rng = np.random.default_rng([config.seed + index, 1])
     model = build_trunk(config.arch, config.embedding_dim, spec, context.options)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.learning_rate), lr=config.learning_rate,
+                                  weight_decay=config.weight_decay)
     scheduler = None
     if config.lr_schedule == "cosine":
         # Large steps first, small ones last: the final weights settle instead of jittering.

@@ -18,9 +18,10 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 from station.core.errors import ConfigError, ModelError
 from station.core.preprocess import InputSpec
 
-ARCHS = ("mlp", "cnn", "lite0")
+ARCHS = ("mlp", "cnn", "lite0", "lite0ft")
 # The layout each architecture consumes; written into the model's metadata.
-ARCH_LAYOUT = {"mlp": "flat", "cnn": "nchw", "lite0": "nchw"}
+ARCH_LAYOUT = {"mlp": "flat", "cnn": "nchw", "lite0": "nchw", "lite0ft": "nchw"}
+PRETRAINED_ARCHS = ("lite0", "lite0ft")
 
 
 # Trunk options stored in every checkpoint ("trunk_options"). Checkpoints
@@ -130,7 +131,7 @@ class PretrainedTrunk(_Trunk):
 
     CUT = 16
     WIDTH = 128
-    MAX_REMEMBERED = 20_000  # feature maps kept while training (~16 KB each at 96x96)
+    MAX_REMEMBERED_BYTES = 1 << 29  # feature maps kept while training: 512 MB (a 96x96 map is ~16 KB)
 
     def __init__(self, height: int, width: int, embedding_dim: int = 128, batchnorm: bool = False,
                  standardize: bool = False, l2_normalize: bool = False):
@@ -163,20 +164,56 @@ class PretrainedTrunk(_Trunk):
         responses = self.head(features)
         return self.project(torch.cat([responses.amax(dim=(2, 3)), responses.mean(dim=(2, 3))], dim=1))
 
+    def _compute(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
     def _remembered(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen backbone's map of each crop, computed once: every epoch, and every validation, shows
         the same crops again (export/train.py gives this trunk no augmentation), and the backbone is
-        nearly all of the cost. Synthetic anomalies are new each time; at most MAX_REMEMBERED are kept.
+        nearly all of the cost. Synthetic anomalies are new each time; at most MAX_REMEMBERED_BYTES of them are kept.
         The exported graph (traced) always runs the backbone."""
         keys = [hashlib.blake2b(row.numpy().tobytes(), digest_size=16).digest() for row in x]
         missing = [i for i, key in enumerate(keys) if key not in self._features]
         if missing:
-            computed = self.backbone(x[missing])
-            if len(self._features) + len(missing) <= self.MAX_REMEMBERED:
+            computed = self._compute(x[missing])
+            room = self.MAX_REMEMBERED_BYTES // max(computed[0].numel() * computed.element_size(), 1)
+            if len(self._features) + len(missing) <= room:
                 self._features.update((keys[i], computed[j]) for j, i in enumerate(missing))
             fresh = dict(zip(missing, computed))
             return torch.stack([fresh[i] if i in fresh else self._features[key] for i, key in enumerate(keys)])
         return torch.stack([self._features[key] for key in keys])
+
+
+class FineTunedTrunk(PretrainedTrunk):
+    """The pretrained trunk with the backbone's last stage (stride 8 to 16) fine-tuned beside its head.
+
+    ImageNet's early features (edges, textures up to stride 8) stay as they are and are computed once,
+    as the frozen trunk's maps are; the stage that composes them into parts of objects learns the
+    parts on the line instead, at a tenth of the head's learning rate (export/train.py:
+    BACKBONE_LR_SHARE) so a few hundred photos adjust it rather than overwrite it. BatchNorm keeps
+    ImageNet's statistics (eval mode): batches of a few dozen similar parts would not estimate them.
+    """
+
+    FROZEN_UP_TO = 8  # the stride whose map is kept frozen and remembered
+
+    def __init__(self, height: int, width: int, embedding_dim: int = 128, batchnorm: bool = False,
+                 standardize: bool = False, l2_normalize: bool = False):
+        super().__init__(height, width, embedding_dim, batchnorm, standardize, l2_normalize)
+        self.backbone.split_at(self.FROZEN_UP_TO)[1].requires_grad_(True)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.recentre:
+            x = 0.5 + 0.2 * standardize(x, self.sample_shape)
+        if torch.jit.is_tracing():
+            early = self.backbone.prefix(x, self.FROZEN_UP_TO)
+        else:
+            with torch.no_grad():
+                early = self._remembered(x)
+        responses = self.head(self.backbone.suffix(early, self.FROZEN_UP_TO))
+        return self.project(torch.cat([responses.amax(dim=(2, 3)), responses.mean(dim=(2, 3))], dim=1))
+
+    def _compute(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.prefix(x, self.FROZEN_UP_TO)
 
 
 class Ensemble(nn.Module):
@@ -228,6 +265,8 @@ def build_trunk(arch: str, embedding_dim: int = 128, spec: InputSpec | None = No
         return MlpTrunk(spec.width * spec.height, embedding_dim, **options)
     if arch == "lite0":
         return PretrainedTrunk(spec.height, spec.width, embedding_dim, **options)
+    if arch == "lite0ft":
+        return FineTunedTrunk(spec.height, spec.width, embedding_dim, **options)
     return CnnTrunk(spec.height, spec.width, embedding_dim, **options)
 
 

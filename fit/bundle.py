@@ -35,7 +35,7 @@ FORM_FILES = {"fp32": (MODEL, REFERENCE), "int8": ("model.int8.onnx", "reference
 # Static QDQ first for the pretrained conv backbone: its convolutions hold the cost, and dynamic int8
 # quantizes only the matrix products. The small from-scratch trunks keep dynamic first: on a 3-member
 # cnn static ran 0.71x fp32's speed against dynamic's 0.88x (2-core EPYC, docs/fit.md).
-STATIC_FIRST_ARCHS = ("lite0",)
+STATIC_FIRST_ARCHS = ("lite0", "lite0ft")
 REPORT = "report"
 STATION_YAML = "station.yaml"
 FIT_JSON = "fit.json"

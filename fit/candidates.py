@@ -43,7 +43,8 @@ LOSS_COST = {"contrastive": 4.0, "triplet": 2.0}
 # per-position model trains nothing (one pass of the backbone): per epoch and pixel both cost less than the
 # cnn. Measured in the solar cells' search (docs/fit.md): cnn 36x26 60 epochs 32 s, lite0 96x96 10 epochs
 # 13 s (0.25 of the cnn), positions 160x160 7 s (0.5); rounded up. 6.0 for both skipped every lite0 size.
-ARCH_COST = {"mlp": 1.0, "cnn": 3.0, "lite0": 1.0, "positions": 1.5}
+# The fine-tuned trunk adds the backward pass through the backbone's last stage: priced at twice lite0's.
+ARCH_COST = {"mlp": 1.0, "cnn": 3.0, "lite0": 1.0, "lite0ft": 2.0, "positions": 1.5}
 # The whole `station fit`, final models included (fit/budget.py), within 10 % of it. 10 minutes left the
 # solar cells a cnn at AUROC 0.90 once the final models counted (lite0 reaches 0.94 there; docs/fit.md).
 DEFAULT_BUDGET_MINUTES = 20.0
@@ -85,8 +86,12 @@ def candidate_list(native_size: tuple[int, int]) -> list[Candidate]:
     fits = native_size[0] >= LARGE_SIZE[0] and native_size[1] >= LARGE_SIZE[1]
     # The pretrained trunk at larger inputs, cheapest first, before the other losses: a larger input
     # helped it (docs/fit.md), no other loss has yet been chosen on any measured dataset.
-    ladder = [Candidate("lite0", "center", 0, size) for size in larger_pretrained_sizes(native_size)]
-    return first + (large if fits else []) + ladder + rest
+    larger = larger_pretrained_sizes(native_size)
+    ladder = [Candidate("lite0", "center", 0, size) for size in larger]
+    # Then the backbone's last stage fine-tuned on the parts (export/trunk.py: FineTunedTrunk), at the two
+    # smallest pretrained sizes: frozen ImageNet features may miss what a material's defects look like.
+    tuned = [Candidate("lite0ft", "center", 0, size) for size in [pretrained_size(native_size)] + larger[:1]]
+    return first + (large if fits else []) + ladder + tuned + rest
 
 
 @dataclass

@@ -239,3 +239,36 @@ def test_the_pretrained_trunk_trains_its_head_only_and_exports_as_one_graph(sim_
     assert report["passed"] and report["gate"]["torch_vs_fp32_max_abs_diff"] <= 1e-4
     embedder = Embedder(out)
     assert embedder.info.arch == "lite0" and (embedder.input_spec.width, embedder.input_spec.height) == (48, 32)
+
+
+def test_the_fine_tuned_trunk_changes_only_the_last_stage_and_exports_as_one_graph(sim_dataset, tmp_path):
+    """lite0ft: the blocks after stride 8 train (at a tenth of the head's rate), the earlier ones and every
+    BatchNorm statistic stay ImageNet's; the exported graph gives the trained model's embeddings."""
+    from export.onnx_export import ExportOptions, export_model
+    from export.train import BACKBONE_LR_SHARE, TrainConfig, default_members, parameter_groups, train
+    from export.trunk import build_trunk, input_spec_for, load_checkpoint
+    from station.core.embedder import Embedder
+
+    fresh = build_trunk("lite0ft", spec=input_spec_for("lite0ft", 48, 32))
+    groups = parameter_groups(fresh, 1e-3)
+    assert len(groups) == 2 and groups[1]["lr"] == pytest.approx(1e-3 * BACKBONE_LR_SHARE)
+    assert all(not p.requires_grad for p in fresh.backbone.split_at(8)[0].parameters())
+    assert default_members("lite0ft") == 1
+    result = train(sim_dataset, tmp_path / "ft.pt", TrainConfig(arch="lite0ft", epochs=2, members=1,
+                                                                input_size=(48, 32)), progress=False)
+    model, info = load_checkpoint(result.checkpoint)
+    assert info["arch"] == "lite0ft"
+    pristine = pretrained_lite0().state_dict()
+    tuned = model.backbone.state_dict()
+    early = {name for name in tuned if name.startswith("_conv_stem") or name.startswith("_bn0")
+             or (name.startswith("_blocks.") and int(name.split(".")[1]) <= CUTS[8])}
+    assert all(torch.equal(tuned[name], pristine[name]) for name in early)
+    statistics = [name for name in tuned if name.endswith(("running_mean", "running_var"))]
+    assert statistics and all(torch.equal(tuned[name], pristine[name]) for name in statistics)
+    late = [name for name in tuned if name not in early and name.endswith("weight") and "_bn" not in name]
+    assert any(not torch.equal(tuned[name], pristine[name]) for name in late)  # the last stage did learn
+    out = tmp_path / "ft.onnx"
+    report = export_model(result.checkpoint, out, ExportOptions(fp32=True))
+    assert report["passed"] and report["gate"]["torch_vs_fp32_max_abs_diff"] <= 1e-4
+    embedder = Embedder(out)
+    assert embedder.info.arch == "lite0ft" and "fine-tuned" in embedder.info.extra["backbone"]

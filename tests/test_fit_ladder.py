@@ -38,8 +38,11 @@ def test_the_list_measures_the_cheap_pretrained_input_early_and_climbs_the_ladde
     names = [c.name for c in candidate_list((300, 300))]
     assert names[:4] == ["cnn/center/36x26/seed0", "lite0/center/96x96/seed0",
                          "positions/frozen-s8/160x160/seed0", "positions/frozen-s16/160x160/seed0"]
-    assert names[-5:] == ["lite0/center/160x160/seed0", "lite0/center/288x288/seed0", "cnn/contrastive/36x26/seed0",
+    assert names[-7:] == ["lite0/center/160x160/seed0", "lite0/center/288x288/seed0", "lite0ft/center/96x96/seed0",
+                          "lite0ft/center/160x160/seed0", "cnn/contrastive/36x26/seed0",
                           "mlp/contrastive/36x26/seed0", "cnn/triplet/36x26/seed0"]
+    small = [c.name for c in candidate_list((36, 26))]
+    assert [n for n in small if n.startswith("lite0")] == ["lite0/center/112x80/seed0", "lite0ft/center/112x80/seed0"]
     assert names.index("cnn/center/72x52/seed0") < names.index("lite0/center/160x160/seed0")
     assert [c.name for c in candidate_list((36, 26))][-1] == "cnn/triplet/36x26/seed0"
 
