@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from station.runtime.config import StationConfig, load_config, parse_config
+from station.runtime.config.station import StationConfig, load_config, parse_config
 from station.core.errors import ConfigError
 
 VALID = """\
@@ -147,7 +147,7 @@ def test_a_secret_is_told_a_key_its_section_has(tmp_path, where, text, advice):
 
 
 def test_every_secret_home_is_a_key_of_its_section():
-    from station.runtime.config import SECRET_HOMES, StationConfig
+    from station.runtime.config.station import SECRET_HOMES, StationConfig
 
     for (section,), keys in SECRET_HOMES.items():
         model = StationConfig.model_fields[section].annotation
@@ -270,7 +270,7 @@ def test_a_prefix_of_exactly_the_topic_limit_is_taken_and_one_byte_more_is_not(t
 
 
 def test_the_discovery_objects_are_the_ones_topics_checks():
-    from station.runtime.discovery import sensor_configs
-    from station.runtime.topics import DISCOVERY_OBJECTS, Topics
+    from station.runtime.integrations.homeassistant import sensor_configs
+    from station.core.topics import DISCOVERY_OBJECTS, Topics
 
     assert tuple(sensor_configs("st1", Topics.for_station("p", "st1"))) == DISCOVERY_OBJECTS

@@ -18,13 +18,20 @@ ALLOWED = {
     "station/core": set(),
     "station/runtime/sources": {"station/core"},
     "station/runtime/web": {"station/core"},  # the page: handed the daemon's figures, imports none of its modules
-    "station/runtime": {"station/core", "station/runtime/sources", "station/runtime/web"},
+    "station/runtime/config": {"station/core", "station/runtime/sources"},  # station.yaml, parsed; reads no file it names
+    "station/runtime/mqtt": {"station/core", "station/runtime/config"},  # the publisher reads mqtt: and its password
+    "station/runtime/integrations": {"station/core", "station/runtime/sources", "station/runtime/web",
+                                     "station/runtime/config", "station/runtime/mqtt"},  # fed by the daemon
+    "station/runtime": {"station/core", "station/runtime/sources", "station/runtime/web", "station/runtime/config",
+                        "station/runtime/mqtt", "station/runtime/integrations"},
     "export": {"station/core"},
     "calibration": {"station/core", "station/runtime/sources"},
     "fit": {"station/core", "export", "calibration"},
-    "station/tools": {"station/core", "station/runtime", "station/runtime/sources", "calibration"},
-    "station": {"station/core", "station/runtime", "station/runtime/sources", "station/runtime/web", "station/tools",
-                "calibration", "export", "fit"},
+    "station/tools": {"station/core", "station/runtime", "station/runtime/sources", "station/runtime/config",
+                      "station/runtime/mqtt", "station/runtime/integrations", "calibration"},
+    "station/cli": {"station/core", "station/runtime", "station/runtime/config", "station/runtime/sources",
+                    "station/runtime/web", "station/tools", "calibration", "export", "fit"},
+    "station": {"station/core", "station/cli"},  # __init__.py (the version), __main__.py
 }
 # Never in the `station run` process: the model side, the tools, and their heavy libraries.
 # prometheus_client, asyncua and aiohttp only when station.yaml enables prometheus:, opcua: or web:.

@@ -5,7 +5,7 @@
       - {name: right, x: 60, y: 12, width: 36, height: 26, product: B}  # products.B's reference set
 
 `roi:` (one unnamed region) and `rois:` exclude each other. Every problem names
-the line and key path of the region it is about (station/runtime/config.py).
+the line and key path of the region it is about (station/runtime/config/station.py).
 """
 from __future__ import annotations
 

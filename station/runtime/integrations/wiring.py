@@ -11,9 +11,9 @@ import time
 
 from station.core.preprocess import crop
 from station.core.verdict import NG
-from station.runtime.discovery import Discovery
-from station.runtime.messages import is_verdict
-from station.runtime.snapshot import Snapshots
+from station.runtime.integrations.homeassistant import Discovery
+from station.runtime.mqtt.messages import is_verdict
+from station.runtime.integrations.snapshot import Snapshots
 
 
 def _box_in_region(message: dict, roi) -> tuple[int, int, int, int] | None:
@@ -27,8 +27,8 @@ def _box_in_region(message: dict, roi) -> tuple[int, int, int, int] | None:
 
 
 class Integrations:
-    def __init__(self, daemon):
-        self.daemon = daemon
+    def __init__(self, daemon, figures):
+        self.daemon, self.figures = daemon, figures  # figures(daemon): station/runtime/stats.py
         self.started_wall, self.started = daemon.stats.started_wall, daemon.stats.started
         self.prometheus = self.snapshots = self.opcua = self.web = None
         self.discovery: Discovery | None = None
@@ -37,9 +37,9 @@ class Integrations:
     def start(self, state_dir):
         d, config = self.daemon, self.daemon.config
         if config.prometheus is not None:
-            from station.runtime.prometheus_metrics import PrometheusExporter
+            from station.runtime.integrations.prometheus_metrics import PrometheusExporter
 
-            self.prometheus = PrometheusExporter(config.prometheus, d, self.started_wall, self.started)
+            self.prometheus = PrometheusExporter(config.prometheus, d, self.figures, self.started_wall, self.started)
             d.publisher.on_queued = self.prometheus.queued
             d.publisher.delivery.on_delivered = self.prometheus.delivered
             self.prometheus.start()
@@ -48,7 +48,7 @@ class Integrations:
         self.discovery = Discovery(config.homeassistant, config.station, d.publisher, state_dir)
         self.discovery.start()
         if config.opcua is not None:
-            from station.runtime.opcua_server import start_opcua
+            from station.runtime.integrations.opcua_server import start_opcua
 
             self.opcua = start_opcua(config.opcua, config.station, self.started_wall)
         if config.web is not None:  # the station's own page (station/runtime/web/)

@@ -18,7 +18,7 @@ from pathlib import Path
 from station.core.errors import StationError
 from station.core.user_files import read_text
 from station.core.version import __version__
-from station.runtime.publisher import Topics
+from station.core.topics import Topics
 
 log = logging.getLogger(__name__)
 

@@ -34,14 +34,14 @@ from collections.abc import Callable
 import paho.mqtt.client as mqtt
 
 from station.core.backoff import Backoff
-from station.runtime.config import MqttConfig
+from station.runtime.config.station import MqttConfig
 from station.core.errors import OutboxDiskError, OutboxError, PublisherError
-from station.runtime.credentials import read_password
-from station.runtime.connection_watch import STABLE_AFTER, Connection, ConnectionWatch, GuardedClient
-from station.runtime.delivery import Delivery, packet_size
-from station.runtime.messages import encode, is_verdict
-from station.runtime.outbox import Outbox
-from station.runtime.topics import Topics  # noqa: F401 (re-exported: discovery.py, tests)
+from station.runtime.config.credentials import read_password
+from station.runtime.mqtt.connection_watch import STABLE_AFTER, Connection, ConnectionWatch, GuardedClient
+from station.runtime.mqtt.delivery import Delivery, packet_size
+from station.runtime.mqtt.messages import encode, is_verdict
+from station.runtime.mqtt.outbox import Outbox
+from station.core.topics import Topics
 
 log = logging.getLogger(__name__)
 

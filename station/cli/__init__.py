@@ -13,11 +13,11 @@ import threading
 from pathlib import Path
 
 from station.core.version import __version__
-from station.arguments import completion_script, host_port, positive, seed, verbose_everywhere, width_by_height
+from station.cli.arguments import completion_script, host_port, positive, seed, verbose_everywhere, width_by_height
 from station.core.errors import ConfigError, StationError
 from station.runtime.logs import configure_logging
 from station.runtime.web.users import ROLES
-from station.model_commands import calibrate, evaluate, export, fit, train
+from station.cli.model import calibrate, evaluate, export, fit, train
 
 log = logging.getLogger("station")
 
@@ -52,7 +52,7 @@ def _simulate(args) -> int:
 
 def _check(args) -> int:
     from station.tools.check import check_station
-    from station.runtime.config import load_config
+    from station.runtime.config.station import load_config
     from station.core.errors import ConfigError
 
     result = check_station(load_config(args.config))
@@ -92,7 +92,7 @@ def _bench(args) -> int:
 
     chosen, regions = None, bench.bench_latency.REGIONS
     if args.config:  # the station's own model: the form it runs here first, its other forms timed raw
-        from station.runtime.config import load_config
+        from station.runtime.config.station import load_config
 
         if args.model or args.reference:
             raise ConfigError("give -c/--config or --model/--reference, not both")
