@@ -137,7 +137,10 @@ def test_secret_in_yaml_is_refused_with_where_it_belongs(tmp_path, key):
     ("camera", VALID.replace("  fps: 0\n", "  fps: 0\n  password: hunter2\n"),
      ": use camera.credentials_file or camera.credentials_credential (a systemd credential)"),
     ("opcua", VALID + "opcua: {users_file: users, password: hunter2}\n", ": use opcua.users_file"),
+    ("web", VALID + "web: {password: hunter2}\n",
+     ": use web.users_file or web.users_credential (a systemd credential)"),
     ("keep_crops", VALID.replace("keep_crops: {", "keep_crops: {password: hunter2, "), " (no key here takes one)"),
+    ("mqtt.tls", VALID.replace("tls: {", "tls: {password: hunter2, "), " (no key here takes one)"),
 ])
 def test_a_secret_is_told_a_key_its_section_has(tmp_path, where, text, advice):
     lines = problems(tmp_path, text)
@@ -153,6 +156,23 @@ def test_every_secret_home_is_a_key_of_its_section():
         model = StationConfig.model_fields[section].annotation
         model = next(arg for arg in getattr(model, "__args__", (model,)) if arg is not type(None))
         assert {key for key in keys if key} <= set(model.model_fields), section
+
+
+def test_every_section_that_takes_a_secret_is_given_its_keys():
+    """A section with a key for a secret's file or systemd credential is in SECRET_HOMES, so `password:` there is
+    told that key, not "no key here takes one"."""
+    from station.runtime.config.station import SECRET_HOMES, StationConfig
+
+    for section, field in StationConfig.model_fields.items():
+        model = next((arg for arg in getattr(field.annotation, "__args__", (field.annotation,))
+                      if isinstance(arg, type) and hasattr(arg, "model_fields")), None)
+        if model is None:
+            continue
+        secret_keys = {key for key in model.model_fields
+                       if key.endswith("_credential") or key in ("password_file", "credentials_file", "users_file")}
+        if secret_keys:
+            assert (section,) in SECRET_HOMES, section
+            assert secret_keys == {key for key in SECRET_HOMES[(section,)] if key}, section
 
 
 @pytest.mark.parametrize("name", ["../A", "a/b", "..", "x..y", "a\\\\b"])

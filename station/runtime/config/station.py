@@ -26,7 +26,7 @@ from station.core.imagefolder import DEFAULT_MAX_PIXELS
 from station.core.product import product_name_problem
 from station.core.user_files import read_text
 from station.runtime.config.presence import PresenceConfig
-from station.runtime.config.regions import Regions
+from station.runtime.config.regions import Regions, RoiConfig
 from station.runtime.config.tiles import Tiles
 from station.runtime.config.forms import MODEL_FORMS, form_paths, form_problems
 from station.runtime.config.yaml_lines import (KeyPath, compose, format_problem, key_lines, line_of,
@@ -47,6 +47,7 @@ SECRET_HOMES = {
     ("mqtt",): ("password_file", "password_credential"),
     ("camera",): ("credentials_file", "credentials_credential"),  # the file holds user:password
     ("opcua",): ("users_file", None),  # lines user:password
+    ("web",): ("users_file", "users_credential"),  # lines NAME:ROLE:HASH from `station web-user`
 }
 DEFAULT_STATE_ROOT = Path("/var/lib/station")
 MAX_LISTED_PROBLEMS = 100
@@ -107,18 +108,6 @@ class CameraConfig(ConfigModel):
         if self.credentials_file is not None and self.credentials_credential is not None:
             raise ValueError("give credentials_file or credentials_credential, not both")
         return self
-
-
-class RoiConfig(ConfigModel):
-    x: int = Field(ge=0)
-    y: int = Field(ge=0)
-    width: int = Field(ge=1)
-    height: int = Field(ge=1)
-
-    def to_roi(self):
-        from station.core.preprocess import Roi
-
-        return Roi(self.x, self.y, self.width, self.height)
 
 
 class TlsConfig(ConfigModel):
