@@ -89,11 +89,12 @@ class Daemon:
         self._pause_flag = state_dir / PAUSE_FLAG
         self.paused = self._pause_flag.exists()
         self.outbox = Outbox(state_dir / "outbox.sqlite3", config.outbox.max_messages, seq_mark=state_dir / SEQ_MARK)
-        self.publisher = Publisher(config.mqtt, config.station, self.outbox, on_command=self.inbox.offer)
+        self.stats = StationStats()
+        self.integrations = Integrations(self, figures)  # prometheus, snapshot, homeassistant, opcua, the page
+        self.publisher = Publisher(config.mqtt, config.station, self.outbox, on_command=self.inbox.offer,
+                                   on_queued=self.integrations.queued, on_delivered=self.integrations.delivered)
         self.recorder = VerdictRecorder(self.outbox, self.publisher)
         self.crop_keeper = CropKeeper.for_station(config.state_dir, config.keep_crops)
-        self.stats = StationStats()
-        self.integrations = Integrations(self, figures)  # prometheus, snapshot, homeassistant, opcua
         self.integrations.start(state_dir)
         self.publisher.start()
         self.source = open_source(config.camera.source, config.camera.loop, config.camera.fps,

@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from station.core.errors import ConfigError
+from station.runtime.integrations.sink import Sink
 from station.runtime.mqtt.messages import is_verdict
 from station.runtime.sources.base import STARTING, STATES as CAMERA_STATES
 
@@ -83,8 +84,8 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, value=value)
 
 
-class PrometheusExporter:
-    """Owns the registry and the HTTP server; its `queued` and `delivered` hook into the publisher."""
+class PrometheusExporter(Sink):
+    """Owns the registry and the HTTP server; hears `queued` and `delivered` from the publisher (a Sink)."""
 
     def __init__(self, config, daemon, figures, started_wall: float, started: float):
         """`figures(daemon)`: the daemon's counted figures (station/runtime/stats.py), read at each scrape."""

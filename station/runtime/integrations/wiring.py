@@ -1,9 +1,10 @@
 """The windows around the line, wired to the daemon in one place: Prometheus /metrics,
 the NG snapshot, Home Assistant discovery, the OPC UA server, the station's page (docs/observability.md).
 
-The daemon calls four hooks: `start` (before the publisher connects), `judged`
-(after each batch is stored), `state` (whenever the retained state is published)
-and `close`. Libraries of an integration that is off are never imported.
+`Integrations` is the daemon's one dispatch point to them: `start` (before the publisher connects) builds a
+Sink (sink.py) for each integration station.yaml turns on; `judged`, `state`, `queued`, `delivered` and
+`close` hand each event to every sink, in the order they started (closed in reverse). Libraries of an
+integration that is off are never imported.
 """
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import time
 from station.core.preprocess import crop
 from station.core.verdict import NG
 from station.runtime.integrations.homeassistant import Discovery
-from station.runtime.mqtt.messages import is_verdict
+from station.runtime.integrations.sink import Sink
 from station.runtime.integrations.snapshot import Snapshots
+from station.runtime.mqtt.messages import is_verdict
 
 
 def _box_in_region(message: dict, roi) -> tuple[int, int, int, int] | None:
@@ -26,13 +28,13 @@ def _box_in_region(message: dict, roi) -> tuple[int, int, int, int] | None:
     return box["x"] - x0, box["y"] - y0, box["width"], box["height"]
 
 
-class Integrations:
+class Integrations(Sink):
     def __init__(self, daemon, figures):
         self.daemon, self.figures = daemon, figures  # figures(daemon): station/runtime/stats.py
         self.started_wall, self.started = daemon.stats.started_wall, daemon.stats.started
+        self.sinks: list[Sink] = []
         self.prometheus = self.snapshots = self.opcua = self.web = None
         self.discovery: Discovery | None = None
-        self._product: str | None = None
 
     def start(self, state_dir):
         d, config = self.daemon, self.daemon.config
@@ -40,51 +42,102 @@ class Integrations:
             from station.runtime.integrations.prometheus_metrics import PrometheusExporter
 
             self.prometheus = PrometheusExporter(config.prometheus, d, self.figures, self.started_wall, self.started)
-            d.publisher.on_queued = self.prometheus.queued
-            d.publisher.delivery.on_delivered = self.prometheus.delivered
+            self.sinks.append(self.prometheus)
             self.prometheus.start()
         if config.snapshot.ng:
             self.snapshots = Snapshots(d.publisher, config.snapshot.interval, config.snapshot.max_kb * 1000)
+            self.sinks.append(_SnapshotSink(self.snapshots))
         self.discovery = Discovery(config.homeassistant, config.station, d.publisher, state_dir)
+        self.sinks.append(self.discovery)
         self.discovery.start()
         if config.opcua is not None:
             from station.runtime.integrations.opcua_server import start_opcua
 
             self.opcua = start_opcua(config.opcua, config.station, self.started_wall)
+            self.sinks.append(_OpcuaSink(self.opcua, d.stats, self.started))
         if config.web is not None:  # the station's own page (station/runtime/web/)
             from station.runtime.web.server import WebPage
 
             self.web = WebPage(config.web, d, state_dir)
+            self.sinks.append(_WebSink(self.web))
             self.web.start()
 
     def judged(self, inspector, messages: list[dict], frames: list):
-        """A stored batch: verdict messages in order, with the frames they judged."""
-        verdicts = list(filter(is_verdict, messages))
-        if self.web is not None:
-            self.web.feed.judged(inspector, messages, frames)
-        if self.snapshots is not None:
-            for message, frame in zip(verdicts, frames):
-                if message["verdict"] == NG and self.snapshots.wants():
-                    self.snapshots.offer(crop(frame.image, inspector.roi), _box_in_region(message, inspector.roi))
-        if self.opcua is not None and verdicts:
-            stats = self.daemon.stats
-            self.opcua.update(verdict=verdicts[-1]["verdict"], score=verdicts[-1]["score"], seq=verdicts[-1]["seq"],
-                              ok=stats.ok, ng=stats.ng, processed=stats.processed)
+        for sink in self.sinks:
+            sink.judged(inspector, messages, frames)
 
     def state(self, state: dict):
-        """The retained state changed: a changeover clears the snapshot; OPC UA shows the state."""
-        product = state.get("product")
-        if self._product is not None and product != self._product and self.snapshots is not None:
-            self.snapshots.clear()
-        self._product = product
-        if self.web is not None:
-            self.web.feed.state_changed(state)
-        if self.opcua is not None:
-            self.opcua.update(product=product, camera=state["camera"], paused=state["paused"],
-                              problems="; ".join(state["problems"]), reference=state["reference"],
-                              uptime=time.monotonic() - self.started)
+        for sink in self.sinks:
+            sink.state(state)
+
+    def queued(self, ids, messages: list[dict]):
+        for sink in self.sinks:
+            sink.queued(ids, messages)
+
+    def delivered(self, outbox_id: int):
+        for sink in self.sinks:
+            sink.delivered(outbox_id)
 
     def close(self):
-        for part in (self.web, self.snapshots, self.opcua, self.prometheus, self.discovery):
-            if part is not None:
-                part.close()
+        for sink in reversed(self.sinks):
+            sink.close()
+
+
+class _SnapshotSink(Sink):
+    """An NG part's region, when it is time for another picture; a changeover clears the picture."""
+
+    def __init__(self, snapshots: Snapshots):
+        self.snapshots = snapshots
+        self._product: str | None = None
+
+    def judged(self, inspector, messages: list[dict], frames: list):
+        for message, frame in zip(filter(is_verdict, messages), frames):
+            if message["verdict"] == NG and self.snapshots.wants():
+                self.snapshots.offer(crop(frame.image, inspector.roi), _box_in_region(message, inspector.roi))
+
+    def state(self, state: dict):
+        product = state.get("product")
+        if self._product is not None and product != self._product:
+            self.snapshots.clear()
+        self._product = product
+
+    def close(self):
+        self.snapshots.close()
+
+
+class _OpcuaSink(Sink):
+    """The last verdict and the counts after each batch; the state when it changes."""
+
+    def __init__(self, server, stats, started: float):
+        self.server, self.stats, self.started = server, stats, started
+
+    def judged(self, inspector, messages: list[dict], frames: list):
+        verdicts = list(filter(is_verdict, messages))
+        if verdicts:
+            last = verdicts[-1]
+            self.server.update(verdict=last["verdict"], score=last["score"], seq=last["seq"],
+                               ok=self.stats.ok, ng=self.stats.ng, processed=self.stats.processed)
+
+    def state(self, state: dict):
+        self.server.update(product=state.get("product"), camera=state["camera"], paused=state["paused"],
+                           problems="; ".join(state["problems"]), reference=state["reference"],
+                           uptime=time.monotonic() - self.started)
+
+    def close(self):
+        self.server.close()
+
+
+class _WebSink(Sink):
+    """The page's feed: every stored batch and every state."""
+
+    def __init__(self, page):
+        self.page = page
+
+    def judged(self, inspector, messages: list[dict], frames: list):
+        self.page.feed.judged(inspector, messages, frames)
+
+    def state(self, state: dict):
+        self.page.feed.state_changed(state)
+
+    def close(self):
+        self.page.close()
