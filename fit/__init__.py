@@ -8,5 +8,5 @@ figures     the test part's report pictures
 report      what is printed
 pipeline    run_fit: all of it in order
 
-Uses station.core, export and calibration; only station/cli.py imports it.
+Uses station.core, export and calibration; only station/cli/ imports it.
 """

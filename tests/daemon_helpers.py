@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-SCHEMAS = Path(__file__).parent.parent / "station" / "runtime" / "schemas"
+SCHEMAS = Path(__file__).parent.parent / "station" / "runtime" / "mqtt" / "schemas"
 
 
 def schema(name):

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from station.runtime.config import StationConfig, load_config, parse_config
+from station.runtime.config.station import StationConfig, load_config, parse_config
 from station.core.errors import ConfigError
 
 VALID = """\
@@ -137,7 +137,10 @@ def test_secret_in_yaml_is_refused_with_where_it_belongs(tmp_path, key):
     ("camera", VALID.replace("  fps: 0\n", "  fps: 0\n  password: hunter2\n"),
      ": use camera.credentials_file or camera.credentials_credential (a systemd credential)"),
     ("opcua", VALID + "opcua: {users_file: users, password: hunter2}\n", ": use opcua.users_file"),
+    ("web", VALID + "web: {password: hunter2}\n",
+     ": use web.users_file or web.users_credential (a systemd credential)"),
     ("keep_crops", VALID.replace("keep_crops: {", "keep_crops: {password: hunter2, "), " (no key here takes one)"),
+    ("mqtt.tls", VALID.replace("tls: {", "tls: {password: hunter2, "), " (no key here takes one)"),
 ])
 def test_a_secret_is_told_a_key_its_section_has(tmp_path, where, text, advice):
     lines = problems(tmp_path, text)
@@ -147,12 +150,29 @@ def test_a_secret_is_told_a_key_its_section_has(tmp_path, where, text, advice):
 
 
 def test_every_secret_home_is_a_key_of_its_section():
-    from station.runtime.config import SECRET_HOMES, StationConfig
+    from station.runtime.config.station import SECRET_HOMES, StationConfig
 
     for (section,), keys in SECRET_HOMES.items():
         model = StationConfig.model_fields[section].annotation
         model = next(arg for arg in getattr(model, "__args__", (model,)) if arg is not type(None))
         assert {key for key in keys if key} <= set(model.model_fields), section
+
+
+def test_every_section_that_takes_a_secret_is_given_its_keys():
+    """A section with a key for a secret's file or systemd credential is in SECRET_HOMES, so `password:` there is
+    told that key, not "no key here takes one"."""
+    from station.runtime.config.station import SECRET_HOMES, StationConfig
+
+    for section, field in StationConfig.model_fields.items():
+        model = next((arg for arg in getattr(field.annotation, "__args__", (field.annotation,))
+                      if isinstance(arg, type) and hasattr(arg, "model_fields")), None)
+        if model is None:
+            continue
+        secret_keys = {key for key in model.model_fields
+                       if key.endswith("_credential") or key in ("password_file", "credentials_file", "users_file")}
+        if secret_keys:
+            assert (section,) in SECRET_HOMES, section
+            assert secret_keys == {key for key in SECRET_HOMES[(section,)] if key}, section
 
 
 @pytest.mark.parametrize("name", ["../A", "a/b", "..", "x..y", "a\\\\b"])
@@ -270,7 +290,7 @@ def test_a_prefix_of_exactly_the_topic_limit_is_taken_and_one_byte_more_is_not(t
 
 
 def test_the_discovery_objects_are_the_ones_topics_checks():
-    from station.runtime.discovery import sensor_configs
-    from station.runtime.topics import DISCOVERY_OBJECTS, Topics
+    from station.runtime.integrations.homeassistant import sensor_configs
+    from station.core.topics import DISCOVERY_OBJECTS, Topics
 
     assert tuple(sensor_configs("st1", Topics.for_station("p", "st1"))) == DISCOVERY_OBJECTS

@@ -18,11 +18,11 @@ from station.core.preprocess import FeatureGrid
 from station.core.scoring import ALL_SCORES, POSITION_SCORES, PositionReference, ReferenceModel, distances
 from station.core.verdict import NG, OK
 from station.runtime.commands import parse_command, CommandError
-from station.runtime.messages import SCHEMA_VERSION, encode
+from station.runtime.mqtt.messages import SCHEMA_VERSION, encode
 from station.runtime.sources.base import STATES
 
 ROOT = Path(__file__).resolve().parent.parent
-SCHEMAS = ROOT / "station" / "runtime" / "schemas"
+SCHEMAS = ROOT / "station" / "runtime" / "mqtt" / "schemas"
 PUBLISHED = ("verdict", "no_verdict", "state", "stats", "command_result")  # JSON the station sends
 README_BLOCK = re.compile(r"^```json (\w+)\n(.*?)^```", re.M | re.S)
 
@@ -88,7 +88,7 @@ def test_the_broker_acl_names_every_topic_the_station_uses():
     under the station's prefix; the README names every one of them."""
     from dataclasses import fields
 
-    from station.runtime.publisher import Topics
+    from station.core.topics import Topics
 
     acl = re.search(r"^```text acl\n(.*?)^```", (ROOT / "docs" / "security.md").read_text(), re.M | re.S).group(1)
     entries = {tuple(line.split()[1:]) for line in acl.splitlines() if line.startswith("topic ")}

@@ -20,7 +20,7 @@ from station.core import reference_set
 from station.core.embedder import Embedder
 from station.core.errors import ConfigError, ModelError
 from station.core.reference_set import ReferenceSetError
-from station.runtime.config import load_config
+from station.runtime.config.station import load_config
 from tests.daemon_helpers import Output, start_station, wait_until, write_config
 from tests.mqtt_helpers import Recorder
 
@@ -203,8 +203,8 @@ def test_a_configuration_with_thousands_of_problems_lists_a_hundred(tmp_path):
 
 
 def test_a_huge_secret_file_is_refused_naming_the_key(tmp_path):
-    from station.runtime.config import CameraConfig
-    from station.runtime.credentials import camera_credentials
+    from station.runtime.config.station import CameraConfig
+    from station.runtime.config.credentials import camera_credentials
 
     secret = tmp_path / "camera.secret"
     secret.write_bytes(b"user:" + b"p" * (1 << 20))

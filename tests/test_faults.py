@@ -165,8 +165,8 @@ def test_credentials_in_a_camera_url_are_refused_without_repeating_them(tmp_path
 
 def test_camera_credentials_come_from_a_file_and_never_reach_the_description(tmp_path):
     from station.core.errors import ConfigError
-    from station.runtime.config import CameraConfig
-    from station.runtime.credentials import camera_credentials
+    from station.runtime.config.station import CameraConfig
+    from station.runtime.config.credentials import camera_credentials
     from station.runtime.sources import open_source
 
     secret = tmp_path / "camera.secret"

@@ -18,7 +18,7 @@ from station.core import reference_set
 from station.core.embedder import Embedder
 from station.core.errors import DataError, ExportGateError
 from station.core.imagefolder import GOOD, image_digest, read_image
-from station.runtime.config import parse_config
+from station.runtime.config.station import parse_config
 from station.tools.simulate import write_dataset
 
 TOP_KEYS = {"auroc", "escape_rate", "escape_rate_ci", "false_reject_rate", "false_reject_rate_ci", "n_good",

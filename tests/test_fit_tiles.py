@@ -6,7 +6,7 @@ import math
 import pytest
 
 from station.core.imagefolder import scan_dataset
-from station.runtime.config import parse_config
+from station.runtime.config.station import parse_config
 
 pytest.importorskip("torch", reason="the train extra is not installed")
 
@@ -87,7 +87,7 @@ def test_a_tiled_candidate_is_measured_per_part_and_its_station_yaml_parses(plat
 def test_station_fit_builds_a_tiled_bundle_the_station_judges_as_it_was_fitted(tmp_path_factory, monkeypatch):
     from fit import pipeline
     from station.core import reference_set as reference_sets
-    from station.runtime.config import load_config
+    from station.runtime.config.station import load_config
     from station.runtime.inspector import load_inspector
 
     data = tmp_path_factory.mktemp("many") / "plates"

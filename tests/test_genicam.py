@@ -16,7 +16,7 @@ import time
 import jsonschema
 import pytest
 
-from station.runtime.config import parse_config
+from station.runtime.config.station import parse_config
 from station.core.errors import ConfigError
 from tests.daemon_helpers import finish, schema, start_station, write_config
 from tests.genicam_helpers import ADDRESS, ROOT, SOURCE, FakeCamera, genicam_config, needs_aravis
@@ -46,7 +46,7 @@ def test_genicam_settings_are_checked_when_the_config_is_read():
 
 
 def test_the_daemon_imports_aravis_only_for_a_genicam_source():
-    code = ("import sys; import station.runtime.daemon, station.runtime.sources, station.runtime.config, "
+    code = ("import sys; import station.runtime.daemon, station.runtime.sources, station.runtime.config.station, "
             "station.runtime.sources.genicam_config; print('gi' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "False", done.stdout + done.stderr

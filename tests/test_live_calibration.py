@@ -14,7 +14,7 @@ from station.core import reference_set
 from station.core import simulated_line as simulate
 from station.runtime.sources import open_source
 from station.cli import main
-from station.runtime.config import load_config
+from station.runtime.config.station import load_config
 from station.core.embedder import Embedder
 from station.core.errors import ConfigError
 from station.core.imagefolder import GOOD

@@ -20,7 +20,7 @@ from station.cli import main
 from station.core import reference_set
 from station.core.embedder import Embedder
 from station.core.errors import ConfigError, ModelError
-from station.runtime.config import load_config, parse_config
+from station.runtime.config.station import load_config, parse_config
 from station.runtime.inspector import load_inspector
 from station.runtime.model_forms import choose, form_of
 from station.tools import bench

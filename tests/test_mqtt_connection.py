@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from station.core.backoff import Backoff
-from station.runtime.publisher import Publisher
+from station.runtime.mqtt.publisher import Publisher
 from tests.fault_proxy import CONNACK, PUBACK, FaultProxy
 from tests.test_publisher import Listener, mqtt_config, put_verdicts, station_id, wait_for
 
@@ -19,7 +19,7 @@ NOT_UTF8_PUBLISH = b"\x30\x06\x00\x02\xff\xfe\x00x"
 
 @pytest.fixture
 def outbox(tmp_path):
-    from station.runtime.outbox import Outbox
+    from station.runtime.mqtt.outbox import Outbox
 
     box = Outbox(tmp_path / "outbox.db", max_messages=10_000)
     yield box
@@ -81,7 +81,7 @@ def test_a_connack_cut_in_half_backs_off_and_recovers(mosquitto, outbox, stoppin
 
 def test_two_stations_with_one_name_are_told_so_not_hammered(mosquitto, tmp_path, stopping):
     """mosquitto closes the older of two connections with one client id (without a DISCONNECT), back and forth."""
-    from station.runtime.outbox import Outbox
+    from station.runtime.mqtt.outbox import Outbox
 
     station = station_id()
     publishers = []
@@ -143,8 +143,8 @@ def test_an_exception_on_the_network_thread_is_said_and_the_connection_made_agai
 
 def test_a_prefix_of_exactly_the_topic_limit_reaches_the_broker(mosquitto, outbox, stopping):
     """The config's limit is the broker's: the longest topic at 65,535 bytes connects, subscribes, publishes."""
-    from station.runtime.config import MqttConfig
-    from station.runtime.topics import Topics
+    from station.runtime.config.station import MqttConfig
+    from station.core.topics import Topics
 
     station = station_id()
     prefix = "p" * (65_535 - len(f"/{station}/command/result"))
@@ -163,8 +163,8 @@ def test_a_prefix_of_exactly_the_topic_limit_reaches_the_broker(mosquitto, outbo
 
 def test_a_password_longer_than_mqtt_allows_is_a_config_error(tmp_path):
     from station.core.errors import PublisherError
-    from station.runtime.config import MqttConfig
-    from station.runtime.credentials import read_password
+    from station.runtime.config.station import MqttConfig
+    from station.runtime.config.credentials import read_password
 
     secret = tmp_path / "password"
     secret.write_text("x" * 65_536 + "\n")

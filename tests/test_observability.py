@@ -140,7 +140,7 @@ def test_the_latest_ng_part_is_a_retained_jpeg_of_the_region_cleared_at_changeov
 
 
 def test_a_large_region_is_fitted_into_the_snapshot_bound():
-    from station.runtime.snapshot import encode_jpeg
+    from station.runtime.integrations.snapshot import encode_jpeg
 
     rng = np.random.default_rng(0)
     noise = rng.integers(0, 256, (2048, 2448, 3), dtype=np.uint8)  # a 5 MP colour region: worst case for JPEG

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 from station.core.errors import OutboxDiskError, OutboxFullError
-from station.runtime.outbox import Outbox
+from station.runtime.mqtt.outbox import Outbox
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ def test_put_many_is_one_all_or_nothing_batch(outbox):
 
 def test_full_outbox_refuses_with_one_rate_limited_error_log(outbox, caplog):
     outbox.put_many([("t", b"x", 1, False)] * 50)
-    with caplog.at_level(logging.ERROR, logger="station.runtime.outbox"):
+    with caplog.at_level(logging.ERROR, logger="station.runtime.mqtt.outbox"):
         for _ in range(5):
             with pytest.raises(OutboxFullError, match="full.*refused, not dropped"):
                 outbox.put("t", b"late")
@@ -102,7 +102,7 @@ def test_disk_full_raises_a_specific_error(outbox):
 
 WRITER = textwrap.dedent("""
     import sys
-    from station.runtime.outbox import Outbox
+    from station.runtime.mqtt.outbox import Outbox
     box = Outbox(sys.argv[1], max_messages=10**9)
     while True:
         with box.transaction() as tx:
@@ -137,7 +137,7 @@ def test_the_file_shrinks_after_a_backlog_and_old_outboxes_are_migrated(tmp_path
     import sqlite3
 
     path = tmp_path / "old.sqlite3"
-    from station.runtime.outbox import SCHEMA
+    from station.runtime.mqtt.outbox import SCHEMA
 
     with sqlite3.connect(path) as db:  # an outbox made before incremental auto-vacuum
         db.executescript(SCHEMA)
@@ -160,7 +160,7 @@ def test_the_file_shrinks_after_a_backlog_and_old_outboxes_are_migrated(tmp_path
 
 
 def test_the_seq_mark_is_reserved_ahead_and_exact_after_a_clean_stop(tmp_path):
-    from station.runtime.seq_mark import RESERVE
+    from station.runtime.mqtt.seq_mark import RESERVE
 
     mark = tmp_path / "seq"
     with Outbox(tmp_path / "outbox.sqlite3", seq_mark=mark) as outbox:

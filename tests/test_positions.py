@@ -34,7 +34,7 @@ from tests.onnx_models import embed_frames, projection_model
 torch = pytest.importorskip("torch")
 from export.positions import PositionMap, export_position_model, position_offset  # noqa: E402
 
-SCHEMAS = Path(__file__).parent.parent / "station" / "runtime" / "schemas"
+SCHEMAS = Path(__file__).parent.parent / "station" / "runtime" / "mqtt" / "schemas"
 SEED = 5
 BLOB = (FRAME_ROI.x + 9, FRAME_ROI.y + 8)  # frame pixels, on the part's body
 
@@ -292,7 +292,7 @@ def test_a_model_box_maps_through_the_roi_and_its_resize():
 
 
 def test_regions_place_the_box_in_their_own_roi(calibrated):
-    from station.runtime.messages import verdict_message
+    from station.runtime.mqtt.messages import verdict_message
     from station.runtime.regions import Region, judge_regions
 
     embedder, saved, _ = calibrated
@@ -317,7 +317,7 @@ def test_regions_place_the_box_in_their_own_roi(calibrated):
 
 
 def test_the_snapshot_marks_the_box_in_red():
-    from station.runtime.snapshot import encode_jpeg, mark_box
+    from station.runtime.integrations.snapshot import encode_jpeg, mark_box
 
     picture = np.full((52, 72), 128, np.uint8)
     marked = mark_box(picture, (20, 10, 12, 12))

@@ -80,7 +80,8 @@ def test_on_a_belt_that_never_stops_each_part_is_judged_once_when_centred(tmp_pa
 def test_the_centre_offset_follows_a_part_across_the_region_in_either_direction():
     import numpy as np
 
-    from station.runtime.presence import PresenceSettings, centre_offset
+    from station.runtime.config.presence import PresenceSettings
+    from station.runtime.presence import centre_offset
 
     belt_crop = np.full((26, 36), 55, np.uint8)
     def part_at(shift):  # a 12-pixel-wide part whose centre is `shift` pixels right of the region's
@@ -104,7 +105,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from station.core.simulated_line import FRAME_HEIGHT, FRAME_WIDTH, render_frame, render_part  # noqa: E402
-from station.runtime.presence import PresenceSettings  # noqa: E402
+from station.runtime.config.presence import PresenceSettings  # noqa: E402
 from station.tools.simulate import SLIDE_STEP, dwell_frames  # noqa: E402
 from tests.daemon_helpers import Output, finish, schema, start_station, write_config  # noqa: E402
 

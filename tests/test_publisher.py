@@ -14,12 +14,13 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from station.core.backoff import Backoff
-from station.runtime.config import MqttConfig
+from station.runtime.config.station import MqttConfig
 from station.core.errors import PublisherError
-from station.runtime.outbox import Outbox
+from station.runtime.mqtt.outbox import Outbox
 from station.tools.loopback import free_port
-from station.runtime.credentials import read_password
-from station.runtime.publisher import Publisher, Topics
+from station.runtime.config.credentials import read_password
+from station.core.topics import Topics
+from station.runtime.mqtt.publisher import Publisher
 
 FAST = dict(first=0.1, ceiling=0.5)
 
@@ -195,9 +196,9 @@ def _retained(broker, topic):
 
 KILLED_STATION = textwrap.dedent("""
     import sys, time
-    from station.runtime.config import MqttConfig
-    from station.runtime.outbox import Outbox
-    from station.runtime.publisher import Publisher
+    from station.runtime.config.station import MqttConfig
+    from station.runtime.mqtt.outbox import Outbox
+    from station.runtime.mqtt.publisher import Publisher
     host, port, station, db = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
     publisher = Publisher(MqttConfig(host=host, port=port, keepalive=5), station, Outbox(db))
     publisher.start()
@@ -238,7 +239,7 @@ def test_retained_command_is_ignored_and_a_live_command_answered(mosquitto, outb
     publisher = Publisher(mqtt_config(mosquitto), station, outbox, on_command=handle, backoff=Backoff(**FAST))
     results = Listener(mosquitto, topics.command_result)
     try:
-        with caplog.at_level(logging.WARNING, logger="station.runtime.publisher"):
+        with caplog.at_level(logging.WARNING, logger="station.runtime.mqtt.publisher"):
             publisher.start()
             wait_for(lambda: publisher.connected, what="connect")
             time.sleep(0.2)  # the retained command arrives right after subscribing
@@ -326,7 +327,7 @@ def test_password_sources_fail_with_a_message(tmp_path):
 def test_unreachable_broker_backs_off_without_spinning(outbox, caplog):
     config = MqttConfig(host="127.0.0.1", port=free_port())
     publisher = Publisher(config, station_id(), outbox, backoff=Backoff(first=0.2, ceiling=0.4))
-    with caplog.at_level(logging.WARNING, logger="station.runtime.publisher"):
+    with caplog.at_level(logging.WARNING, logger="station.runtime.mqtt.publisher"):
         publisher.start()
         time.sleep(1.5)
         publisher.stop()

@@ -13,7 +13,7 @@ from station.core.errors import ConfigError
 from station.core.imagefolder import list_images, read_image
 from station.core.preprocess import Roi, prepare_crop, to_model_input
 from station.core.verdict import judge
-from station.runtime.config import parse_config
+from station.runtime.config.station import parse_config
 from station.runtime.inspector import Inspector
 from station.runtime.regions import Region
 from tests.mqtt_helpers import Recorder
@@ -171,7 +171,7 @@ def test_bench_measures_grab_to_puback_latency_and_region_throughput(per_row_mod
 
 
 def test_station_check_names_a_region_outside_the_frames(tmp_path, station_files, sim_dataset, broker):
-    from station.runtime.config import load_config
+    from station.runtime.config.station import load_config
     from station.tools.check import check_station
 
     rois = ("\n  - {name: left, x: 0, y: 0, width: 36, height: 26}"

@@ -18,7 +18,7 @@ import cv2
 import jsonschema
 import pytest
 
-from station.runtime.outbox import Outbox
+from station.runtime.mqtt.outbox import Outbox
 from station.core.simulated_line import render_frame, render_part
 from station.tools.simulate import write_video
 from tests.daemon_helpers import (

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from station.core import reference_set
 from station.cli import main as station_main
-from station.runtime.config import parse_config
+from station.runtime.config.station import parse_config
 from station.core.embedder import Embedder
 from station.core.reference_set import ReferenceSetError
 from station.core.errors import ConfigError, StationError

@@ -129,7 +129,7 @@ SANDBOXED = textwrap.dedent("""
         pass
     # Only now the heavy libraries: onnxruntime, OpenCV, numpy/scipy, matplotlib for the report.
     from calibration import live
-    from station.runtime.config import load_config
+    from station.runtime.config.station import load_config
     result = live.calibrate_from_camera(load_config(sys.argv[1]), None, count=30)
     print("calibrated", result.saved.n_good, result.saved.metric)
 """)

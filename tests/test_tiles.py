@@ -20,7 +20,7 @@ from station.core.imagefolder import LabeledImage, list_images, read_image
 from station.core.preprocess import Roi, prepare_crop, to_model_input
 from station.core.tiles import TileGeometry
 from station.core.verdict import judge
-from station.runtime.config import parse_config
+from station.runtime.config.station import parse_config
 from station.runtime.inspector import load_inspector
 from tests.mqtt_helpers import Recorder
 from tests.onnx_models import projection_model
@@ -275,7 +275,7 @@ def test_camera_calibration_of_a_tiled_station_calibrates_its_tiles_per_part(til
 
 
 def test_the_ng_snapshot_marks_the_worst_tile():
-    from station.runtime.integrations import _box_in_region
+    from station.runtime.integrations.wiring import _box_in_region
 
     message = {"worst_roi": {"name": "tile-r1c2", "x": 118, "y": 53, "width": 96, "height": 96}}
     assert _box_in_region(message, Roi(10, 5, 500, 400)) == (108, 48, 96, 96)  # in the snapshot's (roi's) pixels

@@ -23,7 +23,7 @@ import pytest
 
 from station.core.errors import ConfigError
 from station.core.preprocess import Roi
-from station.runtime.config import parse_config
+from station.runtime.config.station import parse_config
 from station.runtime.web.feed import WebFeed
 from station.runtime.web.pictures import live_picture
 from station.runtime.web.users import check_password, load_users, parse_users, user_line

@@ -19,7 +19,7 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from station.runtime.messages import SCHEMA_VERSION
+from station.runtime.mqtt.messages import SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
 

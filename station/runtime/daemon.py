@@ -24,20 +24,20 @@ from station.runtime.frame_sizes import FrameSizes
 from station.runtime.sources import is_finite, is_lossless, open_source
 from station.runtime.sources.base import STARTING
 from station.runtime.commands import Command, CommandInbox
-from station.runtime.config import StationConfig, load_config
-from station.runtime.credentials import camera_credentials
+from station.runtime.config.station import StationConfig, load_config
+from station.runtime.config.credentials import camera_credentials
 from station.runtime.crops import CropKeeper
 from station.core.errors import ConfigError, DataError, StationError
 from station.core.preprocess import crop
 from station.core.state_dir import StateLock, open_state_dir
 from station.runtime.inspector import Inspector, load_inspector
-from station.runtime.outbox import Outbox
-from station.runtime.seq_mark import FILE as SEQ_MARK
-from station.runtime.publisher import Publisher
-from station.runtime.recorder import VerdictRecorder
-from station.runtime.stats import StationStats, stats_message
-from station.runtime.integrations import Integrations
-from station.runtime.messages import is_verdict, part_messages, utc_timestamp
+from station.runtime.mqtt.outbox import Outbox
+from station.runtime.mqtt.seq_mark import FILE as SEQ_MARK
+from station.runtime.mqtt.publisher import Publisher
+from station.runtime.mqtt.recorder import VerdictRecorder
+from station.runtime.stats import StationStats, figures, stats_message
+from station.runtime.integrations.wiring import Integrations
+from station.runtime.mqtt.messages import is_verdict, part_messages, utc_timestamp
 from station.runtime.presence import PresenceGate
 from station.runtime.triggers import frame_for, unjudged_trigger
 
@@ -89,11 +89,12 @@ class Daemon:
         self._pause_flag = state_dir / PAUSE_FLAG
         self.paused = self._pause_flag.exists()
         self.outbox = Outbox(state_dir / "outbox.sqlite3", config.outbox.max_messages, seq_mark=state_dir / SEQ_MARK)
-        self.publisher = Publisher(config.mqtt, config.station, self.outbox, on_command=self.inbox.offer)
+        self.stats = StationStats()
+        self.integrations = Integrations(self, figures)  # prometheus, snapshot, homeassistant, opcua, the page
+        self.publisher = Publisher(config.mqtt, config.station, self.outbox, on_command=self.inbox.offer,
+                                   on_queued=self.integrations.queued, on_delivered=self.integrations.delivered)
         self.recorder = VerdictRecorder(self.outbox, self.publisher)
         self.crop_keeper = CropKeeper.for_station(config.state_dir, config.keep_crops)
-        self.stats = StationStats()
-        self.integrations = Integrations(self)  # prometheus, snapshot, homeassistant, opcua
         self.integrations.start(state_dir)
         self.publisher.start()
         self.source = open_source(config.camera.source, config.camera.loop, config.camera.fps,

@@ -17,7 +17,7 @@ from station.core.preprocess import Roi, prepare_crop, regions_problem, to_model
 from station.core.errors import ConfigError, StationError
 from station.core.tiles import TileGeometry, recorded_geometry, reference_geometry_problem
 from station.core.verdict import judge
-from station.runtime.config import StationConfig
+from station.runtime.config.station import StationConfig
 from station.runtime.model_forms import FormChoice, choose, form_of
 from station.runtime.regions import Region, bounding_roi, crop_regions, judge_regions, split_crops
 

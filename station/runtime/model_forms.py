@@ -1,7 +1,7 @@
 """Which form of the model this station runs: the faster on its own CPU, or the one station.yaml pins.
 
 A bundle may carry its model as fp32 and as int8 (`model: {fp32: PATH, int8: PATH}`, each form with its
-own reference sets: config_forms.py). Which is faster depends on the CPU, not on the model: the default
+own reference sets: config/forms.py). Which is faster depends on the CPU, not on the model: the default
 cnn ran 139 us int8 against 116 us fp32 on a 2-core AMD EPYC (AVX-512 VNNI) and 142 against 147 us on
 a 2-core Intel Xeon, so `station fit`'s PC cannot decide for the line PC. At start, on every reload and
 changeover, each form is loaded as the station runs it (build_session, the configured threads) and timed

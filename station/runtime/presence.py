@@ -30,24 +30,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from station.runtime.config.presence import PresenceSettings
+
+DEFAULT_SETTINGS = PresenceSettings()  # frozen: shared by every gate built without settings
+
 LEARNING, WAITING, ENTERED, JUDGED = "learning", "waiting for part", "part entered", "judged"
 DRIFT = 0.05  # share of each empty frame blended into the belt reference
-JUDGE_ON = ("still", "centred")
 MAX_VIEWS = 8  # settled pictures remembered while the region differs from the belt
 UNIFORM_SHARE = 0.5  # pixels changing alike (the rest may be a part moving) for their change to be the light's
 LEFT_SETTLED = "the part left before it settled"
 PASSED_UNSEEN = "a part passed while the learned empty belt was wrong (the belt was relearned)"
-
-
-@dataclass(frozen=True)
-class PresenceSettings:
-    enter: float = 15.0  # mean absolute grey-level difference from the empty belt: a part is there
-    leave: float = 8.0  # ...back below this: the region is empty again
-    still: float = 4.0  # mean absolute change between consecutive frames, the light's aside: the part stands still
-    still_frames: int = 2  # consecutive still frames before the part is judged
-    learn_frames: int = 5  # empty-belt frames learned at start
-    judge_on: str = "still"  # "still": a stop-and-go belt; "centred": a belt that never stops
-    relearn_frames: int = 750  # frames the region may differ from the belt before the belt is relearned
 
 
 def _difference(a: np.ndarray, b: np.ndarray) -> float:
@@ -92,7 +84,7 @@ class View:
 class PresenceGate:
     """Feed it every frame's crop in order; it says which frames to judge and which parts got none."""
 
-    def __init__(self, settings: PresenceSettings = PresenceSettings()):
+    def __init__(self, settings: PresenceSettings = DEFAULT_SETTINGS):
         self.settings = settings
         self.parts = 0  # parts seen (judged or not)
         self.missed = 0  # parts that got a no_verdict

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from station.core.verdict import OK
-from station.runtime.messages import utc_timestamp
+from station.runtime.mqtt.messages import utc_timestamp
 
 
 class StationStats:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from station.runtime.commands import Command
 from station.runtime.frame_feed import LatestFrame
-from station.runtime.messages import no_verdict_message, utc_timestamp
+from station.runtime.mqtt.messages import no_verdict_message, utc_timestamp
 from station.runtime.sources import Frame
 
 TRIGGER_FRAME_WAIT = 1.0  # seconds between a trigger's arrival and its frame, at most, either way

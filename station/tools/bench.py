@@ -21,7 +21,7 @@ from station.core.errors import StationError
 from station.tools import bench_latency
 from station.tools.loopback import Mosquitto
 from station.core.verdict import judge
-from station.runtime.messages import encode, utc_timestamp, verdict_message
+from station.runtime.mqtt.messages import encode, utc_timestamp, verdict_message
 
 STAGE_RUNS = 2000
 
@@ -67,7 +67,7 @@ def stage_figures(model: Path, reference: Path, parts: Path, broker: tuple[str, 
     from station.core import reference_set
     from station.core.embedder import Embedder
     from station.core.imagefolder import list_images, read_image
-    from station.runtime.outbox import Outbox
+    from station.runtime.mqtt.outbox import Outbox
     from station.core.preprocess import prepare_crop, to_model_input
     from station.core.scoring import distances
 

@@ -30,8 +30,9 @@ BROKER_CONFIG = "set_tcp_nodelay true\n"
 
 RUNNER = """
 import json, sys, time
-from station.runtime import daemon, frame_feed, publisher
-from station.runtime.messages import is_verdict
+from station.runtime import daemon, frame_feed
+from station.runtime.mqtt import publisher
+from station.runtime.mqtt.messages import is_verdict
 grabbed, queued, samples = {}, {}, []
 
 class TracedFeed(frame_feed.FrameFeed):

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from station.runtime.config import StationConfig
+from station.runtime.config.station import StationConfig
 from station.core.errors import ModelError, StationError
 from station.core.preprocess import InputSpec, regions_problem
 from station.core.state_dir import state_dir_problem
 from station.runtime.frame_feed import LatestFrame
-from station.runtime.credentials import camera_credentials, read_password
-from station.runtime.publisher import tls_context
+from station.runtime.config.credentials import camera_credentials, read_password
+from station.runtime.mqtt.publisher import tls_context
 from station.runtime.sources import open_source
 from station.runtime.sources.kinds import DEVICE, FILE, GENICAM, is_stored_media, source_kind
 
@@ -127,7 +127,7 @@ def _file_problems(config: StationConfig, env) -> list[str]:
             problems.append(str(exc))
     problems.append(state_dir_problem(config.state_dir))
     if config.opcua is not None:
-        from station.runtime.opcua_server import opcua_problems
+        from station.runtime.integrations.opcua_server import opcua_problems
 
         problems += opcua_problems(config.opcua)
     return [problem for problem in problems if problem]

@@ -4,7 +4,7 @@
       source: genicam://Basler-210ab4     # or genicam://192.168.10.20
       genicam: {exposure_us: 4000, gain: 6, pixel_format: BayerRG8, trigger_source: Line1}
 
-Pure settings (no Aravis here): config.py parses them, genicam.py applies them
+Pure settings (no Aravis here): config/station.py parses them, genicam.py applies them
 on every connect, so a camera that was power-cycled comes back as configured.
 """
 from __future__ import annotations

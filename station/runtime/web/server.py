@@ -74,7 +74,7 @@ def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict):
 
 
 class WebPage:
-    """Started by Integrations (station/runtime/integrations.py) when station.yaml has `web:`."""
+    """Started by Integrations (station/runtime/integrations/wiring.py) when station.yaml has `web:`."""
 
     def __init__(self, config, daemon, state_dir: Path):
         if web is None:
@@ -84,7 +84,7 @@ class WebPage:
         self.daemon = daemon
         self.station = daemon.config.station
         self.started_wall = daemon.stats.started_wall
-        self.users = load_users(config)  # None: the open page on loopback (config_web.py refuses it elsewhere)
+        self.users = load_users(config)  # None: the open page on loopback (config/web.py refuses it elsewhere)
         self.feed = WebFeed(config.results)
         self.sessions, self.limit = Sessions(), LoginLimit()
         self.pictures, self.thumbnails = LivePictures(), Thumbnails(Path(state_dir) / "crops")

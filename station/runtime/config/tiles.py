@@ -15,14 +15,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo, field_validator
+
+from station.core.config_model import ConfigModel
 
 _ROI = "_tiles_roi"  # validation context: the validated roi:, for the tile-size checks
 
 
-class TilesConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
-
+class TilesConfig(ConfigModel):
     width: int = Field(ge=1)
     height: int = Field(ge=1)
     # Half a tile by default: a defect up to half a tile across then lies whole inside some tile.

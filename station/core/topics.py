@@ -1,13 +1,13 @@
-"""The station's MQTT topics, their one owner (publisher.py's docstring says what each carries).
+"""The station's MQTT topics, their one owner (station/runtime/mqtt/publisher.py's docstring says what each carries).
 
-config.py checks the topics a station would publish against MQTT's rules (mqtt_strings.py)
+station/runtime/config/station.py checks the topics a station would publish against MQTT's rules (mqtt_strings.py)
 from here, so a prefix the broker would refuse is a configuration error, not a dead connection.
 """
 from __future__ import annotations
 
 from dataclasses import astuple, dataclass
 
-# Home Assistant sensors, one discovery config each (discovery.py builds them).
+# Home Assistant sensors, one discovery config each (station/runtime/integrations/homeassistant.py builds them).
 DISCOVERY_OBJECTS = ("verdict", "score", "ok_count", "ng_count")
 
 

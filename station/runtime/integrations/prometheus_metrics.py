@@ -22,9 +22,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from station.core.errors import ConfigError
-from station.runtime.messages import is_verdict
+from station.runtime.integrations.sink import Sink
+from station.runtime.mqtt.messages import is_verdict
 from station.runtime.sources.base import STARTING, STATES as CAMERA_STATES
-from station.runtime.stats import figures
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +35,12 @@ LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
 class _DaemonCollector:
     """Figures the daemon keeps anyway, read at scrape time (from the HTTP server's thread)."""
 
-    def __init__(self, daemon, started_wall: float, started: float):
-        self.daemon, self.started_wall, self.started = daemon, started_wall, started
+    def __init__(self, daemon, figures, started_wall: float, started: float):
+        self.daemon, self.figures, self.started_wall, self.started = daemon, figures, started_wall, started
 
     def collect(self):
         d = self.daemon
-        counted = figures(d)
+        counted = self.figures(d)
         yield _counter("station_frames", "frames the camera delivered", counted.captured or 0)
         yield _counter("station_parts", "parts judged (each gave a verdict)", d.stats.processed)
         yield _counter("station_frames_dropped", "frames not judged (live camera faster than judging, paused, "
@@ -84,17 +84,18 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, value=value)
 
 
-class PrometheusExporter:
-    """Owns the registry and the HTTP server; its `queued` and `delivered` hook into the publisher."""
+class PrometheusExporter(Sink):
+    """Owns the registry and the HTTP server; hears `queued` and `delivered` from the publisher (a Sink)."""
 
-    def __init__(self, config, daemon, started_wall: float, started: float):
+    def __init__(self, config, daemon, figures, started_wall: float, started: float):
+        """`figures(daemon)`: the daemon's counted figures (station/runtime/stats.py), read at each scrape."""
         self.config = config
         self.registry = CollectorRegistry(auto_describe=False)
         self.verdicts = Counter("station_verdicts", "verdicts the broker acknowledged (PUBACK), by verdict and "
                                 "product", ["verdict", "product"], registry=self.registry)
         self.latency = Histogram("station_verdict_latency_seconds", "frame grabbed to the broker's PUBACK",
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.registry.register(_DaemonCollector(daemon, started_wall, started))
+        self.registry.register(_DaemonCollector(daemon, figures, started_wall, started))
         self._pending: dict[int, tuple[tuple[str, str], float]] = {}  # outbox id -> ((verdict, product), grabbed)
         self._children: dict[tuple[str, str], object] = {}
         self._server = None

@@ -1,4 +1,4 @@
-"""The model-side subcommands (calibrate, evaluate, train, fit, export): handlers `station/cli.py`
+"""The model-side subcommands (calibrate, evaluate, train, fit, export): handlers `station/cli/__init__.py`
 dispatches to. Heavy modules are imported inside them, so `station --help` stays fast."""
 from __future__ import annotations
 
@@ -86,8 +86,8 @@ def _calibrate_camera(args) -> int:
     from calibration import live
     from calibration.thresholds import DEFAULT_CAMERA_COUNT
     from station.core import reference_set
-    from station.runtime.config import load_config
-    from station.runtime.credentials import camera_credentials
+    from station.runtime.config.station import load_config
+    from station.runtime.config.credentials import camera_credentials
 
     config = load_config(args.config)
     if args.rollback is not None:  # every form's reference set of the product, as calibration made them together

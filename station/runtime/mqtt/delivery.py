@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import paho.mqtt.client as mqtt
 
 from station.core.backoff import Backoff
-from station.runtime.outbox import Message, Outbox
+from station.runtime.mqtt.outbox import Message, Outbox
 
 log = logging.getLogger(__name__)
 

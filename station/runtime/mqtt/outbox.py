@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from station.core.errors import OutboxDiskError, OutboxError, OutboxFullError
-from station.runtime.seq_mark import SeqMark
+from station.runtime.mqtt.seq_mark import SeqMark
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class Outbox:
     """Messages waiting for the broker's acknowledgement, in insertion order."""
 
     def __init__(self, path: Path | str, max_messages: int = 100_000, seq_mark: Path | None = None):
-        """`seq_mark`: the station's STATE/seq (station/runtime/seq_mark.py), so seq survives losing this file."""
+        """`seq_mark`: the station's STATE/seq (station/runtime/mqtt/seq_mark.py), so seq survives losing this file."""
         if max_messages < 1:
             raise ValueError("max_messages must be >= 1")
         self.path = Path(path)

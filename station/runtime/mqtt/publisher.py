@@ -34,14 +34,14 @@ from collections.abc import Callable
 import paho.mqtt.client as mqtt
 
 from station.core.backoff import Backoff
-from station.runtime.config import MqttConfig
+from station.runtime.config.station import MqttConfig
 from station.core.errors import OutboxDiskError, OutboxError, PublisherError
-from station.runtime.credentials import read_password
-from station.runtime.connection_watch import STABLE_AFTER, Connection, ConnectionWatch, GuardedClient
-from station.runtime.delivery import Delivery, packet_size
-from station.runtime.messages import encode, is_verdict
-from station.runtime.outbox import Outbox
-from station.runtime.topics import Topics  # noqa: F401 (re-exported: discovery.py, tests)
+from station.runtime.config.credentials import read_password
+from station.runtime.mqtt.connection_watch import STABLE_AFTER, Connection, ConnectionWatch, GuardedClient
+from station.runtime.mqtt.delivery import Delivery, packet_size
+from station.runtime.mqtt.messages import encode, is_verdict
+from station.runtime.mqtt.outbox import Outbox
+from station.core.topics import Topics
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,8 @@ class Publisher:
     """Connects, keeps reconnecting, drains the Outbox, answers commands."""
 
     def __init__(self, config: MqttConfig, station: str, outbox: Outbox,
-                 on_command: CommandHandler | None = None, *, max_inflight: int | None = None,
+                 on_command: CommandHandler | None = None, *, on_queued=None, on_delivered=None,
+                 max_inflight: int | None = None,
                  backoff: Backoff | None = None, env: dict[str, str] | None = None,
                  stable_after: float = STABLE_AFTER):
         self.config = config
@@ -77,7 +78,7 @@ class Publisher:
         self.topics = Topics.for_station(config.topic_prefix, station)
         self.outbox = outbox
         self.on_command = on_command
-        self.on_queued: Callable[[range, list[dict]], None] | None = None  # outbox ids and their messages
+        self.on_queued: Callable[[range, list[dict]], None] | None = on_queued  # outbox ids and their messages
         self.backoff = backoff or Backoff(first=1.0, ceiling=60.0)
         self.client_id = f"station-{station}"  # station names are [A-Za-z0-9_-]{1,64}: a client id any broker takes
         self.watch = ConnectionWatch(f"{config.host}:{config.port}", self.client_id, self.backoff, stable_after)
@@ -91,6 +92,7 @@ class Publisher:
         self._retained: dict[str, bytes] = {}  # topic -> retained payload re-sent after every connect
         self.mqtt5 = config.protocol == "5"
         self.delivery = Delivery(outbox, max_inflight or config.max_inflight, config.inflight_timeout)
+        self.delivery.on_delivered = on_delivered  # the outbox id of each message the broker accepted
         self._max_packet: int | None = None  # the broker's Maximum Packet Size (MQTT 5 CONNACK)
         self._too_large: set[str] = set()  # topics whose live messages exceeded it (logged once)
         self._wake = threading.Event()

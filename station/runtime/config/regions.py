@@ -1,11 +1,12 @@
-"""`rois:` in station.yaml: several named regions of one part, each judged against a product's reference set.
+"""`roi:` and `rois:` in station.yaml: the region of the frame that is the part, or several named regions of
+one part, each judged against a product's reference set.
 
     rois:
       - {name: left, x: 10, y: 12, width: 36, height: 26}              # the station's product
       - {name: right, x: 60, y: 12, width: 36, height: 26, product: B}  # products.B's reference set
 
 `roi:` (one unnamed region) and `rois:` exclude each other. Every problem names
-the line and key path of the region it is about (station/runtime/config.py).
+the line and key path of the region it is about (station/runtime/config/station.py).
 """
 from __future__ import annotations
 
@@ -21,7 +22,23 @@ _PRODUCTS = "_station_products"  # validation context: the products: mapping, fo
 _NAMES = "_region_names"  # validation context: the names seen so far, for the uniqueness check
 
 
-class RegionConfig(ConfigModel):
+class _Box:
+    """x, y, width and height in frame pixels: `roi:` and each of `rois:`."""
+
+    def to_roi(self):
+        from station.core.preprocess import Roi
+
+        return Roi(self.x, self.y, self.width, self.height)
+
+
+class RoiConfig(_Box, ConfigModel):
+    x: int = Field(ge=0)
+    y: int = Field(ge=0)
+    width: int = Field(ge=1)
+    height: int = Field(ge=1)
+
+
+class RegionConfig(_Box, ConfigModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=64)
     x: int = Field(ge=0)
     y: int = Field(ge=0)
@@ -54,11 +71,6 @@ class RegionConfig(ConfigModel):
             if product not in products:
                 raise ValueError(f"must be one of the products ({', '.join(sorted(products))}), got {product!r}")
         return product
-
-    def to_roi(self):
-        from station.core.preprocess import Roi
-
-        return Roi(self.x, self.y, self.width, self.height)
 
 
 def _before(value: Any, info: ValidationInfo) -> Any:

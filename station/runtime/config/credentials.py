@@ -11,8 +11,8 @@ from pathlib import Path
 
 from station.core.errors import ConfigError, PublisherError
 from station.core.user_files import read_text
-from station.runtime.config import CameraConfig, MqttConfig
-from station.runtime.mqtt_strings import binary_problem
+from station.runtime.config.station import CameraConfig, MqttConfig
+from station.core.mqtt_strings import binary_problem
 
 
 def _secret_path(file: Path | None, credential: str | None, key: str, env) -> Path | None:

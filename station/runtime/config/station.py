@@ -25,17 +25,17 @@ from station.core.errors import ConfigError, StationError
 from station.core.imagefolder import DEFAULT_MAX_PIXELS
 from station.core.product import product_name_problem
 from station.core.user_files import read_text
-from station.runtime.presence import JUDGE_ON, PresenceSettings
-from station.runtime.regions_config import Regions
-from station.runtime.tiles_config import Tiles
-from station.runtime.config_forms import MODEL_FORMS, form_paths, form_problems
-from station.runtime.config_yaml import (KeyPath, compose, format_problem, key_lines, line_of,
+from station.runtime.config.presence import PresenceConfig
+from station.runtime.config.regions import Regions, RoiConfig
+from station.runtime.config.tiles import Tiles
+from station.runtime.config.forms import MODEL_FORMS, form_paths, form_problems
+from station.runtime.config.yaml_lines import (KeyPath, compose, format_problem, key_lines, line_of,
                                          validation_problems)
-from station.runtime.config_integrations import (HomeAssistantConfig, OpcuaConfig, PrometheusConfig, SnapshotConfig,
+from station.runtime.config.integrations import (HomeAssistantConfig, OpcuaConfig, PrometheusConfig, SnapshotConfig,
                                                  TopicPart, mqtt_checked)
-from station.runtime.config_web import WebConfig
-from station.runtime.mqtt_strings import string_problem, topic_problem
-from station.runtime.topics import Topics
+from station.runtime.config.web import WebConfig
+from station.core.mqtt_strings import string_problem, topic_problem
+from station.core.topics import Topics
 from station.runtime.sources.genicam_config import GenicamField, Trigger
 from station.runtime.sources.kinds import GENICAM, SIM, URL, parse_sim_source, source_kind
 
@@ -47,6 +47,7 @@ SECRET_HOMES = {
     ("mqtt",): ("password_file", "password_credential"),
     ("camera",): ("credentials_file", "credentials_credential"),  # the file holds user:password
     ("opcua",): ("users_file", None),  # lines user:password
+    ("web",): ("users_file", "users_credential"),  # lines NAME:ROLE:HASH from `station web-user`
 }
 DEFAULT_STATE_ROOT = Path("/var/lib/station")
 MAX_LISTED_PROBLEMS = 100
@@ -109,18 +110,6 @@ class CameraConfig(ConfigModel):
         return self
 
 
-class RoiConfig(ConfigModel):
-    x: int = Field(ge=0)
-    y: int = Field(ge=0)
-    width: int = Field(ge=1)
-    height: int = Field(ge=1)
-
-    def to_roi(self):
-        from station.core.preprocess import Roi
-
-        return Roi(self.x, self.y, self.width, self.height)
-
-
 class TlsConfig(ConfigModel):
     ca: ConfigPath | None = None  # None: the system's trusted CAs
     cert: ConfigPath | None = None
@@ -168,27 +157,6 @@ class KeepCropsConfig(ConfigModel):
     max_mb: float = Field(200.0, ge=0)
 
 
-class PresenceConfig(ConfigModel):
-    """trigger: presence (station/runtime/presence.py has the defaults and what each means)."""
-
-    enter: float = Field(PresenceSettings.enter, gt=0)
-    leave: float = Field(PresenceSettings.leave, gt=0)
-    still: float = Field(PresenceSettings.still, gt=0)
-    still_frames: int = Field(PresenceSettings.still_frames, ge=1)
-    learn_frames: int = Field(PresenceSettings.learn_frames, ge=1)
-    judge_on: Literal[JUDGE_ON] = PresenceSettings.judge_on
-    relearn_frames: int = Field(PresenceSettings.relearn_frames, ge=1)
-
-    @model_validator(mode="after")
-    def _hysteresis(self):
-        if self.leave >= self.enter:
-            raise ValueError(f"leave ({self.leave:g}) must be below enter ({self.enter:g}): that is the hysteresis")
-        return self
-
-    def settings(self) -> PresenceSettings:
-        return PresenceSettings(**self.model_dump())
-
-
 class RuntimeConfig(ConfigModel):
     threads: int = Field(1, ge=1, le=64)
 
@@ -202,8 +170,8 @@ class StationConfig(ConfigModel):
     reference: FormPaths = None
     products: dict[ProductName, FormPaths] | None = None
     product: ProductName | None = None
-    rois: Regions = None  # named regions, instead of roi (regions_config.py); after roi and products
-    tiles: Tiles = None  # the roi cut into overlapping tiles (tiles_config.py); after roi and rois
+    rois: Regions = None  # named regions, instead of roi (regions.py); after roi and products
+    tiles: Tiles = None  # the roi cut into overlapping tiles (tiles.py); after roi and rois
     trigger: Trigger = "continuous"  # hardware: sources/genicam_config.py
     presence: PresenceConfig = PresenceConfig()
     state_dir: ConfigPath = Field(None, validate_default=True)  # default: $STATE_DIRECTORY or /var/lib/station/<station>
@@ -212,11 +180,11 @@ class StationConfig(ConfigModel):
     outbox: OutboxConfig = OutboxConfig()
     keep_crops: KeepCropsConfig = KeepCropsConfig()
     runtime: RuntimeConfig = RuntimeConfig()
-    prometheus: PrometheusConfig | None = None  # config_integrations.py: observability and plant integration
+    prometheus: PrometheusConfig | None = None  # integrations.py: observability and plant integration
     snapshot: SnapshotConfig = SnapshotConfig()
     homeassistant: HomeAssistantConfig = HomeAssistantConfig()
     opcua: OpcuaConfig | None = None
-    web: WebConfig | None = None  # config_web.py: the station's own page, off unless present
+    web: WebConfig | None = None  # web.py: the station's own page, off unless present
     _reference_name: str | None = PrivateAttr(None)  # for_form: the product's name, the same in every form
 
     @field_validator("state_dir", mode="before")

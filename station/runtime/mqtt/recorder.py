@@ -14,8 +14,8 @@ import logging
 from collections.abc import Callable
 
 from station.core.errors import OutboxError, OutboxFullError
-from station.runtime.outbox import Outbox
-from station.runtime.publisher import Publisher
+from station.runtime.mqtt.outbox import Outbox
+from station.runtime.mqtt.publisher import Publisher
 
 log = logging.getLogger(__name__)
 # Seconds the first live verdict waits for stored ones still in flight, so none is overtaken.

@@ -2,7 +2,7 @@
 
     station.yaml:7: mqtt.port: Input should be a valid integer
 
-Generic: the models it reports against are passed in (station/runtime/config.py uses it for
+Generic: the models it reports against are passed in (station/runtime/config/station.py uses it for
 station.yaml). Aliases are visited once, so a "billion laughs" document cannot blow up the walk.
 """
 from __future__ import annotations

@@ -6,134 +6,17 @@ fast and the runtime never loads torch unless `train` or `export` runs.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
-import threading
 from pathlib import Path
 
 from station.core.version import __version__
-from station.arguments import completion_script, host_port, positive, seed, verbose_everywhere, width_by_height
-from station.core.errors import ConfigError, StationError
+from station.cli.arguments import completion_script, host_port, positive, seed, verbose_everywhere, width_by_height
+from station.core.errors import StationError
 from station.runtime.logs import configure_logging
 from station.runtime.web.users import ROLES
-from station.model_commands import calibrate, evaluate, export, fit, train
+from station.cli import model, runtime
 
-log = logging.getLogger("station")
-
-
-def _simulate(args) -> int:
-    from station.core.simulated_line import FRAME_HEIGHT, FRAME_ROI, FRAME_WIDTH
-    from station.tools import simulate
-
-    if args.count < 1:
-        raise StationError("--count must be at least 1")
-    if args.part == "plate" and (args.video or args.contact_sheet or args.pins != 3):
-        raise StationError("--part plate writes photos only: --video, --contact-sheet and --pins draw the terminal line")
-    if args.part == "plate":
-        counts = simulate.write_plate_dataset(args.out, args.count, args.seed)
-    else:
-        counts = simulate.write_dataset(args.out, args.count, args.seed, pins=args.pins)
-    summary = ", ".join(f"{name} {n}" for name, n in sorted(counts.items()))
-    print(f"wrote {args.count} parts to {args.out}: {summary}")
-    if args.video:
-        truth = args.video.with_suffix(".csv")
-        if args.dwell is not None:
-            simulate.write_dwell_video(args.video, truth, args.count, args.seed, args.dwell, pins=args.pins)
-        else:
-            simulate.write_video(args.video, truth, args.count, args.seed, pins=args.pins)
-        print(f"wrote {args.video} ({FRAME_WIDTH}x{FRAME_HEIGHT}, part in ROI x={FRAME_ROI.x} y={FRAME_ROI.y} "
-              f"{FRAME_ROI.width}x{FRAME_ROI.height}) and ground truth {truth}")
-    if args.contact_sheet:
-        simulate.write_contact_sheet(args.contact_sheet, args.seed, pins=args.pins)
-        print(f"wrote {args.contact_sheet} (six enlarged parts of each class)")
-    return 0
-
-
-def _check(args) -> int:
-    from station.tools.check import check_station
-    from station.runtime.config import load_config
-    from station.core.errors import ConfigError
-
-    result = check_station(load_config(args.config))
-    for line in result.summary:
-        print(f"ok: {line}")
-    if result.problems:
-        raise ConfigError(f"{args.config}: {len(result.problems)} problem(s):\n  " + "\n  ".join(result.problems))
-    print(f"{args.config}: ready to run")
-    return 0
-
-
-def _run(args) -> int:
-    from station.runtime.daemon import Daemon
-
-    try:
-        code = Daemon(args.config).run()
-    except StationError:
-        raise
-    except Exception:  # a bug in the station: the traceback is for its developers; systemd restarts on exit 1
-        log.critical("station run crashed (a bug in the station): exit 1", exc_info=True)
-        code = 1
-    lingering = [t.name for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()]
-    if lingering:
-        # E.g. a camera reader still blocked in OpenCV's read of a stream: interpreter shutdown would
-        # unwind it through OpenCV's catch-all and abort ("FATAL: exception not rethrown", SIGABRT)
-        # after a clean stop. The daemon has closed and flushed everything; leave without finalization.
-        log.info("threads still inside native code at exit (%s): exiting without waiting", ", ".join(lingering))
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
-
-
-def _bench(args) -> int:
-    from station.tools import bench
-
-    chosen, regions = None, bench.bench_latency.REGIONS
-    if args.config:  # the station's own model: the form it runs here first, its other forms timed raw
-        from station.runtime.config import load_config
-
-        if args.model or args.reference:
-            raise ConfigError("give -c/--config or --model/--reference, not both")
-        args.model, args.reference, chosen, regions = bench.station_models(load_config(args.config))
-    if not args.model:  # the bundled demo models: int8 as the station's, its fp32 twin timed raw
-        from station.tools.demo import DEMO_MODEL, DEMO_MODEL_FP32
-
-        args.model = [DEMO_MODEL] + ([DEMO_MODEL_FP32] if DEMO_MODEL_FP32.exists() else [])
-    progress = (lambda text: print(text, file=sys.stderr))
-    figures = bench.run_bench(args.model, args.reference, args.parts, args.broker, progress, args.integrations,
-                              regions, chosen)
-    print(bench.to_json(figures) if args.json else bench.format_table(figures))
-    return 0
-
-
-def _demo(args) -> int:
-    from station.tools.demo import run_demo
-
-    return run_demo(args.frames, args.broker, args.seed, args.fps)
-
-
-def _web_user(args) -> int:
-    """A users-file line for the station's page; the password from stdin (piped) or asked twice (a terminal)."""
-    import getpass
-
-    from station.core.errors import ConfigError
-    from station.runtime.web.users import add_user, user_line
-
-    if sys.stdin.isatty():
-        password = getpass.getpass(f"password for {args.name}: ")
-        if getpass.getpass("again: ") != password:
-            raise ConfigError("the two passwords differ")
-    else:
-        password = sys.stdin.readline().rstrip("\r\n")
-    line = user_line(args.name, args.role, password)
-    if args.file is None:
-        print(line)
-    else:
-        add_user(args.file, line)
-        print(f"{args.file}: {args.name} ({args.role}) written", file=sys.stderr)
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "0: a belt that never stops (presence.judge_on: centred)")
     sim.add_argument("--contact-sheet", type=Path, metavar="PNG",
                      help="also write a picture of six enlarged parts per class (docs/simulated_parts.png)")
-    sim.set_defaults(handler=_simulate)
+    sim.set_defaults(handler=runtime.simulate)
     cal = commands.add_parser(
         "calibrate", help="build a product's reference set from known-good parts",
         description="Folder mode: --model, --good [--defects] --out. Camera mode: -c station.yaml "
@@ -192,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="refuse with fewer good parts (default: MIN_GOOD_PARTS_CALIBRATE in calibration/thresholds.py)")
     cal.add_argument("--rollback", type=int, nargs="?", const=0, default=None, metavar="VERSION",
                      help="make an earlier version current (default: the one before)")
-    cal.set_defaults(handler=calibrate)
+    cal.set_defaults(handler=model.calibrate)
 
     ev = commands.add_parser("evaluate", help="quality figures of a model and reference set on labelled parts")
     ev.add_argument("--model", type=Path, required=True)
@@ -200,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", type=Path, required=True, help="image folder: good/ + one folder per defect class")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.add_argument("--report", type=Path, help="folder for histogram, ROC and contact-sheet PNGs")
-    ev.set_defaults(handler=evaluate)
+    ev.set_defaults(handler=model.evaluate)
 
     tr = commands.add_parser("train", help="train a Siamese trunk on an image folder (needs the train extra)")
     tr.add_argument("--data", type=Path, required=True, help="image folder: good/ + one folder per defect class")
@@ -217,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--allow-flips", action="store_true", help="augment with mirrored crops (only if the part is symmetric)")
     tr.add_argument("--input-size", type=width_by_height, metavar="WxH",
                     help="model input in pixels (default 36x26); the station resizes the ROI to it")
-    tr.set_defaults(handler=train)
+    tr.set_defaults(handler=model.train)
 
     ex = commands.add_parser("export", help="export a trained trunk to a self-describing ONNX model (int8 by default)")
     ex.add_argument("checkpoint", type=Path, help="checkpoint written by `station train`, or a Keras 3 model.keras")
@@ -227,18 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--calib-data", type=Path, help="image folder for calibration and the gate (default: the training data)")
     ex.add_argument("--reduce-range", action=argparse.BooleanOptionalAction,
                     help="7-bit int8 weights (default off: the unsigned 8-bit weights used do not saturate)")
-    ex.set_defaults(handler=export)
+    ex.set_defaults(handler=model.export)
     chk = commands.add_parser("check", help="validate a station configuration, its model and reference sets")
     chk.add_argument("-c", "--config", type=Path, required=True, help="station.yaml")
-    chk.set_defaults(handler=_check)
+    chk.set_defaults(handler=runtime.check)
     run = commands.add_parser("run", help="run the station: camera -> verdicts over MQTT (the systemd service)")
     run.add_argument("-c", "--config", type=Path, required=True, help="station.yaml")
-    run.set_defaults(handler=_run)
+    run.set_defaults(handler=runtime.run)
     wu = commands.add_parser("web-user", help="a user line for the station's page (web.users_file); password from stdin")
     wu.add_argument("name")
     wu.add_argument("role", choices=ROLES)
     wu.add_argument("--file", type=Path, help="put the line in this users file (replacing the user's old one)")
-    wu.set_defaults(handler=_web_user)
+    wu.set_defaults(handler=runtime.web_user)
     fi = commands.add_parser(
         "fit", help="image folder -> bundle: checked data, honest split, trained, exported, calibrated, tested",
         description="Checks the data, splits it train/calibration/test (stratified, near-duplicates kept together), "
@@ -259,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="without defects: good parts allowed to be rejected "
                          "(default: DEFAULT_TARGET_FALSE_REJECT in calibration/thresholds.py)")
     fi.add_argument("--product", help="product name of the reference set (default: the --out folder's name)")
-    fi.set_defaults(handler=fit)
+    fi.set_defaults(handler=model.fit)
 
     be = commands.add_parser("bench", help="measure per-stage cost, raw onnxruntime, end-to-end verdicts/s, RSS")
     be.add_argument("--model", type=Path, action="append", default=[],
@@ -271,13 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--broker", type=host_port, help="HOST:PORT of a broker (default: a mosquitto started on loopback)")
     be.add_argument("--integrations", action="store_true", help="also 3 end-to-end runs each with metrics+snapshot+discovery on/off")
     be.add_argument("--json", action="store_true")
-    be.set_defaults(handler=_bench)
+    be.set_defaults(handler=runtime.bench)
     de = commands.add_parser("demo", help="the station on its embedded default: broker, simulated line, dashboard")
     de.add_argument("--frames", type=int, help="stop after this many verdicts; parts already being judged are still shown (default: run until Ctrl-C)")
     de.add_argument("--broker", type=host_port, help="HOST:PORT of an MQTT broker (default: an embedded one on loopback)")
     de.add_argument("--seed", type=seed, default=0, help="seed of the simulated line")
     de.add_argument("--fps", type=float, default=10.0, help="parts per second on the simulated line (default 10)")
-    de.set_defaults(handler=_demo)
+    de.set_defaults(handler=runtime.demo)
     co = commands.add_parser("completion", help="print a shell completion script: source <(station completion bash)")
     co.add_argument("shell", choices=("bash", "zsh", "tcsh"))
     co.set_defaults(handler=lambda args: print(completion_script(build_parser(), args.shell)) or 0)

@@ -18,7 +18,8 @@ from pathlib import Path
 from station.core.errors import StationError
 from station.core.user_files import read_text
 from station.core.version import __version__
-from station.runtime.publisher import Topics
+from station.core.topics import Topics
+from station.runtime.integrations.sink import Sink
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def sensor_configs(station: str, topics: Topics) -> dict[str, dict]:
             for object_id, (name, state_topic, template, extra) in sensors.items()}
 
 
-class Discovery:
+class Discovery(Sink):
     """Publishes (or removes) the configs through the publisher's retained-after-connect messages."""
 
     def __init__(self, config, station: str, publisher, state_dir: Path):

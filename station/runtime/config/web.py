@@ -10,17 +10,13 @@ when the daemon starts the page (station/runtime/web/users.py).
 from __future__ import annotations
 
 import ipaddress
-from pathlib import Path
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+from pydantic import AfterValidator, Field, model_validator
+
+from station.core.config_model import ConfigModel, ConfigPath, CredentialName
 
 LOOPBACK_NAMES = ("localhost",)
-
-
-def _resolve(value: Path, info: ValidationInfo) -> Path:
-    base = (info.context or {}).get("base")
-    return value if value.is_absolute() or base is None else base / value
 
 
 def _bind(value: str) -> str:
@@ -39,18 +35,13 @@ def is_loopback(bind: str) -> bool:
         return False
 
 
-_Path = Annotated[Path, AfterValidator(_resolve)]
-
-
-class WebConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
-
+class WebConfig(ConfigModel):
     port: int = Field(8080, ge=1, le=65535)
     bind: Annotated[str, AfterValidator(_bind)] = "127.0.0.1"
-    users_file: _Path | None = None  # lines NAME:ROLE:HASH written by `station web-user`
-    users_credential: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")  # LoadCredential=NAME:/etc/station/...
-    certificate: _Path | None = None  # PEM; with private_key the page is served over HTTPS only
-    private_key: _Path | None = None
+    users_file: ConfigPath | None = None  # lines NAME:ROLE:HASH written by `station web-user`
+    users_credential: CredentialName | None = None  # LoadCredential=NAME:/etc/station/...
+    certificate: ConfigPath | None = None  # PEM; with private_key the page is served over HTTPS only
+    private_key: ConfigPath | None = None
     results: int = Field(300, ge=1, le=10_000)  # the filmstrip's results, and as many NG ones beside them
 
     @model_validator(mode="after")
