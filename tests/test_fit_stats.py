@@ -4,7 +4,7 @@ import pytest
 import yaml
 from scipy.stats import binomtest
 
-from calibration import thresholds
+from calibration import cost_rule, thresholds
 from station.core import metrics, reference_set
 from station.core.reference_set import ReferenceSet
 from station.core.scoring import ALL_SCORES, SCORES, distances, score
@@ -159,7 +159,7 @@ def test_defects_that_score_among_the_good_parts_do_not_drag_the_cut_into_the_go
     assert np.mean(new_good > mixed) <= np.mean(new_good > alone) + 0.005
     # Both kernels take the good parts' spread; the smaller class's kernel is wider (Silverman's n ** -0.2).
     g, d = np.log(good), np.log(np.concatenate([seen, hidden]))
-    width_g, width_d = thresholds.class_widths(g, d)
+    width_g, width_d = cost_rule.class_widths(g, d)
     assert width_d / width_g == pytest.approx((82 / 14) ** 0.2)
     # fit.json records the widths the cut was smoothed with, per metric.
     summary = thresholds.cost_fit(good, np.concatenate([seen, hidden]), 0.05, 20).summary()

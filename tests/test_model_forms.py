@@ -23,7 +23,7 @@ from station.core.errors import ConfigError, ModelError
 from station.runtime.config.station import load_config, parse_config
 from station.runtime.inspector import load_inspector
 from station.runtime.model_forms import choose, form_of
-from station.tools import bench
+from station.tools import bench, bench_models
 from tests.onnx_models import int8_twin, projection_model
 from tests.daemon_helpers import finish, schema, start_station
 from tests.mqtt_helpers import Recorder
@@ -146,7 +146,7 @@ def test_camera_calibration_builds_a_reference_set_for_each_form_from_the_same_p
 
 def test_bench_of_a_station_puts_the_form_it_runs_first(files, tmp_path):
     config = load_config(station_yaml(tmp_path, files, extra="model_form: int8\n"))
-    models, reference, why, regions = bench.station_models(config)
+    models, reference, why, regions = bench_models.station_models(config)
     assert models == [files / "model.int8.onnx", files / "model.onnx"] and reference == files / "refs.int8" / "A"
     assert "model form int8 (pinned by model_form)" in why and regions == bench.bench_latency.REGIONS
     raw = bench.raw_onnxruntime(models[0], runs=60, regions=3)

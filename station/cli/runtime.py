@@ -78,7 +78,7 @@ def run(args) -> int:
 
 
 def bench(args) -> int:
-    from station.tools import bench
+    from station.tools import bench, bench_models
 
     chosen, regions = None, bench.bench_latency.REGIONS
     if args.config:  # the station's own model: the form it runs here first, its other forms timed raw
@@ -86,7 +86,7 @@ def bench(args) -> int:
 
         if args.model or args.reference:
             raise ConfigError("give -c/--config or --model/--reference, not both")
-        args.model, args.reference, chosen, regions = bench.station_models(load_config(args.config))
+        args.model, args.reference, chosen, regions = bench_models.station_models(load_config(args.config))
     if not args.model:  # the bundled demo models: int8 as the station's, its fp32 twin timed raw
         from station.tools.demo import DEMO_MODEL, DEMO_MODEL_FP32
 
