@@ -237,3 +237,13 @@ def test_a_cost_over_the_limit_is_measured_again_and_the_lowest_median_kept(tmp_
     runs.clear()
     assert candidates.onnx_ms(tmp_path / "m.onnx", (1, 26, 36), 1e-6) > 0  # never under: three tries, then the lowest
     assert len(runs) == candidates.COST_TRIES * (candidates.COST_WARMUP + candidates.COST_RUNS)
+
+
+def test_the_command_line_states_the_budget_default_fit_uses():
+    """The parser must not import fit/ (the daemon's process loads the CLI): its help restates the default."""
+    from station.cli import build_parser
+    from fit.candidates import DEFAULT_BUDGET_MINUTES
+
+    fit_parser = next(a for a in build_parser()._subparsers._group_actions[0].choices.values() if a.prog.endswith(" fit"))
+    budget = next(a for a in fit_parser._actions if "--budget" in a.option_strings)
+    assert f"(default {DEFAULT_BUDGET_MINUTES:g})" in budget.help
