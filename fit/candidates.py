@@ -45,9 +45,9 @@ LOSS_COST = {"contrastive": 4.0, "triplet": 2.0}
 # 13 s (0.25 of the cnn), positions 160x160 7 s (0.5); rounded up. 6.0 for both skipped every lite0 size.
 # The fine-tuned trunk adds the backward pass through the backbone's last stage: priced at twice lite0's.
 ARCH_COST = {"mlp": 1.0, "cnn": 3.0, "lite0": 1.0, "lite0ft": 2.0, "positions": 1.5}
-# The whole `station fit`, final models included (fit/budget.py), within 10 % of it. 10 minutes left the
-# solar cells a cnn at AUROC 0.90 once the final models counted (lite0 reaches 0.94 there; docs/fit.md).
-DEFAULT_BUDGET_MINUTES = 20.0
+# The whole `station fit`, final models included (fit/budget.py), held within 10 %: 13 minutes keep a fit
+# of 2,500 photos within a quarter of an hour on 2 cores, overrun included.
+DEFAULT_BUDGET_MINUTES = 13.0
 # A 100 parts/s line on the line PC's 2 cores; measured on this machine, which the line PC is not:
 # the limit leaves room for the rest of the per-part path (frame, outbox, MQTT).
 DEFAULT_MAX_MS_PER_PART = 10.0

@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     fi.add_argument("--data", type=Path, required=True, help="image folder: good/ + one folder per defect class (optional)")
     fi.add_argument("--out", type=Path, required=True, help="bundle folder to write (model, reference, report, station.yaml, fit.json)")
     fi.add_argument("--seed", type=seed, help="seed of the split (recorded in fit.json; default 0)")
-    fi.add_argument("--budget", type=float, metavar="MINUTES", help="minutes for the whole station fit, final models included (default 20)")
+    fi.add_argument("--budget", type=float, metavar="MINUTES", help="minutes for the whole station fit, final models included (default 13)")
     fi.add_argument("--epochs", type=int, help="epochs of every candidate (default: station train's per architecture)")
     fi.add_argument("--max-candidates", type=positive, help="train at most this many candidates (default: as the budget allows)")
     fi.add_argument("--max-ms-per-part", type=float, metavar="MS",
