@@ -1,5 +1,6 @@
 """The least-expected-cost cut between good and defective parts' scores, smoothed (calibration/thresholds.py:
 cost_threshold checks its arguments and owns the rule's defaults)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,12 +17,13 @@ def smoothed_cost_cut(good_scores, defect_scores, defect_rate: float, escape_cos
     if both.size == 0:  # every score infinite: no cut separates anything
         return float("inf"), 1.0 - defect_rate
     grid = np.linspace(both.min() - 3 * width_g, both.max() + 3 * width_d, 4001)
-    false_reject = (norm.sf((grid[:, None] - good[None, :]) / width_g).sum(axis=1) + good_inf) / max(len(good) + good_inf, 1)
+    false_reject = (norm.sf((grid[:, None] - good[None, :]) / width_g).sum(axis=1) + good_inf) / max(
+        len(good) + good_inf, 1
+    )
     escape = norm.cdf((grid[:, None] - defect[None, :]) / width_d).sum(axis=1) / max(len(defect) + defect_inf, 1)
     costs = (1.0 - defect_rate) * false_reject + defect_rate * escape_cost * escape
     best = int(np.argmin(costs))
     return float(np.exp(grid[best])), float(costs[best])
-
 
 
 def kernel_widths(good_scores, defect_scores) -> tuple[float, float]:
@@ -68,4 +70,4 @@ def _spread(log_scores: np.ndarray) -> float:
 
 
 def _width(spread: float, n: int) -> float:
-    return max(0.9 * spread * n ** -0.2, 1e-3)
+    return max(0.9 * spread * n**-0.2, 1e-3)

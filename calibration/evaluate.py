@@ -1,4 +1,5 @@
 """Quality figures of a model + reference set on a labelled image folder."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -57,16 +58,17 @@ class Evaluation:
         for name in sorted(set(self.classes) - {"good"}):
             members = classes == name
             escaped = int(np.sum(~flagged[members]))
-            out[name] = {"n": int(members.sum()), "escaped": escaped, "escape_rate": escaped / int(members.sum()),
-                         "escape_rate_ci": _interval(escaped, int(members.sum()))}
+            out[name] = {
+                "n": int(members.sum()),
+                "escaped": escaped,
+                "escape_rate": escaped / int(members.sum()),
+                "escape_rate_ci": _interval(escaped, int(members.sum())),
+            }
         return out
 
     def _escapes_by_class(self, flagged: np.ndarray) -> dict[str, float]:
         classes = np.array(self.classes)
-        return {
-            name: float(np.mean(~flagged[classes == name]))
-            for name in sorted(set(self.classes)) if name != "good"
-        }
+        return {name: float(np.mean(~flagged[classes == name])) for name in sorted(set(self.classes)) if name != "good"}
 
 
 def _interval(k: int, n: int) -> list[float] | None:

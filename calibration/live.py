@@ -15,6 +15,7 @@ consecutive different parts of the simulated line differ by 6.6 or more
 twin that falls under it is skipped, which costs one part, not accuracy.
 A darker, noisier camera (sigma 5 -> 5.6) needs `--min-change` raised.
 """
+
 from __future__ import annotations
 
 import logging
@@ -55,9 +56,15 @@ def mean_abs_difference(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(np.abs(a.astype(np.int16) - b.astype(np.int16))))
 
 
-def grab_distinct_crops(frames: Iterable, roi: Roi | None, spec: InputSpec, count: int,
-                        min_change: float = DEFAULT_MIN_CHANGE, progress: bool = False,
-                        tiles: list[Roi] | None = None) -> GrabbedCrops:
+def grab_distinct_crops(
+    frames: Iterable,
+    roi: Roi | None,
+    spec: InputSpec,
+    count: int,
+    min_change: float = DEFAULT_MIN_CHANGE,
+    progress: bool = False,
+    tiles: list[Roi] | None = None,
+) -> GrabbedCrops:
     """Up to `count` crops of distinct parts from `frames` (a FrameSource, or Frames, or images).
     `tiles`: a tiled station's tiles (frame pixels): each crop is every tile's, side by side
     (height, tiles * width), as the station's own crop of a tiled part is.
@@ -116,9 +123,12 @@ def product_reference(config, product: str | None) -> tuple[str, Path]:
         if config.products is None:
             raise ConfigError(
                 f"product {product!r} is not in the configuration: it has a single reference: "
-                f"{config.reference} (product {next(iter(products))!r}); list several under products:")
-        raise ConfigError(f"product {product!r} is not in the configuration's products: "
-                          f"{', '.join(sorted(products))}; add it under products: first")
+                f"{config.reference} (product {next(iter(products))!r}); list several under products:"
+            )
+        raise ConfigError(
+            f"product {product!r} is not in the configuration's products: "
+            f"{', '.join(sorted(products))}; add it under products: first"
+        )
     return product, products[product] if isinstance(products[product], dict) else Path(products[product])
 
 
@@ -138,23 +148,34 @@ def region_to_calibrate(config, region: str | None, product: str | None) -> tupl
     regions = {r.name: r for r in config.rois or ()}
     if region is None:
         if regions:
-            raise ConfigError(f"this station judges named regions ({', '.join(regions)}): "
-                              "name the one to calibrate with --roi NAME")
+            raise ConfigError(
+                f"this station judges named regions ({', '.join(regions)}): name the one to calibrate with --roi NAME"
+            )
         return (config.roi.to_roi() if config.roi is not None else None), product
     if region not in regions:
         known = f"its regions are {', '.join(regions)}" if regions else "it has no rois: (named regions)"
         raise ConfigError(f"--roi {region!r} is not a region of the configuration: {known}")
     judged_as = regions[region].product
     if product is not None and judged_as is not None and product != judged_as:
-        raise ConfigError(f"region {region!r} is judged against product {judged_as!r}, not {product!r}: "
-                          "drop --product, or change the region's product: in the configuration")
+        raise ConfigError(
+            f"region {region!r} is judged against product {judged_as!r}, not {product!r}: "
+            "drop --product, or change the region's product: in the configuration"
+        )
     return regions[region].to_roi(), product or judged_as
 
 
-def calibrate_from_camera(config, product: str | None, count: int, min_good: int = MIN_GOOD_PARTS_CALIBRATE,
-                          min_change: float = DEFAULT_MIN_CHANGE, metric: str = "auto",
-                          target_false_reject: float = DEFAULT_TARGET_FALSE_REJECT, progress: bool = False,
-                          credentials: tuple[str, str] | None = None, region: str | None = None) -> LiveCalibration:
+def calibrate_from_camera(
+    config,
+    product: str | None,
+    count: int,
+    min_good: int = MIN_GOOD_PARTS_CALIBRATE,
+    min_change: float = DEFAULT_MIN_CHANGE,
+    metric: str = "auto",
+    target_false_reject: float = DEFAULT_TARGET_FALSE_REJECT,
+    progress: bool = False,
+    credentials: tuple[str, str] | None = None,
+    region: str | None = None,
+) -> LiveCalibration:
     """Grab `count` distinct parts from the configured camera and save a new reference set version;
     `region`: the named region (rois:) whose crops calibrate its product's reference set."""
     roi, product = region_to_calibrate(config, region, product)
@@ -171,47 +192,99 @@ def calibrate_from_camera(config, product: str | None, count: int, min_good: int
     with ExitStack() as held:
         for form_out in outs.values():
             held.enter_context(writing(form_out, f"station calibrate -c, product {product}"))
-        return _grab_and_save(config, outs, product, roi, count, min_good, min_change, metric, target_false_reject,
-                              progress, credentials, region)
+        return _grab_and_save(
+            config,
+            outs,
+            product,
+            roi,
+            count,
+            min_good,
+            min_change,
+            metric,
+            target_false_reject,
+            progress,
+            credentials,
+            region,
+        )
 
 
-def _grab_and_save(config, outs: dict, product: str, roi, count: int, min_good: int, min_change: float, metric: str,
-                   target_false_reject: float, progress: bool, credentials, region: str | None) -> LiveCalibration:
+def _grab_and_save(
+    config,
+    outs: dict,
+    product: str,
+    roi,
+    count: int,
+    min_good: int,
+    min_change: float,
+    metric: str,
+    target_false_reject: float,
+    progress: bool,
+    credentials,
+    region: str | None,
+) -> LiveCalibration:
     embedders = {form: Embedder(path, threads=config.runtime.threads) for form, path in config.model_paths.items()}
     same_input(embedders, config.model_paths)
     embedder = next(iter(embedders.values()))  # every form takes the same crop
     if config.tiles is not None and config.roi is None:
-        raise ConfigError("tiles: without roi: the tiles' region comes from the photos calibrated on: set roi: "
-                          "(where the part sits in the camera's frames) to calibrate from the camera, or "
-                          "calibrate photos with station calibrate --tiles")
+        raise ConfigError(
+            "tiles: without roi: the tiles' region comes from the photos calibrated on: set roi: "
+            "(where the part sits in the camera's frames) to calibrate from the camera, or "
+            "calibrate photos with station calibrate --tiles"
+        )
     geometry = config.tiles.geometry(config.roi) if config.tiles is not None else None
     # The camera is the station's: never while it runs (AlreadyRunningError, exit 75).
     with StateLock(open_state_dir(config.state_dir), f"station calibrate -c (product {product})"):
         # Never loop for calibration: a replayed folder or video would count the same parts again.
-        source = open_source(config.camera.source, loop=False, fps=config.camera.fps,
-                             max_pixels=config.camera.max_pixels, credentials=credentials,
-                             genicam=config.camera.genicam,  # a GenICam camera set as `station run` sets it
-                             trigger="hardware" if config.trigger == "hardware" else None)  # then a frame per part
-        grabbed = grab_distinct_crops(source, roi, embedder.input_spec, count, min_change, progress,
-                                      None if geometry is None else [tile for _, tile in geometry.tiles(roi.x, roi.y)])
+        source = open_source(
+            config.camera.source,
+            loop=False,
+            fps=config.camera.fps,
+            max_pixels=config.camera.max_pixels,
+            credentials=credentials,
+            genicam=config.camera.genicam,  # a GenICam camera set as `station run` sets it
+            trigger="hardware" if config.trigger == "hardware" else None,
+        )  # then a frame per part
+        grabbed = grab_distinct_crops(
+            source,
+            roi,
+            embedder.input_spec,
+            count,
+            min_change,
+            progress,
+            None if geometry is None else [tile for _, tile in geometry.tiles(roi.x, roi.y)],
+        )
     where = f"camera {source.description}"
     if len(grabbed) < min_good:
         raise CalibrationError(
             f"{where} ended after {len(grabbed)} distinct parts ({grabbed.frames_seen} frames, "
-            f"{grabbed.skipped} unchanged); at least {min_good} are needed: nothing was saved")
+            f"{grabbed.skipped} unchanged); at least {min_good} are needed: nothing was saved"
+        )
     warnings = []
     if len(grabbed) < count:
         warnings.append(f"{where} ended after {len(grabbed)} of the {count} parts asked for")
-    statistics = {"source": {
-        "camera": where.removeprefix("camera "), **({"region": region} if region else {}),
-        "frames_seen": grabbed.frames_seen,
-        "skipped_unchanged": grabbed.skipped, "min_change": float(min_change),
-    }}
+    statistics = {
+        "source": {
+            "camera": where.removeprefix("camera "),
+            **({"region": region} if region else {}),
+            "frames_seen": grabbed.frames_seen,
+            "skipped_unchanged": grabbed.skipped,
+            "min_change": float(min_change),
+        }
+    }
     forms = {}
     for form, form_embedder in embedders.items():
-        forms[form] = workflow.calibrate_embedded(form_embedder, _good_set(form_embedder, grabbed, geometry), None,
-                                                  outs[form], product, metric, target_false_reject, min_good,
-                                                  extra_statistics=statistics, tiles=geometry)
+        forms[form] = workflow.calibrate_embedded(
+            form_embedder,
+            _good_set(form_embedder, grabbed, geometry),
+            None,
+            outs[form],
+            product,
+            metric,
+            target_false_reject,
+            min_good,
+            extra_statistics=statistics,
+            tiles=geometry,
+        )
     saved, calibration = next(iter(forms.values()))
     said = list(dict.fromkeys(warning for _, fitted in forms.values() for warning in fitted.warnings))
     return LiveCalibration(saved, calibration, grabbed, warnings + said, forms)

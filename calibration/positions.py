@@ -6,42 +6,62 @@ position's Mahalanobis distance (the `position` metric, station/core/scoring.py)
 metrics (calibration/thresholds.py), the threshold comes from the good parts' OUT-OF-FOLD scores: each is
 scored by Gaussians fitted without it. The whole-embedding metrics are not fitted on a map.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
 from calibration.thresholds import (
-    DEFAULT_DEFECT_RATE, DEFAULT_ESCAPE_COST, DEFAULT_TARGET_FALSE_REJECT, FOLDS, MIN_GOOD_PARTS, Calibration,
-    CalibrationError, _check_choice, _require_varied, cost_fit, fit_metric, supported_target, too_few_goods_warning,
+    DEFAULT_DEFECT_RATE,
+    DEFAULT_ESCAPE_COST,
+    DEFAULT_TARGET_FALSE_REJECT,
+    FOLDS,
+    MIN_GOOD_PARTS,
+    Calibration,
+    CalibrationError,
+    _check_choice,
+    _require_varied,
+    cost_fit,
+    fit_metric,
+    supported_target,
+    too_few_goods_warning,
 )
 from station.core import metrics
 from station.core.preprocess import FeatureGrid
 from station.core.scoring import POSITION_SCORES, PositionReference, position_scores, score
 
 
-def fit_position_model(good_embeddings: np.ndarray, grid: FeatureGrid,
-                       typical: np.ndarray | None = None) -> tuple[PositionReference, float]:
+def fit_position_model(
+    good_embeddings: np.ndarray, grid: FeatureGrid, typical: np.ndarray | None = None
+) -> tuple[PositionReference, float]:
     """Mean and OAS-shrunk covariance of the good parts at every position; (model, median shrinkage).
     `typical`: the good parts' median out-of-fold distance per position (zeros when not given)."""
     maps = _as_maps(good_embeddings, grid)
     covariances, shrinkage = metrics.oas_covariances(maps)
     precision = metrics.precisions_from_covariances(covariances)
     typical = np.zeros(grid.positions) if typical is None else typical
-    model = PositionReference(mean=maps.mean(axis=0).astype(np.float32), precision=precision.astype(np.float32),
-                              typical=np.asarray(typical, dtype=np.float32), grid=grid)
+    model = PositionReference(
+        mean=maps.mean(axis=0).astype(np.float32),
+        precision=precision.astype(np.float32),
+        typical=np.asarray(typical, dtype=np.float32),
+        grid=grid,
+    )
     return model, float(np.median(shrinkage))
 
 
 def _as_maps(embeddings: np.ndarray, grid: FeatureGrid) -> np.ndarray:
     embeddings = np.asarray(embeddings, dtype=np.float64)
     if embeddings.ndim != 2 or embeddings.shape[1] != grid.size:
-        raise CalibrationError(f"embeddings of shape {embeddings.shape} are not maps of {grid.rows}x{grid.cols} "
-                               f"positions x {grid.channels} channels")
+        raise CalibrationError(
+            f"embeddings of shape {embeddings.shape} are not maps of {grid.rows}x{grid.cols} "
+            f"positions x {grid.channels} channels"
+        )
     return embeddings.reshape(len(embeddings), grid.positions, grid.channels)
 
 
-def out_of_fold_position_distances(good_embeddings: np.ndarray, grid: FeatureGrid, folds: int = FOLDS,
-                                   seed: int = 0) -> np.ndarray:
+def out_of_fold_position_distances(
+    good_embeddings: np.ndarray, grid: FeatureGrid, folds: int = FOLDS, seed: int = 0
+) -> np.ndarray:
     """(n, P): every position of each good part against Gaussians fitted without it; the part's
     out-of-fold score is the row's largest."""
     n = len(good_embeddings)
@@ -64,20 +84,28 @@ def _fit_position_goods(good: np.ndarray, grid: FeatureGrid, min_good: int):
         model, shrinkage = fit_position_model(good, grid, typical=np.median(oof, axis=0))
         return model, shrinkage, oof.max(axis=1)
     except np.linalg.LinAlgError as exc:
-        raise CalibrationError(f"the good parts vary too little to calibrate ({exc}): varied parts are needed, "
-                               "photographed as the line shows them") from None
+        raise CalibrationError(
+            f"the good parts vary too little to calibrate ({exc}): varied parts are needed, "
+            "photographed as the line shows them"
+        ) from None
 
 
 def _position_metric(metric: str) -> str:
     if metric not in ("auto", *POSITION_SCORES):
-        raise CalibrationError(f"a per-position model is judged by {POSITION_SCORES[0]!r} (its worst position), "
-                               f"not {metric!r}; use --metric auto or {POSITION_SCORES[0]}")
+        raise CalibrationError(
+            f"a per-position model is judged by {POSITION_SCORES[0]!r} (its worst position), "
+            f"not {metric!r}; use --metric auto or {POSITION_SCORES[0]}"
+        )
     return POSITION_SCORES[0]
 
 
 def calibrate_positions(
-    good_embeddings: np.ndarray, grid: FeatureGrid, defect_embeddings: np.ndarray | None = None,
-    metric: str = "auto", target_false_reject: float = DEFAULT_TARGET_FALSE_REJECT, min_good: int = MIN_GOOD_PARTS,
+    good_embeddings: np.ndarray,
+    grid: FeatureGrid,
+    defect_embeddings: np.ndarray | None = None,
+    metric: str = "auto",
+    target_false_reject: float = DEFAULT_TARGET_FALSE_REJECT,
+    min_good: int = MIN_GOOD_PARTS,
 ) -> Calibration:
     """`calibrate` for a per-position model: the `position` metric, its threshold the (1 - target)
     quantile of the good parts' out-of-fold scores; defects give AUROC and escapes, as for the others."""
@@ -96,9 +124,13 @@ def calibrate_positions(
 
 
 def calibrate_positions_held_out(
-    good_embeddings: np.ndarray, grid: FeatureGrid, defect_embeddings: np.ndarray | None = None,
-    target_false_reject: float = DEFAULT_TARGET_FALSE_REJECT, defect_rate: float = DEFAULT_DEFECT_RATE,
-    escape_cost: float = DEFAULT_ESCAPE_COST, min_good: int = MIN_GOOD_PARTS,
+    good_embeddings: np.ndarray,
+    grid: FeatureGrid,
+    defect_embeddings: np.ndarray | None = None,
+    target_false_reject: float = DEFAULT_TARGET_FALSE_REJECT,
+    defect_rate: float = DEFAULT_DEFECT_RATE,
+    escape_cost: float = DEFAULT_ESCAPE_COST,
+    min_good: int = MIN_GOOD_PARTS,
 ) -> Calibration:
     """`calibrate_held_out` for a per-position model (`station fit`): with defects the threshold of
     least smoothed expected cost on held-out scores, without them the false-reject target (raised

@@ -3,6 +3,7 @@
 Rendered with matplotlib's Agg backend (no screen on a line PC) to PNG bytes,
 so callers decide where they go (a reference-set version folder, a report dir).
 """
+
 from __future__ import annotations
 
 import io
@@ -61,8 +62,14 @@ class ScoreBins:
     def mark(self, axes):
         if self.any_not_finite:
             axes.axvspan(*self.not_finite_bin, color="0.92", zorder=0)
-            axes.annotate("not finite", (sum(self.not_finite_bin) / 2.0, 1.0), xycoords=("data", "axes fraction"),
-                          ha="center", va="bottom", fontsize=7)
+            axes.annotate(
+                "not finite",
+                (sum(self.not_finite_bin) / 2.0, 1.0),
+                xycoords=("data", "axes fraction"),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
 
 
 def score_histogram(scores: np.ndarray, classes: list[str], threshold: float, metric: str, title: str = "") -> bytes:
@@ -76,9 +83,14 @@ def score_histogram(scores: np.ndarray, classes: list[str], threshold: float, me
     for name in names:
         values = scores[classes_arr == name]
         if values.size:
-            axes.hist(bins.place(values), bins=bins.edges, alpha=0.55 if name == "good" else 0.5,
-                      label=bins.label(name, values), histtype="stepfilled" if name == "good" else "step",
-                      linewidth=1.6)
+            axes.hist(
+                bins.place(values),
+                bins=bins.edges,
+                alpha=0.55 if name == "good" else 0.5,
+                label=bins.label(name, values),
+                histtype="stepfilled" if name == "good" else "step",
+                linewidth=1.6,
+            )
     bins.mark(axes)
     return _threshold_and_labels(figure, axes, threshold, metric, "parts", title or f"{metric} scores by class")
 
@@ -121,8 +133,13 @@ def contact_sheet(crops: list[np.ndarray], captions: list[str], title: str, colu
     return _png(figure)
 
 
-def roc_zoomed(good_scores: np.ndarray, defect_scores: np.ndarray, threshold: float, max_false_reject: float = 0.05,
-               title: str = "") -> bytes:
+def roc_zoomed(
+    good_scores: np.ndarray,
+    defect_scores: np.ndarray,
+    threshold: float,
+    max_false_reject: float = 0.05,
+    title: str = "",
+) -> bytes:
     """ROC limited to 0..max_false_reject false rejects, where a line actually runs, with the operating point."""
     plt = _pyplot()
     fpr, tpr = roc_curve(good_scores, defect_scores)
@@ -132,8 +149,13 @@ def roc_zoomed(good_scores: np.ndarray, defect_scores: np.ndarray, threshold: fl
     axes.step(fpr * 100, tpr * 100, where="post", label="held-out test parts")
     point = (np.mean(good > threshold) * 100, np.mean(defect > threshold) * 100)
     outside = " (outside this zoom)" if point[0] > max_false_reject * 100 else ""
-    axes.plot([min(point[0], max_false_reject * 100)], [point[1]], "o", color="crimson",
-              label=f"threshold {threshold:.4g}: {point[0]:.1f} % rejected, {point[1]:.1f} % caught{outside}")
+    axes.plot(
+        [min(point[0], max_false_reject * 100)],
+        [point[1]],
+        "o",
+        color="crimson",
+        label=f"threshold {threshold:.4g}: {point[0]:.1f} % rejected, {point[1]:.1f} % caught{outside}",
+    )
     axes.set_xlim(0, max_false_reject * 100)
     start = tpr[fpr == 0].max() if np.any(fpr == 0) else 0.0
     axes.set_ylim(max(0.0, min(start * 100, point[1]) - 5), 100.5)
@@ -162,8 +184,9 @@ def log_histogram(scores: np.ndarray, classes: list[str], threshold: float, metr
     for i in escaped:
         axes.axvline(scores[i], color="black", linewidth=0.8, ymax=0.25)
         axes.annotate(classes[i], (scores[i], 1), rotation=90, fontsize=6, va="bottom")
-    return _threshold_and_labels(figure, axes, threshold, metric, "parts (log)",
-                                 title or f"{metric} scores; {escaped.size} escape(s) marked")
+    return _threshold_and_labels(
+        figure, axes, threshold, metric, "parts (log)", title or f"{metric} scores; {escaped.size} escape(s) marked"
+    )
 
 
 def _threshold_and_labels(figure, axes, threshold: float, metric: str, ylabel: str, title: str) -> bytes:
@@ -192,15 +215,26 @@ def native_sheet(images: list[np.ndarray], captions: list[str], scale: int = 4, 
         side = max(grey.shape[:2])
         if side > MAX_TILE_SIDE:
             shrink = MAX_TILE_SIDE / side
-            big = cv2.resize(grey, (max(1, round(grey.shape[1] * shrink)), max(1, round(grey.shape[0] * shrink))),
-                             interpolation=cv2.INTER_AREA)
+            big = cv2.resize(
+                grey,
+                (max(1, round(grey.shape[1] * shrink)), max(1, round(grey.shape[0] * shrink))),
+                interpolation=cv2.INTER_AREA,
+            )
         else:
             factor = max(1, min(scale, MAX_TILE_SIDE // side))
             big = cv2.resize(grey, None, fx=factor, fy=factor, interpolation=cv2.INTER_NEAREST)
         label = np.full((28, big.shape[1]), 255, np.uint8)
         for row, text in enumerate(caption.split("\n")[:2]):
-            cv2.putText(label, text[: max(4, big.shape[1] // 7)], (2, 11 + 13 * row), cv2.FONT_HERSHEY_PLAIN,
-                        0.8, 0, 1, cv2.LINE_AA)
+            cv2.putText(
+                label,
+                text[: max(4, big.shape[1] // 7)],
+                (2, 11 + 13 * row),
+                cv2.FONT_HERSHEY_PLAIN,
+                0.8,
+                0,
+                1,
+                cv2.LINE_AA,
+            )
         tiles.append(np.vstack([big, label]))
     if not tiles:
         tiles = [np.full((28, 120), 255, np.uint8)]

@@ -5,6 +5,7 @@ reference those parts did not help build: a part always sits closer to a mean
 it pulled towards itself, and a threshold fitted in-sample then flags most new
 good parts (the known failure of thresholds fitted to good parts only).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -78,7 +79,10 @@ class MetricFit:
         if self.expected_cost is not None:
             out["expected_cost"] = round(float(self.expected_cost), 6)
         if self.kernel_widths is not None:
-            out["kernel_widths_log"] = {"good": round(self.kernel_widths[0], 6), "defect": round(self.kernel_widths[1], 6)}
+            out["kernel_widths_log"] = {
+                "good": round(self.kernel_widths[0], 6),
+                "defect": round(self.kernel_widths[1], 6),
+            }
         return out
 
 
@@ -192,7 +196,9 @@ def calibrate(
     model, shrinkage, oof = _fit_goods(good, min_good)
     fits = {}
     for name in SCORES:
-        defect_scores = None if defect_embeddings is None or not len(defect_embeddings) else score(defect_embeddings, model, name)
+        defect_scores = (
+            None if defect_embeddings is None or not len(defect_embeddings) else score(defect_embeddings, model, name)
+        )
         fits[name] = fit_metric(oof[name], defect_scores, target_false_reject)
     chosen = _choose_metric(metric, fits, default_metric)
     warnings = [w for w in [too_few_goods_warning(len(good), target_false_reject)] if w]
@@ -208,8 +214,10 @@ def _fit_goods(good: np.ndarray, min_good: int) -> tuple[ReferenceModel, float, 
         model, shrinkage = fit_reference_model(good)
         return model, shrinkage, out_of_fold_scores(good)
     except np.linalg.LinAlgError as exc:  # nearly identical parts: no covariance to invert
-        raise CalibrationError(f"the good parts vary too little to calibrate ({exc}): varied parts are needed, "
-                               "photographed as the line shows them") from None
+        raise CalibrationError(
+            f"the good parts vary too little to calibrate ({exc}): varied parts are needed, "
+            "photographed as the line shows them"
+        ) from None
 
 
 def _require_varied(good: np.ndarray):
@@ -219,7 +227,8 @@ def _require_varied(good: np.ndarray):
         raise CalibrationError(
             f"the good parts are identical ({len(good)} images give {distinct} distinct embedding"
             f"{'s' if distinct != 1 else ''}: one image repeated, or blank frames): varied parts are needed, "
-            "one photo per real part")
+            "one photo per real part"
+        )
 
 
 def _choose_metric(metric: str, fits: dict[str, MetricFit], default_metric: str) -> str:
@@ -254,8 +263,10 @@ def too_few_goods_warning(n_good: int, target_false_reject: float) -> str | None
     needed = goods_needed(target_false_reject)
     if n_good >= needed:
         return None
-    return (f"only {n_good} good parts: a {target_false_reject:.2%} false-reject target needs at least {needed} "
-            f"(rule of three); the smallest target these parts support is {supported_target(n_good):.2%}")
+    return (
+        f"only {n_good} good parts: a {target_false_reject:.2%} false-reject target needs at least {needed} "
+        f"(rule of three); the smallest target these parts support is {supported_target(n_good):.2%}"
+    )
 
 
 def supported_target(n_good: int) -> float:
@@ -304,9 +315,13 @@ def out_of_fold_kissme(good: np.ndarray, defect: np.ndarray, folds: int = FOLDS,
 
 
 def calibrate_held_out(
-    good_embeddings: np.ndarray, defect_embeddings: np.ndarray | None = None, metric: str = "auto",
-    target_false_reject: float = DEFAULT_TARGET_FALSE_REJECT, defect_rate: float = DEFAULT_DEFECT_RATE,
-    escape_cost: float = DEFAULT_ESCAPE_COST, min_good: int = MIN_GOOD_PARTS,
+    good_embeddings: np.ndarray,
+    defect_embeddings: np.ndarray | None = None,
+    metric: str = "auto",
+    target_false_reject: float = DEFAULT_TARGET_FALSE_REJECT,
+    defect_rate: float = DEFAULT_DEFECT_RATE,
+    escape_cost: float = DEFAULT_ESCAPE_COST,
+    min_good: int = MIN_GOOD_PARTS,
 ) -> Calibration:
     """`station fit`'s calibration, on parts the model never trained on.
 
@@ -344,8 +359,17 @@ def cost_fit(good_oof: np.ndarray, defect_scores: np.ndarray, defect_rate: float
         problem = f"the threshold {threshold:.4g} would flag {false_reject:.0%} of good parts"
     escape = float(np.mean(defect_scores <= threshold))
     widths = kernel_widths(good_oof, defect_scores)
-    return MetricFit(threshold, good_oof, defect_scores, auroc(good_oof, defect_scores), false_reject, escape,
-                     problem, expected_cost=cost, kernel_widths=widths)
+    return MetricFit(
+        threshold,
+        good_oof,
+        defect_scores,
+        auroc(good_oof, defect_scores),
+        false_reject,
+        escape,
+        problem,
+        expected_cost=cost,
+        kernel_widths=widths,
+    )
 
 
 def _goods_only(model, shrinkage, oof, metric, target_false_reject) -> Calibration:
@@ -364,4 +388,3 @@ def _check_choice(metric: str, fits: dict[str, MetricFit]):
         raise CalibrationError(f"unknown metric {metric!r}; one of {', '.join(fits)} or auto")
     if fits[metric].problem:
         raise CalibrationError(f"{metric}: {fits[metric].problem}; refusing this threshold")
-

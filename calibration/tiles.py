@@ -12,14 +12,27 @@ is what AUROC, escapes and `station fit`'s comparison with whole-part candidates
 No KISSME metric: it is learned from defective embeddings, and which tiles of a defective photo
 show the defect is not known.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
 from calibration.thresholds import (
-    DEFAULT_DEFECT_RATE, DEFAULT_ESCAPE_COST, DEFAULT_TARGET_FALSE_REJECT, FOLDS, MIN_GOOD_PARTS, Calibration,
-    CalibrationError, _check_choice, _choose_metric, _require_varied, cost_fit, fit_metric, fit_reference_model,
-    supported_target, too_few_goods_warning,
+    DEFAULT_DEFECT_RATE,
+    DEFAULT_ESCAPE_COST,
+    DEFAULT_TARGET_FALSE_REJECT,
+    FOLDS,
+    MIN_GOOD_PARTS,
+    Calibration,
+    CalibrationError,
+    _check_choice,
+    _choose_metric,
+    _require_varied,
+    cost_fit,
+    fit_metric,
+    fit_reference_model,
+    supported_target,
+    too_few_goods_warning,
 )
 from calibration.positions import _position_metric, fit_position_model
 from station.core.scoring import POSITION_SCORES, SCORES, position_scores, score
@@ -75,8 +88,10 @@ def out_of_fold_part_maxima(good: np.ndarray, grid=None, folds: int = FOLDS, see
 def _fit_goods(good: np.ndarray, grid, min_good: int):
     parts, tiles, dim = good.shape
     if parts < min_good:
-        raise CalibrationError(f"{parts} good parts are too few to calibrate (at least {min_good}; a part's "
-                               f"{tiles} tiles count as one part: they are not independent)")
+        raise CalibrationError(
+            f"{parts} good parts are too few to calibrate (at least {min_good}; a part's "
+            f"{tiles} tiles count as one part: they are not independent)"
+        )
     rows = good.reshape(-1, dim)
     _require_varied(rows)
     try:
@@ -84,8 +99,10 @@ def _fit_goods(good: np.ndarray, grid, min_good: int):
         model, shrinkage = _fit_model(rows, grid, typical)
         return model, shrinkage, oof
     except np.linalg.LinAlgError as exc:
-        raise CalibrationError(f"the good parts' tiles vary too little to calibrate ({exc}): varied parts are "
-                               "needed, photographed as the line shows them") from None
+        raise CalibrationError(
+            f"the good parts' tiles vary too little to calibrate ({exc}): varied parts are "
+            "needed, photographed as the line shows them"
+        ) from None
 
 
 def _defect_maxima(defect_embeddings, model, grid) -> dict[str, np.ndarray] | None:
@@ -96,9 +113,14 @@ def _defect_maxima(defect_embeddings, model, grid) -> dict[str, np.ndarray] | No
     return {name: part_maxima(score(rows, model, name), tiles) for name in _names(grid)}
 
 
-def calibrate_tiles(good_embeddings: np.ndarray, defect_embeddings: np.ndarray | None = None, grid=None,
-                    metric: str = "auto", target_false_reject: float = DEFAULT_TARGET_FALSE_REJECT,
-                    min_good: int = MIN_GOOD_PARTS) -> Calibration:
+def calibrate_tiles(
+    good_embeddings: np.ndarray,
+    defect_embeddings: np.ndarray | None = None,
+    grid=None,
+    metric: str = "auto",
+    target_false_reject: float = DEFAULT_TARGET_FALSE_REJECT,
+    min_good: int = MIN_GOOD_PARTS,
+) -> Calibration:
     """`station calibrate` for a tiled station: (parts, tiles, dim) embeddings; `grid`: a per-position
     model's FeatureGrid (None: whole-embedding metrics). The threshold is the (1 - target) quantile of
     the good parts' out-of-fold worst-tile scores; defects give AUROC and escapes per part."""
@@ -109,17 +131,22 @@ def calibrate_tiles(good_embeddings: np.ndarray, defect_embeddings: np.ndarray |
     good = _parts(good_embeddings, "good parts")
     model, shrinkage, oof = _fit_goods(good, grid, min_good)
     defects = _defect_maxima(defect_embeddings, model, grid)
-    fits = {name: fit_metric(oof[name], None if defects is None else defects[name], target_false_reject)
-            for name in oof}
+    fits = {
+        name: fit_metric(oof[name], None if defects is None else defects[name], target_false_reject) for name in oof
+    }
     chosen = _choose_metric(metric, fits, "mahalanobis" if grid is None else POSITION_SCORES[0])
     warnings = [w for w in [too_few_goods_warning(len(good), target_false_reject)] if w]
     return Calibration(model=model, covariance_shrinkage=shrinkage, fits=fits, metric=chosen, warnings=warnings)
 
 
 def calibrate_tiles_held_out(
-    good_embeddings: np.ndarray, defect_embeddings: np.ndarray | None = None, grid=None,
-    target_false_reject: float = DEFAULT_TARGET_FALSE_REJECT, defect_rate: float = DEFAULT_DEFECT_RATE,
-    escape_cost: float = DEFAULT_ESCAPE_COST, min_good: int = MIN_GOOD_PARTS,
+    good_embeddings: np.ndarray,
+    defect_embeddings: np.ndarray | None = None,
+    grid=None,
+    target_false_reject: float = DEFAULT_TARGET_FALSE_REJECT,
+    defect_rate: float = DEFAULT_DEFECT_RATE,
+    escape_cost: float = DEFAULT_ESCAPE_COST,
+    min_good: int = MIN_GOOD_PARTS,
 ) -> Calibration:
     """`station fit`'s calibration of a tiled candidate (calibration/thresholds.py: calibrate_held_out), per part:
     with defects each metric's threshold of least smoothed expected cost on the parts' worst tiles,
@@ -155,8 +182,15 @@ def evaluate_tiled(embeddings: np.ndarray, classes: list[str], reference_set):
 
     parts = _parts(embeddings, "parts")
     tiles = parts.shape[1]
-    per_metric = {name: part_maxima(values, tiles)
-                  for name, values in distances(parts.reshape(-1, parts.shape[2]), reference_set.model).items()}
-    return Evaluation(scores=per_metric[reference_set.metric], is_defect_truth=np.array([c != "good" for c in classes]),
-                      classes=list(classes), threshold=reference_set.threshold, metric=reference_set.metric,
-                      per_metric_scores={name: per_metric[name] for name in reference_set.model.scores})
+    per_metric = {
+        name: part_maxima(values, tiles)
+        for name, values in distances(parts.reshape(-1, parts.shape[2]), reference_set.model).items()
+    }
+    return Evaluation(
+        scores=per_metric[reference_set.metric],
+        is_defect_truth=np.array([c != "good" for c in classes]),
+        classes=list(classes),
+        threshold=reference_set.threshold,
+        metric=reference_set.metric,
+        per_metric_scores={name: per_metric[name] for name in reference_set.model.scores},
+    )

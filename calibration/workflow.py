@@ -2,6 +2,7 @@
 
 Images -> station preprocessing -> embedder -> fit -> reference set (+ report).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,8 +44,9 @@ def embed_items(embedder, items: list[LabeledImage], roi: Roi | None = None, pro
     return embed_crops(embedder, np.stack(crops), [i.path for i in items], [i.defect_class for i in items])
 
 
-def embed_tiled_items(embedder, items: list[LabeledImage], roi: Roi | None, geometry: TileGeometry,
-                      progress: bool = False) -> EmbeddedImages:
+def embed_tiled_items(
+    embedder, items: list[LabeledImage], roi: Roi | None, geometry: TileGeometry, progress: bool = False
+) -> EmbeddedImages:
     """Read, cut into tiles (station/core/tiles.py, prepare_crop per tile) and embed: embeddings are
     (parts, tiles, dim). The tiles are not kept (hundreds a part): crops is None. Without an roi the
     region is at each photo's top-left, as the station cuts it (station/runtime/inspector.py)."""
@@ -57,8 +59,10 @@ def embed_tiled_items(embedder, items: list[LabeledImage], roi: Roi | None, geom
         try:
             image = read_image(item.path)
             if roi is None and (image.shape[0] < geometry.region_height or image.shape[1] < geometry.region_width):
-                raise DataError(f"a {image.shape[1]}x{image.shape[0]} photo does not hold the tiles' "
-                                f"{geometry.region_width}x{geometry.region_height} region")
+                raise DataError(
+                    f"a {image.shape[1]}x{image.shape[0]} photo does not hold the tiles' "
+                    f"{geometry.region_width}x{geometry.region_height} region"
+                )
             tiles = crop_tiles(image, embedder.input_spec, rois)
         except (ImageReadError, DataError) as exc:
             failures.append(str(exc) if isinstance(exc, ImageReadError) else f"{item.path}: {exc}")
@@ -95,10 +99,12 @@ def embed_crops(embedder, crops: np.ndarray, paths: list[Path], classes: list[st
     """Embed prepared uint8 crops (n, h, w) in batches (from files or from the camera)."""
     if not len(crops):
         raise DataError("no images to embed")
-    embeddings = np.concatenate([
-        embedder.embed(to_model_input(crops[start : start + 512], embedder.input_spec))
-        for start in range(0, len(crops), 512)
-    ])
+    embeddings = np.concatenate(
+        [
+            embedder.embed(to_model_input(crops[start : start + 512], embedder.input_spec))
+            for start in range(0, len(crops), 512)
+        ]
+    )
     return EmbeddedImages(embeddings, crops, list(paths), list(classes))
 
 
@@ -109,8 +115,10 @@ def folder_items(good: Path, defect_folders: list[Path]) -> tuple[list[LabeledIm
     labels by subfolder; otherwise its name is the class.
     """
     if _dataset_root(Path(good)):  # its defect folders would count as good parts
-        raise DataError(f"--good {good} holds a {GOOD}/ folder and the defect folders beside it: give "
-                        f"--good {Path(good) / GOOD} and each defect folder with --defects")
+        raise DataError(
+            f"--good {good} holds a {GOOD}/ folder and the defect folders beside it: give "
+            f"--good {Path(good) / GOOD} and each defect folder with --defects"
+        )
     good_items = [LabeledImage(p, "good") for p in list_images(good)]
     if not good_items:
         raise DataError(f"{good}: no images of good parts")
@@ -122,9 +130,11 @@ def folder_items(good: Path, defect_folders: list[Path]) -> tuple[list[LabeledIm
             raise DataError(f"{folder}: no images of defective parts")
         both = [item.path for item in found if item.path.resolve() in good_files or not item.is_defect]
         if both:
-            raise DataError(f"--defects {folder} holds {len(both)} good part(s) ({both[0]}"
-                            f"{', ...' if len(both) > 1 else ''}), which would count as defects: give the defect "
-                            f"class folders only (--defects {Path(folder) / 'CLASS'}, repeated)")
+            raise DataError(
+                f"--defects {folder} holds {len(both)} good part(s) ({both[0]}"
+                f"{', ...' if len(both) > 1 else ''}), which would count as defects: give the defect "
+                f"class folders only (--defects {Path(folder) / 'CLASS'}, repeated)"
+            )
         defect_items.extend(found)
     return good_items, defect_items
 
@@ -142,9 +152,17 @@ def _defect_class(folder: Path, path: Path) -> str:
 
 
 def calibrate_folders(
-    embedder, good: Path, defect_folders: list[Path], out: Path, product: str, metric: str = "auto",
-    target_false_reject: float = thresholds.DEFAULT_TARGET_FALSE_REJECT, roi: Roi | None = None, min_good: int = thresholds.MIN_GOOD_PARTS,
-    progress: bool = False, tiles: TileGeometry | None = None,
+    embedder,
+    good: Path,
+    defect_folders: list[Path],
+    out: Path,
+    product: str,
+    metric: str = "auto",
+    target_false_reject: float = thresholds.DEFAULT_TARGET_FALSE_REJECT,
+    roi: Roi | None = None,
+    min_good: int = thresholds.MIN_GOOD_PARTS,
+    progress: bool = False,
+    tiles: TileGeometry | None = None,
 ) -> tuple[ReferenceSet, thresholds.Calibration]:
     """`tiles`: a tiled station's geometry: each photo (its roi) cut into tiles, the threshold per part."""
     check_product_name(product)
@@ -154,13 +172,26 @@ def calibrate_folders(
         good_items, defect_items, notes = set_aside_trained(embedder, good_items, defect_items, min_good)
         good_set = _embed(embedder, good_items, roi, tiles, progress)
         defect_set = _embed(embedder, defect_items, roi, tiles, progress) if defect_items else None
-        return calibrate_embedded(embedder, good_set, defect_set, out, product, metric, target_false_reject, min_good,
-                                  notes=notes, tiles=tiles)
+        return calibrate_embedded(
+            embedder,
+            good_set,
+            defect_set,
+            out,
+            product,
+            metric,
+            target_false_reject,
+            min_good,
+            notes=notes,
+            tiles=tiles,
+        )
 
 
 def _embed(embedder, items: list[LabeledImage], roi: Roi | None, tiles: TileGeometry | None, progress: bool):
-    return embed_items(embedder, items, roi, progress) if tiles is None else embed_tiled_items(
-        embedder, items, roi, tiles, progress)
+    return (
+        embed_items(embedder, items, roi, progress)
+        if tiles is None
+        else embed_tiled_items(embedder, items, roi, tiles, progress)
+    )
 
 
 def set_aside_trained(embedder, good_items: list, defect_items: list, min_good: int) -> tuple[list, list, list[str]]:
@@ -175,15 +206,25 @@ def set_aside_trained(embedder, good_items: list, defect_items: list, min_good: 
         return good_items, defect_items, []
     unseen_good = [item for item in good_items if _digest(item) not in trained]
     if len(unseen_good) < min_good:
-        return good_items, defect_items, [
-            f"{len(seen_good)} of the {len(good_items)} good parts trained the model and only {len(unseen_good)} did "
-            f"not (at least {min_good} are needed to set them aside): thresholds set on trained parts reject more "
-            "good parts on the line than these figures say; calibrate on parts kept out of training (station fit does)"]
+        return (
+            good_items,
+            defect_items,
+            [
+                f"{len(seen_good)} of the {len(good_items)} good parts trained the model and only {len(unseen_good)} did "
+                f"not (at least {min_good} are needed to set them aside): thresholds set on trained parts reject more "
+                "good parts on the line than these figures say; calibrate on parts kept out of training (station fit does)"
+            ],
+        )
     unseen_defects = [item for item in defect_items if _digest(item) not in trained]
-    return unseen_good, unseen_defects, [
-        f"{len(seen_good)} of the {len(good_items)} good parts and {len(defect_items) - len(unseen_defects)} of the "
-        f"{len(defect_items)} defective parts trained the model: set aside; thresholds come from the "
-        f"{len(unseen_good)} good and {len(unseen_defects)} defective parts it never saw"]
+    return (
+        unseen_good,
+        unseen_defects,
+        [
+            f"{len(seen_good)} of the {len(good_items)} good parts and {len(defect_items) - len(unseen_defects)} of the "
+            f"{len(defect_items)} defective parts trained the model: set aside; thresholds come from the "
+            f"{len(unseen_good)} good and {len(unseen_defects)} defective parts it never saw"
+        ],
+    )
 
 
 def _digest(item: LabeledImage) -> str | None:
@@ -195,9 +236,17 @@ def _digest(item: LabeledImage) -> str | None:
 
 
 def calibrate_embedded(
-    embedder, good_set: EmbeddedImages, defect_set: EmbeddedImages | None, out: Path, product: str,
-    metric: str, target_false_reject: float, min_good: int, extra_statistics: dict | None = None,
-    notes: list[str] | None = None, tiles: TileGeometry | None = None,
+    embedder,
+    good_set: EmbeddedImages,
+    defect_set: EmbeddedImages | None,
+    out: Path,
+    product: str,
+    metric: str,
+    target_false_reject: float,
+    min_good: int,
+    extra_statistics: dict | None = None,
+    notes: list[str] | None = None,
+    tiles: TileGeometry | None = None,
 ) -> tuple[ReferenceSet, thresholds.Calibration]:
     """Fit, build the reference set and its report, save it as a new version.
 
@@ -208,22 +257,49 @@ def calibrate_embedded(
     defects = None if defect_set is None else defect_set.embeddings
     grid = embedder.info.positions
     if tiles is not None:  # every tile to the reference, the threshold on each part's worst tile
-        calibration = tiled.calibrate_tiles(good_set.embeddings, defects, grid, metric=metric,
-                                            target_false_reject=target_false_reject, min_good=min_good)
+        calibration = tiled.calibrate_tiles(
+            good_set.embeddings,
+            defects,
+            grid,
+            metric=metric,
+            target_false_reject=target_false_reject,
+            min_good=min_good,
+        )
         extra_statistics = {**(extra_statistics or {}), RECORD_KEY: tiles.record()}
     elif grid is not None:  # a per-position model: its worst position (calibration/positions.py)
-        calibration = positions.calibrate_positions(good_set.embeddings, grid, defects, metric=metric,
-                                              target_false_reject=target_false_reject, min_good=min_good)
+        calibration = positions.calibrate_positions(
+            good_set.embeddings,
+            grid,
+            defects,
+            metric=metric,
+            target_false_reject=target_false_reject,
+            min_good=min_good,
+        )
     else:
-        calibration = thresholds.calibrate(good_set.embeddings, defects, metric=metric,
-                                    target_false_reject=target_false_reject, min_good=min_good)
+        calibration = thresholds.calibrate(
+            good_set.embeddings, defects, metric=metric, target_false_reject=target_false_reject, min_good=min_good
+        )
     calibration.warnings[:0] = notes or []  # shown first and kept in reference.yaml
-    return save_calibration(embedder, calibration, good_set, defect_set, out, product,
-                            {"target_false_reject": target_false_reject, **(extra_statistics or {})}), calibration
+    return save_calibration(
+        embedder,
+        calibration,
+        good_set,
+        defect_set,
+        out,
+        product,
+        {"target_false_reject": target_false_reject, **(extra_statistics or {})},
+    ), calibration
 
 
-def save_calibration(embedder, calibration: thresholds.Calibration, good_set: EmbeddedImages, defect_set: EmbeddedImages | None,
-                     out: Path, product: str, extra_statistics: dict | None = None) -> ReferenceSet:
+def save_calibration(
+    embedder,
+    calibration: thresholds.Calibration,
+    good_set: EmbeddedImages,
+    defect_set: EmbeddedImages | None,
+    out: Path,
+    product: str,
+    extra_statistics: dict | None = None,
+) -> ReferenceSet:
     """A fitted calibration as a new reference-set version, with its report."""
     statistics = {
         "n_defect": 0 if defect_set is None else len(defect_set.embeddings),
@@ -233,9 +309,12 @@ def save_calibration(embedder, calibration: thresholds.Calibration, good_set: Em
         **(extra_statistics or {}),
     }
     reference_set = ReferenceSet(
-        model=calibration.model, metric=calibration.metric,
+        model=calibration.model,
+        metric=calibration.metric,
         thresholds={name: f.threshold for name, f in calibration.fits.items()},
-        product=product, model_sha256=embedder.info.sha256, n_good=len(good_set.embeddings),
+        product=product,
+        model_sha256=embedder.info.sha256,
+        n_good=len(good_set.embeddings),
         statistics=statistics,
     )
     return save(out, reference_set, _calibration_report(calibration, good_set, defect_set))
@@ -250,7 +329,10 @@ def _calibration_report(calibration: thresholds.Calibration, good_set: EmbeddedI
         classes += defect_set.classes
     files = {
         "histogram.png": report.score_histogram(
-            scores, classes, chosen.threshold, calibration.metric,
+            scores,
+            classes,
+            chosen.threshold,
+            calibration.metric,
             title=f"{calibration.metric}: good parts out of fold vs defects",
         )
     }
@@ -262,8 +344,9 @@ def _calibration_report(calibration: thresholds.Calibration, good_set: EmbeddedI
     return files
 
 
-def evaluate_folder(embedder, reference_set: ReferenceSet, data: Path, roi: Roi | None = None,
-                    progress: bool = False) -> tuple[Evaluation, EmbeddedImages]:
+def evaluate_folder(
+    embedder, reference_set: ReferenceSet, data: Path, roi: Roi | None = None, progress: bool = False
+) -> tuple[Evaluation, EmbeddedImages]:
     verify_for_model(reference_set, embedder.info.sha256, embedder.info.embedding_dim)
     embedded = embed_items(embedder, scan_dataset(data), roi, progress)
     return evaluate_embeddings(embedded.embeddings, embedded.classes, reference_set), embedded
@@ -272,22 +355,27 @@ def evaluate_folder(embedder, reference_set: ReferenceSet, data: Path, roi: Roi 
 def evaluation_report(evaluation: Evaluation, embedded: EmbeddedImages, per_sheet: int = 24) -> dict[str, bytes]:
     """histogram.png, roc.png and worst_parts.png for a report folder."""
     figures = evaluation.figures()
-    files = {"histogram.png": report.score_histogram(evaluation.scores, evaluation.classes, evaluation.threshold, evaluation.metric)}
+    files = {
+        "histogram.png": report.score_histogram(
+            evaluation.scores, evaluation.classes, evaluation.threshold, evaluation.metric
+        )
+    }
     truth = evaluation.is_defect_truth
     if truth.any() and (~truth).any():
         files["roc.png"] = report.roc_figure(
             {n: (s[~truth], s[truth]) for n, s in evaluation.per_metric_scores.items()}, figures["per_metric_auroc"]
         )
     order = np.argsort(np.nan_to_num(evaluation.scores, nan=np.inf, posinf=np.inf))
-    worst_good = [i for i in order[::-1] if not truth[i]][:per_sheet // 2]
-    best_defects = [i for i in order if truth[i]][:per_sheet // 2]
+    worst_good = [i for i in order[::-1] if not truth[i]][: per_sheet // 2]
+    best_defects = [i for i in order if truth[i]][: per_sheet // 2]
     picks = worst_good + best_defects
     captions = [
         f"{'good' if not truth[i] else evaluation.classes[i]} {evaluation.scores[i]:.3g}\n{embedded.paths[i].name[:18]}"
         for i in picks
     ]
     files["worst_parts.png"] = report.contact_sheet(
-        [embedded.crops[i] for i in picks], captions,
+        [embedded.crops[i] for i in picks],
+        captions,
         f"highest-scoring good parts, then lowest-scoring defects (threshold {evaluation.threshold:.4g})",
     )
     return files

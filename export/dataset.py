@@ -3,6 +3,7 @@
 Everything is numpy with an explicit Generator, in one thread, so the same
 seed draws the same splits, pairs and augmentations.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from tqdm import tqdm
 from station.core.errors import DataError
 from station.core.imagefolder import LabeledImage, read_image
 from station.core.preprocess import InputSpec, prepare_crop, to_model_input
+
 
 @dataclass
 class CropSet:
@@ -30,8 +32,11 @@ class CropSet:
         return CropSet(self.crops[indices], self.classes[indices], [self.items[i] for i in indices])
 
     def join(self, other: "CropSet") -> "CropSet":
-        return CropSet(np.concatenate([self.crops, other.crops]), np.concatenate([self.classes, other.classes]),
-                       self.items + other.items)
+        return CropSet(
+            np.concatenate([self.crops, other.crops]),
+            np.concatenate([self.classes, other.classes]),
+            self.items + other.items,
+        )
 
 
 def load_crops(items: list[LabeledImage], spec: InputSpec, progress: bool = False) -> CropSet:

@@ -11,6 +11,7 @@ that band may fall either way under any model trained or calibrated again, so it
 counted; what int8 does to the ranking as a whole is measured by rank figures, which do not
 hang on one cut.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -49,8 +50,9 @@ def quick_reference(embeddings: np.ndarray, is_good: np.ndarray) -> tuple[np.nda
     return reference, float(np.quantile(distances, REFERENCE_QUANTILE))
 
 
-def unresolved_band(good_distances: np.ndarray, quantile: float = REFERENCE_QUANTILE,
-                    confidence: float = BAND_CONFIDENCE) -> tuple[float, float]:
+def unresolved_band(
+    good_distances: np.ndarray, quantile: float = REFERENCE_QUANTILE, confidence: float = BAND_CONFIDENCE
+) -> tuple[float, float]:
     """(low, high): the distances between which the sample cannot place its quantile.
 
     The number of goods below the true quantile is Binomial(n, quantile); its central
@@ -70,8 +72,14 @@ def _side(embeddings: np.ndarray, is_good: np.ndarray) -> dict:
     reference, threshold = quick_reference(embeddings, is_good)
     distances = minkowski(embeddings, reference, p=REFERENCE_P)
     low, high = unresolved_band(distances[is_good])
-    return {"reference": reference, "threshold": threshold, "distances": distances,
-            "defect": distances > threshold, "resolved": (distances < low) | (distances > high), "band": (low, high)}
+    return {
+        "reference": reference,
+        "threshold": threshold,
+        "distances": distances,
+        "defect": distances > threshold,
+        "resolved": (distances < low) | (distances > high),
+        "band": (low, high),
+    }
 
 
 def rank_correlation(fp32_distances: np.ndarray, int8_distances: np.ndarray) -> float:
@@ -100,7 +108,8 @@ def int8_figures(fp32_emb: np.ndarray, int8_emb: np.ndarray, is_good: np.ndarray
         "verdicts_changed_in_band": int(np.sum(flipped & ~resolved)),
         "verdict_agreement_all_parts": float(1.0 - np.mean(flipped)),
         "rank_correlation": rank_correlation(fp32["distances"], int8["distances"]),
-        "auroc_fp32": None, "auroc_int8": None,
+        "auroc_fp32": None,
+        "auroc_int8": None,
         "reference_shift": float(np.linalg.norm(int8["reference"] - fp32["reference"])),
         "reference_threshold_fp32": fp32["threshold"],
         "reference_threshold_int8": int8["threshold"],
@@ -119,7 +128,11 @@ def gate_failures(figures: dict) -> list[str]:
     # A map output's limit scales with its values (onnx_export.torch_onnx_figures says why); 1 otherwise.
     scale = figures.get("torch_vs_fp32_scale", 1.0)
     if figures["torch_vs_fp32_max_abs_diff"] > MAX_TORCH_ONNX_DIFF * scale:
-        limit = f"{MAX_TORCH_ONNX_DIFF:.0e}" if scale == 1.0 else f"{MAX_TORCH_ONNX_DIFF:.0e} x the output's scale {scale:.3g}"
+        limit = (
+            f"{MAX_TORCH_ONNX_DIFF:.0e}"
+            if scale == 1.0
+            else f"{MAX_TORCH_ONNX_DIFF:.0e} x the output's scale {scale:.3g}"
+        )
         failures.append(f"fp32 ONNX differs from torch by {figures['torch_vs_fp32_max_abs_diff']:.2e} (limit {limit})")
     int8 = figures.get("int8")
     if int8 is not None:
@@ -137,9 +150,13 @@ def _int8_failures(int8: dict) -> list[str]:
             f"clear of the threshold (limit {MIN_VERDICT_AGREEMENT:.1%})"
         )
     if int8["rank_correlation"] < MIN_RANK_CORRELATION:
-        failures.append(f"int8 distances rank the parts unlike fp32: Spearman {int8['rank_correlation']:.4f} "
-                        f"(limit {MIN_RANK_CORRELATION})")
+        failures.append(
+            f"int8 distances rank the parts unlike fp32: Spearman {int8['rank_correlation']:.4f} "
+            f"(limit {MIN_RANK_CORRELATION})"
+        )
     if int8["auroc_fp32"] is not None and int8["auroc_fp32"] - int8["auroc_int8"] > MAX_AUROC_LOSS:
-        failures.append(f"int8 AUROC {int8['auroc_int8']:.4f} against fp32 {int8['auroc_fp32']:.4f} "
-                        f"(at most {MAX_AUROC_LOSS} lower)")
+        failures.append(
+            f"int8 AUROC {int8['auroc_int8']:.4f} against fp32 {int8['auroc_fp32']:.4f} "
+            f"(at most {MAX_AUROC_LOSS} lower)"
+        )
     return failures

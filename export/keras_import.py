@@ -6,6 +6,7 @@ Siamese model with a Lambda distance layer. The .keras archive is read as
 data (config.json and model.weights.h5, with json and h5py): Keras itself is
 never run, so a Lambda layer in the file, which is code, is never executed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,6 +44,7 @@ def _weight_pairs(weights_h5: bytes) -> dict[tuple[int, int], tuple[np.ndarray, 
 
     pairs = {}
     with h5py.File(io.BytesIO(weights_h5), "r") as weights:
+
         def visit(name, item):
             if isinstance(item, h5py.Group) and name.endswith("/vars") and "0" in item and "1" in item:
                 kernel, bias = np.asarray(item["0"]), np.asarray(item["1"])
@@ -66,8 +68,10 @@ def read_keras_mlp(path: Path) -> list[tuple[np.ndarray, np.ndarray]]:
     shape = [(d.get("units"), d.get("activation")) for d in dense]
     expected = [(out, act) for (_, out), act in zip(DENSE_SHAPES, DENSE_ACTIVATIONS)]
     if shape != expected:
-        raise ModelError(f"{path}: expected the source study's Dense 936-512-256-128 (relu, relu, linear), "
-                         f"found Dense layers {shape}")
+        raise ModelError(
+            f"{path}: expected the source study's Dense 936-512-256-128 (relu, relu, linear), "
+            f"found Dense layers {shape}"
+        )
     pairs = _weight_pairs(weights)
     missing = [s for s in DENSE_SHAPES if s not in pairs]
     if missing:
@@ -92,9 +96,17 @@ def keras_checkpoint(path: Path, out: Path, data_path: Path | None = None) -> Pa
             linear.bias.copy_(torch.from_numpy(bias.astype(np.float32)))
     model.eval()
     save_checkpoint(
-        out, model, "mlp", DENSE_SHAPES[-1][1], spec, trunk_options=LEGACY_TRUNK_OPTIONS,
+        out,
+        model,
+        "mlp",
+        DENSE_SHAPES[-1][1],
+        spec,
+        trunk_options=LEGACY_TRUNK_OPTIONS,
         data_fingerprint="keras:" + hashlib.sha256(Path(path).read_bytes()).hexdigest(),
         data_path=None if data_path is None else str(Path(data_path).resolve()),
-        source=str(path), loss="imported", epochs=0, seed=0,
+        source=str(path),
+        loss="imported",
+        epochs=0,
+        seed=0,
     )
     return Path(out)

@@ -1,4 +1,5 @@
 """Siamese losses and one training epoch per loss (`station train`, `station fit`)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -55,8 +56,9 @@ def _contrastive_epoch(model, optimizer, goods, negatives, n_items, spec, config
     half = config.batch_size // 2
     for _ in range(_batches(PAIRS_PER_IMAGE * n_items, config.batch_size)):
         first = goods[rng.integers(0, len(goods), config.batch_size)]
-        second = np.concatenate([goods[rng.integers(0, len(goods), half)],
-                                 negatives.draw(config.batch_size - half, rng)])
+        second = np.concatenate(
+            [goods[rng.integers(0, len(goods), half)], negatives.draw(config.batch_size - half, rng)]
+        )
         similar = torch.from_numpy((np.arange(config.batch_size) < half).astype(np.float32))
         both = augment(np.concatenate([first, second]), rng, config.allow_flips, recipe)
         # One forward over both halves: the twins share weights, so this is the Siamese pair.

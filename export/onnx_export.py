@@ -7,6 +7,7 @@ Everything is built in a temporary folder beside --out and moved into place
 only after the gate passes, so a drifting model never reaches a station.
 The figures go to <model>.export.json beside the model, pass or fail.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -34,8 +35,16 @@ from station.core.imagefolder import scan_dataset
 from station.core.preprocess import InputSpec
 from export.dataset import CropSet, load_crops, model_batch
 from export.gate import (  # noqa: F401  (limits re-exported: callers read them here)
-    BAND_CONFIDENCE, MAX_AUROC_LOSS, MAX_TORCH_ONNX_DIFF, MIN_MEAN_COSINE, MIN_RANK_CORRELATION,
-    MIN_VERDICT_AGREEMENT, REFERENCE_P, REFERENCE_QUANTILE, gate_failures, int8_figures,
+    BAND_CONFIDENCE,
+    MAX_AUROC_LOSS,
+    MAX_TORCH_ONNX_DIFF,
+    MIN_MEAN_COSINE,
+    MIN_RANK_CORRELATION,
+    MIN_VERDICT_AGREEMENT,
+    REFERENCE_P,
+    REFERENCE_QUANTILE,
+    gate_failures,
+    int8_figures,
 )
 from export.per_row import per_row_dynamic
 from export.trunk import PRETRAINED_ARCHS, fold_batchnorm, load_checkpoint
@@ -136,9 +145,15 @@ def export_fp32(model: torch.nn.Module, spec: InputSpec, path: Path):
         # plain, fixed-opset graph the quantizers handle; torch is pinned.
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            fold_batchnorm(model), (dummy,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            fold_batchnorm(model),
+            (dummy,),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            opset_version=OPSET, dynamo=False, do_constant_folding=True,
+            opset_version=OPSET,
+            dynamo=False,
+            do_constant_folding=True,
         )
 
 
@@ -151,7 +166,6 @@ class _GoodCropReader(q.CalibrationDataReader):
     def get_next(self):
         batch = next(self._batches, None)
         return None if batch is None else {INPUT_NAME: batch}
-
 
 
 def quantize(fp32_path: Path, int8_path: Path, mode: str, calib_batch: np.ndarray | None, reduce_range: bool):
@@ -175,18 +189,28 @@ def _run_quantizer(prepared: Path, int8_path: Path, mode: str, calib_batch, redu
         # Only the matrix products: dynamic ConvInteger ran 6x slower than
         # float Conv here, and the linear layers hold most of the weights.
         q.quantize_dynamic(
-            str(prepared), str(int8_path), op_types_to_quantize=["MatMul", "Gemm"],
-            per_channel=PER_CHANNEL, weight_type=WEIGHT_TYPE, reduce_range=reduce_range,
+            str(prepared),
+            str(int8_path),
+            op_types_to_quantize=["MatMul", "Gemm"],
+            per_channel=PER_CHANNEL,
+            weight_type=WEIGHT_TYPE,
+            reduce_range=reduce_range,
         )
     else:
         q.quantize_static(
-            str(prepared), str(int8_path), _GoodCropReader(calib_batch), quant_format=q.QuantFormat.QDQ,
+            str(prepared),
+            str(int8_path),
+            _GoodCropReader(calib_batch),
+            quant_format=q.QuantFormat.QDQ,
             # The layers with weights and what passes between them; the
             # standardization and unit-length nodes stay float (onnxruntime
             # 1.31's QDQ quantizer also fails on a weightless LayerNormalization).
             op_types_to_quantize=STATIC_OP_TYPES,
-            per_channel=PER_CHANNEL, activation_type=STATIC_ACTIVATION_TYPE, weight_type=WEIGHT_TYPE,
-            reduce_range=reduce_range, calibrate_method=q.CalibrationMethod.MinMax,
+            per_channel=PER_CHANNEL,
+            activation_type=STATIC_ACTIVATION_TYPE,
+            weight_type=WEIGHT_TYPE,
+            reduce_range=reduce_range,
+            calibrate_method=q.CalibrationMethod.MinMax,
             # The embedding itself stays float: good parts differ from each other
             # by less than one int8 step of the whole embedding range.
             extra_options={"OpTypesToExcludeOutputQuantization": ["Gemm", "MatMul"]},
@@ -220,8 +244,11 @@ def model_metadata(info: dict, spec: InputSpec, quantization: str) -> dict[str, 
         "trained_on": ",".join(info.get("trained_on", [])),  # image digests; calibration sets them aside
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "station_version": __version__,
-        "backbone": (backbone_description(fine_tuned=info["arch"] == "lite0ft") if info["arch"] in PRETRAINED_ARCHS
-                     else "none (trained from scratch)"),
+        "backbone": (
+            backbone_description(fine_tuned=info["arch"] == "lite0ft")
+            if info["arch"] in PRETRAINED_ARCHS
+            else "none (trained from scratch)"
+        ),
     }
 
 
@@ -230,8 +257,10 @@ def backbone_description(fine_tuned: bool = False) -> str:
     from export.backbone import WEIGHTS_LICENCE, WEIGHTS_PACKAGE, WEIGHTS_SHA256, WEIGHTS_VERSION
 
     how = "the stage from stride 8 to 16 fine-tuned on these parts" if fine_tuned else "frozen"
-    return (f"efficientnet-lite0 ({WEIGHTS_PACKAGE}=={WEIGHTS_VERSION}, sha256 {WEIGHTS_SHA256[:16]}, "
-            f"{WEIGHTS_LICENCE}), ImageNet weights, {how}")
+    return (
+        f"efficientnet-lite0 ({WEIGHTS_PACKAGE}=={WEIGHTS_VERSION}, sha256 {WEIGHTS_SHA256[:16]}, "
+        f"{WEIGHTS_LICENCE}), ImageNet weights, {how}"
+    )
 
 
 # ---- gate --------------------------------------------------------------------------------
@@ -324,7 +353,8 @@ def export_model(checkpoint: Path, out: Path, options: ExportOptions = ExportOpt
         report_file.write_text(json.dumps(report, indent=2) + "\n")
         if failures:
             raise ExportGateError(
-                f"{checkpoint}: export refused, nothing written to {out}: " + "; ".join(failures)
+                f"{checkpoint}: export refused, nothing written to {out}: "
+                + "; ".join(failures)
                 + f" (figures in {report_file}; try the other --int8 mode, or --fp32)"
             )
         os.replace(final_path, out)
@@ -360,15 +390,20 @@ def measure(model, fp32_path, final_path, batch, is_good, options, info, data_di
         "checkpoint": {k: v for k, v in info.items() if not isinstance(v, dict)},
         "sample": {
             "data": str(data_dir) if data_dir else "noise (no data folder)",
-            "images": int(len(batch)), "good": int(is_good.sum()), "defect": int((~is_good).sum()),
-            "calibration_good_crops": 0 if options.fp32 or options.int8 == "dynamic"
+            "images": int(len(batch)),
+            "good": int(is_good.sum()),
+            "defect": int((~is_good).sum()),
+            "calibration_good_crops": 0
+            if options.fp32 or options.int8 == "dynamic"
             else int(min(is_good.sum(), MAX_CALIB_IMAGES)),
         },
         "gate": gate,
         "limits": {
-            "max_torch_vs_fp32_abs_diff": MAX_TORCH_ONNX_DIFF, "min_mean_cosine": MIN_MEAN_COSINE,
-            "min_verdict_agreement": MIN_VERDICT_AGREEMENT, "verdicts_counted": f"outside the float model's "
-            f"{BAND_CONFIDENCE:.0%} band around the threshold", "min_rank_correlation": MIN_RANK_CORRELATION,
+            "max_torch_vs_fp32_abs_diff": MAX_TORCH_ONNX_DIFF,
+            "min_mean_cosine": MIN_MEAN_COSINE,
+            "min_verdict_agreement": MIN_VERDICT_AGREEMENT,
+            "verdicts_counted": f"outside the float model's {BAND_CONFIDENCE:.0%} band around the threshold",
+            "min_rank_correlation": MIN_RANK_CORRELATION,
             "max_auroc_loss": MAX_AUROC_LOSS,
             "reference": f"minkowski p={REFERENCE_P} to mean good embedding, threshold q{REFERENCE_QUANTILE}",
         },

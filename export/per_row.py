@@ -27,6 +27,7 @@ Measured on the demo mlp (2-core Xeon, 1 thread): the Scan model 39 us a part at
 24-27 us in batches; this graph 57 us at batch 1 (the per-row nodes, and no fused
 DynamicQuantizeMatMul), 17.5 us a part at batch 8 and 11 us at 64.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -46,8 +47,11 @@ def _unwrap_scan(model: onnx.ModelProto) -> onnx.GraphProto:
         return graph
     body = next(a.g for a in graph.node[0].attribute if a.name == "body")
     outer_in, outer_out = graph.input[0].name, graph.output[0].name
-    nodes = [n for n in body.node if not (n.op_type in ("Unsqueeze", "Squeeze") and
-                                          (n.input[0] == BODY_INPUT or n.output[0] == BODY_OUTPUT))]
+    nodes = [
+        n
+        for n in body.node
+        if not (n.op_type in ("Unsqueeze", "Squeeze") and (n.input[0] == BODY_INPUT or n.output[0] == BODY_OUTPUT))
+    ]
     first = next(n for n in body.node if n.op_type == "Unsqueeze" and n.input[0] == BODY_INPUT).output[0]
     last = next(n for n in body.node if n.op_type == "Squeeze" and n.output[0] == BODY_OUTPUT).input[0]
     renamed = {first: outer_in, last: outer_out}
@@ -71,9 +75,13 @@ def per_row_dynamic(path: Path) -> int:
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    extra = [_const("per_row_zero_f", 0.0, np.float32), _const("per_row_255_f", 255.0, np.float32),
-             _const("per_row_tiny_f", np.finfo(np.float32).tiny, np.float32),
-             _const("per_row_flat", [-1], np.int64), _const("per_row_axis1", [1], np.int64)]
+    extra = [
+        _const("per_row_zero_f", 0.0, np.float32),
+        _const("per_row_255_f", 255.0, np.float32),
+        _const("per_row_tiny_f", np.finfo(np.float32).tiny, np.float32),
+        _const("per_row_flat", [-1], np.int64),
+        _const("per_row_axis1", [1], np.int64),
+    ]
     nodes, rewritten = [], 0
     corrections: dict[int, list[onnx.NodeProto]] = {}  # id(MatMulInteger) -> the nodes that follow it
     for node in graph.node:
@@ -105,8 +113,11 @@ def per_row_dynamic(path: Path) -> int:
         ]
         for matmul in matmuls:
             w = numpy_helper.to_array(weights[matmul.input[1]]).astype(np.int32)
-            w_zero = numpy_helper.to_array(weights[matmul.input[3]]).astype(np.int32) if len(matmul.input) > 3 \
-                and matmul.input[3] else np.zeros((), np.int32)
+            w_zero = (
+                numpy_helper.to_array(weights[matmul.input[3]]).astype(np.int32)
+                if len(matmul.input) > 3 and matmul.input[3]
+                else np.zeros((), np.int32)
+            )
             colsum = f"{matmul.input[1]}_colsum"
             extra.append(_const(colsum, (w - w_zero).sum(axis=0), np.int32))
             product = matmul.output[0]
@@ -120,8 +131,9 @@ def per_row_dynamic(path: Path) -> int:
     ordered = []
     for node in nodes:  # each corrected product right after its MatMulInteger
         ordered += [node, *corrections.get(id(node), [])]
-    result_graph = helper.make_graph(ordered, graph.name, list(graph.input), list(graph.output),
-                                     initializer=list(graph.initializer) + extra)
+    result_graph = helper.make_graph(
+        ordered, graph.name, list(graph.input), list(graph.output), initializer=list(graph.initializer) + extra
+    )
     result = helper.make_model(result_graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     result.metadata_props.extend(model.metadata_props)
     onnx.checker.check_model(result)

@@ -15,6 +15,7 @@ well as PCA there), sorted, drawn from `seed`, inside the graph. Measured in doc
 Exported through export/onnx_export.py (export_fp32, write_metadata, batch1_latency_ms) and checked
 against torch with the scale-relative limit of export/gate.py (the raw map reaches ~40).
 """
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,13 @@ from torch import nn
 from export.backbone import CUT_CHANNELS, CUTS, WEIGHTS_PACKAGE, WEIGHTS_SHA256, WEIGHTS_VERSION, PretrainedFeatures
 from export.gate import gate_failures
 from export.onnx_export import (
-    batch1_latency_ms, export_fp32, load_sample, model_metadata, noise_sample, report_path, torch_onnx_figures,
+    batch1_latency_ms,
+    export_fp32,
+    load_sample,
+    model_metadata,
+    noise_sample,
+    report_path,
+    torch_onnx_figures,
     write_metadata,
 )
 from export.dataset import model_batch
@@ -93,20 +100,28 @@ def position_metadata(model: PositionMap, spec: InputSpec) -> dict[str, str]:
     rows, cols = model.grid(spec.height, spec.width)
     info = {"embedding_dim": rows * cols * model.channels, "arch": f"{ARCH}-s{model.cut}", "members": 1}
     props = model_metadata(info, spec, "fp32")
-    props.update({
-        "positions": f"{rows}x{cols}",
-        "position_channels": str(model.channels),
-        "position_stride": str(model.cut),
-        "position_offset": str(position_offset(model.cut)),
-        "backbone": f"efficientnet-lite0 ({WEIGHTS_PACKAGE}=={WEIGHTS_VERSION}, sha256 {WEIGHTS_SHA256[:16]}), "
-                    f"frozen, cut at stride {model.cut}"
-                    + ("" if model.kept is None else f", channels {','.join(map(str, model.kept))}"),
-    })
+    props.update(
+        {
+            "positions": f"{rows}x{cols}",
+            "position_channels": str(model.channels),
+            "position_stride": str(model.cut),
+            "position_offset": str(position_offset(model.cut)),
+            "backbone": f"efficientnet-lite0 ({WEIGHTS_PACKAGE}=={WEIGHTS_VERSION}, sha256 {WEIGHTS_SHA256[:16]}), "
+            f"frozen, cut at stride {model.cut}"
+            + ("" if model.kept is None else f", channels {','.join(map(str, model.kept))}"),
+        }
+    )
     return props
 
 
-def export_position_model(cut: int, input_size: tuple[int, int], out: Path, data_dir: Path | None = None,
-                          channels: int | None = None, seed: int = 0) -> dict:
+def export_position_model(
+    cut: int,
+    input_size: tuple[int, int],
+    out: Path,
+    data_dir: Path | None = None,
+    channels: int | None = None,
+    seed: int = 0,
+) -> dict:
     """Export the frozen per-position model for (width, height) model inputs to `out` (fp32 ONNX), gated.
 
     `data_dir` (an image folder) gives the crops the torch-vs-ONNX check runs on (noise without it);
@@ -137,19 +152,28 @@ def export_position_model(cut: int, input_size: tuple[int, int], out: Path, data
         (latency,) = batch1_latency_ms([path], batch)
         grid = embedder.info.positions
         report = {
-            "quantization": "fp32", "metadata": props,
-            "positions": {"rows": grid.rows, "cols": grid.cols, "channels": grid.channels, "stride": grid.stride,
-                          "offset": grid.offset},
+            "quantization": "fp32",
+            "metadata": props,
+            "positions": {
+                "rows": grid.rows,
+                "cols": grid.cols,
+                "channels": grid.channels,
+                "stride": grid.stride,
+                "offset": grid.offset,
+            },
             "sample": {"data": str(data_dir) if data_dir else "noise (no data folder)", "images": int(len(batch))},
-            "gate": gate, "size": {"fp32_bytes": path.stat().st_size},
+            "gate": gate,
+            "size": {"fp32_bytes": path.stat().st_size},
             "latency": {"fp32_batch1_ms": latency, "threads": 1},
         }
         failures = gate_failures(gate)
         report["passed"], report["failures"] = not failures, failures
         report_path(out).write_text(json.dumps(report, indent=2) + "\n")
         if failures:
-            raise ExportGateError(f"per-position model (stride {cut}, {width}x{height}): export refused, nothing "
-                                  f"written to {out}: " + "; ".join(failures))
+            raise ExportGateError(
+                f"per-position model (stride {cut}, {width}x{height}): export refused, nothing "
+                f"written to {out}: " + "; ".join(failures)
+            )
         os.replace(path, out)
         return report
     finally:

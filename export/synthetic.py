@@ -15,6 +15,7 @@ At a changeover a line often has good parts only. A trunk still learns what
 Sizes are fractions of the crop, so the same anomalies fit any model input.
 All of it is numpy/OpenCV on uint8 crops with an explicit Generator.
 """
+
 from __future__ import annotations
 
 import cv2
@@ -35,8 +36,9 @@ SYNTHETIC_CLASS = "synthetic"
 MIN_CONTRAST, MAX_CONTRAST = 35.0, 110.0
 
 
-def synthesize(goods: np.ndarray, count: int, rng: np.random.Generator,
-               kinds: tuple[str, ...] = DEFAULT_KINDS) -> np.ndarray:
+def synthesize(
+    goods: np.ndarray, count: int, rng: np.random.Generator, kinds: tuple[str, ...] = DEFAULT_KINDS
+) -> np.ndarray:
     """`count` anomalous crops, each drawn on a randomly chosen good crop."""
     goods = np.asarray(goods)
     if goods.ndim != 3 or goods.dtype != np.uint8 or len(goods) == 0:
@@ -126,8 +128,18 @@ def _blob(image: np.ndarray, rng) -> np.ndarray:
     axes = (radius * rng.uniform(0.7, 1.5), radius * rng.uniform(0.7, 1.5))
     center = rng.uniform([0, 0], [width, height])
     mask = np.zeros((height, width), np.float32)
-    cv2.ellipse(mask, tuple(int(round(v * 4)) for v in center), tuple(max(1, int(round(v * 4))) for v in axes),
-                float(rng.uniform(0, 180)), 0, 360, 1.0, -1, cv2.LINE_AA, 2)
+    cv2.ellipse(
+        mask,
+        tuple(int(round(v * 4)) for v in center),
+        tuple(max(1, int(round(v * 4))) for v in axes),
+        float(rng.uniform(0, 180)),
+        0,
+        360,
+        1.0,
+        -1,
+        cv2.LINE_AA,
+        2,
+    )
     mask = cv2.GaussianBlur(mask, (0, 0), 0.6)
     return image + mask / max(float(mask.max()), 1e-6) * _signed_contrast(rng)
 
@@ -143,8 +155,12 @@ def _missing(image: np.ndarray, rng) -> np.ndarray:
     tip = (along[0] + along[1]) / 2 + rng.uniform(-0.1, 0.1)
     points = np.array([[along[0], 0.0], [along[1], 0.0], [tip, depth]])  # (u along the edge, v inward)
     u, v = points[:, 0], points[:, 1]
-    xy = {0: (u * width, v * height), 1: (u * width, (1 - v) * height),
-          2: (v * width, u * height), 3: ((1 - v) * width, u * height)}[edge]
+    xy = {
+        0: (u * width, v * height),
+        1: (u * width, (1 - v) * height),
+        2: (v * width, u * height),
+        3: ((1 - v) * width, u * height),
+    }[edge]
     mask = np.zeros((height, width), np.float32)
     cv2.fillPoly(mask, [np.round(np.stack(xy, axis=1) * 4).astype(np.int32).reshape(-1, 1, 2)], 1.0, cv2.LINE_AA, 2)
     # The extreme grey farthest from what the chunk shows now: always a visible change.
@@ -176,8 +192,10 @@ class Negatives:
         else:
             self.share = SYNTHETIC_SHARE
         if n_real == 0 and self.share == 0.0:
-            raise DataError("training needs defect images with --synthetic-anomalies never; "
-                            "found none (use auto to draw synthetic ones on the good parts)")
+            raise DataError(
+                "training needs defect images with --synthetic-anomalies never; "
+                "found none (use auto to draw synthetic ones on the good parts)"
+            )
 
     def draw(self, count: int, rng: np.random.Generator) -> np.ndarray:
         n_synthetic = int(rng.binomial(count, self.share)) if 0 < self.share < 1 else int(round(count * self.share))

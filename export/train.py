@@ -20,6 +20,7 @@ threshold that rejects 1 % of val goods) is kept; training stops after
 `patience` epochs without improvement. Val negatives are val's real defects,
 else synthetic anomalies drawn on val goods.
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,7 +39,14 @@ from station.core.metrics import minkowski
 from export.augment import AUGMENTATIONS
 from export.losses import EPOCHS, MARGIN
 from export.dataset import (
-    CropSet, auroc, fit_threshold, load_crops, model_batch, require_goods, sample_pairs, stratified_split,
+    CropSet,
+    auroc,
+    fit_threshold,
+    load_crops,
+    model_batch,
+    require_goods,
+    sample_pairs,
+    stratified_split,
 )
 from export.synthetic import SYNTHETIC_CLASS, SYNTHETIC_MODES, Negatives, synthesize
 from export.trunk import Ensemble, build_trunk, count_parameters, input_spec_for, save_checkpoint, trunk_options
@@ -93,6 +101,8 @@ def default_members(arch: str) -> int:
 
 def augmentation_of(config) -> str:
     return config.augmentation or ARCH_AUGMENTATION.get(config.arch, DEFAULT_AUGMENTATION)
+
+
 EVAL_EVERY = 5  # epochs between validation scorings
 VAL_FRACTION = 0.15
 EVAL_PAIRS = 2000  # fixed pairs for the threshold (train) and the accuracy (val)
@@ -139,10 +149,14 @@ class TrainConfig:
         if self.loss not in LOSSES:
             raise ConfigError(f"unknown loss {self.loss!r}: choose one of {', '.join(LOSSES)}")
         if self.lr_schedule not in LR_SCHEDULES:
-            raise ConfigError(f"unknown learning-rate schedule {self.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
+            raise ConfigError(
+                f"unknown learning-rate schedule {self.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}"
+            )
         if self.synthetic_anomalies not in SYNTHETIC_MODES:
-            raise ConfigError(f"unknown synthetic-anomaly mode {self.synthetic_anomalies!r}: "
-                              f"choose one of {', '.join(SYNTHETIC_MODES)}")
+            raise ConfigError(
+                f"unknown synthetic-anomaly mode {self.synthetic_anomalies!r}: "
+                f"choose one of {', '.join(SYNTHETIC_MODES)}"
+            )
         if self.augmentation is not None and self.augmentation not in AUGMENTATIONS:
             raise ConfigError(f"unknown augmentation {self.augmentation!r}: choose one of {', '.join(AUGMENTATIONS)}")
         if self.epochs < 1:
@@ -192,8 +206,10 @@ def embed_crops(model, crops: np.ndarray, spec, batch_size: int = 512) -> np.nda
     """Embeddings of un-augmented crops, in eval mode."""
     model.eval()
     with torch.no_grad():
-        chunks = [model(torch.from_numpy(model_batch(crops[i : i + batch_size], spec))).numpy()
-                  for i in range(0, len(crops), batch_size)]
+        chunks = [
+            model(torch.from_numpy(model_batch(crops[i : i + batch_size], spec))).numpy()
+            for i in range(0, len(crops), batch_size)
+        ]
     return np.concatenate(chunks) if chunks else np.empty((0, 0), np.float32)
 
 
@@ -212,6 +228,7 @@ def held_out_figures(model, spec, reference_goods, val_goods, val_negatives) -> 
 
 def pair_figures(model, spec, train_pairs: CropSet, val_pairs: CropSet, rng) -> tuple[float, float]:
     """(val pair accuracy, threshold fitted on training pairs): the figure `station train` prints."""
+
     def distances(crop_set):
         first, second, similar = sample_pairs(crop_set.is_defect, EVAL_PAIRS, rng)
         emb = embed_crops(model, crop_set.crops, spec)
@@ -231,8 +248,14 @@ def _with_negatives(goods: np.ndarray, negatives: np.ndarray) -> CropSet:
 # ---- entry points --------------------------------------------------------------------------
 
 
-def train_split(train: list[LabeledImage], val: list[LabeledImage], out: Path, config: TrainConfig,
-                progress: bool = False, data_root: Path | None = None) -> TrainResult:
+def train_split(
+    train: list[LabeledImage],
+    val: list[LabeledImage],
+    out: Path,
+    config: TrainConfig,
+    progress: bool = False,
+    data_root: Path | None = None,
+) -> TrainResult:
     """Train on `train`, choose the epoch on `val` (the caller's held-out part), write `out`.
 
     Goods alone are enough: synthetic anomalies are the negatives then. `val`
@@ -262,8 +285,19 @@ def train_split(train: list[LabeledImage], val: list[LabeledImage], out: Path, c
 
     options = trunk_options(config.trunk_options)
     started = time.perf_counter()
-    context = _MemberContext(config, spec, options, goods, negatives, len(train_set.crops), reference, val_goods,
-                             val_negatives, train_rng, progress)
+    context = _MemberContext(
+        config,
+        spec,
+        options,
+        goods,
+        negatives,
+        len(train_set.crops),
+        reference,
+        val_goods,
+        val_negatives,
+        train_rng,
+        progress,
+    )
     members = [_train_member(context, index) for index in range(config.members)]
     train_seconds = time.perf_counter() - started
     first = members[0]
@@ -275,26 +309,63 @@ def train_split(train: list[LabeledImage], val: list[LabeledImage], out: Path, c
 
     pair_negatives = negatives.defects if len(negatives.defects) else synthesize(goods, len(goods), eval_rng)
     val_accuracy, threshold = pair_figures(
-        model, spec, _with_negatives(goods, pair_negatives), _with_negatives(val_goods, val_negatives), eval_rng)
+        model, spec, _with_negatives(goods, pair_negatives), _with_negatives(val_goods, val_negatives), eval_rng
+    )
     items = sorted(list(train) + list(val), key=lambda item: Path(item.path))
     fingerprint, data_path = _provenance(items, data_root)
     save_checkpoint(
-        out, model, config.arch, config.embedding_dim * config.members, spec, trunk_options=options,
-        members=config.members, member_best_epochs=[m.best_epoch for m in members], lr_schedule=config.lr_schedule,
-        loss=config.loss, epochs=config.epochs, seed=config.seed, allow_flips=config.allow_flips,
-        batch_size=config.batch_size, learning_rate=config.learning_rate, margin=MARGIN,
-        weight_decay=config.weight_decay, patience=config.patience, augmentation=augmentation_of(config),
-        synthetic_anomalies=config.synthetic_anomalies, synthetic_share=negatives.share,
-        data_fingerprint=fingerprint, data_path=data_path,
-        n_train=len(train_set.crops), n_val=len(val_set.crops),
-        n_train_defects=len(negatives.defects), val_negatives=val_kind,
-        val_pair_accuracy=val_accuracy, pair_threshold=threshold,
-        val_auroc=val_auroc, val_escape_rate=escape, best_epoch=best_epoch, epochs_run=epochs_run,
-        val_history=history, train_seconds=round(train_seconds, 2), station_version=__version__,
+        out,
+        model,
+        config.arch,
+        config.embedding_dim * config.members,
+        spec,
+        trunk_options=options,
+        members=config.members,
+        member_best_epochs=[m.best_epoch for m in members],
+        lr_schedule=config.lr_schedule,
+        loss=config.loss,
+        epochs=config.epochs,
+        seed=config.seed,
+        allow_flips=config.allow_flips,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        margin=MARGIN,
+        weight_decay=config.weight_decay,
+        patience=config.patience,
+        augmentation=augmentation_of(config),
+        synthetic_anomalies=config.synthetic_anomalies,
+        synthetic_share=negatives.share,
+        data_fingerprint=fingerprint,
+        data_path=data_path,
+        n_train=len(train_set.crops),
+        n_val=len(val_set.crops),
+        n_train_defects=len(negatives.defects),
+        val_negatives=val_kind,
+        val_pair_accuracy=val_accuracy,
+        pair_threshold=threshold,
+        val_auroc=val_auroc,
+        val_escape_rate=escape,
+        best_epoch=best_epoch,
+        epochs_run=epochs_run,
+        val_history=history,
+        train_seconds=round(train_seconds, 2),
+        station_version=__version__,
         trained_on=sorted({image_digest(item.path) for item in train_set.items}),  # calibration sets these aside
     )
-    return TrainResult(Path(out), val_accuracy, threshold, train_seconds, len(train_set.crops), len(val_set.crops),
-                       count_parameters(model), val_auroc, escape, best_epoch, epochs_run, val_kind)
+    return TrainResult(
+        Path(out),
+        val_accuracy,
+        threshold,
+        train_seconds,
+        len(train_set.crops),
+        len(val_set.crops),
+        count_parameters(model),
+        val_auroc,
+        escape,
+        best_epoch,
+        epochs_run,
+        val_kind,
+    )
 
 
 @dataclass(frozen=True)
@@ -332,8 +403,9 @@ def _train_member(context: _MemberContext, index: int) -> _Member:
         torch.manual_seed(config.seed + index)
         rng = np.random.default_rng([config.seed + index, 1])
     model = build_trunk(config.arch, config.embedding_dim, spec, context.options)
-    optimizer = torch.optim.AdamW(parameter_groups(model, config.learning_rate), lr=config.learning_rate,
-                                  weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, config.learning_rate), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
     scheduler = None
     if config.lr_schedule == "cosine":
         # Large steps first, small ones last: the final weights settle instead of jittering.
@@ -345,13 +417,17 @@ def _train_member(context: _MemberContext, index: int) -> _Member:
     with tqdm(range(config.epochs), desc=name, unit="epoch", disable=not context.progress) as bar:
         for epoch in bar:
             model.train()
-            run_epoch(model, optimizer, context.goods, context.negatives, context.n_items, spec, config, rng, bar, recipe)
+            run_epoch(
+                model, optimizer, context.goods, context.negatives, context.n_items, spec, config, rng, bar, recipe
+            )
             if scheduler is not None:
                 scheduler.step()
             epochs_run = epoch + 1
             if epochs_run % EVAL_EVERY and epochs_run != config.epochs:
                 continue
-            val_auroc, escape = held_out_figures(model, spec, context.reference, context.val_goods, context.val_negatives)
+            val_auroc, escape = held_out_figures(
+                model, spec, context.reference, context.val_goods, context.val_negatives
+            )
             criterion = val_auroc - ESCAPE_WEIGHT * escape
             history.append([epochs_run, round(val_auroc, 5), round(escape, 5)])
             if criterion > best[0] or (TIES_TO_LATER and criterion == best[0]):

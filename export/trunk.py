@@ -3,6 +3,7 @@
 The Siamese "twins" share these weights; only the trunk is exported, the
 station compares its embedding with the mean embedding of good parts.
 """
+
 from __future__ import annotations
 
 import copy
@@ -69,8 +70,14 @@ class _Trunk(nn.Module):
 class MlpTrunk(_Trunk):
     """The source study's reference: flatten 936 -> 512 ReLU -> 256 ReLU -> 128 linear."""
 
-    def __init__(self, input_size: int, embedding_dim: int = 128, batchnorm: bool = False,
-                 standardize: bool = False, l2_normalize: bool = False):
+    def __init__(
+        self,
+        input_size: int,
+        embedding_dim: int = 128,
+        batchnorm: bool = False,
+        standardize: bool = False,
+        l2_normalize: bool = False,
+    ):
         super().__init__()
         self.standardize_input, self.l2_normalize = standardize, l2_normalize
         self.sample_shape = (input_size,)
@@ -79,8 +86,12 @@ class MlpTrunk(_Trunk):
             return [nn.BatchNorm1d(width)] if batchnorm else []
 
         self.layers = nn.Sequential(
-            nn.Linear(input_size, 512), *norm(512), nn.ReLU(),
-            nn.Linear(512, 256), *norm(256), nn.ReLU(),
+            nn.Linear(input_size, 512),
+            *norm(512),
+            nn.ReLU(),
+            nn.Linear(512, 256),
+            *norm(256),
+            nn.ReLU(),
             nn.Linear(256, embedding_dim),
         )
 
@@ -96,8 +107,15 @@ class CnnTrunk(_Trunk):
     parameters for a 36x26 crop, most of them in the head.
     """
 
-    def __init__(self, height: int, width: int, embedding_dim: int = 128, batchnorm: bool = False,
-                 standardize: bool = False, l2_normalize: bool = False):
+    def __init__(
+        self,
+        height: int,
+        width: int,
+        embedding_dim: int = 128,
+        batchnorm: bool = False,
+        standardize: bool = False,
+        l2_normalize: bool = False,
+    ):
         super().__init__()
         self.standardize_input, self.l2_normalize = standardize, l2_normalize
         self.sample_shape = (1, height, width)
@@ -133,8 +151,15 @@ class PretrainedTrunk(_Trunk):
     WIDTH = 128
     MAX_REMEMBERED_BYTES = 1 << 29  # feature maps kept while training: 512 MB (a 96x96 map is ~16 KB)
 
-    def __init__(self, height: int, width: int, embedding_dim: int = 128, batchnorm: bool = False,
-                 standardize: bool = False, l2_normalize: bool = False):
+    def __init__(
+        self,
+        height: int,
+        width: int,
+        embedding_dim: int = 128,
+        batchnorm: bool = False,
+        standardize: bool = False,
+        l2_normalize: bool = False,
+    ):
         super().__init__()
         from export.backbone import PretrainedFeatures
 
@@ -196,8 +221,15 @@ class FineTunedTrunk(PretrainedTrunk):
 
     FROZEN_UP_TO = 8  # the stride whose map is kept frozen and remembered
 
-    def __init__(self, height: int, width: int, embedding_dim: int = 128, batchnorm: bool = False,
-                 standardize: bool = False, l2_normalize: bool = False):
+    def __init__(
+        self,
+        height: int,
+        width: int,
+        embedding_dim: int = 128,
+        batchnorm: bool = False,
+        standardize: bool = False,
+        l2_normalize: bool = False,
+    ):
         super().__init__(height, width, embedding_dim, batchnorm, standardize, l2_normalize)
         self.backbone.split_at(self.FROZEN_UP_TO)[1].requires_grad_(True)
 
@@ -253,8 +285,9 @@ def trunk_options(options: dict | None = None) -> dict:
     return merged
 
 
-def build_trunk(arch: str, embedding_dim: int = 128, spec: InputSpec | None = None,
-                options: dict | None = None) -> nn.Module:
+def build_trunk(
+    arch: str, embedding_dim: int = 128, spec: InputSpec | None = None, options: dict | None = None
+) -> nn.Module:
     """A freshly initialised trunk (torch's default init; seed torch first for repeatability)."""
     check_arch(arch)
     if embedding_dim < 1:
@@ -303,8 +336,9 @@ CHECKPOINT_FORMAT = "station-trunk/1"
 CHECKPOINT_KEYS = ("format", "state_dict", "arch", "embedding_dim", "input_spec")
 
 
-def save_checkpoint(path, model: nn.Module, arch: str, embedding_dim: int, spec: InputSpec,
-                    trunk_options: dict | None = None, **info):
+def save_checkpoint(
+    path, model: nn.Module, arch: str, embedding_dim: int, spec: InputSpec, trunk_options: dict | None = None, **info
+):
     """Write the trunk's weights and how to rebuild it; never a pickled module.
 
     `info` must be plain data (str, int, float, bool, None, lists/dicts of
@@ -318,8 +352,10 @@ def save_checkpoint(path, model: nn.Module, arch: str, embedding_dim: int, spec:
         "embedding_dim": int(embedding_dim),
         "trunk_options": dict(trunk_options if trunk_options is not None else _options_of(model)),
         "input_spec": {
-            "width": spec.width, "height": spec.height,
-            "layout": spec.layout, "pixel_scale": float(spec.pixel_scale),
+            "width": spec.width,
+            "height": spec.height,
+            "layout": spec.layout,
+            "pixel_scale": float(spec.pixel_scale),
         },
         **info,
     }
@@ -353,8 +389,12 @@ def load_checkpoint(path) -> tuple[nn.Module, dict]:
     options = checkpoint.get("trunk_options", LEGACY_TRUNK_OPTIONS)
     members = int(checkpoint.get("members", 1))  # checkpoints before ensembles hold one trunk
     if members > 1:
-        model = Ensemble([build_trunk(checkpoint["arch"], checkpoint["embedding_dim"] // members, spec, options)
-                          for _ in range(members)])
+        model = Ensemble(
+            [
+                build_trunk(checkpoint["arch"], checkpoint["embedding_dim"] // members, spec, options)
+                for _ in range(members)
+            ]
+        )
     else:
         model = build_trunk(checkpoint["arch"], checkpoint["embedding_dim"], spec, options)
     try:

@@ -27,6 +27,7 @@ count. The rule, owned here and restated in fit.json's `budget`:
    warning) and goes on: never a silent overrun. So does the audit model, once measured, when the
    bundle model at its pace would end the fit over --budget (after_audit).
 """
+
 from __future__ import annotations
 
 import math
@@ -44,12 +45,14 @@ EXPORTS = 3
 GATE_PASSES = 3
 TOLERANCE = 0.10  # the issue's bound: the whole fit within --budget plus 10 %
 FROZEN = ("positions", "lite0-tiles")  # nothing trains: their cost is embedding photos
-RULE = ("--budget bounds the whole station fit from its start: a candidate starts only while its estimate plus "
-        "the estimated final models (audit + bundle) of the best so far, or of itself if it would win, fit what "
-        "is left; the pretrained trunk at larger inputs after the from-scratch ones (cheapest first); what is left "
-        f"after the list and the chosen recipe's final models adds trunks to its ensemble, up to {MAX_MEMBERS}, "
-        "while their estimated training fits and the cost per part --max-ms-per-part; a chosen recipe whose final "
-        "models are estimated not to fit is said, on screen and here")
+RULE = (
+    "--budget bounds the whole station fit from its start: a candidate starts only while its estimate plus "
+    "the estimated final models (audit + bundle) of the best so far, or of itself if it would win, fit what "
+    "is left; the pretrained trunk at larger inputs after the from-scratch ones (cheapest first); what is left "
+    f"after the list and the chosen recipe's final models adds trunks to its ensemble, up to {MAX_MEMBERS}, "
+    "while their estimated training fits and the cost per part --max-ms-per-part; a chosen recipe whose final "
+    "models are estimated not to fit is said, on screen and here"
+)
 
 
 @dataclass(frozen=True)
@@ -70,8 +73,9 @@ def is_frozen(candidate) -> bool:
     return candidate.arch in FROZEN
 
 
-def final_seconds(pools: Pools, candidate, members: int, train_seconds: float, embed_seconds: float = 0.0,
-                  export_seconds: float = 0.0) -> float:
+def final_seconds(
+    pools: Pools, candidate, members: int, train_seconds: float, embed_seconds: float = 0.0, export_seconds: float = 0.0
+) -> float:
     """Estimated seconds of the two final models of `candidate` with `members` trunks: from ONE trunk's
     measured search training (`train_seconds`, on pools.n_search_train photos), its calibration part's
     embedding (`embed_seconds`) and its export and timing (`export_seconds`). A frozen candidate's
@@ -103,8 +107,9 @@ class Budget:
         """The final models' estimate for a measured candidate (fit/candidates.py: Outcome)."""
         if self.pools is None:
             return 0.0
-        return final_seconds(self.pools, outcome.candidate, members, outcome.train_seconds, outcome.embed_seconds,
-                             outcome.export_seconds)
+        return final_seconds(
+            self.pools, outcome.candidate, members, outcome.train_seconds, outcome.embed_seconds, outcome.export_seconds
+        )
 
     def starts(self, estimate: float | None, reserve: float) -> tuple[bool, float]:
         """(whether a candidate of `estimate` seconds starts with `reserve` kept for the final models, left)."""
@@ -120,9 +125,11 @@ def after_audit(budget: Budget, audit_seconds: float, audit_estimate: float, bun
     left = budget.left()
     if expected <= left * (1 + TOLERANCE):
         return None
-    return (f"the audit model took {audit_seconds:.0f} s (~{audit_estimate:.0f} s estimated, x{ratio:.2f}); the bundle "
-            f"model, ~{expected:.0f} s at that pace, will end the fit ~{expected - left:.0f} s over --budget "
-            f"{budget.seconds / 60:g} min")
+    return (
+        f"the audit model took {audit_seconds:.0f} s (~{audit_estimate:.0f} s estimated, x{ratio:.2f}); the bundle "
+        f"model, ~{expected:.0f} s at that pace, will end the fit ~{expected - left:.0f} s over --budget "
+        f"{budget.seconds / 60:g} min"
+    )
 
 
 @dataclass(frozen=True)
@@ -140,24 +147,41 @@ class MemberPlan:
     def left_seconds(self) -> float:
         return self.budget_seconds - self.search_seconds
 
-    def summary(self, final_measured: float | None = None, total_seconds: float | None = None,
-                measured_added_seconds: float | None = None) -> dict:
+    def summary(
+        self,
+        final_measured: float | None = None,
+        total_seconds: float | None = None,
+        measured_added_seconds: float | None = None,
+    ) -> dict:
         estimated = None if self.seconds_per_member is None else self.added * self.seconds_per_member
         spent = total_seconds if total_seconds is not None else self.search_seconds + (final_measured or 0.0)
-        return {"budget_seconds": round(self.budget_seconds, 1), "search_seconds": round(self.search_seconds, 1),
-                "final_seconds_estimated": None if self.final_estimated is None else round(self.final_estimated, 1),
-                "final_seconds_measured": None if final_measured is None else round(final_measured, 1),
-                "added_members": self.added, "members": self.members,
-                "added_seconds_estimated": None if estimated is None else round(estimated, 1),
-                "added_seconds_measured": None if measured_added_seconds is None else round(measured_added_seconds, 1),
-                "spent_seconds": round(spent, 1), "spent_share": round(spent / self.budget_seconds, 3),
-                "total_seconds": None if total_seconds is None else round(total_seconds, 1),
-                "within": None if total_seconds is None else total_seconds <= self.budget_seconds * (1 + TOLERANCE),
-                "over": self.over, "why": self.why, "rule": RULE}
+        return {
+            "budget_seconds": round(self.budget_seconds, 1),
+            "search_seconds": round(self.search_seconds, 1),
+            "final_seconds_estimated": None if self.final_estimated is None else round(self.final_estimated, 1),
+            "final_seconds_measured": None if final_measured is None else round(final_measured, 1),
+            "added_members": self.added,
+            "members": self.members,
+            "added_seconds_estimated": None if estimated is None else round(estimated, 1),
+            "added_seconds_measured": None if measured_added_seconds is None else round(measured_added_seconds, 1),
+            "spent_seconds": round(spent, 1),
+            "spent_share": round(spent / self.budget_seconds, 3),
+            "total_seconds": None if total_seconds is None else round(total_seconds, 1),
+            "within": None if total_seconds is None else total_seconds <= self.budget_seconds * (1 + TOLERANCE),
+            "over": self.over,
+            "why": self.why,
+            "rule": RULE,
+        }
 
 
-def plan_members(chosen, default_members: int, fixed_members: int | None, budget: Budget, max_ms_per_part: float,
-                 complete: bool = True) -> MemberPlan:
+def plan_members(
+    chosen,
+    default_members: int,
+    fixed_members: int | None,
+    budget: Budget,
+    max_ms_per_part: float,
+    complete: bool = True,
+) -> MemberPlan:
     """How many trunks the final models get, from what is left of `budget` after the chosen candidate's
     (an Outcome: one trunk measured; `ms_per_part` for `default_members`) final models are reserved."""
     members = fixed_members if fixed_members is not None else default_members
@@ -165,19 +189,25 @@ def plan_members(chosen, default_members: int, fixed_members: int | None, budget
     final = budget.final(chosen, members)
     over = None
     if final > left:
-        over = (f"the chosen {chosen.candidate.name}'s final models (audit and bundle) are estimated at ~{final:.0f} s "
-                f"and {max(left, 0):.0f} s of --budget {budget.seconds / 60:g} min are left: the fit will overrun it "
-                f"by ~{final - left:.0f} s")
+        over = (
+            f"the chosen {chosen.candidate.name}'s final models (audit and bundle) are estimated at ~{final:.0f} s "
+            f"and {max(left, 0):.0f} s of --budget {budget.seconds / 60:g} min are left: the fit will overrun it "
+            f"by ~{final - left:.0f} s"
+        )
     plan = dict(budget_seconds=budget.seconds, search_seconds=search_seconds, final_estimated=final, over=over)
     if fixed_members is not None:
         return MemberPlan(**plan, members=fixed_members, why="--members was given")
     if not complete:
-        return MemberPlan(**plan, members=None,
-                          why="the budget or --max-candidates skipped some of the list: nothing left to add")
+        return MemberPlan(
+            **plan, members=None, why="the budget or --max-candidates skipped some of the list: nothing left to add"
+        )
     if default_members < 2 or is_frozen(chosen.candidate):
         return MemberPlan(**plan, members=None, why=f"{chosen.candidate.arch} is one member: nothing to add")
-    per_member = final_seconds(budget.pools, chosen.candidate, 1, chosen.train_seconds, 0.0,
-                               chosen.export_seconds) if budget.pools else 0.0
+    per_member = (
+        final_seconds(budget.pools, chosen.candidate, 1, chosen.train_seconds, 0.0, chosen.export_seconds)
+        if budget.pools
+        else 0.0
+    )
     spare = left - final
     by_time = math.floor(spare / per_member) if per_member > 0 else MAX_MEMBERS
     trunk_ms = (chosen.ms_per_part or 0.0) / default_members
@@ -185,10 +215,18 @@ def plan_members(chosen, default_members: int, fixed_members: int | None, budget
     members = max(default_members, min(MAX_MEMBERS, default_members + max(by_time, 0), by_cost))
     added = members - default_members
     if not added:
-        why = (f"{max(spare, 0):.0f} s left after the final models (~{final:.0f} s), one more trunk ~{per_member:.0f} s"
-               if by_time < 1 else f"one more trunk would cost over --max-ms-per-part ({trunk_ms:.2f} ms each)")
+        why = (
+            f"{max(spare, 0):.0f} s left after the final models (~{final:.0f} s), one more trunk ~{per_member:.0f} s"
+            if by_time < 1
+            else f"one more trunk would cost over --max-ms-per-part ({trunk_ms:.2f} ms each)"
+        )
         return MemberPlan(**plan, members=None, seconds_per_member=per_member, why=why)
     plan["final_estimated"] = final + added * per_member
-    return MemberPlan(**plan, members=members, added=added, seconds_per_member=per_member,
-                      why=f"{spare:.0f} s of the budget left after the list and the final models (~{final:.0f} s), "
-                          f"~{per_member:.0f} s per added trunk")
+    return MemberPlan(
+        **plan,
+        members=members,
+        added=added,
+        seconds_per_member=per_member,
+        why=f"{spare:.0f} s of the budget left after the list and the final models (~{final:.0f} s), "
+        f"~{per_member:.0f} s per added trunk",
+    )

@@ -1,17 +1,18 @@
 """What `station fit` writes: the model (export never dead-ends), station.yaml, fit.json.
 
-    BUNDLE/model.onnx            the chosen trunk in fp32, gated against torch
-    BUNDLE/model.export.json     its export report
-    BUNDLE/model.int8.onnx       the same trunk in int8, when an int8 mode passed the gate (the pretrained conv
-                                 backbone: static QDQ first, else dynamic; the others: dynamic first, else static)
-    BUNDLE/model.int8.export.json  its export report
-    BUNDLE/trunk.pt              the checkpoint it was exported from
-    BUNDLE/reference/            the fp32 form's reference set (station.yaml's reference: {fp32: ...})
-    BUNDLE/reference.int8/       the int8 form's, calibrated on the same threshold slice
-    BUNDLE/report/               roc.png, histogram.png, worst_parts.png of the test part
-    BUNDLE/station.yaml          model and reference filled in; camera and roi to fill
-    BUNDLE/fit.json              the held-out test figures and how they were made
+BUNDLE/model.onnx            the chosen trunk in fp32, gated against torch
+BUNDLE/model.export.json     its export report
+BUNDLE/model.int8.onnx       the same trunk in int8, when an int8 mode passed the gate (the pretrained conv
+                             backbone: static QDQ first, else dynamic; the others: dynamic first, else static)
+BUNDLE/model.int8.export.json  its export report
+BUNDLE/trunk.pt              the checkpoint it was exported from
+BUNDLE/reference/            the fp32 form's reference set (station.yaml's reference: {fp32: ...})
+BUNDLE/reference.int8/       the int8 form's, calibrated on the same threshold slice
+BUNDLE/report/               roc.png, histogram.png, worst_parts.png of the test part
+BUNDLE/station.yaml          model and reference filled in; camera and roi to fill
+BUNDLE/fit.json              the held-out test figures and how they were made
 """
+
 from __future__ import annotations
 
 import json
@@ -56,8 +57,9 @@ def export_forms(checkpoint: Path, folder: Path, sample_dir: Path, arch: str, sa
     """{form: export} of every form that passed the gate: fp32 always (else ExportGateError), int8 when one
     of its modes passes. `sample_dir` (the train part) calibrates static int8 and feeds the gates."""
     int8_order = EXPORT_MODES[:2] if arch not in STATIC_FIRST_ARCHS else (EXPORT_MODES[1], EXPORT_MODES[0])
-    forms = {"fp32": export_with_fallback(checkpoint, folder / FORM_FILES["fp32"][0], sample_dir, say,
-                                          (EXPORT_MODES[2],))}
+    forms = {
+        "fp32": export_with_fallback(checkpoint, folder / FORM_FILES["fp32"][0], sample_dir, say, (EXPORT_MODES[2],))
+    }
     try:
         forms["int8"] = export_with_fallback(checkpoint, folder / FORM_FILES["int8"][0], sample_dir, say, int8_order)
     except ExportGateError as exc:
@@ -81,7 +83,11 @@ def export_with_fallback(checkpoint: Path, out: Path, sample_dir: Path, say=prin
             say(f"export: {refusals[-1]}; trying the next mode")
             continue
         attempts.append({"mode": mode, "passed": True, "failures": []})
-        why = "the first mode tried; it passed the export gate" if not refusals else "; ".join(refusals) + f"; {mode} passed"
+        why = (
+            "the first mode tried; it passed the export gate"
+            if not refusals
+            else "; ".join(refusals) + f"; {mode} passed"
+        )
         return ExportChoice(mode, why, attempts, report)
     raise ExportGateError(f"{checkpoint}: no export mode passed the gate: " + "; ".join(refusals))
 
@@ -127,9 +133,11 @@ def forms_yaml(forms) -> str:
         return f"model: {MODEL}\nreference: {REFERENCE}\n"
     models = ", ".join(f"{form}: {FORM_FILES[form][0]}" for form in forms)
     references = ", ".join(f"{form}: {FORM_FILES[form][1]}" for form in forms)
-    return (f"# A model in each form, each with its reference set: the station runs the faster on its own CPU\n"
-            f"# (timed at start: the log, the state and `station check` say which); model_form: int8 or fp32 pins one.\n"
-            f"model: {{{models}}}\nreference: {{{references}}}\nmodel_form: auto\n")
+    return (
+        f"# A model in each form, each with its reference set: the station runs the faster on its own CPU\n"
+        f"# (timed at start: the log, the state and `station check` say which); model_form: int8 or fp32 pins one.\n"
+        f"model: {{{models}}}\nreference: {{{references}}}\nmodel_form: auto\n"
+    )
 
 
 def write_json(path: Path, content: dict):

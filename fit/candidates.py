@@ -16,6 +16,7 @@ onnxruntime on its exported float graph (batch 1, one thread, times the final mo
 BEFORE it trains (the untrained graph has the same operations): one over --max-ms-per-part is
 never trained, nor is a larger input of the same trunk after it.
 """
+
 from __future__ import annotations
 
 import time
@@ -124,15 +125,27 @@ class Outcome:
         return max(self.seconds - self.export_seconds, 0.0)
 
     def row(self) -> dict:
-        return {"candidate": self.candidate.name, "arch": self.candidate.arch, "loss": self.candidate.loss,
-                "input_size": list(self.candidate.size), "seed": self.candidate.seed,
-                "seconds": round(self.seconds, 1), "metric": self.metric, "threshold": self.threshold,
-                "calibration_escape_rate": self.escape_rate, "calibration_auroc": self.auroc,
-                "calibration_false_reject_rate": self.false_reject_rate, "expected_cost": self.expected_cost,
-                "val_auroc": self.val_auroc, "best_epoch": self.best_epoch, "epochs_run": self.epochs_run,
-                "ms_per_part": None if self.ms_per_part is None else round(self.ms_per_part, 3),
-                "export_seconds": round(self.export_seconds, 1), "embed_seconds": round(self.embed_seconds, 1),
-                "error": self.error}
+        return {
+            "candidate": self.candidate.name,
+            "arch": self.candidate.arch,
+            "loss": self.candidate.loss,
+            "input_size": list(self.candidate.size),
+            "seed": self.candidate.seed,
+            "seconds": round(self.seconds, 1),
+            "metric": self.metric,
+            "threshold": self.threshold,
+            "calibration_escape_rate": self.escape_rate,
+            "calibration_auroc": self.auroc,
+            "calibration_false_reject_rate": self.false_reject_rate,
+            "expected_cost": self.expected_cost,
+            "val_auroc": self.val_auroc,
+            "best_epoch": self.best_epoch,
+            "epochs_run": self.epochs_run,
+            "ms_per_part": None if self.ms_per_part is None else round(self.ms_per_part, 3),
+            "export_seconds": round(self.export_seconds, 1),
+            "embed_seconds": round(self.embed_seconds, 1),
+            "error": self.error,
+        }
 
 
 @dataclass
@@ -163,8 +176,14 @@ class Search:
         return self.choice.chosen
 
 
-def run_candidates(candidates: list[Candidate], train: list[LabeledImage], val: list[LabeledImage],
-                   calibration: list[LabeledImage], workdir: Path, options: SearchOptions) -> Search:
+def run_candidates(
+    candidates: list[Candidate],
+    train: list[LabeledImage],
+    val: list[LabeledImage],
+    calibration: list[LabeledImage],
+    workdir: Path,
+    options: SearchOptions,
+) -> Search:
     import torch
 
     from export.train import TORCH_THREADS
@@ -231,7 +250,9 @@ def _search(candidates, train, val, calibration, workdir, options) -> Search:
     skipped += [f"{c.name}: --max-candidates {limit}" for c in candidates[limit:]]
     usable = [o for o in outcomes if o.error is None]
     if not usable:
-        raise DataError("no candidate could be trained:\n  " + "\n  ".join(f"{o.candidate.name}: {o.error}" for o in outcomes))
+        raise DataError(
+            "no candidate could be trained:\n  " + "\n  ".join(f"{o.candidate.name}: {o.error}" for o in outcomes)
+        )
     choice = choose(usable, DEFAULT_CANDIDATE)
     options.say(choice.line())
     return Search(outcomes, choice, skipped, not budget_reached and limit == len(candidates))
@@ -243,7 +264,7 @@ def _likely_winners(outcomes, budget, options) -> tuple:
     usable = [o for o in outcomes if o.error is None]
     if not usable or budget.pools is None:
         return (usable[0] if usable else None), 0.0
-    top = max(usable, key=lambda o: (o.auroc if o.auroc is not None else -(o.false_reject_rate or 0.0)))
+    top = max(usable, key=lambda o: o.auroc if o.auroc is not None else -(o.false_reject_rate or 0.0))
     pair = [top] + [o for o in usable[:1] if o.candidate == DEFAULT_CANDIDATE]
     return top, max(budget.final(o, _members(o.candidate, options)) for o in pair)
 
@@ -283,23 +304,33 @@ def _train_and_measure(candidate, train_items, val_items, calibration_items, che
 
         return measure_position_candidate(candidate, calibration_items, Path(checkpoint).with_suffix(".onnx"), options)
     # One trunk each: candidates compare recipes; the final model is the chosen recipe's ensemble.
-    config = train.TrainConfig(arch=candidate.arch, loss=candidate.loss, seed=candidate.seed,
-                               epochs=options.epochs, input_size=candidate.input_size, members=1)
+    config = train.TrainConfig(
+        arch=candidate.arch,
+        loss=candidate.loss,
+        seed=candidate.seed,
+        epochs=options.epochs,
+        input_size=candidate.input_size,
+        members=1,
+    )
     outcome = Outcome(candidate)
     started = time.perf_counter()
     try:
         members = options.members if options.members is not None else train.default_members(candidate.arch)
-        outcome.ms_per_part = members * cost_per_part(_untrained(config, Path(checkpoint)),
-                                                      options.max_ms_per_part / members)
+        outcome.ms_per_part = members * cost_per_part(
+            _untrained(config, Path(checkpoint)), options.max_ms_per_part / members
+        )
         outcome.export_seconds = time.perf_counter() - started
         if outcome.ms_per_part > options.max_ms_per_part:
-            outcome.error = (f"{outcome.ms_per_part:.2f} ms a part ({members} x one trunk's, measured here before "
-                             f"training) is over --max-ms-per-part {options.max_ms_per_part:g}: not trained")
+            outcome.error = (
+                f"{outcome.ms_per_part:.2f} ms a part ({members} x one trunk's, measured here before "
+                f"training) is over --max-ms-per-part {options.max_ms_per_part:g}: not trained"
+            )
             outcome.over_limit = True
             outcome.seconds = time.perf_counter() - started
             return outcome
-        result = train.train_split(train_items, val_items, checkpoint, config, progress=options.progress,
-                                   data_root=options.data_root)
+        result = train.train_split(
+            train_items, val_items, checkpoint, config, progress=options.progress, data_root=options.data_root
+        )
         outcome.checkpoint, outcome.val_auroc = Path(checkpoint), result.val_auroc
         outcome.best_epoch, outcome.epochs_run = result.best_epoch, result.epochs_run
         outcome.seconds = time.perf_counter() - started
@@ -317,8 +348,13 @@ def _untrained(config, checkpoint: Path) -> Path:
 
     spec = config.spec()
     path = checkpoint.with_name(checkpoint.stem + ".untrained.pt")
-    save_checkpoint(path, build_trunk(config.arch, config.embedding_dim, spec, config.trunk_options), config.arch,
-                    config.embedding_dim, spec)
+    save_checkpoint(
+        path,
+        build_trunk(config.arch, config.embedding_dim, spec, config.trunk_options),
+        config.arch,
+        config.embedding_dim,
+        spec,
+    )
     return path
 
 
@@ -335,16 +371,18 @@ def _measure_on_calibration(outcome: Outcome, items: list[LabeledImage], options
     embeddings = embed_crops(model, crops.crops, spec)
     defect = crops.is_defect
     calibration = calibration_fit.calibrate_held_out(
-        embeddings[~defect], embeddings[defect] if defect.any() else None, target_false_reject=options.target_false_reject,
-        defect_rate=options.defect_rate, escape_cost=options.escape_cost)
+        embeddings[~defect],
+        embeddings[defect] if defect.any() else None,
+        target_false_reject=options.target_false_reject,
+        defect_rate=options.defect_rate,
+        escape_cost=options.escape_cost,
+    )
     chosen = calibration.fits[calibration.metric]
     outcome.metric, outcome.threshold = calibration.metric, float(chosen.threshold)
     outcome.escape_rate, outcome.auroc = chosen.escape_rate, chosen.auroc
     outcome.false_reject_rate, outcome.expected_cost = float(chosen.false_reject_rate), chosen.expected_cost
     outcome.n_good, outcome.n_defect = int((~defect).sum()), int(defect.sum())
     outcome.good_scores, outcome.defect_scores = chosen.good_scores, chosen.defect_scores
-
-
 
 
 def cost_per_part(checkpoint: Path, limit_ms: float | None = None) -> float:

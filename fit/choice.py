@@ -11,6 +11,7 @@ beats it in at least CONFIDENT of the resamples.
 Without defects: the lowest false-reject rate on the calibration part, the validation AUROC on
 synthetic anomalies breaking ties; no resampling can say more about defects that were never seen.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,9 +22,11 @@ from calibration.thresholds import auroc
 
 RESAMPLES = 400
 CONFIDENT = 0.9
-RULE_WITH_DEFECTS = ("highest AUROC on the calibration part (every good part ranked against every defect), "
-                     f"escapes at the threshold breaking ties; the default stays unless another beats it in "
-                     f"{CONFIDENT:.0%} of {RESAMPLES} paired resamples")
+RULE_WITH_DEFECTS = (
+    "highest AUROC on the calibration part (every good part ranked against every defect), "
+    f"escapes at the threshold breaking ties; the default stays unless another beats it in "
+    f"{CONFIDENT:.0%} of {RESAMPLES} paired resamples"
+)
 RULE_GOODS_ONLY = "lowest false-reject rate on the calibration part, validation AUROC breaking ties"
 
 
@@ -36,20 +39,28 @@ class Choice:
     note: str = ""
 
     def summary(self) -> dict:
-        return {"chosen": self.chosen.candidate.name, "rule": self.rule,
-                "runner_up": self.runner_up.candidate.name if self.runner_up else None,
-                "confidence": None if self.confidence is None else round(self.confidence, 3),
-                "resamples": RESAMPLES if self.confidence is not None else None, "note": self.note,
-                "text": self.line()}
+        return {
+            "chosen": self.chosen.candidate.name,
+            "rule": self.rule,
+            "runner_up": self.runner_up.candidate.name if self.runner_up else None,
+            "confidence": None if self.confidence is None else round(self.confidence, 3),
+            "resamples": RESAMPLES if self.confidence is not None else None,
+            "note": self.note,
+            "text": self.line(),
+        }
 
     def line(self) -> str:
         text = f"chose {self.chosen.candidate.name}"
         if self.runner_up is not None and self.runner_up.auroc == self.chosen.auroc:
-            text += (f": tied on calibration AUROC ({self.chosen.auroc:.4f}) with {self.runner_up.candidate.name}; "
-                     "fewer escapes at the threshold, then the list's order, decided")
+            text += (
+                f": tied on calibration AUROC ({self.chosen.auroc:.4f}) with {self.runner_up.candidate.name}; "
+                "fewer escapes at the threshold, then the list's order, decided"
+            )
         elif self.runner_up is not None and self.confidence is not None:
-            text += (f": AUROC above the runner-up {self.runner_up.candidate.name} in {self.confidence:.0%} of "
-                     f"{RESAMPLES} paired resamples of the calibration part")
+            text += (
+                f": AUROC above the runner-up {self.runner_up.candidate.name} in {self.confidence:.0%} of "
+                f"{RESAMPLES} paired resamples of the calibration part"
+            )
         return text + (f" ({self.note})" if self.note else "")
 
 
@@ -62,8 +73,10 @@ def choose(usable: list, default_candidate) -> Choice:
     order = sorted(range(len(usable)), key=lambda i: (-usable[i].auroc, usable[i].escape_rate, i))
     best, note = order[0], ""
     if usable[0].candidate == default_candidate and best != 0 and wins[best, 0] < CONFIDENT:
-        note = (f"{usable[best].candidate.name} had the higher AUROC, {usable[best].auroc:.4f} against "
-                f"{usable[0].auroc:.4f}, but beat the default in only {wins[best, 0]:.0%} of the resamples")
+        note = (
+            f"{usable[best].candidate.name} had the higher AUROC, {usable[best].auroc:.4f} against "
+            f"{usable[0].auroc:.4f}, but beat the default in only {wins[best, 0]:.0%} of the resamples"
+        )
         best = 0
     others = [i for i in order if i != best]
     if not others:

@@ -7,6 +7,7 @@ a measurement, never speeds it up: one over the limit is taken again, up to COST
 lowest median kept (under other work one lite0 measured 16.5 ms where it measures 1.7 ms alone; a
 65-tile plate 26-38 ms where it measures 7.7 ms).
 """
+
 from __future__ import annotations
 
 import statistics

@@ -9,6 +9,7 @@ cannot sit in training and in the test at once. The hash alone is not enough:
 smooth surfaces (magnetic tiles) give different photos the same gradient signs,
 and chained into groups they made whole tile types one part of the split.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -78,8 +79,13 @@ def check_data(root: Path, min_good: int = MIN_GOOD) -> DataCheck:
     size = (int(np.median([one.size[0] for one in seen])), int(np.median([one.size[1] for one in seen])))
     digests = [one.digest for one in seen]
     data = DataCheck(root, items, groups, digests, [], size)
-    warnings = (_count_warnings(data.class_counts, min_good) + dissolved + _group_warnings(items, groups)
-                + _unread_warnings(root, items) + _low_bits_warnings(seen))
+    warnings = (
+        _count_warnings(data.class_counts, min_good)
+        + dissolved
+        + _group_warnings(items, groups)
+        + _unread_warnings(root, items)
+        + _low_bits_warnings(seen)
+    )
     return DataCheck(root, items, groups, digests, warnings, size)
 
 
@@ -104,9 +110,16 @@ def _read_all(items: list[LabeledImage]) -> list[_Seen]:
         except ImageReadError as exc:
             failures.append(str(exc))
             continue
-        seen.append(_Seen(hashlib.sha256(item.path.read_bytes()).hexdigest(), _pixel_key(image),
-                          difference_hash(image), thumbnail(image), (image.shape[1], image.shape[0]),
-                          int(image.max()) if image.dtype == np.uint16 else None))
+        seen.append(
+            _Seen(
+                hashlib.sha256(item.path.read_bytes()).hexdigest(),
+                _pixel_key(image),
+                difference_hash(image),
+                thumbnail(image),
+                (image.shape[1], image.shape[0]),
+                int(image.max()) if image.dtype == np.uint16 else None,
+            )
+        )
     if failures:
         shown = "\n  ".join(failures[:MAX_NAMED])
         more = f"\n  ... and {len(failures) - MAX_NAMED} more" if len(failures) > MAX_NAMED else ""
@@ -124,12 +137,16 @@ def _refuse_cross_class_duplicates(items: list[LabeledImage], keys: list[str]):
     for index, key in enumerate(keys):
         other = first_seen.setdefault(key, index)
         if other != index and items[other].defect_class != items[index].defect_class:
-            clashes.append(f"{items[other].path} ({items[other].defect_class}) and "
-                           f"{items[index].path} ({items[index].defect_class})")
+            clashes.append(
+                f"{items[other].path} ({items[other].defect_class}) and "
+                f"{items[index].path} ({items[index].defect_class})"
+            )
     if clashes:
         shown = "\n  ".join(clashes[:MAX_NAMED])
-        raise DataError(f"{len(clashes)} image(s) have the same pixels in two classes; one label is wrong, "
-                        f"remove or relabel one of each pair:\n  {shown}")
+        raise DataError(
+            f"{len(clashes)} image(s) have the same pixels in two classes; one label is wrong, "
+            f"remove or relabel one of each pair:\n  {shown}"
+        )
 
 
 def grey8(image: np.ndarray) -> np.ndarray:
@@ -152,8 +169,13 @@ def thumbnail(image: np.ndarray) -> np.ndarray:
     return cv2.resize(grey8(image).astype(np.float32), (16, 16), interpolation=cv2.INTER_AREA)
 
 
-def near_duplicate_groups(hashes: list[int], pixel_keys: list[str], thumbnails: np.ndarray | None = None,
-                          bits: int = NEAR_DUPLICATE_BITS, grey: float = NEAR_DUPLICATE_GREY) -> np.ndarray:
+def near_duplicate_groups(
+    hashes: list[int],
+    pixel_keys: list[str],
+    thumbnails: np.ndarray | None = None,
+    bits: int = NEAR_DUPLICATE_BITS,
+    grey: float = NEAR_DUPLICATE_GREY,
+) -> np.ndarray:
     """Group id per image: images within `bits` Hamming bits whose thumbnails also differ by at most
     `grey` levels (or with identical pixels) share one."""
     n = len(hashes)
@@ -191,21 +213,26 @@ def dissolve_chained_groups(items: list[LabeledImage], groups: np.ndarray) -> tu
             continue
         groups[members] = np.arange(next_id, next_id + size)
         next_id += size
-        warnings.append(f"{size} of the {counts[name]} {name!r} images chained into one near-duplicate group, too "
-                        f"large to be one part photographed again (a uniform product?): split as separate parts. "
-                        "If they are photos of the same few parts, the test figures are optimistic: add other parts")
+        warnings.append(
+            f"{size} of the {counts[name]} {name!r} images chained into one near-duplicate group, too "
+            f"large to be one part photographed again (a uniform product?): split as separate parts. "
+            "If they are photos of the same few parts, the test figures are optimistic: add other parts"
+        )
     return np.unique(groups, return_inverse=True)[1], warnings
 
 
 def _count_warnings(counts: dict[str, int], min_good: int) -> list[str]:
     n_good = counts.get(GOOD, 0)
     if n_good < min_good:
-        raise DataError(f"only {n_good} good parts: fit needs at least {min_good} (a fifth of them calibrates "
-                        f"the threshold, another fifth tests it); add {min_good - n_good} more")
+        raise DataError(
+            f"only {n_good} good parts: fit needs at least {min_good} (a fifth of them calibrates "
+            f"the threshold, another fifth tests it); add {min_good - n_good} more"
+        )
     warnings = [
         f"defect class {name!r} has only {n} images: its escape rate is not measurable; "
         f"add at least {MIN_DEFECTS_PER_CLASS - n} more (each part of the split should see it)"
-        for name, n in counts.items() if name != GOOD and n < MIN_DEFECTS_PER_CLASS
+        for name, n in counts.items()
+        if name != GOOD and n < MIN_DEFECTS_PER_CLASS
     ]
     return warnings
 
@@ -215,26 +242,37 @@ def _group_warnings(items: list[LabeledImage], groups: np.ndarray) -> list[str]:
     grouped = int(np.sum(sizes[sizes > 1]))
     if not grouped:
         return []
-    return [f"{grouped} images are near-duplicates of another, in {int(np.sum(sizes > 1))} groups; "
-            "each group stays in one part of the split"]
+    return [
+        f"{grouped} images are near-duplicates of another, in {int(np.sum(sizes > 1))} groups; "
+        "each group stays in one part of the split"
+    ]
 
 
 def _unread_warnings(root: Path, items: list[LabeledImage]) -> list[str]:
     """What the scan passed over, said aloud: a class of .webp photos or an empty folder must not vanish silently."""
     read = {item.path for item in items}
     classes = {item.defect_class for item in items}
-    empty = [p.name for p in sorted(root.iterdir()) if p.is_dir() and not is_hidden(Path(p.name)) and p.name not in classes]
+    empty = [
+        p.name for p in sorted(root.iterdir()) if p.is_dir() and not is_hidden(Path(p.name)) and p.name not in classes
+    ]
     # Notes beside the class folders (a README.md, a LICENSE) are the dataset's, not parts: only files
     # inside a class folder, or images beside them, are worth a word.
-    unread = Counter(p.suffix.lower() or p.name for p in root.rglob("*")
-                     if p.is_file() and p not in read and not is_hidden(p.relative_to(root))
-                     and (p.parent != root or p.suffix.lower() in IMAGE_SUFFIXES | LOOKS_LIKE_IMAGES))
+    unread = Counter(
+        p.suffix.lower() or p.name
+        for p in root.rglob("*")
+        if p.is_file()
+        and p not in read
+        and not is_hidden(p.relative_to(root))
+        and (p.parent != root or p.suffix.lower() in IMAGE_SUFFIXES | LOOKS_LIKE_IMAGES)
+    )
     warnings = [f"class folder {root / name}/ holds no images: ignored" for name in empty]
     if unread:
         kinds = ", ".join(f"{kind} {n}" for kind, n in unread.most_common())
-        warnings.append(f"{sum(unread.values())} file(s) under {root} not read ({kinds}): only "
-                        f"{' '.join(sorted(IMAGE_SUFFIXES))} images inside a class folder are; convert or move "
-                        "any that are parts")
+        warnings.append(
+            f"{sum(unread.values())} file(s) under {root} not read ({kinds}): only "
+            f"{' '.join(sorted(IMAGE_SUFFIXES))} images inside a class folder are; convert or move "
+            "any that are parts"
+        )
     return warnings
 
 
@@ -246,7 +284,9 @@ def _low_bits_warnings(seen: list[_Seen]) -> list[str]:
     if not dim:
         return []
     brightest = max(dim)
-    return [f"{len(dim)} 16-bit image(s) use only the lowest {brightest.bit_length()} bits (brightest pixel {brightest} "
-            f"of 65535): the station keeps the top 8 of 16 bits, so their parts reach grey level {brightest >> 8} "
-            "of 255 and lose most contrast; scale them to the full 16-bit range (a 12-bit camera's values x 16) "
-            "or save them as 8-bit, and the line's frames the same way"]
+    return [
+        f"{len(dim)} 16-bit image(s) use only the lowest {brightest.bit_length()} bits (brightest pixel {brightest} "
+        f"of 65535): the station keeps the top 8 of 16 bits, so their parts reach grey level {brightest >> 8} "
+        "of 255 and lose most contrast; scale them to the full 16-bit range (a 12-bit camera's values x 16) "
+        "or save them as 8-bit, and the line's frames the same way"
+    ]

@@ -1,4 +1,5 @@
 """The report a quality engineer looks at, from the TEST part only."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,15 +15,28 @@ ENLARGE = 4  # each stored pixel becomes a 4x4 square (nearest-neighbour)
 def test_report(evaluation: Evaluation, paths: list) -> dict[str, bytes]:
     """roc.png (0-5 % false rejects), histogram.png (log counts, escapes marked), worst_parts.png."""
     truth = evaluation.is_defect_truth
-    files = {"histogram.png": report.log_histogram(
-        evaluation.scores, evaluation.classes, evaluation.threshold, evaluation.metric,
-        title=f"{evaluation.metric} scores of the held-out test parts")}
+    files = {
+        "histogram.png": report.log_histogram(
+            evaluation.scores,
+            evaluation.classes,
+            evaluation.threshold,
+            evaluation.metric,
+            title=f"{evaluation.metric} scores of the held-out test parts",
+        )
+    }
     if truth.any() and (~truth).any():
-        files["roc.png"] = report.roc_zoomed(evaluation.scores[~truth], evaluation.scores[truth],
-                                             evaluation.threshold, title="ROC of the held-out test parts")
+        files["roc.png"] = report.roc_zoomed(
+            evaluation.scores[~truth],
+            evaluation.scores[truth],
+            evaluation.threshold,
+            title="ROC of the held-out test parts",
+        )
     picks = worst_parts(evaluation)
-    captions = [f"{evaluation.classes[i]} {evaluation.scores[i]:.3g}{' ESC' if truth[i] and not _flagged(evaluation, i) else ''}"
-                f"\n{paths[i].name}" for i in picks]
+    captions = [
+        f"{evaluation.classes[i]} {evaluation.scores[i]:.3g}{' ESC' if truth[i] and not _flagged(evaluation, i) else ''}"
+        f"\n{paths[i].name}"
+        for i in picks
+    ]
     files["worst_parts.png"] = report.native_sheet([read_image(paths[i]) for i in picks], captions, scale=ENLARGE)
     return files
 

@@ -4,6 +4,7 @@ An int8 embedding is not the fp32 one (cosine 0.9999, not 1), so a threshold set
 other's: each form gets its own reference set, from the same parts. Which form the station runs is
 decided on the line PC (station/runtime/model_forms.py), so fit.json reports the test figures of each.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,11 +32,16 @@ class BuiltForm:
     def summary(self) -> dict:
         latency = self.export.report.get("latency", {}) if isinstance(self.export.report, dict) else {}
         key = "fp32_batch1_ms" if self.form == "fp32" else "int8_batch1_ms"
-        return {"model": bundle.FORM_FILES[self.form][0], "reference": bundle.FORM_FILES[self.form][1],
-                "export_mode": self.export.mode, "metric": self.reference_set.metric,
-                "threshold": self.reference_set.threshold, "reference_version": self.reference_set.version,
-                # Measured on the PC that ran `station fit`; the line PC times its own at start.
-                "batch1_ms_on_the_fit_pc": latency.get(key)}
+        return {
+            "model": bundle.FORM_FILES[self.form][0],
+            "reference": bundle.FORM_FILES[self.form][1],
+            "export_mode": self.export.mode,
+            "metric": self.reference_set.metric,
+            "threshold": self.reference_set.threshold,
+            "reference_version": self.reference_set.version,
+            # Measured on the PC that ran `station fit`; the line PC times its own at start.
+            "batch1_ms_on_the_fit_pc": latency.get(key),
+        }
 
 
 def headline(forms: dict) -> str:
@@ -54,13 +60,22 @@ def calibrate_forms(exports: dict, folder: Path, held: list, options, data, thre
         good_set = workflow.embed_items(embedder, goods)
         defect_set = workflow.embed_items(embedder, defects) if defects else None
         calibration = calibration_fit.calibrate_held_out(
-            good_set.embeddings, None if defect_set is None else defect_set.embeddings,
-            target_false_reject=options.target_false_reject, defect_rate=options.defect_rate,
-            escape_cost=options.escape_cost)
+            good_set.embeddings,
+            None if defect_set is None else defect_set.embeddings,
+            target_false_reject=options.target_false_reject,
+            defect_rate=options.defect_rate,
+            escape_cost=options.escape_cost,
+        )
         rule = threshold_rule(calibration, options)
-        saved = workflow.save_calibration(embedder, calibration, good_set, defect_set, folder / reference,
-                                          options.product_name, {"fit": rule, "data_fingerprint": data.fingerprint,
-                                                                 "model_form": form})
+        saved = workflow.save_calibration(
+            embedder,
+            calibration,
+            good_set,
+            defect_set,
+            folder / reference,
+            options.product_name,
+            {"fit": rule, "data_fingerprint": data.fingerprint, "model_form": form},
+        )
         built[form] = BuiltForm(form, export, embedder, calibration, saved, rule)
     return built
 
@@ -80,8 +95,10 @@ def fit_json(final: dict[str, BuiltForm], tested: dict[str, tuple]) -> dict:
     out = {}
     for form, built in final.items():
         figures = tested[form][0].figures() if form in tested else {}
-        out[form] = {**built.summary(), "test": {key: figures.get(key) for key in
-                                                 ("auroc", "escape_rate", "false_reject_rate")}}
+        out[form] = {
+            **built.summary(),
+            "test": {key: figures.get(key) for key in ("auroc", "escape_rate", "false_reject_rate")},
+        }
     return out
 
 
@@ -93,9 +110,11 @@ def summary_lines(forms: dict) -> list[str]:
         auroc = "n/a" if test["auroc"] is None else f"{test['auroc']:.4f}"
         escapes = "n/a" if test["escape_rate"] is None else f"{test['escape_rate']:.2%}"
         ms = item["batch1_ms_on_the_fit_pc"]
-        lines.append(f"  form {form:4s} {item['model']} ({item['export_mode']}), {item['reference']}/: test AUROC "
-                     f"{auroc}, escapes {escapes}, false rejects {test['false_reject_rate']:.2%}"
-                     + (f", {ms:.3f} ms a part on this PC" if ms is not None else ""))
+        lines.append(
+            f"  form {form:4s} {item['model']} ({item['export_mode']}), {item['reference']}/: test AUROC "
+            f"{auroc}, escapes {escapes}, false rejects {test['false_reject_rate']:.2%}"
+            + (f", {ms:.3f} ms a part on this PC" if ms is not None else "")
+        )
     if len(forms) > 1:
         lines.append("  the station runs the faster form on its own CPU, timed at start (model_form: auto)")
     return lines

@@ -12,6 +12,7 @@ Chosen, its audit and bundle models are the same frozen network, each calibrated
 it, so every good part's score is out of fold and every one of them is a threshold part; a
 trained candidate must keep 15 % aside for that. The reference set is format 3 (`position`).
 """
+
 from __future__ import annotations
 
 import shutil
@@ -68,9 +69,12 @@ def scoring_ms(grid) -> float:
     from station.core.scoring import PositionReference, position_scores
 
     eye = np.broadcast_to(np.eye(grid.channels, dtype=np.float32), (grid.positions, grid.channels, grid.channels))
-    reference = PositionReference(mean=np.zeros((grid.positions, grid.channels), np.float32),
-                                  precision=np.ascontiguousarray(eye), typical=np.zeros(grid.positions, np.float32),
-                                  grid=grid)
+    reference = PositionReference(
+        mean=np.zeros((grid.positions, grid.channels), np.float32),
+        precision=np.ascontiguousarray(eye),
+        typical=np.zeros(grid.positions, np.float32),
+        grid=grid,
+    )
     part = np.random.default_rng(0).normal(size=(1, grid.size)).astype(np.float32)
     times = []
     for _ in range(5 + SCORE_RUNS):
@@ -90,16 +94,23 @@ def measure_position_candidate(candidate: Candidate, calibration_items: list, mo
         export_frozen(candidate, calibration_items, model_path)
         embedder = Embedder(model_path)
         scoring = scoring_ms(embedder.info.positions)
-        outcome.ms_per_part = scoring + onnx_ms(model_path, embedder.input_spec.sample_shape,
-                                                options.max_ms_per_part - scoring)
+        outcome.ms_per_part = scoring + onnx_ms(
+            model_path, embedder.input_spec.sample_shape, options.max_ms_per_part - scoring
+        )
         if outcome.ms_per_part > options.max_ms_per_part:
-            outcome.error = (f"{outcome.ms_per_part:.2f} ms a part (the frozen model and its scoring, measured here) "
-                             f"is over --max-ms-per-part {options.max_ms_per_part:g}")
+            outcome.error = (
+                f"{outcome.ms_per_part:.2f} ms a part (the frozen model and its scoring, measured here) "
+                f"is over --max-ms-per-part {options.max_ms_per_part:g}"
+            )
             outcome.over_limit = True
         else:
             calibration, good_set, _ = calibrate(embedder, calibration_items, options)
             chosen = calibration.fits[calibration.metric]
-            outcome.checkpoint, outcome.metric, outcome.threshold = Path(model_path), calibration.metric, float(chosen.threshold)
+            outcome.checkpoint, outcome.metric, outcome.threshold = (
+                Path(model_path),
+                calibration.metric,
+                float(chosen.threshold),
+            )
             outcome.escape_rate, outcome.auroc = chosen.escape_rate, chosen.auroc
             outcome.false_reject_rate, outcome.expected_cost = float(chosen.false_reject_rate), chosen.expected_cost
             outcome.n_good = len(good_set.embeddings)
@@ -118,9 +129,13 @@ def calibrate(embedder, items: list, options):
     good_set = workflow.embed_items(embedder, goods)
     defect_set = workflow.embed_items(embedder, defects) if defects else None
     calibration = calibrate_positions_held_out(
-        good_set.embeddings, embedder.info.positions, None if defect_set is None else defect_set.embeddings,
-        target_false_reject=options.target_false_reject, defect_rate=options.defect_rate,
-        escape_cost=options.escape_cost)
+        good_set.embeddings,
+        embedder.info.positions,
+        None if defect_set is None else defect_set.embeddings,
+        target_false_reject=options.target_false_reject,
+        defect_rate=options.defect_rate,
+        escape_cost=options.escape_cost,
+    )
     return calibration, good_set, defect_set
 
 
@@ -131,17 +146,30 @@ def build_position_model(candidate: Candidate, items: list, groups: list, folder
     from station.core.embedder import Embedder
 
     folder.mkdir(parents=True, exist_ok=True)
-    options.say(f"{what}: {candidate.name}, frozen (nothing trained), its Gaussians and threshold from the "
-                f"{len(items)} photos, good parts scored out of fold")
+    options.say(
+        f"{what}: {candidate.name}, frozen (nothing trained), its Gaussians and threshold from the "
+        f"{len(items)} photos, good parts scored out of fold"
+    )
     report = export_frozen(candidate, items, folder / bundle.MODEL)
-    export = bundle.ExportChoice("fp32", "a frozen per-position model is exported in fp32 (there is no int8 path for "
-                                 "it); its torch-vs-onnx check passed", [{"mode": "fp32", "passed": True, "failures": []}],
-                                 report)
+    export = bundle.ExportChoice(
+        "fp32",
+        "a frozen per-position model is exported in fp32 (there is no int8 path for "
+        "it); its torch-vs-onnx check passed",
+        [{"mode": "fp32", "passed": True, "failures": []}],
+        report,
+    )
     embedder = Embedder(folder / bundle.MODEL)
     calibration, good_set, defect_set = calibrate(embedder, items, options)
     rule = _threshold_rule(calibration, options)
-    saved = workflow.save_calibration(embedder, calibration, good_set, defect_set, folder / bundle.REFERENCE,
-                                      options.product_name, {"fit": rule, "data_fingerprint": data.fingerprint})
+    saved = workflow.save_calibration(
+        embedder,
+        calibration,
+        good_set,
+        defect_set,
+        folder / bundle.REFERENCE,
+        options.product_name,
+        {"fit": rule, "data_fingerprint": data.fingerprint},
+    )
     from fit.forms import BuiltForm
 
     form = BuiltForm("fp32", export, embedder, calibration, saved, rule)

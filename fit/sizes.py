@@ -7,6 +7,7 @@ multiple of the stride) last, never above it: a larger input helped the pretrain
 Which of them run is decided by the budget (they come last in the list, cheapest first) and by
 --max-ms-per-part (each one's cost is measured before it trains: fit/candidates.py).
 """
+
 from __future__ import annotations
 
 import math
@@ -19,14 +20,16 @@ LADDER_RATIO = 5 / 3  # in side: 96 -> 160 -> 267 -> 444 pixels for square photo
 MIN_GAIN = 1.3
 
 
-def pretrained_size(native_size: tuple[int, int], area: float = PRETRAINED_AREA,
-                    within: tuple[int, int] | None = None) -> tuple[int, int]:
+def pretrained_size(
+    native_size: tuple[int, int], area: float = PRETRAINED_AREA, within: tuple[int, int] | None = None
+) -> tuple[int, int]:
     """(width, height) of about `area` pixels in the photos' aspect ratio, sides multiples of 16
     (at least 32), each at most `within`'s when given."""
     width, height = native_size
     scale = math.sqrt(area / max(width * height, 1))
-    sides = [max(PRETRAINED_STEP * 2, PRETRAINED_STEP * round(side * scale / PRETRAINED_STEP))
-             for side in (width, height)]
+    sides = [
+        max(PRETRAINED_STEP * 2, PRETRAINED_STEP * round(side * scale / PRETRAINED_STEP)) for side in (width, height)
+    ]
     if within is not None:
         sides = [min(side, limit) for side, limit in zip(sides, within)]
     return tuple(sides)

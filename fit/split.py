@@ -9,6 +9,7 @@ the groups are shuffled with the seed and each goes to the part furthest below
 its share, ties to test first, then calibration: a class of three lands once in
 each part, so small defect classes are measured where it matters.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,8 +22,9 @@ DEFAULT_FRACTIONS = {"train": 0.6, "calibration": 0.2, "test": 0.2}
 _TIE_ORDER = ("test", "calibration", "train")
 
 
-def split_parts(items: list[LabeledImage], groups: np.ndarray, seed: int,
-                fractions: dict[str, float] = DEFAULT_FRACTIONS) -> list[str]:
+def split_parts(
+    items: list[LabeledImage], groups: np.ndarray, seed: int, fractions: dict[str, float] = DEFAULT_FRACTIONS
+) -> list[str]:
     """The part of each item (same order as items)."""
     groups = np.asarray(groups)
     sizes = np.bincount(groups)
@@ -34,7 +36,9 @@ def split_parts(items: list[LabeledImage], groups: np.ndarray, seed: int,
         total = float(sum(sizes[g] for g in members))
         filled = dict.fromkeys(PARTS, 0.0)
         for g in members:
-            part = max(_TIE_ORDER, key=lambda p: (1.0 - filled[p] / (fractions[p] * total)) if fractions[p] else -np.inf)
+            part = max(
+                _TIE_ORDER, key=lambda p: (1.0 - filled[p] / (fractions[p] * total)) if fractions[p] else -np.inf
+            )
             part_of_group[int(g)] = part
             filled[part] += sizes[g]
     return [part_of_group[int(g)] for g in groups]

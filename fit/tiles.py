@@ -19,6 +19,7 @@ runs it) is within --max-ms-per-part; each becomes a candidate, judged on the ca
 its PART-level figures (a part's worst tile, calibration/tiles.py), so fit/choice.py compares it
 with the whole-image candidates on the same footing.
 """
+
 from __future__ import annotations
 
 import json
@@ -73,8 +74,7 @@ class TiledCandidate:
 
     @property
     def name(self) -> str:
-        return (f"{self.arch}/{self.tile[0]}x{self.tile[1]}@{self.stride[0]}x{self.stride[1]}"
-                f"/{self.geometry.count}tiles")
+        return f"{self.arch}/{self.tile[0]}x{self.tile[1]}@{self.stride[0]}x{self.stride[1]}/{self.geometry.count}tiles"
 
 
 def is_tiled(candidate) -> bool:
@@ -102,7 +102,9 @@ def wanted(region: tuple[int, int]) -> bool:
     return region[0] * region[1] >= MIN_AREA_RATIO * WHOLE_IMAGE_AREA
 
 
-def geometry_at(region: tuple[int, int], scale: float, overlap: float) -> tuple[tuple[int, int], tuple[int, int]] | None:
+def geometry_at(
+    region: tuple[int, int], scale: float, overlap: float
+) -> tuple[tuple[int, int], tuple[int, int]] | None:
     side = int(round(TILE_INPUT * scale))
     if side > min(region):
         return None
@@ -159,8 +161,10 @@ def tiled_candidates(items, workdir: Path, max_ms_per_part: float, say=print) ->
                 say(f"tiles: {geometry.text()} ({scale:g} photo pixels per input pixel) cost {cost:.2f} ms a part")
                 break
         if chosen is None:
-            notes.append(f"{ARCH} with {overlap:.0%} overlap: no tile scale finer than the whole-image input "
-                         f"fits --max-ms-per-part {max_ms_per_part:g} ({per_tile:.3f} ms a tile measured)")
+            notes.append(
+                f"{ARCH} with {overlap:.0%} overlap: no tile scale finer than the whole-image input "
+                f"fits --max-ms-per-part {max_ms_per_part:g} ({per_tile:.3f} ms a tile measured)"
+            )
         elif chosen not in found:
             found.append(chosen)
     return found, notes
@@ -187,9 +191,12 @@ def measure(candidate: TiledCandidate, calibration_items, workdir: Path, options
         good_set = embed_parts(embedder, goods, geometry, options.progress)
         defect_set = embed_parts(embedder, defects, geometry, options.progress) if defects else None
         calibration = calibrate_tiles_held_out(
-            good_set.embeddings, None if defect_set is None else defect_set.embeddings,
-            target_false_reject=options.target_false_reject, defect_rate=options.defect_rate,
-            escape_cost=options.escape_cost)
+            good_set.embeddings,
+            None if defect_set is None else defect_set.embeddings,
+            target_false_reject=options.target_false_reject,
+            defect_rate=options.defect_rate,
+            escape_cost=options.escape_cost,
+        )
         chosen = calibration.fits[calibration.metric]
         outcome.metric, outcome.threshold = calibration.metric, float(chosen.threshold)
         outcome.escape_rate, outcome.auroc = chosen.escape_rate, chosen.auroc
@@ -198,8 +205,10 @@ def measure(candidate: TiledCandidate, calibration_items, workdir: Path, options
         outcome.good_scores, outcome.defect_scores = chosen.good_scores, chosen.defect_scores
         outcome.ms_per_part = measured_ms(embedder, geometry.count, options.max_ms_per_part)
         if outcome.ms_per_part > options.max_ms_per_part:
-            outcome.error = (f"{outcome.ms_per_part:.2f} ms a part ({geometry.count} tiles in one batch, measured "
-                             f"here) is over --max-ms-per-part {options.max_ms_per_part:g}")
+            outcome.error = (
+                f"{outcome.ms_per_part:.2f} ms a part ({geometry.count} tiles in one batch, measured "
+                f"here) is over --max-ms-per-part {options.max_ms_per_part:g}"
+            )
     except StationError as exc:
         outcome.error = str(exc)
     outcome.seconds = time.perf_counter() - started
@@ -226,16 +235,29 @@ def build(candidate: TiledCandidate, held: list, folder: Path, options, data, tr
     defects = [i for i in held if i.is_defect]
     defect_set = embed_parts(embedder, defects, geometry) if defects else None
     calibration = calibrate_tiles_held_out(
-        good_set.embeddings, None if defect_set is None else defect_set.embeddings,
-        target_false_reject=options.target_false_reject, defect_rate=options.defect_rate,
-        escape_cost=options.escape_cost)
+        good_set.embeddings,
+        None if defect_set is None else defect_set.embeddings,
+        target_false_reject=options.target_false_reject,
+        defect_rate=options.defect_rate,
+        escape_cost=options.escape_cost,
+    )
     rule = _threshold_rule(calibration, options) + "; on each part's worst tile"
-    saved = workflow.save_calibration(embedder, calibration, good_set, defect_set, folder / bundle.REFERENCE,
-                                      options.product_name, {"fit": rule, "data_fingerprint": data.fingerprint,
-                                                             "model_form": "fp32", "tiles": geometry.record()})
+    saved = workflow.save_calibration(
+        embedder,
+        calibration,
+        good_set,
+        defect_set,
+        folder / bundle.REFERENCE,
+        options.product_name,
+        {"fit": rule, "data_fingerprint": data.fingerprint, "model_form": "fp32", "tiles": geometry.record()},
+    )
     # One form: the frozen backbone in fp32 (its int8 forms are not gated here yet).
-    export = bundle.ExportChoice("fp32", "a frozen backbone: fp32, gated against torch", [
-        {"mode": "fp32", "passed": True, "failures": []}], report)
+    export = bundle.ExportChoice(
+        "fp32",
+        "a frozen backbone: fp32, gated against torch",
+        [{"mode": "fp32", "passed": True, "failures": []}],
+        report,
+    )
     form = BuiltForm("fp32", export, embedder, calibration, saved, rule)
     return BuiltModel(export, calibration, saved, embedder, trained, rule, held, {"fp32": form})
 
@@ -254,10 +276,12 @@ def station_yaml_section(candidate: TiledCandidate) -> str:
     the region the reference set records (every fitted photo held it)."""
     (width, height), (stride_x, stride_y) = candidate.tile, candidate.stride
     region_width, region_height = candidate.region
-    return (f"# {candidate.geometry.count} tiles over the {region_width}x{region_height} region at each frame's "
-            "top-left (an roi: of that size places it); chosen by station fit, the reference set was calibrated "
-            "on them\n"
-            f"tiles: {{width: {width}, height: {height}, stride_x: {stride_x}, stride_y: {stride_y}}}\n")
+    return (
+        f"# {candidate.geometry.count} tiles over the {region_width}x{region_height} region at each frame's "
+        "top-left (an roi: of that size places it); chosen by station fit, the reference set was calibrated "
+        "on them\n"
+        f"tiles: {{width: {width}, height: {height}, stride_x: {stride_x}, stride_y: {stride_y}}}\n"
+    )
 
 
 # -- the tile embedder ----------------------------------------------------------------------------
@@ -309,18 +333,20 @@ def export_tile_model(out: Path, sample_items: list | None = None) -> dict:
     try:
         path = workdir / "fp32.onnx"
         export_fp32(model, spec, path)
-        props = model_metadata({"embedding_dim": 2 * CUT_CHANNELS[CUT], "arch": f"{ARCH}-s{CUT}", "members": 1},
-                               spec, "fp32")
-        props["backbone"] = (f"efficientnet-lite0 ({WEIGHTS_PACKAGE}=={WEIGHTS_VERSION}, sha256 {WEIGHTS_SHA256[:16]}), "
-                             f"frozen, cut at stride {CUT}, mean and max pooled per tile")
+        props = model_metadata(
+            {"embedding_dim": 2 * CUT_CHANNELS[CUT], "arch": f"{ARCH}-s{CUT}", "members": 1}, spec, "fp32"
+        )
+        props["backbone"] = (
+            f"efficientnet-lite0 ({WEIGHTS_PACKAGE}=={WEIGHTS_VERSION}, sha256 {WEIGHTS_SHA256[:16]}), "
+            f"frozen, cut at stride {CUT}, mean and max pooled per tile"
+        )
         write_metadata(path, props)
         with torch.no_grad():
             expected = model(torch.from_numpy(batch)).numpy()
         got = Embedder(path).embed(batch)
         gate = {**torch_onnx_figures(expected, got, relative=True), "int8": None}
         failures = gate_failures(gate)
-        report = {"quantization": "fp32", "metadata": props, "gate": gate, "passed": not failures,
-                  "failures": failures}
+        report = {"quantization": "fp32", "metadata": props, "gate": gate, "passed": not failures, "failures": failures}
         out.with_name(out.stem + ".export.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         if failures:
             raise ExportGateError(f"tile embedder: export refused, nothing written to {out}: " + "; ".join(failures))

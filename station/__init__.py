@@ -9,6 +9,7 @@ station/cli/ (the `station` command) is the top and is imported by nothing.
 Importing this package must stay cheap and must never load torch: line PCs
 install only the runtime dependencies.
 """
+
 from station.core.version import __version__
 
 __all__ = ["__version__"]

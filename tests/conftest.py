@@ -1,5 +1,6 @@
 """Shared fixtures: a real mosquitto broker on a free loopback port, simulated data, a station's model and
 reference sets. Helpers that start the daemon are in tests/daemon_helpers.py."""
+
 from __future__ import annotations
 
 from pathlib import Path

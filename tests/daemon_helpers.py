@@ -5,6 +5,7 @@ station_files fixtures of tests/conftest.py); the rest is what fault tests need:
 datagrams with their arrival times, a TCP gate in front of the broker, and the
 outbox read from outside the process.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,13 @@ def start_station(config: Path, notify: TimedNotify | None = None, watchdog_usec
         env["NOTIFY_SOCKET"] = str(notify.path)
     if watchdog_usec:
         env["WATCHDOG_USEC"] = str(watchdog_usec)
-    return subprocess.Popen([sys.executable, "-m", "station", "run", "-c", str(config)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "station", "run", "-c", str(config)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def finish(process, timeout=30):
@@ -217,7 +223,9 @@ def assert_complete_and_ordered(verdicts: list[dict], last_seq: int):
     first_seen, ids = seq_report(verdicts)
     missing = sorted(set(range(1, last_seq + 1)) - set(ids))
     assert not missing, f"{len(missing)} verdicts lost, e.g. seqs {missing[:10]}"
-    assert set(ids) == set(range(1, last_seq + 1)), f"unexpected seqs {sorted(set(ids) - set(range(1, last_seq + 1)))[:10]}"
+    assert set(ids) == set(range(1, last_seq + 1)), (
+        f"unexpected seqs {sorted(set(ids) - set(range(1, last_seq + 1)))[:10]}"
+    )
     assert first_seen == sorted(first_seen), "verdicts arrived out of seq order"
     reused = {seq: found for seq, found in ids.items() if len(found) > 1}
     assert not reused, f"seqs used for different verdicts: {dict(list(reused.items())[:5])}"

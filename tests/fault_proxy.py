@@ -14,6 +14,7 @@ through a CONNACK; this proxy does, on the broker-to-client side, packet by pack
 
 It records when each connection was accepted (reconnects per minute).
 """
+
 from __future__ import annotations
 
 import socket
@@ -49,9 +50,15 @@ def read_packet(sock: socket.socket) -> bytes:
 
 
 class FaultProxy:
-    def __init__(self, broker_port: int, *, close_after: int | None = None,
-                 truncate: tuple[int, int] | None = None, inject: bytes | None = None,
-                 refuse_subscriptions: bool = False):
+    def __init__(
+        self,
+        broker_port: int,
+        *,
+        close_after: int | None = None,
+        truncate: tuple[int, int] | None = None,
+        inject: bytes | None = None,
+        refuse_subscriptions: bool = False,
+    ):
         self.broker_port = broker_port
         self.refuse_subscriptions = refuse_subscriptions
         self.close_after, self.truncate, self.inject = close_after, truncate, inject
@@ -101,7 +108,7 @@ class FaultProxy:
                 packet = read_packet(upstream)
                 kind = packet[0] >> 4
                 if truncate and kind == truncate[0]:
-                    client.sendall(packet[:truncate[1]])
+                    client.sendall(packet[: truncate[1]])
                     break
                 if kind == SUBACK and self.refuse_subscriptions:
                     packet = refused_suback(packet)

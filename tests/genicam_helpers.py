@@ -1,6 +1,7 @@
 """The fake GigE Vision camera (Debian's aravis-tools) as tests drive it: started, killed, read back with
 arv-tool. Its fixtures (fake_camera, fake_camera_factory) are in tests/conftest.py; the fake camera answers on
 127.0.0.1 only, so they hold a lock file: test runs on the same machine take turns."""
+
 from __future__ import annotations
 
 import shutil
@@ -43,16 +44,18 @@ class FakeCamera:
         self.process: subprocess.Popen | None = None
 
     def start(self):
-        self.process = subprocess.Popen([FAKE_CAMERA, "-i", ADDRESS, *self.args],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.process = subprocess.Popen(
+            [FAKE_CAMERA, "-i", ADDRESS, *self.args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         deadline = time.monotonic() + 10
         while self.control("DeviceModelName") != "Fake":  # answers once its GVCP socket is up
             assert self.process.poll() is None, f"fake camera exited: {self.process.stderr.read().decode()}"
             assert time.monotonic() < deadline, "fake camera does not answer"
             time.sleep(0.2)
         time.sleep(0.3)
-        assert self.process.poll() is None, f"fake camera exited (another one on {ADDRESS}?): " \
-                                            f"{self.process.stderr.read().decode()}"
+        assert self.process.poll() is None, (
+            f"fake camera exited (another one on {ADDRESS}?): {self.process.stderr.read().decode()}"
+        )
 
     def kill(self):
         if self.process is not None and self.process.poll() is None:
@@ -62,8 +65,9 @@ class FakeCamera:
     @staticmethod
     def control(*features: str) -> str | None:
         """arv-tool's `control`: 'Name=value' writes, 'Name' reads; the value read (one feature), or None."""
-        done = subprocess.run([ARV_TOOL, "-a", ADDRESS, "control", *features], capture_output=True, text=True,
-                              timeout=20)
+        done = subprocess.run(
+            [ARV_TOOL, "-a", ADDRESS, "control", *features], capture_output=True, text=True, timeout=20
+        )
         if done.returncode != 0 or not done.stdout.strip():
             return None
         line = done.stdout.strip().splitlines()[-1]

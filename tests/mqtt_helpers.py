@@ -1,4 +1,5 @@
 """A plant dashboard in miniature: subscribes and records what the station publishes."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,16 @@ import paho.mqtt.client as mqtt
 
 
 class Recorder:
-    def __init__(self, host: str, port: int, topic: str = "#", *, username: str | None = None,
-                 password: str | None = None, ca: str | None = None):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        topic: str = "#",
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        ca: str | None = None,
+    ):
         self.messages: list[mqtt.MQTTMessage] = []
         self._lock = threading.Lock()
         self._subscribed = threading.Event()

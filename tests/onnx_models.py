@@ -4,6 +4,7 @@ A fixed random projection of the pixels (with a tanh) is a legitimate, if
 weak, embedding: it runs in onnxruntime exactly like an exported trunk and
 carries the same self-describing metadata.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,8 +16,15 @@ from onnx import TensorProto, helper, numpy_helper
 from station.core.preprocess import Roi, prepare_crop, to_model_input
 
 
-def projection_model(path: Path, seed: int = 0, embedding_dim: int = 32, width: int = 36, height: int = 26,
-                     metadata: dict[str, str] | None = None, layout: str = "flat") -> Path:
+def projection_model(
+    path: Path,
+    seed: int = 0,
+    embedding_dim: int = 32,
+    width: int = 36,
+    height: int = 26,
+    metadata: dict[str, str] | None = None,
+    layout: str = "flat",
+) -> Path:
     rng = np.random.default_rng(seed)
     pixels = width * height
     weights = (rng.normal(size=(pixels, embedding_dim)) / np.sqrt(pixels) * 4).astype(np.float32)
@@ -33,7 +41,8 @@ def projection_model(path: Path, seed: int = 0, embedding_dim: int = 32, width: 
         helper.make_node("Tanh", ["shifted"], ["embedding"]),
     ]
     graph = helper.make_graph(
-        nodes, "projection",
+        nodes,
+        "projection",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, input_shape)],
         [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", embedding_dim])],
         initializer=[numpy_helper.from_array(weights, "W"), numpy_helper.from_array(bias, "b")],
@@ -41,8 +50,12 @@ def projection_model(path: Path, seed: int = 0, embedding_dim: int = 32, width: 
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     props = {
-        "input_width": str(width), "input_height": str(height), "input_layout": layout,
-        "pixel_scale": str(1 / 255), "embedding_dim": str(embedding_dim), "arch": "projection",
+        "input_width": str(width),
+        "input_height": str(height),
+        "input_layout": layout,
+        "pixel_scale": str(1 / 255),
+        "embedding_dim": str(embedding_dim),
+        "arch": "projection",
         "quantization": "fp32",
     }
     props.update(metadata or {})
@@ -70,9 +83,16 @@ def int8_twin(fp32_path: Path, path: Path, seed: int = 0) -> Path:
         def get_next(self):
             return next(self.batches, None)
 
-    q.quantize_static(str(fp32_path), str(path), Reader(), quant_format=q.QuantFormat.QDQ, per_channel=True,
-                      activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QUInt8,
-                      op_types_to_quantize=["MatMul", "Add"])
+    q.quantize_static(
+        str(fp32_path),
+        str(path),
+        Reader(),
+        quant_format=q.QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=q.QuantType.QUInt8,
+        weight_type=q.QuantType.QUInt8,
+        op_types_to_quantize=["MatMul", "Add"],
+    )
     model = onnx.load(str(path))
     del model.metadata_props[:]
     for key, value in {**props, "quantization": "int8-static"}.items():
@@ -114,13 +134,15 @@ def scan_per_part(path: Path):
         nodes.append(copy)
     nodes.append(helper.make_node("Squeeze", ["one_part_embedding", "batch_axis"], [BODY_OUTPUT]))
     body = helper.make_graph(
-        nodes, "one_part",
+        nodes,
+        "one_part",
         [helper.make_tensor_value_info(BODY_INPUT, TensorProto.FLOAT, part_shape)],
         [helper.make_tensor_value_info(BODY_OUTPUT, TensorProto.FLOAT, [embedding_dim])],
         initializer=list(graph.initializer) + [helper.make_tensor("batch_axis", TensorProto.INT64, [1], [0])],
     )
-    scan = helper.make_node("Scan", [outer_input.name], [outer_output.name], num_scan_inputs=1, body=body,
-                            name="each_part")
+    scan = helper.make_node(
+        "Scan", [outer_input.name], [outer_output.name], num_scan_inputs=1, body=body, name="each_part"
+    )
     wrapped = helper.make_graph([scan], graph.name, [outer_input], [outer_output])
     result = helper.make_model(wrapped, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     result.metadata_props.extend(model.metadata_props)

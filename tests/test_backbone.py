@@ -1,4 +1,5 @@
 """The pretrained EfficientNet-Lite0 backbone (export/backbone.py): weights, padding, scaling, ONNX, no network."""
+
 from __future__ import annotations
 
 import ast
@@ -83,8 +84,24 @@ def test_the_pinned_digest_is_checked(monkeypatch, tmp_path):
 
 def test_the_block_table_is_b0s_and_the_cuts_are_at_stride_8_and_16(lite0):
     assert len(lite0._blocks) == 16
-    assert [row[4] for row in backbone.block_table()] == [16, 24, 24, 40, 40, 80, 80, 80, 112, 112, 112,
-                                                           192, 192, 192, 192, 320]
+    assert [row[4] for row in backbone.block_table()] == [
+        16,
+        24,
+        24,
+        40,
+        40,
+        80,
+        80,
+        80,
+        112,
+        112,
+        112,
+        192,
+        192,
+        192,
+        192,
+        320,
+    ]
     assert CUT_CHANNELS == {8: 40, 16: 112}
     assert sum(p.numel() for p in lite0.parameters()) == pytest.approx(4.65e6, rel=0.01)  # Lite0's 4.65 M
 
@@ -185,7 +202,14 @@ def test_nothing_is_downloaded(monkeypatch, tmp_path):
     tree = ast.parse(Path(backbone.__file__).read_text())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert not {name.split(".")[0] for name in imported} & {"urllib", "requests", "http", "socket", "timm", "torchvision"}
+    assert not {name.split(".")[0] for name in imported} & {
+        "urllib",
+        "requests",
+        "http",
+        "socket",
+        "timm",
+        "torchvision",
+    }
     attributes = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
     assert not attributes & {"hub", "load_state_dict_from_url", "download_url_to_file", "urlopen"}
     code = [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)]
@@ -214,13 +238,19 @@ def test_the_pretrained_trunk_trains_its_head_only_and_exports_as_one_graph(sim_
     from station.core.embedder import Embedder
 
     assert default_members("lite0") == 1 and default_members("cnn") == 3
-    result = train(sim_dataset, tmp_path / "lite.pt", TrainConfig(arch="lite0", epochs=2, members=1,
-                                                                  input_size=(48, 32)), progress=False)
+    result = train(
+        sim_dataset,
+        tmp_path / "lite.pt",
+        TrainConfig(arch="lite0", epochs=2, members=1, input_size=(48, 32)),
+        progress=False,
+    )
     model, info = load_checkpoint(result.checkpoint)
     assert info["arch"] == "lite0" and info["input_spec"]["layout"] == "nchw"
     pristine = pretrained_lite0().state_dict()
     trained = model.backbone.state_dict()
-    assert trained and all(torch.equal(value, pristine[name]) for name, value in trained.items())  # weights and BN stats
+    assert trained and all(
+        torch.equal(value, pristine[name]) for name, value in trained.items()
+    )  # weights and BN stats
     head = model.head[0].weight
     assert not torch.equal(head, torch.nn.Conv2d(head.shape[1], head.shape[0], 1).weight)  # the head did train
     # The backbone's maps are remembered per crop (training shows the same crops every epoch): the same
@@ -254,14 +284,23 @@ def test_the_fine_tuned_trunk_changes_only_the_last_stage_and_exports_as_one_gra
     assert len(groups) == 2 and groups[1]["lr"] == pytest.approx(1e-3 * BACKBONE_LR_SHARE)
     assert all(not p.requires_grad for p in fresh.backbone.split_at(8)[0].parameters())
     assert default_members("lite0ft") == 1
-    result = train(sim_dataset, tmp_path / "ft.pt", TrainConfig(arch="lite0ft", epochs=2, members=1,
-                                                                input_size=(48, 32)), progress=False)
+    result = train(
+        sim_dataset,
+        tmp_path / "ft.pt",
+        TrainConfig(arch="lite0ft", epochs=2, members=1, input_size=(48, 32)),
+        progress=False,
+    )
     model, info = load_checkpoint(result.checkpoint)
     assert info["arch"] == "lite0ft"
     pristine = pretrained_lite0().state_dict()
     tuned = model.backbone.state_dict()
-    early = {name for name in tuned if name.startswith("_conv_stem") or name.startswith("_bn0")
-             or (name.startswith("_blocks.") and int(name.split(".")[1]) <= CUTS[8])}
+    early = {
+        name
+        for name in tuned
+        if name.startswith("_conv_stem")
+        or name.startswith("_bn0")
+        or (name.startswith("_blocks.") and int(name.split(".")[1]) <= CUTS[8])
+    }
     assert all(torch.equal(tuned[name], pristine[name]) for name in early)
     statistics = [name for name in tuned if name.endswith(("running_mean", "running_var"))]
     assert statistics and all(torch.equal(tuned[name], pristine[name]) for name in statistics)

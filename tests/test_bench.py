@@ -1,4 +1,5 @@
 """`station bench` runs end to end and reports every figure (values are read, never timed here)."""
+
 import json
 import subprocess
 import sys
@@ -8,14 +9,33 @@ from station.tools import bench
 
 def test_bench_reports_stages_raw_models_tuning_and_the_daemon_end_to_end(mosquitto):
     done = subprocess.run(
-        [sys.executable, "-m", "station", "bench", "--parts", "150", "--json", "--broker", f"127.0.0.1:{mosquitto.port}",
-         "--integrations"],
-        capture_output=True, text=True, timeout=240,
+        [
+            sys.executable,
+            "-m",
+            "station",
+            "bench",
+            "--parts",
+            "150",
+            "--json",
+            "--broker",
+            f"127.0.0.1:{mosquitto.port}",
+            "--integrations",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert done.returncode == 0, done.stderr
     figures = json.loads(done.stdout)
-    assert set(figures["stages"]) >= {"grab/decode", "crop+preprocess", "embed", "metrics (all)", "verdict+json",
-                                       "outbox write (64/commit)", "mqtt publish (QoS 1, to PUBACK)"}
+    assert set(figures["stages"]) >= {
+        "grab/decode",
+        "crop+preprocess",
+        "embed",
+        "metrics (all)",
+        "verdict+json",
+        "outbox write (64/commit)",
+        "mqtt publish (QoS 1, to PUBACK)",
+    }
     assert all(0 < stage["p50_us"] <= stage["p99_us"] for stage in figures["stages"].values())
     assert {raw["quantization"] for raw in figures["raw_onnxruntime"].values()} == {"int8-dynamic", "fp32"}
     assert len(figures["session_tuning"]) == 4

@@ -98,9 +98,13 @@ def test_a_threshold_that_flags_most_good_parts_is_refused():
 def make_reference_set(seed=0, d=16, product="A", model_sha="ab" * 32) -> ReferenceSet:
     calibration = thresholds.calibrate(gaussian_parts(60, d, seed=seed), metric="minkowski")
     return ReferenceSet(
-        model=calibration.model, metric=calibration.metric,
+        model=calibration.model,
+        metric=calibration.metric,
         thresholds={n: f.threshold for n, f in calibration.fits.items()},
-        product=product, model_sha256=model_sha, n_good=60, statistics={"seed": seed},
+        product=product,
+        model_sha256=model_sha,
+        n_good=60,
+        statistics={"seed": seed},
     )
 
 
@@ -237,10 +241,34 @@ def test_calibrate_then_evaluate_from_the_command_line(tmp_path, sim_dataset, pr
     assert (out / "v0001" / "report" / "roc.png").exists()
 
     report = tmp_path / "report"
-    assert main(["evaluate", "--model", str(projection), "--reference", str(out), "--data", str(sim_dataset),
-                 "--json", "--report", str(report)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(projection),
+                "--reference",
+                str(out),
+                "--data",
+                str(sim_dataset),
+                "--json",
+                "--report",
+                str(report),
+            ]
+        )
+        == 0
+    )
     figures = json.loads(capsys.readouterr().out)
-    for key in ("auroc", "accuracy", "false_reject_rate", "escape_rate", "n_good", "n_defect", "confusion", "per_metric_auroc"):
+    for key in (
+        "auroc",
+        "accuracy",
+        "false_reject_rate",
+        "escape_rate",
+        "n_good",
+        "n_defect",
+        "confusion",
+        "per_metric_auroc",
+    ):
         assert key in figures
     assert figures["n_good"] + figures["n_defect"] == 240
     assert sum(figures["confusion"].values()) == 240
@@ -262,8 +290,22 @@ def test_calibrate_names_unreadable_images_and_empty_folders(tmp_path, sim_datas
     assert main(["calibrate", "--model", str(projection), "--good", str(empty), "--out", str(tmp_path / "r")]) == 65
     assert "no images of good parts" in capsys.readouterr().err
     (good / "broken.png").unlink()
-    assert main(["calibrate", "--model", str(projection), "--good", str(good), "--out", str(tmp_path / "r"),
-                 "--min-good", "50"]) == 65
+    assert (
+        main(
+            [
+                "calibrate",
+                "--model",
+                str(projection),
+                "--good",
+                str(good),
+                "--out",
+                str(tmp_path / "r"),
+                "--min-good",
+                "50",
+            ]
+        )
+        == 65
+    )
     assert "40 good parts are too few" in capsys.readouterr().err
     assert not (tmp_path / "r").exists() or reference_set.versions(tmp_path / "r") == []
 
@@ -292,10 +334,26 @@ def test_calibrate_refuses_an_out_it_cannot_write_by_name(tmp_path, sim_dataset,
     current version untouched (both ended in an OSError traceback)."""
     (tmp_path / "afile").write_text("x")
     for out in (tmp_path / "afile", tmp_path / "afile" / "A"):
-        assert main(["calibrate", "--model", str(projection), "--good", str(sim_dataset / "good"),
-                     "--out", str(out), "--product", "A"]) == 78
+        assert (
+            main(
+                [
+                    "calibrate",
+                    "--model",
+                    str(projection),
+                    "--good",
+                    str(sim_dataset / "good"),
+                    "--out",
+                    str(out),
+                    "--product",
+                    "A",
+                ]
+            )
+            == 78
+        )
         err = capsys.readouterr().err
-        assert err.startswith(f"station calibrate: {out}: cannot write a reference set there") and "Traceback" not in err
+        assert (
+            err.startswith(f"station calibrate: {out}: cannot write a reference set there") and "Traceback" not in err
+        )
     out = tmp_path / "A"
     base = ["calibrate", "--model", str(projection), "--good", str(sim_dataset / "good"), "--out", str(out)]
     assert main(base) == 0
@@ -310,8 +368,9 @@ def test_calibrate_refuses_an_out_it_cannot_write_by_name(tmp_path, sim_dataset,
     assert not list(out.glob(".staging-*"))
 
 
-def test_calibrate_refuses_good_parts_given_as_defects_and_a_dataset_root_as_good(tmp_path, sim_dataset, projection,
-                                                                                   capsys):
+def test_calibrate_refuses_good_parts_given_as_defects_and_a_dataset_root_as_good(
+    tmp_path, sim_dataset, projection, capsys
+):
     """--defects DIR (the whole dataset) counted DIR/good's parts as defects; --good DIR counted every defect
     as a good part: both calibrated without a word. Refused, exit 65, saying which folders to give."""
     good = str(sim_dataset / "good")
@@ -334,8 +393,22 @@ def test_evaluate_refuses_a_report_folder_it_cannot_make_before_judging(tmp_path
     (tmp_path / "afile").write_text("x")
     capsys.readouterr()
     report = tmp_path / "afile" / "report"
-    assert main(["evaluate", "--model", str(projection), "--reference", str(out), "--data", str(sim_dataset),
-                 "--report", str(report)]) == 78
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(projection),
+                "--reference",
+                str(out),
+                "--data",
+                str(sim_dataset),
+                "--report",
+                str(report),
+            ]
+        )
+        == 78
+    )
     err = capsys.readouterr().err
     assert err.startswith(f"station evaluate: --report {report}: cannot make that folder") and "Traceback" not in err
 
@@ -345,7 +418,9 @@ def test_a_near_miss_for_a_reference_set_says_which_folder_was_meant(tmp_path):
     reference_set.save(tmp_path / "bundle" / "reference", make_reference_set(seed=1))
     with pytest.raises(ReferenceSetError, match="a station fit bundle. its reference set is .*bundle/reference$"):
         reference_set.load(tmp_path / "bundle")
-    with pytest.raises(ReferenceSetError, match="v0001 is one version of the reference set .*bundle/reference: give that"):
+    with pytest.raises(
+        ReferenceSetError, match="v0001 is one version of the reference set .*bundle/reference: give that"
+    ):
         reference_set.load(tmp_path / "bundle" / "reference" / "v0001")
     with pytest.raises(ReferenceSetError, match=r"no readable CURRENT: No such file or directory\)$"):
         reference_set.load(tmp_path / "elsewhere")

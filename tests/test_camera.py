@@ -242,10 +242,14 @@ def symlink_loop(path):
 NO_FRAME = {  # a finite source that never gives a frame: (make it, what its problem says)
     "empty folder": (lambda p: folder_of(p / "images", {}), "holds no images (the station reads .bmp"),
     "folder of other files": (lambda p: folder_of(p / "images", {"notes.txt": b"x"}), "holds no images"),
-    "all unreadable": (lambda p: folder_of(p / "images", {"a.png": b"not a png", "b.jpg": b""}),
-                       "none of its 2 images can be read (e.g. "),
-    "not a video": (lambda p: file_of(p / "line.avi", b"plain text"),
-                    "line.avi cannot be opened as a video (not a video file"),
+    "all unreadable": (
+        lambda p: folder_of(p / "images", {"a.png": b"not a png", "b.jpg": b""}),
+        "none of its 2 images can be read (e.g. ",
+    ),
+    "not a video": (
+        lambda p: file_of(p / "line.avi", b"plain text"),
+        "line.avi cannot be opened as a video (not a video file",
+    ),
     "empty video": (lambda p: file_of(p / "line.avi", b""), "cannot be opened as a video"),
     "missing video": (lambda p: p / "line.avi", "line.avi does not exist"),
     "symlink loop": (lambda p: symlink_loop(p / "loop"), "loop does not exist"),

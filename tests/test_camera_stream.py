@@ -1,4 +1,5 @@
 """A live HTTP MJPEG stream on loopback that hangs: the source must notice within its stall timeout."""
+
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer

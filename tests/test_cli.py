@@ -50,8 +50,9 @@ def test_the_session_broker_relays_messages(mosquitto):
     assert received == [("probe/x", b"hello")]
 
 
-@pytest.mark.parametrize("argv", [["-v", "check", "-c", "x.yaml"], ["check", "-c", "x.yaml", "-v"],
-                                  ["check", "--verbose", "-c", "x.yaml"]])
+@pytest.mark.parametrize(
+    "argv", [["-v", "check", "-c", "x.yaml"], ["check", "-c", "x.yaml", "-v"], ["check", "--verbose", "-c", "x.yaml"]]
+)
 def test_verbose_is_accepted_before_and_after_the_subcommand(argv):
     from station.cli import build_parser
 
@@ -62,10 +63,14 @@ def test_verbose_is_accepted_before_and_after_the_subcommand(argv):
 
 def test_verbose_after_the_subcommand_turns_on_debug_logging():
     """The parsed flag reaches the logging configuration main() sets up."""
-    code = ("import logging, sys; from station.cli import build_parser; from station.runtime.logs import "
-            "configure_logging; configure_logging(build_parser().parse_args(sys.argv[1:]).verbose); "
-            "logging.getLogger('probe').debug('debug is on')")
-    loud = subprocess.run([sys.executable, "-c", code, "run", "-c", "x.yaml", "--verbose"], capture_output=True, text=True)
+    code = (
+        "import logging, sys; from station.cli import build_parser; from station.runtime.logs import "
+        "configure_logging; configure_logging(build_parser().parse_args(sys.argv[1:]).verbose); "
+        "logging.getLogger('probe').debug('debug is on')"
+    )
+    loud = subprocess.run(
+        [sys.executable, "-c", code, "run", "-c", "x.yaml", "--verbose"], capture_output=True, text=True
+    )
     quiet = subprocess.run([sys.executable, "-c", code, "run", "-c", "x.yaml"], capture_output=True, text=True)
     assert "debug is on" in loud.stderr and "debug is on" not in quiet.stderr
 
@@ -73,9 +78,11 @@ def test_verbose_after_the_subcommand_turns_on_debug_logging():
 def _complete(script: Path, *words: str) -> list[str]:
     """Source the script in bash and ask its completion function, as bash does on TAB."""
     quoted = " ".join(f"'{w}'" for w in words)
-    probe = (f"source '{script}'; COMP_WORDS=({quoted}); COMP_CWORD={len(words) - 1}; "
-             f"COMP_LINE=\"${{COMP_WORDS[*]}}\"; COMP_POINT=${{#COMP_LINE}}; _shtab_station; "
-             "printf '%s\\n' \"${COMPREPLY[@]}\"")
+    probe = (
+        f"source '{script}'; COMP_WORDS=({quoted}); COMP_CWORD={len(words) - 1}; "
+        f'COMP_LINE="${{COMP_WORDS[*]}}"; COMP_POINT=${{#COMP_LINE}}; _shtab_station; '
+        "printf '%s\\n' \"${COMPREPLY[@]}\""
+    )
     done = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=30, cwd=script.parent)
     assert done.returncode == 0, done.stderr
     return done.stdout.split()
@@ -93,11 +100,17 @@ def test_bash_completion_completes_subcommands_options_and_paths(tmp_path, capsy
     assert _complete(script, "station", "check", "-c", "station.y") == ["station.yaml"]
 
 
-@pytest.mark.parametrize("argv", [
-    ["fit", "--data", "D", "--out", "B", "--seed", "-1"], ["train", "--data", "D", "--out", "t.pt", "--seed", "-1"],
-    ["simulate", "--out", "D", "--seed", "-3"], ["demo", "--seed", "x"],
-    ["train", "--data", "D", "--out", "t.pt", "--embedding-dim", "0"],
-    ["fit", "--data", "D", "--out", "B", "--max-candidates", "0"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["fit", "--data", "D", "--out", "B", "--seed", "-1"],
+        ["train", "--data", "D", "--out", "t.pt", "--seed", "-1"],
+        ["simulate", "--out", "D", "--seed", "-3"],
+        ["demo", "--seed", "x"],
+        ["train", "--data", "D", "--out", "t.pt", "--embedding-dim", "0"],
+        ["fit", "--data", "D", "--out", "B", "--max-candidates", "0"],
+    ],
+)
 def test_seeds_and_counts_out_of_range_are_usage_errors_not_tracebacks(argv, capsys):
     """A negative --seed reached numpy (ValueError traceback); --embedding-dim 0 silently meant 128 and
     --max-candidates 0 silently meant 1."""

@@ -3,6 +3,7 @@ stop, a trigger is judged on its own part's frame or refused, and a crash never 
 
 Real daemon processes, a real mosquitto, real signals and a real NOTIFY_SOCKET.
 """
+
 from __future__ import annotations
 
 import json
@@ -91,8 +92,13 @@ sys.exit(main(["run", "-c", sys.argv[1]]))
 def start_buggy_station(config, patch: str):
     """The real daemon with a bug put in (patch: Python run before it starts)."""
     env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
-    return subprocess.Popen([sys.executable, "-c", BUGGY.format(patch=patch), str(config)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", BUGGY.format(patch=patch), str(config)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def test_no_hostile_command_ends_the_daemon_and_each_is_answered(tmp_path, station_files, broker):
@@ -126,8 +132,7 @@ def test_no_hostile_command_ends_the_daemon_and_each_is_answered(tmp_path, stati
 def test_a_command_that_fails_inside_the_station_is_answered_and_judging_goes_on(tmp_path, station_files, broker):
     recorder = Recorder(broker.host, broker.port, "plant/#")
     config = write_config(tmp_path, station_files, broker, '{source: "sim://?seed=5", fps: 20}')
-    patch = ("def pause(self, command):\n    raise RuntimeError('injected bug in pause')\n"
-             "daemon.Daemon._pause = pause")
+    patch = "def pause(self, command):\n    raise RuntimeError('injected bug in pause')\ndaemon.Daemon._pause = pause"
     process = start_buggy_station(config, patch)
     output = Output(process)
     try:
@@ -149,11 +154,13 @@ def test_a_command_that_fails_inside_the_station_is_answered_and_judging_goes_on
 def test_a_crash_leaves_the_status_offline_never_stopped(tmp_path, station_files, broker):
     recorder = Recorder(broker.host, broker.port, "plant/#")
     config = write_config(tmp_path, station_files, broker, '{source: "sim://?seed=5", fps: 20}')
-    patch = ("calls = iter(range(10**9))\noriginal = inspector.Inspector.judge_crops\n"
-             "def judge_crops(self, crops):\n"
-             "    if next(calls) == 5:\n        raise RuntimeError('injected bug in judging')\n"
-             "    return original(self, crops)\n"
-             "inspector.Inspector.judge_crops = judge_crops")
+    patch = (
+        "calls = iter(range(10**9))\noriginal = inspector.Inspector.judge_crops\n"
+        "def judge_crops(self, crops):\n"
+        "    if next(calls) == 5:\n        raise RuntimeError('injected bug in judging')\n"
+        "    return original(self, crops)\n"
+        "inspector.Inspector.judge_crops = judge_crops"
+    )
     process = start_buggy_station(config, patch)
     output = Output(process)
     code = output.finish(30)
@@ -226,10 +233,13 @@ def test_a_burst_of_triggers_at_2_fps_is_refused_not_judged_late_and_starves_not
         refused = [i for i in first if not answered[i]["ok"]]
         assert 1 <= len(judged) <= 6, answered  # at 2 fps a second of frames holds a few parts, not forty
         assert all("not judged" in answered[i]["error"] for i in refused)
-        parts = lambda topic, ids: {m["part_id"]: m for m in recorder.json_on(topic) if m.get("part_id") in
-                                    {f"P-{i}" for i in ids}}
-        recorder.wait_for(lambda: len(parts("/verdict", first)) + len(parts("/no_verdict", first)) >= 40,
-                          what="a verdict or a no_verdict for each part")
+        parts = lambda topic, ids: {
+            m["part_id"]: m for m in recorder.json_on(topic) if m.get("part_id") in {f"P-{i}" for i in ids}
+        }
+        recorder.wait_for(
+            lambda: len(parts("/verdict", first)) + len(parts("/no_verdict", first)) >= 40,
+            what="a verdict or a no_verdict for each part",
+        )
         verdicts, no_verdicts = parts("/verdict", first), parts("/no_verdict", first)
         assert set(verdicts) == {f"P-{i}" for i in judged} and set(no_verdicts) == {f"P-{i}" for i in refused}
         assert all(epoch(v["ts"]) - sent_wall < 5.0 for v in verdicts.values())  # no frame from long after
@@ -238,7 +248,9 @@ def test_a_burst_of_triggers_at_2_fps_is_refused_not_judged_late_and_starves_not
         recorder.publish(COMMAND, json.dumps({"id": "pause", "cmd": "pause"}))
         trigger(recorder, ["paused"])
         assert "paused: not judged" in wait_for_answers(recorder, ["paused"])["paused"]["error"]
-        recorder.wait_for(lambda: "P-paused" in parts("/no_verdict", ["paused"]), what="the paused trigger's no_verdict")
+        recorder.wait_for(
+            lambda: "P-paused" in parts("/no_verdict", ["paused"]), what="the paused trigger's no_verdict"
+        )
         recorder.publish(COMMAND, json.dumps({"id": "resume", "cmd": "resume"}))
 
         # A stop with triggers queued: honoured at once, and every queued trigger answered.
@@ -285,8 +297,10 @@ def test_1100_reloads_are_each_answered_coalesced_and_starve_nothing(tmp_path, s
         gap = largest_gap(notify.times("WATCHDOG=1"), sent_at, done_at)
         carried_out = output.count("command: now product")
         ok = sum(a["ok"] for a in answered.values())
-        print(f"1100 reloads answered in {done_at - sent_at:.1f} s ({ok} ok, {carried_out} carried out); "
-              f"longest watchdog gap {gap:.2f} s")
+        print(
+            f"1100 reloads answered in {done_at - sent_at:.1f} s ({ok} ok, {carried_out} carried out); "
+            f"longest watchdog gap {gap:.2f} s"
+        )
         assert all(a["ok"] or "station busy" in a["error"] for a in answered.values())
         assert ok >= 1000 and 1 <= carried_out <= ok // 4  # those queued one behind another reload once
         assert gap < WATCHDOG_GAP

@@ -133,19 +133,29 @@ def test_secret_in_yaml_is_refused_with_where_it_belongs(tmp_path, key):
     assert "hunter2" not in lines[0]
 
 
-@pytest.mark.parametrize("where, text, advice", [
-    ("camera", VALID.replace("  fps: 0\n", "  fps: 0\n  password: hunter2\n"),
-     ": use camera.credentials_file or camera.credentials_credential (a systemd credential)"),
-    ("opcua", VALID + "opcua: {users_file: users, password: hunter2}\n", ": use opcua.users_file"),
-    ("web", VALID + "web: {password: hunter2}\n",
-     ": use web.users_file or web.users_credential (a systemd credential)"),
-    ("keep_crops", VALID.replace("keep_crops: {", "keep_crops: {password: hunter2, "), " (no key here takes one)"),
-    ("mqtt.tls", VALID.replace("tls: {", "tls: {password: hunter2, "), " (no key here takes one)"),
-])
+@pytest.mark.parametrize(
+    "where, text, advice",
+    [
+        (
+            "camera",
+            VALID.replace("  fps: 0\n", "  fps: 0\n  password: hunter2\n"),
+            ": use camera.credentials_file or camera.credentials_credential (a systemd credential)",
+        ),
+        ("opcua", VALID + "opcua: {users_file: users, password: hunter2}\n", ": use opcua.users_file"),
+        (
+            "web",
+            VALID + "web: {password: hunter2}\n",
+            ": use web.users_file or web.users_credential (a systemd credential)",
+        ),
+        ("keep_crops", VALID.replace("keep_crops: {", "keep_crops: {password: hunter2, "), " (no key here takes one)"),
+        ("mqtt.tls", VALID.replace("tls: {", "tls: {password: hunter2, "), " (no key here takes one)"),
+    ],
+)
 def test_a_secret_is_told_a_key_its_section_has(tmp_path, where, text, advice):
     lines = problems(tmp_path, text)
-    assert any(f"{where}.password: never put a secret in the configuration file{advice}" in line
-               for line in lines), lines
+    assert any(f"{where}.password: never put a secret in the configuration file{advice}" in line for line in lines), (
+        lines
+    )
     assert not any("hunter2" in line for line in lines)
 
 
@@ -164,12 +174,21 @@ def test_every_section_that_takes_a_secret_is_given_its_keys():
     from station.runtime.config.station import SECRET_HOMES, StationConfig
 
     for section, field in StationConfig.model_fields.items():
-        model = next((arg for arg in getattr(field.annotation, "__args__", (field.annotation,))
-                      if isinstance(arg, type) and hasattr(arg, "model_fields")), None)
+        model = next(
+            (
+                arg
+                for arg in getattr(field.annotation, "__args__", (field.annotation,))
+                if isinstance(arg, type) and hasattr(arg, "model_fields")
+            ),
+            None,
+        )
         if model is None:
             continue
-        secret_keys = {key for key in model.model_fields
-                       if key.endswith("_credential") or key in ("password_file", "credentials_file", "users_file")}
+        secret_keys = {
+            key
+            for key in model.model_fields
+            if key.endswith("_credential") or key in ("password_file", "credentials_file", "users_file")
+        }
         if secret_keys:
             assert (section,) in SECRET_HOMES, section
             assert secret_keys == {key for key in SECRET_HOMES[(section,)] if key}, section
@@ -183,17 +202,20 @@ def test_unsafe_product_names_are_refused(tmp_path, name):
     assert any("not a safe product name" in line and ":9: product" in line for line in lines), lines
 
 
-@pytest.mark.parametrize("change, expected", [
-    (("reference: refs/A", "products: {A: a}\nproduct: C"), "product must be one of the products (A)"),
-    (("reference: refs/A\n", ""), "give reference: PATH, or products"),
-    (("station: line1-st1", "station: line 1/st1"), "station: String should match pattern"),
-    (("topic_prefix: inspection", "topic_prefix: plant/#"), "mqtt.topic_prefix"),
-    (("source: 0", "source: ftp://cam"), "unsupported URL scheme"),
-    (("source: 0", "source: sim://?seed=x"), "seed and count must be integers"),
-    (("source: 0", "source: true"), "camera.source: must be a device index"),
-    (("password_credential: mqtt-password", "password_credential: ../etc/shadow"), "mqtt.password_credential"),
-    (("cert: tls/st1.pem, ", ""), "cert and key go together"),
-])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (("reference: refs/A", "products: {A: a}\nproduct: C"), "product must be one of the products (A)"),
+        (("reference: refs/A\n", ""), "give reference: PATH, or products"),
+        (("station: line1-st1", "station: line 1/st1"), "station: String should match pattern"),
+        (("topic_prefix: inspection", "topic_prefix: plant/#"), "mqtt.topic_prefix"),
+        (("source: 0", "source: ftp://cam"), "unsupported URL scheme"),
+        (("source: 0", "source: sim://?seed=x"), "seed and count must be integers"),
+        (("source: 0", "source: true"), "camera.source: must be a device index"),
+        (("password_credential: mqtt-password", "password_credential: ../etc/shadow"), "mqtt.password_credential"),
+        (("cert: tls/st1.pem, ", ""), "cert and key go together"),
+    ],
+)
 def test_semantic_errors_are_explained(tmp_path, change, expected):
     lines = problems(tmp_path, VALID.replace(*change))
     assert any(expected in line for line in lines), lines
@@ -209,16 +231,54 @@ def test_camera_sources_are_normalised(tmp_path):
     assert source("sim://?seed=4&count=10") == "sim://?seed=4&count=10"
 
 
-KEYS = ["station", "camera", "source", "model", "reference", "mqtt", "port", "products", "product", "tls",
-        "password", "roi", "x", "fps", "loop", "outbox", "trigger", "qos", "state_dir"]
-SCALARS = ["0", "-1", "1883", "abc", "null", "true", "[1, 2]", "{a: 1}", "'..'", "sim://?count=0",
-           "2024-13-45", "&a [*a]", "*b", "!!python/object:os.system x", "{", "'", "\t", "1e400"]
+KEYS = [
+    "station",
+    "camera",
+    "source",
+    "model",
+    "reference",
+    "mqtt",
+    "port",
+    "products",
+    "product",
+    "tls",
+    "password",
+    "roi",
+    "x",
+    "fps",
+    "loop",
+    "outbox",
+    "trigger",
+    "qos",
+    "state_dir",
+]
+SCALARS = [
+    "0",
+    "-1",
+    "1883",
+    "abc",
+    "null",
+    "true",
+    "[1, 2]",
+    "{a: 1}",
+    "'..'",
+    "sim://?count=0",
+    "2024-13-45",
+    "&a [*a]",
+    "*b",
+    "!!python/object:os.system x",
+    "{",
+    "'",
+    "\t",
+    "1e400",
+]
 
 
 @st.composite
 def config_texts(draw):
-    lines = draw(st.lists(st.tuples(st.integers(0, 3), st.sampled_from(KEYS), st.sampled_from(SCALARS + [""])),
-                          max_size=12))
+    lines = draw(
+        st.lists(st.tuples(st.integers(0, 3), st.sampled_from(KEYS), st.sampled_from(SCALARS + [""])), max_size=12)
+    )
     text = "".join(f"{'  ' * depth}{key}: {value}\n" for depth, key, value in lines)
     if draw(st.booleans()):
         text = VALID + text
@@ -253,25 +313,46 @@ def test_fuzz_corpus_includes_hostile_yaml(tmp_path):
 COMMAND_RESULT = len("/line1-st1/command/result")  # the longest topic under the prefix
 
 
-@pytest.mark.parametrize("change, expected", [
-    (("topic_prefix: inspection", 'topic_prefix: "plant\\0x"'), ":14: mqtt.topic_prefix: contains a NUL character"),
-    (("topic_prefix: inspection", f"topic_prefix: {'p' * (65_536 - COMMAND_RESULT)}"),
-     ":14: mqtt.topic_prefix: makes the topic ppp"),
-    (("topic_prefix: inspection", "topic_prefix: plant/+/x"), ":14: mqtt.topic_prefix: must not contain the MQTT wildcards"),
-    (("topic_prefix: inspection", "topic_prefix: $SYS/x"), ":14: mqtt.topic_prefix: must not start with $"),
-    (("topic_prefix: inspection", 'topic_prefix: "plant\\x7f"'), "mqtt.topic_prefix: contains the control character U+007F"),
-    (("topic_prefix: inspection", 'topic_prefix: "plant\\uffff"'), "mqtt.topic_prefix: contains the Unicode non-character"),
-    (("topic_prefix: inspection", 'topic_prefix: "plant\\ud800"'), "mqtt.topic_prefix: contains a lone surrogate"),
-    (("topic_prefix: inspection", f"topic_prefix: {'/'.join('a' * 199)}"), "has 202 levels; mosquitto drops"),
-    (("topic_prefix: inspection", "topic_prefix: a//b"), "mqtt.topic_prefix: must be levels joined by single slashes"),
-    (("username: station", 'username: "sta\\0tion"'), ":16: mqtt.username: contains a NUL character"),
-    (("username: station", f"username: {'u' * 65_536}"), ":16: mqtt.username: is 65,536 bytes in UTF-8"),
-    (("host: 127.0.0.1", 'host: "127.0.0.1\\0"'), ":12: mqtt.host: must be a host name or address: contains a NUL"),
-    (("runtime: {threads: 1}", 'runtime: {threads: 1}\nhomeassistant: {prefix: "ha\\0"}'),
-     ":24: homeassistant.prefix: contains a NUL character"),
-    (("runtime: {threads: 1}", f"runtime: {{threads: 1}}\nhomeassistant: {{prefix: {'/'.join('h' * 198)}}}"),
-     ":24: homeassistant.prefix: makes the topic h/h/h"),
-])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (("topic_prefix: inspection", 'topic_prefix: "plant\\0x"'), ":14: mqtt.topic_prefix: contains a NUL character"),
+        (
+            ("topic_prefix: inspection", f"topic_prefix: {'p' * (65_536 - COMMAND_RESULT)}"),
+            ":14: mqtt.topic_prefix: makes the topic ppp",
+        ),
+        (
+            ("topic_prefix: inspection", "topic_prefix: plant/+/x"),
+            ":14: mqtt.topic_prefix: must not contain the MQTT wildcards",
+        ),
+        (("topic_prefix: inspection", "topic_prefix: $SYS/x"), ":14: mqtt.topic_prefix: must not start with $"),
+        (
+            ("topic_prefix: inspection", 'topic_prefix: "plant\\x7f"'),
+            "mqtt.topic_prefix: contains the control character U+007F",
+        ),
+        (
+            ("topic_prefix: inspection", 'topic_prefix: "plant\\uffff"'),
+            "mqtt.topic_prefix: contains the Unicode non-character",
+        ),
+        (("topic_prefix: inspection", 'topic_prefix: "plant\\ud800"'), "mqtt.topic_prefix: contains a lone surrogate"),
+        (("topic_prefix: inspection", f"topic_prefix: {'/'.join('a' * 199)}"), "has 202 levels; mosquitto drops"),
+        (
+            ("topic_prefix: inspection", "topic_prefix: a//b"),
+            "mqtt.topic_prefix: must be levels joined by single slashes",
+        ),
+        (("username: station", 'username: "sta\\0tion"'), ":16: mqtt.username: contains a NUL character"),
+        (("username: station", f"username: {'u' * 65_536}"), ":16: mqtt.username: is 65,536 bytes in UTF-8"),
+        (("host: 127.0.0.1", 'host: "127.0.0.1\\0"'), ":12: mqtt.host: must be a host name or address: contains a NUL"),
+        (
+            ("runtime: {threads: 1}", 'runtime: {threads: 1}\nhomeassistant: {prefix: "ha\\0"}'),
+            ":24: homeassistant.prefix: contains a NUL character",
+        ),
+        (
+            ("runtime: {threads: 1}", f"runtime: {{threads: 1}}\nhomeassistant: {{prefix: {'/'.join('h' * 198)}}}"),
+            ":24: homeassistant.prefix: makes the topic h/h/h",
+        ),
+    ],
+)
 def test_what_the_broker_would_refuse_is_a_config_error(tmp_path, change, expected):
     lines = problems(tmp_path, VALID.replace(*change))
     assert any(expected in line for line in lines), lines
@@ -280,11 +361,17 @@ def test_what_the_broker_would_refuse_is_a_config_error(tmp_path, change, expect
 def test_a_prefix_of_exactly_the_topic_limit_is_taken_and_one_byte_more_is_not(tmp_path):
     at_limit = "é" * ((65_535 - COMMAND_RESULT) // 2) + "p" * ((65_535 - COMMAND_RESULT) % 2)  # bytes, not characters
     assert len(f"{at_limit}/line1-st1/command/result".encode()) == 65_535
-    assert load_config(write(tmp_path, VALID.replace("topic_prefix: inspection", f"topic_prefix: {at_limit}")),
-                       env={}).mqtt.topic_prefix == at_limit
+    assert (
+        load_config(
+            write(tmp_path, VALID.replace("topic_prefix: inspection", f"topic_prefix: {at_limit}")), env={}
+        ).mqtt.topic_prefix
+        == at_limit
+    )
     lines = problems(tmp_path, VALID.replace("topic_prefix: inspection", f"topic_prefix: {at_limit}p"))
-    assert any("mqtt.topic_prefix: makes the topic" in line and "65,536 bytes in UTF-8; MQTT allows at most 65,535"
-               in line for line in lines), lines
+    assert any(
+        "mqtt.topic_prefix: makes the topic" in line and "65,536 bytes in UTF-8; MQTT allows at most 65,535" in line
+        for line in lines
+    ), lines
     deepest = "/".join("a" * 198)  # 198 + station, command, result: mosquitto's 201 levels
     assert load_config(write(tmp_path, VALID.replace("topic_prefix: inspection", f"topic_prefix: {deepest}")), env={})
 

@@ -4,6 +4,7 @@ The daemon tests validate every message a real station publishes against
 these schemas; this file checks the schemas against the code's own names and
 the README's examples against the schemas, so none of the three drifts alone.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,14 +49,26 @@ def test_the_verdict_schema_names_what_the_code_produces():
     assert verdict["verdict"]["enum"] == [OK, NG]
     assert set(verdict["metric"]["enum"]) == set(ALL_SCORES + POSITION_SCORES)
     rng = np.random.default_rng(0)
-    model = ReferenceModel(reference=np.ones(4) / 2, precision=np.eye(4), soart3_mean=np.zeros(3),
-                           soart3_precision=np.eye(3), kissme=np.eye(4))  # every distance, learned one too
+    model = ReferenceModel(
+        reference=np.ones(4) / 2,
+        precision=np.eye(4),
+        soart3_mean=np.zeros(3),
+        soart3_precision=np.eye(3),
+        kissme=np.eye(4),
+    )  # every distance, learned one too
     grid = FeatureGrid(rows=1, cols=2, channels=2, stride=8)
-    positions = PositionReference(mean=np.zeros((2, 2), np.float32), precision=np.tile(np.eye(2, dtype=np.float32), (2, 1, 1)),
-                                  typical=np.zeros(2, np.float32), grid=grid)  # a per-position model's verdicts: position only
+    positions = PositionReference(
+        mean=np.zeros((2, 2), np.float32),
+        precision=np.tile(np.eye(2, dtype=np.float32), (2, 1, 1)),
+        typical=np.zeros(2, np.float32),
+        grid=grid,
+    )  # a per-position model's verdicts: position only
     described = verdict["distances"]["properties"]
     required = [alternative["required"] for alternative in verdict["distances"]["anyOf"]]
-    for produced in (set(distances(rng.normal(size=(2, 4)), model)), set(distances(rng.normal(size=(2, 4)), positions))):
+    for produced in (
+        set(distances(rng.normal(size=(2, 4)), model)),
+        set(distances(rng.normal(size=(2, 4)), positions)),
+    ):
         assert produced <= set(described), f"distances not in the schema: {produced - set(described)}"
         assert any(set(names) <= produced for names in required)
 
@@ -68,7 +81,10 @@ def test_the_schemas_name_the_camera_states_the_sources_have():
 
 def test_commands_speak_this_schema_version_or_none():
     assert parse_command(b'{"id": "1", "cmd": "pause"}').cmd == "pause"
-    assert parse_command(json.dumps({"schema_version": SCHEMA_VERSION, "id": "2", "cmd": "resume"}).encode()).cmd == "resume"
+    assert (
+        parse_command(json.dumps({"schema_version": SCHEMA_VERSION, "id": "2", "cmd": "resume"}).encode()).cmd
+        == "resume"
+    )
     with pytest.raises(CommandError, match="schema_version 99"):
         parse_command(b'{"schema_version": 99, "id": "3", "cmd": "pause"}')
 
@@ -97,8 +113,11 @@ def test_the_broker_acl_names_every_topic_the_station_uses():
     assert needed <= entries, f"missing from the acl example: {needed - entries}"
     assert not [e for e in entries if e[1].startswith("inspection/") and e[1].endswith("#")]
     readme = (ROOT / "README.md").read_text()
-    acl_paragraph = readme[readme.index("**Broker ACL**"):].split("\n\n")[0]
+    acl_paragraph = readme[readme.index("**Broker ACL**") :].split("\n\n")[0]
     for _, topic in entries:
         name = topic.removeprefix("inspection/line1-st1/")
-        assert (f"…/{name}`" in acl_paragraph or f"{{station}}/{name}`" in acl_paragraph
-                or f"`topic write {topic}`" in acl_paragraph), f"README's ACL paragraph lacks {name}"
+        assert (
+            f"…/{name}`" in acl_paragraph
+            or f"{{station}}/{name}`" in acl_paragraph
+            or f"`topic write {topic}`" in acl_paragraph
+        ), f"README's ACL paragraph lacks {name}"

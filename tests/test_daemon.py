@@ -1,4 +1,5 @@
 """The station daemon as a real process against a real mosquitto, with real signals."""
+
 from __future__ import annotations
 
 import json
@@ -26,10 +27,14 @@ def test_a_folder_of_parts_gives_one_verdict_each_then_stopped(tmp_path, station
     verdict_schema = schema("verdict")
     for verdict in verdicts:
         jsonschema.validate(verdict, verdict_schema)
-    assert sorted(v["source"] for v in verdicts) == sorted(str(p.relative_to(sim_dataset)) for p in sim_dataset.rglob("*.png"))
+    assert sorted(v["source"] for v in verdicts) == sorted(
+        str(p.relative_to(sim_dataset)) for p in sim_dataset.rglob("*.png")
+    )
     assert {v["product"] for v in verdicts} == {"A"} and {v["metric"] for v in verdicts} == {"mahalanobis"}
     assert len({v["id"] for v in verdicts}) == n_images
-    recorder.wait_for(lambda: recorder.on("/status") and recorder.on("/status")[-1].payload == b"stopped", what="stopped")
+    recorder.wait_for(
+        lambda: recorder.on("/status") and recorder.on("/status")[-1].payload == b"stopped", what="stopped"
+    )
     state = recorder.json_on("/state")[-1]
     jsonschema.validate(state, schema("state"))
     for stats in recorder.json_on("/stats"):
@@ -53,7 +58,9 @@ def test_a_folder_of_parts_gives_one_verdict_each_then_stopped(tmp_path, station
     recorder.close()
 
 
-def test_an_outbox_smaller_than_a_batch_stores_it_in_parts_and_loses_nothing(tmp_path, station_files, sim_dataset, broker):
+def test_an_outbox_smaller_than_a_batch_stores_it_in_parts_and_loses_nothing(
+    tmp_path, station_files, sim_dataset, broker
+):
     """A folder judged in batches larger than outbox.max_messages: each batch is stored as room comes.
     Stored whole, a batch waited forever (with the broker up) for more room than the outbox could give."""
     recorder = Recorder(broker.host, broker.port, "plant/+/verdict")
@@ -79,9 +86,18 @@ def test_commands_are_answered_and_a_malformed_one_changes_nothing(tmp_path, sta
         assert recorder.json_on("/state")[-1]["paused"] is False
         assert not any(a["id"] == "r1" for a in recorder.json_on("/command/result"))
         recorder.publish(command_topic, b"", retain=True)  # clear it
-        garbage = [b"\xff\xfe", b"[]", b"{}", b'{"id": 5, "cmd": "pause"}', b'{"id": "x1", "cmd": "explode"}',
-                   b'{"id": "x2", "cmd": "product"}', b'{"id": "x3", "cmd": "product", "product": "../etc"}',
-                   b'{"id": "x4", "cmd": "trigger", "part_id": "p1"}', b"{" * 5000, b"x" * 100_000]
+        garbage = [
+            b"\xff\xfe",
+            b"[]",
+            b"{}",
+            b'{"id": 5, "cmd": "pause"}',
+            b'{"id": "x1", "cmd": "explode"}',
+            b'{"id": "x2", "cmd": "product"}',
+            b'{"id": "x3", "cmd": "product", "product": "../etc"}',
+            b'{"id": "x4", "cmd": "trigger", "part_id": "p1"}',
+            b"{" * 5000,
+            b"x" * 100_000,
+        ]
         for payload in garbage:
             recorder.publish(command_topic, payload)
         recorder.wait_for(lambda: len(recorder.on("/command/result")) >= len(garbage), what="an answer each")
@@ -96,8 +112,10 @@ def test_commands_are_answered_and_a_malformed_one_changes_nothing(tmp_path, sta
         assert next(a for a in recorder.json_on("/command/result") if a["id"] == "c1")["ok"] is True
         recorder.wait_for(lambda: recorder.json_on("/state")[-1]["product"] == "B", what="state B")
         seq_after_changeover = max(v["seq"] for v in recorder.json_on("/verdict"))
-        recorder.wait_for(lambda: any(v["product"] == "B" and v["seq"] > seq_after_changeover
-                                      for v in recorder.json_on("/verdict")), what="verdicts for B")
+        recorder.wait_for(
+            lambda: any(v["product"] == "B" and v["seq"] > seq_after_changeover for v in recorder.json_on("/verdict")),
+            what="verdicts for B",
+        )
         assert recorder.json_on("/verdict")[-1]["metric"] == "minkowski"
 
         recorder.publish(command_topic, json.dumps({"id": "p1", "cmd": "pause"}))
@@ -179,8 +197,10 @@ def test_the_daemon_with_the_bundled_int8_model_judges_simulated_parts_accuratel
     parts = tmp_path / "parts"
     write_dataset(parts, count=300, seed=31)  # seeds the bundled model never saw (101, 102)
     config = tmp_path / "station.yaml"
-    config.write_text(f"station: st1\ncamera: {{source: {parts}}}\nmodel: {DEMO_MODEL}\nreference: {DEMO_REFERENCE}\n"
-                      f"state_dir: {tmp_path / 'state'}\nmqtt: {{host: 127.0.0.1, port: {broker.port}}}\n")
+    config.write_text(
+        f"station: st1\ncamera: {{source: {parts}}}\nmodel: {DEMO_MODEL}\nreference: {DEMO_REFERENCE}\n"
+        f"state_dir: {tmp_path / 'state'}\nmqtt: {{host: 127.0.0.1, port: {broker.port}}}\n"
+    )
     recorder = Recorder(broker.host, broker.port, "inspection/st1/verdict")
     code, output = finish(start_station(config))
     assert code == 0, output
@@ -197,12 +217,16 @@ def test_mqtt_trigger_mode_judges_the_freshest_frame_once_per_trigger(tmp_path, 
     config = write_config(tmp_path, station_files, broker, '{source: "sim://?seed=8", fps: 40}', trigger="mqtt")
     process = start_station(config)
     try:
-        recorder.wait_for(lambda: recorder.json_on("/state") and recorder.json_on("/state")[-1]["trigger"] == "mqtt",
-                          what="state in trigger mode")
+        recorder.wait_for(
+            lambda: recorder.json_on("/state") and recorder.json_on("/state")[-1]["trigger"] == "mqtt",
+            what="state in trigger mode",
+        )
         time.sleep(1.0)
         assert recorder.on("/verdict") == []  # nothing judged without a trigger, though frames flow
         for index in range(5):
-            recorder.publish("plant/st1/command", json.dumps({"id": f"t{index}", "cmd": "trigger", "part_id": f"P-{index}"}))
+            recorder.publish(
+                "plant/st1/command", json.dumps({"id": f"t{index}", "cmd": "trigger", "part_id": f"P-{index}"})
+            )
             time.sleep(0.1)
         recorder.wait_for(lambda: len(recorder.on("/verdict")) >= 5, what="five verdicts")
         verdicts = recorder.json_on("/verdict")

@@ -2,6 +2,7 @@
 `station run` exits with the file's code and a message naming it, a reload refuses it while the old files keep
 judging, `station check` names it; never a traceback. Real files, real processes, a real mosquitto.
 """
+
 from __future__ import annotations
 
 import json
@@ -89,11 +90,15 @@ def test_damaged_files_on_reload_are_refused_and_the_old_ones_keep_judging(files
                 spoil(files / name, how, seed=refused)
                 process.send_signal(signal.SIGHUP)
                 refused += 1
-                wait_until(lambda refused=refused: output.count("SIGHUP refused") >= refused, 30, f"{name} {how} refused")
+                wait_until(
+                    lambda refused=refused: output.count("SIGHUP refused") >= refused, 30, f"{name} {how} refused"
+                )
                 refusal = [line for line in output.lines if "SIGHUP refused" in line][-1]
                 assert os.path.basename(name) in refusal, refusal
                 before = len(recorder.on("/verdict"))
-                recorder.wait_for(lambda before=before: len(recorder.on("/verdict")) > before + 3, 30, f"judging on after {name}")
+                recorder.wait_for(
+                    lambda before=before: len(recorder.on("/verdict")) > before + 3, 30, f"judging on after {name}"
+                )
             (files / name).write_bytes(original)
         # The product command reads the other product's set through the same path.
         spoil(files / "refs/B/CURRENT", "random bytes")
@@ -103,7 +108,10 @@ def test_damaged_files_on_reload_are_refused_and_the_old_ones_keep_judging(files
         assert answer["ok"] is False and "CURRENT: is not UTF-8 text" in answer["error"], answer
         latest = recorder.json_on("/verdict")[-1]
         assert (latest["model"], latest["reference"], latest["product"]) == (
-            judging["model"], judging["reference"], judging["product"])
+            judging["model"],
+            judging["reference"],
+            judging["product"],
+        )
         assert process.poll() is None
     finally:
         if process.poll() is None:
@@ -152,7 +160,8 @@ def test_a_summary_with_a_valid_checksum_but_hostile_yaml_is_refused(files):
     refs = files / "refs" / "A"
     summary = (refs / "v0001" / "reference.yaml").read_text().split("checksum:")[0]
     laughs = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
-        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(6))
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(6)
+    )
     (refs / "v0001" / "reference.yaml").write_text(summary + laughs)  # expands to 9**7 values if walked
     with pytest.raises(ReferenceSetError, match="aliases expand to more than 100,000 values"):
         reference_set.load(refs)

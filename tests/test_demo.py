@@ -1,4 +1,5 @@
 """`station demo`: the embedded default, as a user runs it."""
+
 import re
 import subprocess
 import sys
@@ -9,13 +10,16 @@ from station.tools.demo import DEMO_MODEL, DEMO_REFERENCE
 from station.core.embedder import Embedder
 from station.core import reference_set
 
-VERDICT_LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3}  seq +\d+  (OK|NG)  score +[\d.e+-]+  part sim:0:\d+ .* yield +[\d.]+%$")
+VERDICT_LINE = re.compile(
+    r"^\d\d:\d\d:\d\d\.\d{3}  seq +\d+  (OK|NG)  score +[\d.e+-]+  part sim:0:\d+ .* yield +[\d.]+%$"
+)
 
 
 def run_demo(*args, timeout=90):
     started = time.monotonic()
-    process = subprocess.Popen([sys.executable, "-m", "station", "demo", *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "station", "demo", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     first_verdict_after = None
     lines = []
     for line in process.stdout:

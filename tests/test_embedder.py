@@ -1,4 +1,5 @@
 """The embedder: real onnxruntime sessions on small real ONNX models."""
+
 from __future__ import annotations
 
 import numpy as np

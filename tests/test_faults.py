@@ -2,6 +2,7 @@
 
 Real processes, a real mosquitto, real files. See docs/faults.md for the matrix.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,7 +30,9 @@ def count_images(folder) -> int:
 
 
 def all_verdicts(recorder: Recorder, expected: int) -> list[dict]:
-    recorder.wait_for(lambda: len({v["seq"] for v in recorder.json_on("/verdict")}) >= expected, what=f"{expected} verdicts")
+    recorder.wait_for(
+        lambda: len({v["seq"] for v in recorder.json_on("/verdict")}) >= expected, what=f"{expected} verdicts"
+    )
     return recorder.json_on("/verdict")
 
 
@@ -59,7 +62,9 @@ def test_pause_on_a_finite_source_holds_its_frames_and_survives_a_restart(tmp_pa
     process = start_station(config)
     recorder.wait_for(lambda: recorder.on("/verdict"), what="first verdicts")
     recorder.publish("plant/st1/command", json.dumps({"id": "p", "cmd": "pause"}))
-    recorder.wait_for(lambda: any(a["id"] == "p" and a["ok"] for a in recorder.json_on("/command/result")), what="pause")
+    recorder.wait_for(
+        lambda: any(a["id"] == "p" and a["ok"] for a in recorder.json_on("/command/result")), what="pause"
+    )
     time.sleep(1.0)
     judged_while_paused = len(recorder.on("/verdict"))
     time.sleep(1.0)
@@ -79,12 +84,14 @@ def test_pause_on_a_finite_source_holds_its_frames_and_survives_a_restart(tmp_pa
     code, output = finish(process, timeout=60)
     assert code == 0 and "starts PAUSED" in output, output
     verdicts = all_verdicts(recorder, n_images)
-    assert sorted({v["source"] for v in verdicts}) == sorted(str(p.relative_to(sim_dataset)) for p in sim_dataset.rglob("*.png"))
+    assert sorted({v["source"] for v in verdicts}) == sorted(
+        str(p.relative_to(sim_dataset)) for p in sim_dataset.rglob("*.png")
+    )
     recorder.close()
 
 
 def test_an_roi_outside_the_frame_refuses_to_start_and_a_reload_to_it_is_refused(tmp_path, station_files, broker):
-    outside = '{x: 300, y: 200, width: 36, height: 26}'  # sim frames are 320x240
+    outside = "{x: 300, y: 200, width: 36, height: 26}"  # sim frames are 320x240
     config = write_config(tmp_path, station_files, broker, '{source: "sim://?seed=1", fps: 20}', roi=outside)
     recorder = Recorder(broker.host, broker.port, "plant/#")
     code, output = finish(start_station(config))
@@ -94,7 +101,7 @@ def test_an_roi_outside_the_frame_refuses_to_start_and_a_reload_to_it_is_refused
     assert any(p.startswith("roi: ") for p in recorder.json_on("/state")[-1]["problems"])
     assert main(["check", "-c", str(config)]) == 78  # check finds it from one frame too
 
-    good = '{x: 142, y: 107, width: 36, height: 26}'
+    good = "{x: 142, y: 107, width: 36, height: 26}"
     config = write_config(tmp_path, station_files, broker, '{source: "sim://?seed=1", fps: 20}', roi=good)
     process = start_station(config)
     try:
@@ -124,8 +131,10 @@ def test_a_file_where_the_crops_folder_goes_loses_crops_never_verdicts(tmp_path,
     assert output.count("cannot keep crops in") == 1 and "Traceback" not in output
     verdicts = all_verdicts(recorder, count_images(sim_dataset))
     assert len({v["seq"] for v in verdicts}) == count_images(sim_dataset)
-    recorder.wait_for(lambda: recorder.json_on("/stats") and recorder.json_on("/stats")[-1]["crops_not_kept"] > 0,
-                      what="stats counting crops not kept")
+    recorder.wait_for(
+        lambda: recorder.json_on("/stats") and recorder.json_on("/stats")[-1]["crops_not_kept"] > 0,
+        what="stats counting crops not kept",
+    )
     assert any(p.startswith("crops: ") for p in recorder.json_on("/state")[-1]["problems"])
     recorder.close()
 
@@ -180,7 +189,9 @@ def test_camera_credentials_come_from_a_file_and_never_reach_the_description(tmp
         camera_credentials(camera, env={})
 
 
-def test_a_decompression_bomb_is_refused_by_its_header_and_the_rest_judged(tmp_path, station_files, broker, sim_dataset):
+def test_a_decompression_bomb_is_refused_by_its_header_and_the_rest_judged(
+    tmp_path, station_files, broker, sim_dataset
+):
     folder = tmp_path / "camera"
     shutil.copytree(sim_dataset / "good", folder)
     (folder / "bomb.png").write_bytes(png_header_only(30_000, 30_000))  # 900 MP declared
@@ -189,15 +200,18 @@ def test_a_decompression_bomb_is_refused_by_its_header_and_the_rest_judged(tmp_p
     code, output = finish(start_station(config))
     assert code == 0, output
     assert "bomb.png: declares 900 MP, more than camera.max_pixels (1 MP): refused before decoding" in output
-    assert len({v["seq"] for v in all_verdicts(recorder, count_images(sim_dataset / "good"))}) == count_images(folder) - 1
+    assert (
+        len({v["seq"] for v in all_verdicts(recorder, count_images(sim_dataset / "good"))}) == count_images(folder) - 1
+    )
     recorder.close()
 
 
 def test_under_systemd_log_lines_carry_syslog_priorities(tmp_path, station_files, broker):
     config = write_config(tmp_path, station_files, broker, '{source: "sim://?seed=1&count=3"}')
     env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"} | {"JOURNAL_STREAM": "8:12345"}
-    done = subprocess.run([sys.executable, "-m", "station", "run", "-c", str(config)], env=env,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "station", "run", "-c", str(config)], env=env, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     lines = done.stderr.splitlines()
     assert lines and all(re.match(r"^<[0-7]>station\.", line) for line in lines), lines
@@ -276,8 +290,9 @@ def test_a_truncated_video_says_so_when_it_ends(tmp_path, station_files, broker)
     data = video.read_bytes()
     video.write_bytes(data[: len(data) // 2])
     recorder = Recorder(broker.host, broker.port, "plant/#")
-    config = write_config(tmp_path, station_files, broker, f"{{source: {video}}}",
-                          roi="{x: 142, y: 107, width: 36, height: 26}")
+    config = write_config(
+        tmp_path, station_files, broker, f"{{source: {video}}}", roi="{x: 142, y: 107, width: 36, height: 26}"
+    )
     code, output = finish(start_station(config))
     assert code == 0, output
     judged = len({v["seq"] for v in all_verdicts(recorder, 10)})
@@ -291,8 +306,17 @@ def test_calibrating_on_identical_goods_is_refused_with_a_reason(tmp_path, stati
     image = cv2.imencode(".png", np.full((26, 36), 128, np.uint8))[1].tobytes()
     for index in range(40):
         (good / f"part_{index}.png").write_bytes(image)
-    code = main(["calibrate", "--model", str(station_files / "model.onnx"), "--good", str(good),
-                 "--out", str(tmp_path / "refs")])
+    code = main(
+        [
+            "calibrate",
+            "--model",
+            str(station_files / "model.onnx"),
+            "--good",
+            str(good),
+            "--out",
+            str(tmp_path / "refs"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 65 and "the good parts are identical" in err and "Traceback" not in err
     assert not (tmp_path / "refs").exists()
@@ -339,8 +363,10 @@ def test_seq_goes_on_after_the_outbox_is_moved_aside_or_lost_in_a_crash(tmp_path
     finite.write_text(finite.read_text().replace("seed=4&count=12", "seed=6&count=3"))
     code, output = finish(start_station(finite))
     assert code == 0 and "is new, but this station has used seqs up to" in output, output
-    wait_until(lambda: len([v for v in recorder.json_on("/verdict") if v["source"].startswith("sim:6:")]) >= 3,
-               what="the verdicts after the crash")
+    wait_until(
+        lambda: len([v for v in recorder.json_on("/verdict") if v["source"].startswith("sim:6:")]) >= 3,
+        what="the verdicts after the crash",
+    )
     after = sorted(v["seq"] for v in recorder.json_on("/verdict") if v["source"].startswith("sim:6:"))
     assert used < after[0] <= used + 1001, (used, after)  # never a reuse; a gap of at most one reservation
 
@@ -351,8 +377,9 @@ def test_seq_goes_on_after_the_outbox_is_moved_aside_or_lost_in_a_crash(tmp_path
     recorder.close()
 
 
-def test_a_second_calibration_of_a_reference_folder_exits_75_naming_the_first(tmp_path, station_files, broker,
-                                                                               sim_dataset):
+def test_a_second_calibration_of_a_reference_folder_exits_75_naming_the_first(
+    tmp_path, station_files, broker, sim_dataset
+):
     from tests.daemon_helpers import wait_until
 
     refs = tmp_path / "refs"
@@ -360,23 +387,52 @@ def test_a_second_calibration_of_a_reference_folder_exits_75_naming_the_first(tm
     config = write_config(tmp_path, station_files, broker, '{source: "sim://?seed=8", fps: 2}')
     config.write_text(config.read_text().replace(str(station_files / "refs"), str(refs)))
     # Camera mode at 2 frames a second holds the folder for 15 s or more.
-    first = subprocess.Popen([sys.executable, "-m", "station", "calibrate", "-c", str(config), "--count", "30"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "station", "calibrate", "-c", str(config), "--count", "30"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     lock = refs / "A" / ".writing.lock"
     try:
         wait_until(lambda: lock.exists() and lock.read_text().startswith(f"{first.pid} "), 30, "the first holding A")
         first.send_signal(signal.SIGSTOP)  # it holds the lock however slow this machine is
-        second = subprocess.run([sys.executable, "-m", "station", "calibrate", "--model", str(station_files / "model.onnx"),
-                                 "--good", str(sim_dataset / "good"), "--out", str(refs / "A")],
-                                capture_output=True, text=True, timeout=120)
+        second = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "station",
+                "calibrate",
+                "--model",
+                str(station_files / "model.onnx"),
+                "--good",
+                str(sim_dataset / "good"),
+                "--out",
+                str(refs / "A"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert second.returncode == 75, second.stderr
         assert f"another calibration (pid {first.pid}) is writing {refs / 'A'}" in second.stderr
         assert "Traceback" not in second.stderr
     finally:
         first.kill()  # a crashed calibration: the kernel releases its lock
         first.wait(10)
-    assert main(["calibrate", "--model", str(station_files / "model.onnx"), "--good", str(sim_dataset / "good"),
-                 "--out", str(refs / "A")]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "--model",
+                str(station_files / "model.onnx"),
+                "--good",
+                str(sim_dataset / "good"),
+                "--out",
+                str(refs / "A"),
+            ]
+        )
+        == 0
+    )
     assert reference_set_versions(refs / "A") == [1, 2]
 
 
@@ -396,8 +452,12 @@ def write_images(folder, images: dict[str, np.ndarray]):
 def good_crops(sim_dataset, count: int, scale: int = 1) -> dict[str, np.ndarray]:
     """The first good parts, enlarged `scale` times a side (the same parts at another frame size)."""
     paths = sorted((sim_dataset / "good").glob("*.png"))[:count]
-    return {p.name: cv2.resize(cv2.imread(str(p), cv2.IMREAD_GRAYSCALE), None, fx=scale, fy=scale,
-                               interpolation=cv2.INTER_NEAREST) for p in paths}
+    return {
+        p.name: cv2.resize(
+            cv2.imread(str(p), cv2.IMREAD_GRAYSCALE), None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST
+        )
+        for p in paths
+    }
 
 
 def test_a_source_that_gives_no_frame_is_refused_by_check_and_run(tmp_path, station_files, broker, capsys):
@@ -406,7 +466,7 @@ def test_a_source_that_gives_no_frame_is_refused_by_check_and_run(tmp_path, stat
     empty.mkdir()
     cases = [  # (source, exit code of run, what both say)
         (empty, 65, f"image folder {empty} holds no images"),
-        (write_images(tmp_path / "broken", {}) , 65, "none of its 2 images can be read"),
+        (write_images(tmp_path / "broken", {}), 65, "none of its 2 images can be read"),
         (tmp_path / "notes.avi", 65, "notes.avi cannot be opened as a video (not a video file"),
         (tmp_path / "absent.avi", 78, "absent.avi does not exist"),
     ]
@@ -421,13 +481,17 @@ def test_a_source_that_gives_no_frame_is_refused_by_check_and_run(tmp_path, stat
         code, output = finish(start_station(config))
         assert code == exit_code and "camera.source: nothing to judge: " in output and says in output, output
         assert "Traceback" not in output and "ready" not in output
-    recorder.wait_for(lambda: any("camera: " in p and "absent.avi" in p
-                                  for s in recorder.json_on("/state") for p in s["problems"]), what="state problem")
+    recorder.wait_for(
+        lambda: any("camera: " in p and "absent.avi" in p for s in recorder.json_on("/state") for p in s["problems"]),
+        what="state problem",
+    )
     assert not recorder.on("/verdict")
     recorder.close()
 
 
-def test_a_looping_folder_renamed_away_reconnects_with_a_problem_in_the_state(tmp_path, station_files, broker, sim_dataset):
+def test_a_looping_folder_renamed_away_reconnects_with_a_problem_in_the_state(
+    tmp_path, station_files, broker, sim_dataset
+):
     folder = write_images(tmp_path / "camera", good_crops(sim_dataset, 5))
     recorder = Recorder(broker.host, broker.port, "plant/#")
     config = write_config(tmp_path, station_files, broker, f"{{source: {folder}, loop: true, fps: 20}}")
@@ -435,14 +499,20 @@ def test_a_looping_folder_renamed_away_reconnects_with_a_problem_in_the_state(tm
     try:
         recorder.wait_for(lambda: len(recorder.on("/verdict")) >= 3, what="verdicts")
         folder.rename(tmp_path / "away")
-        lost = lambda s: s["camera"] == "reconnecting" and f"camera: image folder {folder} does not exist" in s["problems"]
+        lost = lambda s: (
+            s["camera"] == "reconnecting" and f"camera: image folder {folder} does not exist" in s["problems"]
+        )
         recorder.wait_for(lambda: any(lost(s) for s in recorder.json_on("/state")), what="reconnecting with a problem")
         assert process.poll() is None  # the camera is away, the station is not
         before = len(recorder.on("/verdict"))
         (tmp_path / "away").rename(folder)
         recorder.wait_for(lambda: len(recorder.on("/verdict")) > before + 3, timeout=30, what="verdicts again")
-        recorder.wait_for(lambda: recorder.json_on("/state")[-1]["camera"] == "ok"
-                          and recorder.json_on("/state")[-1]["problems"] == [], what="the state clear again")
+        recorder.wait_for(
+            lambda: (
+                recorder.json_on("/state")[-1]["camera"] == "ok" and recorder.json_on("/state")[-1]["problems"] == []
+            ),
+            what="the state clear again",
+        )
     finally:
         process.terminate()
         code, output = finish(process)
@@ -450,14 +520,17 @@ def test_a_looping_folder_renamed_away_reconnects_with_a_problem_in_the_state(tm
     recorder.close()
 
 
-def test_a_video_whose_frame_size_changes_mid_stream_gets_no_verdicts_for_the_other_size(tmp_path, station_files, broker):
+def test_a_video_whose_frame_size_changes_mid_stream_gets_no_verdicts_for_the_other_size(
+    tmp_path, station_files, broker
+):
     from tests.test_camera import mixed_size_video
 
     sizes = [(320, 240)] * 6 + [(160, 120)] * 4 + [(320, 240)] * 3
     video = mixed_size_video(tmp_path / "line.mjpg", sizes)
     recorder = Recorder(broker.host, broker.port, "plant/#")
-    config = write_config(tmp_path, station_files, broker, f"{{source: {video}}}",
-                          roi="{x: 20, y: 20, width: 36, height: 26}")  # fits both sizes: only the size gate refuses
+    config = write_config(
+        tmp_path, station_files, broker, f"{{source: {video}}}", roi="{x: 20, y: 20, width: 36, height: 26}"
+    )  # fits both sizes: only the size gate refuses
     code, output = finish(start_station(config))
     assert code == 0 and "Traceback" not in output, output
     recorder.wait_for(lambda: len(recorder.on("/verdict")) + len(recorder.on("/no_verdict")) >= len(sizes), what="all")
@@ -469,9 +542,13 @@ def test_a_video_whose_frame_size_changes_mid_stream_gets_no_verdicts_for_the_ot
         jsonschema.validate(message, schema("no_verdict"))
     problems = [p for s in recorder.json_on("/state") for p in s["problems"]]
     assert any(p.startswith("frame: frame size 160x120 differs") for p in problems)
-    assert output.count("frames are not judged: frame size 160x120") == 1 and "frames are judged again (320x240)" in output
-    recorder.wait_for(lambda: recorder.json_on("/stats") and recorder.json_on("/stats")[-1]["frames_not_judged"] == 4,
-                      what="stats counting the frames not judged")
+    assert (
+        output.count("frames are not judged: frame size 160x120") == 1 and "frames are judged again (320x240)" in output
+    )
+    recorder.wait_for(
+        lambda: recorder.json_on("/stats") and recorder.json_on("/stats")[-1]["frames_not_judged"] == 4,
+        what="stats counting the frames not judged",
+    )
     recorder.close()
 
 
@@ -479,8 +556,13 @@ def test_a_new_frame_size_is_judged_once_a_reload_accepts_it(tmp_path, station_f
     folder = write_images(tmp_path / "camera", good_crops(sim_dataset, 4))
     recorder = Recorder(broker.host, broker.port, "plant/#")
     # An ROI set on the first frames (without one, each photo is the whole part at its own size).
-    config = write_config(tmp_path, station_files, broker, f"{{source: {folder}, loop: true, fps: 20}}",
-                          roi="{x: 0, y: 0, width: 36, height: 26}")
+    config = write_config(
+        tmp_path,
+        station_files,
+        broker,
+        f"{{source: {folder}, loop: true, fps: 20}}",
+        roi="{x: 0, y: 0, width: 36, height: 26}",
+    )
     process = start_station(config)
     try:
         recorder.wait_for(lambda: len(recorder.on("/verdict")) >= 3, what="verdicts at 36x26")
@@ -491,8 +573,9 @@ def test_a_new_frame_size_is_judged_once_a_reload_accepts_it(tmp_path, station_f
         assert "frame size 72x52 differs from the 36x26" in recorder.json_on("/no_verdict")[-1]["reason"]
         assert any(p.startswith("frame: ") for p in recorder.json_on("/state")[-1]["problems"])
         recorder.publish("plant/st1/command", json.dumps({"id": "rl", "cmd": "reload"}))
-        recorder.wait_for(lambda: any(a["id"] == "rl" and a["ok"] for a in recorder.json_on("/command/result")),
-                          what="the reload")
+        recorder.wait_for(
+            lambda: any(a["id"] == "rl" and a["ok"] for a in recorder.json_on("/command/result")), what="the reload"
+        )
         before = len(recorder.on("/verdict"))
         recorder.wait_for(lambda: len(recorder.on("/verdict")) > before + 3, what="72x52 frames judged")
         recorder.wait_for(lambda: recorder.json_on("/state")[-1]["problems"] == [], what="the problem cleared")
@@ -506,15 +589,18 @@ def test_a_new_frame_size_is_judged_once_a_reload_accepts_it(tmp_path, station_f
 def test_a_frame_too_small_for_the_model_is_refused_at_check_and_at_start(tmp_path, station_files, broker, capsys):
     folder = write_images(tmp_path / "camera", {"dot.png": np.full((1, 1), 128, np.uint8)})
     config = write_config(tmp_path, station_files, broker, f"{{source: {folder}}}")
-    says = "the whole frame (no roi is set) of 1x1 pixels is too small for the model's 36x26 input: " \
-           "a region needs at least 9x7"
+    says = (
+        "the whole frame (no roi is set) of 1x1 pixels is too small for the model's 36x26 input: "
+        "a region needs at least 9x7"
+    )
     assert main(["check", "-c", str(config)]) == 78
     assert says in capsys.readouterr().err
     code, output = finish(start_station(config))
     assert code == 78 and f"roi: {says}" in output and "Traceback" not in output, output
     # A configured ROI too small is refused from the configuration alone (a V4L2 device gives check no frame).
-    config = write_config(tmp_path, station_files, broker, '{source: "sim://?seed=1&count=3"}',
-                          roi="{x: 10, y: 10, width: 8, height: 26}")
+    config = write_config(
+        tmp_path, station_files, broker, '{source: "sim://?seed=1&count=3"}', roi="{x: 10, y: 10, width: 8, height: 26}"
+    )
     assert main(["check", "-c", str(config)]) == 78
     assert "ROI x=10 y=10 of 8x26 pixels is too small" in capsys.readouterr().err
     code, output = finish(start_station(config))
@@ -532,8 +618,11 @@ def test_a_live_camera_that_gives_nothing_keeps_the_station_up_reconnecting(tmp_
     process = start_station(config)
     try:
         says = f"camera: cannot open http://127.0.0.1:{port}/stream.mjpg"
-        recorder.wait_for(lambda: any(s["camera"] == "reconnecting" and says in s["problems"]
-                                      for s in recorder.json_on("/state")), timeout=30, what="the camera's problem")
+        recorder.wait_for(
+            lambda: any(s["camera"] == "reconnecting" and says in s["problems"] for s in recorder.json_on("/state")),
+            timeout=30,
+            what="the camera's problem",
+        )
         assert process.poll() is None  # a live camera that is off is waited for, not a reason to stop
     finally:
         process.terminate()

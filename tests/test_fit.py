@@ -1,4 +1,5 @@
 """`station fit` end to end on small simulated folders: real files, torch, onnxruntime."""
+
 import json
 import os
 import shutil
@@ -21,8 +22,22 @@ from station.core.imagefolder import GOOD, image_digest, read_image
 from station.runtime.config.station import parse_config
 from station.tools.simulate import write_dataset
 
-TOP_KEYS = {"auroc", "escape_rate", "escape_rate_ci", "false_reject_rate", "false_reject_rate_ci", "n_good",
-            "n_defect", "warnings", "chosen_candidate", "candidates", "escapes_by_class", "split", "data", "export"}
+TOP_KEYS = {
+    "auroc",
+    "escape_rate",
+    "escape_rate_ci",
+    "false_reject_rate",
+    "false_reject_rate_ci",
+    "n_good",
+    "n_defect",
+    "warnings",
+    "chosen_candidate",
+    "candidates",
+    "escapes_by_class",
+    "split",
+    "data",
+    "export",
+}
 QUICK = {"epochs": 2, "max_candidates": 1}
 
 
@@ -203,8 +218,14 @@ def test_export_falls_back_and_says_why(tmp_path, monkeypatch):
     assert [a["passed"] for a in choice.attempts] == [False, False, True]
 
 
-@pytest.mark.parametrize("kind, said", [("damaged", "cannot be decoded"), ("link to nothing", "which does not exist"),
-                                        ("named pipe", "not a file but a named pipe")])
+@pytest.mark.parametrize(
+    "kind, said",
+    [
+        ("damaged", "cannot be decoded"),
+        ("link to nothing", "which does not exist"),
+        ("named pipe", "not a file but a named pipe"),
+    ],
+)
 def test_station_fit_names_an_unreadable_image(tmp_path, capsys, kind, said):
     data = simulated(tmp_path / "parts", count=80)
     broken = data / GOOD / "broken.png"
@@ -236,15 +257,20 @@ def test_fit_refuses_an_out_it_cannot_or_should_not_write_before_training(tmp_pa
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "station.yaml").write_text("station: mine\n")
     (tmp_path / "empty").mkdir()
-    for out, said in ((tmp_path / "afile", "is a file"), (tmp_path / "afile" / "bundle", "cannot write there"),
-                      (tmp_path / "full", "already exists and is not empty"), (data, "lies inside --data"),
-                      (data / "bundle", "lies inside --data")):
+    for out, said in (
+        (tmp_path / "afile", "is a file"),
+        (tmp_path / "afile" / "bundle", "cannot write there"),
+        (tmp_path / "full", "already exists and is not empty"),
+        (data, "lies inside --data"),
+        (data / "bundle", "lies inside --data"),
+    ):
         assert main(["fit", "--data", str(data), "--out", str(out)]) == 78, out
         err = capsys.readouterr().err
         assert err.startswith("station fit: ") and str(out.name) in err and said in err, err
         assert "Traceback" not in err
     assert (tmp_path / "full" / "station.yaml").read_text() == "station: mine\n" and not (data / "bundle").exists()
     assert FitOptions(data=data, out=tmp_path / "empty").check() is None  # an empty folder is fine
+
 
 def test_tiny_defect_classes_and_too_few_goods_are_named_with_the_numbers_needed(tmp_path):
     data = simulated(tmp_path / "parts", count=80)
@@ -276,6 +302,7 @@ def test_files_fit_passes_over_are_said_not_silently_dropped(tmp_path):
     unread = [w for w in warnings if "not read" in w]
     assert len(unread) == 1 and "3 file(s)" in unread[0] and ".webp 1" in unread[0] and ".png 1" in unread[0]
     assert ".db 1" in unread[0] and ".png .ppm .tif" in unread[0]
+
 
 def test_a_small_dataset_gets_larger_threshold_slices_and_too_few_goods_are_refused_before_anything_trains(tmp_path):
     """60 good parts once passed the data check (50), trained for three minutes, then the audit model's 15 %
@@ -313,8 +340,10 @@ def test_good_parts_chained_into_one_near_duplicate_group_are_split_as_separate_
     check = check_data(data)
     goods = [g for item, g in zip(check.items, check.groups) if not item.is_defect]
     assert max(np.bincount(goods)) <= 5  # no group larger than a part photographed a few times
-    assert any("of the 200 'good' images chained into one near-duplicate group" in w and "optimistic" in w
-               for w in check.warnings)
+    assert any(
+        "of the 200 'good' images chained into one near-duplicate group" in w and "optimistic" in w
+        for w in check.warnings
+    )
     for seed in range(6):
         parts = split_parts(check.items, check.groups, seed)
         good_parts = [part for item, part in zip(check.items, parts) if not item.is_defect]
@@ -359,6 +388,7 @@ def test_the_data_check_never_holds_every_decoded_photo_at_once(tmp_path, monkey
     assert len(served) == len(check.items) == 80 and check.native_size == (2000, 1500)
     assert peak < 100e6, f"{peak / 1e6:.0f} MB"
 
+
 def test_16_bit_photos_filled_to_12_bits_are_warned_about(tmp_path):
     """A 12-bit camera's frames stored in 16-bit PNGs: the station keeps the top 8 bits, the parts reach grey
     level 15 of 255; the test AUROC fell from 1.000 to 0.948 (simulated parts) without a word."""
@@ -373,6 +403,7 @@ def test_16_bit_photos_filled_to_12_bits_are_warned_about(tmp_path):
         cv2.imwrite(str(path), read_image(path) << 4)  # the full 16-bit range: nothing to say
     assert not [w for w in check_data(data).warnings if "16-bit" in w]
 
+
 def test_candidates_stop_when_the_next_estimate_would_overrun_the_budget(tmp_path, monkeypatch):
     import export.train  # noqa: F401  (imported before the clock starts, as in a real run)
     from fit import candidates
@@ -381,22 +412,37 @@ def test_candidates_stop_when_the_next_estimate_would_overrun_the_budget(tmp_pat
         rng = np.random.default_rng(0)  # the same parts for every candidate; the cnn separates them better
         shift = 1.0 if candidate.arch == "mlp" else 3.0
         good, defect = rng.normal(size=150), rng.normal(size=40) + shift
-        return candidates.Outcome(candidate, seconds=2.0, checkpoint=checkpoint, metric="kissme", threshold=1.0,
-                                  escape_rate=0.1 if candidate.arch == "mlp" else 0.05, auroc=0.76 if shift == 1 else 0.98,
-                                  false_reject_rate=0.01, good_scores=good, defect_scores=defect)
+        return candidates.Outcome(
+            candidate,
+            seconds=2.0,
+            checkpoint=checkpoint,
+            metric="kissme",
+            threshold=1.0,
+            escape_rate=0.1 if candidate.arch == "mlp" else 0.05,
+            auroc=0.76 if shift == 1 else 0.98,
+            false_reject_rate=0.01,
+            good_scores=good,
+            defect_scores=defect,
+        )
 
     monkeypatch.setattr(candidates, "_train_and_measure", fake)
     items = list(range(10))
-    order = [candidates.Candidate("mlp", "center"), candidates.Candidate("mlp", "center", 1),
-             candidates.Candidate("cnn", "center"), candidates.Candidate("cnn", "triplet")]
+    order = [
+        candidates.Candidate("mlp", "center"),
+        candidates.Candidate("mlp", "center", 1),
+        candidates.Candidate("cnn", "center"),
+        candidates.Candidate("cnn", "triplet"),
+    ]
     # 5 s: the second mlp (~2 s) fits, the cnn (~6 s, three times the mlp's cost) does not.
-    search = candidates.run_candidates(order, items, [], [], tmp_path, candidates.SearchOptions(
-        budget_minutes=5 / 60, epochs=3, say=lambda line: None))
+    search = candidates.run_candidates(
+        order, items, [], [], tmp_path, candidates.SearchOptions(budget_minutes=5 / 60, epochs=3, say=lambda line: None)
+    )
     assert [o.candidate for o in search.outcomes] == order[:2]
     assert len(search.skipped) == 2 and "budget" in search.skipped[0]
     # Chosen on the calibration part, never by order or training loss.
-    search = candidates.run_candidates(order, items, [], [], tmp_path, candidates.SearchOptions(
-        budget_minutes=60, epochs=3, say=lambda line: None))
+    search = candidates.run_candidates(
+        order, items, [], [], tmp_path, candidates.SearchOptions(budget_minutes=60, epochs=3, say=lambda line: None)
+    )
     assert search.chosen.candidate.arch == "cnn"
 
 
@@ -425,11 +471,23 @@ def test_the_choice_is_not_noise_and_says_how_sure_it_is():
         defect = np.random.default_rng(2).normal(size=n_defect) + shift
         defect += own_noise * np.random.default_rng(4).normal(size=n_defect)  # where this candidate differs
         from calibration.thresholds import auroc
-        return Outcome(candidate, escape_rate=escaped / n_defect, auroc=auroc(good, defect), false_reject_rate=0.01,
-                       n_good=150, n_defect=n_defect, good_scores=good, defect_scores=defect)
+
+        return Outcome(
+            candidate,
+            escape_rate=escaped / n_defect,
+            auroc=auroc(good, defect),
+            false_reject_rate=0.01,
+            n_good=150,
+            n_defect=n_defect,
+            good_scores=good,
+            defect_scores=defect,
+        )
 
     # The commutators' case: AUROC 0.95 against 0.82, but one escape more of ten.
-    strong, weak = outcome(Candidate("cnn", "center", 0, (72, 52)), 2.6, 2), outcome(Candidate("cnn", "triplet"), 1.3, 1)
+    strong, weak = (
+        outcome(Candidate("cnn", "center", 0, (72, 52)), 2.6, 2),
+        outcome(Candidate("cnn", "triplet"), 1.3, 1),
+    )
     choice = choose([weak, strong], DEFAULT_CANDIDATE)
     assert choice.chosen is strong and choice.runner_up is weak and choice.confidence > CONFIDENT
     assert "paired resamples" in choice.line() and choice.summary()["confidence"] == round(choice.confidence, 3)
@@ -442,7 +500,10 @@ def test_the_choice_is_not_noise_and_says_how_sure_it_is():
     # ...and gives way to one that is clearly better.
     assert choose([default, strong], DEFAULT_CANDIDATE).chosen is strong
     # Without defects the false-reject rate decides; nothing is claimed about confidence.
-    goods_only = [Outcome(DEFAULT_CANDIDATE, false_reject_rate=0.02), Outcome(Candidate("mlp", "center"), false_reject_rate=0.01)]
+    goods_only = [
+        Outcome(DEFAULT_CANDIDATE, false_reject_rate=0.02),
+        Outcome(Candidate("mlp", "center"), false_reject_rate=0.01),
+    ]
     choice = choose(goods_only, DEFAULT_CANDIDATE)
     assert choice.chosen is goods_only[1] and choice.confidence is None
 
@@ -467,7 +528,8 @@ def test_a_candidate_over_the_time_per_part_is_measured_and_never_chosen(sim_dat
     train_items, calibration = items[::2], items[1::2]
     options = candidates.SearchOptions(epochs=1, max_ms_per_part=1e-6, say=lambda line: None)
     with pytest.raises(DataError, match="no candidate could be trained") as refused:
-        candidates.run_candidates([candidates.Candidate("mlp", "center")], train_items, [], calibration, tmp_path,
-                                  options)
+        candidates.run_candidates(
+            [candidates.Candidate("mlp", "center")], train_items, [], calibration, tmp_path, options
+        )
     assert "ms a part" in str(refused.value) and "--max-ms-per-part" in str(refused.value)
     assert 0 < candidates.cost_per_part(tmp_path / "c0.untrained.pt") < 50  # measured before training

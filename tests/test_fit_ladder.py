@@ -1,5 +1,6 @@
 """`station fit`'s input sizes and budget: the pretrained ladder, the cost measured before training,
 what the list leaves of the budget (fit/sizes.py, fit/candidates.py, fit/budget.py)."""
+
 import numpy as np
 import pytest
 
@@ -36,11 +37,21 @@ def test_square_photos_get_about_160_and_their_own_size_small_photos_no_ladder()
 
 def test_the_list_measures_the_cheap_pretrained_input_early_and_climbs_the_ladder_last():
     names = [c.name for c in candidate_list((300, 300))]
-    assert names[:4] == ["cnn/center/36x26/seed0", "lite0/center/96x96/seed0",
-                         "positions/frozen-s8/160x160/seed0", "positions/frozen-s16/160x160/seed0"]
-    assert names[-7:] == ["lite0/center/160x160/seed0", "lite0/center/288x288/seed0", "lite0ft/center/96x96/seed0",
-                          "lite0ft/center/160x160/seed0", "cnn/contrastive/36x26/seed0",
-                          "mlp/contrastive/36x26/seed0", "cnn/triplet/36x26/seed0"]
+    assert names[:4] == [
+        "cnn/center/36x26/seed0",
+        "lite0/center/96x96/seed0",
+        "positions/frozen-s8/160x160/seed0",
+        "positions/frozen-s16/160x160/seed0",
+    ]
+    assert names[-7:] == [
+        "lite0/center/160x160/seed0",
+        "lite0/center/288x288/seed0",
+        "lite0ft/center/96x96/seed0",
+        "lite0ft/center/160x160/seed0",
+        "cnn/contrastive/36x26/seed0",
+        "mlp/contrastive/36x26/seed0",
+        "cnn/triplet/36x26/seed0",
+    ]
     small = [c.name for c in candidate_list((36, 26))]
     assert [n for n in small if n.startswith("lite0")] == ["lite0/center/112x80/seed0", "lite0ft/center/112x80/seed0"]
     assert names.index("cnn/center/72x52/seed0") < names.index("lite0/center/160x160/seed0")
@@ -50,9 +61,20 @@ def test_the_list_measures_the_cheap_pretrained_input_early_and_climbs_the_ladde
 def _fake(seconds_per_kilopixel):
     def fake(candidate, train, val, calibration, checkpoint, options):
         good, defect = np.random.default_rng(0).normal(size=100), np.random.default_rng(1).normal(size=30) + 2
-        return Outcome(candidate, seconds=seconds_per_kilopixel * candidate.size[0] * candidate.size[1] / 1000,
-                       checkpoint=checkpoint, metric="minkowski", threshold=1.0, escape_rate=0.1, auroc=0.9,
-                       false_reject_rate=0.01, good_scores=good, defect_scores=defect, ms_per_part=1.0)
+        return Outcome(
+            candidate,
+            seconds=seconds_per_kilopixel * candidate.size[0] * candidate.size[1] / 1000,
+            checkpoint=checkpoint,
+            metric="minkowski",
+            threshold=1.0,
+            escape_rate=0.1,
+            auroc=0.9,
+            false_reject_rate=0.01,
+            good_scores=good,
+            defect_scores=defect,
+            ms_per_part=1.0,
+        )
+
     return fake
 
 
@@ -68,22 +90,33 @@ def test_the_budget_left_after_the_list_climbs_the_ladder_while_the_estimate_fit
         return outcome
 
     monkeypatch.setattr(candidates, "_train_and_measure", timed)
-    order = [Candidate("lite0", "center", 0, (96, 96)), Candidate("lite0", "center", 0, (160, 160)),
-             Candidate("lite0", "center", 0, (288, 288))]
+    order = [
+        Candidate("lite0", "center", 0, (96, 96)),
+        Candidate("lite0", "center", 0, (160, 160)),
+        Candidate("lite0", "center", 0, (288, 288)),
+    ]
     # 96x96 costs ~92 s on the fake clock, 160x160 ~256 s, 288x288 ~829 s: 400 s hold the first two only.
-    search = run_candidates(order, list(range(10)), [], [], tmp_path, SearchOptions(
-        budget_minutes=400 / 60, epochs=1, say=lambda line: None))
+    search = run_candidates(
+        order,
+        list(range(10)),
+        [],
+        [],
+        tmp_path,
+        SearchOptions(budget_minutes=400 / 60, epochs=1, say=lambda line: None),
+    )
     assert [o.candidate for o in search.outcomes] == order[:2] and not search.complete
     assert search.skipped == ["lite0/center/288x288/seed0: budget (52 s left, ~829 s estimated)"]
     assert clock[0] <= 400 * 1.1  # the budget is kept
     clock[0] = 0.0
-    search = run_candidates(order, list(range(10)), [], [], tmp_path, SearchOptions(
-        budget_minutes=30, epochs=1, say=lambda line: None))
+    search = run_candidates(
+        order, list(range(10)), [], [], tmp_path, SearchOptions(budget_minutes=30, epochs=1, say=lambda line: None)
+    )
     assert len(search.outcomes) == 3 and search.complete
 
 
-def test_a_candidate_over_the_time_per_part_is_never_trained_nor_a_larger_input_of_it(sim_dataset, tmp_path,
-                                                                                         monkeypatch):
+def test_a_candidate_over_the_time_per_part_is_never_trained_nor_a_larger_input_of_it(
+    sim_dataset, tmp_path, monkeypatch
+):
     """The cost is measured with onnxruntime on the untrained graph (the same operations) before training."""
     from export import train
     from station.core.imagefolder import scan_dataset
@@ -95,8 +128,14 @@ def test_a_candidate_over_the_time_per_part_is_never_trained_nor_a_larger_input_
     items = scan_dataset(sim_dataset)
     order = [Candidate("mlp", "center"), Candidate("mlp", "center", 0, (72, 52))]
     with pytest.raises(DataError, match="no candidate could be trained") as refused:
-        run_candidates(order, items[::2], [], items[1::2], tmp_path,
-                       SearchOptions(epochs=1, max_ms_per_part=1e-6, say=lambda line: None))
+        run_candidates(
+            order,
+            items[::2],
+            [],
+            items[1::2],
+            tmp_path,
+            SearchOptions(epochs=1, max_ms_per_part=1e-6, say=lambda line: None),
+        )
     assert "measured here before training" in str(refused.value) and "not trained" in str(refused.value)
     assert "mlp/center/72x52" not in str(refused.value)  # never measured: a smaller input was already over
     assert 0 < candidates.cost_per_part(tmp_path / "c0.untrained.pt") < 50
@@ -104,8 +143,9 @@ def test_a_candidate_over_the_time_per_part_is_never_trained_nor_a_larger_input_
 
 def _budget(seconds, elapsed, pools=None):
     """A Budget `elapsed` seconds into its `seconds` (pools: 500 search photos, 2,000 final ones)."""
-    pools = pools or Pools(n_search_train=500, n_calibration=250, n_final_train=2000, n_final_held=400,
-                           n_final_all=2400, n_test=250)
+    pools = pools or Pools(
+        n_search_train=500, n_calibration=250, n_final_train=2000, n_final_held=400, n_final_all=2400, n_test=250
+    )
     return Budget(seconds, pools, started=candidates.time.perf_counter() - elapsed)
 
 
@@ -121,11 +161,14 @@ def test_the_budget_a_small_dataset_leaves_adds_trunks_after_reserving_the_final
     assert summary["spent_seconds"] == 590.0 and summary["spent_share"] == pytest.approx(0.983) and summary["within"]
     assert summary["final_seconds_estimated"] == pytest.approx(200.0, rel=1e-3) and "whole" in summary["rule"]
     assert plan_members(chosen, 3, None, _budget(600.0, 100.0), 0.9).members == 4  # 4 x 0.2 ms fit 0.9 ms
-    for plan in (plan_members(chosen, 3, None, _budget(600.0, 470.0), 10.0),  # 130 s left: the default's 120 s only
-                 plan_members(chosen, 3, 2, _budget(600.0, 100.0), 10.0),  # --members decides
-                 plan_members(chosen, 3, None, _budget(600.0, 100.0), 10.0, complete=False),
-                 plan_members(Outcome(Candidate("lite0", "center"), seconds=10.0, ms_per_part=2.0), 1, None,
-                              _budget(600.0, 100.0), 10.0)):
+    for plan in (
+        plan_members(chosen, 3, None, _budget(600.0, 470.0), 10.0),  # 130 s left: the default's 120 s only
+        plan_members(chosen, 3, 2, _budget(600.0, 100.0), 10.0),  # --members decides
+        plan_members(chosen, 3, None, _budget(600.0, 100.0), 10.0, complete=False),
+        plan_members(
+            Outcome(Candidate("lite0", "center"), seconds=10.0, ms_per_part=2.0), 1, None, _budget(600.0, 100.0), 10.0
+        ),
+    ):
         assert plan.added == 0 and plan.why and plan.over is None
 
 
@@ -138,8 +181,9 @@ def test_a_chosen_recipe_whose_final_models_cannot_fit_is_said_never_a_silent_ov
 
 
 def test_the_final_models_scale_by_their_photos_trunks_forms_and_a_frozen_model_by_what_it_embeds():
-    pools = Pools(n_search_train=500, n_calibration=250, n_final_train=2000, n_final_held=400, n_final_all=2400,
-                  n_test=250)
+    pools = Pools(
+        n_search_train=500, n_calibration=250, n_final_train=2000, n_final_held=400, n_final_all=2400, n_test=250
+    )
     trained = final_seconds(pools, Candidate("cnn", "center"), 3, 10.0, embed_seconds=1.0, export_seconds=0.5)
     # training 3 x 10 x 4; embedding 1 s a calibration part, (400 + 250) photos in 2 forms; 2 models x 3 exports x 3.
     assert trained == pytest.approx(120.0 + 1.0 * 2 * 650 / 250 + 2 * 3 * 3 * 0.5)
@@ -147,7 +191,8 @@ def test_the_final_models_scale_by_their_photos_trunks_forms_and_a_frozen_model_
     assert frozen == pytest.approx(5.0 * (2400 + 250) / 250)
     gated = Pools(**{**pools.__dict__, "n_final_gate": 1500})  # the export gates embed their samples too
     assert final_seconds(gated, Candidate("cnn", "center"), 3, 10.0, 1.0, 0.5) == pytest.approx(
-        trained + 1.0 * 3 * 3 * 1500 / 250)
+        trained + 1.0 * 3 * 3 * 1500 / 250
+    )
 
 
 def test_an_audit_model_slower_than_estimated_says_the_bundle_model_will_overrun():
@@ -177,8 +222,14 @@ def test_a_candidate_starts_only_while_it_and_the_final_models_fit(tmp_path, mon
     pools = Pools(n_search_train=10, n_calibration=10, n_final_train=30, n_final_held=6, n_final_all=36, n_test=4)
     # mlp, 3 trunks: 3 x 10 s x 30 / 10 = 90 s of final models for the first; 120 s budget.
     budget = Budget(120.0, pools, started=0.0)
-    search = run_candidates(order, list(range(10)), [], [], tmp_path, SearchOptions(
-        budget_minutes=2, epochs=1, say=lambda line: None, budget=budget))
+    search = run_candidates(
+        order,
+        list(range(10)),
+        [],
+        [],
+        tmp_path,
+        SearchOptions(budget_minutes=2, epochs=1, say=lambda line: None, budget=budget),
+    )
     # The 72x52 mlp (~40 s) alone fits the 110 s left, not beside 4 x its own 40 s x 3 trunks reserved.
     assert [o.candidate for o in search.outcomes] == [order[0], order[2]]
     assert search.skipped[0].startswith("mlp/center/72x52/seed0: budget (110 s left, ~40 s estimated, ~")
@@ -186,14 +237,19 @@ def test_a_candidate_starts_only_while_it_and_the_final_models_fit(tmp_path, mon
     # The third: 10 s, with the first's 90 s reserved, fits the 110 s left.
 
 
-def test_estimates_follow_how_far_off_the_earlier_ones_were_and_a_skipped_one_leaves_room_for_cheaper(tmp_path,
-                                                                                                      monkeypatch):
+def test_estimates_follow_how_far_off_the_earlier_ones_were_and_a_skipped_one_leaves_room_for_cheaper(
+    tmp_path, monkeypatch
+):
     from export import train  # noqa: F401
 
     clock = [0.0]
     monkeypatch.setattr(candidates.time, "perf_counter", lambda: clock[0])
-    order = [Candidate("mlp", "center"), Candidate("mlp", "center", 0, (72, 52)), Candidate("cnn", "center", 0, (72, 52)),
-             Candidate("mlp", "center", 1)]
+    order = [
+        Candidate("mlp", "center"),
+        Candidate("mlp", "center", 0, (72, 52)),
+        Candidate("cnn", "center", 0, (72, 52)),
+        Candidate("mlp", "center", 1),
+    ]
     took = {order[0]: 10.0, order[1]: 80.0, order[2]: 120.0, order[3]: 10.0}  # the 72x52 mlp: twice its estimate
 
     def timed(candidate, *args):
@@ -203,8 +259,9 @@ def test_estimates_follow_how_far_off_the_earlier_ones_were_and_a_skipped_one_le
         return outcome
 
     monkeypatch.setattr(candidates, "_train_and_measure", timed)
-    search = run_candidates(order, list(range(10)), [], [], tmp_path, SearchOptions(
-        budget_minutes=5, epochs=1, say=lambda line: None))
+    search = run_candidates(
+        order, list(range(10)), [], [], tmp_path, SearchOptions(budget_minutes=5, epochs=1, say=lambda line: None)
+    )
     # The cnn's 120 s (3 x the mlp's per pixel) doubled to 240 s does not fit the 210 s left; the second mlp does.
     assert [o.candidate for o in search.outcomes] == [order[0], order[1], order[3]]
     assert search.skipped == ["cnn/center/72x52/seed0: budget (210 s left, ~240 s estimated)"] and not search.complete
@@ -244,6 +301,8 @@ def test_the_command_line_states_the_budget_default_fit_uses():
     from station.cli import build_parser
     from fit.candidates import DEFAULT_BUDGET_MINUTES
 
-    fit_parser = next(a for a in build_parser()._subparsers._group_actions[0].choices.values() if a.prog.endswith(" fit"))
+    fit_parser = next(
+        a for a in build_parser()._subparsers._group_actions[0].choices.values() if a.prog.endswith(" fit")
+    )
     budget = next(a for a in fit_parser._actions if "--budget" in a.option_strings)
     assert f"(default {DEFAULT_BUDGET_MINUTES:g})" in budget.help

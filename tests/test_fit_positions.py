@@ -1,5 +1,6 @@
 """The frozen per-position model as a `station fit` candidate (fit/positions.py): real files, the
 exported graph in onnxruntime, small simulated folders."""
+
 import numpy as np
 import pytest
 
@@ -37,15 +38,22 @@ def test_its_calibration_figures_are_out_of_fold_and_comparable_with_the_trained
     assert search.chosen is outcome and outcome.row()["ms_per_part"] > 0
 
 
-def test_without_defects_it_is_held_to_the_false_reject_target_and_over_the_time_limit_it_is_refused(sim_dataset,
-                                                                                                     tmp_path):
+def test_without_defects_it_is_held_to_the_false_reject_target_and_over_the_time_limit_it_is_refused(
+    sim_dataset, tmp_path
+):
     goods = [item for item in scan_dataset(sim_dataset) if not item.is_defect]
     search = run_candidates([S8], goods[::2], [], goods[1::2], tmp_path, SearchOptions(say=lambda line: None))
     (outcome,) = search.outcomes
     assert outcome.defect_scores is None and outcome.auroc is None and 0 <= outcome.false_reject_rate < 0.2
     large = Candidate("positions", "frozen-s8", 0, (128, 128))  # ~1.3 ms a part; one mlp trunk ~0.05 ms
-    over = run_candidates([large, Candidate("mlp", "center")], goods[::2], [], goods[1::2], tmp_path / "over",
-                          SearchOptions(epochs=1, members=1, max_ms_per_part=0.5, say=lambda line: None))
+    over = run_candidates(
+        [large, Candidate("mlp", "center")],
+        goods[::2],
+        [],
+        goods[1::2],
+        tmp_path / "over",
+        SearchOptions(epochs=1, members=1, max_ms_per_part=0.5, say=lambda line: None),
+    )
     assert over.outcomes[0].over_limit and "--max-ms-per-part 0.5" in over.outcomes[0].error
     assert over.chosen.candidate.arch == "mlp"
 
@@ -80,7 +88,10 @@ def test_chosen_it_makes_a_complete_bundle_with_a_format_3_reference_set(positio
     ref = reference_set.load(out / "reference")
     reference_set.verify_for_model(ref, embedder.info.sha256, embedder.info.embedding_dim)
     assert ref.version == result["bundle"]["reference_version"] and ref.metric == result["metric"] == "position"
-    assert reference_set.FORMAT_POSITIONS in (out / "reference").joinpath(f"v{ref.version:04d}", "reference.yaml").read_text()
+    assert (
+        reference_set.FORMAT_POSITIONS
+        in (out / "reference").joinpath(f"v{ref.version:04d}", "reference.yaml").read_text()
+    )
     rows = result["candidates"]
     assert [r["arch"] for r in rows] == ["positions", "positions"] and all(r["ms_per_part"] > 0 for r in rows)
     assert result["export"]["mode"] == "fp32" and result["n_trained"] == 0

@@ -1,4 +1,5 @@
 """`station fit`'s statistics: exact intervals, expected-cost thresholds, KISSME, reference-set formats."""
+
 import numpy as np
 import pytest
 import yaml
@@ -63,7 +64,9 @@ def test_kissme_matrix_is_symmetric_psd_and_separates_a_partial_defect():
     assert np.linalg.eigvalsh(matrix).min() >= -1e-10
     reference = good.mean(axis=0)
     new_good, new_defect = parts(100, seed=3), parts(100, seed=4, shift=3.0)
-    auroc = thresholds.auroc(metrics.mahalanobis(new_good, reference, matrix), metrics.mahalanobis(new_defect, reference, matrix))
+    auroc = thresholds.auroc(
+        metrics.mahalanobis(new_good, reference, matrix), metrics.mahalanobis(new_defect, reference, matrix)
+    )
     assert auroc > 0.95
 
 
@@ -92,8 +95,14 @@ def test_station_calibrate_warns_when_too_few_goods_for_its_target():
 
 
 def _reference_set(model, metric="minkowski"):
-    return ReferenceSet(model=model, metric=metric, thresholds={n: 1.0 for n in model.scores},
-                        product="A", model_sha256="ab" * 32, n_good=60)
+    return ReferenceSet(
+        model=model,
+        metric=metric,
+        thresholds={n: 1.0 for n in model.scores},
+        product="A",
+        model_sha256="ab" * 32,
+        n_good=60,
+    )
 
 
 def test_kissme_sets_get_a_new_format_and_older_sets_still_load_and_roll_back(tmp_path):
@@ -117,7 +126,10 @@ def test_kissme_sets_get_a_new_format_and_older_sets_still_load_and_roll_back(tm
 
 def test_the_camera_default_count_supports_the_default_target():
     assert thresholds.DEFAULT_CAMERA_COUNT == thresholds.goods_needed(thresholds.DEFAULT_TARGET_FALSE_REJECT) == 600
-    assert thresholds.too_few_goods_warning(thresholds.DEFAULT_CAMERA_COUNT, thresholds.DEFAULT_TARGET_FALSE_REJECT) is None
+    assert (
+        thresholds.too_few_goods_warning(thresholds.DEFAULT_CAMERA_COUNT, thresholds.DEFAULT_TARGET_FALSE_REJECT)
+        is None
+    )
 
 
 def test_the_shipped_demo_reference_set_written_before_kissme_still_loads(tmp_path):
@@ -129,8 +141,9 @@ def test_the_shipped_demo_reference_set_written_before_kissme_still_loads(tmp_pa
     assert loaded.model.kissme is None and set(loaded.thresholds) == set(SCORES)
     copy = tmp_path / "demo"
     shutil.copytree(DEMO_REFERENCE, copy)
-    learned = thresholds.calibrate_held_out(parts(60, d=loaded.embedding_dim, seed=1),
-                                     parts(20, d=loaded.embedding_dim, seed=2, shift=3.0)).model
+    learned = thresholds.calibrate_held_out(
+        parts(60, d=loaded.embedding_dim, seed=1), parts(20, d=loaded.embedding_dim, seed=2, shift=3.0)
+    ).model
     reference_set.save(copy, _reference_set(learned, "kissme"))
     assert reference_set.rollback(copy) == 1
     np.testing.assert_array_equal(reference_set.load(copy).model.reference, loaded.model.reference)
@@ -163,5 +176,7 @@ def test_defects_that_score_among_the_good_parts_do_not_drag_the_cut_into_the_go
     assert width_d / width_g == pytest.approx((82 / 14) ** 0.2)
     # fit.json records the widths the cut was smoothed with, per metric.
     summary = thresholds.cost_fit(good, np.concatenate([seen, hidden]), 0.05, 20).summary()
-    assert summary["kernel_widths_log"] == {"good": pytest.approx(width_g, abs=1e-6),
-                                            "defect": pytest.approx(width_d, abs=1e-6)}
+    assert summary["kernel_widths_log"] == {
+        "good": pytest.approx(width_g, abs=1e-6),
+        "defect": pytest.approx(width_d, abs=1e-6),
+    }

@@ -1,4 +1,5 @@
 """station fit's tiled candidates (fit/tiles.py): the rule, the measured geometry, part-level figures, station.yaml."""
+
 from __future__ import annotations
 
 import math
@@ -62,7 +63,9 @@ def test_the_tiles_cost_is_the_one_measurement_every_candidate_gets_re_measured_
     assert tiles.measured_ms(embedder, 8, limit) <= limit
     assert len(runs) == 2 * (cost.COST_WARMUP + cost.COST_RUNS) and set(runs) == {8}  # 8 tiles, one batch
     runs.clear()
-    assert tiles.measured_ms(embedder, 8, 1e-6) > 0 and len(runs) == cost.COST_TRIES * (cost.COST_WARMUP + cost.COST_RUNS)
+    assert tiles.measured_ms(embedder, 8, 1e-6) > 0 and len(runs) == cost.COST_TRIES * (
+        cost.COST_WARMUP + cost.COST_RUNS
+    )
     assert candidates.onnx_ms is cost.onnx_ms  # the trained and per-position candidates' measurement too
 
 
@@ -76,8 +79,9 @@ def test_a_tiled_candidate_is_measured_per_part_and_its_station_yaml_parses(plat
     assert outcome.good_scores.shape == (n_good,) and outcome.defect_scores.shape == (len(items) - n_good,)
     assert 0.0 <= outcome.auroc <= 1.0 and outcome.ms_per_part > 0 and outcome.n_good == n_good
     assert outcome.row()["candidate"] == "lite0-tiles/96x96@72x72/21tiles"
-    config = parse_config("station: s\ncamera: {source: /tmp}\nmodel: m.onnx\nreference: r\n"
-                          + tiles.station_yaml_section(candidate))
+    config = parse_config(
+        "station: s\ncamera: {source: /tmp}\nmodel: m.onnx\nreference: r\n" + tiles.station_yaml_section(candidate)
+    )
     assert (config.tiles.width, config.tiles.height, config.tiles.strides) == (96, 96, (72, 72)) and config.roi is None
     limit = candidates.SearchOptions(say=lambda line: None, max_ms_per_part=1e-6)
     over = tiles.measure(candidate, items, tmp_path, limit, candidates.Outcome(candidate))
@@ -97,8 +101,10 @@ def test_station_fit_builds_a_tiled_bundle_the_station_judges_as_it_was_fitted(t
     out = tmp_path_factory.mktemp("bundle") / "b"
     result = pipeline.run_fit(pipeline.FitOptions(data=data, out=out, max_ms_per_part=1000.0, say=lambda line: None))
     assert result["chosen_candidate"] in ("lite0-tiles/80x80@60x60/24tiles", "lite0-tiles/80x80@40x40/44tiles")
-    assert {row["candidate"] for row in result["candidates"]} == {"lite0-tiles/80x80@60x60/24tiles",
-                                                                   "lite0-tiles/80x80@40x40/44tiles"}
+    assert {row["candidate"] for row in result["candidates"]} == {
+        "lite0-tiles/80x80@60x60/24tiles",
+        "lite0-tiles/80x80@40x40/44tiles",
+    }
     assert result["n_good"] + result["n_defect"] == len([p for p in result["split"]["files"].values() if p == "test"])
     saved = reference_sets.load(out / "reference")
     assert saved.statistics["tiles"]["region_width"] == 480 and saved.statistics["tiles"]["width"] == 80

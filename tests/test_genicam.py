@@ -5,6 +5,7 @@ on loopback (GVCP control, GVSP stream); `arv-tool-0.8` reads its settings
 back as a second client would. The fake camera answers on 127.0.0.1 only, so
 every test holds a lock file: test runs on the same machine take turns.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,9 @@ from tests.mqtt_helpers import Recorder
 
 def test_genicam_settings_are_checked_when_the_config_is_read():
     base = "station: s1\nmodel: m.onnx\nreference: r\n"
-    config = parse_config(base + f"camera: {{source: {SOURCE}, genicam: {{exposure_us: 500, gain: 2}}}}\n"
-                          "trigger: hardware\n")
+    config = parse_config(
+        base + f"camera: {{source: {SOURCE}, genicam: {{exposure_us: 500, gain: 2}}}}\ntrigger: hardware\n"
+    )
     assert config.camera.source == SOURCE and config.camera.genicam.exposure_us == 500
     assert config.camera.genicam.pixel_format == "Mono8" and config.trigger == "hardware"
     cases = {
@@ -46,19 +48,28 @@ def test_genicam_settings_are_checked_when_the_config_is_read():
 
 
 def test_the_daemon_imports_aravis_only_for_a_genicam_source():
-    code = ("import sys; import station.runtime.daemon, station.runtime.sources, station.runtime.config.station, "
-            "station.runtime.sources.genicam_config; print('gi' in sys.modules)")
+    code = (
+        "import sys; import station.runtime.daemon, station.runtime.sources, station.runtime.config.station, "
+        "station.runtime.sources.genicam_config; print('gi' in sys.modules)"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "False", done.stdout + done.stderr
 
 
 def test_without_aravis_run_and_check_say_what_to_install(tmp_path, station_files, broker):
     config = genicam_config(tmp_path, station_files, broker, "exposure_us: 2500")
-    blocked = ("import sys; sys.modules['gi'] = None  # as on a line PC without the genicam extra\n"
-               "from station.cli import main; sys.exit(main(sys.argv[1:]))")
+    blocked = (
+        "import sys; sys.modules['gi'] = None  # as on a line PC without the genicam extra\n"
+        "from station.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
     for command, code in (("run", 69), ("check", 78)):
-        done = subprocess.run([sys.executable, "-c", blocked, command, "-c", str(config)], cwd=ROOT,
-                              capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            [sys.executable, "-c", blocked, command, "-c", str(config)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         output = done.stdout + done.stderr
         assert done.returncode == code, output
         assert "pip install '.[genicam]'" in output and "gir1.2-aravis-0.8" in output, output
@@ -87,8 +98,11 @@ def test_the_source_applies_settings_and_delivers_grey_frames_with_the_camera_ti
     assert stamps == sorted(stamps) and stamps[0] > started - 10**9  # the fake camera's clock is the wall clock
     assert source.camera_name.startswith("Aravis Fake") and "exposure 3300 us" in source.applied
     assert "gain 3 raw" in source.applied  # the fake camera has GainRaw, no Gain (dB)
-    assert [FakeCamera.control(name) for name in ("ExposureTimeAbs", "GainRaw", "PixelFormat")] == \
-        ["3300", "3", "BayerRG8"]
+    assert [FakeCamera.control(name) for name in ("ExposureTimeAbs", "GainRaw", "PixelFormat")] == [
+        "3300",
+        "3",
+        "BayerRG8",
+    ]
     assert source.counters() == {"camera_lost_packets": 0, "camera_incomplete_frames": 0}
 
 
@@ -115,30 +129,48 @@ def test_lost_packets_and_incomplete_frames_are_counted(fake_camera_factory):
 @needs_aravis
 def test_station_check_names_the_camera_and_applies_the_settings(tmp_path, station_files, broker, fake_camera):
     config = genicam_config(tmp_path, station_files, broker, "exposure_us: 4200")
-    done = subprocess.run([sys.executable, "-m", "station", "check", "-c", str(config)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "station", "check", "-c", str(config)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "ok: camera Aravis Fake, serial GV01" in done.stdout and "exposure 4200 us" in done.stdout, done.stdout
     assert f"fits the 512x512 frames of {SOURCE}" in done.stdout
     assert FakeCamera.control("ExposureTimeAbs") == "4200"
 
     config = genicam_config(tmp_path, station_files, broker, "exposure_us: 4200, gain: 50")
-    done = subprocess.run([sys.executable, "-m", "station", "check", "-c", str(config)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "station", "check", "-c", str(config)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 78, done.stdout + done.stderr
     assert "gain 50 is outside the camera's range 0 to 10 (GainRaw)" in done.stderr + done.stdout
 
     config = genicam_config(tmp_path, station_files, broker, "trigger_source: Line7", trigger="hardware")
-    done = subprocess.run([sys.executable, "-m", "station", "check", "-c", str(config)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "station", "check", "-c", str(config)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 78, done.stdout + done.stderr
-    assert "camera.genicam.trigger_source: trigger source Line7 is not offered (the camera has Line0, Software)" \
-        in done.stderr, done.stderr
+    assert (
+        "camera.genicam.trigger_source: trigger source Line7 is not offered (the camera has Line0, Software)"
+        in done.stderr
+    ), done.stderr
 
 
 @needs_aravis
 def test_station_run_publishes_verdicts_and_reconnects_when_the_camera_comes_back(
-        tmp_path, station_files, broker, fake_camera):
+    tmp_path, station_files, broker, fake_camera
+):
     recorder = Recorder(broker.host, broker.port, "plant/#")
     config = genicam_config(tmp_path, station_files, broker, "exposure_us: 2500, frame_rate: 20")
     process = start_station(config)
@@ -151,11 +183,14 @@ def test_station_run_publishes_verdicts_and_reconnects_when_the_camera_comes_bac
             assert verdict["part_id"] is None
 
         fake_camera.kill()  # the camera goes away ...
-        recorder.wait_for(lambda: recorder.json_on("/state")[-1]["camera"] == "reconnecting", timeout=20,
-                          what="camera reconnecting")
+        recorder.wait_for(
+            lambda: recorder.json_on("/state")[-1]["camera"] == "reconnecting", timeout=20, what="camera reconnecting"
+        )
         fake_camera.start()  # ... and comes back as a new camera with its defaults (exposure 10000)
         judged = len(recorder.on("/verdict"))
-        recorder.wait_for(lambda: len(recorder.on("/verdict")) >= judged + 5, timeout=40, what="verdicts after reconnect")
+        recorder.wait_for(
+            lambda: len(recorder.on("/verdict")) >= judged + 5, timeout=40, what="verdicts after reconnect"
+        )
         assert recorder.json_on("/state")[-1]["camera"] == "ok"
         assert FakeCamera.control("ExposureTimeAbs") == "2500"  # applied again on reconnect
         recorder.wait_for(lambda: recorder.json_on("/stats")[-1]["camera_reconnects"] >= 1, what="a reconnect counted")
@@ -214,15 +249,22 @@ def test_hardware_trigger_makes_each_frame_a_counted_part(fake_camera):
 @needs_aravis
 def test_station_run_with_hardware_trigger_sets_the_cameras_trigger(tmp_path, station_files, broker, fake_camera):
     recorder = Recorder(broker.host, broker.port, "plant/#")
-    config = genicam_config(tmp_path, station_files, broker, "exposure_us: 2000, trigger_source: Line0",
-                            trigger="hardware")
+    config = genicam_config(
+        tmp_path, station_files, broker, "exposure_us: 2000, trigger_source: Line0", trigger="hardware"
+    )
     process = start_station(config)
     try:
-        recorder.wait_for(lambda: recorder.json_on("/state") and recorder.json_on("/state")[-1]["camera"] == "ok",
-                          timeout=30, what="the station ready")
+        recorder.wait_for(
+            lambda: recorder.json_on("/state") and recorder.json_on("/state")[-1]["camera"] == "ok",
+            timeout=30,
+            what="the station ready",
+        )
         assert recorder.json_on("/state")[-1]["trigger"] == "hardware"
-        assert [FakeCamera.control(name) for name in ("TriggerMode", "TriggerSource", "ExposureTimeAbs")] == \
-            ["On", "Line0", "2000"]
+        assert [FakeCamera.control(name) for name in ("TriggerMode", "TriggerSource", "ExposureTimeAbs")] == [
+            "On",
+            "Line0",
+            "2000",
+        ]
         time.sleep(1.5)
         assert recorder.on("/verdict") == []  # no pulse on Line0: no part, no verdict, and no camera "lost"
         assert recorder.json_on("/state")[-1]["camera"] == "ok"
@@ -251,8 +293,12 @@ def test_an_mqtt_trigger_fires_the_cameras_software_trigger(tmp_path, station_fi
         sent = []
         for index in range(3):
             sent.append(time.time_ns())
-            recorder.publish("plant/st1/command", json.dumps({"id": f"t{index}", "cmd": "trigger", "part_id": f"P-{index}"}))
-            recorder.wait_for(lambda index=index: len(recorder.on("/verdict")) > index, timeout=15, what=f"verdict for P-{index}")
+            recorder.publish(
+                "plant/st1/command", json.dumps({"id": f"t{index}", "cmd": "trigger", "part_id": f"P-{index}"})
+            )
+            recorder.wait_for(
+                lambda index=index: len(recorder.on("/verdict")) > index, timeout=15, what=f"verdict for P-{index}"
+            )
         verdicts = recorder.json_on("/verdict")
         assert [v["part_id"] for v in verdicts] == ["P-0", "P-1", "P-2"]
         # Each frame was taken after its trigger was sent: the camera's clock is the wall clock here.
@@ -270,7 +316,7 @@ def test_an_mqtt_trigger_fires_the_cameras_software_trigger(tmp_path, station_fi
 # ---------------------------------------------------------------- the systemd sandbox
 
 
-GRAB = '''
+GRAB = """
 import threading, time
 from station.runtime.sources import open_source
 from station.runtime.sources.genicam_config import GenicamConfig
@@ -285,10 +331,12 @@ while len(frames) < 10 and time.monotonic() < deadline:
     time.sleep(0.05)
 source.close()
 print("frames", len(frames), source.camera_name, source.last_error)
-'''
+"""
 # socket(AF_NETLINK, ...) refused as RestrictAddressFamilies= without AF_NETLINK refuses it (x86_64: socket is 41).
-NO_NETLINK = ("program += [(JEQ, 0, 4, 41), (LD, 0, 0, 16), (JEQ, 0, 1, 16), "
-              "(RET, 0, 0, 0x00050000 | errno.EAFNOSUPPORT), (RET, 0, 0, ALLOW)]\n")
+NO_NETLINK = (
+    "program += [(JEQ, 0, 4, 41), (LD, 0, 0, 16), (JEQ, 0, 1, 16), "
+    "(RET, 0, 0, 0x00050000 | errno.EAFNOSUPPORT), (RET, 0, 0, ALLOW)]\n"
+)
 
 
 def sandboxed_grab(trigger: str, seconds: float, netlink: bool) -> subprocess.CompletedProcess:
@@ -298,9 +346,16 @@ def sandboxed_grab(trigger: str, seconds: float, netlink: bool) -> subprocess.Co
 
     prologue = SANDBOXED.split("# Only now the heavy libraries")[0]
     if not netlink:
-        prologue = prologue.replace("program.append((RET, 0, 0, ALLOW))", NO_NETLINK + "program.append((RET, 0, 0, ALLOW))")
-    return subprocess.run([sys.executable, "-c", prologue + GRAB, SOURCE, trigger, str(seconds)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+        prologue = prologue.replace(
+            "program.append((RET, 0, 0, ALLOW))", NO_NETLINK + "program.append((RET, 0, 0, ALLOW))"
+        )
+    return subprocess.run(
+        [sys.executable, "-c", prologue + GRAB, SOURCE, trigger, str(seconds)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @needs_aravis
@@ -317,11 +372,20 @@ def test_aravis_streams_under_the_units_write_xor_execute_lock_but_needs_netlink
 
 @needs_aravis
 def test_camera_calibration_sets_the_camera_as_the_station_does(tmp_path, station_files, broker, fake_camera):
-    config = write_config(tmp_path, station_files, broker,
-                          f"{{source: {SOURCE}, genicam: {{exposure_us: 3100, frame_rate: 50}}}}",
-                          products=f"{{A: {tmp_path / 'refs' / 'A'}}}")
-    done = subprocess.run([sys.executable, "-m", "station", "calibrate", "-c", str(config), "--count", "30",
-                           "--min-good", "30"], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    config = write_config(
+        tmp_path,
+        station_files,
+        broker,
+        f"{{source: {SOURCE}, genicam: {{exposure_us: 3100, frame_rate: 50}}}}",
+        products=f"{{A: {tmp_path / 'refs' / 'A'}}}",
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "station", "calibrate", "-c", str(config), "--count", "30", "--min-good", "30"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert (tmp_path / "refs" / "A" / "CURRENT").is_file()
     assert FakeCamera.control("ExposureTimeAbs") == "3100"  # the reference set saw what `station run` will see
@@ -330,8 +394,13 @@ def test_camera_calibration_sets_the_camera_as_the_station_does(tmp_path, statio
 @needs_aravis
 def test_station_check_says_when_no_camera_answers(tmp_path, station_files, broker, fake_camera_factory):
     config = genicam_config(tmp_path, station_files, broker, "exposure_us: 4200")  # the lock held, no camera started
-    done = subprocess.run([sys.executable, "-m", "station", "check", "-c", str(config)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "station", "check", "-c", str(config)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 78, done.stdout + done.stderr
     assert f"camera.source: cannot open camera {SOURCE}: Can't connect to device at address '{ADDRESS}'" in done.stderr
     assert "Traceback" not in done.stderr

@@ -11,6 +11,7 @@
   source: a pulse generator on the line. `station run` opens it when the Fake interface is enabled in
   its process, and the test sets the generator's rate where the station opens the camera.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,7 +29,7 @@ from tests.mqtt_helpers import Recorder
 from tests.daemon_helpers import finish, schema, write_config
 from tests.genicam_helpers import ROOT, SOURCE, FakeCamera, genicam_config, needs_aravis
 
-GAIN_DB = '''\t<Float Name="Gain" NameSpace="Standard">
+GAIN_DB = """\t<Float Name="Gain" NameSpace="Standard">
 \t\t<Description>Gain in dB: 2 dB per GainRaw step.</Description>
 \t\t<pValue>GainConverter</pValue>
 \t\t<Min>0.0</Min>
@@ -42,7 +43,7 @@ GAIN_DB = '''\t<Float Name="Gain" NameSpace="Standard">
 \t\t<pValue>GainRaw</pValue>
 \t</Converter>
 
-'''
+"""
 GAIN_RAW = '\t<Integer Name="GainRaw" NameSpace="Standard">'
 
 
@@ -84,17 +85,28 @@ def test_the_source_sets_gain_in_db_through_the_cameras_gain_feature(camera_with
 
 @needs_aravis
 def test_station_check_applies_gain_in_db_and_refuses_one_above_the_cameras_gain_maximum(
-        tmp_path, station_files, broker, camera_with_gain_in_db):
+    tmp_path, station_files, broker, camera_with_gain_in_db
+):
     config = genicam_config(tmp_path, station_files, broker, "gain: 6")
-    done = subprocess.run([sys.executable, "-m", "station", "check", "-c", str(config)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "station", "check", "-c", str(config)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "ok: camera Aravis Fake, serial GV01 (Mono8, gain 6 dB, free run)" in done.stdout, done.stdout
     assert FakeCamera.control("GainRaw") == "3"
 
     config = genicam_config(tmp_path, station_files, broker, "gain: 24")  # raw 12 would also pass GainRaw's 0..10
-    done = subprocess.run([sys.executable, "-m", "station", "check", "-c", str(config)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "station", "check", "-c", str(config)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 78, done.stdout + done.stderr
     assert "gain 24 is outside the camera's range 0 to 20 dB (Gain)" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
@@ -105,7 +117,7 @@ def test_station_check_applies_gain_in_db_and_refuses_one_above_the_cameras_gain
 
 
 PULSE_HZ = 8.0  # not the fake device's 25 Hz default (its free-run rate too): the spacing shows the generator ran
-WITH_PULSES = f'''
+WITH_PULSES = f"""
 import sys
 import gi
 gi.require_version("Aravis", "0.8")
@@ -119,22 +131,32 @@ def camera_with_pulses(device):  # the station opens the camera; the line's puls
 Aravis.Camera.new = camera_with_pulses
 from station.cli import main
 sys.exit(main(sys.argv[1:]))
-'''
+"""
 
 
 def start_station_with_pulses(config: Path) -> subprocess.Popen:
     """`station run` in a process where genicam://Fake_1 is Aravis's fake device pulsing its trigger at PULSE_HZ."""
     env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
-    return subprocess.Popen([sys.executable, "-c", WITH_PULSES, "run", "-c", str(config)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", WITH_PULSES, "run", "-c", str(config)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 @needs_aravis
 def test_station_run_with_hardware_trigger_judges_each_pulse_as_the_next_part(tmp_path, station_files, broker):
     recorder = Recorder(broker.host, broker.port, "plant/#")
-    config = write_config(tmp_path, station_files, broker,
-                          "{source: genicam://Fake_1, genicam: {exposure_us: 2000, trigger_source: Line0}}",
-                          trigger="hardware")
+    config = write_config(
+        tmp_path,
+        station_files,
+        broker,
+        "{source: genicam://Fake_1, genicam: {exposure_us: 2000, trigger_source: Line0}}",
+        trigger="hardware",
+    )
     process = start_station_with_pulses(config)
     try:
         recorder.wait_for(lambda: len(recorder.on("/verdict")) >= 4, timeout=30, what="verdicts on the pulses")

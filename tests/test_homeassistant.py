@@ -1,4 +1,5 @@
 """Home Assistant MQTT discovery from a real daemon process against a real mosquitto."""
+
 from __future__ import annotations
 
 import json
@@ -10,16 +11,50 @@ from tests.mqtt_helpers import Recorder
 # (https://www.home-assistant.io/integrations/sensor.mqtt/, "Configuration Variables"),
 # and the keys of its `device` map on the same page.
 SENSOR_KEYS = {
-    "availability", "availability_mode", "availability_template", "availability_topic", "default_entity_id",
-    "device", "device_class", "enabled_by_default", "encoding", "entity_category", "entity_picture",
-    "expire_after", "force_update", "icon", "json_attributes_template", "json_attributes_topic",
-    "last_reset_value_template", "name", "object_id", "options", "payload_available", "payload_not_available",
-    "platform", "qos", "state_class", "state_topic", "suggested_display_precision", "unique_id",
-    "unit_of_measurement", "value_template",
+    "availability",
+    "availability_mode",
+    "availability_template",
+    "availability_topic",
+    "default_entity_id",
+    "device",
+    "device_class",
+    "enabled_by_default",
+    "encoding",
+    "entity_category",
+    "entity_picture",
+    "expire_after",
+    "force_update",
+    "icon",
+    "json_attributes_template",
+    "json_attributes_topic",
+    "last_reset_value_template",
+    "name",
+    "object_id",
+    "options",
+    "payload_available",
+    "payload_not_available",
+    "platform",
+    "qos",
+    "state_class",
+    "state_topic",
+    "suggested_display_precision",
+    "unique_id",
+    "unit_of_measurement",
+    "value_template",
 }
 DEVICE_KEYS = {
-    "configuration_url", "connections", "hw_version", "identifiers", "manufacturer", "model", "model_id", "name",
-    "serial_number", "suggested_area", "sw_version", "via_device",
+    "configuration_url",
+    "connections",
+    "hw_version",
+    "identifiers",
+    "manufacturer",
+    "model",
+    "model_id",
+    "name",
+    "serial_number",
+    "suggested_area",
+    "sw_version",
+    "via_device",
 }
 STATE_CLASSES = {"measurement", "measurement_angle", "total", "total_increasing"}
 
@@ -30,7 +65,8 @@ def configs(recorder) -> dict[str, bytes]:
 
 
 def test_the_station_is_one_device_whose_entities_stay_until_discovery_is_turned_off(
-        tmp_path, station_files, broker, sim_dataset):
+    tmp_path, station_files, broker, sim_dataset
+):
     source = f"{{source: {sim_dataset / 'good'}}}"
     config = write_config(tmp_path, station_files, broker, source, homeassistant="{discovery: true}")
     code, output = finish(start_station(config))
@@ -42,7 +78,9 @@ def test_the_station_is_one_device_whose_entities_stay_until_discovery_is_turned
     ha.close()
     assert set(found) == {f"homeassistant/sensor/st1/{o}/config" for o in ("verdict", "score", "ok_count", "ng_count")}
     for topic, entity in found.items():
-        assert set(entity) <= SENSOR_KEYS, f"{topic}: keys Home Assistant does not document: {set(entity) - SENSOR_KEYS}"
+        assert set(entity) <= SENSOR_KEYS, (
+            f"{topic}: keys Home Assistant does not document: {set(entity) - SENSOR_KEYS}"
+        )
         assert set(entity["device"]) <= DEVICE_KEYS
         assert entity["state_topic"] in ("plant/st1/verdict", "plant/st1/stats")
         assert entity["availability_topic"] == "plant/st1/status" and entity["payload_available"] == "online"

@@ -50,11 +50,14 @@ def test_hidden_files_and_folders_are_neither_parts_nor_classes(tmp_path):
     _write(tmp_path / "good" / ".ipynb_checkpoints" / "b.png", img)
     items = scan_dataset(tmp_path)
     assert [(i.path.relative_to(tmp_path).as_posix(), i.defect_class) for i in items] == [
-        ("crack/c.png", "crack"), ("good/a.png", "good")]
+        ("crack/c.png", "crack"),
+        ("good/a.png", "good"),
+    ]
     assert list_images(tmp_path / "good") == [tmp_path / "good" / "a.png"]
     hidden_root = tmp_path / ".cache" / "parts"  # a dataset inside a hidden folder is still read
     _write(hidden_root / "good" / "a.png", img)
     assert [i.path for i in scan_dataset(hidden_root)] == [hidden_root / "good" / "a.png"]
+
 
 def test_a_dataset_without_good_images_is_refused_with_what_to_change(tmp_path):
     img = np.full((10, 12), 100, np.uint8)
@@ -64,15 +67,18 @@ def test_a_dataset_without_good_images_is_refused_with_what_to_change(tmp_path):
     _write(tmp_path / "inside" / "good" / "a.png", img)
     (tmp_path / "empty" / "good").mkdir(parents=True)
     (tmp_path / "afile").write_text("x")
-    for data, hint in ((tmp_path / "webp", "it holds .webp files, the station reads .bmp"),
-                       (tmp_path / "cased", "rename " + str(tmp_path / "cased" / "Good") + "/ to good/"),
-                       (tmp_path / "inside" / "good", "holds images itself: --data takes the folder that holds good/"),
-                       (tmp_path / "empty", "good/ (known-good parts are required); it is empty"),
-                       (tmp_path / "nothing", "dataset folder does not exist"),
-                       (tmp_path / "afile", "not a folder (give the folder that holds good/")):
+    for data, hint in (
+        (tmp_path / "webp", "it holds .webp files, the station reads .bmp"),
+        (tmp_path / "cased", "rename " + str(tmp_path / "cased" / "Good") + "/ to good/"),
+        (tmp_path / "inside" / "good", "holds images itself: --data takes the folder that holds good/"),
+        (tmp_path / "empty", "good/ (known-good parts are required); it is empty"),
+        (tmp_path / "nothing", "dataset folder does not exist"),
+        (tmp_path / "afile", "not a folder (give the folder that holds good/"),
+    ):
         with pytest.raises(DataError) as err:
             scan_dataset(data)
         assert str(data) in str(err.value) and hint in str(err.value), str(err.value)
+
 
 def test_linked_folders_inside_a_class_are_read_once_and_a_link_back_up_does_not_loop(tmp_path):
     """good/batch2 -> elsewhere was skipped without a word (Path.rglob does not follow links), while a
@@ -86,7 +92,11 @@ def test_linked_folders_inside_a_class_are_read_once_and_a_link_back_up_does_not
     (tmp_path / "data" / "crack").symlink_to(tmp_path / "elsewhere")
     items = scan_dataset(tmp_path / "data")
     assert [(i.path.relative_to(tmp_path / "data").as_posix(), i.defect_class) for i in items] == [
-        ("crack/b.png", "crack"), ("good/a.png", "good"), ("good/again/b.png", "good")]
+        ("crack/b.png", "crack"),
+        ("good/a.png", "good"),
+        ("good/again/b.png", "good"),
+    ]
+
 
 def test_unreadable_images_name_the_file(tmp_path):
     truncated = tmp_path / "truncated.png"
@@ -130,8 +140,10 @@ def test_float_and_32_bit_images_are_refused_by_name_not_with_a_traceback(tmp_pa
     numpy (ValueError: Invalid integer data type 'f'), `station train` refused without naming the file."""
     from fit.data_check import check_data
 
-    for name, pixels in (("float.tif", np.full((26, 36), 0.5, np.float32)),
-                         ("int32.tif", np.full((26, 36), 70000, np.int32))):
+    for name, pixels in (
+        ("float.tif", np.full((26, 36), 0.5, np.float32)),
+        ("int32.tif", np.full((26, 36), 70000, np.int32)),
+    ):
         _write(tmp_path / "good" / name, pixels)
         with pytest.raises(ImageReadError, match="8- or 16-bit") as err:
             read_image(tmp_path / "good" / name)

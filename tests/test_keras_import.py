@@ -1,4 +1,5 @@
 """`station export model.keras`: the source study's Keras 3 Siamese model, imported and exported."""
+
 import os
 
 import numpy as np
@@ -24,8 +25,8 @@ def siamese(path, units=(512, 256, 128), activations=("relu", "relu", None)):
     base = keras.Model(base_input, x, name="base_network")
     left, right = keras.Input((936,)), keras.Input((936,))
     distance = keras.layers.Lambda(
-        lambda pair: keras.ops.sqrt(keras.ops.sum(keras.ops.square(pair[0] - pair[1]), axis=1, keepdims=True)))(
-        [base(left), base(right)])
+        lambda pair: keras.ops.sqrt(keras.ops.sum(keras.ops.square(pair[0] - pair[1]), axis=1, keepdims=True))
+    )([base(left), base(right)])
     keras.Model([left, right], distance).save(path)
     return base
 
@@ -33,8 +34,10 @@ def siamese(path, units=(512, 256, 128), activations=("relu", "relu", None)):
 def test_a_keras_siamese_model_exports_to_the_same_embeddings(tmp_path, sim_dataset, capsys):
     base = siamese(tmp_path / "siamese.keras")
     out = tmp_path / "model.onnx"
-    assert main(["export", str(tmp_path / "siamese.keras"), "--out", str(out), "--fp32",
-                 "--calib-data", str(sim_dataset)]) == 0
+    assert (
+        main(["export", str(tmp_path / "siamese.keras"), "--out", str(out), "--fp32", "--calib-data", str(sim_dataset)])
+        == 0
+    )
     assert "imported" in capsys.readouterr().out
     embedder = Embedder(out)
     assert embedder.info.arch == "mlp" and embedder.input_spec.layout == "flat"
@@ -43,8 +46,19 @@ def test_a_keras_siamese_model_exports_to_the_same_embeddings(tmp_path, sim_data
     expected = np.asarray(base.predict(batch, verbose=0))
     np.testing.assert_allclose(embedder.embed(batch), expected, atol=1e-4)
     # int8 goes through the same gate as a trained trunk, and passes it
-    assert main(["export", str(tmp_path / "siamese.keras"), "--out", str(tmp_path / "int8.onnx"),
-                 "--calib-data", str(sim_dataset)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(tmp_path / "siamese.keras"),
+                "--out",
+                str(tmp_path / "int8.onnx"),
+                "--calib-data",
+                str(sim_dataset),
+            ]
+        )
+        == 0
+    )
     assert Embedder(tmp_path / "int8.onnx").info.quantization == "int8-dynamic"
 
 

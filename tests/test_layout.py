@@ -1,4 +1,5 @@
 """The house rules: folders import one way, the daemon loads only what judging needs."""
+
 from __future__ import annotations
 
 import ast
@@ -18,25 +19,67 @@ ALLOWED = {
     "station/core": set(),
     "station/runtime/sources": {"station/core"},
     "station/runtime/web": {"station/core"},  # the page: handed the daemon's figures, imports none of its modules
-    "station/runtime/config": {"station/core", "station/runtime/sources"},  # station.yaml, parsed; reads no file it names
+    "station/runtime/config": {
+        "station/core",
+        "station/runtime/sources",
+    },  # station.yaml, parsed; reads no file it names
     "station/runtime/mqtt": {"station/core", "station/runtime/config"},  # the publisher reads mqtt: and its password
-    "station/runtime/integrations": {"station/core", "station/runtime/sources", "station/runtime/web",
-                                     "station/runtime/config", "station/runtime/mqtt"},  # fed by the daemon
-    "station/runtime": {"station/core", "station/runtime/sources", "station/runtime/web", "station/runtime/config",
-                        "station/runtime/mqtt", "station/runtime/integrations"},
+    "station/runtime/integrations": {
+        "station/core",
+        "station/runtime/sources",
+        "station/runtime/web",
+        "station/runtime/config",
+        "station/runtime/mqtt",
+    },  # fed by the daemon
+    "station/runtime": {
+        "station/core",
+        "station/runtime/sources",
+        "station/runtime/web",
+        "station/runtime/config",
+        "station/runtime/mqtt",
+        "station/runtime/integrations",
+    },
     "export": {"station/core"},
     "calibration": {"station/core", "station/runtime/sources"},
     "fit": {"station/core", "export", "calibration"},
-    "station/tools": {"station/core", "station/runtime", "station/runtime/sources", "station/runtime/config",
-                      "station/runtime/mqtt", "station/runtime/integrations", "calibration"},
-    "station/cli": {"station/core", "station/runtime", "station/runtime/config", "station/runtime/sources",
-                    "station/runtime/web", "station/tools", "calibration", "export", "fit"},
+    "station/tools": {
+        "station/core",
+        "station/runtime",
+        "station/runtime/sources",
+        "station/runtime/config",
+        "station/runtime/mqtt",
+        "station/runtime/integrations",
+        "calibration",
+    },
+    "station/cli": {
+        "station/core",
+        "station/runtime",
+        "station/runtime/config",
+        "station/runtime/sources",
+        "station/runtime/web",
+        "station/tools",
+        "calibration",
+        "export",
+        "fit",
+    },
     "station": {"station/core", "station/cli"},  # __init__.py (the version), __main__.py
 }
 # Never in the `station run` process: the model side, the tools, and their heavy libraries.
 # prometheus_client, asyncua and aiohttp only when station.yaml enables prometheus:, opcua: or web:.
-NOT_IN_DAEMON = ("calibration", "export", "fit", "station.tools", "torch", "scipy", "matplotlib", "sklearn", "onnx",
-                 "prometheus_client", "asyncua", "aiohttp")
+NOT_IN_DAEMON = (
+    "calibration",
+    "export",
+    "fit",
+    "station.tools",
+    "torch",
+    "scipy",
+    "matplotlib",
+    "sklearn",
+    "onnx",
+    "prometheus_client",
+    "asyncua",
+    "aiohttp",
+)
 
 
 def folder_of_module(module: str) -> str | None:
@@ -60,7 +103,9 @@ def imported_modules(source: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             names.add(base)
             names.update(f"{base}.{alias.name}" for alias in node.names)
     return names
@@ -79,8 +124,11 @@ def import_edges() -> set[tuple[str, str, str]]:
 
 
 def test_every_folder_is_in_the_table():
-    folders = {"/".join(p.parent.relative_to(ROOT).parts) for package in PACKAGES
-               for p in (ROOT / package).rglob("__init__.py")}
+    folders = {
+        "/".join(p.parent.relative_to(ROOT).parts)
+        for package in PACKAGES
+        for p in (ROOT / package).rglob("__init__.py")
+    }
     assert folders <= set(ALLOWED), f"new folder(s) {sorted(folders - set(ALLOWED))}: give them a place in ALLOWED"
 
 
@@ -91,8 +139,10 @@ def test_folders_import_one_way():
 
 def test_the_allowed_graph_has_no_circle():
     def reaches(start: str, goal: str, seen=()) -> bool:
-        return any(step == goal or (step not in seen and reaches(step, goal, seen + (step,)))
-                   for step in ALLOWED[start])
+        return any(
+            step == goal or (step not in seen and reaches(step, goal, seen + (step,))) for step in ALLOWED[start]
+        )
+
     assert not [folder for folder in ALLOWED if reaches(folder, folder)]
 
 
@@ -108,7 +158,7 @@ LONG_FUNCTIONS = {
 LONG_MODULES: dict[str, str] = {  # path -> why it stays one room, for now
     "station/runtime/daemon.py": "the Daemon split of issue 28 is still to come (a station built whole, commands apart)",
     "station/runtime/mqtt/publisher.py": "one paho client's life: connect, callbacks, drain; the inbound command "
-                                         "channel (subscription, messages, replies) is the part to move out next",
+    "channel (subscription, messages, replies) is the part to move out next",
 }
 
 
@@ -131,10 +181,17 @@ def test_functions_and_modules_are_short_enough_to_read():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 if (lines := node.end_lineno - node.lineno + 1) > MAX_FUNCTION_LINES:
                     long_functions[(where, node.name)] = lines
-    too_long = [f"{where}: {name}: {lines} lines" for (where, name), lines in sorted(long_functions.items())
-                if (where, name) not in LONG_FUNCTIONS]
-    too_long += [f"{where}: {lines} lines" for where, lines in sorted(long_modules.items()) if where not in LONG_MODULES]
-    assert not too_long, f"over {MAX_FUNCTION_LINES} lines a function, {MAX_MODULE_LINES} a module:\n" + "\n".join(too_long)
+    too_long = [
+        f"{where}: {name}: {lines} lines"
+        for (where, name), lines in sorted(long_functions.items())
+        if (where, name) not in LONG_FUNCTIONS
+    ]
+    too_long += [
+        f"{where}: {lines} lines" for where, lines in sorted(long_modules.items()) if where not in LONG_MODULES
+    ]
+    assert not too_long, f"over {MAX_FUNCTION_LINES} lines a function, {MAX_MODULE_LINES} a module:\n" + "\n".join(
+        too_long
+    )
     stale = sorted(set(LONG_FUNCTIONS) - set(long_functions)) + sorted(set(LONG_MODULES) - set(long_modules))
     assert not stale, f"short again, take them off the list: {stale}"
 
@@ -152,12 +209,14 @@ sys.exit(code)
 def test_the_daemon_loads_only_what_judging_needs(tmp_path, station_files, broker, sim_dataset):
     config = write_config(tmp_path, station_files, broker, f"{{source: {sim_dataset / 'good'}}}")
     listing = tmp_path / "modules.json"
-    done = subprocess.run([sys.executable, "-c", RUNNER, str(config), str(listing)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", RUNNER, str(config), str(listing)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
     loaded = json.loads(listing.read_text())
     assert "station.runtime.daemon" in loaded and "onnxruntime" in loaded  # it did judge
-    unwanted = sorted(name for name in loaded if name.split(".")[0] in NOT_IN_DAEMON
-                      or name.startswith("station.tools"))
+    unwanted = sorted(
+        name for name in loaded if name.split(".")[0] in NOT_IN_DAEMON or name.startswith("station.tools")
+    )
     assert not unwanted, f"`station run` loaded {unwanted}"

@@ -1,4 +1,5 @@
 """`station calibrate -c station.yaml`: distinct parts from the configured camera into a reference set."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -70,8 +71,9 @@ def test_threshold_sits_between_sensor_noise_and_different_parts():
     rng = np.random.default_rng(1)
     frames = [simulate.render_frame(simulate.render_part(4, i), 4) for i in range(150)]
     crops = [prepare_crop(f, spec, ROI) for f in frames]
-    noise_only = [live.mean_abs_difference(c, prepare_crop(recapture(f, rng), spec, ROI))
-                  for f, c in zip(frames, crops)]
+    noise_only = [
+        live.mean_abs_difference(c, prepare_crop(recapture(f, rng), spec, ROI)) for f, c in zip(frames, crops)
+    ]
     consecutive = [live.mean_abs_difference(a, b) for a, b in zip(crops, crops[1:])]
     assert max(noise_only) < live.DEFAULT_MIN_CHANGE < min(consecutive)
     # Same scene, fresh noise: about 3 * sqrt(2) * sqrt(2 / pi) = 3.39 grey levels.
@@ -87,8 +89,12 @@ def test_calibrates_the_asked_count_from_a_simulated_camera(tmp_path, model, cap
     saved = reference_set.load(tmp_path / "refs" / "B")
     assert (saved.product, saved.n_good, saved.version) == ("B", 40, 1)
     assert saved.model_sha256 == Embedder(model).info.sha256
-    assert saved.statistics["source"] == {"camera": "sim://?seed=5&count=200", "frames_seen": 40,
-                                          "skipped_unchanged": 0, "min_change": live.DEFAULT_MIN_CHANGE}
+    assert saved.statistics["source"] == {
+        "camera": "sim://?seed=5&count=200",
+        "frames_seen": 40,
+        "skipped_unchanged": 0,
+        "min_change": live.DEFAULT_MIN_CHANGE,
+    }
     assert not (tmp_path / "refs" / "A").exists()  # only the product asked for
     # The default product is the configured one, and each run adds a version.
     assert main(["calibrate", "-c", str(config), "--count", "30"]) == 0
@@ -171,8 +177,12 @@ def test_camera_and_folder_modes_do_not_mix(tmp_path, model, capsys):
     config = write_config(tmp_path, model, "sim://?seed=1&count=50")
     assert main(["calibrate", "-c", str(config), "--model", str(model), "--count", "30"]) == 78
     assert "--model belong to the folder mode" in capsys.readouterr().err
-    assert main(["calibrate", "--model", str(model), "--good", str(tmp_path), "--out", str(tmp_path / "r"),
-                 "--count", "30"]) == 78
+    assert (
+        main(
+            ["calibrate", "--model", str(model), "--good", str(tmp_path), "--out", str(tmp_path / "r"), "--count", "30"]
+        )
+        == 78
+    )
     assert "--count and --min-change need -c/--config" in capsys.readouterr().err
     assert main(["calibrate", "--model", str(model), "--good", str(tmp_path)]) == 78
     assert "needs --out (folder mode) or -c/--config" in capsys.readouterr().err
@@ -181,9 +191,13 @@ def test_camera_and_folder_modes_do_not_mix(tmp_path, model, capsys):
 def test_a_named_region_calibrates_its_own_product(tmp_path, model, capsys):
     """rois: `--roi NAME` grabs that region's crops into the reference set of the product it is judged against."""
     config = write_config(tmp_path, model, "sim://?seed=5&count=200")
-    text = config.read_text().replace(f"roi:\n  height: {ROI.height}\n  width: {ROI.width}\n  x: {ROI.x}\n  y: {ROI.y}\n", "")
-    rois = (f"rois:\n  - {{name: body, x: {ROI.x}, y: {ROI.y}, width: {ROI.width}, height: {ROI.height}}}\n"
-            f"  - {{name: shifted, x: {ROI.x + 4}, y: {ROI.y}, width: {ROI.width}, height: {ROI.height}, product: B}}\n")
+    text = config.read_text().replace(
+        f"roi:\n  height: {ROI.height}\n  width: {ROI.width}\n  x: {ROI.x}\n  y: {ROI.y}\n", ""
+    )
+    rois = (
+        f"rois:\n  - {{name: body, x: {ROI.x}, y: {ROI.y}, width: {ROI.width}, height: {ROI.height}}}\n"
+        f"  - {{name: shifted, x: {ROI.x + 4}, y: {ROI.y}, width: {ROI.width}, height: {ROI.height}, product: B}}\n"
+    )
     config.write_text(text + rois)
     assert main(["calibrate", "-c", str(config), "--roi", "shifted", "--count", "30"]) == 0
     saved = reference_set.load(tmp_path / "refs" / "B")

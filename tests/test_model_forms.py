@@ -5,6 +5,7 @@ Real files throughout: a projection model and its static int8 (QDQ) twin quantiz
 reference sets calibrated on simulated parts. Which form is faster is the machine's business: the tests
 check that the choice follows the times measured (and the pin), never a time.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,18 +45,21 @@ def files(tmp_path_factory, sim_dataset):
 
 def station_yaml(folder, files, camera='{source: "sim://?seed=5", fps: 50}', extra="", broker_port=1883):
     path = folder / "station.yaml"
-    path.write_text(textwrap.dedent(f"""\
+    path.write_text(
+        textwrap.dedent(f"""\
         station: st1
         camera: {camera}
-        model: {{fp32: {files / 'model.onnx'}, int8: {files / 'model.int8.onnx'}}}
+        model: {{fp32: {files / "model.onnx"}, int8: {files / "model.int8.onnx"}}}
         products:
-          A: {{fp32: {files / 'refs.fp32' / 'A'}, int8: {files / 'refs.int8' / 'A'}}}
-          B: {{fp32: {files / 'refs.fp32' / 'B'}, int8: {files / 'refs.int8' / 'B'}}}
+          A: {{fp32: {files / "refs.fp32" / "A"}, int8: {files / "refs.int8" / "A"}}}
+          B: {{fp32: {files / "refs.fp32" / "B"}, int8: {files / "refs.int8" / "B"}}}
         product: A
-        state_dir: {folder / 'state'}
+        state_dir: {folder / "state"}
         mqtt: {{host: 127.0.0.1, port: {broker_port}, topic_prefix: plant}}
         stats_interval: 0.5
-        """) + extra)
+        """)
+        + extra
+    )
     return path
 
 
@@ -97,14 +101,22 @@ def test_the_station_runs_the_form_it_measured_faster_or_the_pinned_one(files, t
 
 
 def test_swapped_or_mismatched_form_files_are_refused_naming_the_file(files, tmp_path):
-    swapped = station_yaml(tmp_path, files).read_text().replace("model.onnx", "X").replace("model.int8.onnx", "model.onnx")
+    swapped = (
+        station_yaml(tmp_path, files).read_text().replace("model.onnx", "X").replace("model.int8.onnx", "model.onnx")
+    )
     config = parse_config(swapped.replace("X", "model.int8.onnx"))
-    with pytest.raises(ModelError, match=r"model.int8.onnx \(model.fp32\) is a int8-static model, not the fp32 form: give it as model.int8"):
+    with pytest.raises(
+        ModelError,
+        match=r"model.int8.onnx \(model.fp32\) is a int8-static model, not the fp32 form: give it as model.int8",
+    ):
         choose(config)
     other = projection_model(tmp_path / "wide.onnx", width=40)  # another input: not a form of the same model
     int8_twin(other, tmp_path / "wide.int8.onnx")
-    config = parse_config(station_yaml(tmp_path, files).read_text().replace(str(files / "model.int8.onnx"),
-                                                                             str(tmp_path / "wide.int8.onnx")))
+    config = parse_config(
+        station_yaml(tmp_path, files)
+        .read_text()
+        .replace(str(files / "model.int8.onnx"), str(tmp_path / "wide.int8.onnx"))
+    )
     with pytest.raises(ModelError, match="the model's forms take different inputs"):
         choose(config)
 
@@ -138,7 +150,10 @@ def test_camera_calibration_builds_a_reference_set_for_each_form_from_the_same_p
     for form in result.forms:
         loaded = reference_set.load(copied / f"refs.{form}" / "B")
         assert loaded.version == 2 and loaded.n_good == len(result.grabbed) == 40 and loaded.product == "B"
-        assert loaded.model_sha256 == Embedder(copied / ("model.onnx" if form == "fp32" else "model.int8.onnx")).info.sha256
+        assert (
+            loaded.model_sha256
+            == Embedder(copied / ("model.onnx" if form == "fp32" else "model.int8.onnx")).info.sha256
+        )
     assert reference_set.load(copied / "refs.fp32" / "A").version == 1  # the other product untouched
     thresholds = {form: saved.threshold for form, (saved, _) in result.forms.items()}
     assert thresholds["fp32"] != thresholds["int8"]  # each form's own threshold
@@ -155,7 +170,8 @@ def test_bench_of_a_station_puts_the_form_it_runs_first(files, tmp_path):
 
 
 def test_the_daemon_says_its_form_in_the_state_and_keeps_it_through_changeover_and_a_refused_reload(
-        files, tmp_path, broker):
+    files, tmp_path, broker
+):
     copied = tmp_path / "copied"
     shutil.copytree(files, copied)
     recorder = Recorder(broker.host, broker.port, "plant/#")
@@ -186,8 +202,10 @@ def test_the_daemon_says_its_form_in_the_state_and_keeps_it_through_changeover_a
         # Mended, the reload runs the pinned form, said in the state with its time.
         shutil.copyfile(files / "refs.int8" / "B" / "v0001" / "arrays.npz", arrays)
         process.send_signal(signal.SIGHUP)
-        recorder.wait_for(lambda: recorder.json_on("/state")[-1].get("model_forms_us", {}).keys() == {"int8"},
-                          what="reloaded pinned to int8")
+        recorder.wait_for(
+            lambda: recorder.json_on("/state")[-1].get("model_forms_us", {}).keys() == {"int8"},
+            what="reloaded pinned to int8",
+        )
         state = recorder.json_on("/state")[-1]
         jsonschema.validate(state, schema("state"))
         assert state["model_form"] == "int8" and state["model"] == Embedder(copied / "model.int8.onnx").info.short_id

@@ -1,5 +1,6 @@
 """Connections that do not hold, and exceptions on the MQTT threads: a real mosquitto, with a fault
 proxy on loopback where mosquitto cannot be made to misbehave (tests/fault_proxy.py)."""
+
 from __future__ import annotations
 
 import json
@@ -52,21 +53,26 @@ def test_a_broker_that_drops_every_connection_after_a_puback_is_backed_off_and_n
     # Now the delays grow (0.5-1, 1-2, 2-4, 4-8 s): the fourth gap is at least 4 s.
     assert gaps(proxy.connections)[3] >= 3.5, gaps(proxy.connections)
     problems = publisher.problems
-    assert any("drops each connection within 1 s of accepting it, after acknowledging messages" in p
-               for p in problems), problems
+    assert any(
+        "drops each connection within 1 s of accepting it, after acknowledging messages" in p for p in problems
+    ), problems
     assert not any("drops the connection on this message" in p for p in problems), problems  # no message blamed
     assert outbox.depth() == 50  # nothing acknowledged by the station is lost, nothing claimed delivered
     proxy.heal()  # the broker behaves again: everything is delivered, the backoff starts over, the problem goes
     wait_for(lambda: outbox.depth() == 0, timeout=90, what="every kept verdict delivered")
-    wait_for(lambda: not publisher.problems and publisher.backoff.attempts == 0, timeout=30,
-             what="the connection proving itself")
+    wait_for(
+        lambda: not publisher.problems and publisher.backoff.attempts == 0,
+        timeout=30,
+        what="the connection proving itself",
+    )
 
 
 def test_a_connack_cut_in_half_backs_off_and_recovers(mosquitto, outbox, stopping, caplog):
     proxy = FaultProxy(mosquitto.port, truncate=(CONNACK, 2))
     stopping.append(proxy)
-    publisher = Publisher(mqtt_config(proxy), station_id(), outbox, backoff=Backoff(first=0.2, ceiling=5.0),
-                          stable_after=1.0)
+    publisher = Publisher(
+        mqtt_config(proxy), station_id(), outbox, backoff=Backoff(first=0.2, ceiling=5.0), stable_after=1.0
+    )
     stopping.append(publisher)
     put_verdicts(outbox, publisher.topics.verdict, range(5))
     with caplog.at_level(logging.WARNING):
@@ -92,16 +98,23 @@ def test_two_stations_with_one_name_are_told_so_not_hammered(mosquitto, tmp_path
         publishers.append(publisher)
         publisher.start()
     said = lambda: [p for publisher in publishers for p in publisher.problems]
-    wait_for(lambda: any(f"another client with the client id station-{station}?" in p for p in said()), timeout=60,
-             what="a problem naming the client id")
+    wait_for(
+        lambda: any(f"another client with the client id station-{station}?" in p for p in said()),
+        timeout=60,
+        what="a problem naming the client id",
+    )
 
 
 def test_a_message_on_a_topic_that_is_not_utf8_is_ignored_and_commands_still_work(mosquitto, outbox, stopping, caplog):
     proxy = FaultProxy(mosquitto.port, inject=NOT_UTF8_PUBLISH)
     stopping.append(proxy)
     answered = threading.Event()
-    publisher = Publisher(mqtt_config(proxy), station_id(), outbox,
-                          on_command=lambda payload, reply: (reply({"ok": True}), answered.set()))
+    publisher = Publisher(
+        mqtt_config(proxy),
+        station_id(),
+        outbox,
+        on_command=lambda payload, reply: (reply({"ok": True}), answered.set()),
+    )
     stopping.append(publisher)
     listener = Listener(mosquitto, publisher.topics.command_result)
     with caplog.at_level(logging.WARNING):
@@ -117,8 +130,9 @@ def test_a_message_on_a_topic_that_is_not_utf8_is_ignored_and_commands_still_wor
 
 
 def test_an_exception_on_the_network_thread_is_said_and_the_connection_made_again(mosquitto, outbox, stopping, caplog):
-    publisher = Publisher(mqtt_config(mosquitto), station_id(), outbox, backoff=Backoff(first=0.2, ceiling=1.0),
-                          stable_after=1.0)
+    publisher = Publisher(
+        mqtt_config(mosquitto), station_id(), outbox, backoff=Backoff(first=0.2, ceiling=1.0), stable_after=1.0
+    )
     stopping.append(publisher)
     deliver = publisher.delivery.on_publish
     failures = []
@@ -133,8 +147,11 @@ def test_an_exception_on_the_network_thread_is_said_and_the_connection_made_agai
     put_verdicts(outbox, publisher.topics.verdict, range(20))
     with caplog.at_level(logging.INFO):
         publisher.start()
-        wait_for(lambda: any("internal error in the MQTT network thread" in p for p in publisher.problems),
-                 timeout=15, what="the state naming the fault")
+        wait_for(
+            lambda: any("internal error in the MQTT network thread" in p for p in publisher.problems),
+            timeout=15,
+            what="the state naming the fault",
+        )
         assert "(RuntimeError: a bug in on_publish); the connection is made again" in publisher.problems[0]
         wait_for(lambda: outbox.depth() == 0, timeout=30, what="delivery after the new connection")
         wait_for(lambda: not publisher.problems, timeout=30, what="the fault cleared once a connection holds")

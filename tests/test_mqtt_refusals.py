@@ -5,6 +5,7 @@ each case the station says so once, keeps the refused verdicts in its outbox,
 lets other topics flow, and delivers everything, in order, once the broker
 allows it again.
 """
+
 from __future__ import annotations
 
 import json
@@ -66,20 +67,32 @@ def test_an_acl_refusal_holds_verdicts_until_the_broker_allows_them(launched, tm
     expected = sum(1 for _ in (sim_dataset / "good").glob("*.png"))
     try:
         recorder = Recorder(broker.host, broker.port, "plant/#")
-        config = write_config(tmp_path, station_files, broker, f"{{source: {sim_dataset / 'good'}}}",
-                              stats_interval="0.3")
+        config = write_config(
+            tmp_path, station_files, broker, f"{{source: {sim_dataset / 'good'}}}", stats_interval="0.3"
+        )
         process = launch(launched, config)
         output = Output(process)
-        recorder.wait_for(lambda: any(s.get("mqtt_refused", 0) > 0 for s in recorder.json_on("/stats")),
-                          what="stats counting refusals")
-        recorder.wait_for(lambda: any("plant/st1/verdict: refused by the broker (Not authorized)" in p
-                                      for st in recorder.json_on("/state") for p in st["problems"]), what="state")
+        recorder.wait_for(
+            lambda: any(s.get("mqtt_refused", 0) > 0 for s in recorder.json_on("/stats")),
+            what="stats counting refusals",
+        )
+        recorder.wait_for(
+            lambda: any(
+                "plant/st1/verdict: refused by the broker (Not authorized)" in p
+                for st in recorder.json_on("/state")
+                for p in st["problems"]
+            ),
+            what="state",
+        )
         assert not recorder.on("/verdict") and process.poll() is None  # nothing lost, nothing claimed delivered
         acl.write_text(STATION_TOPICS + "topic write plant/st1/verdict\n")
         broker.process.send_signal(signal.SIGHUP)  # mosquitto reloads its ACL
         assert output.finish(60) == 0, output.text
-        recorder.wait_for(lambda: len({v["seq"] for v in recorder.json_on("/verdict")}) >= expected, timeout=30,
-                          what="every held verdict")
+        recorder.wait_for(
+            lambda: len({v["seq"] for v in recorder.json_on("/verdict")}) >= expected,
+            timeout=30,
+            what="every held verdict",
+        )
         assert_complete_in_order(recorder.json_on("/verdict"), expected)
         assert output.count("refused by the broker (Not authorized) on plant/st1/verdict") == 1, output.text
         assert "accepts plant/st1/verdict again" in output.text and "Traceback" not in output.text
@@ -88,7 +101,9 @@ def test_an_acl_refusal_holds_verdicts_until_the_broker_allows_them(launched, tm
         broker.stop()
 
 
-def test_messages_over_the_brokers_maximum_packet_size_are_kept_not_sent(launched, tmp_path, station_files, sim_dataset):
+def test_messages_over_the_brokers_maximum_packet_size_are_kept_not_sent(
+    launched, tmp_path, station_files, sim_dataset
+):
     broker = running_broker(tmp_path / "broker", "max_packet_size 420\n")
     expected = sum(1 for _ in (sim_dataset / "good").glob("*.png"))
     config = write_config(tmp_path, station_files, broker, f"{{source: {sim_dataset / 'good'}}}")
@@ -106,8 +121,11 @@ def test_messages_over_the_brokers_maximum_packet_size_are_kept_not_sent(launche
         broker.start()
         recorder = Recorder(broker.host, broker.port, "plant/#")
         assert output.finish(60) == 0, output.text
-        recorder.wait_for(lambda: len({v["seq"] for v in recorder.json_on("/verdict")}) >= expected, timeout=30,
-                          what="every kept verdict")
+        recorder.wait_for(
+            lambda: len({v["seq"] for v in recorder.json_on("/verdict")}) >= expected,
+            timeout=30,
+            what="every kept verdict",
+        )
         assert_complete_in_order(recorder.json_on("/verdict"), expected)
         recorder.close()
     finally:
@@ -127,8 +145,10 @@ def test_a_broker_that_drops_the_connection_on_a_message_gets_it_held(launched, 
         process = launch(launched, config)
         output = Output(process)
         output.wait_for("the broker drops the connection on this message", timeout=60)
-        recorder.wait_for(lambda: any("drops the connection" in p for st in recorder.json_on("/state")
-                                      for p in st["problems"]), what="the state saying so")
+        recorder.wait_for(
+            lambda: any("drops the connection" in p for st in recorder.json_on("/state") for p in st["problems"]),
+            what="the state saying so",
+        )
         assert process.poll() is None
         process.terminate()
         assert output.finish(30) == 0 and "Traceback" not in output.text
@@ -137,8 +157,9 @@ def test_a_broker_that_drops_the_connection_on_a_message_gets_it_held(launched, 
         broker.stop()
 
 
-def test_a_broker_that_drops_the_connection_after_every_puback_is_named_and_backed_off(launched, tmp_path, station_files,
-                                                                                       mosquitto):
+def test_a_broker_that_drops_the_connection_after_every_puback_is_named_and_backed_off(
+    launched, tmp_path, station_files, mosquitto
+):
     """Each CONNACK reset the backoff (about 80 connections a minute) and the state blamed a message size limit."""
     proxy = FaultProxy(mosquitto.port, close_after=PUBACK)
     recorder = Recorder(mosquitto.host, mosquitto.port, "plant/#")
@@ -147,8 +168,11 @@ def test_a_broker_that_drops_the_connection_after_every_puback_is_named_and_back
     output = Output(process)
     try:
         named = "drops each connection within 10 s of accepting it, after acknowledging messages"
-        recorder.wait_for(lambda: any(named in p for st in recorder.json_on("/state") for p in st["problems"]),
-                          timeout=60, what="the state naming what the broker does")
+        recorder.wait_for(
+            lambda: any(named in p for st in recorder.json_on("/state") for p in st["problems"]),
+            timeout=60,
+            what="the state naming what the broker does",
+        )
         started = proxy.connections[0]
         time.sleep(max(0.0, started + 20 - time.monotonic()))
         # Backoff 1 s ... 60 s, no longer reset by a CONNACK: delays of at least 0.5, 1, 2, 4, 8 s, so at most 6 in 20 s.
@@ -177,8 +201,9 @@ def test_a_broker_that_never_acknowledges_is_reported(launched, tmp_path, statio
     threading.Thread(target=silent_broker, daemon=True).start()
     fake = type("FakeBroker", (), {"host": "127.0.0.1", "port": port})()
     config = write_config(tmp_path, station_files, fake, '{source: "sim://?seed=2", fps: 50}')
-    config.write_text(config.read_text().replace("topic_prefix: plant}", "topic_prefix: plant, max_inflight: 4, "
-                                                                        "inflight_timeout: 1}"))
+    config.write_text(
+        config.read_text().replace("topic_prefix: plant}", "topic_prefix: plant, max_inflight: 4, inflight_timeout: 1}")
+    )
     process = launch(launched, config)
     output = Output(process)
     try:
@@ -240,8 +265,9 @@ def test_a_broker_that_leaves_an_mqtt5_connect_unanswered_gets_a_hint(launched, 
     process = launch(launched, config)
     output = Output(process)
     try:
-        output.wait_for("did not answer it within 10 s; if it speaks only MQTT 3.1.1, set mqtt.protocol: 3.1.1",
-                        timeout=30)
+        output.wait_for(
+            "did not answer it within 10 s; if it speaks only MQTT 3.1.1, set mqtt.protocol: 3.1.1", timeout=30
+        )
     finally:
         process.terminate()
         assert output.finish(30) == 0
@@ -258,8 +284,14 @@ def test_a_refused_command_subscription_is_said_in_the_log_and_the_state(launche
     output = Output(process)
     try:
         output.wait_for("the broker refused the subscription to plant/st1/command (Not authorized)", timeout=30)
-        recorder.wait_for(lambda: any("refused the subscription to plant/st1/command" in p
-                                      for st in recorder.json_on("/state") for p in st["problems"]), what="state")
+        recorder.wait_for(
+            lambda: any(
+                "refused the subscription to plant/st1/command" in p
+                for st in recorder.json_on("/state")
+                for p in st["problems"]
+            ),
+            what="state",
+        )
         process.send_signal(signal.SIGTERM)
         assert output.finish(30) == 0, output.text
         assert output.count("refused the subscription") == 1 and "Traceback" not in output.text

@@ -1,4 +1,5 @@
 """Prometheus /metrics and the NG snapshot, read from a real daemon process against a real mosquitto."""
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,13 @@ def max_seq(recorder) -> int:
 
 def test_metrics_count_the_verdicts_the_broker_acknowledged(tmp_path, station_files, broker, sim_dataset):
     port = free_port()
-    config = write_config(tmp_path, station_files, broker, f"{{source: {sim_dataset}, loop: true, fps: 50}}",
-                          prometheus=f"{{host: 127.0.0.1, port: {port}}}")
+    config = write_config(
+        tmp_path,
+        station_files,
+        broker,
+        f"{{source: {sim_dataset}, loop: true, fps: 50}}",
+        prometheus=f"{{host: 127.0.0.1, port: {port}}}",
+    )
     recorder = Recorder(broker.host, broker.port, "plant/st1/verdict")
     process = start_station(config)
     output = Output(process)
@@ -60,7 +66,9 @@ def test_metrics_count_the_verdicts_the_broker_acknowledged(tmp_path, station_fi
             counted = sum(v for _, v in samples["station_verdicts_total"])
             assert counted >= received_before - MAX_INFLIGHT, (counted, received_before)
             # Everything the broker acknowledged reaches the subscriber (it may lag behind the scrape).
-            wait_until(lambda counted=counted: max_seq(recorder) >= counted, 30, f"verdict seq {counted} at the subscriber")
+            wait_until(
+                lambda counted=counted: max_seq(recorder) >= counted, 30, f"verdict seq {counted} at the subscriber"
+            )
             time.sleep(0.3)
         assert {labels["verdict"] for labels, _ in samples["station_verdicts_total"]} <= {"OK", "NG"}
         assert {labels["product"] for labels, _ in samples["station_verdicts_total"]} == {"A"}
@@ -92,8 +100,9 @@ def test_a_second_station_on_the_same_port_is_told_which_key_to_change(tmp_path,
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        config = write_config(tmp_path, station_files, broker, f"{{source: {sim_dataset}}}",
-                              prometheus=f"{{port: {port}}}")
+        config = write_config(
+            tmp_path, station_files, broker, f"{{source: {sim_dataset}}}", prometheus=f"{{port: {port}}}"
+        )
         process = start_station(config)
         out, _ = process.communicate(timeout=60)
     assert process.returncode == 78, out
@@ -102,8 +111,14 @@ def test_a_second_station_on_the_same_port_is_told_which_key_to_change(tmp_path,
 
 def test_the_latest_ng_part_is_a_retained_jpeg_of_the_region_cleared_at_changeover(tmp_path, station_files, broker):
     roi = {"x": 100, "y": 80, "width": 120, "height": 80}  # larger than the model's input: judged scaled down
-    config = write_config(tmp_path, station_files, broker, '{source: "sim://?seed=3", fps: 40}',
-                          roi=json.dumps(roi), keep_crops="{ng: true}")
+    config = write_config(
+        tmp_path,
+        station_files,
+        broker,
+        '{source: "sim://?seed=3", fps: 40}',
+        roi=json.dumps(roi),
+        keep_crops="{ng: true}",
+    )
     recorder = Recorder(broker.host, broker.port, "plant/st1/#")
     process = start_station(config)
     output = Output(process)

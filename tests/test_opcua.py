@@ -1,4 +1,5 @@
 """The OPC UA server of a real daemon process, read with asyncua's client (the `opcua` extra)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -27,16 +28,23 @@ def free_port() -> int:
 
 def certificate(folder, name: str, use):
     key, cert = folder / f"{name}.pem", folder / f"{name}.der"
-    asyncio.run(setup_self_signed_certificate(key, cert, f"urn:inspection-station:{name}", "127.0.0.1", [use],
-                                              {"commonName": name}))
+    asyncio.run(
+        setup_self_signed_certificate(
+            key, cert, f"urn:inspection-station:{name}", "127.0.0.1", [use], {"commonName": name}
+        )
+    )
     return cert, key
 
 
 async def connect(url: str, client_files, user: str | None, password: str | None) -> Client:
     client = Client(url, timeout=10)
     client.application_uri = "urn:inspection-station:client"
-    await client.set_security(security_policies.SecurityPolicyBasic256Sha256, str(client_files[0]),
-                              str(client_files[1]), mode=ua.MessageSecurityMode.SignAndEncrypt)
+    await client.set_security(
+        security_policies.SecurityPolicyBasic256Sha256,
+        str(client_files[0]),
+        str(client_files[1]),
+        mode=ua.MessageSecurityMode.SignAndEncrypt,
+    )
     if user is not None:
         client.set_user(user)
         client.set_password(password)
@@ -49,11 +57,13 @@ async def watch(url: str, client_files) -> list[tuple[str, int, int]]:
     client = await connect(url, client_files, "scada", "s3cret-words")
     seen = []
     try:
-        verdict, ok, ng, seq = (client.get_node(f"ns=2;s=Station.{n}") for n in ("LastVerdict", "OkCount", "NgCount",
-                                                                                   "LastSeq"))
+        verdict, ok, ng, seq = (
+            client.get_node(f"ns=2;s=Station.{n}") for n in ("LastVerdict", "OkCount", "NgCount", "LastSeq")
+        )
         for _ in range(600):
-            seen.append((await verdict.read_value(), await ok.read_value() + await ng.read_value(),
-                         await seq.read_value()))
+            seen.append(
+                (await verdict.read_value(), await ok.read_value() + await ng.read_value(), await seq.read_value())
+            )
             if seen[-1][1] >= 30:
                 break
             await asyncio.sleep(0.2)
@@ -80,10 +90,10 @@ def test_a_scada_client_reads_the_verdict_as_parts_are_judged(tmp_path, station_
     users.write_text("# user:password\nscada:s3cret-words\n")
     users.chmod(0o600)
     port = free_port()
-    opcua = (f"{{port: {port}, certificate: {server_files[0]}, private_key: {server_files[1]}, "
-             f"users_file: {users}}}")
-    config = write_config(tmp_path, station_files, broker, f"{{source: {sim_dataset}, loop: true, fps: 20}}",
-                          opcua=opcua)
+    opcua = f"{{port: {port}, certificate: {server_files[0]}, private_key: {server_files[1]}, users_file: {users}}}"
+    config = write_config(
+        tmp_path, station_files, broker, f"{{source: {sim_dataset}, loop: true, fps: 20}}", opcua=opcua
+    )
     process = start_station(config)
     output = Output(process)
     url = f"opc.tcp://127.0.0.1:{port}/station"
@@ -107,11 +117,14 @@ def test_a_scada_client_reads_the_verdict_as_parts_are_judged(tmp_path, station_
 def test_unusable_opcua_files_are_named_by_check_and_stop_the_start(tmp_path, station_files, broker, sim_dataset):
     users = tmp_path / "users"
     users.write_text("no colon here\n")
-    opcua = (f"{{port: {free_port()}, certificate: {tmp_path / 'missing.der'}, private_key: {tmp_path / 'missing.pem'}, "
-             f"users_file: {users}}}")
+    opcua = (
+        f"{{port: {free_port()}, certificate: {tmp_path / 'missing.der'}, private_key: {tmp_path / 'missing.pem'}, "
+        f"users_file: {users}}}"
+    )
     config = write_config(tmp_path, station_files, broker, f"{{source: {sim_dataset}}}", opcua=opcua)
-    check = subprocess.run([sys.executable, "-m", "station", "check", "-c", str(config)], capture_output=True,
-                           text=True, timeout=120)
+    check = subprocess.run(
+        [sys.executable, "-m", "station", "check", "-c", str(config)], capture_output=True, text=True, timeout=120
+    )
     assert check.returncode != 0
     assert f"opcua.users_file: {users}:1: expected user:password" in check.stdout + check.stderr
     assert "opcua.certificate:" in check.stdout + check.stderr and "does not exist" in check.stdout + check.stderr

@@ -35,7 +35,12 @@ def test_pending_is_in_insertion_order_and_ack_removes(outbox):
 def test_message_fields_round_trip(outbox):
     outbox.put("inspection/st/state", b"\x00\xffbinary", qos=0, retain=True)
     (message,) = outbox.pending(1)
-    assert (message.topic, message.payload, message.qos, message.retain) == ("inspection/st/state", b"\x00\xffbinary", 0, True)
+    assert (message.topic, message.payload, message.qos, message.retain) == (
+        "inspection/st/state",
+        b"\x00\xffbinary",
+        0,
+        True,
+    )
     with pytest.raises(TypeError):
         outbox.put("t", "text is not bytes")
 

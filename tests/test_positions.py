@@ -4,6 +4,7 @@ Real parts: the frozen backbone exported through export/positions.py and run by 
 simulated parts from station/core/simulated_line.py with a blob painted at a known place, reference
 sets written and read from disk, and one daemon process against the real mosquitto.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -64,8 +65,9 @@ def files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def calibrated(files):
     embedder = Embedder(files["model"])
-    saved, calibration = workflow.calibrate_folders(embedder, files["good"], [], files["root"] / "refs" / "A", "A",
-                                                    roi=FRAME_ROI)
+    saved, calibration = workflow.calibrate_folders(
+        embedder, files["good"], [], files["root"] / "refs" / "A", "A", roi=FRAME_ROI
+    )
     return embedder, saved, calibration
 
 
@@ -81,8 +83,9 @@ def test_the_exported_model_describes_its_map_and_matches_torch(files):
     assert report["passed"] and report["gate"]["torch_vs_fp32_scale"] > 1.0
     # the embedding is the map row-major, positions then channels
     model = PositionMap(8)
-    batch = to_model_input(np.stack([prepare_crop(good_frame(i), embedder.input_spec, FRAME_ROI) for i in range(3)]),
-                           embedder.input_spec)
+    batch = to_model_input(
+        np.stack([prepare_crop(good_frame(i), embedder.input_spec, FRAME_ROI) for i in range(3)]), embedder.input_spec
+    )
     with torch.no_grad():
         fmap = model.features(torch.from_numpy(batch)).numpy()  # (n, C, h, w)
     got = embedder.embed(batch).reshape(3, 4, 5, 40)
@@ -94,16 +97,25 @@ def test_a_plain_model_has_no_grid_and_partial_or_inconsistent_metadata_is_refus
     partial = projection_model(tmp_path / "partial.onnx", embedding_dim=40, metadata={"positions": "2x5"})
     with pytest.raises(ModelError, match="incomplete.*lacks position_channels, position_stride"):
         Embedder(partial)
-    wrong = projection_model(tmp_path / "wrong.onnx", embedding_dim=40,
-                             metadata={"positions": "2x5", "position_channels": "8", "position_stride": "8"})
+    wrong = projection_model(
+        tmp_path / "wrong.onnx",
+        embedding_dim=40,
+        metadata={"positions": "2x5", "position_channels": "8", "position_stride": "8"},
+    )
     with pytest.raises(ModelError, match="= 80 values, but embedding_dim is 40"):
         Embedder(wrong)
-    garbled = projection_model(tmp_path / "garbled.onnx", embedding_dim=40,
-                               metadata={"positions": "2by5", "position_channels": "4", "position_stride": "8"})
+    garbled = projection_model(
+        tmp_path / "garbled.onnx",
+        embedding_dim=40,
+        metadata={"positions": "2by5", "position_channels": "4", "position_stride": "8"},
+    )
     with pytest.raises(ModelError, match="invalid per-position metadata"):
         Embedder(garbled)
-    fine = projection_model(tmp_path / "fine.onnx", embedding_dim=40,
-                            metadata={"positions": "2x5", "position_channels": "4", "position_stride": "8"})
+    fine = projection_model(
+        tmp_path / "fine.onnx",
+        embedding_dim=40,
+        metadata={"positions": "2x5", "position_channels": "4", "position_stride": "8"},
+    )
     assert Embedder(fine).info.positions == FeatureGrid(2, 5, 4, 8, 0)
 
 
@@ -158,8 +170,9 @@ def test_scoring_one_part_stays_well_under_a_millisecond():
         grid = FeatureGrid(n_positions // 20, 20, channels, 8)
         factor = rng.normal(size=(n_positions, channels, channels)).astype(np.float32) / channels
         precision = factor @ factor.transpose(0, 2, 1) + np.eye(channels, dtype=np.float32)
-        model = PositionReference(np.zeros((n_positions, channels), np.float32), precision,
-                                  np.zeros(n_positions, np.float32), grid)
+        model = PositionReference(
+            np.zeros((n_positions, channels), np.float32), precision, np.zeros(n_positions, np.float32), grid
+        )
         part = rng.normal(size=(1, grid.size)).astype(np.float32)
         position_scores(part, model)
         started = time.perf_counter()
@@ -184,8 +197,9 @@ def test_calibration_fits_the_position_metric_out_of_fold_and_saves_format_3(fil
     loaded = reference_sets.load(files["root"] / "refs" / "A")
     assert isinstance(loaded.model, PositionReference) and loaded.threshold == pytest.approx(calibration.threshold)
     # out of fold: an in-sample threshold would sit below the good parts' held-out scores
-    model, _ = positions.fit_position_model(embed_frames(embedder, [good_frame(i) for i in range(160)], FRAME_ROI),
-                                      embedder.info.positions)
+    model, _ = positions.fit_position_model(
+        embed_frames(embedder, [good_frame(i) for i in range(160)], FRAME_ROI), embedder.info.positions
+    )
     in_sample = position_scores(embed_frames(embedder, [good_frame(i) for i in range(160)], FRAME_ROI), model).score
     assert np.quantile(in_sample, 0.995) < calibration.threshold
     new_good = embed_frames(embedder, [good_frame(i) for i in range(500, 560)], FRAME_ROI)
@@ -195,8 +209,9 @@ def test_calibration_fits_the_position_metric_out_of_fold_and_saves_format_3(fil
 def test_a_whole_embedding_metric_is_refused_for_a_per_position_model(files):
     embedder = Embedder(files["model"])
     with pytest.raises(thresholds.CalibrationError, match="judged by 'position'"):
-        workflow.calibrate_folders(embedder, files["good"], [], files["root"] / "refs" / "X", "X",
-                                   metric="mahalanobis", roi=FRAME_ROI)
+        workflow.calibrate_folders(
+            embedder, files["good"], [], files["root"] / "refs" / "X", "X", metric="mahalanobis", roi=FRAME_ROI
+        )
 
 
 def test_older_formats_still_load_and_a_set_rolls_back_across_formats(files, calibrated, tmp_path, sim_dataset):
@@ -300,14 +315,27 @@ def test_regions_place_the_box_in_their_own_roi(calibrated):
     left, right = Roi(20, 30, 36, 26), FRAME_ROI
     regions = (Region("left", left, "A", loaded), Region("right", right, "A", loaded))
     frame = with_blob(good_frame(2000))
-    frame[left.y : left.y + 26, left.x : left.x + 36] = good_frame(2001)[FRAME_ROI.y : FRAME_ROI.y + 26,
-                                                                       FRAME_ROI.x : FRAME_ROI.x + 36]
+    frame[left.y : left.y + 26, left.x : left.x + 36] = good_frame(2001)[
+        FRAME_ROI.y : FRAME_ROI.y + 26, FRAME_ROI.x : FRAME_ROI.x + 36
+    ]
     crops = np.stack([prepare_crop(frame, embedder.input_spec, r) for r in (left, right)])
     (part,) = judge_regions(embedder.embed(to_model_input(crops, embedder.input_spec)), regions, embedder.input_spec)
     assert part.verdict == NG and part.worst.name == "right"
-    message = verdict_message(station="st1", seq=1, source="x", part_id=None, product="A", judgement=part,
-                              threshold=loaded.threshold, metric="position", model_id="m", reference_version=1,
-                              latency_ms=1.0, ts="2026-01-01T00:00:00.000Z", frame_shape=frame.shape)
+    message = verdict_message(
+        station="st1",
+        seq=1,
+        source="x",
+        part_id=None,
+        product="A",
+        judgement=part,
+        threshold=loaded.threshold,
+        metric="position",
+        model_id="m",
+        reference_version=1,
+        latency_ms=1.0,
+        ts="2026-01-01T00:00:00.000Z",
+        frame_shape=frame.shape,
+    )
     jsonschema.validate({"schema_version": 1, **message}, json.loads((SCHEMAS / "verdict.schema.json").read_text()))
     box = message["worst_position"]
     assert box["x"] <= BLOB[0] < box["x"] + box["width"] and box["y"] <= BLOB[1] < box["y"] + box["height"]
@@ -341,8 +369,13 @@ def test_the_daemon_names_the_ng_parts_box_and_the_snapshot_marks_it(tmp_path, f
 
     embedder, saved, _ = calibrated
     candidates = [good_frame(3000 + index) for index in range(12)]
-    ok = [frame for frame, j in zip(candidates, judge(embed_frames(embedder, candidates, FRAME_ROI), saved,
-                                                       embedder.input_spec, FRAME_ROI)) if j.verdict == "OK"]
+    ok = [
+        frame
+        for frame, j in zip(
+            candidates, judge(embed_frames(embedder, candidates, FRAME_ROI), saved, embedder.input_spec, FRAME_ROI)
+        )
+        if j.verdict == "OK"
+    ]
     parts = tmp_path / "parts"
     parts.mkdir()
     for index, frame in enumerate(ok[:3]):  # the snapshot is then the blob's (the first NG part's)
@@ -354,7 +387,8 @@ def test_the_daemon_names_the_ng_parts_box_and_the_snapshot_marks_it(tmp_path, f
         f"reference: {files['root'] / 'refs' / 'A'}\n"
         f"roi: {{x: {FRAME_ROI.x}, y: {FRAME_ROI.y}, width: {FRAME_ROI.width}, height: {FRAME_ROI.height}}}\n"
         f"state_dir: {tmp_path / 'state'}\nmqtt: {{host: 127.0.0.1, port: {broker.port}, topic_prefix: plant}}\n"
-        "snapshot: {ng: true}\n")
+        "snapshot: {ng: true}\n"
+    )
     recorder = Recorder(broker.host, broker.port, "plant/#")
     code, output = finish(start_station(config))
     assert code == 0, output
@@ -366,8 +400,12 @@ def test_the_daemon_names_the_ng_parts_box_and_the_snapshot_marks_it(tmp_path, f
         assert verdict["metric"] == "position" and "worst_position" in verdict
     # the daemon judges as calibration's own code does
     names = sorted(verdicts)
-    expected = judge(embed_frames(embedder, [cv2.imread(str(parts / n), cv2.IMREAD_UNCHANGED) for n in names], FRAME_ROI),
-                     reference_sets.load(files["root"] / "refs" / "A"), embedder.input_spec, FRAME_ROI)
+    expected = judge(
+        embed_frames(embedder, [cv2.imread(str(parts / n), cv2.IMREAD_UNCHANGED) for n in names], FRAME_ROI),
+        reference_sets.load(files["root"] / "refs" / "A"),
+        embedder.input_spec,
+        FRAME_ROI,
+    )
     assert [verdicts[n]["verdict"] for n in names] == [j.verdict for j in expected]
     assert [verdicts[n]["score"] for n in names] == pytest.approx([j.score for j in expected], rel=1e-6)
     ng = verdicts["b_blob.png"]
@@ -378,11 +416,9 @@ def test_the_daemon_names_the_ng_parts_box_and_the_snapshot_marks_it(tmp_path, f
     jpeg = next(m for m in recorder.on("/snapshot") if m.payload).payload
     picture = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
     assert picture.shape[:2] == (FRAME_ROI.height, FRAME_ROI.width)
-    red = (picture[..., 2].astype(int) - picture[..., 1] > 80)
+    red = picture[..., 2].astype(int) - picture[..., 1] > 80
     ys, xs = np.nonzero(red)
     left, top = box["x"] - FRAME_ROI.x, box["y"] - FRAME_ROI.y
     assert len(xs) and xs.min() >= left - 3 and xs.max() <= left + box["width"] + 2
     assert ys.min() >= top - 3 and ys.max() <= top + box["height"] + 2
     recorder.close()
-
-

@@ -1,4 +1,5 @@
 """trigger: presence on a stop-and-go belt video: one verdict per part, on a settled frame."""
+
 from __future__ import annotations
 
 import csv
@@ -84,11 +85,13 @@ def test_the_centre_offset_follows_a_part_across_the_region_in_either_direction(
     from station.runtime.presence import centre_offset
 
     belt_crop = np.full((26, 36), 55, np.uint8)
+
     def part_at(shift):  # a 12-pixel-wide part whose centre is `shift` pixels right of the region's
         crop = belt_crop.copy()
         left = 12 + shift
-        crop[:, max(left, 0):max(left + 12, 0)] = 185
+        crop[:, max(left, 0) : max(left + 12, 0)] = 185
         return crop
+
     assert [round(centre_offset(part_at(s), belt_crop.astype(np.float32))) for s in (-6, 0, 6)] == [-6, 0, 6]
     for shifts in ((-20, -10, -1, 9, 19), (20, 10, 1, -9, -19)):  # left to right, right to left
         gate = PresenceGate(PresenceSettings(judge_on="centred"))
@@ -141,8 +144,9 @@ def run_script(tmp_path, station_files, broker, script, light=lambda n: 0.0, pre
     write_belt(video, script, light)
     recorder = Recorder(broker.host, broker.port, "plant/#")
     extra = {"presence": presence} if presence else {}
-    config = write_config(tmp_path, station_files, broker, f"{{source: {video}{camera_extra}}}", roi=ROI,
-                          trigger="presence", **extra)
+    config = write_config(
+        tmp_path, station_files, broker, f"{{source: {video}{camera_extra}}}", roi=ROI, trigger="presence", **extra
+    )
     code, output = finish(start_station(config), timeout=120)
     assert code == 0, output
     return recorder, output
@@ -163,8 +167,9 @@ def judged_parts(verdicts, script) -> list:
     return [script[int(v["source"])][0] for v in verdicts]
 
 
-def test_a_part_standing_in_the_region_at_start_is_found_out_and_every_later_part_judged(tmp_path, station_files,
-                                                                                         broker):
+def test_a_part_standing_in_the_region_at_start_is_found_out_and_every_later_part_judged(
+    tmp_path, station_files, broker
+):
     script = [(0, 0, "settled")] * 10 + cycle(0)[-12:]  # part 0 stands there at start, then leaves
     for index in range(1, 9):
         script += cycle(index)
@@ -217,13 +222,15 @@ def test_sigterm_with_a_part_in_the_region_gives_it_a_no_verdict(tmp_path, stati
     video = tmp_path / "belt.avi"
     write_belt(video, script)
     recorder = Recorder(broker.host, broker.port, "plant/#")
-    config = write_config(tmp_path, station_files, broker, f"{{source: {video}, fps: 25}}", roi=ROI,
-                          trigger="presence")
+    config = write_config(tmp_path, station_files, broker, f"{{source: {video}, fps: 25}}", roi=ROI, trigger="presence")
     process = start_station(config)
     output = Output(process)
     try:
-        recorder.wait_for(lambda: any(s.get("parts") == 3 for s in recorder.json_on("/stats")), timeout=60,
-                          what="part 2 in the region")
+        recorder.wait_for(
+            lambda: any(s.get("parts") == 3 for s in recorder.json_on("/stats")),
+            timeout=60,
+            what="part 2 in the region",
+        )
         process.send_signal(signal.SIGTERM)
         assert output.finish(timeout=30) == 0, output.text
     finally:
@@ -284,7 +291,8 @@ def small_input_files(tmp_path_factory, sim_dataset):
 
 @pytest.mark.parametrize("change", ["a second region", "another input size"])
 def test_a_reload_that_changes_what_the_gate_sees_relearns_the_belt_and_loses_no_part(
-        tmp_path, station_files, small_input_files, broker, change):
+    tmp_path, station_files, small_input_files, broker, change
+):
     script = empty(6) + cycle(0) + cycle(1) + cycle(2) + empty(300) + cycle(3) + cycle(4) + cycle(5)
     video = tmp_path / "belt.avi"
     write_belt(video, script)
@@ -296,12 +304,22 @@ def test_a_reload_that_changes_what_the_gate_sees_relearns_the_belt_and_loses_no
     try:
         recorder.wait_for(lambda: len(recorder.on("/verdict")) >= 3, timeout=60, what="3 verdicts")
         if change == "a second region":
-            rois = "[{name: a, x: 142, y: 107, width: 36, height: 26}, {name: b, x: 150, y: 107, width: 20, height: 26}]"
+            rois = (
+                "[{name: a, x: 142, y: 107, width: 36, height: 26}, {name: b, x: 150, y: 107, width: 20, height: 26}]"
+            )
             write_config(tmp_path, station_files, broker, camera, rois=rois, trigger="presence")
         else:
             small = small_input_files
-            write_config(tmp_path, station_files, broker, camera, roi=ROI, trigger="presence",
-                         model=str(small / "model.onnx"), products=f"{{A: {small / 'refs' / 'A'}}}")
+            write_config(
+                tmp_path,
+                station_files,
+                broker,
+                camera,
+                roi=ROI,
+                trigger="presence",
+                model=str(small / "model.onnx"),
+                products=f"{{A: {small / 'refs' / 'A'}}}",
+            )
         process.send_signal(signal.SIGHUP)
         output.wait_for("learns the empty belt again", timeout=30)
         assert output.finish(timeout=90) == 0, output.text

@@ -1,4 +1,5 @@
 """The Publisher against a real mosquitto on loopback: no mocks of the broker."""
+
 import json
 import logging
 import signal
@@ -54,8 +55,9 @@ class Listener:
 
     def __init__(self, broker, topic: str, client_id: str | None = None, clean: bool = True):
         self.messages: list[tuple[str, bytes, bool]] = []
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or f"t-{uuid.uuid4().hex[:8]}",
-                                  clean_session=clean)
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or f"t-{uuid.uuid4().hex[:8]}", clean_session=clean
+        )
         self.client.reconnect_delay_set(0.1, 0.5)
         self.subscribed = threading.Event()
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
@@ -177,7 +179,11 @@ def test_status_online_then_stopped_on_clean_exit(mosquitto, outbox):
         publisher.publish_state({"product": "A", "paused": False})
         assert publisher.publish_stats({"fps": 12.5})
         wait_for(lambda: _retained(mosquitto, publisher.topics.state) is not None, what="state")
-        assert json.loads(_retained(mosquitto, publisher.topics.state)) == {"schema_version": 1, "product": "A", "paused": False}
+        assert json.loads(_retained(mosquitto, publisher.topics.state)) == {
+            "schema_version": 1,
+            "product": "A",
+            "paused": False,
+        }
     finally:
         publisher.stop(clean=True)
     assert not publisher.connected
@@ -212,8 +218,19 @@ KILLED_STATION = textwrap.dedent("""
 def test_killed_station_leaves_the_will_offline_retained(mosquitto, tmp_path):
     station = station_id()
     topics = Topics.for_station("inspection", station)
-    process = subprocess.Popen([sys.executable, "-c", KILLED_STATION, mosquitto.host, str(mosquitto.port), station,
-                                str(tmp_path / "outbox.db")], stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            KILLED_STATION,
+            mosquitto.host,
+            str(mosquitto.port),
+            station,
+            str(tmp_path / "outbox.db"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert process.stdout.readline().strip() == "connected"
         assert retained_status(mosquitto, topics.status) == b"online"
@@ -269,7 +286,11 @@ def test_a_failing_command_handler_answers_with_the_error(mosquitto, outbox):
         wait_for(lambda: publisher.connected, what="connect")
         results.client.publish(publisher.topics.command, b"switch Z", qos=1).wait_for_publish(5)
         wait_for(lambda: results.messages, timeout=5, what="command result")
-        assert json.loads(results.payloads()[0]) == {"schema_version": 1, "ok": False, "error": "command failed: unknown product Z"}
+        assert json.loads(results.payloads()[0]) == {
+            "schema_version": 1,
+            "ok": False,
+            "error": "command failed: unknown product Z",
+        }
         assert publisher.connected  # the network thread survived
     finally:
         publisher.stop()
@@ -293,8 +314,11 @@ def test_refused_login_is_explained_never_leaks_the_password_and_keeps_retrying(
     with caplog.at_level(logging.DEBUG):
         publisher.start()
         try:
-            wait_for(lambda: sum("not authorised: check username/password" in r.getMessage()
-                                 for r in caplog.records) >= 2, timeout=5, what="two refused logins")
+            wait_for(
+                lambda: sum("not authorised: check username/password" in r.getMessage() for r in caplog.records) >= 2,
+                timeout=5,
+                what="two refused logins",
+            )
             assert not publisher.connected
         finally:
             publisher.stop()
@@ -306,8 +330,9 @@ def test_password_from_a_systemd_credential_logs_in(auth_broker, tmp_path, outbo
     credentials.mkdir()
     (credentials / "mqtt-password").write_text("s3cret-pw\n")
     config = mqtt_config(auth_broker, username="station", password_credential="mqtt-password")
-    publisher = Publisher(config, station_id(), outbox, env={"CREDENTIALS_DIRECTORY": str(credentials)},
-                          backoff=Backoff(**FAST))
+    publisher = Publisher(
+        config, station_id(), outbox, env={"CREDENTIALS_DIRECTORY": str(credentials)}, backoff=Backoff(**FAST)
+    )
     publisher.start()
     try:
         wait_for(lambda: publisher.connected, timeout=5, what="login with the credential")
@@ -339,17 +364,60 @@ def test_unreachable_broker_backs_off_without_spinning(outbox, caplog):
 
 def make_certificates(folder):
     """A CA, a server certificate for 127.0.0.1 and a client certificate (EC keys: fast)."""
+
     def run(*args):
         subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
 
-    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
-        "-subj", "/CN=test-ca", "-keyout", "ca.key", "-out", "ca.pem")
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    )
     for name, extra in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
-        run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-subj", f"/CN={name}",
-            "-keyout", f"{name}.key", "-out", f"{name}.csr")
+        run(
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            f"/CN={name}",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+        )
         (folder / f"{name}.ext").write_text(extra + "\n")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem")
+        run(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            f"{name}.ext",
+            "-out",
+            f"{name}.pem",
+        )
     for path in folder.iterdir():
         path.chmod(0o644)
 
@@ -358,8 +426,10 @@ def test_tls_with_ca_and_client_certificate(new_broker, tmp_path, outbox):
     tls = tmp_path / "tls"
     tls.mkdir()
     make_certificates(tls)
-    broker = new_broker(f"cafile {tls}/ca.pem\ncertfile {tls}/server.pem\nkeyfile {tls}/server.key\n"
-                        f"require_certificate true\nuser root\n")
+    broker = new_broker(
+        f"cafile {tls}/ca.pem\ncertfile {tls}/server.pem\nkeyfile {tls}/server.key\n"
+        f"require_certificate true\nuser root\n"
+    )
     with_cert = mqtt_config(broker, tls={"ca": tls / "ca.pem", "cert": tls / "client.pem", "key": tls / "client.key"})
     publisher = Publisher(with_cert, station_id(), outbox, backoff=Backoff(**FAST))
     put_verdicts(outbox, publisher.topics.verdict, range(3))

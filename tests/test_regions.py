@@ -1,4 +1,5 @@
 """rois: several named regions per part: configuration, one embedder call, batch independence, the daemon."""
+
 from __future__ import annotations
 
 import cv2
@@ -30,30 +31,43 @@ def problems(text: str) -> str:
 
 
 def test_rois_are_parsed_with_each_region_s_product():
-    config = parse_config(BASE + PRODUCTS + "rois:\n  - {name: left, x: 0, y: 0, width: 36, height: 26}\n"
-                          "  - {name: right, x: 36, y: 0, width: 36, height: 26, product: B}\n")
+    config = parse_config(
+        BASE + PRODUCTS + "rois:\n  - {name: left, x: 0, y: 0, width: 36, height: 26}\n"
+        "  - {name: right, x: 36, y: 0, width: 36, height: 26, product: B}\n"
+    )
     assert [(r.name, r.product, r.to_roi()) for r in config.rois] == [
-        ("left", None, Roi(0, 0, 36, 26)), ("right", "B", Roi(36, 0, 36, 26))]
+        ("left", None, Roi(0, 0, 36, 26)),
+        ("right", "B", Roi(36, 0, 36, 26)),
+    ]
     assert config.roi is None and parse_config(BASE + "reference: r/A\n").rois is None
 
 
 def test_region_problems_name_the_line_and_key():
-    text = (BASE + PRODUCTS + "rois:\n  - {name: left, x: 0, y: 0, width: 36, height: 26}\n"
-            "  - name: left\n    x: -1\n    y: 0\n    width: 36\n    height: 26\n    product: C\n"
-            "  - {name: third, x: 0, y: 0, width: 36, height: 26, colour: red}\n")
+    text = (
+        BASE + PRODUCTS + "rois:\n  - {name: left, x: 0, y: 0, width: 36, height: 26}\n"
+        "  - name: left\n    x: -1\n    y: 0\n    width: 36\n    height: 26\n    product: C\n"
+        "  - {name: third, x: 0, y: 0, width: 36, height: 26, colour: red}\n"
+    )
     found = problems(text).splitlines()
     assert "station.yaml:8: rois.1.name: another region is already named 'left': region names must be unique" in found
-    assert any(line.startswith("station.yaml:9: rois.1.x: Input should be greater than or equal to 0") for line in found)
+    assert any(
+        line.startswith("station.yaml:9: rois.1.x: Input should be greater than or equal to 0") for line in found
+    )
     assert "station.yaml:13: rois.1.product: must be one of the products (A, B), got 'C'" in found
     assert "station.yaml:14: rois.2.colour: unknown key" in found
 
 
 def test_roi_and_rois_exclude_each_other_and_a_region_product_needs_products():
-    both = BASE + "reference: r/A\nroi: {x: 0, y: 0, width: 4, height: 4}\nrois:\n  - {name: a, x: 0, y: 0, width: 4, height: 4}\n"
+    both = (
+        BASE
+        + "reference: r/A\nroi: {x: 0, y: 0, width: 4, height: 4}\nrois:\n  - {name: a, x: 0, y: 0, width: 4, height: 4}\n"
+    )
     assert problems(both) == "station.yaml:6: rois: give roi (one region) or rois (named regions), not both"
     single = BASE + "reference: r/A\nrois:\n  - {name: a, x: 0, y: 0, width: 4, height: 4, product: B}\n"
     assert "station.yaml:6: rois.0.product: a region's product needs products:" in problems(single)
-    assert problems(BASE + "reference: r/A\nrois: []\n") == "station.yaml:5: rois: name at least one region (or use roi:)"
+    assert (
+        problems(BASE + "reference: r/A\nrois: []\n") == "station.yaml:5: rois: name at least one region (or use roi:)"
+    )
 
 
 # -- batch independence with the station's int8 model ------------------------------------------
@@ -125,8 +139,10 @@ def test_the_daemon_judges_two_regions_against_two_reference_sets(tmp_path, stat
     paths = list_images(sim_dataset)
     for i in range(40):  # left: a part of the station's product A; right: another part, judged as product B
         cv2.imwrite(str(frames / f"frame_{i:03d}.png"), np.hstack([read_image(paths[i]), read_image(paths[-1 - i])]))
-    rois = ("\n  - {name: left, x: 0, y: 0, width: 36, height: 26}"
-            "\n  - {name: right, x: 36, y: 0, width: 36, height: 26, product: B}")
+    rois = (
+        "\n  - {name: left, x: 0, y: 0, width: 36, height: 26}"
+        "\n  - {name: right, x: 36, y: 0, width: 36, height: 26, product: B}"
+    )
     config = write_config(tmp_path, station_files, broker, f"{{source: {frames}}}", rois=rois)
     recorder = Recorder(broker.host, broker.port, "plant/+/verdict")
     code, output = finish(start_station(config))
@@ -146,7 +162,9 @@ def test_the_daemon_judges_two_regions_against_two_reference_sets(tmp_path, stat
         frame = read_image(frames / verdict["source"])
         for region, roi in ((left, Roi(0, 0, 36, 26)), (right, Roi(36, 0, 36, 26))):
             crop = prepare_crop(frame, embedder.input_spec, roi)
-            (expected,) = judge(embedder.embed(to_model_input(crop[None], embedder.input_spec)), refs[region["product"]])
+            (expected,) = judge(
+                embedder.embed(to_model_input(crop[None], embedder.input_spec)), refs[region["product"]]
+            )
             assert region["verdict"] == expected.verdict and region["score"] == pytest.approx(expected.score, rel=1e-5)
     assert {v["verdict"] for v in verdicts} == {"OK", "NG"}
 
@@ -165,7 +183,9 @@ def test_bench_measures_grab_to_puback_latency_and_region_throughput(per_row_mod
     regions = bench_latency.region_throughput(model, reference, sim_dataset, broker, tmp_path, count=120)
     assert regions["frames"] == 120 and regions["regions"] == 8
     assert regions["one_region_parts_per_s"] > 0 and regions["many_regions_parts_per_s"] > 0
-    assert regions["ratio"] == pytest.approx(regions["many_regions_parts_per_s"] / regions["one_region_parts_per_s"], abs=2e-3)
+    assert regions["ratio"] == pytest.approx(
+        regions["many_regions_parts_per_s"] / regions["one_region_parts_per_s"], abs=2e-3
+    )
     lines = bench_latency.format_lines({"latency": latency, "regions": regions})
     assert "grabbed -> PUBACK" in lines[0] and "8 regions" in lines[1]
 
@@ -174,18 +194,21 @@ def test_station_check_names_a_region_outside_the_frames(tmp_path, station_files
     from station.runtime.config.station import load_config
     from station.tools.check import check_station
 
-    rois = ("\n  - {name: left, x: 0, y: 0, width: 36, height: 26}"
-            "\n  - {name: far, x: 30, y: 0, width: 36, height: 26, product: B}")
-    result = check_station(load_config(write_config(tmp_path, station_files, broker, f"{{source: {sim_dataset}}}",
-                                                    rois=rois)))
+    rois = (
+        "\n  - {name: left, x: 0, y: 0, width: 36, height: 26}"
+        "\n  - {name: far, x: 30, y: 0, width: 36, height: 26, product: B}"
+    )
+    result = check_station(
+        load_config(write_config(tmp_path, station_files, broker, f"{{source: {sim_dataset}}}", rois=rois))
+    )
     assert result.problems == ["roi: region far: ROI x=30 y=0 36x26 does not fit in a 36x26 frame"]
     assert any(line.startswith("product B:") for line in result.summary)
 
 
 def test_the_daemon_refuses_to_start_when_a_region_does_not_fit(tmp_path, station_files, sim_dataset, broker):
-    rois = ("\n  - {name: left, x: 0, y: 0, width: 36, height: 26}"
-            "\n  - {name: far, x: 30, y: 0, width: 36, height: 26}")
-    code, output = finish(start_station(write_config(tmp_path, station_files, broker, f"{{source: {sim_dataset}}}",
-                                                     rois=rois)))
+    rois = "\n  - {name: left, x: 0, y: 0, width: 36, height: 26}\n  - {name: far, x: 30, y: 0, width: 36, height: 26}"
+    code, output = finish(
+        start_station(write_config(tmp_path, station_files, broker, f"{{source: {sim_dataset}}}", rois=rois))
+    )
     assert code == 78, output
     assert "roi: region far: ROI x=30 y=0 36x26 does not fit in a 36x26 frame" in output

@@ -1,6 +1,7 @@
 """Faults, for real: a broker that restarts, a daemon SIGKILLed, cameras that go away,
 a full disk under the outbox, corrupt files on reload. The daemon runs as a real
 process against a real mosquitto; nothing here is mocked."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,16 @@ from station.runtime.mqtt.outbox import Outbox
 from station.core.simulated_line import render_frame, render_part
 from station.tools.simulate import write_video
 from tests.daemon_helpers import (
-    Output, TcpGate, TimedNotify, assert_complete_and_ordered, largest_gap, outbox_counters, schema, start_station,
-    wait_until, write_config,
+    Output,
+    TcpGate,
+    TimedNotify,
+    assert_complete_and_ordered,
+    largest_gap,
+    outbox_counters,
+    schema,
+    start_station,
+    wait_until,
+    write_config,
 )
 from tests.mqtt_helpers import Recorder
 
@@ -50,8 +59,9 @@ def test_a_broker_restart_loses_no_verdict_and_keeps_seq_order(tmp_path, station
     gate = TcpGate(broker.port)  # the station reaches the broker through the gate
     recorder = Recorder(broker.host, broker.port, "plant/+/verdict")
     subscribed = resubscriptions(recorder)
-    config = write_config(tmp_path, station_files, SimpleNamespace(port=gate.port),
-                          f'{{source: "sim://?seed=3&count={count}", fps: 400}}')
+    config = write_config(
+        tmp_path, station_files, SimpleNamespace(port=gate.port), f'{{source: "sim://?seed=3&count={count}", fps: 400}}'
+    )
     process = start_station(config)
     output = Output(process)
     try:
@@ -63,8 +73,11 @@ def test_a_broker_restart_loses_no_verdict_and_keeps_seq_order(tmp_path, station
         wait_until(lambda: subscribed, what="the subscriber's new subscription")
         gate.open()
         assert output.finish(60) == 0, output.text
-        recorder.wait_for(lambda: {v["seq"] for v in recorder.json_on("/verdict")} >= set(range(1, count + 1)),
-                          timeout=20, what="every seq")
+        recorder.wait_for(
+            lambda: {v["seq"] for v in recorder.json_on("/verdict")} >= set(range(1, count + 1)),
+            timeout=20,
+            what="every seq",
+        )
         assert_complete_and_ordered(recorder.json_on("/verdict"), count)
         assert "MQTT disconnected" in output.text or "connection to" in output.text
     finally:
@@ -99,8 +112,11 @@ def test_a_daemon_killed_while_the_broker_is_down_delivers_its_outbox_after_rest
     output = Output(process)
     assert output.finish(60) == 0, output.text
     last = killed["seq"] + count
-    recorder.wait_for(lambda: {v["seq"] for v in recorder.json_on("/verdict")} >= set(range(1, last + 1)),
-                      timeout=20, what="the killed run's outbox and the new run")
+    recorder.wait_for(
+        lambda: {v["seq"] for v in recorder.json_on("/verdict")} >= set(range(1, last + 1)),
+        timeout=20,
+        what="the killed run's outbox and the new run",
+    )
     verdicts = recorder.json_on("/verdict")
     assert_complete_and_ordered(verdicts, last)
     assert {v["source"] for v in verdicts if v["seq"] > killed["seq"]} == {f"sim:4:{i}" for i in range(count)}
@@ -122,8 +138,9 @@ def test_a_video_file_removed_and_restored_is_reconnected(tmp_path, station_file
     try:
         recorder.wait_for(lambda: len(recorder.on("/verdict")) > 10, what="verdicts from the video")
         video.rename(tmp_path / "away.avi")  # the file goes; the open handle reads on to its end
-        recorder.wait_for(lambda: recorder.json_on("/state")[-1]["camera"] == "reconnecting", timeout=5,
-                          what="camera reconnecting")
+        recorder.wait_for(
+            lambda: recorder.json_on("/state")[-1]["camera"] == "reconnecting", timeout=5, what="camera reconnecting"
+        )
         away = len(recorder.on("/verdict"))
         (tmp_path / "away.avi").rename(video)
         recorder.wait_for(lambda: recorder.json_on("/state")[-1]["camera"] == "ok", timeout=8, what="camera ok again")
@@ -199,14 +216,17 @@ def test_an_mjpeg_camera_that_goes_away_and_a_stuck_loop_and_the_watchdog(tmp_pa
 
         camera.stop()
         gone = time.monotonic()
-        recorder.wait_for(lambda: recorder.json_on("/state")[-1]["camera"] == "reconnecting", timeout=5,
-                          what="camera reconnecting")
+        recorder.wait_for(
+            lambda: recorder.json_on("/state")[-1]["camera"] == "reconnecting", timeout=5, what="camera reconnecting"
+        )
         noticed = time.monotonic() - gone
         assert noticed < 3.0, f"a camera that went away was noticed after {noticed:.1f} s"
         time.sleep(1.0)  # stay away a while: the watchdog is judged over this stretch
         camera.start()
         back = time.monotonic()
-        assert largest_gap(notify.times("WATCHDOG=1"), gone, back) < 0.8, "watchdog pings stopped while the camera was away"
+        assert largest_gap(notify.times("WATCHDOG=1"), gone, back) < 0.8, (
+            "watchdog pings stopped while the camera was away"
+        )
         recorder.wait_for(lambda: recorder.json_on("/state")[-1]["camera"] == "ok", timeout=10, what="camera ok again")
         recorder.wait_for(lambda: recorder.json_on("/stats")[-1]["camera_reconnects"] >= 1, what="reconnect in stats")
         jsonschema.validate(recorder.json_on("/stats")[-1], schema("stats"))
@@ -244,8 +264,9 @@ def small_filesystem(tmp_path):
     would fake the error inside the process, a real full filesystem also hits the WAL."""
     folder = tmp_path / "state"
     folder.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(folder)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(folder)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
     yield folder
@@ -264,8 +285,9 @@ def fill(folder: Path) -> Path:
     return filler
 
 
-def test_a_full_disk_under_the_outbox_publishes_live_and_never_reuses_a_seq(tmp_path, station_files, broker,
-                                                                                small_filesystem):
+def test_a_full_disk_under_the_outbox_publishes_live_and_never_reuses_a_seq(
+    tmp_path, station_files, broker, small_filesystem
+):
     recorder = Recorder(broker.host, broker.port, "plant/#")
     config = write_config(tmp_path, station_files, broker, '{source: "sim://?seed=8", fps: 100}')
     process = start_station(config)
@@ -274,15 +296,20 @@ def test_a_full_disk_under_the_outbox_publishes_live_and_never_reuses_a_seq(tmp_
         recorder.wait_for(lambda: len(recorder.on("/verdict")) > 5, what="first verdicts")
         filler = fill(small_filesystem)
         output.wait_for("publishing them live", timeout=10)
-        recorder.wait_for(lambda: (recorder.json_on("/stats") or [{}])[-1].get("verdicts_live", 0) >= 50,
-                          timeout=10, what="50 verdicts published live")
+        recorder.wait_for(
+            lambda: (recorder.json_on("/stats") or [{}])[-1].get("verdicts_live", 0) >= 50,
+            timeout=10,
+            what="50 verdicts published live",
+        )
         assert recorder.json_on("/stats")[-1]["outbox_write_errors"] > 0
         assert any(p.startswith("outbox: ") for p in recorder.json_on("/state")[-1]["problems"])
         filler.unlink()
         output.wait_for("stores verdicts again", timeout=10)
         after = max(v["seq"] for v in recorder.json_on("/verdict"))
-        recorder.wait_for(lambda: max(v["seq"] for v in recorder.json_on("/verdict")) > after + 30,
-                          what="stored verdicts after the disk has room")
+        recorder.wait_for(
+            lambda: max(v["seq"] for v in recorder.json_on("/verdict")) > after + 30,
+            what="stored verdicts after the disk has room",
+        )
     finally:
         code = stop(process, output)
         recorder.close()

@@ -1,4 +1,5 @@
 """The report's figures count every tested part, those whose score is not finite in their own bin."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,11 +8,14 @@ import pytest
 from calibration import report
 
 
-@pytest.mark.parametrize("scores", [
-    np.array([0.1, 0.2, 0.3, np.nan, np.inf, 0.25, np.nan]),
-    np.array([np.nan, np.nan, np.inf]),  # no finite score at all
-    np.array([-3.0, -2.0, -2.5]),  # negative scores (log_beta): bins must still span them
-])
+@pytest.mark.parametrize(
+    "scores",
+    [
+        np.array([0.1, 0.2, 0.3, np.nan, np.inf, 0.25, np.nan]),
+        np.array([np.nan, np.nan, np.inf]),  # no finite score at all
+        np.array([-3.0, -2.0, -2.5]),  # negative scores (log_beta): bins must still span them
+    ],
+)
 def test_every_score_falls_in_a_bin(scores):
     bins = report.ScoreBins(scores, threshold=0.22, count=20)
     counts, _ = np.histogram(bins.place(scores), bins=bins.edges)

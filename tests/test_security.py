@@ -1,5 +1,6 @@
 """Bad input and security: fuzzed commands and configs, broken images, unsafe product
 names, TLS with passwords and an ACL, checksums before load, nothing unpickled."""
+
 from __future__ import annotations
 
 import ast
@@ -60,15 +61,27 @@ def fuzzed_commands(n: int, seed: int = 9) -> list[bytes]:
         if kind == 0:
             payload = rng.randbytes(rng.randrange(0, 300))
         elif kind == 1:
-            payload = json.dumps({rng.choice(["id", "cmd", "product", "part_id", "zz"]): rng.choice(values)
-                                  for _ in range(rng.randrange(0, 5))}, allow_nan=True).encode()
+            payload = json.dumps(
+                {
+                    rng.choice(["id", "cmd", "product", "part_id", "zz"]): rng.choice(values)
+                    for _ in range(rng.randrange(0, 5))
+                },
+                allow_nan=True,
+            ).encode()
         elif kind == 2:
-            payload = json.dumps({"id": f"u{i}", "cmd": rng.choice(["explode", "PAUSE", "", "reload;rm", "\u202e"])}).encode()
+            payload = json.dumps(
+                {"id": f"u{i}", "cmd": rng.choice(["explode", "PAUSE", "", "reload;rm", "\u202e"])}
+            ).encode()
         elif kind == 3:
             payload = json.dumps({"id": rng.choice(values), "cmd": rng.choice(values)}).encode()
         elif kind == 4:
-            payload = json.dumps({"id": f"p{i}", "cmd": "product",
-                                  "product": rng.choice(["../A", "A/..", "/etc/passwd", "B\0", "..", "C", 7])}).encode()
+            payload = json.dumps(
+                {
+                    "id": f"p{i}",
+                    "cmd": "product",
+                    "product": rng.choice(["../A", "A/..", "/etc/passwd", "B\0", "..", "C", 7]),
+                }
+            ).encode()
         elif kind == 5:
             payload = json.dumps({"id": f"t{i}", "cmd": "trigger", "part_id": rng.choice(["p", 5, "x" * 500])}).encode()
         elif kind == 6:
@@ -118,8 +131,10 @@ def test_ten_thousand_fuzzed_commands_are_each_answered_and_break_nothing(tmp_pa
         print(f"{len(commands)} fuzzed commands answered in {elapsed:.1f} s ({busy} 'station busy')")
 
         results.publish("plant/st1/command", json.dumps({"id": "last", "cmd": "resume"}))
-        results.wait_for(lambda: any(a["id"] == "last" and a["ok"] for a in results.json_on("/command/result")),
-                         what="a valid command after the fuzz")
+        results.wait_for(
+            lambda: any(a["id"] == "last" and a["ok"] for a in results.json_on("/command/result")),
+            what="a valid command after the fuzz",
+        )
         judged = len(verdicts.messages)
         verdicts.wait_for(lambda: len(verdicts.messages) > judged + 5, what="verdicts after the fuzz")
         state = Recorder(broker.host, broker.port, "plant/st1/state")
@@ -151,13 +166,52 @@ state_dir: state
 mqtt: {host: 127.0.0.1, port: 1, topic_prefix: plant}
 stats_interval: 1
 """
-KEYS = ["station", "camera", "source", "model", "reference", "products", "product", "trigger", "state_dir", "mqtt",
-        "host", "port", "tls", "ca", "username", "password_file", "outbox", "max_messages", "roi", "x", "width",
-        "keep_crops", "runtime", "threads", "password", "qos", "fps", "loop", "topic_prefix"]
-scalars = (st.none() | st.booleans() | st.integers(min_value=-2**70, max_value=2**70) | st.floats()
-           | st.text(st.characters(blacklist_categories=("Cs",)), max_size=20) | st.sampled_from(["../x", "/", "sim://?seed=-1", "0", "&a", "*a", "!!python/object:os.system"]))
-structures = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
-                          | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=6), inner, max_size=5), max_leaves=25)
+KEYS = [
+    "station",
+    "camera",
+    "source",
+    "model",
+    "reference",
+    "products",
+    "product",
+    "trigger",
+    "state_dir",
+    "mqtt",
+    "host",
+    "port",
+    "tls",
+    "ca",
+    "username",
+    "password_file",
+    "outbox",
+    "max_messages",
+    "roi",
+    "x",
+    "width",
+    "keep_crops",
+    "runtime",
+    "threads",
+    "password",
+    "qos",
+    "fps",
+    "loop",
+    "topic_prefix",
+]
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats()
+    | st.text(st.characters(blacklist_categories=("Cs",)), max_size=20)
+    | st.sampled_from(["../x", "/", "sim://?seed=-1", "0", "&a", "*a", "!!python/object:os.system"])
+)
+structures = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=6), inner, max_size=5)
+    ),
+    max_leaves=25,
+)
 
 
 def base_dict():
@@ -181,7 +235,7 @@ def config_texts(draw) -> bytes:
     at = draw(st.integers(0, len(text) - 1))
     if draw(st.booleans()):
         return text[:at]
-    return text[:at] + bytes([draw(st.integers(0, 255))]) + text[at + 1:]
+    return text[:at] + bytes([draw(st.integers(0, 255))]) + text[at + 1 :]
 
 
 def run_cli(*argv) -> tuple[int, str]:
@@ -220,20 +274,39 @@ def test_fuzzed_config_files_exit_78_with_a_message_never_a_traceback(fuzz_dir, 
         assert code == 78 and f"station run: {path}" in text, (content, text)
 
 
-BOMB = "a: &a ['lol','lol','lol','lol','lol','lol','lol','lol','lol']\n" + "".join(
-    f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},"
-    f"*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)}]\n" for i in range(8)) + "station: *i\n"
+BOMB = (
+    "a: &a ['lol','lol','lol','lol','lol','lol','lol','lol','lol']\n"
+    + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},"
+        f"*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)}]\n"
+        for i in range(8)
+    )
+    + "station: *i\n"
+)
 
 
-@pytest.mark.parametrize("content", [b"\xff\xfe\x00garbage\x00", VALID[:70].encode(), BOMB.encode(),
-                                     b"station: !!python/object/apply:os.system ['touch pwned']\n"],
-                         ids=["binary", "truncated", "billion-laughs", "python-tag"])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"\xff\xfe\x00garbage\x00",
+        VALID[:70].encode(),
+        BOMB.encode(),
+        b"station: !!python/object/apply:os.system ['touch pwned']\n",
+    ],
+    ids=["binary", "truncated", "billion-laughs", "python-tag"],
+)
 def test_fuzzed_configs_as_real_processes(tmp_path, content):
     path = tmp_path / "station.yaml"
     path.write_bytes(content)
     for command in ("check", "run"):
-        done = subprocess.run([sys.executable, "-m", "station", command, "-c", str(path)], capture_output=True,
-                              text=True, timeout=30, cwd=tmp_path, env={**os.environ, "STATE_DIRECTORY": str(tmp_path)})
+        done = subprocess.run(
+            [sys.executable, "-m", "station", command, "-c", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=tmp_path,
+            env={**os.environ, "STATE_DIRECTORY": str(tmp_path)},
+        )
         assert done.returncode == 78, done.stderr
         assert f"station {command}: {path}" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "pwned").exists()
@@ -245,7 +318,12 @@ def test_fuzzed_configs_as_real_processes(tmp_path, content):
 def png_header_only(width: int, height: int) -> bytes:
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(b"IEND", b"")
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+        + chunk(b"IEND", b"")
+    )
 
 
 AUDITED_RUN = (
@@ -281,13 +359,20 @@ def test_broken_odd_and_huge_images_in_a_camera_folder(tmp_path, station_files, 
 
     recorder = Recorder(broker.host, broker.port, "plant/+/+")
     config = write_config(tmp_path, station_files, broker, f"{{source: {folder}, loop: true}}")
-    process = subprocess.Popen([sys.executable, "-c", AUDITED_RUN, "run", "-c", str(config)],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", AUDITED_RUN, "run", "-c", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     output = Output(process)
     try:
         # Two rounds over the folder: every judgeable image judged at least twice.
-        recorder.wait_for(lambda: all(sum(v["source"] == name for v in recorder.json_on("/verdict")) >= 2
-                                      for name in judged), timeout=40, what="two rounds of verdicts")
+        recorder.wait_for(
+            lambda: all(sum(v["source"] == name for v in recorder.json_on("/verdict")) >= 2 for name in judged),
+            timeout=40,
+            what="two rounds of verdicts",
+        )
         status = Path(f"/proc/{process.pid}/status").read_text()
         peak_mb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
     finally:
@@ -318,17 +403,31 @@ def test_broken_odd_and_huge_images_in_a_camera_folder(tmp_path, station_files, 
 
 @pytest.mark.parametrize("name", ["../evil", "a/b", "..", "a\\b", "/abs"])
 def test_product_names_with_paths_are_refused_everywhere(tmp_path, station_files, sim_dataset, name):
-    text = VALID.replace("reference: absent/refs\n", f"products: {{{json.dumps(name)}: refs}}\nproduct: {json.dumps(name)}\n")
+    text = VALID.replace(
+        "reference: absent/refs\n", f"products: {{{json.dumps(name)}: refs}}\nproduct: {json.dumps(name)}\n"
+    )
     with pytest.raises(ConfigError, match="not a safe product name"):
         parse_config(text, base=tmp_path)
     out = tmp_path / "refs" / "X"
-    code, text = run_cli("calibrate", "--model", str(station_files / "model.onnx"), "--good", str(sim_dataset / "good"),
-                         "--out", str(out), "--product", name)
+    code, text = run_cli(
+        "calibrate",
+        "--model",
+        str(station_files / "model.onnx"),
+        "--good",
+        str(sim_dataset / "good"),
+        "--out",
+        str(out),
+        "--product",
+        name,
+    )
     assert code == 65 and "is not allowed" in text, text
     assert not out.exists() and not (tmp_path / "evil").exists()
     config = tmp_path / "station.yaml"
-    config.write_text(VALID.replace("model: absent/model.onnx", f"model: {station_files / 'model.onnx'}")
-                      .replace("reference: absent/refs", f"reference: {station_files / 'refs' / 'A'}"))
+    config.write_text(
+        VALID.replace("model: absent/model.onnx", f"model: {station_files / 'model.onnx'}").replace(
+            "reference: absent/refs", f"reference: {station_files / 'refs' / 'A'}"
+        )
+    )
     code, text = run_cli("calibrate", "-c", str(config), "--product", name, "--count", "30")
     assert code == 78 and "not in the configuration" in text, text
 
@@ -345,38 +444,54 @@ def secure_broker(tmp_path):
     subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "station", "st-pass-5f1e"], check=True)
     subprocess.run(["mosquitto_passwd", "-b", str(passwords), "dashboard", "dash-pass-77aa"], check=True)
     acl = folder / "acl"
-    acl.write_text("user station\ntopic write plant/st1/#\ntopic read plant/st1/command\n\n"
-                   "user dashboard\ntopic readwrite plant/#\n")
+    acl.write_text(
+        "user station\ntopic write plant/st1/#\ntopic read plant/st1/command\n\n"
+        "user dashboard\ntopic readwrite plant/#\n"
+    )
     for path in (passwords, acl):
         path.chmod(0o644)
-    broker = Broker(folder, extra_config=(
-        f"cafile {folder}/ca.pem\ncertfile {folder}/server.pem\nkeyfile {folder}/server.key\n"
-        f"allow_anonymous false\npassword_file {passwords}\nacl_file {acl}\nuser root\n"))
+    broker = Broker(
+        folder,
+        extra_config=(
+            f"cafile {folder}/ca.pem\ncertfile {folder}/server.pem\nkeyfile {folder}/server.key\n"
+            f"allow_anonymous false\npassword_file {passwords}\nacl_file {acl}\nuser root\n"
+        ),
+    )
     broker.start()
     yield broker, folder
     broker.stop()
 
 
 def secure_mqtt(broker, folder: Path, password_file: Path) -> str:
-    return (f"{{host: 127.0.0.1, port: {broker.port}, topic_prefix: plant, username: station, "
-            f"password_file: {password_file}, tls: {{ca: {folder / 'ca.pem'}}}}}")
+    return (
+        f"{{host: 127.0.0.1, port: {broker.port}, topic_prefix: plant, username: station, "
+        f"password_file: {password_file}, tls: {{ca: {folder / 'ca.pem'}}}}}"
+    )
 
 
 def test_tls_passwords_and_an_acl_confine_the_station(tmp_path, station_files, secure_broker):
     broker, folder = secure_broker
     password = tmp_path / "mqtt-password"
     password.write_text("st-pass-5f1e\n")
-    dashboard = Recorder(broker.host, broker.port, "plant/#", username="dashboard", password="dash-pass-77aa",
-                         ca=folder / "ca.pem")
-    config = write_config(tmp_path, station_files, broker, '{source: "sim://?seed=5", fps: 50}',
-                          mqtt=secure_mqtt(broker, folder, password))
+    dashboard = Recorder(
+        broker.host, broker.port, "plant/#", username="dashboard", password="dash-pass-77aa", ca=folder / "ca.pem"
+    )
+    config = write_config(
+        tmp_path,
+        station_files,
+        broker,
+        '{source: "sim://?seed=5", fps: 50}',
+        mqtt=secure_mqtt(broker, folder, password),
+    )
     process = start_station(config)
     output = Output(process)
     try:
         dashboard.wait_for(lambda: len(dashboard.on("/verdict")) > 5, what="verdicts over TLS")
         dashboard.publish("plant/st1/command", json.dumps({"id": "c1", "cmd": "pause"}))
-        dashboard.wait_for(lambda: any(a["id"] == "c1" and a["ok"] for a in dashboard.json_on("/command/result")),
-                           what="the command answered")
+        dashboard.wait_for(
+            lambda: any(a["id"] == "c1" and a["ok"] for a in dashboard.json_on("/command/result")),
+            what="the command answered",
+        )
         assert dashboard.on("/status")[-1].payload == b"online"
 
         # The station's own credentials, outside its subtree: the broker says no.
@@ -416,13 +531,19 @@ def test_a_wrong_password_is_explained_backs_off_and_never_logged(tmp_path, stat
     broker, folder = secure_broker
     password = tmp_path / "mqtt-password"
     password.write_text("wrong-pass-0d93\n")
-    config = write_config(tmp_path, station_files, broker, '{source: "sim://?seed=5", fps: 20}',
-                          mqtt=secure_mqtt(broker, folder, password))
+    config = write_config(
+        tmp_path,
+        station_files,
+        broker,
+        '{source: "sim://?seed=5", fps: 20}',
+        mqtt=secure_mqtt(broker, folder, password),
+    )
     process = start_station(config)
     output = Output(process)
     try:
-        wait_until(lambda: output.count("not authorised: check username/password") >= 2, timeout=10,
-                   what="two refused logins")
+        wait_until(
+            lambda: output.count("not authorised: check username/password") >= 2, timeout=10, what="two refused logins"
+        )
         # Each refusal is logged before its retry line: wait for the second retry line too.
         wait_until(lambda: output.count("retrying in") >= 2, timeout=5, what="two retry delays")
         first, second = [line for line in output.lines if "retrying in" in line][:2]
@@ -485,14 +606,22 @@ def test_the_runtime_never_unpickles():
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
-                assert not {"pickle", "cPickle", "dill", "joblib", "marshal", "shelve"} & {str(n).split(".")[0] for n in names}, path
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("load", "loads"):
+                assert not {"pickle", "cPickle", "dill", "joblib", "marshal", "shelve"} & {
+                    str(n).split(".")[0] for n in names
+                }, path
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("load", "loads")
+            ):
                 owner = ast.unparse(node.func.value)
                 assert owner not in ("torch", "pickle", "joblib"), f"{path}:{node.lineno}"
                 if owner in ("np", "numpy"):
                     loads += 1
                     flags = {k.arg: k.value for k in node.keywords}
-                    assert "allow_pickle" in flags and ast.literal_eval(flags["allow_pickle"]) is False, f"{path}:{node.lineno}"
+                    assert "allow_pickle" in flags and ast.literal_eval(flags["allow_pickle"]) is False, (
+                        f"{path}:{node.lineno}"
+                    )
     assert loads >= 1
 
 

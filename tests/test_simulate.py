@@ -24,8 +24,20 @@ def _tree_digest(root):
 def test_same_seed_writes_byte_identical_datasets_and_another_seed_does_not(tmp_path):
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
         subprocess.run(
-            [sys.executable, "-m", "station", "simulate", "--out", str(tmp_path / name), "--count", "60", "--seed", str(seed)],
-            check=True, capture_output=True,
+            [
+                sys.executable,
+                "-m",
+                "station",
+                "simulate",
+                "--out",
+                str(tmp_path / name),
+                "--count",
+                "60",
+                "--seed",
+                str(seed),
+            ],
+            check=True,
+            capture_output=True,
         )
     assert _tree_digest(tmp_path / "a") == _tree_digest(tmp_path / "b")
     assert _tree_digest(tmp_path / "a") != _tree_digest(tmp_path / "c")
@@ -103,13 +115,31 @@ def test_plates_are_large_parts_whose_defects_are_small_and_local(tmp_path):
         assert 5 <= changed.sum() and changed.mean() < 0.005, f"{defect}: {changed.sum()} pixels"
         # Shrunk to the default model input the defect changes less than one good plate differs from the
         # next: why native size and tiles matter.
-        small = [cv2.resize(image, (36, 26), interpolation=cv2.INTER_AREA).astype(int)
-                 for image in (good, bad, render_surface(3, 8, GOOD)[1])]
+        small = [
+            cv2.resize(image, (36, 26), interpolation=cv2.INTER_AREA).astype(int)
+            for image in (good, bad, render_surface(3, 8, GOOD)[1])
+        ]
         assert np.abs(small[1] - small[0]).max() < np.abs(small[2] - small[0]).max() / 2
 
 
 def test_plate_photos_refuse_the_terminal_line_s_options(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "station", "simulate", "--part", "plate", "--out", str(tmp_path / "p"),
-                           "--count", "3", "--video", str(tmp_path / "v.avi")], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "station",
+            "simulate",
+            "--part",
+            "plate",
+            "--out",
+            str(tmp_path / "p"),
+            "--count",
+            "3",
+            "--video",
+            str(tmp_path / "v.avi"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode != 0 and "--part plate writes photos only" in done.stderr
     assert not (tmp_path / "p").exists()

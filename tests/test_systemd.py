@@ -4,6 +4,7 @@
 so the units are verified as copies whose /opt/station/venv/bin/station points
 at this venv's `station` (everything else byte for byte), under instance names.
 """
+
 from __future__ import annotations
 
 import platform
@@ -70,22 +71,46 @@ def test_exposure_score(instances, template):
     score, verdict = float(match.group(1)), match.group(2)
     print(f"{template}: systemd-analyze security exposure {score} {verdict}")
     assert score < EXPOSURE_BOUND and verdict == "OK", result.stdout
-    for line in ("✓ MemoryDenyWriteExecute=", "✓ NoNewPrivileges=", "✓ RestrictAddressFamilies=~AF_NETLINK",
-                 "✓ CapabilityBoundingSet=~CAP_SYS_ADMIN", "✓ ProtectSystem=", "✓ SystemCallFilter=~@privileged"):
+    for line in (
+        "✓ MemoryDenyWriteExecute=",
+        "✓ NoNewPrivileges=",
+        "✓ RestrictAddressFamilies=~AF_NETLINK",
+        "✓ CapabilityBoundingSet=~CAP_SYS_ADMIN",
+        "✓ ProtectSystem=",
+        "✓ SystemCallFilter=~@privileged",
+    ):
         assert line in result.stdout, line
 
 
 def unit_settings(path: Path) -> list[tuple[str, str]]:
-    return [tuple(line.split("=", 1)) for line in path.read_text().splitlines()
-            if line and not line.startswith(("#", "[", " ")) and "=" in line]
+    return [
+        tuple(line.split("=", 1))
+        for line in path.read_text().splitlines()
+        if line and not line.startswith(("#", "[", " ")) and "=" in line
+    ]
 
 
 def test_calibration_runs_as_the_station_in_the_same_sandbox():
     station = unit_settings(UNITS / "station@.service")
     calibrate = unit_settings(UNITS / "station-calibrate@.service")
-    service_only = {"Type", "NotifyAccess", "ExecStart", "ExecReload", "TimeoutStartSec", "TimeoutStopSec",
-                    "WatchdogSec", "Restart", "RestartSec", "RestartPreventExitStatus", "LoadCredential",
-                    "Description", "Documentation", "After", "StartLimitIntervalSec", "WantedBy"}
+    service_only = {
+        "Type",
+        "NotifyAccess",
+        "ExecStart",
+        "ExecReload",
+        "TimeoutStartSec",
+        "TimeoutStopSec",
+        "WatchdogSec",
+        "Restart",
+        "RestartSec",
+        "RestartPreventExitStatus",
+        "LoadCredential",
+        "Description",
+        "Documentation",
+        "After",
+        "StartLimitIntervalSec",
+        "WantedBy",
+    }
     missing = [f"{k}={v}" for k, v in station if k not in service_only and (k, v) not in calibrate]
     assert not missing, f"station-calibrate@.service lacks: {missing}"
     settings = dict(calibrate)
@@ -144,17 +169,24 @@ def test_station_pipeline_runs_with_memory_deny_write_execute(tmp_path):
 
     model = projection_model(tmp_path / "m.onnx")
     config = tmp_path / "station.yaml"
-    config.write_text(textwrap.dedent(f"""\
+    config.write_text(
+        textwrap.dedent(f"""\
         station: line1
         camera: {{source: "sim://?seed=3&count=60"}}
         roi: {{x: 142, y: 107, width: 36, height: 26}}
         model: {model}
         reference: refs/A
         state_dir: {tmp_path / "state"}
-    """))
-    result = subprocess.run([sys.executable, "-c", SANDBOXED, str(config)], capture_output=True, text=True,
-                            timeout=60, cwd=ROOT, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
-                                                       "MPLCONFIGDIR": str(tmp_path / "mpl")})
+    """)
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", SANDBOXED, str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "MPLCONFIGDIR": str(tmp_path / "mpl")},
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "calibrated 30 " in result.stdout
 

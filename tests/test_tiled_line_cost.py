@@ -1,5 +1,6 @@
 """A tiled bundle's cost on the line side: `station check` and `station bench` on a real tiled bundle from
 `station fit` report the model's cost per part (every tile in one batch) and per tile."""
+
 from __future__ import annotations
 
 import json
@@ -24,7 +25,9 @@ def tiled_bundle(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pipeline, "candidate_list", lambda native_size: [])  # the tiled candidates alone
         patch.setattr(tiles, "SCALES", (2.5,))  # 80x80 tiles: a fixed, quick geometry
-        result = pipeline.run_fit(pipeline.FitOptions(data=data, out=out, max_ms_per_part=1000.0, say=lambda line: None))
+        result = pipeline.run_fit(
+            pipeline.FitOptions(data=data, out=out, max_ms_per_part=1000.0, say=lambda line: None)
+        )
     assert result["chosen_candidate"].startswith("lite0-tiles/80x80@")
     yaml_text = (out / "station.yaml").read_text()
     assert "tiles: {" in yaml_text
@@ -43,8 +46,18 @@ def test_check_reports_a_tiled_parts_cost_per_part_and_per_tile(tiled_bundle, ca
 
 def test_bench_reports_a_tiled_parts_cost_per_part_and_per_tile(tiled_bundle, mosquitto):
     config, count = tiled_bundle
-    command = [sys.executable, "-m", "station", "bench", "-c", str(config), "--parts", "150",
-               "--broker", f"127.0.0.1:{mosquitto.port}"]
+    command = [
+        sys.executable,
+        "-m",
+        "station",
+        "bench",
+        "-c",
+        str(config),
+        "--parts",
+        "150",
+        "--broker",
+        f"127.0.0.1:{mosquitto.port}",
+    ]
     done = subprocess.run(command + ["--json"], capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr
     figures = json.loads(done.stdout)

@@ -1,4 +1,5 @@
 """tiles: a large part's roi cut into overlapping tiles: geometry, configuration, calibration per part, the daemon."""
+
 from __future__ import annotations
 
 import subprocess
@@ -64,17 +65,21 @@ def test_tiles_beside_the_roi_expand_into_named_tiles_of_the_roi():
 def test_tile_problems_name_the_line_and_the_key():
     assert problems(BASE + ROI + "tiles:\n  width: 140\n  height: 30\n") == (
         "station.yaml:7: tiles.width: a tile 140 pixels wide does not fit in the roi's width of 100: tiles must be "
-        "no larger than the roi")
+        "no larger than the roi"
+    )
     found = problems(BASE + ROI + "tiles:\n  width: 40\n  height: 30\n  stride_x: 0\n  stride_y: 31\n").splitlines()
     assert found[0] == "station.yaml:9: tiles.stride_x: Input should be greater than or equal to 1"
-    assert found[1].startswith("station.yaml:10: tiles.stride_y: 31 is larger than the tile's height (30): the tiles "
-                               "would leave gaps")
+    assert found[1].startswith(
+        "station.yaml:10: tiles.stride_y: 31 is larger than the tile's height (30): the tiles would leave gaps"
+    )
     assert parse_config(BASE + "tiles: {width: 4, height: 4}\n").tiles.strides == (2, 2)  # no roi: the frame's
     rois = "station: s\ncamera: {source: /tmp}\nmodel: m.onnx\nreference: r/A\nrois:\n  - {name: a, x: 0, y: 0, width: 9, height: 9}\n"
     assert problems(rois + "tiles: {width: 4, height: 4}\n") == (
-        "station.yaml:7: tiles: tiles cut one roi: into tiles; with rois: (named regions) give no tiles")
+        "station.yaml:7: tiles: tiles cut one roi: into tiles; with rois: (named regions) give no tiles"
+    )
     assert "more than 1024: give larger tiles or strides" in problems(
-        BASE + "roi: {x: 0, y: 0, width: 4000, height: 4000}\ntiles: {width: 8, height: 8}\n")
+        BASE + "roi: {x: 0, y: 0, width: 4000, height: 4000}\ntiles: {width: 8, height: 8}\n"
+    )
     assert "tiles.colour: unknown key" in problems(BASE + ROI + "tiles: {width: 4, height: 4, colour: red}\n")
 
 
@@ -149,15 +154,26 @@ def tiled_station(tmp_path_factory, sim_dataset):
         cv2.imwrite(str(root / "frames" / f"g{i:03d}.png"), cv2.imread(str(root / "good" / f"g{i:03d}.png")))
     model = projection_model(root / "model.onnx", embedding_dim=16)
     geometry = TileGeometry(36, 26, 18, 13, 72, 52)  # 3 x 3 tiles, half overlapping
-    workflow.calibrate_folders(Embedder(model), root / "good", [root / "defect"], root / "refs" / "A", "A",
-                               metric="mahalanobis", target_false_reject=0.05, min_good=30, tiles=geometry)
+    workflow.calibrate_folders(
+        Embedder(model),
+        root / "good",
+        [root / "defect"],
+        root / "refs" / "A",
+        "A",
+        metric="mahalanobis",
+        target_false_reject=0.05,
+        min_good=30,
+        tiles=geometry,
+    )
     workflow.calibrate_folders(Embedder(model), root / "good", [], root / "refs" / "whole", "whole", min_good=30)
     return root, geometry
 
 
 def _config(root, reference, tiles="tiles: {width: 36, height: 26, stride_x: 18, stride_y: 13}\n"):
-    return parse_config(f"station: s\ncamera: {{source: {root / 'frames'}}}\nmodel: {root / 'model.onnx'}\n"
-                        f"reference: {reference}\nroi: {{x: 0, y: 0, width: 72, height: 52}}\n{tiles}")
+    return parse_config(
+        f"station: s\ncamera: {{source: {root / 'frames'}}}\nmodel: {root / 'model.onnx'}\n"
+        f"reference: {reference}\nroi: {{x: 0, y: 0, width: 72, height: 52}}\n{tiles}"
+    )
 
 
 def test_the_reference_set_records_its_tiles_and_the_station_refuses_other_tiles(tiled_station):
@@ -165,12 +181,19 @@ def test_the_reference_set_records_its_tiles_and_the_station_refuses_other_tiles
     summary = yaml.safe_load((root / "refs" / "A" / "v0001" / "reference.yaml").read_text())
     assert summary["statistics"]["tiles"] == geometry.record() and summary["n_good"] == 60  # parts, not tiles
     assert load_inspector(_config(root, root / "refs" / "A")).regions[4].name == "tile-r1c1"
-    with pytest.raises(ConfigError, match=r"tiles: the reference set .*refs/A \(v0001\) was calibrated on 9 tiles of "
-                                          r"36x26 at stride 18x13 .* but this station cuts 4 tiles of 36x26 at stride 36x26"):
-        load_inspector(_config(root, root / "refs" / "A", "tiles: {width: 36, height: 26, stride_x: 36, stride_y: 26}\n"))
+    with pytest.raises(
+        ConfigError,
+        match=r"tiles: the reference set .*refs/A \(v0001\) was calibrated on 9 tiles of "
+        r"36x26 at stride 18x13 .* but this station cuts 4 tiles of 36x26 at stride 36x26",
+    ):
+        load_inspector(
+            _config(root, root / "refs" / "A", "tiles: {width: 36, height: 26, stride_x: 36, stride_y: 26}\n")
+        )
     with pytest.raises(ConfigError, match="was calibrated on whole parts, not tiles, but this station cuts 9 tiles"):
         load_inspector(_config(root, root / "refs" / "whole"))
-    with pytest.raises(ConfigError, match="reference: .* was calibrated on tiles .* but this station judges whole regions"):
+    with pytest.raises(
+        ConfigError, match="reference: .* was calibrated on tiles .* but this station judges whole regions"
+    ):
         load_inspector(_config(root, root / "refs" / "A", ""))
 
 
@@ -186,8 +209,10 @@ def test_a_part_is_ng_when_one_tile_is_and_the_worst_tile_is_named(tiled_station
         alone = judge(inspector.embedder.embed(to_model_input(tiles, spec)), references)
         assert [t.score for t in part.regions] == pytest.approx([j.score for j in alone], rel=1e-5)
         assert part.verdict == ("NG" if any(j.verdict == "NG" for j in alone) else "OK")
-        assert part.score == max(j.score for j in alone) and part.worst.roi == geometry.tiles()[
-            int(np.argmax([j.score for j in alone]))][1]
+        assert (
+            part.score == max(j.score for j in alone)
+            and part.worst.roi == geometry.tiles()[int(np.argmax([j.score for j in alone]))][1]
+        )
     assert {p.verdict for p in parts} == {"OK", "NG"}
 
 
@@ -203,20 +228,56 @@ def test_station_calibrate_tiles_on_simulated_plates_records_them_and_judges_per
     """`station simulate --part plate`: large parts with small defects, through the folder calibration's --tiles."""
     run = [sys.executable, "-m", "station"]
     plates = tmp_path / "plates"
-    subprocess.run(run + ["simulate", "--part", "plate", "--count", "60", "--seed", "4", "--out", str(plates)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        run + ["simulate", "--part", "plate", "--count", "60", "--seed", "4", "--out", str(plates)],
+        check=True,
+        capture_output=True,
+    )
     model = projection_model(tmp_path / "model.onnx", embedding_dim=16, width=48, height=48)
     defects = [str(p) for p in sorted(plates.iterdir()) if p.name != "good"]
-    done = subprocess.run(run + ["calibrate", "--model", str(model), "--good", str(plates / "good"), "--out",
-                                 str(tmp_path / "refs"), "--tiles", "96,96,64,48", "--min-good", "20",
-                                 "--target-false-reject", "0.05", "--metric", "mahalanobis"]
-                          + [arg for d in defects for arg in ("--defects", d)], capture_output=True, text=True)
+    done = subprocess.run(
+        run
+        + [
+            "calibrate",
+            "--model",
+            str(model),
+            "--good",
+            str(plates / "good"),
+            "--out",
+            str(tmp_path / "refs"),
+            "--tiles",
+            "96,96,64,48",
+            "--min-good",
+            "20",
+            "--target-false-reject",
+            "0.05",
+            "--metric",
+            "mahalanobis",
+        ]
+        + [arg for d in defects for arg in ("--defects", d)],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     saved = reference_sets.load(tmp_path / "refs")
     assert saved.statistics["tiles"]["count"] == 7 * 3 and saved.statistics["tiles"]["region_width"] == 480
     assert saved.n_good == len(list_images(plates / "good"))
-    bad = subprocess.run(run + ["calibrate", "--model", str(model), "--good", str(plates / "good"), "--out",
-                                str(tmp_path / "r2"), "--tiles", "600,96"], capture_output=True, text=True)
+    bad = subprocess.run(
+        run
+        + [
+            "calibrate",
+            "--model",
+            str(model),
+            "--good",
+            str(plates / "good"),
+            "--out",
+            str(tmp_path / "r2"),
+            "--tiles",
+            "600,96",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 78 and "--tiles 600,96 over the 480x192 photos: a 600x96 tile is larger" in bad.stderr
     assert "Traceback" not in bad.stderr
 
@@ -226,10 +287,15 @@ def test_station_calibrate_tiles_on_simulated_plates_records_them_and_judges_per
 
 def test_the_daemon_judges_a_tiled_part_in_one_verdict_naming_its_worst_tile(tiled_station, tmp_path, broker):
     root, geometry = tiled_station
-    config = write_config(tmp_path, root, broker, f"{{source: {root / 'frames'}}}",
-                          products=f"{{A: {root / 'refs' / 'A'}}}",
-                          roi="{x: 0, y: 0, width: 72, height: 52}",
-                          tiles="{width: 36, height: 26, stride_x: 18, stride_y: 13}")
+    config = write_config(
+        tmp_path,
+        root,
+        broker,
+        f"{{source: {root / 'frames'}}}",
+        products=f"{{A: {root / 'refs' / 'A'}}}",
+        roi="{x: 0, y: 0, width: 72, height: 52}",
+        tiles="{width: 36, height: 26, stride_x: 18, stride_y: 13}",
+    )
     recorder = Recorder(broker.host, broker.port, "plant/+/verdict")
     code, output = finish(start_station(config))
     assert code == 0, output
@@ -261,15 +327,18 @@ def test_camera_calibration_of_a_tiled_station_calibrates_its_tiles_per_part(til
     from calibration import live
 
     root, geometry = tiled_station
-    config = parse_config(f"station: s\ncamera: {{source: {root / 'good'}}}\nmodel: {root / 'model.onnx'}\n"
-                          f"reference: {tmp_path / 'refs'}\nstate_dir: {tmp_path / 'state'}\n"
-                          "roi: {x: 0, y: 0, width: 72, height: 52}\n"
-                          "tiles: {width: 36, height: 26, stride_x: 18, stride_y: 13}\n")
+    config = parse_config(
+        f"station: s\ncamera: {{source: {root / 'good'}}}\nmodel: {root / 'model.onnx'}\n"
+        f"reference: {tmp_path / 'refs'}\nstate_dir: {tmp_path / 'state'}\n"
+        "roi: {x: 0, y: 0, width: 72, height: 52}\n"
+        "tiles: {width: 36, height: 26, stride_x: 18, stride_y: 13}\n"
+    )
     result = live.calibrate_from_camera(config, None, count=40, min_good=30, target_false_reject=0.05)
     assert result.saved.n_good == 40 and result.saved.statistics["tiles"] == geometry.record()
     assert result.calibration.fits[result.saved.metric].good_scores.shape == (40,)  # per part
-    offline = workflow.calibrate_folders(Embedder(root / "model.onnx"), root / "good", [], tmp_path / "folder", "f",
-                                         min_good=30, tiles=geometry)[0]
+    offline = workflow.calibrate_folders(
+        Embedder(root / "model.onnx"), root / "good", [], tmp_path / "folder", "f", min_good=30, tiles=geometry
+    )[0]
     assert offline.statistics["tiles"] == result.saved.statistics["tiles"]  # the same record, either path
     assert len(load_inspector(config).regions) == geometry.count  # and the station takes it
 
@@ -285,18 +354,27 @@ def test_the_ng_snapshot_marks_the_worst_tile():
 def test_tiles_without_an_roi_cover_the_reference_s_region_in_frames_of_any_size_holding_it(tiled_station, tmp_path):
     """As photos were fitted (station fit's bundle): each frame is the part, its tiles from the top-left."""
     root, geometry = tiled_station
-    config = parse_config(f"station: s\ncamera: {{source: {root / 'frames'}}}\nmodel: {root / 'model.onnx'}\n"
-                          f"reference: {root / 'refs' / 'A'}\ntiles: {{width: 36, height: 26, stride_x: 18, stride_y: 13}}\n")
+    config = parse_config(
+        f"station: s\ncamera: {{source: {root / 'frames'}}}\nmodel: {root / 'model.onnx'}\n"
+        f"reference: {root / 'refs' / 'A'}\ntiles: {{width: 36, height: 26, stride_x: 18, stride_y: 13}}\n"
+    )
     inspector = load_inspector(config)
     assert inspector.whole_frame and inspector.roi == Roi(0, 0, 72, 52) and len(inspector.regions) == 9
     frame = read_image(root / "frames" / "d003.png")
     larger = np.pad(frame, ((0, 7), (0, 3)), mode="edge")  # a photo a few pixels larger: the same part
-    (part,), (same,) = inspector.judge_crops(inspector.crop(frame)[None]), inspector.judge_crops(inspector.crop(larger)[None])
+    (part,), (same,) = (
+        inspector.judge_crops(inspector.crop(frame)[None]),
+        inspector.judge_crops(inspector.crop(larger)[None]),
+    )
     assert same.score == part.score and inspector.frame_problem(larger.shape) is None
     assert "does not fit in a 72x50 frame" in inspector.frame_problem((50, 72))
     with pytest.raises(ConfigError, match="was calibrated on whole parts, not tiles"):
-        load_inspector(parse_config(f"station: s\ncamera: {{source: /tmp}}\nmodel: {root / 'model.onnx'}\n"
-                                    f"reference: {root / 'refs' / 'whole'}\ntiles: {{width: 36, height: 26}}\n"))
+        load_inspector(
+            parse_config(
+                f"station: s\ncamera: {{source: /tmp}}\nmodel: {root / 'model.onnx'}\n"
+                f"reference: {root / 'refs' / 'whole'}\ntiles: {{width: 36, height: 26}}\n"
+            )
+        )
     from calibration import live
 
     with pytest.raises(ConfigError, match="tiles: without roi: .* set roi:"):

@@ -1,4 +1,5 @@
 """Train -> export -> onnxruntime, with real torch, real files, real sessions."""
+
 from __future__ import annotations
 
 import json
@@ -15,7 +16,12 @@ from export.onnx_export import ExportOptions, export_model, report_path  # noqa:
 from export.losses import center_loss  # noqa: E402
 from export.train import DEFAULT_LOSS, TrainConfig, train  # noqa: E402
 from export.trunk import (  # noqa: E402
-    DEFAULT_TRUNK_OPTIONS, LEGACY_TRUNK_OPTIONS, build_trunk, input_spec_for, load_checkpoint, save_checkpoint,
+    DEFAULT_TRUNK_OPTIONS,
+    LEGACY_TRUNK_OPTIONS,
+    build_trunk,
+    input_spec_for,
+    load_checkpoint,
+    save_checkpoint,
 )
 from station.cli import main  # noqa: E402
 from station.core.embedder import OPTIONAL_METADATA, REQUIRED_METADATA, Embedder  # noqa: E402
@@ -31,7 +37,9 @@ def checkpoints(sim_dataset, tmp_path_factory):
     """One briefly trained checkpoint per architecture (shared, read only)."""
     folder = tmp_path_factory.mktemp("checkpoints")
     return {
-        arch: train(sim_dataset, folder / f"{arch}.pt", TrainConfig(arch=arch, epochs=TINY_EPOCHS, members=1), progress=False)
+        arch: train(
+            sim_dataset, folder / f"{arch}.pt", TrainConfig(arch=arch, epochs=TINY_EPOCHS, members=1), progress=False
+        )
         for arch in ("mlp", "cnn")
     }
 
@@ -207,8 +215,24 @@ def test_int8_without_calibration_data_says_what_to_pass(tmp_path):
 
 def test_cli_train_then_export_end_to_end(sim_dataset, tmp_path, capsys):
     checkpoint, model = tmp_path / "trunk.pt", tmp_path / "model.onnx"
-    assert main(["train", "--data", str(sim_dataset), "--out", str(checkpoint), "--arch", "cnn",
-                 "--epochs", "1", "--seed", "3"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(sim_dataset),
+                "--out",
+                str(checkpoint),
+                "--arch",
+                "cnn",
+                "--epochs",
+                "1",
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "validation pair accuracy" in out and str(checkpoint) in out
     assert main(["export", str(checkpoint), "--out", str(model), "--calib-data", str(sim_dataset)]) == 0
@@ -328,8 +352,16 @@ def test_calibrating_on_the_training_folder_sets_the_trained_parts_aside(checkpo
     trained = set(Embedder(model).info.extra["trained_on"].split(","))
     assert len(trained) > 100  # every training photo, by digest
     defects = [str(p) for p in sim_dataset.iterdir() if p.is_dir() and p.name != "good"]
-    arguments = ["calibrate", "--model", str(model), "--good", str(sim_dataset / "good"),
-                 *sum((["--defects", d] for d in defects), []), "--product", "A"]
+    arguments = [
+        "calibrate",
+        "--model",
+        str(model),
+        "--good",
+        str(sim_dataset / "good"),
+        *sum((["--defects", d] for d in defects), []),
+        "--product",
+        "A",
+    ]
     assert main([*arguments, "--out", str(tmp_path / "aside"), "--min-good", "10"]) == 0
     err = capsys.readouterr().err
     assert "trained the model: set aside; thresholds come from the" in err
@@ -340,8 +372,22 @@ def test_calibrating_on_the_training_folder_sets_the_trained_parts_aside(checkpo
 
 
 def test_cli_input_size_reaches_the_checkpoint_and_is_refused_when_malformed(sim_dataset, tmp_path, capsys):
-    assert main(["train", "--data", str(sim_dataset), "--out", str(tmp_path / "t.pt"), "--epochs", "1",
-                 "--input-size", "48x32"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(sim_dataset),
+                "--out",
+                str(tmp_path / "t.pt"),
+                "--epochs",
+                "1",
+                "--input-size",
+                "48x32",
+            ]
+        )
+        == 0
+    )
     _, info = load_checkpoint(tmp_path / "t.pt")
     assert (info["input_spec"]["width"], info["input_spec"]["height"]) == (48, 32)
     with pytest.raises(SystemExit):
@@ -367,11 +413,11 @@ def test_train_and_export_refuse_an_out_they_cannot_write_before_any_work(sim_da
     (tmp_path / "afile").write_text("x")
     folder = tmp_path / "models"
     folder.mkdir()
-    for argv, said in ((["train", "--data", str(sim_dataset), "--out", str(tmp_path / "afile" / "t.pt")],
-                        "cannot make that folder"),
-                       (["train", "--data", str(sim_dataset), "--out", str(folder)], "is a folder; give a file name"),
-                       (["export", str(tmp_path / "t.pt"), "--out", str(tmp_path / "afile" / "m.onnx")],
-                        "cannot make that folder")):
+    for argv, said in (
+        (["train", "--data", str(sim_dataset), "--out", str(tmp_path / "afile" / "t.pt")], "cannot make that folder"),
+        (["train", "--data", str(sim_dataset), "--out", str(folder)], "is a folder; give a file name"),
+        (["export", str(tmp_path / "t.pt"), "--out", str(tmp_path / "afile" / "m.onnx")], "cannot make that folder"),
+    ):
         assert main(argv) == 78
         err = capsys.readouterr().err
         assert err.startswith(f"station {argv[0]}: --out ") and said in err and "Traceback" not in err, err

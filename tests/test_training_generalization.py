@@ -2,6 +2,7 @@
 
 Real torch and real onnxruntime on a small simulated folder, a few epochs each.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -97,8 +98,13 @@ def test_input_size_reaches_the_exported_metadata_and_the_embedder(sim_dataset, 
 
 
 def test_a_bad_input_size_or_mode_is_a_config_error():
-    for config in (TrainConfig(input_size=(2, 30)), TrainConfig(synthetic_anomalies="maybe"),
-                   TrainConfig(augmentation="heavy"), TrainConfig(weight_decay=-1.0), TrainConfig(patience=0)):
+    for config in (
+        TrainConfig(input_size=(2, 30)),
+        TrainConfig(synthetic_anomalies="maybe"),
+        TrainConfig(augmentation="heavy"),
+        TrainConfig(weight_decay=-1.0),
+        TrainConfig(patience=0),
+    ):
         with pytest.raises(ConfigError):
             config.check()
 

@@ -3,6 +3,7 @@ Debian's headless chromium through Debian's chromedriver (Selenium, given both b
 
 Screenshots of each page go to docs/ (docs/web-live.png, -filmstrip, -stats, -login) with WEB_SCREENSHOTS=1, else to $TMPDIR.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,10 @@ from tests.daemon_helpers import start_station, write_config
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 WAIT = 60  # seconds for anything the browser waits for: generous, a loaded 2-core machine is slow
-needs_chromium = pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
-                                    reason="needs Debian's chromium and chromium-driver (scripts/test installs them)")
+needs_chromium = pytest.mark.skipif(
+    not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
+    reason="needs Debian's chromium and chromium-driver (scripts/test installs them)",
+)
 PASSWORDS = {"vera": "viewer-password", "otto": "operator-password"}
 
 
@@ -52,12 +55,13 @@ def test_the_web_section_is_parsed_and_a_network_address_needs_users(tmp_path):
     assert parse_config(BASE + "web: {bind: 0.0.0.0, users_credential: web-users}\n").web.has_users
     assert parse_config(BASE + "web: {bind: '::1'}\n").web.bind == "::1"  # loopback: the open page
     for section, message in (
-            ("web: {bind: 0.0.0.0}", "station.yaml:5: web: bind 0.0.0.0 lets the network reach the page"),
-            ("web: {bind: line1-pc}", "bind line1-pc lets the network reach the page"),
-            ("web: {users_file: a, users_credential: b}", "give users_file or users_credential, not both"),
-            ("web: {certificate: c.pem}", "certificate and private_key go together"),
-            ("web: {port: 0}", "station.yaml:5: web.port: Input should be greater than or equal to 1"),
-            ("web: {password: x}", "station.yaml:5: web.password: never put a secret in the configuration file")):
+        ("web: {bind: 0.0.0.0}", "station.yaml:5: web: bind 0.0.0.0 lets the network reach the page"),
+        ("web: {bind: line1-pc}", "bind line1-pc lets the network reach the page"),
+        ("web: {users_file: a, users_credential: b}", "give users_file or users_credential, not both"),
+        ("web: {certificate: c.pem}", "certificate and private_key go together"),
+        ("web: {port: 0}", "station.yaml:5: web.port: Input should be greater than or equal to 1"),
+        ("web: {password: x}", "station.yaml:5: web.password: never put a secret in the configuration file"),
+    ):
         with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
             parse_config(BASE + section + "\n")
 
@@ -65,8 +69,9 @@ def test_the_web_section_is_parsed_and_a_network_address_needs_users(tmp_path):
 def test_station_run_refuses_a_network_bind_without_users_with_exit_78(tmp_path):
     config = tmp_path / "station.yaml"
     config.write_text(BASE + "web:\n  port: 8080\n  bind: 0.0.0.0\n")
-    done = subprocess.run([sys.executable, "-m", "station", "run", "-c", str(config)], capture_output=True,
-                          text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "station", "run", "-c", str(config)], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 78, done.stderr
     assert f"{config}:5: web: bind 0.0.0.0 lets the network reach the page" in done.stderr
     assert "Traceback" not in done.stderr
@@ -75,8 +80,13 @@ def test_station_run_refuses_a_network_bind_without_users_with_exit_78(tmp_path)
 def test_users_are_hashed_lines_written_by_station_web_user(tmp_path):
     users = tmp_path / "web-users"
     for name, role in (("vera", "viewer"), ("otto", "operator"), ("vera", "integrator")):
-        done = subprocess.run([sys.executable, "-m", "station", "web-user", name, role, "--file", str(users)],
-                              input=f"{name}-secret-1\n", capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            [sys.executable, "-m", "station", "web-user", name, role, "--file", str(users)],
+            input=f"{name}-secret-1\n",
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert done.returncode == 0, done.stderr
     text = users.read_text()
     assert stat.S_IMODE(users.stat().st_mode) == 0o600 and "secret" not in text  # hashes only
@@ -85,11 +95,21 @@ def test_users_are_hashed_lines_written_by_station_web_user(tmp_path):
     assert check_password(found["otto"].hash, "otto-secret-1") and not check_password(found["otto"].hash, "otto")
     assert found["vera"].may("operator") and not found["otto"].may("integrator")
 
-    short = subprocess.run([sys.executable, "-m", "station", "web-user", "x", "viewer"], input="short\n",
-                           capture_output=True, text=True, timeout=60)
+    short = subprocess.run(
+        [sys.executable, "-m", "station", "web-user", "x", "viewer"],
+        input="short\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert short.returncode == 78 and "8 to 1024 characters" in short.stderr
-    printed = subprocess.run([sys.executable, "-m", "station", "web-user", "pia", "viewer"], input="pia-secret-1\n",
-                             capture_output=True, text=True, timeout=60)
+    printed = subprocess.run(
+        [sys.executable, "-m", "station", "web-user", "pia", "viewer"],
+        input="pia-secret-1\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert printed.stdout.startswith("pia:viewer:scrypt$")
 
     users.write_text(text + "mallory:root:plain\n")
@@ -98,8 +118,9 @@ def test_users_are_hashed_lines_written_by_station_web_user(tmp_path):
     credentials = tmp_path / "credentials"
     credentials.mkdir()
     (credentials / "web-users").write_text(user_line("ida", "integrator", "ida-secret-1") + "\n")
-    loaded = load_users(SimpleNamespace(users_file=None, users_credential="web-users"),
-                        env={"CREDENTIALS_DIRECTORY": str(credentials)})
+    loaded = load_users(
+        SimpleNamespace(users_file=None, users_credential="web-users"), env={"CREDENTIALS_DIRECTORY": str(credentials)}
+    )
     assert loaded["ida"].role == "integrator"
     with pytest.raises(ConfigError, match="CREDENTIALS_DIRECTORY is not set"):
         load_users(SimpleNamespace(users_file=None, users_credential="web-users"), env={})
@@ -108,8 +129,10 @@ def test_users_are_hashed_lines_written_by_station_web_user(tmp_path):
 def test_the_feed_keeps_bounded_rings_and_figures_since_start_and_since_a_reset():
     feed = WebFeed(results=3)
     frames = [SimpleNamespace(image=np.zeros((4, 4), np.uint8)) for _ in range(4)]
-    messages = [{"id": str(i), "seq": seq, "verdict": v, "latency_ms": ms} for i, (seq, v, ms) in enumerate(
-        [(1, "OK", 2.0), (2, "NG", 4.0), (4, "OK", 9.0), (5, "NG", 1.0)])]
+    messages = [
+        {"id": str(i), "seq": seq, "verdict": v, "latency_ms": ms}
+        for i, (seq, v, ms) in enumerate([(1, "OK", 2.0), (2, "NG", 4.0), (4, "OK", 9.0), (5, "NG", 1.0)])
+    ]
     feed.judged("inspector", messages[:2] + [{"id": "nv", "seq": 3, "reason": "no part"}], frames[:2])
     feed.reset(dropped_now=7)
     feed.judged("inspector", messages[2:], frames[2:])
@@ -124,13 +147,16 @@ def test_the_feed_keeps_bounded_rings_and_figures_since_start_and_since_a_reset(
 
 def test_the_live_picture_shows_the_region_and_the_worst_position():
     image = np.full((200, 300), 90, np.uint8)
-    latest = SimpleNamespace(frame=SimpleNamespace(image=image), number=1,
-                             inspector=SimpleNamespace(regions=(), roi=Roi(50, 40, 120, 100)),
-                             message={"worst_position": {"x": 100, "y": 90, "width": 20, "height": 20}})
+    latest = SimpleNamespace(
+        frame=SimpleNamespace(image=image),
+        number=1,
+        inspector=SimpleNamespace(regions=(), roi=Roi(50, 40, 120, 100)),
+        message={"worst_position": {"x": 100, "y": 90, "width": 20, "height": 20}},
+    )
     picture = cv2.imdecode(np.frombuffer(live_picture(latest), np.uint8), cv2.IMREAD_COLOR).astype(int)
     assert picture.shape == (200, 300, 3)
-    green = (picture[..., 1] - picture[..., 2] > 80)
-    red = (picture[..., 2] - picture[..., 1] > 80)
+    green = picture[..., 1] - picture[..., 2] > 80
+    red = picture[..., 2] - picture[..., 1] > 80
     ys, xs = np.nonzero(green)
     assert xs.min() in range(49, 53) and xs.max() in range(166, 171) and ys.min() in range(39, 43)
     ys, xs = np.nonzero(red)
@@ -144,8 +170,8 @@ def test_the_verdict_beside_a_live_picture_is_that_pictures_own():
     pictures = LivePictures(clock=lambda: now[0])
     inspector = SimpleNamespace(regions=(), roi=None, crop=lambda image: image[:26, :36])
     part = lambda number, level: SimpleNamespace(  # noqa: E731
-        frame=SimpleNamespace(image=np.full((60, 80), level, np.uint8)), number=number, inspector=inspector,
-        message={})
+        frame=SimpleNamespace(image=np.full((60, 80), level, np.uint8)), number=number, inspector=inspector, message={}
+    )
     dark, bright, brighter = part(1, 10), part(2, 240), part(3, 120)
     level = lambda jpeg: cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_GRAYSCALE).mean()  # noqa: E731
     assert pictures.current(dark)[0] is dark
@@ -159,6 +185,7 @@ def test_the_verdict_beside_a_live_picture_is_that_pictures_own():
 
 # -- the page in a browser, against the real daemon ---------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def chromium():
     if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
@@ -170,8 +197,14 @@ def chromium():
     os.environ["SE_MANAGER_PATH"] = "/nonexistent/selenium-manager"
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1360,900",
-                     "--disable-gpu", "--ignore-certificate-errors"):
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1360,900",
+        "--disable-gpu",
+        "--ignore-certificate-errors",
+    ):
         options.add_argument(argument)
     options.accept_insecure_certs = True  # the TLS test's self-signed certificate
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
@@ -199,14 +232,20 @@ def shot(driver, name: str):
 
 def fetch(driver, method: str, path: str, body: dict | None = None, csrf: bool = True) -> dict:
     """A request from the page's own origin, as its script makes it: {status, data}."""
-    return driver.execute_async_script("""
+    return driver.execute_async_script(
+        """
         const [method, path, body, csrf, done] = arguments;
         const me = await (await fetch('/api/me')).json();
         const headers = {'Content-Type': 'application/json'};
         if (csrf) headers['X-CSRF-Token'] = me.csrf;
         const response = await fetch(path, {method, headers, body: body === null ? undefined : JSON.stringify(body)});
         done({status: response.status, data: await response.json()});
-    """, method, path, body, csrf)
+    """,
+        method,
+        path,
+        body,
+        csrf,
+    )
 
 
 def state_on_mqtt(recorder) -> dict:
@@ -216,9 +255,15 @@ def state_on_mqtt(recorder) -> dict:
 @needs_chromium
 def test_the_open_page_live_view_filmstrip_statistics_and_pause(tmp_path, station_files, broker, chromium):
     port = free_port()
-    config = write_config(tmp_path, station_files, broker, '{source: "sim://?seed=3", fps: 25}',
-                          roi="{x: 142, y: 107, width: 36, height: 26}", keep_crops="{ng: true, ok_sample_rate: 1.0}",
-                          web=f"{{port: {port}}}")
+    config = write_config(
+        tmp_path,
+        station_files,
+        broker,
+        '{source: "sim://?seed=3", fps: 25}',
+        roi="{x: 142, y: 107, width: 36, height: 26}",
+        keep_crops="{ng: true, ok_sample_rate: 1.0}",
+        web=f"{{port: {port}}}",
+    )
     recorder = Recorder(broker.host, broker.port, "plant/st1/#")
     process = start_station(config)
     output = Output(process)
@@ -227,11 +272,17 @@ def test_the_open_page_live_view_filmstrip_statistics_and_pause(tmp_path, statio
         output.wait_for("the station's page on http://127.0.0.1", WAIT)
         driver.get(f"http://127.0.0.1:{port}/")
         # Live view: the picture follows the parts, with the verdict beside it.
-        until(driver, lambda d: js(d, "return +document.getElementById('live-frame').dataset.number || 0") > 0,
-              "a live frame")
+        until(
+            driver,
+            lambda d: js(d, "return +document.getElementById('live-frame').dataset.number || 0") > 0,
+            "a live frame",
+        )
         first = js(driver, "return +document.getElementById('live-frame').dataset.number")
-        until(driver, lambda d: js(d, "return +document.getElementById('live-frame').dataset.number") > first + 2,
-              "the live frame to update")
+        until(
+            driver,
+            lambda d: js(d, "return +document.getElementById('live-frame').dataset.number") > first + 2,
+            "the live frame to update",
+        )
         size = js(driver, "const i = document.getElementById('live-frame'); return [i.naturalWidth, i.naturalHeight]")
         assert size == [320, 240]
         assert js(driver, "return document.getElementById('live-crop').naturalWidth") == 36 * 4  # the model's input
@@ -241,28 +292,49 @@ def test_the_open_page_live_view_filmstrip_statistics_and_pause(tmp_path, statio
         # Filmstrip: an NG part with its kept crop; open it; freeze and step.
         driver.find_element("css selector", "nav button[data-tab=filmstrip]").click()
         ng_card = "#strip .card.NG .thumb img"
-        until(driver, lambda d: js(d, f"return [...document.querySelectorAll('{ng_card}')]"
-                                      ".some(i => i.complete && i.naturalWidth > 0)"), "an NG card with its crop")
+        until(
+            driver,
+            lambda d: js(
+                d, f"return [...document.querySelectorAll('{ng_card}')].some(i => i.complete && i.naturalWidth > 0)"
+            ),
+            "an NG card with its crop",
+        )
         driver.find_element("css selector", "#strip .card.NG").click()
         until(driver, lambda d: '"verdict": "NG"' in d.find_element("id", "detail-json").text, "the NG's verdict JSON")
         detail = json.loads(driver.find_element("id", "detail-json").text)
         assert detail["station"] == "st1" and detail["threshold"] and "distances" in detail
-        until(driver, lambda d: js(d, "return document.getElementById('detail-crop').naturalWidth") == 36,
-              "the NG's kept crop (the region at the camera's resolution)")
+        until(
+            driver,
+            lambda d: js(d, "return document.getElementById('detail-crop').naturalWidth") == 36,
+            "the NG's kept crop (the region at the camera's resolution)",
+        )
         driver.find_element("id", "ng-only").click()
-        until(driver, lambda d: js(d, "const c = [...document.querySelectorAll('#strip .card')];"
-                                      "return c.length > 0 && c.every(e => e.dataset.verdict === 'NG')"), "NG only")
+        until(
+            driver,
+            lambda d: js(
+                d,
+                "const c = [...document.querySelectorAll('#strip .card')];"
+                "return c.length > 0 && c.every(e => e.dataset.verdict === 'NG')",
+            ),
+            "NG only",
+        )
         driver.find_element("id", "ng-only").click()
         until(driver, lambda d: js(d, "return document.querySelectorAll('#strip .card.OK').length") > 0, "OK cards")
         driver.find_element("id", "freeze").click()
         frozen = js(driver, "return [...document.querySelectorAll('#strip .card')].map(c => c.dataset.id)")
         newest = fetch(driver, "GET", "/api/results?n=1")["data"]["results"][0]["id"]
-        wait_until(lambda: fetch(driver, "GET", "/api/results?n=1")["data"]["results"][0]["id"] != newest, WAIT,
-                   "newer results")
+        wait_until(
+            lambda: fetch(driver, "GET", "/api/results?n=1")["data"]["results"][0]["id"] != newest,
+            WAIT,
+            "newer results",
+        )
         driver.find_element("css selector", "#strip .card").click()
         driver.find_element("id", "step-older").click()
-        until(driver, lambda d: js(d, "return document.querySelector('#strip .card.selected')?.dataset.id")
-              == frozen[1], "the step to the next older result")
+        until(
+            driver,
+            lambda d: js(d, "return document.querySelector('#strip .card.selected')?.dataset.id") == frozen[1],
+            "the step to the next older result",
+        )
         assert js(driver, "return [...document.querySelectorAll('#strip .card')].map(c => c.dataset.id)") == frozen
         shot(driver, "filmstrip")
         driver.find_element("id", "freeze").click()
@@ -333,16 +405,41 @@ def _insecure():
 
 
 def _users_file(path: Path) -> Path:
-    path.write_text("# the station's page\n" + "\n".join(
-        user_line(name, "viewer" if name == "vera" else "operator", password) for name, password in PASSWORDS.items()))
+    path.write_text(
+        "# the station's page\n"
+        + "\n".join(
+            user_line(name, "viewer" if name == "vera" else "operator", password)
+            for name, password in PASSWORDS.items()
+        )
+    )
     return path
 
 
 def _certificate(folder: Path) -> tuple[Path, Path]:
     cert, key = folder / "web.pem", folder / "web.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     return cert, key
 
 
@@ -356,13 +453,17 @@ def log_in(driver, name: str, password: str):
 
 
 @needs_chromium
-def test_users_log_in_over_https_a_viewer_is_refused_and_an_operator_pauses(tmp_path, station_files, broker,
-                                                                            chromium):
+def test_users_log_in_over_https_a_viewer_is_refused_and_an_operator_pauses(tmp_path, station_files, broker, chromium):
     port = free_port()
     cert, key = _certificate(tmp_path)
     users = _users_file(tmp_path / "web-users")
-    config = write_config(tmp_path, station_files, broker, '{source: "sim://?seed=4", fps: 20}',
-                          web=f"{{port: {port}, users_file: {users}, certificate: {cert}, private_key: {key}}}")
+    config = write_config(
+        tmp_path,
+        station_files,
+        broker,
+        '{source: "sim://?seed=4", fps: 20}',
+        web=f"{{port: {port}, users_file: {users}, certificate: {cert}, private_key: {key}}}",
+    )
     recorder = Recorder(broker.host, broker.port, "plant/st1/#")
     process = start_station(config)
     output = Output(process)
@@ -388,8 +489,11 @@ def test_users_log_in_over_https_a_viewer_is_refused_and_an_operator_pauses(tmp_
         cookie = driver.get_cookie("station_session")
         assert cookie["httpOnly"] and cookie["secure"] and cookie["sameSite"] == "Strict"
         assert js(driver, "return document.cookie") == ""  # the session is out of every script's reach
-        until(driver, lambda d: js(d, "return +document.getElementById('live-frame').dataset.number || 0") > 0,
-              "the viewer's live view")
+        until(
+            driver,
+            lambda d: js(d, "return +document.getElementById('live-frame').dataset.number || 0") > 0,
+            "the viewer's live view",
+        )
         assert driver.find_element("id", "pause").get_attribute("disabled") == "true"
         refused = fetch(driver, "POST", "/api/command", {"cmd": "pause"})
         assert refused["status"] == 403 and "viewer vera may not pause" in refused["data"]["error"]
@@ -399,8 +503,12 @@ def test_users_log_in_over_https_a_viewer_is_refused_and_an_operator_pauses(tmp_
 
         driver.find_element("id", "logout").click()
         until(driver, lambda d: d.find_element("id", "login-name").is_displayed(), "logged out")
-        assert _status(urllib.request.Request(f"{base}/api/state", headers={
-            "Cookie": f"station_session={cookie['value']}"})) == 401  # the old session is gone
+        assert (
+            _status(
+                urllib.request.Request(f"{base}/api/state", headers={"Cookie": f"station_session={cookie['value']}"})
+            )
+            == 401
+        )  # the old session is gone
         log_in(driver, "otto", PASSWORDS["otto"])
         until(driver, lambda d: d.find_element("id", "user").text == "otto (operator)", "otto's page")
         assert fetch(driver, "POST", "/api/command", {"cmd": "pause"}, csrf=False)["status"] == 403  # CSRF
@@ -468,7 +576,8 @@ def test_the_live_view_marks_a_per_position_verdicts_worst_position(tmp_path, br
         f"station: st1\ncamera: {{source: {parts}, loop: true, fps: 4}}\nmodel: {tmp_path / 'model.onnx'}\n"
         f"reference: {tmp_path / 'refs' / 'A'}\nroi: {{x: {roi.x}, y: {roi.y}, width: {roi.width}, height: {roi.height}}}\n"
         f"state_dir: {tmp_path / 'state'}\nmqtt: {{host: 127.0.0.1, port: {broker.port}, topic_prefix: plant}}\n"
-        f"web: {{port: {port}}}\n")
+        f"web: {{port: {port}}}\n"
+    )
     process = start_station(config)
     output = Output(process)
     driver = chromium
@@ -504,7 +613,9 @@ def test_bad_requests_and_stalled_clients_neither_crash_nor_slow_the_station(tmp
     import socket
 
     port = free_port()
-    config = write_config(tmp_path, station_files, broker, '{source: "sim://?seed=5", fps: 40}', web=f"{{port: {port}}}")
+    config = write_config(
+        tmp_path, station_files, broker, '{source: "sim://?seed=5", fps: 40}', web=f"{{port: {port}}}"
+    )
     recorder = Recorder(broker.host, broker.port, "plant/st1/verdict")
     process = start_station(config)
     output = Output(process)
@@ -516,15 +627,24 @@ def test_bad_requests_and_stalled_clients_neither_crash_nor_slow_the_station(tmp
             csrf = json.loads(response.read())["csrf"]
 
         def post(path: str, data: bytes) -> int:
-            return _status(urllib.request.Request(f"{base}{path}", data=data, headers={
-                "X-CSRF-Token": csrf, "Content-Type": "application/json"}))
+            return _status(
+                urllib.request.Request(
+                    f"{base}{path}", data=data, headers={"X-CSRF-Token": csrf, "Content-Type": "application/json"}
+                )
+            )
 
         for body in (b"\xff\xfe", b"[1, 2]", b'{"cmd": ["pause"]}', b'{"cmd": {"a": 1}}', b"{" * 5000, b"null"):
             assert post("/api/command", body) == 400, body
         assert post("/api/command", b'{"cmd": "' + b"x" * 100_000 + b'"}') == 413
         assert post("/api/login", b'{"name": "a", "password": "b"}') == 400  # the open page has no users
-        for path in ("/static/..%2fserver.py", "/static/server.py", "/api/crops/..%2f..%2fetc%2fpasswd.jpg",
-                     "/api/crops/" + "a" * 5000 + ".jpg", "/api/results/" + "%00" * 100, "/api/stats/reset"):
+        for path in (
+            "/static/..%2fserver.py",
+            "/static/server.py",
+            "/api/crops/..%2f..%2fetc%2fpasswd.jpg",
+            "/api/crops/" + "a" * 5000 + ".jpg",
+            "/api/results/" + "%00" * 100,
+            "/api/stats/reset",
+        ):
             assert _status(urllib.request.Request(f"{base}{path}")) in (404, 405), path
         for path in ("/api/live/frame.jpg?n=%C2%B2", "/api/live/crop.png?n=-1", "/api/results?after=x%00"):
             assert _status(urllib.request.Request(f"{base}{path}")) in (200, 400, 404), path
@@ -547,8 +667,11 @@ def test_bad_requests_and_stalled_clients_neither_crash_nor_slow_the_station(tmp
             sock.sendall(b"GET /api/results HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 50)  # answers pile up unread
             stalled.append(sock)
         before = max((v["seq"] for v in recorder.json_on("/verdict")), default=0)
-        wait_until(lambda: max((v["seq"] for v in recorder.json_on("/verdict")), default=0) > before + 40, WAIT,
-                   "verdicts while browsers stall")
+        wait_until(
+            lambda: max((v["seq"] for v in recorder.json_on("/verdict")), default=0) > before + 40,
+            WAIT,
+            "verdicts while browsers stall",
+        )
         with urllib.request.urlopen(f"{base}/api/state", timeout=10) as response:  # and the page answers others
             assert json.loads(response.read())["station"] == "st1"
         assert process.poll() is None
@@ -566,14 +689,20 @@ def test_malformed_requests_get_a_400_and_one_log_line_never_a_traceback(tmp_pat
     """What any client on the plant network can send: the station answers 400, goes on judging, and its
     log says so in a line (aiohttp logged each with a whole stack: read as a crash by plant IT)."""
     port = free_port()
-    config = write_config(tmp_path, station_files, broker, '{source: "sim://?seed=4", fps: 20}', web=f"{{port: {port}}}")
+    config = write_config(
+        tmp_path, station_files, broker, '{source: "sim://?seed=4", fps: 20}', web=f"{{port: {port}}}"
+    )
     recorder = Recorder(broker.host, broker.port, "plant/st1/verdict")
     process = start_station(config)
     output = Output(process)
-    garbage = [b"GET /" + b"a" * 10_000 + b" HTTP/1.1\r\n\r\n", b"GET / HTTP/1.1\r\nX: " + b"b" * 20_000 + b"\r\n\r\n",
-               b"GET / HTTP/9.9\r\n\r\n", b"GET / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
-               b"POST /api/login HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
-               b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(100)]  # a TLS hello to plain HTTP
+    garbage = [
+        b"GET /" + b"a" * 10_000 + b" HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nX: " + b"b" * 20_000 + b"\r\n\r\n",
+        b"GET / HTTP/9.9\r\n\r\n",
+        b"GET / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+        b"POST /api/login HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(100),
+    ]  # a TLS hello to plain HTTP
     try:
         output.wait_for(f"the station's page on http://127.0.0.1:{port}/", WAIT)
         for data in garbage:

@@ -1,4 +1,5 @@
 """Argument types of the `station` command: parsed where they are read, refused with a usage message."""
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,12 @@ def completion_script(parser: argparse.ArgumentParser, shell: str) -> str:
     """A shell completion script of every subcommand and option (shtab), path arguments completing files."""
     import shtab
 
-    parsers = [parser] + [sub for action in parser._actions if isinstance(action, argparse._SubParsersAction)
-                          for sub in action.choices.values()]
+    parsers = [parser] + [
+        sub
+        for action in parser._actions
+        if isinstance(action, argparse._SubParsersAction)
+        for sub in action.choices.values()
+    ]
     for each in parsers:
         for action in each._actions:
             if action.type is Path:

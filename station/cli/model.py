@@ -1,5 +1,6 @@
 """The model-side subcommands (calibrate, evaluate, train, fit, export): handlers `station/cli/__init__.py`
 dispatches to. Heavy modules are imported inside them, so `station --help` stays fast."""
+
 from __future__ import annotations
 
 import sys
@@ -18,9 +19,12 @@ def _calibration_limits(args) -> dict:
     """--target-false-reject and --min-good, calibration's defaults where not given."""
     from calibration.thresholds import DEFAULT_TARGET_FALSE_REJECT, MIN_GOOD_PARTS_CALIBRATE
 
-    return {"target_false_reject": DEFAULT_TARGET_FALSE_REJECT if args.target_false_reject is None
-            else args.target_false_reject,
-            "min_good": MIN_GOOD_PARTS_CALIBRATE if args.min_good is None else args.min_good}
+    return {
+        "target_false_reject": DEFAULT_TARGET_FALSE_REJECT
+        if args.target_false_reject is None
+        else args.target_false_reject,
+        "min_good": MIN_GOOD_PARTS_CALIBRATE if args.min_good is None else args.min_good,
+    }
 
 
 def calibrate(args) -> int:
@@ -29,12 +33,22 @@ def calibrate(args) -> int:
     from station.core.errors import ConfigError
 
     if args.config is not None:
-        folder_mode = [flag for flag, value in (("--model", args.model), ("--good", args.good),
-                                                ("--defects", args.defects), ("--out", args.out),
-                                                ("--tiles", args.tiles)) if value]
+        folder_mode = [
+            flag
+            for flag, value in (
+                ("--model", args.model),
+                ("--good", args.good),
+                ("--defects", args.defects),
+                ("--out", args.out),
+                ("--tiles", args.tiles),
+            )
+            if value
+        ]
         if folder_mode:
-            raise ConfigError(f"-c/--config calibrates from the configured camera; {', '.join(folder_mode)} "
-                              "belong to the folder mode (--model, --good, --out): use one or the other")
+            raise ConfigError(
+                f"-c/--config calibrates from the configured camera; {', '.join(folder_mode)} "
+                "belong to the folder mode (--model, --good, --out): use one or the other"
+            )
         return _calibrate_camera(args)
     if args.count is not None or args.min_change is not None or args.roi is not None:
         raise ConfigError("--count and --min-change need -c/--config (calibration from the camera), as does --roi")
@@ -49,7 +63,13 @@ def calibrate(args) -> int:
     product = args.product or args.out.name
     embedder = _load_embedder(args.model)
     saved, calibration = workflow.calibrate_folders(
-        embedder, args.good, args.defects, args.out, product, metric=args.metric, progress=sys.stderr.isatty(),
+        embedder,
+        args.good,
+        args.defects,
+        args.out,
+        product,
+        metric=args.metric,
+        progress=sys.stderr.isatty(),
         **_calibration_limits(args),
         tiles=_tiles_option(args.tiles, args.good, args.defects) if args.tiles else None,
     )
@@ -97,10 +117,15 @@ def _calibrate_camera(args) -> int:
             print(f"{root}: product {product}{f' ({form})' if form else ''}, v{version:04d} is current again")
         return 0
     result = live.calibrate_from_camera(
-        config, args.product, count=DEFAULT_CAMERA_COUNT if args.count is None else args.count,
+        config,
+        args.product,
+        count=DEFAULT_CAMERA_COUNT if args.count is None else args.count,
         min_change=live.DEFAULT_MIN_CHANGE if args.min_change is None else args.min_change,
-        metric=args.metric, progress=sys.stderr.isatty(),
-        credentials=camera_credentials(config.camera), region=args.roi, **_calibration_limits(args),
+        metric=args.metric,
+        progress=sys.stderr.isatty(),
+        credentials=camera_credentials(config.camera),
+        region=args.roi,
+        **_calibration_limits(args),
     )
     grabbed = result.grabbed
     print(f"{len(grabbed)} distinct parts from {grabbed.frames_seen} frames ({grabbed.skipped} unchanged skipped)")
@@ -114,8 +139,10 @@ def _calibrate_camera(args) -> int:
 def _print_calibration(saved, calibration, warnings) -> None:
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    print(f"{saved.path}: product {saved.product}, {saved.n_good} good parts, metric {saved.metric}, "
-          f"threshold {saved.threshold:.6g}")
+    print(
+        f"{saved.path}: product {saved.product}, {saved.n_good} good parts, metric {saved.metric}, "
+        f"threshold {saved.threshold:.6g}"
+    )
     for name, metric_fit in calibration.fits.items():
         line = f"  {name:12s} threshold {metric_fit.threshold:10.5g}  false-reject (out of fold) {metric_fit.false_reject_rate:.3%}"
         if metric_fit.auroc is not None:
@@ -142,14 +169,18 @@ def evaluate(args) -> int:
     if args.json:
         print(json.dumps(figures))
         return 0
-    print(f"{figures['n_good']} good, {figures['n_defect']} defective parts; metric {figures['metric']}, "
-          f"threshold {figures['threshold']:.6g}")
+    print(
+        f"{figures['n_good']} good, {figures['n_defect']} defective parts; metric {figures['metric']}, "
+        f"threshold {figures['threshold']:.6g}"
+    )
     for key in ("auroc", "accuracy", "false_reject_rate", "escape_rate"):
         value = figures[key]
         print(f"  {key:18s} {'n/a' if value is None else f'{value:.4f}'}")
     print("  confusion          " + ", ".join(f"{k} {v}" for k, v in figures["confusion"].items()))
-    print("  AUROC per metric   " + ", ".join(
-        f"{k} {'n/a' if v is None else f'{v:.4f}'}" for k, v in figures["per_metric_auroc"].items()))
+    print(
+        "  AUROC per metric   "
+        + ", ".join(f"{k} {'n/a' if v is None else f'{v:.4f}'}" for k, v in figures["per_metric_auroc"].items())
+    )
     if args.report:
         print(f"  report             {args.report}/ (histogram.png, roc.png, worst_parts.png)")
     return 0
@@ -159,7 +190,9 @@ def _writable_folder(folder: Path, flag: str):
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"{flag} {folder}: cannot make that folder ({exc.strerror or exc}); give one you can write") from exc
+        raise ConfigError(
+            f"{flag} {folder}: cannot make that folder ({exc.strerror or exc}); give one you can write"
+        ) from exc
 
 
 def _writable_file(path: Path, flag: str):
@@ -172,8 +205,9 @@ def _writable_file(path: Path, flag: str):
     try:
         tempfile.TemporaryFile(dir=path.parent).close()
     except OSError as exc:
-        raise ConfigError(f"{flag} {path}: cannot write in {path.parent} ({exc.strerror or exc}); give a folder you "
-                          "can write") from exc
+        raise ConfigError(
+            f"{flag} {path}: cannot write in {path.parent} ({exc.strerror or exc}); give a folder you can write"
+        ) from exc
 
 
 def _write(path: Path, content: bytes, flag: str):
@@ -200,17 +234,24 @@ def train(args) -> int:
     from export import train
 
     config = train.TrainConfig(
-        arch=args.arch or train.DEFAULT_ARCH, loss=args.loss or train.DEFAULT_LOSS,
+        arch=args.arch or train.DEFAULT_ARCH,
+        loss=args.loss or train.DEFAULT_LOSS,
         epochs=args.epochs,
         seed=args.seed if args.seed is not None else train.DEFAULT_SEED,
-        embedding_dim=args.embedding_dim or train.DEFAULT_EMBEDDING_DIM, allow_flips=args.allow_flips,
-        input_size=args.input_size, members=args.members if args.members is not None else train.default_members(args.arch or train.DEFAULT_ARCH),
+        embedding_dim=args.embedding_dim or train.DEFAULT_EMBEDDING_DIM,
+        allow_flips=args.allow_flips,
+        input_size=args.input_size,
+        members=args.members if args.members is not None else train.default_members(args.arch or train.DEFAULT_ARCH),
     )
-    print(f"training {config.arch} trunk{'s' if config.members > 1 else ''} (x{config.members}), {config.loss} loss, {config.epochs} epochs, seed {config.seed}, "
-          f"{config.embedding_dim}-d embedding on {args.data}")
+    print(
+        f"training {config.arch} trunk{'s' if config.members > 1 else ''} (x{config.members}), {config.loss} loss, {config.epochs} epochs, seed {config.seed}, "
+        f"{config.embedding_dim}-d embedding on {args.data}"
+    )
     result = train.train(args.data, args.out, config, progress=sys.stderr.isatty())
-    print(f"{result.n_train} training / {result.n_val} validation images, {result.parameters} parameters, "
-          f"{result.train_seconds:.1f} s")
+    print(
+        f"{result.n_train} training / {result.n_val} validation images, {result.parameters} parameters, "
+        f"{result.train_seconds:.1f} s"
+    )
     print(f"validation pair accuracy {result.val_pair_accuracy:.4f} (distance threshold {result.pair_threshold:.4f})")
     print(f"wrote {result.checkpoint}")
     return 0
@@ -220,12 +261,26 @@ def fit(args) -> int:
     _require_torch("fit")
     from fit.pipeline import FitOptions, run_fit
 
-    given = {"seed": args.seed, "budget_minutes": args.budget, "epochs": args.epochs,
-             "max_candidates": args.max_candidates, "defect_rate": args.defect_rate, "escape_cost": args.escape_cost,
-             "target_false_reject": args.target_false_reject, "product": args.product, "members": args.members,
-             "max_ms_per_part": args.max_ms_per_part}
-    run_fit(FitOptions(data=args.data, out=args.out, progress=sys.stderr.isatty(),
-                       **{key: value for key, value in given.items() if value is not None}))
+    given = {
+        "seed": args.seed,
+        "budget_minutes": args.budget,
+        "epochs": args.epochs,
+        "max_candidates": args.max_candidates,
+        "defect_rate": args.defect_rate,
+        "escape_cost": args.escape_cost,
+        "target_false_reject": args.target_false_reject,
+        "product": args.product,
+        "members": args.members,
+        "max_ms_per_part": args.max_ms_per_part,
+    }
+    run_fit(
+        FitOptions(
+            data=args.data,
+            out=args.out,
+            progress=sys.stderr.isatty(),
+            **{key: value for key, value in given.items() if value is not None},
+        )
+    )
     return 0
 
 
@@ -235,7 +290,9 @@ def export(args) -> int:
     from export import onnx_export
 
     options = onnx_export.ExportOptions(
-        fp32=args.fp32, int8=args.int8 or onnx_export.DEFAULT_INT8, calib_data=args.calib_data,
+        fp32=args.fp32,
+        int8=args.int8 or onnx_export.DEFAULT_INT8,
+        calib_data=args.calib_data,
         reduce_range=onnx_export.DEFAULT_REDUCE_RANGE if args.reduce_range is None else args.reduce_range,
     )
     checkpoint = args.checkpoint

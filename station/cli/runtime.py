@@ -1,5 +1,6 @@
 """The runtime side's subcommands (run, check, bench, demo, simulate, web-user): handlers `station/cli/__init__.py`
 dispatches to. Heavy modules are imported inside them, so `station --help` stays fast."""
+
 from __future__ import annotations
 
 import logging
@@ -19,7 +20,9 @@ def simulate(args) -> int:
     if args.count < 1:
         raise StationError("--count must be at least 1")
     if args.part == "plate" and (args.video or args.contact_sheet or args.pins != 3):
-        raise StationError("--part plate writes photos only: --video, --contact-sheet and --pins draw the terminal line")
+        raise StationError(
+            "--part plate writes photos only: --video, --contact-sheet and --pins draw the terminal line"
+        )
     if args.part == "plate":
         counts = simulated.write_plate_dataset(args.out, args.count, args.seed)
     else:
@@ -32,8 +35,10 @@ def simulate(args) -> int:
             simulated.write_dwell_video(args.video, truth, args.count, args.seed, args.dwell, pins=args.pins)
         else:
             simulated.write_video(args.video, truth, args.count, args.seed, pins=args.pins)
-        print(f"wrote {args.video} ({FRAME_WIDTH}x{FRAME_HEIGHT}, part in ROI x={FRAME_ROI.x} y={FRAME_ROI.y} "
-              f"{FRAME_ROI.width}x{FRAME_ROI.height}) and ground truth {truth}")
+        print(
+            f"wrote {args.video} ({FRAME_WIDTH}x{FRAME_HEIGHT}, part in ROI x={FRAME_ROI.x} y={FRAME_ROI.y} "
+            f"{FRAME_ROI.width}x{FRAME_ROI.height}) and ground truth {truth}"
+        )
     if args.contact_sheet:
         simulated.write_contact_sheet(args.contact_sheet, args.seed, pins=args.pins)
         print(f"wrote {args.contact_sheet} (six enlarged parts of each class)")
@@ -91,9 +96,10 @@ def bench(args) -> int:
         from station.tools.demo import DEMO_MODEL, DEMO_MODEL_FP32
 
         args.model = [DEMO_MODEL] + ([DEMO_MODEL_FP32] if DEMO_MODEL_FP32.exists() else [])
-    progress = (lambda text: print(text, file=sys.stderr))
-    figures = bench.run_bench(args.model, args.reference, args.parts, args.broker, progress, args.integrations,
-                              regions, chosen)
+    progress = lambda text: print(text, file=sys.stderr)
+    figures = bench.run_bench(
+        args.model, args.reference, args.parts, args.broker, progress, args.integrations, regions, chosen
+    )
     print(bench.to_json(figures) if args.json else bench.format_table(figures))
     return 0
 

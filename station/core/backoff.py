@@ -3,6 +3,7 @@
 Jitter matters on a line: when the broker or a camera switch restarts, every
 station would otherwise retry in lock-step and hit it at the same instant.
 """
+
 from __future__ import annotations
 
 import random

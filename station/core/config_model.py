@@ -5,6 +5,7 @@ In core because sections live on both sides of the folder graph: station/runtime
 station/runtime/sources/genicam_config.py, which may import only station/core (so may fit/, which writes
 station.yaml files).
 """
+
 from __future__ import annotations
 
 from pathlib import Path

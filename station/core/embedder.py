@@ -4,6 +4,7 @@ A model file carries its own preprocessing settings in ONNX ``metadata_props``
 (written by ``station export``). The runtime reads them here and nowhere else,
 so nothing about the model is hard-coded in the station.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,9 +18,24 @@ from station.core.preprocess import FeatureGrid, InputSpec
 from station.core.user_files import read_bytes
 
 # Keys of the model's metadata_props; `station export` writes every one.
-REQUIRED_METADATA = ("input_width", "input_height", "input_layout", "pixel_scale", "embedding_dim", "arch", "quantization")
-OPTIONAL_METADATA = ("members", "batch_independent", "data_fingerprint", "trained_on", "created", "station_version",
-                     "backbone")
+REQUIRED_METADATA = (
+    "input_width",
+    "input_height",
+    "input_layout",
+    "pixel_scale",
+    "embedding_dim",
+    "arch",
+    "quantization",
+)
+OPTIONAL_METADATA = (
+    "members",
+    "batch_independent",
+    "data_fingerprint",
+    "trained_on",
+    "created",
+    "station_version",
+    "backbone",
+)
 # A per-position model (export/positions.py) says so with all three: its `embedding` is the feature map,
 # row-major positions then channels; `positions` "ROWSxCOLS", `position_channels` C, `position_stride` the
 # model-input pixels per cell; optionally `position_offset`, where cell 0's block starts (model-input
@@ -73,8 +89,12 @@ def _parse_metadata(path: Path, sha256: str, props: dict[str, str]) -> ModelInfo
     except (ValueError, Exception) as exc:  # DataError from InputSpec, ValueError from int()
         raise ModelError(f"{path}: invalid model metadata: {exc}") from exc
     return ModelInfo(
-        path=path, sha256=sha256, input_spec=spec, embedding_dim=embedding_dim,
-        arch=props["arch"], quantization=props["quantization"],
+        path=path,
+        sha256=sha256,
+        input_spec=spec,
+        embedding_dim=embedding_dim,
+        arch=props["arch"],
+        quantization=props["quantization"],
         extra={key: props[key] for key in OPTIONAL_METADATA if key in props},
         positions=_parse_positions(path, props, embedding_dim),
     )
@@ -87,19 +107,29 @@ def _parse_positions(path: Path, props: dict[str, str], embedding_dim: int) -> F
         return None
     if len(present) != len(POSITION_METADATA):
         missing = [key for key in POSITION_METADATA if key not in props]
-        raise ModelError(f"{path}: per-position metadata is incomplete: has {', '.join(present)}, "
-                         f"lacks {', '.join(missing)}")
+        raise ModelError(
+            f"{path}: per-position metadata is incomplete: has {', '.join(present)}, lacks {', '.join(missing)}"
+        )
     try:
         rows, cols = (int(part) for part in props["positions"].lower().split("x"))
-        grid = FeatureGrid(rows, cols, int(props["position_channels"]), int(props["position_stride"]),
-                           int(props.get(POSITION_OFFSET, "0")))
+        grid = FeatureGrid(
+            rows,
+            cols,
+            int(props["position_channels"]),
+            int(props["position_stride"]),
+            int(props.get(POSITION_OFFSET, "0")),
+        )
     except (ValueError, Exception) as exc:  # "7x" or "ax3" (ValueError), sizes below 1 (DataError)
-        raise ModelError(f"{path}: invalid per-position metadata (positions {props['positions']!r}, "
-                         f"position_channels {props['position_channels']!r}, position_stride "
-                         f"{props['position_stride']!r}, {POSITION_OFFSET} {props.get(POSITION_OFFSET)!r}): {exc}") from exc
+        raise ModelError(
+            f"{path}: invalid per-position metadata (positions {props['positions']!r}, "
+            f"position_channels {props['position_channels']!r}, position_stride "
+            f"{props['position_stride']!r}, {POSITION_OFFSET} {props.get(POSITION_OFFSET)!r}): {exc}"
+        ) from exc
     if grid.size != embedding_dim:
-        raise ModelError(f"{path}: per-position metadata {grid.rows}x{grid.cols} positions x {grid.channels} "
-                         f"channels = {grid.size} values, but embedding_dim is {embedding_dim}")
+        raise ModelError(
+            f"{path}: per-position metadata {grid.rows}x{grid.cols} positions x {grid.channels} "
+            f"channels = {grid.size} values, but embedding_dim is {embedding_dim}"
+        )
     return grid
 
 
@@ -143,8 +173,7 @@ class Embedder:
         self._output_names = [OUTPUT_NAME]
         # A dynamic int8 model not exported per part (before batch_independent
         # existed) would let batch neighbours move a part's embedding.
-        self._per_part = (self.info.quantization == "int8-dynamic"
-                          and self.info.extra.get("batch_independent") != "true")
+        self._per_part = self.info.quantization == "int8-dynamic" and self.info.extra.get("batch_independent") != "true"
 
     def _check_signature(self):
         inputs = {i.name: i for i in self.session.get_inputs()}
@@ -183,9 +212,9 @@ class Embedder:
             return np.empty((0, self.info.embedding_dim), np.float32)
         if not self._per_part or len(batch) == 1:
             return self.session.run(self._output_names, {INPUT_NAME: batch})[0]
-        return np.concatenate([
-            self.session.run(self._output_names, {INPUT_NAME: batch[i : i + 1]})[0] for i in range(len(batch))
-        ])
+        return np.concatenate(
+            [self.session.run(self._output_names, {INPUT_NAME: batch[i : i + 1]})[0] for i in range(len(batch))]
+        )
 
     def warm_up(self, runs: int = 3):
         """First runs allocate; do them before the station says READY."""

@@ -1,4 +1,5 @@
 """Errors meant for a person. The CLI maps each class to an exit code."""
+
 import os
 
 

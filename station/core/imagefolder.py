@@ -7,6 +7,7 @@ Images may be any size, gray or colour, 8 or 16 bit. Folders are read
 recursively and listed in a sorted, reproducible order; hidden files and
 folders (a name starting with '.') are skipped.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -52,10 +53,13 @@ def list_images(folder: Path) -> list[Path]:
             folders[:] = []
             continue
         visited.add((status.st_dev, status.st_ino))
-        folders[:] = sorted(name for name in folders if not name.startswith("."))  # the same folder linked twice: the first name
+        folders[:] = sorted(
+            name for name in folders if not name.startswith(".")
+        )  # the same folder linked twice: the first name
         here = Path(top)
-        found.extend(here / name for name in files if not name.startswith(".")
-                     and Path(name).suffix.lower() in IMAGE_SUFFIXES)
+        found.extend(
+            here / name for name in files if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
+        )
     return sorted(found)
 
 
@@ -69,8 +73,10 @@ def scan_dataset(root: Path, require_good: bool = True) -> list[LabeledImage]:
     """All images of an image-folder dataset with their class (the subfolder name)."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"{root}: {'not a folder' if root.exists() else 'dataset folder does not exist'} "
-                        f"(give the folder that holds {GOOD}/ and one folder per defect class)")
+        raise DataError(
+            f"{root}: {'not a folder' if root.exists() else 'dataset folder does not exist'} "
+            f"(give the folder that holds {GOOD}/ and one folder per defect class)"
+        )
     items = []
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden(Path(p.name))):
         items.extend(LabeledImage(path, class_dir.name) for path in list_images(class_dir))
@@ -85,10 +91,14 @@ def _no_good_hint(root: Path) -> str:
     """What the folder holds instead, so the refusal says what to change."""
     good = root / GOOD
     if good.is_dir():
-        kinds = sorted({p.suffix.lower() or p.name for p in good.rglob("*")
-                        if p.is_file() and not is_hidden(p.relative_to(good))})
-        return (f"; it holds {', '.join(kinds)} files, the station reads {' '.join(sorted(IMAGE_SUFFIXES))}"
-                if kinds else "; it is empty")
+        kinds = sorted(
+            {p.suffix.lower() or p.name for p in good.rglob("*") if p.is_file() and not is_hidden(p.relative_to(good))}
+        )
+        return (
+            f"; it holds {', '.join(kinds)} files, the station reads {' '.join(sorted(IMAGE_SUFFIXES))}"
+            if kinds
+            else "; it is empty"
+        )
     cased = [p.name for p in root.iterdir() if p.is_dir() and p.name.lower() == GOOD]
     if cased:
         return f"; rename {root / cased[0]}/ to {GOOD}/ (folder names are case-sensitive)"
@@ -153,8 +163,11 @@ def read_image(path: Path, max_pixels: int | None = None) -> np.ndarray:
     try:
         size = regular_file_size(path)
         if size > limit:  # read whole, a 20 GB file named part.png would take the line PC's memory
-            raise ImageReadError(path, f"is {size / 1e6:.0f} MB, more than an image of "
-                                       f"{(max_pixels or DEFAULT_MAX_PIXELS) / 1e6:g} MP can be: refused before reading")
+            raise ImageReadError(
+                path,
+                f"is {size / 1e6:.0f} MB, more than an image of "
+                f"{(max_pixels or DEFAULT_MAX_PIXELS) / 1e6:g} MP can be: refused before reading",
+            )
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:
         raise ImageReadError(path, f"cannot be read ({exc.strerror})") from exc
@@ -163,14 +176,19 @@ def read_image(path: Path, max_pixels: int | None = None) -> np.ndarray:
     if max_pixels is not None:
         pixels = pixel_count(data)
         if pixels is not None and pixels > max_pixels:
-            raise ImageReadError(path, f"declares {pixels / 1e6:.0f} MP, more than camera.max_pixels "
-                                       f"({max_pixels / 1e6:g} MP): refused before decoding")
+            raise ImageReadError(
+                path,
+                f"declares {pixels / 1e6:.0f} MP, more than camera.max_pixels "
+                f"({max_pixels / 1e6:g} MP): refused before decoding",
+            )
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if image is None or image.size == 0:
         raise ImageReadError(path)
     if image.dtype not in (np.uint8, np.uint16):  # float or 32-bit TIFFs decode, but no step can use them
-        raise ImageReadError(path, f"has {image.dtype} pixels; the station reads 8- or 16-bit images: "
-                                   "save it as an 8- or 16-bit PNG or TIFF")
+        raise ImageReadError(
+            path,
+            f"has {image.dtype} pixels; the station reads 8- or 16-bit images: save it as an 8- or 16-bit PNG or TIFF",
+        )
     return image
 
 
@@ -189,8 +207,13 @@ def regular_file_size(path: Path) -> int:
 
 
 def _file_kind(mode: int) -> str:
-    kinds = ((stat.S_ISFIFO, "named pipe"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
-             (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "folder"))
+    kinds = (
+        (stat.S_ISFIFO, "named pipe"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISDIR, "folder"),
+    )
     return next((name for test, name in kinds if test(mode)), "special file")
 
 

@@ -4,6 +4,7 @@ Every function takes ``x`` of shape (d,) or (n, d) and returns a scalar-shaped
 result per row: shape () for one part, (n,) for n parts (soart3 adds a last
 axis of 3).
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -8,6 +8,7 @@ The rules are MQTT's (5.0 section 1.5.4 and 4.7), as mosquitto enforces them: mo
 refuses control characters and Unicode non-characters (which MQTT says SHOULD NOT be sent),
 and a topic of more than 201 levels.
 """
+
 from __future__ import annotations
 
 import unicodedata
@@ -57,7 +58,9 @@ def topic_part_problem(value: str) -> str | None:
     if "+" in value or "#" in value:
         return "must not contain the MQTT wildcards + or # (they are for subscriptions, not topic names)"
     if value.startswith("$"):
-        return "must not start with $ (brokers keep such topics for themselves: $SYS; mosquitto delivers them to nobody)"
+        return (
+            "must not start with $ (brokers keep such topics for themselves: $SYS; mosquitto delivers them to nobody)"
+        )
     if value.startswith("/") or value.endswith("/") or "//" in value:
         return "must be levels joined by single slashes, none empty (no leading, trailing or double /)"
     if any(char.isspace() for char in value):

@@ -6,6 +6,7 @@ frame -> ROI crop -> grayscale -> resize (INTER_AREA) -> float32 * pixel_scale -
 Keeping this in one place is the point: a model judged on pixels prepared
 differently from the ones it was trained on fails quietly (anomalib's lesson).
 """
+
 from __future__ import annotations
 
 import math
@@ -74,27 +75,36 @@ def size_problem(what: str, width: int, height: int, spec: "InputSpec") -> str |
     least_width, least_height = (math.ceil(side / MAX_ENLARGEMENT) for side in (spec.width, spec.height))
     if width >= least_width and height >= least_height:
         return None
-    return (f"{what} of {width}x{height} pixels is too small for the model's {spec.width}x{spec.height} input: "
-            f"a region needs at least {least_width}x{least_height} (enlarged more than {MAX_ENLARGEMENT}x a side, "
-            "the model would judge interpolated pixels, not the part)")
+    return (
+        f"{what} of {width}x{height} pixels is too small for the model's {spec.width}x{spec.height} input: "
+        f"a region needs at least {least_width}x{least_height} (enlarged more than {MAX_ENLARGEMENT}x a side, "
+        "the model would judge interpolated pixels, not the part)"
+    )
 
 
 def region_problem(roi: Roi | None, frame_shape: tuple | None, spec: "InputSpec") -> str | None:
     """Why this region cannot be judged in frames of this shape (outside, or too few pixels); None when it can.
     roi None: the whole frame. Without a frame shape only a configured ROI's own size is checked."""
     if roi is None:
-        return None if frame_shape is None else size_problem(
-            "the whole frame (no roi is set)", frame_shape[1], frame_shape[0], spec)
+        return (
+            None
+            if frame_shape is None
+            else size_problem("the whole frame (no roi is set)", frame_shape[1], frame_shape[0], spec)
+        )
     outside = roi_problem(roi, frame_shape) if frame_shape is not None else None
     return outside or size_problem(f"ROI x={roi.x} y={roi.y}", roi.width, roi.height, spec)
 
 
-def regions_problem(regions: Sequence[tuple[str | None, Roi | None]], frame_shape: tuple | None,
-                    spec: "InputSpec") -> str | None:
+def regions_problem(
+    regions: Sequence[tuple[str | None, Roi | None]], frame_shape: tuple | None, spec: "InputSpec"
+) -> str | None:
     """The one rule for what a frame must give the model: every (name, roi) region inside it and large
     enough (roi None: the whole frame; name None: the single roi). Used at check, at start, per frame."""
-    problems = [f"region {name}: {problem}" if name else problem
-                for name, roi in regions if (problem := region_problem(roi, frame_shape, spec))]
+    problems = [
+        f"region {name}: {problem}" if name else problem
+        for name, roi in regions
+        if (problem := region_problem(roi, frame_shape, spec))
+    ]
     return "; ".join(problems) or None
 
 
@@ -166,8 +176,10 @@ class FeatureGrid:
 
     def __post_init__(self):
         if min(self.rows, self.cols, self.channels, self.stride) < 1:
-            raise DataError(f"feature grid {self.rows}x{self.cols}x{self.channels}, stride {self.stride}: "
-                            "every size must be at least 1")
+            raise DataError(
+                f"feature grid {self.rows}x{self.cols}x{self.channels}, stride {self.stride}: "
+                "every size must be at least 1"
+            )
 
     @property
     def positions(self) -> int:
@@ -189,8 +201,9 @@ class FeatureGrid:
         return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
 
 
-def box_in_frame(box: tuple[int, int, int, int], spec: InputSpec, roi: Roi | None,
-                 frame_shape: tuple) -> tuple[int, int, int, int]:
+def box_in_frame(
+    box: tuple[int, int, int, int], spec: InputSpec, roi: Roi | None, frame_shape: tuple
+) -> tuple[int, int, int, int]:
     """A box of model-input pixels (x0, y0, x1, y1) -> (x, y, width, height) in frame pixels.
 
     The inverse of prepare_crop: the crop is the ROI (the whole frame without one) resized to the

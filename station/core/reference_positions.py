@@ -10,6 +10,7 @@ offset: station/core/preprocess.py's FeatureGrid); arrays.npz holds, float32:
 P = rows x cols, C = channels. Loaded with allow_pickle=False; wrong dtypes, shapes or non-finite
 values are refused naming the file.
 """
+
 from __future__ import annotations
 
 import io
@@ -24,8 +25,13 @@ GRID_KEYS = ("rows", "cols", "channels", "stride", "offset")
 
 
 def summary_grid(grid: FeatureGrid) -> dict:
-    return {"rows": grid.rows, "cols": grid.cols, "channels": grid.channels, "stride": grid.stride,
-            "offset": grid.offset}
+    return {
+        "rows": grid.rows,
+        "cols": grid.cols,
+        "channels": grid.channels,
+        "stride": grid.stride,
+        "offset": grid.offset,
+    }
 
 
 def summary_problem(summary: dict) -> tuple[str, str] | None:
@@ -38,8 +44,10 @@ def summary_problem(summary: dict) -> tuple[str, str] | None:
         if not isinstance(value, int) or isinstance(value, bool) or (value < 1 and key != "offset"):
             return f"positions.{key}", f"must be an integer{'' if key == 'offset' else ' >= 1'}, is {value!r}"
     if grid["rows"] * grid["cols"] * grid["channels"] != summary["embedding_dim"]:
-        return "positions", (f"{grid['rows']}x{grid['cols']} positions x {grid['channels']} channels is not "
-                             f"embedding_dim {summary['embedding_dim']}")
+        return "positions", (
+            f"{grid['rows']}x{grid['cols']} positions x {grid['channels']} channels is not "
+            f"embedding_dim {summary['embedding_dim']}"
+        )
     return None
 
 
@@ -49,15 +57,19 @@ def grid(summary: dict) -> FeatureGrid:
 
 
 def arrays(model: PositionReference) -> dict[str, np.ndarray]:
-    return {"position_mean": np.asarray(model.mean, dtype=np.float32),
-            "position_precision": np.asarray(model.precision, dtype=np.float32),
-            "position_typical": np.asarray(model.typical, dtype=np.float32)}
+    return {
+        "position_mean": np.asarray(model.mean, dtype=np.float32),
+        "position_precision": np.asarray(model.precision, dtype=np.float32),
+        "position_typical": np.asarray(model.typical, dtype=np.float32),
+    }
 
 
 def model_from_npz(data: bytes, where: Path, grid: FeatureGrid, error: type[Exception]) -> PositionReference:
-    expected = {"position_mean": (grid.positions, grid.channels),
-                "position_precision": (grid.positions, grid.channels, grid.channels),
-                "position_typical": (grid.positions,)}
+    expected = {
+        "position_mean": (grid.positions, grid.channels),
+        "position_precision": (grid.positions, grid.channels, grid.channels),
+        "position_typical": (grid.positions,),
+    }
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as stored:
             fields = {name: np.array(stored[name]) for name in expected}
@@ -67,5 +79,9 @@ def model_from_npz(data: bytes, where: Path, grid: FeatureGrid, error: type[Exce
         array = fields[name]
         if array.dtype != np.float32 or array.shape != shape or not np.all(np.isfinite(array)):
             raise error(f"{where}: {name} is {array.dtype} {array.shape}, expected finite float32 {shape}")
-    return PositionReference(mean=fields["position_mean"], precision=fields["position_precision"],
-                             typical=fields["position_typical"], grid=grid)
+    return PositionReference(
+        mean=fields["position_mean"],
+        precision=fields["position_precision"],
+        typical=fields["position_typical"],
+        grid=grid,
+    )

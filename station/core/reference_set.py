@@ -18,6 +18,7 @@ carries a learned KISSME metric, arrays.npz then also holds "kissme") adds it.
 Format 3 is a per-position model's (station/core/reference_positions.py). All three load, so a
 station rolls back across them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -121,7 +122,9 @@ def current_version(root: Path) -> int:
     try:
         pointer.lstat()
     except OSError as exc:  # missing, or the folder is a symlink loop
-        raise ReferenceSetError(f"{root}: not a reference set (no readable {CURRENT}: {exc.strerror}){_where(root)}") from None
+        raise ReferenceSetError(
+            f"{root}: not a reference set (no readable {CURRENT}: {exc.strerror}){_where(root)}"
+        ) from None
     text = read_text(pointer, ReferenceSetError, f"reference set's {CURRENT} file", max_bytes=MAX_POINTER_BYTES).strip()
     match = _VERSION_DIR.match(text)
     if not match:
@@ -147,11 +150,17 @@ def load(root: Path, version: int | None = None, model=None) -> ReferenceSet:
     folder = root / _version_name(version)
     if not folder.is_dir():
         where = f"{root / CURRENT}: names {folder.name}" if named_by_current else f"{root}: {folder.name}"
-        raise ReferenceSetError(f"{where}, which is not there (versions: "
-                                f"{', '.join(map(_version_name, versions(root))) or 'none'}); roll back or recalibrate")
+        raise ReferenceSetError(
+            f"{where}, which is not there (versions: "
+            f"{', '.join(map(_version_name, versions(root))) or 'none'}); roll back or recalibrate"
+        )
     summary_path = folder / SUMMARY
-    summary = parse_yaml(read_text(summary_path, ReferenceSetError, "reference set summary"), summary_path,
-                         ReferenceSetError, "reference set summary")
+    summary = parse_yaml(
+        read_text(summary_path, ReferenceSetError, "reference set summary"),
+        summary_path,
+        ReferenceSetError,
+        "reference set summary",
+    )
     if not isinstance(summary, dict) or summary.get("format") not in FORMATS:
         raise ReferenceSetError(f"{summary_path}: not a {' or '.join(FORMATS)} summary")
     if summary.get("checksum") != _summary_checksum(summary, summary_path):
@@ -161,15 +170,24 @@ def load(root: Path, version: int | None = None, model=None) -> ReferenceSet:
     if hashlib.sha256(arrays_bytes).hexdigest() != summary["arrays_sha256"]:
         raise ReferenceSetError(f"{folder / ARRAYS}: checksum mismatch (corrupted)")
     if summary["format"] == FORMAT_POSITIONS:
-        arrays = reference_positions.model_from_npz(arrays_bytes, folder / ARRAYS, reference_positions.grid(summary),
-                                                    ReferenceSetError)
+        arrays = reference_positions.model_from_npz(
+            arrays_bytes, folder / ARRAYS, reference_positions.grid(summary), ReferenceSetError
+        )
     else:
-        arrays = _model_from_npz(arrays_bytes, folder / ARRAYS, int(summary["embedding_dim"]),
-                                 learned=summary["format"] == FORMAT_KISSME)
+        arrays = _model_from_npz(
+            arrays_bytes, folder / ARRAYS, int(summary["embedding_dim"]), learned=summary["format"] == FORMAT_KISSME
+        )
     loaded = ReferenceSet(
-        model=arrays, metric=summary["metric"], thresholds={k: float(v) for k, v in summary["thresholds"].items()},
-        product=summary["product"], model_sha256=summary["model_sha256"], n_good=int(summary["n_good"]),
-        statistics=summary.get("statistics", {}), created=summary["created"], version=version, path=folder,
+        model=arrays,
+        metric=summary["metric"],
+        thresholds={k: float(v) for k, v in summary["thresholds"].items()},
+        product=summary["product"],
+        model_sha256=summary["model_sha256"],
+        n_good=int(summary["n_good"]),
+        statistics=summary.get("statistics", {}),
+        created=summary["created"],
+        version=version,
+        path=folder,
     )
     if model is not None:
         verify_for_model(loaded, model.sha256, model.embedding_dim)
@@ -178,11 +196,20 @@ def load(root: Path, version: int | None = None, model=None) -> ReferenceSet:
 
 def _check_summary(summary: dict, where: Path):
     """Content, not just checksum: a set written by another tool or version must not crash the station."""
+
     def refuse(key: str, problem: str):
         raise ReferenceSetError(f"{where}: {key}: {problem}; recalibrate (station calibrate) or roll back")
 
-    for key, kind in (("embedding_dim", int), ("metric", str), ("thresholds", dict), ("product", str),
-                      ("model_sha256", str), ("n_good", int), ("arrays_sha256", str), ("created", str)):
+    for key, kind in (
+        ("embedding_dim", int),
+        ("metric", str),
+        ("thresholds", dict),
+        ("product", str),
+        ("model_sha256", str),
+        ("n_good", int),
+        ("arrays_sha256", str),
+        ("created", str),
+    ):
         if key not in summary:
             refuse(key, "missing")
         if not isinstance(summary[key], kind) or isinstance(summary[key], bool):
@@ -234,7 +261,9 @@ def save(root: Path, reference_set: ReferenceSet, report_files: dict[str, bytes]
     root = Path(root)
     check_product_name(reference_set.product)
     if reference_set.metric not in reference_set.model.scores:
-        raise ReferenceSetError(f"unknown metric {reference_set.metric!r}; this set has {', '.join(reference_set.model.scores)}")
+        raise ReferenceSetError(
+            f"unknown metric {reference_set.metric!r}; this set has {', '.join(reference_set.model.scores)}"
+        )
     with writing(root, f"saving product {reference_set.product}"):
         return _save(root, reference_set, report_files)
 
@@ -302,7 +331,9 @@ def _rollback(root: Path, version: int | None) -> int:
 
 
 def _format(model) -> str:
-    return FORMAT_POSITIONS if isinstance(model, PositionReference) else FORMAT if model.kissme is None else FORMAT_KISSME
+    return (
+        FORMAT_POSITIONS if isinstance(model, PositionReference) else FORMAT if model.kissme is None else FORMAT_KISSME
+    )
 
 
 def _summary(reference_set: ReferenceSet, version: int, created: str, arrays_sha256: str) -> dict:

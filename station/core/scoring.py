@@ -18,6 +18,7 @@ part looks least like the good ones. The whole-embedding scores make little sens
 (a defect moves a few of its thousands of values; a full covariance of 2,500+ values from a few hundred
 parts is mostly shrinkage), so a position reference set carries none of them.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -8,6 +8,7 @@ and every defect is partial: it touches only a small area of the crop.
 Byte-identical output for the same seed: every part draws from its own
 generator seeded by (seed, part index).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -131,7 +132,11 @@ def _draw_surface_defect(canvas: _Canvas, defect: str, rng: np.random.Generator)
             edge = body_x0 if rng.random() < 0.5 else body_x1
             side = -1 if edge == body_x0 else 1
             y = rng.uniform(BODY[1] + 2, BODY[3] - 2)
-            spike = [[edge - side * 0.5, y - 1.4], [edge - side * 0.5, y + 1.4], [edge + side * 3.0, y + rng.uniform(-1, 1)]]
+            spike = [
+                [edge - side * 0.5, y - 1.4],
+                [edge - side * 0.5, y + 1.4],
+                [edge + side * 3.0, y + rng.uniform(-1, 1)],
+            ]
         canvas.polygon(spike, BODY_LEVEL + 20)
 
 
@@ -143,8 +148,12 @@ def _jitter(canvas: _Canvas, rng: np.random.Generator) -> np.ndarray:
     matrix = cv2.getRotationMatrix2D(centre, angle, 1.0)
     matrix[:, 2] += shift
     moved = cv2.warpAffine(
-        canvas.image, matrix, canvas.image.shape[::-1], flags=cv2.INTER_LINEAR,
-        borderMode=cv2.BORDER_CONSTANT, borderValue=BACKGROUND_LEVEL,
+        canvas.image,
+        matrix,
+        canvas.image.shape[::-1],
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=BACKGROUND_LEVEL,
     )
     return cv2.resize(moved, (CROP_WIDTH, CROP_HEIGHT), interpolation=cv2.INTER_AREA)
 
@@ -196,8 +205,14 @@ def render_belt(seed: int, index: int, travel: int = 0, frame_no: int | None = N
     return np.clip(np.round(frame), 0, 255).astype(np.uint8)
 
 
-def render_frame(part: SimulatedPart | None, seed: int, index: int | None = None, x_offset: int = 0,
-                 travel: int = 0, frame_no: int | None = None) -> np.ndarray:
+def render_frame(
+    part: SimulatedPart | None,
+    seed: int,
+    index: int | None = None,
+    x_offset: int = 0,
+    travel: int = 0,
+    frame_no: int | None = None,
+) -> np.ndarray:
     """A full BGR camera frame: the belt, with the part inside FRAME_ROI moved by x_offset (None: empty belt)."""
     index = part.index if index is None else index
     frame = render_belt(seed, index, travel, frame_no)

@@ -11,6 +11,7 @@ can see it.
 Byte-identical output for the same seed: every part draws from its own generator seeded by
 (seed, part index).
 """
+
 from __future__ import annotations
 
 import cv2
@@ -41,8 +42,9 @@ def _plate(rng: np.random.Generator) -> np.ndarray:
     pitch = PLATE_WIDTH / SEGMENTS
     in_groove = np.abs(((xs + pitch / 2) % pitch) - pitch / 2) < 1.5
     shading = 18.0 * np.cos(np.pi * (ys / PLATE_HEIGHT - 0.5)) + 6.0 * np.sin(2 * np.pi * xs / PLATE_WIDTH)
-    grain = cv2.GaussianBlur(rng.normal(0.0, 6.0, (PLATE_HEIGHT, PLATE_WIDTH)).astype(np.float32), (1, 0),
-                             sigmaX=0.6, sigmaY=6.0)
+    grain = cv2.GaussianBlur(
+        rng.normal(0.0, 6.0, (PLATE_HEIGHT, PLATE_WIDTH)).astype(np.float32), (1, 0), sigmaX=0.6, sigmaY=6.0
+    )
     plate = np.where(in_groove, GROOVE_LEVEL, METAL_LEVEL + shading) + grain
     return plate.astype(np.float32)
 

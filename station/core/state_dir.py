@@ -7,6 +7,7 @@ writes a reference set: two calibrations would number the same version. Each
 lock is an flock on a file in the folder, released by the kernel when the
 process ends, so a crashed process never leaves a stale lock behind.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -122,8 +123,10 @@ class StateLock(FolderLock):
         return ConfigError(f"state_dir: {super()._unwritable(exc)}")
 
     def _busy(self, pid: str, doing: str) -> AlreadyRunningError:
-        return AlreadyRunningError(f"already running (pid {pid}): {doing or 'a station'} owns {self.path.parent}; "
-                                   "stop it first (systemctl stop station@...)")
+        return AlreadyRunningError(
+            f"already running (pid {pid}): {doing or 'a station'} owns {self.path.parent}; "
+            "stop it first (systemctl stop station@...)"
+        )
 
 
 def unwritable_folder(folder: Path, kind: str, exc: OSError) -> str:
@@ -158,5 +161,7 @@ class WriterLock(FolderLock):
                 self.path.parent.rmdir()
 
     def _busy(self, pid: str, doing: str) -> AlreadyRunningError:
-        return AlreadyRunningError(f"another calibration (pid {pid}) is writing {self.path.parent} "
-                                   f"({doing or 'station calibrate'}); wait until it has finished")
+        return AlreadyRunningError(
+            f"another calibration (pid {pid}) is writing {self.path.parent} "
+            f"({doing or 'station calibrate'}); wait until it has finished"
+        )

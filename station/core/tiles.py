@@ -11,6 +11,7 @@ when the last one does not end on the right (bottom) edge one more is added flus
 last overlap may be larger than the others. Everything here is shared by the station, calibration
 and `station fit`, so the tiles calibrated on are the tiles judged.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,8 +39,9 @@ class TileGeometry:
     region_height: int
 
     def __post_init__(self):
-        problem = geometry_problem(self.width, self.height, self.stride_x, self.stride_y, self.region_width,
-                                   self.region_height)
+        problem = geometry_problem(
+            self.width, self.height, self.stride_x, self.stride_y, self.region_width, self.region_height
+        )
         if problem:
             raise DataError(problem)
 
@@ -57,17 +59,29 @@ class TileGeometry:
 
     def tiles(self, origin_x: int = 0, origin_y: int = 0) -> list[tuple[str, Roi]]:
         """(name, Roi) of every tile, row-major, in the pixels of a frame whose region starts at the origin."""
-        return [(tile_name(r, c), Roi(origin_x + x, origin_y + y, self.width, self.height))
-                for r, y in enumerate(self.rows) for c, x in enumerate(self.columns)]
+        return [
+            (tile_name(r, c), Roi(origin_x + x, origin_y + y, self.width, self.height))
+            for r, y in enumerate(self.rows)
+            for c, x in enumerate(self.columns)
+        ]
 
     def record(self) -> dict:
         """What a reference set keeps of the geometry it was calibrated on (reference.yaml)."""
-        return {"width": self.width, "height": self.height, "stride_x": self.stride_x, "stride_y": self.stride_y,
-                "region_width": self.region_width, "region_height": self.region_height, "count": self.count}
+        return {
+            "width": self.width,
+            "height": self.height,
+            "stride_x": self.stride_x,
+            "stride_y": self.stride_y,
+            "region_width": self.region_width,
+            "region_height": self.region_height,
+            "count": self.count,
+        }
 
     def text(self) -> str:
-        return (f"{self.count} tiles of {self.width}x{self.height} at stride {self.stride_x}x{self.stride_y} "
-                f"over a {self.region_width}x{self.region_height} region")
+        return (
+            f"{self.count} tiles of {self.width}x{self.height} at stride {self.stride_x}x{self.stride_y} "
+            f"over a {self.region_width}x{self.region_height} region"
+        )
 
 
 def tile_name(row: int, col: int) -> str:
@@ -81,18 +95,23 @@ def _starts(extent: int, size: int, stride: int) -> tuple[int, ...]:
     return tuple(starts)
 
 
-def geometry_problem(width: int, height: int, stride_x: int, stride_y: int, region_width: int,
-                     region_height: int) -> str | None:
+def geometry_problem(
+    width: int, height: int, stride_x: int, stride_y: int, region_width: int, region_height: int
+) -> str | None:
     """Why these tiles cannot cover the region (None when they can); worded with the configuration's keys."""
     for key, value in (("width", width), ("height", height), ("stride_x", stride_x), ("stride_y", stride_y)):
         if value < 1:
             return f"{key} must be at least 1, got {value}"
     if width > region_width or height > region_height:
-        return (f"a {width}x{height} tile is larger than the {region_width}x{region_height} region it cuts: "
-                "give tiles no larger than the roi")
+        return (
+            f"a {width}x{height} tile is larger than the {region_width}x{region_height} region it cuts: "
+            "give tiles no larger than the roi"
+        )
     if stride_x > width or stride_y > height:
-        return (f"stride {stride_x}x{stride_y} is larger than the {width}x{height} tile: the tiles would leave "
-                "gaps, and a defect in a gap is never judged")
+        return (
+            f"stride {stride_x}x{stride_y} is larger than the {width}x{height} tile: the tiles would leave "
+            "gaps, and a defect in a gap is never judged"
+        )
     count = len(_starts(region_width, width, stride_x)) * len(_starts(region_height, height, stride_y))
     if count > MAX_TILES:
         return f"these tiles would cut the region into {count}, more than {MAX_TILES}: give larger tiles or strides"
@@ -125,21 +144,28 @@ def reference_geometry_problem(statistics: dict, geometry: TileGeometry | None, 
     if geometry is None:
         if recorded is None:
             return None
-        return (f"{where} was calibrated on tiles ({_said(recorded)}) but this station judges whole regions: "
-                "add the same tiles: to the configuration, or recalibrate on whole parts")
+        return (
+            f"{where} was calibrated on tiles ({_said(recorded)}) but this station judges whole regions: "
+            "add the same tiles: to the configuration, or recalibrate on whole parts"
+        )
     if recorded is None:
-        return (f"{where} was calibrated on whole parts, not tiles, but this station cuts {geometry.text()}: "
-                "recalibrate with these tiles (station calibrate -c station.yaml)")
+        return (
+            f"{where} was calibrated on whole parts, not tiles, but this station cuts {geometry.text()}: "
+            "recalibrate with these tiles (station calibrate -c station.yaml)"
+        )
     wanted = geometry.record()
     if {k: recorded.get(k) for k in wanted} != wanted:
-        return (f"{where} was calibrated on {_said(recorded)}, but this station cuts {geometry.text()}: "
-                "make tiles: and roi: as they were, or recalibrate with these")
+        return (
+            f"{where} was calibrated on {_said(recorded)}, but this station cuts {geometry.text()}: "
+            "make tiles: and roi: as they were, or recalibrate with these"
+        )
     return None
 
 
 def _said(record: dict) -> str:
     try:
-        return TileGeometry(*(int(record[k]) for k in ("width", "height", "stride_x", "stride_y", "region_width",
-                                                         "region_height"))).text()
+        return TileGeometry(
+            *(int(record[k]) for k in ("width", "height", "stride_x", "stride_y", "region_width", "region_height"))
+        ).text()
     except (KeyError, TypeError, ValueError, DataError):
         return f"tiles {record}"

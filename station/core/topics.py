@@ -3,6 +3,7 @@
 station/runtime/config/station.py checks the topics a station would publish against MQTT's rules (mqtt_strings.py)
 from here, so a prefix the broker would refuse is a configuration error, not a dead connection.
 """
+
 from __future__ import annotations
 
 from dataclasses import astuple, dataclass
@@ -25,8 +26,16 @@ class Topics:
     @classmethod
     def for_station(cls, prefix: str, station: str) -> "Topics":
         base = f"{prefix}/{station}"
-        return cls(f"{base}/verdict", f"{base}/no_verdict", f"{base}/status", f"{base}/state", f"{base}/stats",
-                   f"{base}/command", f"{base}/command/result", f"{base}/snapshot")
+        return cls(
+            f"{base}/verdict",
+            f"{base}/no_verdict",
+            f"{base}/status",
+            f"{base}/state",
+            f"{base}/stats",
+            f"{base}/command",
+            f"{base}/command/result",
+            f"{base}/snapshot",
+        )
 
     @staticmethod
     def discovery(ha_prefix: str, station: str, object_id: str) -> str:

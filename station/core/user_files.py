@@ -6,6 +6,7 @@ file far larger than any real one must give a message for a person (at start an 
 reload a refusal while the old files keep judging), never a traceback. Each reader takes the
 StationError subclass that says which exit code the caller's kind of file has.
 """
+
 from __future__ import annotations
 
 import os
@@ -59,7 +60,9 @@ def _kind_problem(info: os.stat_result, max_bytes: int, what: str) -> str | None
     if not stat.S_ISREG(info.st_mode):
         return f"is not a regular file (a device, pipe or socket), not the {what}"
     if info.st_size > max_bytes:
-        return f"{_size(info.st_size)} is larger than a {what} can be ({_size(max_bytes)} at most); is it the right file?"
+        return (
+            f"{_size(info.st_size)} is larger than a {what} can be ({_size(max_bytes)} at most); is it the right file?"
+        )
     return None
 
 
@@ -69,8 +72,9 @@ def read_text(path: Path, error: type[StationError], what: str, max_bytes: int =
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise error(f"{path}: is not UTF-8 text (byte {exc.start} of {len(data)}): a damaged file, "
-                    f"or not a {what}?") from None
+        raise error(
+            f"{path}: is not UTF-8 text (byte {exc.start} of {len(data)}): a damaged file, or not a {what}?"
+        ) from None
 
 
 def parse_yaml(text: str, where: Path | str, error: type[StationError], what: str) -> Any:

@@ -1,4 +1,5 @@
 """From scores to verdicts: the verdict words (OK, NG) are defined here and nowhere else."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,7 +41,9 @@ class Judgement:
     position: WorstPosition | None = None  # per-position models only
 
 
-def judge(embeddings: np.ndarray, reference_set, spec: InputSpec | None = None, roi: Roi | None = None) -> list[Judgement]:
+def judge(
+    embeddings: np.ndarray, reference_set, spec: InputSpec | None = None, roi: Roi | None = None
+) -> list[Judgement]:
     """One judgement per embedding row, all metrics computed in one vectorized pass.
 
     A per-position reference set also names each part's worst position; `spec` (the model's input)
@@ -66,8 +69,9 @@ def _judge_positions(embeddings, reference_set, spec: InputSpec | None, roi: Roi
     grid = model.grid
     spec = spec or InputSpec(width=grid.cols * grid.stride, height=grid.rows * grid.stride, layout="nchw")
     out = []
-    for bad, value, index, distances_ in zip(flagged.tolist(), worst.score.tolist(), worst.index.tolist(),
-                                             worst.per_position):
+    for bad, value, index, distances_ in zip(
+        flagged.tolist(), worst.score.tolist(), worst.index.tolist(), worst.per_position
+    ):
         row, col = divmod(index, grid.cols)
         centre = locate_worst(distances_, model.typical, grid)
         place = WorstPosition(index, row, col, grid.box_around(*centre, spec), spec, roi)

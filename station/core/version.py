@@ -1,4 +1,5 @@
 """The installed package's version, written into models and reference sets."""
+
 from importlib import metadata as _metadata
 
 try:

@@ -7,6 +7,7 @@ and checks for a stop between commands, so no queue, however long, starves eithe
 that fails inside the station is answered as an error and logged with its traceback; the loop
 goes on.
 """
+
 from __future__ import annotations
 
 import json
@@ -86,7 +87,7 @@ def _reason(exc: Exception) -> str:
 
 
 def _bounded(text: str) -> str:
-    return text if len(text) <= MAX_ERROR else text[:MAX_ERROR - 1] + "…"
+    return text if len(text) <= MAX_ERROR else text[: MAX_ERROR - 1] + "…"
 
 
 def _validated(message) -> Command:
@@ -97,8 +98,10 @@ def _validated(message) -> Command:
         raise CommandError(f"id must be a string of 1 to {MAX_TEXT} characters without control characters")
     version = message.get("schema_version", SCHEMA_VERSION)
     if isinstance(version, bool) or version != SCHEMA_VERSION:
-        raise CommandError(f"schema_version {_shown.repr(version)} is not spoken here "
-                           f"(this station speaks {SCHEMA_VERSION})", command_id)
+        raise CommandError(
+            f"schema_version {_shown.repr(version)} is not spoken here (this station speaks {SCHEMA_VERSION})",
+            command_id,
+        )
     cmd = message.get("cmd")
     if not isinstance(cmd, str) or cmd not in COMMANDS:
         raise CommandError(f"unknown cmd {_shown.repr(cmd)}; one of {', '.join(COMMANDS)}", command_id)
@@ -111,8 +114,11 @@ def _validated(message) -> Command:
 
 def _is_text(value) -> bool:
     """Text that can be logged and sent on as UTF-8: no control characters, no lone surrogates."""
-    return (isinstance(value, str) and 0 < len(value) <= MAX_TEXT
-            and not any(unicodedata.category(char) in ("Cc", "Cs") for char in value))
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= MAX_TEXT
+        and not any(unicodedata.category(char) in ("Cc", "Cs") for char in value)
+    )
 
 
 def _optional_text(message: dict, key: str, command_id: str) -> str | None:
@@ -120,8 +126,9 @@ def _optional_text(message: dict, key: str, command_id: str) -> str | None:
     if value is None:
         return None
     if not _is_text(value):
-        raise CommandError(f"{key} must be a string of 1 to {MAX_TEXT} characters without control characters",
-                           command_id)
+        raise CommandError(
+            f"{key} must be a string of 1 to {MAX_TEXT} characters without control characters", command_id
+        )
     return value
 
 
@@ -164,8 +171,15 @@ class CommandInbox:
         if refusal is not None:
             _send(reply, result(command.id, refusal))
 
-    def serve(self, execute: Execute, timeout: float = 0.0, *, between: Callable[[], None] = lambda: None,
-              stopping: Callable[[], bool] = lambda: False, budget: float = COMMAND_SLICE):
+    def serve(
+        self,
+        execute: Execute,
+        timeout: float = 0.0,
+        *,
+        between: Callable[[], None] = lambda: None,
+        stopping: Callable[[], bool] = lambda: False,
+        budget: float = COMMAND_SLICE,
+    ):
         """Carry out queued commands (waiting up to timeout for the first) for about `budget` seconds,
         answering each; `between()` runs after every command and `stopping()` ends the slice at once.
         What is left waits for the next slice."""
@@ -223,8 +237,10 @@ def _executed(command: Command, execute: Execute) -> str | None:
         return execute(command)
     except Exception as exc:  # the loop must outlive any one command
         log.exception("command %r (%s) failed inside the station; the station runs on", command.id, command.cmd)
-        return _bounded(f"cmd {command.cmd} failed inside the station ({type(exc).__name__}: {exc}); "
-                        "not carried out, the station runs on (its log has the details)")
+        return _bounded(
+            f"cmd {command.cmd} failed inside the station ({type(exc).__name__}: {exc}); "
+            "not carried out, the station runs on (its log has the details)"
+        )
 
 
 def _refused(command: Command, unjudged: Callable[[Command, str], None] | None) -> str:

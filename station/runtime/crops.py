@@ -6,6 +6,7 @@ kept under a size bound by deleting the oldest files first. A writer thread
 does the disk work: a slow or full disk must never stall inspection, so when
 the writer falls behind, crops are skipped and counted, never verdicts.
 """
+
 from __future__ import annotations
 
 import errno

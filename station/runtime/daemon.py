@@ -8,6 +8,7 @@ stats and the watchdog keep working while a camera or the broker is away.
 Every verdict is written to the durable outbox (with its seq, in the same
 transaction) before it is published; the publisher removes it on PUBACK.
 """
+
 from __future__ import annotations
 
 import logging
@@ -49,8 +50,20 @@ FINAL_FLUSH = 2.0  # seconds to deliver the outbox on SIGTERM; what is left goes
 FIRST_FRAME_WAIT = 5.0  # seconds to wait for a frame to check the ROI against before READY
 PAUSE_FLAG = "paused"  # in the state folder while paused
 # Changes that only a restart applies: they are wired into threads and connections.
-RESTART_KEYS = ("station", "camera", "mqtt", "state_dir", "trigger", "outbox", "runtime", "prometheus", "homeassistant",
-                "opcua", "snapshot", "web")
+RESTART_KEYS = (
+    "station",
+    "camera",
+    "mqtt",
+    "state_dir",
+    "trigger",
+    "outbox",
+    "runtime",
+    "prometheus",
+    "homeassistant",
+    "opcua",
+    "snapshot",
+    "web",
+)
 
 
 class Daemon:
@@ -91,15 +104,27 @@ class Daemon:
         self.outbox = Outbox(state_dir / "outbox.sqlite3", config.outbox.max_messages, seq_mark=state_dir / SEQ_MARK)
         self.stats = StationStats()
         self.integrations = Integrations(self, figures)  # prometheus, snapshot, homeassistant, opcua, the page
-        self.publisher = Publisher(config.mqtt, config.station, self.outbox, on_command=self.inbox.offer,
-                                   on_queued=self.integrations.queued, on_delivered=self.integrations.delivered)
+        self.publisher = Publisher(
+            config.mqtt,
+            config.station,
+            self.outbox,
+            on_command=self.inbox.offer,
+            on_queued=self.integrations.queued,
+            on_delivered=self.integrations.delivered,
+        )
         self.recorder = VerdictRecorder(self.outbox, self.publisher)
         self.crop_keeper = CropKeeper.for_station(config.state_dir, config.keep_crops)
         self.integrations.start(state_dir)
         self.publisher.start()
-        self.source = open_source(config.camera.source, config.camera.loop, config.camera.fps,
-                                  max_pixels=config.camera.max_pixels, credentials=camera_credentials(config.camera),
-                                  genicam=config.camera.genicam, trigger=config.trigger)
+        self.source = open_source(
+            config.camera.source,
+            config.camera.loop,
+            config.camera.fps,
+            max_pixels=config.camera.max_pixels,
+            credentials=camera_credentials(config.camera),
+            genicam=config.camera.genicam,
+            trigger=config.trigger,
+        )
         self.finite = is_finite(self.source)
         self.feed = FrameFeed(self.source, is_lossless(self.source)) if config.trigger != "mqtt" else None
         self.gate = PresenceGate(config.presence.settings()) if config.trigger == "presence" else None
@@ -112,8 +137,10 @@ class Daemon:
             sdnotify.notify("READY=1", f"STATUS={self._status_line()}")
             log.info("station %s ready: %s", config.station, self._status_line())
             if self.paused:
-                log.warning("station %s starts PAUSED (paused before it stopped): nothing is judged "
-                            "until a resume command", config.station)
+                log.warning(
+                    "station %s starts PAUSED (paused before it stopped): nothing is judged until a resume command",
+                    config.station,
+                )
             finished = self._loop()
             if finished and self.feed is not None and self.feed.readable == 0:
                 raise self._nothing_to_judge()
@@ -184,7 +211,9 @@ class Daemon:
         """A finite source ended: the loop goes on (commands, state, stats) until the broker has it all."""
         if not self._ended_logged:
             self._ended_logged = True
-            log.info("source %s ended: delivering the outbox (%d waiting)", self.source.description, self.outbox.depth())
+            log.info(
+                "source %s ended: delivering the outbox (%d waiting)", self.source.description, self.outbox.depth()
+            )
         if self.publisher.flush(timeout=POLL):
             return True
         self._wait_for_command(POLL)  # also keeps this branch from spinning
@@ -244,8 +273,14 @@ class Daemon:
 
     def _store_verdicts(self, inspector: Inspector, pending: list, ready: float, part_id) -> list[dict]:
         """pending: (frame, judgement) in order; in place of a judgement, why a part or frame got none (a no_verdict)."""
-        build = part_messages(self.config.station, inspector.product, inspector.reference_set,
-                              inspector.embedder.info.short_id, ready, part_id)
+        build = part_messages(
+            self.config.station,
+            inspector.product,
+            inspector.reference_set,
+            inspector.embedder.info.short_id,
+            ready,
+            part_id,
+        )
         return self.recorder.record(build, pending, lambda: self._stop_requested, self._wait_for_outbox)
 
     def _wait_for_outbox(self, why: str):
@@ -269,8 +304,13 @@ class Daemon:
 
     def _execute(self, command: Command) -> str | None:
         """Act on a valid command; the error text, or None when it worked."""
-        handlers = {"pause": self._pause, "resume": self._pause, "reload": self._reload_command,
-                    "product": self._changeover, "trigger": self._trigger}
+        handlers = {
+            "pause": self._pause,
+            "resume": self._pause,
+            "reload": self._reload_command,
+            "product": self._changeover,
+            "trigger": self._trigger,
+        }
         return handlers[command.cmd](command)
 
     def _pause(self, command: Command) -> None:
@@ -297,8 +337,13 @@ class Daemon:
     def _trigger(self, command: Command) -> str | None:
         if self.latest is None:
             return f"trigger mode is {self.config.trigger}; set trigger: mqtt to judge on command"
-        frame, error = (None, "station is paused: not judged") if self.paused else frame_for(
-            self.latest, command, self.source.description, self._ping_watchdog, lambda: self._stop_requested)
+        frame, error = (
+            (None, "station is paused: not judged")
+            if self.paused
+            else frame_for(
+                self.latest, command, self.source.description, self._ping_watchdog, lambda: self._stop_requested
+            )
+        )
         if frame is None:
             self._record_unjudged(command, error)
             return error
@@ -402,5 +447,6 @@ class Daemon:
 
 
 def _say_unused_signal(number, _frame):
-    log.warning("%s means nothing to the station: ignored (SIGTERM stops it, SIGHUP reloads)",
-                signal.Signals(number).name)
+    log.warning(
+        "%s means nothing to the station: ignored (SIGTERM stops it, SIGHUP reloads)", signal.Signals(number).name
+    )

@@ -3,6 +3,7 @@
 FrameFeed (continuous mode) queues frames, losslessly for stored media;
 LatestFrame (trigger mode) keeps only the freshest frame.
 """
+
 from __future__ import annotations
 
 import logging
@@ -52,8 +53,9 @@ class LatestFrame:
     def exhausted(self) -> bool:
         """The source ended with no readable frame left to take."""
         with self._changed:
-            return self._ended and (self._latest is None or self._latest.problem is not None
-                                    or self._latest.frame_no <= self._taken)
+            return self._ended and (
+                self._latest is None or self._latest.problem is not None or self._latest.frame_no <= self._taken
+            )
 
     def peek(self, timeout: float) -> Frame | None:
         """The freshest frame, left for get(); None when none came within timeout."""

@@ -8,6 +8,7 @@ changeover accepts the new size (when every region fits it). Without an ROI the 
 part, as in training, so a folder of photos of many sizes is judged photo by photo (each checked
 against the model's input, too small being refused).
 """
+
 from __future__ import annotations
 
 import logging
@@ -47,8 +48,10 @@ class FrameSizes:
         if self.accepted is None or inspector.whole_frame:  # the first frame seen, or every photo its own part
             return self.accept(shape, inspector)
         accepted = size_text(self.accepted)
-        return (f"frame size {size_text(size)} differs from the {accepted} the station checked: not judged "
-                f"until the camera gives {accepted} again or a reload accepts the new size")
+        return (
+            f"frame size {size_text(size)} differs from the {accepted} the station checked: not judged "
+            f"until the camera gives {accepted} again or a reload accepts the new size"
+        )
 
     def sort(self, frames: list, inspector) -> tuple[list, list, list]:
         """(frames to judge, their crops, [(frame, why not)]) of a batch, the refusals reported."""

@@ -4,6 +4,7 @@ An Inspector is immutable. Reloads and changeovers build a new one and swap it
 in whole, so a frame is never judged by a model from one load and a reference
 from another, and a bad new file leaves the old Inspector running.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -33,8 +34,15 @@ class Inspector:
     form: FormChoice | None = None  # with model: {FORM: PATH}, the form judging and what each cost here
 
     @classmethod
-    def load(cls, model: Path, reference: Path, product: str | None, roi: Roi | None, threads: int = 1,
-             embedder: Embedder | None = None) -> "Inspector":
+    def load(
+        cls,
+        model: Path,
+        reference: Path,
+        product: str | None,
+        roi: Roi | None,
+        threads: int = 1,
+        embedder: Embedder | None = None,
+    ) -> "Inspector":
         """Load and cross-check model and reference set; StationError when they do not fit."""
         embedder = embedder or Embedder(model, threads=threads)
         loaded = reference_sets.load(reference, model=embedder.info)
@@ -96,8 +104,11 @@ def load_inspector(config: StationConfig, product: str | None = None, embedder: 
     roi = config.roi.to_roi() if config.roi else None
     inspector = Inspector.load(config.model, path, name, roi, threads=config.runtime.threads, embedder=embedder)
     geometry = tile_geometry(config, inspector.reference_set, path)
-    problem = reference_geometry_problem(inspector.reference_set.statistics, geometry,
-                                         f"the reference set {path} (v{inspector.reference_set.version:04d})")
+    problem = reference_geometry_problem(
+        inspector.reference_set.statistics,
+        geometry,
+        f"the reference set {path} (v{inspector.reference_set.version:04d})",
+    )
     if problem:
         raise ConfigError(f"{'tiles' if geometry else 'reference'}: {problem}")
     if geometry is not None:
@@ -119,13 +130,16 @@ def tile_geometry(config: StationConfig, reference_set, path) -> TileGeometry | 
         return config.tiles.geometry(config.roi)
     recorded = recorded_geometry(reference_set.statistics)
     if recorded is None:
-        raise ConfigError(f"tiles: the reference set {path} (v{reference_set.version:04d}) was calibrated on whole "
-                          "parts, not tiles: recalibrate with these tiles (station calibrate --tiles)")
+        raise ConfigError(
+            f"tiles: the reference set {path} (v{reference_set.version:04d}) was calibrated on whole "
+            "parts, not tiles: recalibrate with these tiles (station calibrate --tiles)"
+        )
     try:
         return config.tiles.geometry(Roi(0, 0, int(recorded["region_width"]), int(recorded["region_height"])))
     except (KeyError, TypeError, ValueError, StationError) as exc:
-        raise ConfigError(f"tiles: the reference set {path} records tiles that do not fit its own region ({exc}): "
-                          "recalibrate") from None
+        raise ConfigError(
+            f"tiles: the reference set {path} records tiles that do not fit its own region ({exc}): recalibrate"
+        ) from None
 
 
 def with_tiles(inspector: Inspector, geometry: TileGeometry) -> Inspector:
@@ -133,8 +147,9 @@ def with_tiles(inspector: Inspector, geometry: TileGeometry) -> Inspector:
     station's product, all against its ONE reference set, calibrated on these tiles. Without an roi the
     tiles sit at the frame's top-left, and any frame holding them is judged (each photo is its part)."""
     roi = inspector.roi or Roi(0, 0, geometry.region_width, geometry.region_height)
-    regions = tuple(Region(name, tile, inspector.product, inspector.reference_set)
-                    for name, tile in geometry.tiles(roi.x, roi.y))
+    regions = tuple(
+        Region(name, tile, inspector.product, inspector.reference_set) for name, tile in geometry.tiles(roi.x, roi.y)
+    )
     return replace(inspector, roi=roi, regions=regions, tiles_over_frame=inspector.roi is None)
 
 

@@ -1,4 +1,5 @@
 """How the station's log lines look, by hand and under systemd."""
+
 from __future__ import annotations
 
 import logging

@@ -9,6 +9,7 @@ on the configured input (one crop per region, in one call, as judge_crops does),
 run by run so a busy machine slows both alike; the faster runs. With a pin only the pinned form is
 loaded and timed: a station told to run int8 does not depend on the fp32 file.
 """
+
 from __future__ import annotations
 
 import logging
@@ -51,8 +52,9 @@ class FormChoice:
 
     def line(self) -> str:
         """One line for the log and `station check`."""
-        timings = ", ".join(f"{form} {us:,.0f} us" for form, us in sorted(self.per_part_us.items(),
-                                                                             key=lambda item: item[1]))
+        timings = ", ".join(
+            f"{form} {us:,.0f} us" for form, us in sorted(self.per_part_us.items(), key=lambda item: item[1])
+        )
         per = f" a part of {self.regions} regions" if self.regions > 1 else " a part"
         return f"model form {self.form} ({self.why}): {timings}{per} (onnxruntime, timed at start)"
 
@@ -82,8 +84,10 @@ def _load(form: str, path, threads: int) -> Embedder:
     embedder = Embedder(path, threads=threads)
     found = form_of(embedder.info.quantization)
     if found != form:  # a swapped pair would judge with another form's thresholds
-        raise ModelError(f"{path} (model.{form}) is a {embedder.info.quantization} model, not the {form} form: "
-                         f"give it as model.{found}")
+        raise ModelError(
+            f"{path} (model.{form}) is a {embedder.info.quantization} model, not the {form} form: "
+            f"give it as model.{found}"
+        )
     return embedder
 
 

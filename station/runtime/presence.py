@@ -24,6 +24,7 @@ relearns it, judges the parts that settled in between (or says one passed unjudg
 for `relearn_frames` frames is relearned too, from its settled picture; the belt learned before is
 kept, and when the region settles back on it, that one was right (the part had stood that long).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -124,7 +125,11 @@ class PresenceGate:
         out, self._out = sorted(self._out, key=lambda d: getattr(d[1], "frame_no", 0)), []
         judged = [(frame, crop) for kind, frame, crop in out if kind == "judge"]
         self.frames, self.judged = self.frames + len(frames), self.judged + len(judged)
-        return [f for f, _ in judged], [c for _, c in judged], [(f, why) for kind, f, why in out if kind == "no_verdict"]
+        return (
+            [f for f, _ in judged],
+            [c for _, c in judged],
+            [(f, why) for kind, f, why in out if kind == "no_verdict"],
+        )
 
     def finish(self, reason: str) -> list:
         """The stream stops here: (frame, reason) for a part in the region not yet judged (then it counts as done)."""
@@ -201,15 +206,18 @@ class PresenceGate:
 
     def _settled(self, frame, crop, picture) -> bool:
         """The region stands still away from the belt: a part to judge, the same one, or the belt coming back."""
-        near = [v for v in self._views + ([self._old_belt] if self._old_belt else [])
-                if _difference(picture, v.picture) < self.settings.leave]
+        near = [
+            v
+            for v in self._views + ([self._old_belt] if self._old_belt else [])
+            if _difference(picture, v.picture) < self.settings.leave
+        ]
         back = next((v for v in near if v.left or v.old_belt), None)
         if back is not None:
             self._relearn_from(back, frame, picture)
             return True
         if near or any(_difference(picture, v.picture) <= self.settings.enter for v in self._views):
             return False  # the same settled picture, or one too like it to be another part
-        self._views = self._views[-(MAX_VIEWS - 1):] + [View(picture.copy(), frame, crop, self.state == ENTERED)]
+        self._views = self._views[-(MAX_VIEWS - 1) :] + [View(picture.copy(), frame, crop, self.state == ENTERED)]
         if self.state == ENTERED and self.settings.judge_on == "still":
             self.state = JUDGED
             self._out.append(("judge", frame, crop))
@@ -217,13 +225,18 @@ class PresenceGate:
 
     def _relearn_from(self, back: View, frame, picture):
         """The region came back to a picture other than the belt: that picture is the belt."""
-        between = [v for v in self._views if not v.judged and v is not back
-                   and _difference(v.picture, picture) >= self.settings.leave]
+        between = [
+            v
+            for v in self._views
+            if not v.judged and v is not back and _difference(v.picture, picture) >= self.settings.leave
+        ]
         self._out.extend(("judge", v.frame, v.crop) for v in between)
         self.parts += len(between)
         if back.old_belt:  # the belt learned first was right: the relearned picture was a part standing long
-            self.notices.append(f"the empty belt learned before came back on frame {getattr(frame, 'source', '?')}: "
-                                "it is the belt again (a part had stood in the region)")
+            self.notices.append(
+                f"the empty belt learned before came back on frame {getattr(frame, 'source', '?')}: "
+                "it is the belt again (a part had stood in the region)"
+            )
             self.parts -= self.state == ENTERED  # "entering" was that part leaving
             self.problem = None
             self._old_belt = None
@@ -231,8 +244,12 @@ class PresenceGate:
             if not between and self.state == JUDGED:
                 self.parts, self.missed = self.parts + 1, self.missed + 1
                 self._out.append(("no_verdict", frame, PASSED_UNSEEN))
-            self._adopt(picture, frame, "the region kept settling back on a picture other than the learned empty "
-                        "belt (a part in the region when it was learned, or the light changed)")
+            self._adopt(
+                picture,
+                frame,
+                "the region kept settling back on a picture other than the learned empty "
+                "belt (a part in the region when it was learned, or the light changed)",
+            )
         self._belt, self.state, self._views, self._away = picture.copy(), WAITING, [], 0
 
     def _overdue(self, frame, crop, picture):
@@ -240,15 +257,21 @@ class PresenceGate:
         if self._away < self.settings.relearn_frames:
             return
         if self._still < self.settings.still_frames:
-            self.problem = (f"the region has not looked like the learned empty belt for over {self.settings.relearn_frames}"
-                            " frames and does not stand still (a part stuck, a covered or flickering camera)")
+            self.problem = (
+                f"the region has not looked like the learned empty belt for over {self.settings.relearn_frames}"
+                " frames and does not stand still (a part stuck, a covered or flickering camera)"
+            )
             return
         if self.state == ENTERED:  # a part that stopped where judge_on: centred waited for it to pass
             self.state = JUDGED
             self._out.append(("judge", frame, crop))
         self._old_belt = View(self._belt, None, None, judged=True, left=True, old_belt=True)
-        self._adopt(picture, frame, f"the region had not looked like the learned empty belt for {self._away} frames "
-                    "(a part standing that long, a covered camera, or a belt learned wrong)")
+        self._adopt(
+            picture,
+            frame,
+            f"the region had not looked like the learned empty belt for {self._away} frames "
+            "(a part standing that long, a covered camera, or a belt learned wrong)",
+        )
         self._belt, self.state, self._views, self._away = picture.copy(), WAITING, [], 0
 
     def _part_moved_away(self, picture: np.ndarray) -> bool:
@@ -265,8 +288,10 @@ class PresenceGate:
 
     def _adopt(self, picture, frame, why: str):
         self.relearned += 1
-        self.problem = (f"relearned the empty belt on frame {getattr(frame, 'source', '?')}: {why}; "
-                        "cleared once a part has come and gone")
+        self.problem = (
+            f"relearned the empty belt on frame {getattr(frame, 'source', '?')}: {why}; "
+            "cleared once a part has come and gone"
+        )
         self.notices.append(self.problem)
 
     def _centred(self, frame, crop, picture):

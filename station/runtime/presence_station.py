@@ -4,6 +4,7 @@ A part in the region when the stream stops (the source ends, the station stops) 
 changes what the gate sees (the regions, the model's input size) gets a no_verdict; the gate then
 learns the belt again for the new view. Functions of the running daemon (station/runtime/daemon.py).
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,8 +39,9 @@ def inspector_swapped(daemon, previous, reason: str):
     if daemon.gate is None or daemon.inspector.view() == previous.view():
         return
     missed = daemon.gate.reset(f"reloaded ({reason}) with another region or input size")
-    log.warning("%s: the region or the model's input size changed: the presence gate learns the empty belt again",
-                reason)
+    log.warning(
+        "%s: the region or the model's input size changed: the presence gate learns the empty belt again", reason
+    )
     _store_no_verdicts(daemon, previous, missed)
     note_problem(daemon)
 

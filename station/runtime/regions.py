@@ -7,6 +7,7 @@ splits it back into one crop per region, embeds every region of every frame in
 one batch (the model is batch-independent: a region's score is the same alone
 and in the batch), and scores each region against its own product's reference set.
 """
+
 from __future__ import annotations
 
 import math
@@ -107,7 +108,15 @@ def judge_regions(embeddings: np.ndarray, regions: tuple[Region, ...], spec=None
             frame, index = divmod(row, count)
             position = judgement.position and replace(judgement.position, roi=regions[index].roi)  # its own ROI
             per_frame[frame][index] = RegionJudgement(
-                regions[index].name, regions[index].product, judgement.verdict, judgement.score,
-                judgement.distances, references.threshold, references.metric, references.version, position,
-                regions[index].roi)
+                regions[index].name,
+                regions[index].product,
+                judgement.verdict,
+                judgement.score,
+                judgement.distances,
+                references.threshold,
+                references.metric,
+                references.version,
+                position,
+                regions[index].roi,
+            )
     return [part_judgement(judgements) for judgements in per_frame]

@@ -4,6 +4,7 @@ notify("READY=1"), notify("WATCHDOG=1"), notify("STATUS=..."), notify(reloading(
 notify("STOPPING=1"). Every call is a no-op when not started by systemd
 (Type=notify) so the daemon runs the same by hand.
 """
+
 from __future__ import annotations
 
 import logging

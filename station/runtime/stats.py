@@ -1,4 +1,5 @@
 """Running figures for the stats topic: rates, counts, yield, latency percentiles."""
+
 from __future__ import annotations
 
 import time
@@ -94,7 +95,9 @@ def stats_message(daemon) -> dict:
     counted = figures(daemon)
     stats = daemon.stats.report(
         captured=daemon.stats.processed if counted.captured is None else counted.captured,
-        dropped=counted.dropped, outbox_depth=daemon.outbox.depth(), camera_state=daemon.source.state,
+        dropped=counted.dropped,
+        outbox_depth=daemon.outbox.depth(),
+        camera_state=daemon.source.state,
         camera_reconnects=counted.camera_reconnects,
     )
     stats["verdicts_live"] = daemon.recorder.live_verdicts
@@ -105,6 +108,7 @@ def stats_message(daemon) -> dict:
     stats.update(daemon.source.counters())  # GenICam: camera_lost_packets, camera_incomplete_frames
     gate = daemon.gate
     if gate is not None:
-        stats.update(parts=gate.parts, no_verdicts=gate.missed, skipped_frames=gate.skipped_frames,
-                     belt_relearned=gate.relearned)
+        stats.update(
+            parts=gate.parts, no_verdicts=gate.missed, skipped_frames=gate.skipped_frames, belt_relearned=gate.relearned
+        )
     return {"station": daemon.config.station, "ts": utc_timestamp(time.time()), **stats}

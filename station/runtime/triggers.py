@@ -3,6 +3,7 @@
 A trigger that waited that long in the command queue, or whose camera gives no frame in time, is
 not judged on a later part's frame: it is refused, and the daemon publishes a no_verdict for it.
 """
+
 from __future__ import annotations
 
 import time
@@ -17,13 +18,16 @@ TRIGGER_FRAME_WAIT = 1.0  # seconds between a trigger's arrival and its frame, a
 WAIT_SLICE = 0.1  # the wait for a frame is cut into slices: the watchdog is pinged and a stop seen between
 
 
-def frame_for(latest: LatestFrame, command: Command, camera: str, keep_alive: Callable[[], None],
-              stopping: Callable[[], bool]) -> tuple[Frame | None, str | None]:
+def frame_for(
+    latest: LatestFrame, command: Command, camera: str, keep_alive: Callable[[], None], stopping: Callable[[], bool]
+) -> tuple[Frame | None, str | None]:
     """(the trigger's frame, None), or (None, why there is none)."""
     waited = time.monotonic() - command.received_at
     if waited >= TRIGGER_FRAME_WAIT:
-        return None, (f"trigger waited {waited:.1f} s for the station (more than {TRIGGER_FRAME_WAIT:g} s): "
-                      "its part has moved on; not judged")
+        return None, (
+            f"trigger waited {waited:.1f} s for the station (more than {TRIGGER_FRAME_WAIT:g} s): "
+            "its part has moved on; not judged"
+        )
     frame, error = latest.for_trigger(0.0)  # a camera with a software trigger (GenICam) takes the frame now
     while error is None and not is_frame_of(frame, command):
         left = command.received_at + TRIGGER_FRAME_WAIT - time.monotonic()
@@ -45,5 +49,11 @@ def unjudged_trigger(station: str, product: str, command: Command, reason: str):
     """build(seq, frame, judgement) of the recorder: the no_verdict of a trigger not judged."""
     ts = utc_timestamp(time.time())
     return lambda seq, _frame, _judgement: no_verdict_message(
-        station=station, seq=seq, source=f"trigger {command.id}", product=product, ts=ts, reason=reason,
-        part_id=command.part_id)
+        station=station,
+        seq=seq,
+        source=f"trigger {command.id}",
+        product=product,
+        ts=ts,
+        reason=reason,
+        part_id=command.part_id,
+    )

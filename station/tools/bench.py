@@ -3,6 +3,7 @@
 Figures, not pass/fail: speed and memory goals are checked by reading these,
 never by timed tests. Every figure comes from the same code the daemon runs.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,8 +57,13 @@ def machine() -> dict:
         pass
     import onnxruntime
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "onnxruntime": onnxruntime.__version__, "system": platform.platform()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "system": platform.platform(),
+    }
 
 
 # -- stages ------------------------------------------------------------------
@@ -102,9 +108,18 @@ def stage_figures(model: Path, reference: Path, parts: Path, broker: tuple[str, 
 
 def _message(judgement, references, ts: str) -> dict:
     return verdict_message(
-        station="bench", seq=1, source="part_000001.png", part_id=None, product=references.product,
-        judgement=judgement, threshold=references.threshold, metric=references.metric, model_id="0" * 12,
-        reference_version=references.version, latency_ms=0.1, ts=ts,
+        station="bench",
+        seq=1,
+        source="part_000001.png",
+        part_id=None,
+        product=references.product,
+        judgement=judgement,
+        threshold=references.threshold,
+        metric=references.metric,
+        model_id="0" * 12,
+        reference_version=references.version,
+        latency_ms=0.1,
+        ts=ts,
     )
 
 
@@ -123,6 +138,7 @@ def publish_round_trips(broker: tuple[str, int], payloads: list[bytes]) -> dict:
     client.connect(*broker)
     client.loop_start()
     try:
+
         def publish(payload):
             client.publish("bench/verdict", payload, qos=1).wait_for_publish(5)
 
@@ -144,9 +160,12 @@ def raw_onnxruntime(model: Path, runs: int = STAGE_RUNS, regions: int = bench_la
     figures = time_calls(lambda _: session.run(None, feed), list(range(runs)), warmup=200)
     # A dynamic int8 model exported before batch_independent runs a part per call: the Embedder knows.
     wide = time_calls(lambda _: embedder.embed(x), list(range(max(runs // regions, 50))), warmup=20)
-    figures.update(quantization=embedder.info.quantization, arch=embedder.info.arch,
-                   size_bytes=model.stat().st_size,
-                   regions={"n": regions, "per_part_us": wide["p50_us"], "per_region_us": round(wide["p50_us"] / regions, 2)})
+    figures.update(
+        quantization=embedder.info.quantization,
+        arch=embedder.info.arch,
+        size_bytes=model.stat().st_size,
+        regions={"n": regions, "per_part_us": wide["p50_us"], "per_region_us": round(wide["p50_us"] / regions, 2)},
+    )
     return figures
 
 
@@ -161,15 +180,17 @@ def session_tuning(model: Path, runs: int = STAGE_RUNS) -> dict:
         for spinning in (False, True):
             session = build_session(model, threads, spinning)
             figures[f"threads={threads} spinning={'on' if spinning else 'off'}"] = time_calls(
-                lambda _, session=session: session.run(None, feed), list(range(runs)), warmup=200)
+                lambda _, session=session: session.run(None, feed), list(range(runs)), warmup=200
+            )
     return figures
 
 
 # -- end to end --------------------------------------------------------------
 
 
-def end_to_end(model: Path, reference: Path, parts: Path, broker: tuple[str, int], workdir: Path,
-               integrations: bool = False) -> dict:
+def end_to_end(
+    model: Path, reference: Path, parts: Path, broker: tuple[str, int], workdir: Path, integrations: bool = False
+) -> dict:
     """The real daemon over a folder of parts to the broker at QoS 1 with the durable outbox;
     with `integrations`, Prometheus /metrics, the NG snapshot and Home Assistant discovery on."""
     n_parts = sum(1 for _ in parts.rglob("*.png"))
@@ -179,16 +200,23 @@ def end_to_end(model: Path, reference: Path, parts: Path, broker: tuple[str, int
     config.write_text(
         f"station: bench\ncamera: {{source: {parts}}}\nmodel: {model}\nreference: {reference}\n"
         f"state_dir: {workdir / 'state'}\nmqtt: {{host: {broker[0]}, port: {broker[1]}, qos: 1}}\n"
-        + (f"prometheus: {{port: {_free_port()}}}\nhomeassistant: {{discovery: true}}\n" if integrations
-           else "snapshot: {ng: false}\n")
+        + (
+            f"prometheus: {{port: {_free_port()}}}\nhomeassistant: {{discovery: true}}\n"
+            if integrations
+            else "snapshot: {ng: false}\n"
+        )
     )
     notify_path = workdir / "notify.sock"
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(notify_path))
     env = dict(os.environ, NOTIFY_SOCKET=str(notify_path))
     started = time.monotonic()
-    process = subprocess.Popen([sys.executable, "-m", "station", "run", "-c", str(config)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "station", "run", "-c", str(config)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     ready = _wait_ready(notify, process)
     torch_loaded = _maps_mention(process.pid, "torch")
     peak_kib = 0
@@ -217,8 +245,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def integration_cost(model: Path, reference: Path, parts: Path, broker: tuple[str, int], workdir: Path,
-                     runs: int = 3) -> dict:
+def integration_cost(
+    model: Path, reference: Path, parts: Path, broker: tuple[str, int], workdir: Path, runs: int = 3
+) -> dict:
     """verdicts/s end to end with metrics, snapshot and discovery off and on, alternating; medians."""
     figures = {"off": [], "on": []}
     for run in range(runs):
@@ -226,8 +255,14 @@ def integration_cost(model: Path, reference: Path, parts: Path, broker: tuple[st
             e2e = end_to_end(model, reference, parts, broker, workdir / f"{label}-{run}", integrations=label == "on")
             figures[label].append(e2e["verdicts_per_s"])
     off, on = (float(np.median(figures[label])) for label in ("off", "on"))
-    return {"runs": runs, "off_verdicts_per_s": figures["off"], "on_verdicts_per_s": figures["on"],
-            "off_median": off, "on_median": on, "cost_percent": round(100.0 * (off - on) / off, 1)}
+    return {
+        "runs": runs,
+        "off_verdicts_per_s": figures["off"],
+        "on_verdicts_per_s": figures["on"],
+        "off_median": off,
+        "on_median": on,
+        "cost_percent": round(100.0 * (off - on) / off, 1),
+    }
 
 
 def _wait_ready(notify: socket.socket, process, timeout: float = 30.0) -> float:
@@ -239,7 +274,9 @@ def _wait_ready(notify: socket.socket, process, timeout: float = 30.0) -> float:
                 return time.monotonic()
         except socket.timeout:
             if process.poll() is not None:
-                raise StationError(f"the daemon exited before READY: {process.stderr.read().decode()[-2000:]}") from None
+                raise StationError(
+                    f"the daemon exited before READY: {process.stderr.read().decode()[-2000:]}"
+                ) from None
     process.kill()
     raise StationError(f"the daemon did not say READY within {timeout} s")
 
@@ -264,9 +301,16 @@ def _maps_mention(pid: int, word: str) -> bool:
 # -- the whole bench ---------------------------------------------------------
 
 
-def run_bench(models: list[Path], reference: Path | None, n_parts: int, broker: tuple[str, int] | None,
-              progress=print, integrations: bool = False, regions: int = bench_latency.REGIONS,
-              chosen: str | None = None) -> dict:
+def run_bench(
+    models: list[Path],
+    reference: Path | None,
+    n_parts: int,
+    broker: tuple[str, int] | None,
+    progress=print,
+    integrations: bool = False,
+    regions: int = bench_latency.REGIONS,
+    chosen: str | None = None,
+) -> dict:
     from calibration import workflow
     from station.core.embedder import Embedder
     from station.tools.simulate import write_dataset
@@ -296,14 +340,16 @@ def run_bench(models: list[Path], reference: Path | None, n_parts: int, broker: 
             if integrations:
                 progress("metrics, snapshot and discovery off and on, 3 runs each ...")
                 cost = integration_cost(models[0], reference, parts, broker, workdir / "integrations")
-            progress(f"latency at {bench_latency.LATENCY_RATE:.0f} parts/s paced; 1 against {bench_latency.REGIONS} regions ...")
+            progress(
+                f"latency at {bench_latency.LATENCY_RATE:.0f} parts/s paced; 1 against {bench_latency.REGIONS} regions ..."
+            )
             paced = bench_latency.run(models[0], reference, parts, broker, workdir, min(n_parts, 5000))
         finally:
             if local:
                 local.stop()
     raw_p50 = raw[str(models[0])]["p50_us"]
     per_verdict_us = 1e6 / e2e["verdicts_per_s"]
-    tiled = next((line[len(TILES_MARK):] for line in (chosen or "").splitlines() if line.startswith(TILES_MARK)), None)
+    tiled = next((line[len(TILES_MARK) :] for line in (chosen or "").splitlines() if line.startswith(TILES_MARK)), None)
     return {
         "machine": machine(),
         "model": str(models[0]),
@@ -324,19 +370,27 @@ def run_bench(models: list[Path], reference: Path | None, n_parts: int, broker: 
 
 
 def format_table(figures: dict) -> str:
-    lines = [f"machine: {figures['machine']['cpu']}, {figures['machine']['cores']} cores, "
-             f"onnxruntime {figures['machine']['onnxruntime']}",
-             *([figures["model_form"]] if figures.get("model_form") else []), "",
-             f"{'stage (batch 1)':34s} {'p50 µs':>10s} {'p99 µs':>10s}"]
+    lines = [
+        f"machine: {figures['machine']['cpu']}, {figures['machine']['cores']} cores, "
+        f"onnxruntime {figures['machine']['onnxruntime']}",
+        *([figures["model_form"]] if figures.get("model_form") else []),
+        "",
+        f"{'stage (batch 1)':34s} {'p50 µs':>10s} {'p99 µs':>10s}",
+    ]
     for name, stage in figures["stages"].items():
         lines.append(f"{name:34s} {stage['p50_us']:10.1f} {stage['p99_us']:10.1f}")
     first = next(iter(figures["raw_onnxruntime"].values()))
-    lines += ["", f"{'raw onnxruntime, batch 1':34s} {'p50 µs':>10s} {'p99 µs':>10s} {'size':>10s} "
-                  f"{'part of ' + str(first['regions']['n']) + ' regions':>18s} {'a region':>9s}"]
+    lines += [
+        "",
+        f"{'raw onnxruntime, batch 1':34s} {'p50 µs':>10s} {'p99 µs':>10s} {'size':>10s} "
+        f"{'part of ' + str(first['regions']['n']) + ' regions':>18s} {'a region':>9s}",
+    ]
     for raw in figures["raw_onnxruntime"].values():
         label = f"{raw['arch']} {raw['quantization']}"
-        lines.append(f"{label:34s} {raw['p50_us']:10.1f} {raw['p99_us']:10.1f} {raw['size_bytes'] / 1024:8.0f} KiB "
-                     f"{raw['regions']['per_part_us']:15.1f} µs {raw['regions']['per_region_us']:6.1f} µs")
+        lines.append(
+            f"{label:34s} {raw['p50_us']:10.1f} {raw['p99_us']:10.1f} {raw['size_bytes'] / 1024:8.0f} KiB "
+            f"{raw['regions']['per_part_us']:15.1f} µs {raw['regions']['per_region_us']:6.1f} µs"
+        )
     lines += ["", cost_line(figures)]
     lines += ["", f"{'session (first model), batch 1':34s} {'p50 µs':>10s} {'p99 µs':>10s}"]
     for name, tuned in figures["session_tuning"].items():
@@ -348,19 +402,26 @@ def format_table(figures: dict) -> str:
         f"(daemon, folder source, mosquitto QoS 1, durable outbox)",
         f"per-verdict cost {figures['per_verdict_us']:.1f} µs end to end, raw onnxruntime {figures['raw_per_part_us']:.1f} µs "
         f"a part (session.run alone, batch 1): {figures['per_verdict_over_raw']:.1f}x"
-        + (" (bench's simulated parts, each one crop, not tiled: a tiled part's cost is the line above)"
-           if figures.get("cost_per_part", {}).get("tiles") else ""),
+        + (
+            " (bench's simulated parts, each one crop, not tiled: a tiled part's cost is the line above)"
+            if figures.get("cost_per_part", {}).get("tiles")
+            else ""
+        ),
         f"peak RSS {e2e['peak_rss_mib']:.1f} MiB, READY after {e2e['ready_s']:.2f} s, torch loaded: {e2e['torch_loaded']}",
     ]
     if "integrations" in figures:
         cost = figures["integrations"]
-        lines.append(f"metrics+snapshot+discovery: {cost['on_median']:.0f} verdicts/s on, {cost['off_median']:.0f} off "
-                     f"(median of {cost['runs']} each): {cost['cost_percent']:+.1f} % cost")
+        lines.append(
+            f"metrics+snapshot+discovery: {cost['on_median']:.0f} verdicts/s on, {cost['off_median']:.0f} off "
+            f"(median of {cost['runs']} each): {cost['cost_percent']:+.1f} % cost"
+        )
     if "latency" in figures:
         lines += bench_latency.format_lines(figures)
         regions = first["regions"]
-        lines.append(f"  raw onnxruntime, {regions['n']} regions in one call: {regions['per_part_us']:.1f} µs a part, "
-                     f"{regions['per_region_us']:.1f} µs a region")
+        lines.append(
+            f"  raw onnxruntime, {regions['n']} regions in one call: {regions['per_part_us']:.1f} µs a part, "
+            f"{regions['per_region_us']:.1f} µs a region"
+        )
     return "\n".join(lines)
 
 

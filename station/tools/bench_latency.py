@@ -7,6 +7,7 @@ the source delivered it, the clock the daemon's own latency_ms starts from), the
 verdict gets, and the moment the broker's PUBACK for that id arrives, through the publisher's
 own hooks (on_queued, Delivery.on_delivered). Nothing else in the daemon changes.
 """
+
 from __future__ import annotations
 
 import json
@@ -76,10 +77,17 @@ def _run_daemon(config_text: str, workdir: Path, traced: bool = False) -> tuple[
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(workdir / "notify.sock"))
     samples = workdir / "latency.json" if traced else None
-    command = [sys.executable, "-c", RUNNER, str(config), str(samples)] if traced else \
-        [sys.executable, "-m", "station", "run", "-c", str(config)]
-    process = subprocess.Popen(command, env=dict(os.environ, NOTIFY_SOCKET=str(workdir / "notify.sock")),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    command = (
+        [sys.executable, "-c", RUNNER, str(config), str(samples)]
+        if traced
+        else [sys.executable, "-m", "station", "run", "-c", str(config)]
+    )
+    process = subprocess.Popen(
+        command,
+        env=dict(os.environ, NOTIFY_SOCKET=str(workdir / "notify.sock")),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         ready = _wait_ready(notify, process)
         process.wait()
@@ -92,13 +100,22 @@ def _run_daemon(config_text: str, workdir: Path, traced: bool = False) -> tuple[
 
 
 def _base_config(model: Path, reference: Path, source: Path, broker: tuple[str, int], fps: float = 0.0) -> str:
-    return (f"station: bench\ncamera: {{source: {source}, fps: {fps}}}\nmodel: {Path(model).resolve()}\n"
-            f"reference: {Path(reference).resolve()}\nmqtt: {{host: {broker[0]}, port: {broker[1]}, qos: 1}}\n"
-            "keep_crops: {ng: false}\n")
+    return (
+        f"station: bench\ncamera: {{source: {source}, fps: {fps}}}\nmodel: {Path(model).resolve()}\n"
+        f"reference: {Path(reference).resolve()}\nmqtt: {{host: {broker[0]}, port: {broker[1]}, qos: 1}}\n"
+        "keep_crops: {ng: false}\n"
+    )
 
 
-def paced_latency(model: Path, reference: Path, parts: Path, broker: tuple[str, int], workdir: Path,
-                  rate: float = LATENCY_RATE, count: int = LATENCY_PARTS) -> dict:
+def paced_latency(
+    model: Path,
+    reference: Path,
+    parts: Path,
+    broker: tuple[str, int],
+    workdir: Path,
+    rate: float = LATENCY_RATE,
+    count: int = LATENCY_PARTS,
+) -> dict:
     """p50/p99 from frame grabbed to PUBACK, the daemon fed `rate` parts a second (one region)."""
     folder = workdir / "paced"
     folder.mkdir(parents=True, exist_ok=True)
@@ -108,9 +125,13 @@ def paced_latency(model: Path, reference: Path, parts: Path, broker: tuple[str, 
     samples = np.asarray(json.loads(samples_file.read_text())) * 1000.0
     if len(samples) == 0:
         raise StationError("no verdict was acknowledged during the latency run")
-    return {"rate_per_s": rate, "parts": int(len(samples)),
-            "p50_ms": round(float(np.percentile(samples, 50)), 3), "p99_ms": round(float(np.percentile(samples, 99)), 3),
-            "max_ms": round(float(samples.max()), 3)}
+    return {
+        "rate_per_s": rate,
+        "parts": int(len(samples)),
+        "p50_ms": round(float(np.percentile(samples, 50)), 3),
+        "p99_ms": round(float(np.percentile(samples, 99)), 3),
+        "max_ms": round(float(samples.max()), 3),
+    }
 
 
 def wide_frames(parts: Path, folder: Path, count: int, regions: int = REGIONS) -> tuple[int, int]:
@@ -128,21 +149,38 @@ def wide_frames(parts: Path, folder: Path, count: int, regions: int = REGIONS) -
     return width, height
 
 
-def region_throughput(model: Path, reference: Path, parts: Path, broker: tuple[str, int], workdir: Path,
-                      count: int, regions: int = REGIONS) -> dict:
+def region_throughput(
+    model: Path,
+    reference: Path,
+    parts: Path,
+    broker: tuple[str, int],
+    workdir: Path,
+    count: int,
+    regions: int = REGIONS,
+) -> dict:
     """Parts per second end to end, the same frames judged with 1 region and with `regions` regions."""
     frames = workdir / "wide"
     width, height = wide_frames(parts, frames, count, regions)
     base = _base_config(model, reference, frames, broker)
     one = base + f"roi: {{x: 0, y: 0, width: {width}, height: {height}}}\n"
-    many = base + "rois:\n" + "".join(f"  - {{name: r{i}, x: {i * width}, y: 0, width: {width}, height: {height}}}\n"
-                                      for i in range(regions))
+    many = (
+        base
+        + "rois:\n"
+        + "".join(
+            f"  - {{name: r{i}, x: {i * width}, y: 0, width: {width}, height: {height}}}\n" for i in range(regions)
+        )
+    )
     one_s, _ = _run_daemon(one, workdir / "regions-1")
     many_s, _ = _run_daemon(many, workdir / f"regions-{regions}")
     one_rate, many_rate = count / one_s, count / many_s
-    return {"frames": count, "regions": regions, "one_region_parts_per_s": round(one_rate, 1),
-            "many_regions_parts_per_s": round(many_rate, 1), "ratio": round(many_rate / one_rate, 3),
-            "many_regions_per_s": round(many_rate * regions, 1)}
+    return {
+        "frames": count,
+        "regions": regions,
+        "one_region_parts_per_s": round(one_rate, 1),
+        "many_regions_parts_per_s": round(many_rate, 1),
+        "ratio": round(many_rate / one_rate, 3),
+        "many_regions_per_s": round(many_rate * regions, 1),
+    }
 
 
 def format_lines(figures: dict) -> list[str]:
@@ -158,5 +196,7 @@ def format_lines(figures: dict) -> list[str]:
 
 def run(model: Path, reference: Path, parts: Path, broker: tuple[str, int], workdir: Path, frames: int) -> dict:
     """Both measurements, for `station bench`."""
-    return {"latency": paced_latency(model, reference, parts, broker, workdir),
-            "regions": region_throughput(model, reference, parts, broker, workdir, frames)}
+    return {
+        "latency": paced_latency(model, reference, parts, broker, workdir),
+        "regions": region_throughput(model, reference, parts, broker, workdir, frames),
+    }

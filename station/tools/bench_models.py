@@ -1,5 +1,6 @@
 """What `station bench -c station.yaml` times: the station's models (the form it would run here first) and
 its model's cost per part, batch 1 or a tiled part's tiles in one batch."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,8 +19,11 @@ def station_models(config) -> tuple[list[Path], Path, str, int]:
     else:
         choice = choose(config)
         others = [path for form, path in sorted(config.model_paths.items()) if form != choice.form]
-        models, reference, why = ([config.model[choice.form], *others], config.for_form(choice.form).reference_for()[1],
-                                  choice.line())
+        models, reference, why = (
+            [config.model[choice.form], *others],
+            config.for_form(choice.form).reference_for()[1],
+            choice.line(),
+        )
     if config.tiles:  # a part is its tiles, judged in one batch: raw onnxruntime times that part
         geometry = _tile_geometry(config, reference)
         # The daemon's stages run on bench's simulated parts, whole: a reference set for them is calibrated there.
@@ -40,8 +44,12 @@ def _tile_geometry(config, reference: Path):
 def cost_per_part(raw: dict, tiled: str | None) -> dict:
     if tiled is None:
         return {"ms_per_part": round(raw["p50_us"] / 1000.0, 4), "tiles": None}
-    return {"ms_per_part": round(raw["regions"]["per_part_us"] / 1000.0, 4), "tiles": raw["regions"]["n"],
-            "ms_per_tile": round(raw["regions"]["per_region_us"] / 1000.0, 4), "geometry": tiled}
+    return {
+        "ms_per_part": round(raw["regions"]["per_part_us"] / 1000.0, 4),
+        "tiles": raw["regions"]["n"],
+        "ms_per_tile": round(raw["regions"]["per_region_us"] / 1000.0, 4),
+        "geometry": tiled,
+    }
 
 
 def cost_line(figures: dict) -> str:
@@ -50,5 +58,7 @@ def cost_line(figures: dict) -> str:
     named = f"{model['arch']} {model['quantization']}"
     if not cost["tiles"]:
         return f"cost per part: {cost['ms_per_part']:.3f} ms ({named}, batch 1, raw onnxruntime)"
-    return (f"cost per part: {cost['ms_per_part']:.3f} ms = {cost['tiles']} tiles x {cost['ms_per_tile']:.4f} ms a tile "
-            f"in one batch ({named}, raw onnxruntime; {cost['geometry']})")
+    return (
+        f"cost per part: {cost['ms_per_part']:.3f} ms = {cost['tiles']} tiles x {cost['ms_per_tile']:.4f} ms a tile "
+        f"in one batch ({named}, raw onnxruntime; {cost['geometry']})"
+    )

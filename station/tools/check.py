@@ -3,6 +3,7 @@
 Returns every problem at once, each naming the file or key it concerns, so
 plant IT can fix a station in one round instead of one error per restart.
 """
+
 from __future__ import annotations
 
 import os
@@ -50,8 +51,9 @@ def check_station(config: StationConfig, env: dict[str, str] | None = None) -> C
         try:
             loaded_model = Embedder(model)
             info = loaded_model.info
-            summary.append(f"{named} {model}: {info.arch}, {info.quantization}, {info.embedding_dim}-d, "
-                           f"sha256 {info.short_id}")
+            summary.append(
+                f"{named} {model}: {info.arch}, {info.quantization}, {info.embedding_dim}-d, sha256 {info.short_id}"
+            )
             if form and form_of(info.quantization) != form:
                 raise ModelError(f"{model} is a {info.quantization} model, not the {form} form")
             embedder = embedder or loaded_model
@@ -61,8 +63,10 @@ def check_station(config: StationConfig, env: dict[str, str] | None = None) -> C
         for product, path in config.for_form(form).product_references.items():
             try:
                 loaded = reference_set.load(path, model=loaded_model.info if loaded_model is not None else None)
-                summary.append(f"product {product}{f' ({form})' if form else ''}: {path} v{loaded.version:04d}, "
-                               f"{loaded.metric} threshold {loaded.threshold:.6g}")
+                summary.append(
+                    f"product {product}{f' ({form})' if form else ''}: {path} v{loaded.version:04d}, "
+                    f"{loaded.metric} threshold {loaded.threshold:.6g}"
+                )
             except StationError as exc:
                 problems.append(f"product {product}{f' ({form})' if form else ''}: {exc}")
     problems += _file_problems(config, env)
@@ -99,17 +103,19 @@ def _judging_rate(config: StationConfig, embedder) -> list[str]:
     form = inspector.describe()["model_form"]
     chosen = [inspector.form.line()] if inspector.form else []
     model = f"{inspector.embedder.info.arch} x{members} {form}"
-    rate = (f"on this machine (~{1 / per_part:,.0f} parts/s before publishing; `station bench` times the whole "
-            "path)")
+    rate = f"on this machine (~{1 / per_part:,.0f} parts/s before publishing; `station bench` times the whole path)"
     if config.tiles:  # a tiled part: every tile in one batch, what fit held to --max-ms-per-part
         from station.runtime.inspector import tile_geometry
 
         geometry = tile_geometry(config, inspector.reference_set, config.reference_for()[1])
-        return chosen + [f"judging: {geometry.text()}, every tile of a part in one batch, with {model}: "
-                         f"{per_part * 1e3:.2f} ms a part, {per_part / regions * 1e3:.3f} ms a tile {rate}"]
+        return chosen + [
+            f"judging: {geometry.text()}, every tile of a part in one batch, with {model}: "
+            f"{per_part * 1e3:.2f} ms a part, {per_part / regions * 1e3:.3f} ms a tile {rate}"
+        ]
     per_region = f", {per_part / regions * 1e3:.3f} ms a region" if regions > 1 else ""
-    return chosen + [f"judging: {regions} region(s) a part with {model}: {per_part * 1e3:.2f} ms a part{per_region} "
-                     + rate]
+    return chosen + [
+        f"judging: {regions} region(s) a part with {model}: {per_part * 1e3:.2f} ms a part{per_region} " + rate
+    ]
 
 
 def _file_problems(config: StationConfig, env) -> list[str]:
@@ -119,8 +125,11 @@ def _file_problems(config: StationConfig, env) -> list[str]:
     # Devices, URLs and sim:// are checked by the daemon (they come and go); a file or folder must exist.
     if source_kind(source) == FILE and not Path(source).exists():
         problems.append(f"camera.source: {source} does not exist (a video file or an image folder)")
-    for validate in (lambda: read_password(config.mqtt, env), lambda: tls_context(config.mqtt),
-                     lambda: camera_credentials(config.camera, env)):
+    for validate in (
+        lambda: read_password(config.mqtt, env),
+        lambda: tls_context(config.mqtt),
+        lambda: camera_credentials(config.camera, env),
+    ):
         try:
             validate()
         except StationError as exc:
@@ -143,17 +152,24 @@ def _roi_against_a_frame(config: StationConfig, spec: InputSpec | None) -> tuple
     A GenICam camera is connected with the configured settings, in free run
     for one frame, and named; its trigger source is checked against the camera's.
     """
-    regions = [(r.name, r.to_roi()) for r in config.rois] if config.rois else [(None, config.roi and config.roi.to_roi())]
+    regions = (
+        [(r.name, r.to_roi()) for r in config.rois] if config.rois else [(None, config.roi and config.roi.to_roi())]
+    )
     kind = source_kind(config.camera.source)
     if kind == FILE and not Path(config.camera.source).exists():
         return None, ""  # reported as a camera.source problem
     if kind == DEVICE:
         problem = spec and regions_problem(regions, None, spec)
-        return (f"roi: {problem}" if problem else None), ("roi: not checked against a frame (a V4L2 device "
-                                                          "streams to one process; `run` checks it at start)")
+        return (f"roi: {problem}" if problem else None), (
+            "roi: not checked against a frame (a V4L2 device streams to one process; `run` checks it at start)"
+        )
     try:
-        source = open_source(config.camera.source, max_pixels=config.camera.max_pixels,
-                             credentials=camera_credentials(config.camera), genicam=config.camera.genicam)
+        source = open_source(
+            config.camera.source,
+            max_pixels=config.camera.max_pixels,
+            credentials=camera_credentials(config.camera),
+            genicam=config.camera.genicam,
+        )
     except StationError as exc:  # GenICam without Aravis installed; the rest is reported among the file problems
         return (f"camera.source: {exc}" if kind == GENICAM else None), ""
     try:
@@ -175,7 +191,9 @@ def _roi_against_a_frame(config: StationConfig, spec: InputSpec | None) -> tuple
     height, width = frame.image.shape[:2]
     problem = regions_problem(regions, frame.image.shape, spec or InputSpec(1, 1))  # no model: only whether they fit
     camera = f"camera {source.camera_name} ({', '.join(source.applied)}); " if kind == GENICAM else ""
-    return (f"roi: {problem}" if problem else None), f"{camera}roi: fits the {width}x{height} frames of {source.description}"
+    return (
+        f"roi: {problem}" if problem else None
+    ), f"{camera}roi: fits the {width}x{height} frames of {source.description}"
 
 
 def _first_frames(source):

@@ -7,6 +7,7 @@
 The bundled model and reference set in station/tools/demo_bundle/ are built by the
 project's own train/export/calibrate: scripts/build-demo-model rebuilds them.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -41,13 +42,16 @@ class EmbeddedBroker:
             from amqtt.broker import Broker
         except ImportError:
             raise MissingExtraError(
-                "the embedded broker needs amqtt: pip install '.[demo]' (or pass --broker HOST:PORT)") from None
+                "the embedded broker needs amqtt: pip install '.[demo]' (or pass --broker HOST:PORT)"
+            ) from None
         for noisy in ("amqtt", "transitions"):  # the broker's internals, not the station's story
             logging.getLogger(noisy).setLevel(logging.ERROR)
         self.port = free_port()
         self._loop = asyncio.new_event_loop()
-        config = {"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
-                  "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}}
+        config = {
+            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
+            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+        }
         self._broker = Broker(config, loop=self._loop)
         started = threading.Event()
         self._thread = threading.Thread(target=self._serve, args=(started,), daemon=True, name="amqtt")
@@ -98,9 +102,12 @@ class Dashboard:
             if self.first_verdict_at is None:
                 self.first_verdict_at = time.monotonic()
             score = "    n/a" if verdict["score"] is None else f"{verdict['score']:7.4g}"
-            print(f"{verdict['ts'][11:23]}  seq {verdict['seq']:6d}  {verdict['verdict']}  score {score}"
-                  f"  part {verdict['source']:14s} ({truth:13s})  yield {self.ok / self.verdicts:6.1%}",
-                  file=self.out, flush=True)
+            print(
+                f"{verdict['ts'][11:23]}  seq {verdict['seq']:6d}  {verdict['verdict']}  score {score}"
+                f"  part {verdict['source']:14s} ({truth:13s})  yield {self.ok / self.verdicts:6.1%}",
+                file=self.out,
+                flush=True,
+            )
 
     def close(self):
         self.client.loop_stop()
@@ -146,10 +153,14 @@ def run_demo(frames: int | None, broker: tuple[str, int] | None, seed: int, fps:
         dashboard = Dashboard(host, port, seed, out)
         log_path = Path(folder) / "station.log"
         with open(log_path, "w") as log_file:
-            daemon = subprocess.Popen([sys.executable, "-m", "station", "run", "-c", str(config)],
-                                      stdout=log_file, stderr=subprocess.STDOUT)
-        print(f"station {STATION_ID} judging the simulated line at {fps:g} parts/s; topics {PREFIX}/{STATION_ID}/#",
-              file=out, flush=True)
+            daemon = subprocess.Popen(
+                [sys.executable, "-m", "station", "run", "-c", str(config)], stdout=log_file, stderr=subprocess.STDOUT
+            )
+        print(
+            f"station {STATION_ID} judging the simulated line at {fps:g} parts/s; topics {PREFIX}/{STATION_ID}/#",
+            file=out,
+            flush=True,
+        )
         try:
             code = _watch(daemon, dashboard, frames)
         except KeyboardInterrupt:
@@ -164,8 +175,11 @@ def run_demo(frames: int | None, broker: tuple[str, int] | None, seed: int, fps:
         if code != 0 or daemon.returncode not in (0, -signal.SIGTERM):
             print(log_path.read_text()[-3000:], file=sys.stderr)
             raise StationError(f"the station exited with {daemon.returncode}")
-    print(f"{dashboard.verdicts} verdicts, yield {dashboard.ok / max(dashboard.verdicts, 1):.1%}, "
-          f"verdict matches the simulated truth for {dashboard.agree / max(dashboard.verdicts, 1):.1%}", file=out)
+    print(
+        f"{dashboard.verdicts} verdicts, yield {dashboard.ok / max(dashboard.verdicts, 1):.1%}, "
+        f"verdict matches the simulated truth for {dashboard.agree / max(dashboard.verdicts, 1):.1%}",
+        file=out,
+    )
     return 0
 
 

@@ -3,6 +3,7 @@
 Used where the station needs a broker of its own on this machine: `station
 bench`, scripts/verdicts-over-mqtt and the test suite.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -43,7 +44,9 @@ class Mosquitto:
         self.host = HOST
         self.port = free_port()
         self.config = Path(workdir) / "mosquitto.conf"
-        self.config.write_text(f"listener {self.port} {self.host}\nallow_anonymous true\npersistence false\n{extra_config}")
+        self.config.write_text(
+            f"listener {self.port} {self.host}\nallow_anonymous true\npersistence false\n{extra_config}"
+        )
         self.log = Path(workdir) / "mosquitto.log"
         self.process: subprocess.Popen | None = None
 

@@ -1,5 +1,6 @@
 """`station simulate`: writes the simulated line (station.core.simulated_line)
 as an image-folder dataset, an MJPG video with its ground truth, or a contact sheet."""
+
 from __future__ import annotations
 
 import csv
@@ -11,7 +12,13 @@ import numpy as np
 from station.core.imagefolder import GOOD
 from station.core.simulated_surface import render_surface
 from station.core.simulated_line import (
-    CROP_HEIGHT, CROP_WIDTH, DEFECT_CLASSES, FRAME_HEIGHT, FRAME_WIDTH, render_frame, render_part,
+    CROP_HEIGHT,
+    CROP_WIDTH,
+    DEFECT_CLASSES,
+    FRAME_HEIGHT,
+    FRAME_WIDTH,
+    render_frame,
+    render_part,
 )
 
 
@@ -72,8 +79,9 @@ def dwell_frames(dwell: int) -> list[tuple[str, int]]:
     return entering + centre + leaving + [("empty", 0)] * GAP
 
 
-def write_dwell_video(video: Path, truth_csv: Path, count: int, seed: int, dwell: int, pins: int = 3,
-                      fps: float = 25.0):
+def write_dwell_video(
+    video: Path, truth_csv: Path, count: int, seed: int, dwell: int, pins: int = 3, fps: float = 25.0
+):
     """An MJPG belt video where parts slide in, settle for `dwell` frames, slide out, with empty belt
     between; the CSV gives every frame's part, phase (empty/entering/settled/leaving, or passing for
     the one centred frame when dwell is 0: a belt that never stops) and truth."""
@@ -95,8 +103,15 @@ def write_dwell_video(video: Path, truth_csv: Path, count: int, seed: int, dwell
                     travel += SLIDE_STEP if phase in ("entering", "passing", "leaving") else 0
                     shown = None if phase == "empty" else part
                     writer.write(render_frame(shown, seed, index=0, x_offset=offset, travel=travel, frame_no=frame_no))
-                    table.writerow([frame_no, "" if shown is None else index, phase,
-                                    "" if shown is None else part.label, "" if shown is None else part.defect_class])
+                    table.writerow(
+                        [
+                            frame_no,
+                            "" if shown is None else index,
+                            phase,
+                            "" if shown is None else part.label,
+                            "" if shown is None else part.defect_class,
+                        ]
+                    )
                     frame_no += 1
     finally:
         writer.release()

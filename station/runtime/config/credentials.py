@@ -4,6 +4,7 @@ A systemd credential (LoadCredential=NAME:/etc/station/...) is read by systemd
 as root and handed over in $CREDENTIALS_DIRECTORY; a file is read as is. The
 value never reaches a log line or a message.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,10 @@ def _secret_path(file: Path | None, credential: str | None, key: str, env) -> Pa
         return None
     folder = env.get("CREDENTIALS_DIRECTORY")
     if not folder:
-        raise ConfigError(f"{key} {credential!r}: $CREDENTIALS_DIRECTORY is not set; "
-                          f"give the service LoadCredential={credential}:/path/to/file")
+        raise ConfigError(
+            f"{key} {credential!r}: $CREDENTIALS_DIRECTORY is not set; "
+            f"give the service LoadCredential={credential}:/path/to/file"
+        )
     return Path(folder) / credential
 
 

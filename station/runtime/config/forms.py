@@ -7,6 +7,7 @@
 
 A single `model: PATH` with single reference paths is today's station.yaml, unchanged.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -49,12 +50,19 @@ def form_problems(config) -> list[tuple[KeyPath, str]]:
     for key, path in references.items():
         have = sorted(path) if isinstance(path, dict) else None
         if have != forms:
-            why = f"a reference set for each form of model: ({', '.join(forms)})" if forms else "model: is a single file"
+            why = (
+                f"a reference set for each form of model: ({', '.join(forms)})" if forms else "model: is a single file"
+            )
             found.append((key, f"needs {wanted}, {why}; got {_said(path)}"))
     if config.model_form != "auto" and config.model_form not in (forms or ()):
         has = f"has only {', '.join(forms)}" if forms else "is a single file"
-        found.append((("model_form",), f"pins {config.model_form}, but model: {has}; give "
-                                       f"model: {{{config.model_form}: PATH, ...}} or model_form: auto"))
+        found.append(
+            (
+                ("model_form",),
+                f"pins {config.model_form}, but model: {has}; give "
+                f"model: {{{config.model_form}: PATH, ...}} or model_form: auto",
+            )
+        )
     return found
 
 

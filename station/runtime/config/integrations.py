@@ -4,6 +4,7 @@ Home Assistant discovery, OPC UA (docs/observability.md).
 Each is off by default except the NG snapshot; station.py's StationConfig has
 one field per section, and the daemon wires the enabled ones at start.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Literal
@@ -12,6 +13,7 @@ from pydantic import AfterValidator, Field, model_validator
 
 from station.core.config_model import ConfigModel, ConfigPath
 from station.core.mqtt_strings import string_problem, topic_part_problem
+
 
 def mqtt_checked(value: str) -> str:
     """An MQTT UTF-8 string the broker will take (mqtt_strings.py); station.yaml is where it enters."""

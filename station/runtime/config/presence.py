@@ -1,5 +1,6 @@
 """`presence:` in station.yaml: the settings of `trigger: presence`, with their defaults and what each means
 (the gate itself: station/runtime/presence.py)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

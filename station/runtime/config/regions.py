@@ -8,6 +8,7 @@ one part, each judged against a product's reference set.
 `roi:` (one unnamed region) and `rois:` exclude each other. Every problem names
 the line and key path of the region it is about (station/runtime/config/station.py).
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Any

@@ -7,6 +7,7 @@ Every problem is reported with its file, line and key path, all at once:
 Parsing is pure: it resolves relative paths against the file's folder but never
 opens the model, the reference sets or the password file (`station check` does).
 """
+
 from __future__ import annotations
 
 import os
@@ -16,7 +17,13 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
-    AfterValidator, BeforeValidator, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -29,10 +36,15 @@ from station.runtime.config.presence import PresenceConfig
 from station.runtime.config.regions import Regions, RoiConfig
 from station.runtime.config.tiles import Tiles
 from station.runtime.config.forms import MODEL_FORMS, form_paths, form_problems
-from station.runtime.config.yaml_lines import (KeyPath, compose, format_problem, key_lines, line_of,
-                                         validation_problems)
-from station.runtime.config.integrations import (HomeAssistantConfig, OpcuaConfig, PrometheusConfig, SnapshotConfig,
-                                                 TopicPart, mqtt_checked)
+from station.runtime.config.yaml_lines import KeyPath, compose, format_problem, key_lines, line_of, validation_problems
+from station.runtime.config.integrations import (
+    HomeAssistantConfig,
+    OpcuaConfig,
+    PrometheusConfig,
+    SnapshotConfig,
+    TopicPart,
+    mqtt_checked,
+)
 from station.runtime.config.web import WebConfig
 from station.core.mqtt_strings import string_problem, topic_problem
 from station.core.topics import Topics
@@ -67,7 +79,9 @@ def _host(value: str) -> str:
     return value
 
 
-FormPaths = Annotated[Any, BeforeValidator(lambda value, info: form_paths(value, info, resolve_path))]  # Path | {FORM: Path}
+FormPaths = Annotated[
+    Any, BeforeValidator(lambda value, info: form_paths(value, info, resolve_path))
+]  # Path | {FORM: Path}
 ProductName = Annotated[str, AfterValidator(_safe_name)]
 
 
@@ -85,8 +99,10 @@ def _camera_source(value: Any, info: ValidationInfo) -> int | str:
     if kind == SIM:
         parse_sim_source(value)
     if kind == URL and "@" in urlsplit(value).netloc:  # the message must not repeat the URL: it holds a password
-        raise ValueError("credentials in the camera URL are refused: write user:password in a file named by "
-                         "camera.credentials_file, or a systemd credential named by camera.credentials_credential")
+        raise ValueError(
+            "credentials in the camera URL are refused: write user:password in a file named by "
+            "camera.credentials_file, or a systemd credential named by camera.credentials_credential"
+        )
     if kind in (SIM, URL, GENICAM):
         return value
     return str(resolve_path(Path(value), info))
@@ -174,7 +190,9 @@ class StationConfig(ConfigModel):
     tiles: Tiles = None  # the roi cut into overlapping tiles (tiles.py); after roi and rois
     trigger: Trigger = "continuous"  # hardware: sources/genicam_config.py
     presence: PresenceConfig = PresenceConfig()
-    state_dir: ConfigPath = Field(None, validate_default=True)  # default: $STATE_DIRECTORY or /var/lib/station/<station>
+    state_dir: ConfigPath = Field(
+        None, validate_default=True
+    )  # default: $STATE_DIRECTORY or /var/lib/station/<station>
     mqtt: MqttConfig = MqttConfig()
     stats_interval: float = Field(10.0, gt=0)
     outbox: OutboxConfig = OutboxConfig()
@@ -224,9 +242,14 @@ class StationConfig(ConfigModel):
             return self
         pick = lambda paths: paths[form] if isinstance(paths, dict) else paths
         products = None if self.products is None else {name: pick(path) for name, path in self.products.items()}
-        single = self.model_copy(update={"model": self.model[form], "model_form": form,
-                                         "reference": None if self.reference is None else pick(self.reference),
-                                         "products": products})
+        single = self.model_copy(
+            update={
+                "model": self.model[form],
+                "model_form": form,
+                "reference": None if self.reference is None else pick(self.reference),
+                "products": products,
+            }
+        )
         single._reference_name = next(iter(self.product_references))  # one product whatever the form
         return single
 
@@ -248,8 +271,11 @@ class StationConfig(ConfigModel):
         its reference set (the fp32 form's with several; by its folder before the first calibration, the name
         calibration then gives it). Reads the set, so `station check` and calibration ask, not the loop."""
         if self.products is None:
-            named = self.reference.get("fp32", self.reference[min(self.reference)]) if isinstance(
-                self.reference, dict) else self.reference
+            named = (
+                self.reference.get("fp32", self.reference[min(self.reference)])
+                if isinstance(self.reference, dict)
+                else self.reference
+            )
             return {self._reference_name or _product_of(named): self.reference}
         return dict(self.products)
 
@@ -284,8 +310,9 @@ def _state_dir_from_env(env: dict[str, str]) -> Path | None:
     return Path(value) if value else None
 
 
-def parse_config(text: str, name: str = "station.yaml", base: Path | None = None,
-                 env: dict[str, str] | None = None) -> StationConfig:
+def parse_config(
+    text: str, name: str = "station.yaml", base: Path | None = None, env: dict[str, str] | None = None
+) -> StationConfig:
     """Parse configuration text; `base` is the folder relative paths resolve against."""
     data, node = compose(text, name)
     lines = key_lines(node)
@@ -297,11 +324,15 @@ def parse_config(text: str, name: str = "station.yaml", base: Path | None = None
     context = {"base": base, "state_dir": _state_dir_from_env(os.environ if env is None else env)}
     try:
         config = StationConfig.model_validate(data, context=context)
-        problems += [format_problem(name, lines.get(path), path, message)
-                     for path, message in _topic_problems(config) + form_problems(config)]
+        problems += [
+            format_problem(name, lines.get(path), path, message)
+            for path, message in _topic_problems(config) + form_problems(config)
+        ]
     except ValidationError as exc:
         secret_paths = {".".join(path) for path, _ in _secrets(lines)}
-        problems += [p for p in validation_problems(StationConfig, exc, name, lines) if not _names_secret(p, secret_paths)]
+        problems += [
+            p for p in validation_problems(StationConfig, exc, name, lines) if not _names_secret(p, secret_paths)
+        ]
         config = None
     except (RecursionError, ValueError, TypeError) as exc:  # cyclic aliases and the like
         problems.append(f"{name}: cannot be read as a configuration: {exc}")
@@ -322,8 +353,10 @@ def _topic_problems(config: StationConfig) -> list[tuple[KeyPath, str]]:
     """Every topic the station would publish, as a whole, against what the broker accepts (length, levels);
     the prefix is the key to change (a station name is at most 64 characters)."""
     found = []
-    for key, topics in ((("mqtt", "topic_prefix"), Topics.for_station(config.mqtt.topic_prefix, config.station).names()),
-                        (("homeassistant", "prefix"), Topics.discovery_names(config.homeassistant.prefix, config.station))):
+    for key, topics in (
+        (("mqtt", "topic_prefix"), Topics.for_station(config.mqtt.topic_prefix, config.station).names()),
+        (("homeassistant", "prefix"), Topics.discovery_names(config.homeassistant.prefix, config.station)),
+    ):
         for topic in sorted(topics, key=lambda name: len(name.encode("utf-8")), reverse=True):
             problem = topic_problem(topic)
             if problem:

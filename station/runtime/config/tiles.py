@@ -11,6 +11,7 @@ all judged against the station's product and ONE reference set, calibrated on th
 (its reference.yaml records them; a set calibrated otherwise is refused at load). Every problem
 names the line and key it is about, as every other configuration problem does.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Any
@@ -36,8 +37,10 @@ class TilesConfig(ConfigModel):
         if roi is not None:
             side = getattr(roi, info.field_name)
             if value > side:
-                raise ValueError(f"a tile {value} pixels {'wide' if info.field_name == 'width' else 'high'} does "
-                                 f"not fit in the roi's {info.field_name} of {side}: tiles must be no larger than the roi")
+                raise ValueError(
+                    f"a tile {value} pixels {'wide' if info.field_name == 'width' else 'high'} does "
+                    f"not fit in the roi's {info.field_name} of {side}: tiles must be no larger than the roi"
+                )
         return value
 
     @field_validator("stride_x", "stride_y")
@@ -45,8 +48,10 @@ class TilesConfig(ConfigModel):
     def _no_gaps(cls, value: int | None, info: ValidationInfo) -> int | None:
         side = info.data.get("width" if info.field_name == "stride_x" else "height")
         if value is not None and side is not None and value > side:
-            raise ValueError(f"{value} is larger than the tile's {'width' if info.field_name == 'stride_x' else 'height'} "
-                             f"({side}): the tiles would leave gaps, and a defect in a gap is never judged")
+            raise ValueError(
+                f"{value} is larger than the tile's {'width' if info.field_name == 'stride_x' else 'height'} "
+                f"({side}): the tiles would leave gaps, and a defect in a gap is never judged"
+            )
         return value
 
     @property

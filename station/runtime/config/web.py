@@ -7,6 +7,7 @@ any other address is a control surface on the network and needs users (viewer, o
 from a file or a systemd credential, never from station.yaml. Parsing is pure: the users file is read
 when the daemon starts the page (station/runtime/web/users.py).
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -51,9 +52,11 @@ class WebConfig(ConfigModel):
         if (self.certificate is None) != (self.private_key is None):
             raise ValueError("certificate and private_key go together: give both for HTTPS, or neither")
         if not is_loopback(self.bind) and not self.has_users:
-            raise ValueError(f"bind {self.bind} lets the network reach the page (it can pause the line): give "
-                             "users_file (lines from `station web-user NAME ROLE`) or users_credential, "
-                             "or bind 127.0.0.1")
+            raise ValueError(
+                f"bind {self.bind} lets the network reach the page (it can pause the line): give "
+                "users_file (lines from `station web-user NAME ROLE`) or users_credential, "
+                "or bind 127.0.0.1"
+            )
         return self
 
     @property

@@ -5,6 +5,7 @@
 Generic: the models it reports against are passed in (station/runtime/config/station.py uses it for
 station.yaml). Aliases are visited once, so a "billion laughs" document cannot blow up the walk.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -79,8 +80,14 @@ def _fields_at(root: type[BaseModel], loc: KeyPath) -> list[str]:
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:
             return []
-        model = next((arg for arg in (*getattr(field.annotation, "__args__", ()), field.annotation)
-                      if isinstance(arg, type) and issubclass(arg, BaseModel)), None)
+        model = next(
+            (
+                arg
+                for arg in (*getattr(field.annotation, "__args__", ()), field.annotation)
+                if isinstance(arg, type) and issubclass(arg, BaseModel)
+            ),
+            None,
+        )
     return list(getattr(model, "model_fields", {}))
 
 
@@ -100,8 +107,9 @@ def format_problem(name: str, line: int | None, loc: KeyPath, message: str) -> s
     return f"{where}: {key}: {message}" if key else f"{where}: {message}"
 
 
-def validation_problems(root: type[BaseModel], error: ValidationError, name: str,
-                        lines: dict[KeyPath, int]) -> list[str]:
+def validation_problems(
+    root: type[BaseModel], error: ValidationError, name: str, lines: dict[KeyPath, int]
+) -> list[str]:
     """One `file:line: key.path: message` per pydantic error, `root` the model the document was validated as."""
     problems = []
     for item in error.errors(include_url=False):

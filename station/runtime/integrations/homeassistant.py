@@ -9,6 +9,7 @@ the entities are removed (empty retained configs) only when a start finds
 `homeassistant.discovery: false` and that file, which goes once the broker had
 them; a changed prefix removes the configs under the old one.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,23 +30,49 @@ AVAILABLE = "{{ 'online' if value == 'online' else 'offline' }}"
 
 def sensor_configs(station: str, topics: Topics) -> dict[str, dict]:
     """{object id: discovery config} for the station's sensors."""
-    device = {"identifiers": [f"inspection_station_{station}"], "name": f"Inspection station {station}",
-              "manufacturer": "inspection-station", "model": "visual inspection station", "sw_version": __version__}
+    device = {
+        "identifiers": [f"inspection_station_{station}"],
+        "name": f"Inspection station {station}",
+        "manufacturer": "inspection-station",
+        "model": "visual inspection station",
+        "sw_version": __version__,
+    }
     sensors = {
         "verdict": ("Last verdict", topics.verdict, "{{ value_json.verdict }}", {"icon": "mdi:check-decagram"}),
-        "score": ("Last score", topics.verdict, "{{ value_json.score }}",
-                  {"state_class": "measurement", "suggested_display_precision": 4}),
-        "ok_count": ("OK parts", topics.stats, "{{ value_json.ok }}",
-                     {"state_class": "total_increasing", "unit_of_measurement": "parts"}),
-        "ng_count": ("NG parts", topics.stats, "{{ value_json.ng }}",
-                     {"state_class": "total_increasing", "unit_of_measurement": "parts"}),
+        "score": (
+            "Last score",
+            topics.verdict,
+            "{{ value_json.score }}",
+            {"state_class": "measurement", "suggested_display_precision": 4},
+        ),
+        "ok_count": (
+            "OK parts",
+            topics.stats,
+            "{{ value_json.ok }}",
+            {"state_class": "total_increasing", "unit_of_measurement": "parts"},
+        ),
+        "ng_count": (
+            "NG parts",
+            topics.stats,
+            "{{ value_json.ng }}",
+            {"state_class": "total_increasing", "unit_of_measurement": "parts"},
+        ),
     }
-    return {object_id: {"name": name, "unique_id": f"inspection_station_{station}_{object_id}",
-                        "state_topic": state_topic, "value_template": template,
-                        "availability_topic": topics.status, "availability_template": AVAILABLE,
-                        "payload_available": "online", "payload_not_available": "offline",
-                        "device": device, **extra}
-            for object_id, (name, state_topic, template, extra) in sensors.items()}
+    return {
+        object_id: {
+            "name": name,
+            "unique_id": f"inspection_station_{station}_{object_id}",
+            "state_topic": state_topic,
+            "value_template": template,
+            "availability_topic": topics.status,
+            "availability_template": AVAILABLE,
+            "payload_available": "online",
+            "payload_not_available": "offline",
+            "device": device,
+            **extra,
+        }
+        for object_id, (name, state_topic, template, extra) in sensors.items()
+    }
 
 
 class Discovery(Sink):
@@ -59,16 +86,17 @@ class Discovery(Sink):
     def start(self):
         previous = self._previous_topics()
         if self.config.discovery:
-            configs = {Topics.discovery(self.config.prefix, self.station, object_id): config
-                       for object_id, config in sensor_configs(self.station, self.publisher.topics).items()}
+            configs = {
+                Topics.discovery(self.config.prefix, self.station, object_id): config
+                for object_id, config in sensor_configs(self.station, self.publisher.topics).items()
+            }
             for topic in sorted(set(previous) - set(configs)):  # e.g. the prefix changed
                 self.publisher.publish_retained(topic, b"")
             for topic, config in configs.items():
                 self.publisher.publish_retained(topic, json.dumps(config, separators=(",", ":")).encode())
             self._write_marker(sorted(configs))
         elif previous:
-            log.info("homeassistant.discovery is off: removing the station's %d Home Assistant entities",
-                     len(previous))
+            log.info("homeassistant.discovery is off: removing the station's %d Home Assistant entities", len(previous))
             for topic in previous:
                 self.publisher.publish_retained(topic, b"")
             self._removing = True
@@ -82,15 +110,22 @@ class Discovery(Sink):
         if not self.marker.exists():
             return []
         try:
-            return [str(topic) for topic in json.loads(read_text(self.marker, StationError, "discovery marker"))["topics"]]
+            return [
+                str(topic) for topic in json.loads(read_text(self.marker, StationError, "discovery marker"))["topics"]
+            ]
         except (StationError, ValueError, KeyError, TypeError) as exc:
-            log.warning("%s cannot be read (%s): Home Assistant configs published before are not removed",
-                        self.marker, exc)
+            log.warning(
+                "%s cannot be read (%s): Home Assistant configs published before are not removed", self.marker, exc
+            )
             return []
 
     def _write_marker(self, topics: list[str]):
         try:
             self.marker.write_text(json.dumps({"topics": topics}))
         except OSError as exc:
-            log.warning("cannot remember the Home Assistant configs in %s (%s): turning discovery off later "
-                        "will not remove them", self.marker, exc)
+            log.warning(
+                "cannot remember the Home Assistant configs in %s (%s): turning discovery off later "
+                "will not remove them",
+                self.marker,
+                exc,
+            )

@@ -10,6 +10,7 @@ Security: Basic256Sha256 (sign and encrypt) with the server's certificate and
 key by default, users from `users_file` (lines user:password); a "none"
 policy or anonymous reading only when station.yaml says so.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -31,16 +32,35 @@ POLL = 0.1  # seconds between writes of changed values
 START_TIMEOUT = 30.0
 # name -> (variant type name, initial value); node id ns=2;s=Station.<name>
 NODES = {
-    "LastVerdict": ("String", ""), "LastScore": ("Double", math.nan), "LastSeq": ("Int64", 0),
-    "OkCount": ("Int64", 0), "NgCount": ("Int64", 0), "Processed": ("Int64", 0),
-    "Product": ("String", ""), "Camera": ("String", STARTING), "Paused": ("Boolean", False),
-    "Problems": ("String", ""), "ReferenceVersion": ("Int64", 0), "StartTime": ("DateTime", None),
+    "LastVerdict": ("String", ""),
+    "LastScore": ("Double", math.nan),
+    "LastSeq": ("Int64", 0),
+    "OkCount": ("Int64", 0),
+    "NgCount": ("Int64", 0),
+    "Processed": ("Int64", 0),
+    "Product": ("String", ""),
+    "Camera": ("String", STARTING),
+    "Paused": ("Boolean", False),
+    "Problems": ("String", ""),
+    "ReferenceVersion": ("Int64", 0),
+    "StartTime": ("DateTime", None),
     "UptimeSeconds": ("Double", 0.0),
 }
 # update() keywords -> node names
-FIELDS = {"verdict": "LastVerdict", "score": "LastScore", "seq": "LastSeq", "ok": "OkCount", "ng": "NgCount",
-          "processed": "Processed", "product": "Product", "camera": "Camera", "paused": "Paused",
-          "problems": "Problems", "reference": "ReferenceVersion", "uptime": "UptimeSeconds"}
+FIELDS = {
+    "verdict": "LastVerdict",
+    "score": "LastScore",
+    "seq": "LastSeq",
+    "ok": "OkCount",
+    "ng": "NgCount",
+    "processed": "Processed",
+    "product": "Product",
+    "camera": "Camera",
+    "paused": "Paused",
+    "problems": "Problems",
+    "reference": "ReferenceVersion",
+    "uptime": "UptimeSeconds",
+}
 
 
 def read_users(path: Path) -> dict[str, str]:
@@ -122,25 +142,34 @@ class OpcuaServer:
                 await server.load_certificate(str(self.config.certificate))
                 await server.load_private_key(str(self.config.private_key))
             except Exception as exc:
-                raise ConfigError(f"opcua: cannot load certificate {self.config.certificate} or private_key "
-                                  f"{self.config.private_key} ({exc})") from None
+                raise ConfigError(
+                    f"opcua: cannot load certificate {self.config.certificate} or private_key "
+                    f"{self.config.private_key} ({exc})"
+                ) from None
         if "none" in self.config.security:
             policies.append(ua.SecurityPolicyType.NoSecurity)
         server.set_security_policy(policies)
         tokens = ([ua.UserNameIdentityToken] if self.config.users_file else []) + (
-            [ua.AnonymousIdentityToken] if self.config.anonymous else [])
+            [ua.AnonymousIdentityToken] if self.config.anonymous else []
+        )
         server.set_identity_tokens(tokens)
         index = await server.register_namespace(NAMESPACE)
         folder = await server.nodes.objects.add_object(ua.NodeId("Station", index), ua.QualifiedName("Station", index))
         nodes = {}
         for name, (kind, initial) in NODES.items():
             value = self._values.get(name, initial)
-            nodes[name] = await folder.add_variable(ua.NodeId(f"Station.{name}", index), ua.QualifiedName(name, index),
-                                                    value, varianttype=getattr(ua.VariantType, kind))
+            nodes[name] = await folder.add_variable(
+                ua.NodeId(f"Station.{name}", index),
+                ua.QualifiedName(name, index),
+                value,
+                varianttype=getattr(ua.VariantType, kind),
+            )
         try:
             await server.start()
         except OSError as exc:
-            raise ConfigError(f"opcua: cannot listen on {self.config.host}:{self.config.port} ({exc.strerror or exc})") from None
+            raise ConfigError(
+                f"opcua: cannot listen on {self.config.host}:{self.config.port} ({exc.strerror or exc})"
+            ) from None
         log.info("OPC UA server on %s (%s)", url, ", ".join(self.config.security))
         self._ready.set()
         written: dict[str, object] = {}
@@ -205,8 +234,9 @@ def start_opcua(config, station: str, started_wall: float) -> OpcuaServer:
     try:
         import asyncua  # noqa: F401
     except ImportError:
-        raise MissingExtraError("opcua: the OPC UA server needs the opcua extra: pip install "
-                                "'inspection-station[opcua]'") from None
+        raise MissingExtraError(
+            "opcua: the OPC UA server needs the opcua extra: pip install 'inspection-station[opcua]'"
+        ) from None
     server = OpcuaServer(config, station, started_wall)
     server.start()
     return server

@@ -13,6 +13,7 @@ lags the verdicts a subscriber has received by at most the in-flight window.
 Verdicts judged by an earlier run (left in the outbox) and verdicts sent live
 while the outbox could not write are not counted. Names: docs/observability.md.
 """
+
 from __future__ import annotations
 
 import logging
@@ -43,13 +44,18 @@ class _DaemonCollector:
         counted = self.figures(d)
         yield _counter("station_frames", "frames the camera delivered", counted.captured or 0)
         yield _counter("station_parts", "parts judged (each gave a verdict)", d.stats.processed)
-        yield _counter("station_frames_dropped", "frames not judged (live camera faster than judging, paused, "
-                                                 "no crop)", counted.dropped)
+        yield _counter(
+            "station_frames_dropped",
+            "frames not judged (live camera faster than judging, paused, no crop)",
+            counted.dropped,
+        )
         errors = CounterMetricFamily("station_errors", "faults since start, by kind", labels=["kind"])
-        for kind, value in (("camera_reconnect", counted.camera_reconnects),
-                            ("mqtt_refused", counted.mqtt_refused),
-                            ("outbox_write", counted.outbox_write_errors),
-                            ("crop_not_kept", counted.crops_not_kept)):
+        for kind, value in (
+            ("camera_reconnect", counted.camera_reconnects),
+            ("mqtt_refused", counted.mqtt_refused),
+            ("outbox_write", counted.outbox_write_errors),
+            ("crop_not_kept", counted.crops_not_kept),
+        ):
             errors.add_metric([kind], value)
         yield errors
         yield _gauge("station_outbox_depth", "verdicts waiting for the broker's PUBACK", self._depth())
@@ -61,8 +67,9 @@ class _DaemonCollector:
         yield camera
         inspector = getattr(d, "inspector", None)
         if inspector is not None:
-            reference = GaugeMetricFamily("station_reference_version", "version of the reference set judging now",
-                                          labels=["product"])
+            reference = GaugeMetricFamily(
+                "station_reference_version", "version of the reference set judging now", labels=["product"]
+            )
             reference.add_metric([inspector.product], inspector.reference_set.version)
             yield reference
         yield _gauge("station_paused", "1 while paused by a command", int(d.paused))
@@ -91,10 +98,18 @@ class PrometheusExporter(Sink):
         """`figures(daemon)`: the daemon's counted figures (station/runtime/stats.py), read at each scrape."""
         self.config = config
         self.registry = CollectorRegistry(auto_describe=False)
-        self.verdicts = Counter("station_verdicts", "verdicts the broker acknowledged (PUBACK), by verdict and "
-                                "product", ["verdict", "product"], registry=self.registry)
-        self.latency = Histogram("station_verdict_latency_seconds", "frame grabbed to the broker's PUBACK",
-                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.verdicts = Counter(
+            "station_verdicts",
+            "verdicts the broker acknowledged (PUBACK), by verdict and product",
+            ["verdict", "product"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "station_verdict_latency_seconds",
+            "frame grabbed to the broker's PUBACK",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.registry.register(_DaemonCollector(daemon, figures, started_wall, started))
         self._pending: dict[int, tuple[tuple[str, str], float]] = {}  # outbox id -> ((verdict, product), grabbed)
         self._children: dict[tuple[str, str], object] = {}
@@ -105,8 +120,10 @@ class PrometheusExporter(Sink):
         try:
             self._server, _ = start_http_server(self.config.port, addr=self.config.host, registry=self.registry)
         except OSError as exc:
-            raise ConfigError(f"prometheus: cannot serve /metrics on {address} ({exc.strerror or exc}); "
-                              f"give each station its own prometheus.port") from None
+            raise ConfigError(
+                f"prometheus: cannot serve /metrics on {address} ({exc.strerror or exc}); "
+                f"give each station its own prometheus.port"
+            ) from None
         log.info("Prometheus metrics on http://%s/metrics", address)
 
     def queued(self, ids: list[int], messages: list[dict]):
@@ -114,8 +131,10 @@ class PrometheusExporter(Sink):
         now = time.monotonic()
         for outbox_id, message in zip(ids, messages):
             if is_verdict(message):
-                self._pending[outbox_id] = ((message["verdict"], message["product"]),
-                                            now - message["latency_ms"] / 1000.0)
+                self._pending[outbox_id] = (
+                    (message["verdict"], message["product"]),
+                    now - message["latency_ms"] / 1000.0,
+                )
 
     def delivered(self, outbox_id: int):
         """The broker acknowledged an outbox message (the drain thread)."""

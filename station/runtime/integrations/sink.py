@@ -11,6 +11,7 @@ happened, and that hands it to each sink that is on. A sink overrides what it wa
     delivered(outbox_id)                  the broker acknowledged one (the publisher's drain thread)
     close()                               the station stops; before the publisher does
 """
+
 from __future__ import annotations
 
 

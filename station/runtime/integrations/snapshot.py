@@ -8,6 +8,7 @@ while offline a snapshot is dropped and the next NG part's supersedes it.
 With a per-position model the verdict's worst position is drawn on it (a red box), so an operator
 sees where the defect is.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,7 +35,12 @@ def mark_box(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     height, width = picture.shape[:2]
     thickness = max(2, round(max(height, width) / 100))
     x, y, w, h = box
-    outer = (max(y - thickness, 0), min(y + h + thickness, height), max(x - thickness, 0), min(x + w + thickness, width))
+    outer = (
+        max(y - thickness, 0),
+        min(y + h + thickness, height),
+        max(x - thickness, 0),
+        min(x + w + thickness, width),
+    )
     inner = (max(y, 0), min(y + h, height), max(x, 0), min(x + w, width))
     inside = picture[inner[0] : inner[1], inner[2] : inner[3]].copy()
     picture[outer[0] : outer[1], outer[2] : outer[3]] = MARK_BGR
@@ -64,8 +70,9 @@ def encode_jpeg(image: np.ndarray, max_bytes: int) -> bytes:
         height, width = picture.shape[:2]
         if min(height, width) <= 8:
             return encoded.tobytes()  # a picture this small fits any sensible bound
-        picture = cv2.resize(picture, (max(1, int(width * SHRINK)), max(1, int(height * SHRINK))),
-                             interpolation=cv2.INTER_AREA)
+        picture = cv2.resize(
+            picture, (max(1, int(width * SHRINK)), max(1, int(height * SHRINK))), interpolation=cv2.INTER_AREA
+        )
 
 
 class Snapshots:

@@ -6,6 +6,7 @@ Sink (sink.py) for each integration station.yaml turns on; `judged`, `state`, `q
 `close` hand each event to every sink, in the order they started (closed in reverse). Libraries of an
 integration that is off are never imported.
 """
+
 from __future__ import annotations
 
 import time
@@ -115,13 +116,24 @@ class _OpcuaSink(Sink):
         verdicts = list(filter(is_verdict, messages))
         if verdicts:
             last = verdicts[-1]
-            self.server.update(verdict=last["verdict"], score=last["score"], seq=last["seq"],
-                               ok=self.stats.ok, ng=self.stats.ng, processed=self.stats.processed)
+            self.server.update(
+                verdict=last["verdict"],
+                score=last["score"],
+                seq=last["seq"],
+                ok=self.stats.ok,
+                ng=self.stats.ng,
+                processed=self.stats.processed,
+            )
 
     def state(self, state: dict):
-        self.server.update(product=state.get("product"), camera=state["camera"], paused=state["paused"],
-                           problems="; ".join(state["problems"]), reference=state["reference"],
-                           uptime=time.monotonic() - self.started)
+        self.server.update(
+            product=state.get("product"),
+            camera=state["camera"],
+            paused=state["paused"],
+            problems="; ".join(state["problems"]),
+            reference=state["reference"],
+            uptime=time.monotonic() - self.started,
+        )
 
     def close(self):
         self.server.close()

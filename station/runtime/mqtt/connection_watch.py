@@ -13,6 +13,7 @@ An exception on an MQTT thread (paho's network loop and the callbacks it runs, t
 the drain) is a fault of its own: logged without a traceback (at debug level with one), named in
 the state until a connection proves itself, and the connection is made again.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -94,8 +95,11 @@ class ConnectionWatch:
         self._proven = True
         self.backoff.reset()
         if self.short_lived:
-            log.info("MQTT: the connection to %s holds again (after %d short-lived connections)",
-                     self.address, self.short_lived)
+            log.info(
+                "MQTT: the connection to %s holds again (after %d short-lived connections)",
+                self.address,
+                self.short_lived,
+            )
         self.short_lived, self._drop_problem = 0, None
         if self._faults:
             log.info("MQTT: the connection to %s holds again after: %s", self.address, "; ".join(self._faults.values()))
@@ -114,11 +118,14 @@ class ConnectionWatch:
             how = "after acknowledging messages"  # so no message of ours is to blame
         else:
             how = "before acknowledging anything"
-        self._drop_problem = (f"the broker at {self.address} drops each connection within {self.stable_after:g} s "
-                              f"of accepting it, {how} ({self.short_lived} in a row; another client with the client "
-                              f"id {self.client_id}?); reconnecting with backoff up to {self.backoff.ceiling:g} s")
-        log.error("MQTT: %s (this one lasted %.1f s, %d message(s) acknowledged)", self._drop_problem, lasted,
-                  self._acked)
+        self._drop_problem = (
+            f"the broker at {self.address} drops each connection within {self.stable_after:g} s "
+            f"of accepting it, {how} ({self.short_lived} in a row; another client with the client "
+            f"id {self.client_id}?); reconnecting with backoff up to {self.backoff.ceiling:g} s"
+        )
+        log.error(
+            "MQTT: %s (this one lasted %.1f s, %d message(s) acknowledged)", self._drop_problem, lasted, self._acked
+        )
 
     def fault(self, where: str, exc: BaseException, reconnects: bool = True):
         """An exception on an MQTT thread: said once per change, kept in the state. reconnects: the

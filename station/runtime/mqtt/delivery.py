@@ -16,6 +16,7 @@ Each hold is logged when it starts, when its reason changes and when it ends.
 Residual: messages already in flight on a topic when its first refusal
 arrives may be accepted before the refused one is delivered.
 """
+
 from __future__ import annotations
 
 import logging
@@ -109,8 +110,11 @@ class Delivery:
                 self.refused += 1
                 self._hold(topic, outbox_id, f"refused by the broker ({refusal})")
         # One outbox commit per PUBACK would cost more than the publish itself.
-        if (len(self._ack_retry) >= ACK_BATCH or not self._inflight
-                or time.monotonic() - self._last_forget >= ACK_INTERVAL):
+        if (
+            len(self._ack_retry) >= ACK_BATCH
+            or not self._inflight
+            or time.monotonic() - self._last_forget >= ACK_INTERVAL
+        ):
             self.forget_delivered()
 
     def forget_delivered(self):
@@ -134,8 +138,12 @@ class Delivery:
         sole = in_flight[0] if len(in_flight) == 1 else None
         if sole is not None and sole == self._sole_when_lost:
             outbox_id, topic = sole
-            self._hold(topic, outbox_id, "the broker drops the connection on this message "
-                                          "(a size limit such as mosquitto's message_size_limit?)")
+            self._hold(
+                topic,
+                outbox_id,
+                "the broker drops the connection on this message "
+                "(a size limit such as mosquitto's message_size_limit?)",
+            )
             self.holds[topic].drops_connection = True
             sole = None
         self._sole_when_lost = sole
@@ -171,8 +179,7 @@ class Delivery:
     @property
     def stalled(self) -> bool:
         """The window is full and the broker has acknowledged nothing for inflight_timeout."""
-        return (len(self._inflight) >= self.max_inflight
-                and time.monotonic() - self._last_ack > self.inflight_timeout)
+        return len(self._inflight) >= self.max_inflight and time.monotonic() - self._last_ack > self.inflight_timeout
 
     @property
     def drops_connection(self) -> bool:
@@ -183,8 +190,10 @@ class Delivery:
         found = [f"{topic}: {hold.reason}; held in the outbox, retrying" for topic, hold in sorted(self.holds.items())]
         stalled = self.stalled
         if stalled:
-            found.append(f"the broker has acknowledged none of {len(self._inflight)} QoS 1 messages in flight "
-                         f"for over {self.inflight_timeout:g} s (mqtt.max_inflight)")
+            found.append(
+                f"the broker has acknowledged none of {len(self._inflight)} QoS 1 messages in flight "
+                f"for over {self.inflight_timeout:g} s (mqtt.max_inflight)"
+            )
         if stalled != self._stall_logged:  # logged once per change, not per look
             self._stall_logged = stalled
             if stalled:
@@ -199,8 +208,11 @@ class Delivery:
         size = packet_size(message.topic, message.payload)
         if self.max_packet is not None and size > self.max_packet:
             log.debug("outbox message %d (%d bytes) exceeds the broker's maximum packet size", message.id, size)
-            self._hold(message.topic, message.id,
-                       f"a message larger than the broker's maximum packet size ({self.max_packet} bytes)")
+            self._hold(
+                message.topic,
+                message.id,
+                f"a message larger than the broker's maximum packet size ({self.max_packet} bytes)",
+            )
             return False
         hold = self.holds.get(message.topic)
         if hold is None:
@@ -230,8 +242,11 @@ class Delivery:
         hold = self.holds.get(topic)
         if hold is None:
             hold = self.holds[topic] = Hold(first_id=outbox_id, reason=reason, until=0.0)
-            log.error("MQTT: %s on %s: keeping it and what follows on that topic in the outbox; other topics flow on",
-                      reason, topic)
+            log.error(
+                "MQTT: %s on %s: keeping it and what follows on that topic in the outbox; other topics flow on",
+                reason,
+                topic,
+            )
         elif hold.reason != reason:  # logged once per change, not once per probe
             log.error("MQTT: %s on %s (was: %s)", reason, topic, hold.reason)
             hold.reason = reason

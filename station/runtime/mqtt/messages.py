@@ -5,6 +5,7 @@ version SCHEMA_VERSION, and tests/test_contract.py checks them, the code and
 the README's examples against each other. Bump it when a payload changes in
 a way a dashboard could notice (a field removed, renamed or retyped).
 """
+
 from __future__ import annotations
 
 import json
@@ -41,9 +42,22 @@ def _finite_or_none(value: float) -> float | None:
 
 
 def verdict_message(
-    *, station: str, seq: int, source: str, part_id: str | None, product: str, judgement: Judgement,
-    threshold: float, metric: str, model_id: str, reference_version: int, latency_ms: float, ts: str,
-    verdict_id: str | None = None, camera_ts: int | None = None, frame_shape: tuple | None = None,
+    *,
+    station: str,
+    seq: int,
+    source: str,
+    part_id: str | None,
+    product: str,
+    judgement: Judgement,
+    threshold: float,
+    metric: str,
+    model_id: str,
+    reference_version: int,
+    latency_ms: float,
+    ts: str,
+    verdict_id: str | None = None,
+    camera_ts: int | None = None,
+    frame_shape: tuple | None = None,
 ) -> dict:
     """`camera_ts`: the camera's own timestamp of the frame (GenICam), in ns of its clock; only then in the message.
     `frame_shape`: the judged frame's (height, width, ...), to place a per-position model's worst cell
@@ -86,21 +100,35 @@ def worst_position(position, frame_shape: tuple | None) -> dict:
 def _regions_fields(part, frame_shape: tuple | None) -> dict:
     """A part judged in several regions: threshold, metric and reference of its worst region, and every region."""
     worst = part.worst
-    return {"threshold": worst.threshold, "metric": worst.metric, "reference": worst.reference,
-            "worst_roi": {"name": worst.name, **_box(worst.roi)}, "rois": [
-        {"name": r.name, "product": r.product, "verdict": r.verdict, "score": _finite_or_none(r.score),
-         "threshold": r.threshold, "metric": r.metric, "reference": r.reference,
-         "distances": {name: _finite_or_none(value) for name, value in r.distances.items()},
-         **({} if r.position is None else {"worst_position": worst_position(r.position, frame_shape)})}
-        for r in part.regions]}
+    return {
+        "threshold": worst.threshold,
+        "metric": worst.metric,
+        "reference": worst.reference,
+        "worst_roi": {"name": worst.name, **_box(worst.roi)},
+        "rois": [
+            {
+                "name": r.name,
+                "product": r.product,
+                "verdict": r.verdict,
+                "score": _finite_or_none(r.score),
+                "threshold": r.threshold,
+                "metric": r.metric,
+                "reference": r.reference,
+                "distances": {name: _finite_or_none(value) for name, value in r.distances.items()},
+                **({} if r.position is None else {"worst_position": worst_position(r.position, frame_shape)}),
+            }
+            for r in part.regions
+        ],
+    }
 
 
 def _box(roi) -> dict:
     return {} if roi is None else {"x": roi.x, "y": roi.y, "width": roi.width, "height": roi.height}
 
 
-def no_verdict_message(*, station: str, seq: int, source: str, product: str, ts: str, reason: str,
-                       part_id: str | None = None) -> dict:
+def no_verdict_message(
+    *, station: str, seq: int, source: str, product: str, ts: str, reason: str, part_id: str | None = None
+) -> dict:
     """A part seen but not judged (trigger: presence), or a trigger not judged (trigger: mqtt, with its
     part_id when it gave one): said, never silence. Shares the verdicts' seq."""
     message = {"station": station, "seq": seq, "id": str(uuid.uuid4()), "ts": ts, "source": source}
@@ -116,13 +144,24 @@ def part_messages(station: str, product: str, reference, model_id: str, ready: f
 
     def build(seq, frame, judgement) -> dict:
         if isinstance(judgement, str):
-            return no_verdict_message(station=station, seq=seq, source=frame.source, product=product, ts=ts,
-                                      reason=judgement)
+            return no_verdict_message(
+                station=station, seq=seq, source=frame.source, product=product, ts=ts, reason=judgement
+            )
         return verdict_message(
-            station=station, seq=seq, source=frame.source, part_id=part_id or frame.part_id,
-            camera_ts=frame.camera_ts, product=product, judgement=judgement, threshold=reference.threshold,
-            metric=reference.metric, model_id=model_id, reference_version=reference.version,
-            latency_ms=(ready - frame.grabbed_at) * 1000.0, ts=ts, frame_shape=frame.image.shape,
+            station=station,
+            seq=seq,
+            source=frame.source,
+            part_id=part_id or frame.part_id,
+            camera_ts=frame.camera_ts,
+            product=product,
+            judgement=judgement,
+            threshold=reference.threshold,
+            metric=reference.metric,
+            model_id=model_id,
+            reference_version=reference.version,
+            latency_ms=(ready - frame.grabbed_at) * 1000.0,
+            ts=ts,
+            frame_shape=frame.image.shape,
         )
 
     return build

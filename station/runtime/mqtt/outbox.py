@@ -16,6 +16,7 @@ back and seqs get reused. FULL costs one fsync per commit, so verdicts are
 stored in batches (one transaction per batch) and acks ride on the next
 verdict commit's fsync (see ack()).
 """
+
 from __future__ import annotations
 
 import logging
@@ -100,18 +101,25 @@ class OutboxTransaction:
 
     def next_seq(self) -> int:
         """The next station seq: strictly increasing, never reused after a restart."""
-        return self._outbox.cover_seq(self._db.execute(
-            "UPDATE counters SET value = value + 1 WHERE name = 'seq' RETURNING value").fetchone()[0])
+        return self._outbox.cover_seq(
+            self._db.execute("UPDATE counters SET value = value + 1 WHERE name = 'seq' RETURNING value").fetchone()[0]
+        )
 
     def advance_seq(self, at_least: int) -> int:
         """Move the persisted seq up to at least `at_least` (seqs used while it could not be stored)."""
-        return self._outbox.cover_seq(self._db.execute(
-            "UPDATE counters SET value = MAX(value, ?) WHERE name = 'seq' RETURNING value", (int(at_least),)).fetchone()[0])
+        return self._outbox.cover_seq(
+            self._db.execute(
+                "UPDATE counters SET value = MAX(value, ?) WHERE name = 'seq' RETURNING value", (int(at_least),)
+            ).fetchone()[0]
+        )
 
     def next_seqs(self, count: int) -> range:
         """Reserve `count` consecutive seqs at once (one statement for a whole batch)."""
-        last = self._outbox.cover_seq(self._db.execute(
-            "UPDATE counters SET value = value + ? WHERE name = 'seq' RETURNING value", (count,)).fetchone()[0])
+        last = self._outbox.cover_seq(
+            self._db.execute(
+                "UPDATE counters SET value = value + ? WHERE name = 'seq' RETURNING value", (count,)
+            ).fetchone()[0]
+        )
         return range(last - count + 1, last + 1)
 
     def put_many(self, topic: str, payloads: list[bytes], qos: int = 1, retain: bool = False) -> range:
@@ -122,7 +130,8 @@ class OutboxTransaction:
         created = time.time()
         self._db.executemany(
             "INSERT INTO messages (topic, payload, qos, retain, created) VALUES (?, ?, ?, ?, ?)",
-            [(topic, bytes(p), int(qos), int(bool(retain)), created) for p in payloads])
+            [(topic, bytes(p), int(qos), int(bool(retain)), created) for p in payloads],
+        )
         self._room -= len(payloads)
         last = self._db.execute("SELECT last_insert_rowid()").fetchone()[0]
         return range(last - len(payloads) + 1, last + 1)
@@ -134,7 +143,8 @@ class OutboxTransaction:
             raise TypeError(f"outbox payloads are bytes, got {type(payload).__name__}")
         cursor = self._db.execute(
             "INSERT INTO messages (topic, payload, qos, retain, created) VALUES (?, ?, ?, ?, ?)",
-            (topic, bytes(payload), int(qos), int(bool(retain)), time.time()))
+            (topic, bytes(payload), int(qos), int(bool(retain)), time.time()),
+        )
         self._room -= 1
         return cursor.lastrowid
 
@@ -169,13 +179,22 @@ class Outbox:
         """A new outbox (or one older than the last clean stop) continues after the seq mark, said loudly."""
         mark, last = self.seq_mark.read(), self.last_seq()
         if mark is None and last == 0:
-            log.warning("outbox %s is new and %s holds no seq: seq starts at 1 (right for a new station; a station "
-                        "that ran before starts its seq again)", self.path, self.seq_mark.path)
+            log.warning(
+                "outbox %s is new and %s holds no seq: seq starts at 1 (right for a new station; a station "
+                "that ran before starts its seq again)",
+                self.path,
+                self.seq_mark.path,
+            )
         elif mark is not None and mark.seq > last and (last == 0 or mark.exact):
-            log.warning("outbox %s %s, but this station has used seqs up to %d (%s): seq continues at %d; verdicts "
-                        "the previous outbox held undelivered are not in this one", self.path,
-                        "is new" if last == 0 else f"is behind the last run (seq {last})", mark.seq,
-                        self.seq_mark.path, mark.seq + 1)
+            log.warning(
+                "outbox %s %s, but this station has used seqs up to %d (%s): seq continues at %d; verdicts "
+                "the previous outbox held undelivered are not in this one",
+                self.path,
+                "is new" if last == 0 else f"is behind the last run (seq {last})",
+                mark.seq,
+                self.seq_mark.path,
+                mark.seq + 1,
+            )
             with self.transaction() as tx:
                 tx.advance_seq(mark.seq)
         self.cover_seq(self.last_seq())
@@ -231,9 +250,12 @@ class Outbox:
         with self._lock, self._errors("read"):
             rows = self._db.execute(
                 "SELECT id, topic, payload, qos, retain, created FROM messages WHERE id > ? ORDER BY id LIMIT ?",
-                (after_id, limit)).fetchall()
-        return [Message(id_, topic, bytes(payload), qos, bool(retain), created)
-                for id_, topic, payload, qos, retain, created in rows]
+                (after_id, limit),
+            ).fetchall()
+        return [
+            Message(id_, topic, bytes(payload), qos, bool(retain), created)
+            for id_, topic, payload, qos, retain, created in rows
+        ]
 
     def ack(self, *ids: int) -> int:
         """Forget delivered messages (one commit for all ids); returns how many were pending.
@@ -305,8 +327,10 @@ class Outbox:
     # -- errors for a person
 
     def _full(self) -> OutboxFullError:
-        message = (f"outbox {self.path} is full ({self.max_messages} undelivered messages; is the MQTT broker "
-                   f"reachable?): new messages are refused, not dropped")
+        message = (
+            f"outbox {self.path} is full ({self.max_messages} undelivered messages; is the MQTT broker "
+            f"reachable?): new messages are refused, not dropped"
+        )
         self._report_full(message)
         return OutboxFullError(message)
 
@@ -316,12 +340,16 @@ class Outbox:
             yield
         except sqlite3.OperationalError as exc:
             if "full" in str(exc):  # SQLITE_FULL: 'database or disk is full'
-                message = (f"outbox {self.path}: the disk is full ({exc}); free space on "
-                           f"{self.path.parent} or lower outbox.max_messages")
+                message = (
+                    f"outbox {self.path}: the disk is full ({exc}); free space on "
+                    f"{self.path.parent} or lower outbox.max_messages"
+                )
                 self._report_disk_full(message)
                 raise OutboxDiskError(message) from exc
             raise OutboxError(f"outbox {self.path}: cannot {action} ({exc})") from exc
         except sqlite3.DatabaseError as exc:
-            raise OutboxError(f"outbox {self.path}: cannot {action}, the database is damaged ({exc}); move it "
-                              f"(and its -wal and -shm files) aside to start a new outbox: seq continues after the "
-                              f"last one used (STATE/seq), the verdicts it still holds are not sent") from exc
+            raise OutboxError(
+                f"outbox {self.path}: cannot {action}, the database is damaged ({exc}); move it "
+                f"(and its -wal and -shm files) aside to start a new outbox: seq continues after the "
+                f"last one used (STATE/seq), the verdicts it still holds are not sent"
+            ) from exc

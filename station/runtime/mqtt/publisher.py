@@ -20,6 +20,7 @@ unacked is sent again from the oldest, so order holds and nothing is lost
 (a message may arrive twice, which QoS 1 allows). paho's own resend of its
 in-flight queue is not used because it races new publishes on reconnect.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -68,11 +69,20 @@ def tls_context(config: MqttConfig) -> ssl.SSLContext | None:
 class Publisher:
     """Connects, keeps reconnecting, drains the Outbox, answers commands."""
 
-    def __init__(self, config: MqttConfig, station: str, outbox: Outbox,
-                 on_command: CommandHandler | None = None, *, on_queued=None, on_delivered=None,
-                 max_inflight: int | None = None,
-                 backoff: Backoff | None = None, env: dict[str, str] | None = None,
-                 stable_after: float = STABLE_AFTER):
+    def __init__(
+        self,
+        config: MqttConfig,
+        station: str,
+        outbox: Outbox,
+        on_command: CommandHandler | None = None,
+        *,
+        on_queued=None,
+        on_delivered=None,
+        max_inflight: int | None = None,
+        backoff: Backoff | None = None,
+        env: dict[str, str] | None = None,
+        stable_after: float = STABLE_AFTER,
+    ):
         self.config = config
         self.station = station
         self.topics = Topics.for_station(config.topic_prefix, station)
@@ -122,8 +132,10 @@ class Publisher:
     def start(self):
         """Read credentials and TLS files (PublisherError if unusable), then connect in the background."""
         if not self.mqtt5:
-            log.warning("mqtt.protocol 3.1.1: the broker acknowledges messages it refuses (ACL, size) and they are "
-                        "lost without a trace; use MQTT 5 (mqtt.protocol: 5) where the broker speaks it")
+            log.warning(
+                "mqtt.protocol 3.1.1: the broker acknowledges messages it refuses (ACL, size) and they are "
+                "lost without a trace; use MQTT 5 (mqtt.protocol: 5) where the broker speaks it"
+            )
         self._password = read_password(self.config, self._env)
         self._tls = tls_context(self.config)
         for target, name in ((self._supervise, "mqtt-connect"), (self._drain, "mqtt-drain")):
@@ -207,8 +219,13 @@ class Publisher:
 
     def _new_client(self, connection: Connection) -> mqtt.Client:
         session = {"protocol": mqtt.MQTTv5} if self.mqtt5 else {"protocol": mqtt.MQTTv311, "clean_session": True}
-        client = GuardedClient(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                                userdata=connection, reconnect_on_failure=False, **session)
+        client = GuardedClient(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            userdata=connection,
+            reconnect_on_failure=False,
+            **session,
+        )
         client.on_crash = lambda exc: (self.watch.fault("the MQTT network thread", exc), connection.lost.set())
         client.max_inflight_messages_set(self.delivery.max_inflight)
         client.will_set(self.topics.status, "offline", qos=1, retain=True)
@@ -241,8 +258,12 @@ class Publisher:
         connection = Connection(self._generation)
         client = self._new_client(connection)
         try:
-            client.connect(self.config.host, self.config.port, self.config.keepalive,
-                           **({"clean_start": True} if self.mqtt5 else {}))
+            client.connect(
+                self.config.host,
+                self.config.port,
+                self.config.keepalive,
+                **({"clean_start": True} if self.mqtt5 else {}),
+            )
         except (OSError, ValueError) as exc:  # refused, unreachable, DNS, TLS handshake
             self._stopping.wait(self._retry_delay(f"MQTT broker {address} unreachable ({exc})"))
             return
@@ -273,8 +294,9 @@ class Publisher:
     def _no_answer(self, address: str):
         # An MQTT 3.1.1-only broker (amqtt, old mosquitto) may leave an MQTT 5 CONNECT unanswered.
         hint = "; if it speaks only MQTT 3.1.1, set mqtt.protocol: 3.1.1 in station.yaml" if self.mqtt5 else ""
-        log.error("MQTT broker %s accepted the connection but did not answer it within %g s%s",
-                  address, CONNACK_TIMEOUT, hint)
+        log.error(
+            "MQTT broker %s accepted the connection but did not answer it within %g s%s", address, CONNACK_TIMEOUT, hint
+        )
 
     def _retry_delay(self, why: str) -> float:
         delay = self.backoff.next()
@@ -285,11 +307,17 @@ class Publisher:
         address = f"{self.config.host}:{self.config.port}"
         if reason_code.is_failure:
             if self.mqtt5 and str(reason_code).lower() == "unsupported protocol version":
-                log.error("MQTT broker %s does not speak MQTT 5: set mqtt.protocol: 3.1.1 in station.yaml "
-                          "(the broker's refusals of messages then cannot be seen)", address)
+                log.error(
+                    "MQTT broker %s does not speak MQTT 5: set mqtt.protocol: 3.1.1 in station.yaml "
+                    "(the broker's refusals of messages then cannot be seen)",
+                    address,
+                )
             elif str(reason_code) in NOT_AUTHORISED:
-                log.error("MQTT broker %s refused user %r: not authorised: check username/password",
-                          address, self.config.username)
+                log.error(
+                    "MQTT broker %s refused user %r: not authorised: check username/password",
+                    address,
+                    self.config.username,
+                )
             else:
                 log.error("MQTT broker %s refused the connection: %s", address, reason_code)
             connection.lost.set()
@@ -297,8 +325,13 @@ class Publisher:
         connection.accepted = True  # the backoff starts again only once the connection has proved itself
         self.watch.connected()
         self._max_packet = getattr(properties, "MaximumPacketSize", None) if self.mqtt5 else None
-        log.info("connected to MQTT broker %s as %s (MQTT %s%s)", address, self.client_id,
-                 self.config.protocol, f", maximum packet {self._max_packet} bytes" if self._max_packet else "")
+        log.info(
+            "connected to MQTT broker %s as %s (MQTT %s%s)",
+            address,
+            self.client_id,
+            self.config.protocol,
+            f", maximum packet {self._max_packet} bytes" if self._max_packet else "",
+        )
         connection.own.append(client.publish(self.topics.status, "online", qos=1, retain=True))
         client.subscribe(self.topics.command, qos=1)
         if self._state_payload is not None:
@@ -314,9 +347,11 @@ class Publisher:
         to it reach nobody, and nobody would be told. Said once, and in the state until a SUBACK grants it."""
         refusals = [str(code) for code in reason_codes if code.is_failure]
         if refusals:
-            problem = (f"the broker refused the subscription to {self.topics.command} ({refusals[0]}): commands "
-                       "and triggers sent to the station cannot arrive; let the station read that topic in the "
-                       "broker's ACL")
+            problem = (
+                f"the broker refused the subscription to {self.topics.command} ({refusals[0]}): commands "
+                "and triggers sent to the station cannot arrive; let the station read that topic in the "
+                "broker's ACL"
+            )
             if problem != self._commands_refused:
                 log.error("%s", problem)
             self._commands_refused = problem
@@ -348,8 +383,13 @@ class Publisher:
         if self._max_packet is not None and packet_size(topic, payload) > self._max_packet:
             if topic not in self._too_large:  # the broker would drop the connection: never sent, said once
                 self._too_large.add(topic)
-                log.error("MQTT: a %d-byte message on %s is larger than the broker's maximum packet size "
-                          "(%d bytes): not sent", len(payload), topic, self._max_packet)
+                log.error(
+                    "MQTT: a %d-byte message on %s is larger than the broker's maximum packet size "
+                    "(%d bytes): not sent",
+                    len(payload),
+                    topic,
+                    self._max_packet,
+                )
             return False
         info = client.publish(topic, payload, qos=qos, retain=retain)
         if qos > 0:
@@ -368,8 +408,7 @@ class Publisher:
             return
         if message.retain:
             # A retained command would run again on every reconnect and restart.
-            log.warning("ignoring a retained command on %s (commands must be sent live, not retained)",
-                        message.topic)
+            log.warning("ignoring a retained command on %s (commands must be sent live, not retained)", message.topic)
             return
         if self.on_command is None:
             self._reply({"ok": False, "error": "this station takes no commands"})

@@ -8,6 +8,7 @@ same transaction, as soon as the outbox stores again, so no seq is used twice.
 The trouble is logged once when it starts and once when it ends, and is
 `problem` (the retained state) meanwhile.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,7 +34,9 @@ class VerdictRecorder:
         self.problem: str | None = None  # why verdicts are not stored right now
         self._live_seq: int | None = None  # last seq published live while the outbox's disk is full
 
-    def record(self, build: Build, pending: list, stopping: Callable[[], bool], wait: Callable[[str], None]) -> list[dict]:
+    def record(
+        self, build: Build, pending: list, stopping: Callable[[], bool], wait: Callable[[str], None]
+    ) -> list[dict]:
         """Store (frame, judgement) pairs as verdicts in order; the messages stored or sent.
 
         `wait(why)` is called while nothing can be stored (it should flush and keep the
@@ -43,7 +46,7 @@ class VerdictRecorder:
         while True:
             try:
                 stored = self._store(build, pending)
-                done, pending = done + stored, pending[len(stored):]
+                done, pending = done + stored, pending[len(stored) :]
                 if not pending:
                     self._set_problem(None)
                     return done
@@ -52,7 +55,7 @@ class VerdictRecorder:
                 self._set_problem(str(exc))
                 if not isinstance(exc, OutboxFullError):  # cannot write at all: live beats waiting
                     sent = self._publish_live(build, pending)
-                    done, pending = done + sent, pending[len(sent):]
+                    done, pending = done + sent, pending[len(sent) :]
                     if not pending:
                         return done
                 if stopping():
@@ -76,9 +79,10 @@ class VerdictRecorder:
         with self.outbox.transaction() as tx:
             if self._live_seq is not None:
                 tx.advance_seq(self._live_seq)
-            fitting = pending[:max(tx.room, 1)]  # none fits: one, refused as full
-            messages = [build(seq, frame, judgement)
-                        for seq, (frame, judgement) in zip(tx.next_seqs(len(fitting)), fitting)]
+            fitting = pending[: max(tx.room, 1)]  # none fits: one, refused as full
+            messages = [
+                build(seq, frame, judgement) for seq, (frame, judgement) in zip(tx.next_seqs(len(fitting)), fitting)
+            ]
             self.publisher.queue_verdicts(tx, messages)
         if self._live_seq is not None:
             log.info("seqs up to %d were published live", self._live_seq)
@@ -94,8 +98,11 @@ class VerdictRecorder:
             # (bounded: deleting acknowledged rows may itself fail on a full disk).
             self.publisher.flush(timeout=LIVE_ORDER_WAIT)
             self._live_seq = self.outbox.last_seq()  # reading works on a full disk
-            log.error("outbox %s cannot store verdicts: publishing them live, not durable, "
-                      "from seq %d until it can", self.outbox.path, self._live_seq + 1)
+            log.error(
+                "outbox %s cannot store verdicts: publishing them live, not durable, from seq %d until it can",
+                self.outbox.path,
+                self._live_seq + 1,
+            )
         sent = []
         for frame, judgement in pending:
             self._live_seq += 1  # used even if the send fails: a gap, never a reuse

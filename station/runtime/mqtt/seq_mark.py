@@ -10,6 +10,7 @@ after a clean stop without a gap, after a crash with a gap of at most RESERVE se
     STATE/seq    "4000 reserved"   seqs up to 4000 may have been used (the station runs, or crashed)
                  "3127 last"       the last seq used; the station stopped cleanly
 """
+
 from __future__ import annotations
 
 import logging
@@ -66,8 +67,10 @@ class SeqMark:
         try:
             _write_atomically(self.path, f"{seq} {kind}\n".encode())
         except OSError as exc:
-            problem = (f"{self.path} cannot be written ({exc.strerror or exc}): if the outbox is lost too, seqs "
-                       "after the last one written there would be used again")
+            problem = (
+                f"{self.path} cannot be written ({exc.strerror or exc}): if the outbox is lost too, seqs "
+                "after the last one written there would be used again"
+            )
             if problem != self.problem:
                 log.error("seq mark %s", problem)
             self.problem = problem

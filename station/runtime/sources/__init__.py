@@ -10,6 +10,7 @@ capture.py (V4L2 devices, RTSP/HTTP streams, video files), genicam.py
 (GigE Vision / USB3 Vision through Aravis, imported only when used); kinds.py
 says which kind a configured `camera.source` is.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,16 +20,44 @@ from station.runtime.sources.base import ENDED, OK, RECONNECTING, Frame, FrameSo
 from station.runtime.sources.capture import CaptureSource
 from station.runtime.sources.folder import FolderSource
 from station.runtime.sources.kinds import (
-    DEVICE, FILE, FOLDER, GENICAM, SIM, URL, is_stored_media, parse_sim_source, source_kind, with_credentials,
+    DEVICE,
+    FILE,
+    FOLDER,
+    GENICAM,
+    SIM,
+    URL,
+    is_stored_media,
+    parse_sim_source,
+    source_kind,
+    with_credentials,
 )
 from station.runtime.sources.simulated import SimSource
 
-__all__ = ["ENDED", "OK", "RECONNECTING", "CaptureSource", "FolderSource", "Frame", "FrameSource", "SimSource",
-           "is_finite", "is_lossless", "open_source"]
+__all__ = [
+    "ENDED",
+    "OK",
+    "RECONNECTING",
+    "CaptureSource",
+    "FolderSource",
+    "Frame",
+    "FrameSource",
+    "SimSource",
+    "is_finite",
+    "is_lossless",
+    "open_source",
+]
 
 
-def open_source(source: int | str | Path, loop: bool = False, fps: float = 0.0, *, max_pixels: int | None = None,
-                credentials: tuple[str, str] | None = None, genicam=None, trigger: str | None = None) -> FrameSource:
+def open_source(
+    source: int | str | Path,
+    loop: bool = False,
+    fps: float = 0.0,
+    *,
+    max_pixels: int | None = None,
+    credentials: tuple[str, str] | None = None,
+    genicam=None,
+    trigger: str | None = None,
+) -> FrameSource:
     """The source for a configured `camera.source`; `credentials` (user, password) for network cameras;
     `genicam` (camera.genicam settings) and `trigger` (the station's trigger) for genicam:// cameras."""
     try:

@@ -13,6 +13,7 @@ its frames (nothing to read, gone mid-way). Live sources (device, URL, video
 file) read in a thread of their own: a read that hangs (a dead RTSP stream can
 block for half a minute) is noticed after `stall_timeout`.
 """
+
 from __future__ import annotations
 
 import itertools

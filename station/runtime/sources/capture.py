@@ -12,6 +12,7 @@ rescaled without a word. MJPEG (HTTP cameras, videos OpenCV writes) is therefore
 read as undecoded packets and decoded here, so each frame keeps its real size
 and the daemon sees the change.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -87,8 +88,15 @@ class _Reader(threading.Thread):
 class CaptureSource(FrameSource):
     """A V4L2 device, an RTSP/HTTP(MJPEG) URL or a video file, reconnecting when lost."""
 
-    def __init__(self, target: int | str, kind: str, loop: bool = False, fps: float = 0.0,
-                 stall_timeout: float = STALL_TIMEOUT, backoff: Backoff | None = None):
+    def __init__(
+        self,
+        target: int | str,
+        kind: str,
+        loop: bool = False,
+        fps: float = 0.0,
+        stall_timeout: float = STALL_TIMEOUT,
+        backoff: Backoff | None = None,
+    ):
         super().__init__(without_credentials(target) if kind == URL else str(target), fps)
         self.target, self.kind, self.loop = target, kind, loop
         self.stall_timeout = stall_timeout
@@ -125,8 +133,10 @@ class CaptureSource(FrameSource):
                 elif not self.loop:
                     return
             elif outcome == "lost" and self.finite:
-                self._ended_without_frames(f"video {self.description} stalled after {reader.read} frames: ended "
-                                           "(not read again from the start: its parts were judged)")
+                self._ended_without_frames(
+                    f"video {self.description} stalled after {reader.read} frames: ended "
+                    "(not read again from the start: its parts were judged)"
+                )
                 return
             elif outcome == "lost":
                 lost_before = self._lost(f"camera {self.description} lost")
@@ -136,8 +146,12 @@ class CaptureSource(FrameSource):
         if reader.read == 0:
             return f"video {self.description} holds no frame that can be decoded (empty or damaged)"
         if reader.read + reader.undecodable < reader.expected:
-            log.warning("video %s ended after %d of the %d frames its header announces: the file is "
-                        "truncated or damaged", self.description, reader.read, reader.expected)
+            log.warning(
+                "video %s ended after %d of the %d frames its header announces: the file is truncated or damaged",
+                self.description,
+                reader.read,
+                reader.expected,
+            )
         else:
             log.info("video %s ended (%d frames)", self.description, reader.read)
         return None
@@ -158,8 +172,9 @@ class CaptureSource(FrameSource):
             self._mjpeg = jpeg_packets  # the stream's codec does not change on a reconnect
         if capture is None:
             if self.kind == FILE:
-                return None, (f"{self.description} cannot be opened as a video (not a video file, "
-                              "or a codec OpenCV lacks here)")
+                return None, (
+                    f"{self.description} cannot be opened as a video (not a video file, or a codec OpenCV lacks here)"
+                )
             return None, f"cannot open {self.description}"
         reader = _Reader(capture, keep_latest=self.kind != FILE, jpeg_packets=bool(jpeg_packets))
         reader.expected = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if self.kind == FILE else 0
@@ -172,7 +187,12 @@ class CaptureSource(FrameSource):
         if self.kind == DEVICE:
             capture = cv2.VideoCapture(self.target, cv2.CAP_V4L2)
         elif self.kind == URL:
-            params += [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, 5000, cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(self.stall_timeout * 1000)]
+            params += [
+                cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,
+                5000,
+                cv2.CAP_PROP_READ_TIMEOUT_MSEC,
+                int(self.stall_timeout * 1000),
+            ]
             capture = cv2.VideoCapture(self.target, cv2.CAP_FFMPEG, params)
         else:
             capture = cv2.VideoCapture(str(self.target), cv2.CAP_FFMPEG, params)

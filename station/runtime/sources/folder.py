@@ -4,6 +4,7 @@ A looping folder is a camera: when it is gone or holds nothing readable
 (renamed away, emptied, being refilled) it reconnects with backoff and says
 why. A folder read once ends, and says why when it gave no frame at all.
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,8 +22,14 @@ log = logging.getLogger(__name__)
 class FolderSource(FrameSource):
     """Images below a folder, recursively, sorted; `source` is the path inside the folder."""
 
-    def __init__(self, folder: Path, loop: bool = False, fps: float = 0.0, max_pixels: int | None = None,
-                 backoff: Backoff | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        loop: bool = False,
+        fps: float = 0.0,
+        max_pixels: int | None = None,
+        backoff: Backoff | None = None,
+    ):
         super().__init__(str(folder), fps)
         self.max_pixels = max_pixels
         self.folder = Path(folder)
@@ -70,6 +77,8 @@ class FolderSource(FrameSource):
 
     def _nothing_readable(self, listed: int, first_error: str | None) -> str:
         if listed == 0:
-            return (f"image folder {self.folder} holds no images "
-                    f"(the station reads {' '.join(sorted(IMAGE_SUFFIXES))}; hidden files are skipped)")
+            return (
+                f"image folder {self.folder} holds no images "
+                f"(the station reads {' '.join(sorted(IMAGE_SUFFIXES))}; hidden files are skipped)"
+            )
         return f"image folder {self.folder}: none of its {listed} images can be read (e.g. {first_error})"

@@ -16,6 +16,7 @@ run) the source reconnects with backoff and applies the settings again.
 
 Aravis is imported only here, and only when a genicam:// source is opened.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,11 +36,17 @@ log = logging.getLogger(__name__)
 
 FREE, HARDWARE, SOFTWARE = "free", "hardware", "software"
 POP_WAIT_US = 200_000  # a pop waits at most this long, so close() and a lost camera are noticed
-INSTALL = ("apt-get install gir1.2-aravis-0.8 libgirepository1.0-dev libcairo2-dev pkg-config, "
-           "then pip install '.[genicam]' (PyGObject) in the station's environment")
+INSTALL = (
+    "apt-get install gir1.2-aravis-0.8 libgirepository1.0-dev libcairo2-dev pkg-config, "
+    "then pip install '.[genicam]' (PyGObject) in the station's environment"
+)
 # GenICam Bayer names the top-left 2x2 cell; OpenCV names the cell one down and right of it.
-BAYER_TO_GREY = {"BayerRG8": "COLOR_BayerBG2GRAY", "BayerGR8": "COLOR_BayerGB2GRAY",
-                 "BayerGB8": "COLOR_BayerGR2GRAY", "BayerBG8": "COLOR_BayerRG2GRAY"}
+BAYER_TO_GREY = {
+    "BayerRG8": "COLOR_BayerBG2GRAY",
+    "BayerGR8": "COLOR_BayerGB2GRAY",
+    "BayerGB8": "COLOR_BayerGR2GRAY",
+    "BayerBG8": "COLOR_BayerRG2GRAY",
+}
 
 
 class SettingError(Exception):
@@ -54,7 +61,9 @@ def aravis():
         gi.require_version("Aravis", "0.8")
         from gi.repository import Aravis, GLib
     except (ImportError, ValueError) as exc:  # no PyGObject, or no Aravis typelib (ValueError from require_version)
-        raise MissingExtraError(f"GenICam cameras (genicam://) need Aravis 0.8 through PyGObject ({exc}): {INSTALL}") from None
+        raise MissingExtraError(
+            f"GenICam cameras (genicam://) need Aravis 0.8 through PyGObject ({exc}): {INSTALL}"
+        ) from None
     return Aravis, GLib
 
 
@@ -66,8 +75,15 @@ def trigger_mode(trigger: str | None) -> str:
 class GenicamSource(FrameSource):
     """A GenICam camera: frames in free run or on the camera's trigger, reconnecting when lost."""
 
-    def __init__(self, source: str, settings: GenicamConfig | None = None, trigger: str | None = None,
-                 fps: float = 0.0, stall_timeout: float = STALL_TIMEOUT, backoff: Backoff | None = None):
+    def __init__(
+        self,
+        source: str,
+        settings: GenicamConfig | None = None,
+        trigger: str | None = None,
+        fps: float = 0.0,
+        stall_timeout: float = STALL_TIMEOUT,
+        backoff: Backoff | None = None,
+    ):
         super().__init__(source, fps)
         self.device = parse_genicam_source(source)
         self.settings = settings or GenicamConfig()
@@ -144,8 +160,14 @@ class GenicamSource(FrameSource):
             if self.mode == HARDWARE:  # each frame is a part, numbered from 1 since start
                 self.parts += 1
                 part_id = str(self.parts)
-            yield Frame(image, f"{self.description}#{frame_id}", next(self._count), grabbed_at,
-                        camera_ts=camera_ts or None, part_id=part_id)
+            yield Frame(
+                image,
+                f"{self.description}#{frame_id}",
+                next(self._count),
+                grabbed_at,
+                camera_ts=camera_ts or None,
+                part_id=part_id,
+            )
         return "closed"
 
     def _image(self, buffer) -> np.ndarray:
@@ -270,7 +292,9 @@ def apply_settings(camera, settings: GenicamConfig, mode: str) -> list[str]:
         source = "Software" if mode == SOFTWARE else settings.trigger_source
         sources = available_trigger_sources(camera)
         if source not in sources:
-            raise SettingError(f"trigger source {source} is not offered (the camera has {', '.join(sources) or 'none'})")
+            raise SettingError(
+                f"trigger source {source} is not offered (the camera has {', '.join(sources) or 'none'})"
+            )
         camera.set_trigger(source)  # FrameStart: TriggerMode On from this source; other selectors Off
         applied.append(f"trigger {source}")
     return applied

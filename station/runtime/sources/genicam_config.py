@@ -7,6 +7,7 @@
 Pure settings (no Aravis here): config/station.py parses them, genicam.py applies them
 on every connect, so a camera that was power-cycled comes back as configured.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Literal
@@ -48,4 +49,6 @@ def _camera_trigger_needs_genicam(value: str, info: ValidationInfo) -> str:
 
 
 GenicamField = Annotated[GenicamConfig | None, AfterValidator(_only_for_genicam)]
-Trigger = Annotated[Literal["continuous", "mqtt", "presence", "hardware"], AfterValidator(_camera_trigger_needs_genicam)]
+Trigger = Annotated[
+    Literal["continuous", "mqtt", "presence", "hardware"], AfterValidator(_camera_trigger_needs_genicam)
+]

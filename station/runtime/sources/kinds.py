@@ -3,6 +3,7 @@
 Config validation, open_source, `station check` and the finite/lossless
 rules all ask `source_kind` instead of looking at prefixes themselves.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -48,10 +49,12 @@ def is_stored_media(kind: str) -> bool:
 
 def parse_genicam_source(source: str) -> str:
     """The Aravis device of genicam://DEVICE: a device id (Vendor-Model-Serial as arv-tool lists it) or an IP address."""
-    device = source[len(GENICAM_SCHEME):] if source.startswith(GENICAM_SCHEME) else ""
+    device = source[len(GENICAM_SCHEME) :] if source.startswith(GENICAM_SCHEME) else ""
     if not device.strip() or device != device.strip() or "/" in device:
-        raise ValueError(f"{source!r}: a GenICam camera looks like genicam://DEVICE (an Aravis device id as "
-                         "arv-tool-0.8 lists it, e.g. genicam://Basler-210ab4, or an IP address)")
+        raise ValueError(
+            f"{source!r}: a GenICam camera looks like genicam://DEVICE (an Aravis device id as "
+            "arv-tool-0.8 lists it, e.g. genicam://Basler-210ab4, or an IP address)"
+        )
     return device
 
 

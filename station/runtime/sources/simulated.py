@@ -1,4 +1,5 @@
 """The simulated line as a camera (sim://?seed=N&count=N): one full frame per part."""
+
 from __future__ import annotations
 
 import itertools

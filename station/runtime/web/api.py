@@ -15,6 +15,7 @@
 Every request from the network is answered, never with a traceback: a bug in a handler is a 500 with
 a sentence, logged with its traceback for the station's developers.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -38,8 +39,10 @@ COMMAND_TIMEOUT = 30.0  # seconds: a reload loads a model; longer than that the 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
-                               "frame-ancestors 'none'; form-action 'self'",
-    "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer",
+    "frame-ancestors 'none'; form-action 'self'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
 }
 _shown = reprlib.Repr()
 _shown.maxstring = 40
@@ -135,17 +138,20 @@ async def _body(request) -> dict:
 
 # -- pages and sessions
 
+
 async def _index(request):
-    return web.Response(body=request.app["page"].static["index.html"], content_type="text/html",
-                        headers={"Cache-Control": "no-cache"})
+    return web.Response(
+        body=request.app["page"].static["index.html"], content_type="text/html", headers={"Cache-Control": "no-cache"}
+    )
 
 
 async def _static(request):
     name = request.match_info["name"]
     if name not in STATIC or name == "index.html":
         return _error(404, "no such file")
-    return web.Response(body=request.app["page"].static[name], content_type=STATIC[name],
-                        headers={"Cache-Control": "no-cache"})
+    return web.Response(
+        body=request.app["page"].static[name], content_type=STATIC[name], headers={"Cache-Control": "no-cache"}
+    )
 
 
 async def _me(request):
@@ -183,8 +189,9 @@ async def _login(request):
     page.limit.succeeded(*keys)
     token, session = page.sessions.open(user.name, user.role)
     log.info("web: %s (%s) logged in from %s", user.name, user.role, peer)
-    response = web.json_response({"user": user.name, "role": user.role, "open": False, "csrf": session.csrf,
-                                  "station": page.station})
+    response = web.json_response(
+        {"user": user.name, "role": user.role, "open": False, "csrf": session.csrf, "station": page.station}
+    )
     response.set_cookie(COOKIE, token, httponly=True, samesite="Strict", secure=page.ssl is not None, path="/")
     return response
 
@@ -202,6 +209,7 @@ async def _logout(request):
 
 # -- what the station is doing
 
+
 async def _state(request):
     state = request.app["page"].feed.state
     return web.json_response(state) if state is not None else _error(503, "the station is starting")
@@ -212,8 +220,11 @@ def summary(message: dict) -> dict:
     keys = ("seq", "id", "ts", "source", "part_id", "product", "score", "threshold", "latency_ms")
     shown = {key: message.get(key) for key in keys}
     if "verdict" in message:
-        shown.update(verdict=message["verdict"], thumbnail=f"/api/crops/{message['id']}.jpg",
-                     worst_position=message.get("worst_position"))
+        shown.update(
+            verdict=message["verdict"],
+            thumbnail=f"/api/crops/{message['id']}.jpg",
+            worst_position=message.get("worst_position"),
+        )
     else:
         shown.update(verdict="no_verdict", reason=message.get("reason"))
     return shown
@@ -234,8 +245,9 @@ async def _results(request):
     except DataError as exc:
         return _error(400, str(exc))
     ng_only = request.query.get("ng") in ("1", "true")
-    return web.json_response({"results": [summary(m) for m in page.feed.results(count, ng_only, after)],
-                              "kept": page.config.results})
+    return web.json_response(
+        {"results": [summary(m) for m in page.feed.results(count, ng_only, after)], "kept": page.config.results}
+    )
 
 
 async def _result(request):
@@ -250,11 +262,20 @@ async def _stats(request):
     start["dropped_frames"] = figures["dropped_frames"]
     since_reset["dropped_frames"] = figures["dropped_frames"] - page.feed.dropped_at_reset
     state = page.feed.state or {}
-    return web.json_response({
-        "station": page.station, "started": page.started_wall, "since_start": start, "since_reset": since_reset,
-        "outbox_depth": figures["outbox_depth"], "broker": figures["broker"], "camera": figures["camera"],
-        "paused": state.get("paused"), "problems": state.get("problems", []), "uptime_s": figures["uptime_s"],
-    })
+    return web.json_response(
+        {
+            "station": page.station,
+            "started": page.started_wall,
+            "since_start": start,
+            "since_reset": since_reset,
+            "outbox_depth": figures["outbox_depth"],
+            "broker": figures["broker"],
+            "camera": figures["camera"],
+            "paused": state.get("paused"),
+            "problems": state.get("problems", []),
+            "uptime_s": figures["uptime_s"],
+        }
+    )
 
 
 async def _reset(request):
@@ -280,9 +301,14 @@ async def _live(request):
         return web.json_response({"number": None})
     latest = (await page.in_worker(page.pictures.current, page.feed.latest))[0]  # the part the pictures show
     image = latest.frame.image
-    return web.json_response({"number": latest.number, "verdict": summary(latest.message),
-                              "frame": {"width": int(image.shape[1]), "height": int(image.shape[0])},
-                              "regions": [r.name for r in latest.inspector.regions]})
+    return web.json_response(
+        {
+            "number": latest.number,
+            "verdict": summary(latest.message),
+            "frame": {"width": int(image.shape[1]), "height": int(image.shape[0])},
+            "regions": [r.name for r in latest.inspector.regions],
+        }
+    )
 
 
 async def _live_picture(request):
@@ -308,6 +334,7 @@ async def _crop(request):
 
 
 # -- operations: the MQTT commands' own path
+
 
 async def _command(request):
     page = request.app["page"]
@@ -340,10 +367,18 @@ async def _command(request):
         answer = await asyncio.wait_for(answered, COMMAND_TIMEOUT)
     except asyncio.TimeoutError:
         log.warning("web: %s (%s) %s (%s): no answer within %g s", user, role, what, command_id, COMMAND_TIMEOUT)
-        return web.json_response({"id": command_id, "ok": False,
-                                  "error": f"no answer from the station within {COMMAND_TIMEOUT:g} s"}, status=504)
-    log.info("web: %s (%s) %s (%s): %s", user, role, what, command_id,
-             "done" if answer["ok"] else f"refused: {answer['error']}")
+        return web.json_response(
+            {"id": command_id, "ok": False, "error": f"no answer from the station within {COMMAND_TIMEOUT:g} s"},
+            status=504,
+        )
+    log.info(
+        "web: %s (%s) %s (%s): %s",
+        user,
+        role,
+        what,
+        command_id,
+        "done" if answer["ok"] else f"refused: {answer['error']}",
+    )
     return web.json_response(answer)
 
 

@@ -6,6 +6,7 @@ token in the X-CSRF-Token header, which only the page's own script can read (fro
 another site can neither read it nor set that header without a CORS grant the page never gives. The
 open page (loopback, no users) has one such token for the process.
 """
+
 from __future__ import annotations
 
 import hmac

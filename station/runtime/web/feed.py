@@ -6,6 +6,7 @@ its verdict and the inspector that judged it. That is a few list operations per 
 held only for them; the page's thread copies what it shows under the same lock and does everything
 else (JPEG, JSON, thumbnails) outside it, so a slow or stalled browser never holds up judging.
 """
+
 from __future__ import annotations
 
 import threading
@@ -42,10 +43,17 @@ class Tally:
     def figures(self) -> dict:
         judged = self.ok + self.ng
         return {
-            "since": self.since, "parts": judged + self.no_verdicts, "ok": self.ok, "ng": self.ng,
-            "no_verdicts": self.no_verdicts, "yield": round(self.ok / judged, 5) if judged else None,
-            "processing_ms": {"min": self.latency_min, "max": self.latency_max,
-                              "avg": round(self.latency_sum / judged, 3) if judged else None},
+            "since": self.since,
+            "parts": judged + self.no_verdicts,
+            "ok": self.ok,
+            "ng": self.ng,
+            "no_verdicts": self.no_verdicts,
+            "yield": round(self.ok / judged, 5) if judged else None,
+            "processing_ms": {
+                "min": self.latency_min,
+                "max": self.latency_max,
+                "avg": round(self.latency_sum / judged, 3) if judged else None,
+            },
         }
 
 
@@ -78,8 +86,14 @@ class WebFeed:
         verdicts = [m for m in messages if "verdict" in m]
         ng = [m for m in verdicts if m["verdict"] == NG]
         latencies = [m["latency_ms"] for m in verdicts]
-        figures = (len(verdicts) - len(ng), len(ng), len(messages) - len(verdicts),
-                   min(latencies, default=None), max(latencies, default=None), sum(latencies))
+        figures = (
+            len(verdicts) - len(ng),
+            len(ng),
+            len(messages) - len(verdicts),
+            min(latencies, default=None),
+            max(latencies, default=None),
+            sum(latencies),
+        )
         with self._lock:
             self._results.extend(messages)
             self._ng.extend(ng)

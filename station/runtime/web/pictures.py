@@ -6,6 +6,7 @@ in green with their names, the worst position of a per-position verdict in red. 
 the crops the daemon keeps (STATE/crops/{NG,OK}/<verdict id>.png), read only when asked for and kept
 in a small cache.
 """
+
 from __future__ import annotations
 
 import re
@@ -72,16 +73,18 @@ def live_picture(latest) -> bytes:
         x1, y1 = round((x + w) * scale) - 1, round((y + h) * scale) - 1
         cv2.rectangle(picture, (x0, y0), (x1, y1), colour, thickness)
         if colour == REGION_BGR and label != "roi":
-            cv2.putText(picture, label, (x0 + 2, max(y0 - 4, 12)), cv2.FONT_HERSHEY_SIMPLEX, 0.45, colour, 1,
-                        cv2.LINE_AA)
+            cv2.putText(
+                picture, label, (x0 + 2, max(y0 - 4, 12)), cv2.FONT_HERSHEY_SIMPLEX, 0.45, colour, 1, cv2.LINE_AA
+            )
     return _jpeg(picture)
 
 
 def model_crop(latest) -> bytes:
     """The crop the model saw (gray, its input size; several regions side by side), enlarged as a PNG."""
     crop = latest.inspector.crop(latest.frame.image)
-    enlarged = cv2.resize(crop, (crop.shape[1] * CROP_SCALE, crop.shape[0] * CROP_SCALE),
-                          interpolation=cv2.INTER_NEAREST)
+    enlarged = cv2.resize(
+        crop, (crop.shape[1] * CROP_SCALE, crop.shape[0] * CROP_SCALE), interpolation=cv2.INTER_NEAREST
+    )
     ok, encoded = cv2.imencode(".png", enlarged)
     if not ok:
         raise ValueError("PNG encoding failed")
@@ -128,8 +131,14 @@ class Thumbnails:
         """(bytes, content type): the kept PNG itself when full, else a small JPEG of it."""
         if not VERDICT_ID.match(verdict_id):
             return None
-        path = next((p for p in (self.folder / "NG" / f"{verdict_id}.png", self.folder / "OK" / f"{verdict_id}.png")
-                     if p.is_file()), None)
+        path = next(
+            (
+                p
+                for p in (self.folder / "NG" / f"{verdict_id}.png", self.folder / "OK" / f"{verdict_id}.png")
+                if p.is_file()
+            ),
+            None,
+        )
         if path is None:
             return None
         if full:
@@ -144,8 +153,11 @@ class Thumbnails:
         picture = to_bgr8(image)
         height, width = picture.shape[:2]
         scale = THUMB_HEIGHT / height
-        picture = cv2.resize(picture, (max(1, round(width * scale)), THUMB_HEIGHT),
-                             interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_NEAREST)
+        picture = cv2.resize(
+            picture,
+            (max(1, round(width * scale)), THUMB_HEIGHT),
+            interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_NEAREST,
+        )
         data = _jpeg(picture, 85)
         with self._lock:
             self._cache[verdict_id] = data

@@ -7,6 +7,7 @@ waits for this thread: it hands over references (feed.py) and commands go throug
 answers are passed back with call_soon_threadsafe. Pictures and password checks run in one worker
 thread, so the page costs the line PC at most one core's share, whatever the browsers ask.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -78,8 +79,9 @@ class WebPage:
 
     def __init__(self, config, daemon, state_dir: Path):
         if web is None:
-            raise MissingExtraError("web: the station's page needs the web extra: "
-                                    "pip install 'inspection-station[web]' (aiohttp)")
+            raise MissingExtraError(
+                "web: the station's page needs the web extra: pip install 'inspection-station[web]' (aiohttp)"
+            )
         self.config = config
         self.daemon = daemon
         self.station = daemon.config.station
@@ -124,8 +126,13 @@ class WebPage:
         if failure:
             raise failure[0]
         scheme = "https" if self.ssl else "http"
-        log.info("the station's page on %s://%s:%d/ (%s)", scheme, self.config.bind, self.config.port,
-                 "open: loopback, no users" if self.open else f"{len(self.users)} users")
+        log.info(
+            "the station's page on %s://%s:%d/ (%s)",
+            scheme,
+            self.config.bind,
+            self.config.port,
+            "open: loopback, no users" if self.open else f"{len(self.users)} users",
+        )
 
     def close(self, timeout: float = 3.0):
         loop = self._loop
@@ -148,15 +155,19 @@ class WebPage:
             if not any(isinstance(f, ClientFaults) for f in logger.filters):
                 logger.addFilter(ClientFaults())
         try:
-            self._runner = web.AppRunner(api.application(self), access_log=None, handle_signals=False,
-                                         shutdown_timeout=1.0)
+            self._runner = web.AppRunner(
+                api.application(self), access_log=None, handle_signals=False, shutdown_timeout=1.0
+            )
             loop.run_until_complete(self._runner.setup())
             site = web.TCPSite(self._runner, self.config.bind, self.config.port, ssl_context=self.ssl)
             loop.run_until_complete(site.start())
         except OSError as exc:
-            failure.append(ConfigError(
-                f"web: cannot serve the page on {self.config.bind}:{self.config.port} ({exc.strerror or exc}); "
-                "give each station its own web.port"))
+            failure.append(
+                ConfigError(
+                    f"web: cannot serve the page on {self.config.bind}:{self.config.port} ({exc.strerror or exc}); "
+                    "give each station its own web.port"
+                )
+            )
         except Exception as exc:  # noqa: BLE001 - reported to the daemon, which stops with it
             failure.append(ConfigError(f"web: the page cannot start: {exc}"))
         finally:

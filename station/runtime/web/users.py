@@ -6,6 +6,7 @@ Only hashes are stored (hashlib.scrypt: memory-hard, so a stolen file is slow to
 comment. Roles grow: a viewer sees, an operator also pauses, resumes, reloads, changes over and resets the statistics,
 an integrator also edits (later slices). A file a person damaged is refused at start with its line.
 """
+
 from __future__ import annotations
 
 import base64
@@ -93,8 +94,10 @@ def parse_users(text: str, where: str) -> dict[str, User]:
         name, _, rest = line.partition(":")
         role, _, stored = rest.partition(":")
         if not NAME.match(name) or role not in ROLES or not stored.startswith("scrypt$") or stored.count("$") != 5:
-            raise ConfigError(f"{where}:{number}: not a user line NAME:ROLE:HASH (ROLE one of {', '.join(ROLES)}); "
-                              "write it with `station web-user NAME ROLE`")
+            raise ConfigError(
+                f"{where}:{number}: not a user line NAME:ROLE:HASH (ROLE one of {', '.join(ROLES)}); "
+                "write it with `station web-user NAME ROLE`"
+            )
         if name in users:
             raise ConfigError(f"{where}:{number}: user {name!r} is given twice")
         users[name] = User(name, role, stored)
@@ -111,8 +114,10 @@ def load_users(config, env: dict[str, str] | None = None) -> dict[str, User] | N
     elif config.users_credential is not None:
         folder, key = env.get("CREDENTIALS_DIRECTORY"), "web.users_credential"
         if not folder:
-            raise ConfigError(f"{key} {config.users_credential!r}: $CREDENTIALS_DIRECTORY is not set; give the "
-                              f"service LoadCredential={config.users_credential}:/etc/station/web-users")
+            raise ConfigError(
+                f"{key} {config.users_credential!r}: $CREDENTIALS_DIRECTORY is not set; give the "
+                f"service LoadCredential={config.users_credential}:/etc/station/web-users"
+            )
         path = Path(folder) / config.users_credential
     else:
         return None
