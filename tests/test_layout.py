@@ -146,19 +146,28 @@ def test_the_allowed_graph_has_no_circle():
     assert not [folder for folder in ALLOWED if reaches(folder, folder)]
 
 
-# A reader takes in a function whole or not at all; a module is a room one reads in a sitting.
-MAX_FUNCTION_LINES = 60
-MAX_MODULE_LINES = 400
+# A reader takes in a function whole or not at all; a module is a room one reads in a sitting. Lines as
+# `ruff format` lays them out (scripts/test checks the layout), which spreads a call over a line an
+# argument: formatting lengthened the tree by 12 %, so the caps of the hand-laid code (60 and 400) rose as much.
+MAX_FUNCTION_LINES = 70
+MAX_MODULE_LINES = 450
 # Longer on purpose, each with its reason; an entry is a path and the function's name.
 LONG_FUNCTIONS = {
     ("station/cli/__init__.py", "build_parser"): "the command line's table: one add_argument a line, read as a list",
     ("export/per_row.py", "per_row_dynamic"): "one rewrite of the ONNX graph, node by node, in graph order",
     ("export/train.py", "train_split"): "the training run in the order it happens (load, train, choose the epoch)",
+    ("fit/pipeline.py", "_fit_in"): "the fit's steps in the order they run (search, audit model, bundle model, "
+    "report); the search and the final models are the two halves to split it into",
+    ("calibration/live.py", "_grab_and_save"): "one camera-mode calibration's grab loop with its progress and "
+    "its refusals, in the order an operator sees them",
 }
 LONG_MODULES: dict[str, str] = {  # path -> why it stays one room, for now
     "station/runtime/daemon.py": "the Daemon split of issue 28 is still to come (a station built whole, commands apart)",
     "station/runtime/mqtt/publisher.py": "one paho client's life: connect, callbacks, drain; the inbound command "
     "channel (subscription, messages, replies) is the part to move out next",
+    "export/train.py": "one training run and the helpers only it uses (batches, schedule, early stop, members)",
+    "fit/pipeline.py": "the fit's one path from checked data to bundle; the final models' build is the part to "
+    "move out next",
 }
 
 
